@@ -1,0 +1,432 @@
+//! A shard's RocksDB index. The CommitLog is the log, so RocksDB's WAL is off: every write
+//! batch also records the log position it covers (the checkpoint), and column families are
+//! flushed atomically, so whatever survives a crash is a consistent prefix of the log. Recovery
+//! replays the log from that checkpoint.
+//!
+//! Keys are length-prefixed so one queue's entries are one contiguous, prefix-free range.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, FlushOptions, Options, ReadOptions, ReadTier, WriteBatch,
+    WriteOptions, DB,
+};
+
+use crate::error::{EngineError, Result};
+
+pub const CF_QUEUE_INDEX: &str = "queue_index";
+pub const CF_QUEUE_META: &str = "queue_meta";
+pub const CF_MESSAGE_ID: &str = "message_id";
+pub const CF_MESSAGE_KEY: &str = "message_key";
+pub const CF_CONSUMER_OFFSET: &str = "consumer_offset";
+pub const CF_POP_STATE: &str = "pop_state";
+pub const CF_TIMER: &str = "timer";
+pub const CF_LITE_META: &str = "lite_meta";
+const CF_META: &str = "meta";
+const CHECKPOINT_KEY: &[u8] = b"checkpoint";
+/// Marks a block-cache-only read that would have needed disk I/O.
+const NOT_CACHED: &str = "queue range (not cached)";
+
+const ALL_CFS: [&str; 9] = [
+    CF_QUEUE_INDEX,
+    CF_QUEUE_META,
+    CF_MESSAGE_ID,
+    CF_MESSAGE_KEY,
+    CF_CONSUMER_OFFSET,
+    CF_POP_STATE,
+    CF_TIMER,
+    CF_LITE_META,
+    CF_META,
+];
+
+/// Tables of opaque durable state kept for the layers above (pop consumption, delay timers,
+/// lite-topic subscriptions). Writes to them go through the CommitLog like everything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateTable {
+    PopState = 1,
+    Timer = 2,
+    LiteMeta = 3,
+}
+
+impl StateTable {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(StateTable::PopState),
+            2 => Some(StateTable::Timer),
+            3 => Some(StateTable::LiteMeta),
+            _ => None,
+        }
+    }
+
+    fn cf(self) -> &'static str {
+        match self {
+            StateTable::PopState => CF_POP_STATE,
+            StateTable::Timer => CF_TIMER,
+            StateTable::LiteMeta => CF_LITE_META,
+        }
+    }
+}
+
+/// Where one queue offset's record lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub offset: u64,
+    pub position: u64,
+    pub size_bytes: u32,
+    pub tag_hash: u32,
+    pub store_ms: u64,
+}
+
+/// Persistent per-queue counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueMeta {
+    pub next_offset: u64,
+    pub min_offset: u64,
+    pub created_ms: u64,
+    pub last_append_ms: u64,
+}
+
+impl QueueMeta {
+    fn encode(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, v) in [self.next_offset, self.min_offset, self.created_ms, self.last_append_ms].iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    fn decode(src: &[u8]) -> Option<Self> {
+        if src.len() != 32 {
+            return None;
+        }
+        let f = |i: usize| crate::record::le_u64(src, i * 8);
+        Some(QueueMeta { next_offset: f(0), min_offset: f(1), created_ms: f(2), last_append_ms: f(3) })
+    }
+}
+
+fn entry_value(e: &QueueEntry) -> [u8; 24] {
+    let mut out = [0u8; 24];
+    out[0..8].copy_from_slice(&e.position.to_le_bytes());
+    out[8..12].copy_from_slice(&e.size_bytes.to_le_bytes());
+    out[12..16].copy_from_slice(&e.tag_hash.to_le_bytes());
+    out[16..24].copy_from_slice(&e.store_ms.to_le_bytes());
+    out
+}
+
+fn decode_entry(key: &[u8], value: &[u8]) -> Option<QueueEntry> {
+    if value.len() != 24 || key.len() < 8 {
+        return None;
+    }
+    let mut offset = [0u8; 8];
+    offset.copy_from_slice(&key[key.len() - 8..]);
+    Some(QueueEntry {
+        offset: u64::from_be_bytes(offset),
+        position: crate::record::le_u64(value, 0),
+        size_bytes: crate::record::le_u32(value, 8),
+        tag_hash: crate::record::le_u32(value, 12),
+        store_ms: crate::record::le_u64(value, 16),
+    })
+}
+
+/// `[len][name]`, the prefix of all of one name's keys.
+fn prefixed(name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(name.len() + 9);
+    key.push(name.len() as u8);
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+fn queue_key(queue: &str, offset: u64) -> Vec<u8> {
+    let mut key = prefixed(queue);
+    key.extend_from_slice(&offset.to_be_bytes());
+    key
+}
+
+fn consumer_key(group: &str, queue: &str) -> Vec<u8> {
+    let mut key = prefixed(group);
+    key.extend_from_slice(&prefixed(queue));
+    key
+}
+
+/// Location of a stored record, from the id and key indexes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordLocation {
+    pub position: u64,
+    pub size_bytes: u32,
+}
+
+fn location_value(loc: RecordLocation) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    out[0..8].copy_from_slice(&loc.position.to_le_bytes());
+    out[8..12].copy_from_slice(&loc.size_bytes.to_le_bytes());
+    out
+}
+
+fn decode_location(value: &[u8]) -> Option<RecordLocation> {
+    (value.len() == 12).then(|| RecordLocation {
+        position: crate::record::le_u64(value, 0),
+        size_bytes: crate::record::le_u32(value, 8),
+    })
+}
+
+fn corrupt(what: &'static str) -> EngineError {
+    EngineError::Index { what, message: "malformed value; rebuild the index by deleting it (it is replayed from the log)".into() }
+}
+
+/// The RocksDB instance of one shard. Cloning shares the same database.
+#[derive(Clone)]
+pub struct Index {
+    db: Arc<DB>,
+}
+
+impl Index {
+    pub fn open(path: &Path, block_cache_bytes: usize) -> Result<Index> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // All CFs flush together, so the checkpoint in `meta` matches the entries on disk.
+        opts.set_atomic_flush(true);
+        opts.set_max_background_jobs(2);
+        opts.set_max_open_files(512);
+        let cache = Cache::new_lru_cache(block_cache_bytes);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_bloom_filter(10.0, false);
+        let cfs = ALL_CFS.iter().map(|name| {
+            let mut cf_opts = Options::default();
+            cf_opts.set_block_based_table_factory(&table);
+            ColumnFamilyDescriptor::new(*name, cf_opts)
+        });
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| EngineError::index("open", e))?;
+        Ok(Index { db: Arc::new(db) })
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("every column family is created at open")
+    }
+
+    /// Log position below which every record is reflected in the index.
+    pub fn checkpoint(&self) -> Result<u64> {
+        let value = self.db.get_cf(self.cf(CF_META), CHECKPOINT_KEY).map_err(|e| EngineError::index("read checkpoint", e))?;
+        match value {
+            None => Ok(0),
+            Some(v) if v.len() == 8 => Ok(crate::record::le_u64(&v, 0)),
+            Some(_) => Err(corrupt("checkpoint")),
+        }
+    }
+
+    pub fn load_queues(&self) -> Result<Vec<(String, QueueMeta)>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_QUEUE_META), rocksdb::IteratorMode::Start) {
+            let (key, value) = item.map_err(|e| EngineError::index("load queues", e))?;
+            let name = std::str::from_utf8(&key).map_err(|_| corrupt("queue name"))?;
+            out.push((name.to_string(), QueueMeta::decode(&value).ok_or_else(|| corrupt("queue meta"))?));
+        }
+        Ok(out)
+    }
+
+    pub fn batch(&self) -> IndexBatch<'_> {
+        IndexBatch { index: self, batch: WriteBatch::default() }
+    }
+
+    /// Entries `[from, end)` of a queue if they can be read without disk I/O (memtable or block
+    /// cache); `None` means the caller should retry with `queue_range` off the reactor.
+    pub fn queue_range_cached(&self, queue: &str, from: u64, end: u64) -> Result<Option<Vec<QueueEntry>>> {
+        let mut opts = ReadOptions::default();
+        opts.set_read_tier(ReadTier::BlockCache);
+        match self.queue_range_with(queue, from, end, opts) {
+            Ok(entries) => Ok(Some(entries)),
+            Err(EngineError::Index { what: NOT_CACHED, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Entries `[from, end)` of a queue; may block on disk reads.
+    pub fn queue_range(&self, queue: &str, from: u64, end: u64) -> Result<Vec<QueueEntry>> {
+        self.queue_range_with(queue, from, end, ReadOptions::default())
+    }
+
+    fn queue_range_with(&self, queue: &str, from: u64, end: u64, mut opts: ReadOptions) -> Result<Vec<QueueEntry>> {
+        if end <= from {
+            return Ok(Vec::new());
+        }
+        opts.set_iterate_upper_bound(queue_key(queue, end));
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_QUEUE_INDEX), opts);
+        iter.seek(queue_key(queue, from));
+        let mut out = Vec::with_capacity((end - from).min(1024) as usize);
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            out.push(decode_entry(key, value).ok_or_else(|| corrupt("queue entry"))?);
+            iter.next();
+        }
+        iter.status().map_err(|e| match e.kind() {
+            rocksdb::ErrorKind::Incomplete => EngineError::Index { what: NOT_CACHED, message: e.into_string() },
+            _ => EngineError::index("queue range", e),
+        })?;
+        Ok(out)
+    }
+
+    pub fn queue_entry(&self, queue: &str, offset: u64) -> Result<Option<QueueEntry>> {
+        let key = queue_key(queue, offset);
+        let value = self.db.get_pinned_cf(self.cf(CF_QUEUE_INDEX), &key).map_err(|e| EngineError::index("queue entry", e))?;
+        value.map(|v| decode_entry(&key, &v).ok_or_else(|| corrupt("queue entry"))).transpose()
+    }
+
+    pub fn message_id(&self, message_id: &str) -> Result<Option<RecordLocation>> {
+        let value = self.db.get_pinned_cf(self.cf(CF_MESSAGE_ID), message_id.as_bytes());
+        let value = value.map_err(|e| EngineError::index("message id", e))?;
+        value.map(|v| decode_location(&v).ok_or_else(|| corrupt("message id"))).transpose()
+    }
+
+    /// Up to `limit` records carrying `key`, oldest first.
+    pub fn message_key(&self, key: &str, limit: usize) -> Result<Vec<RecordLocation>> {
+        let prefix = prefixed(key);
+        let mut upper = prefix.clone();
+        upper.extend_from_slice(&[0xff; 9]);
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(upper);
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_MESSAGE_KEY), opts);
+        iter.seek(&prefix);
+        let mut out = Vec::new();
+        while let (Some(k), Some(v)) = (iter.key(), iter.value()) {
+            if out.len() >= limit || k.len() != prefix.len() + 8 || !k.starts_with(&prefix) {
+                break;
+            }
+            let position = u64::from_be_bytes(k[prefix.len()..].try_into().map_err(|_| corrupt("message key"))?);
+            let size_bytes = (v.len() == 4).then(|| crate::record::le_u32(v, 0)).ok_or_else(|| corrupt("message key"))?;
+            out.push(RecordLocation { position, size_bytes });
+            iter.next();
+        }
+        iter.status().map_err(|e| EngineError::index("message key", e))?;
+        Ok(out)
+    }
+
+    pub fn consumer_offset(&self, group: &str, queue: &str) -> Result<Option<u64>> {
+        let value = self.db.get_pinned_cf(self.cf(CF_CONSUMER_OFFSET), consumer_key(group, queue));
+        let value = value.map_err(|e| EngineError::index("consumer offset", e))?;
+        value.map(|v| (v.len() == 8).then(|| crate::record::le_u64(&v, 0)).ok_or_else(|| corrupt("consumer offset"))).transpose()
+    }
+
+    pub fn state(&self, table: StateTable, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.db.get_cf(self.cf(table.cf()), key).map_err(|e| EngineError::index("state", e))
+    }
+
+    /// Persists memtables of all column families atomically and waits for it.
+    pub fn flush(&self) -> Result<()> {
+        let cfs: Vec<&rocksdb::ColumnFamily> = ALL_CFS.iter().map(|n| self.cf(n)).collect();
+        let mut opts = FlushOptions::default();
+        opts.set_wait(true);
+        self.db.flush_cfs_opt(&cfs, &opts).map_err(|e| EngineError::index("flush", e))
+    }
+
+    /// Removes index entries of `queue` below `offset` (their records were deleted by retention).
+    pub fn trim_queue(&self, queue: &str, offset: u64) -> Result<()> {
+        let mut batch = self.batch();
+        batch.batch.delete_range_cf(self.cf(CF_QUEUE_INDEX), queue_key(queue, 0), queue_key(queue, offset));
+        self.write(batch)
+    }
+
+    pub fn write(&self, batch: IndexBatch<'_>) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        // The CommitLog is the write-ahead log; this index is rebuilt from it after a crash.
+        opts.disable_wal(true);
+        self.db.write_opt(batch.batch, &opts).map_err(|e| EngineError::index("write", e))
+    }
+}
+
+/// Index changes applied atomically, in log order.
+pub struct IndexBatch<'a> {
+    index: &'a Index,
+    batch: WriteBatch,
+}
+
+impl IndexBatch<'_> {
+    pub fn put_entry(&mut self, queue: &str, entry: &QueueEntry) {
+        self.batch.put_cf(self.index.cf(CF_QUEUE_INDEX), queue_key(queue, entry.offset), entry_value(entry));
+    }
+
+    pub fn put_queue_meta(&mut self, queue: &str, meta: &QueueMeta) {
+        self.batch.put_cf(self.index.cf(CF_QUEUE_META), queue.as_bytes(), meta.encode());
+    }
+
+    pub fn put_message_id(&mut self, message_id: &str, loc: RecordLocation) {
+        self.batch.put_cf(self.index.cf(CF_MESSAGE_ID), message_id.as_bytes(), location_value(loc));
+    }
+
+    pub fn put_message_key(&mut self, key: &str, loc: RecordLocation) {
+        let mut k = prefixed(key);
+        k.extend_from_slice(&loc.position.to_be_bytes());
+        self.batch.put_cf(self.index.cf(CF_MESSAGE_KEY), k, loc.size_bytes.to_le_bytes());
+    }
+
+    /// Removes a queue's entries and metadata.
+    pub fn delete_queue(&mut self, queue: &str) {
+        let cf = self.index.cf(CF_QUEUE_INDEX);
+        self.batch.delete_range_cf(cf, queue_key(queue, 0), queue_key(queue, u64::MAX));
+        self.batch.delete_cf(cf, queue_key(queue, u64::MAX));
+        self.batch.delete_cf(self.index.cf(CF_QUEUE_META), queue.as_bytes());
+    }
+
+    pub fn set_consumer_offset(&mut self, group: &str, queue: &str, offset: u64) {
+        self.batch.put_cf(self.index.cf(CF_CONSUMER_OFFSET), consumer_key(group, queue), offset.to_le_bytes());
+    }
+
+    pub fn put_state(&mut self, table: StateTable, key: &[u8], value: &[u8]) {
+        self.batch.put_cf(self.index.cf(table.cf()), key, value);
+    }
+
+    pub fn delete_state(&mut self, table: StateTable, key: &[u8]) {
+        self.batch.delete_cf(self.index.cf(table.cf()), key);
+    }
+
+    pub fn set_checkpoint(&mut self, position: u64) {
+        self.batch.put_cf(self.index.cf(CF_META), CHECKPOINT_KEY, position.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_ranges_do_not_bleed_into_neighbours() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), 1 << 20).unwrap();
+        let mut batch = index.batch();
+        for (queue, count) in [("a", 5u64), ("a/b", 3), ("ab", 4)] {
+            for offset in 0..count {
+                let entry = QueueEntry { offset, position: offset * 100, size_bytes: 10, tag_hash: 0, store_ms: 1 };
+                batch.put_entry(queue, &entry);
+            }
+        }
+        batch.set_checkpoint(777);
+        index.write(batch).unwrap();
+        let offsets = |q: &str| index.queue_range(q, 0, 100).unwrap().iter().map(|e| e.offset).collect::<Vec<_>>();
+        assert_eq!(offsets("a"), vec![0, 1, 2, 3, 4]);
+        assert_eq!(offsets("a/b"), vec![0, 1, 2]);
+        assert_eq!(offsets("ab"), vec![0, 1, 2, 3]);
+        assert_eq!(index.queue_range("a", 2, 4).unwrap().len(), 2);
+        assert_eq!(index.queue_range_cached("a", 1, 3).unwrap().map(|v| v.len()), Some(2));
+        assert_eq!(index.checkpoint().unwrap(), 777);
+
+        let mut batch = index.batch();
+        batch.delete_queue("a");
+        index.write(batch).unwrap();
+        assert!(offsets("a").is_empty());
+        assert_eq!(offsets("a/b").len(), 3);
+    }
+
+    #[test]
+    fn keys_find_every_record_that_carries_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), 1 << 20).unwrap();
+        let mut batch = index.batch();
+        batch.put_message_key("order-1", RecordLocation { position: 10, size_bytes: 5 });
+        batch.put_message_key("order-1", RecordLocation { position: 20, size_bytes: 6 });
+        batch.put_message_key("order-10", RecordLocation { position: 30, size_bytes: 7 });
+        index.write(batch).unwrap();
+        let found = index.message_key("order-1", 10).unwrap();
+        assert_eq!(found.iter().map(|l| l.position).collect::<Vec<_>>(), vec![10, 20]);
+        assert_eq!(index.message_key("order-1", 1).unwrap().len(), 1);
+    }
+}

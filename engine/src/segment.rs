@@ -1,0 +1,166 @@
+//! Segment files: where CommitLog bytes live. The log talks to them only through these traits,
+//! so tests can inject a layer that records the order of writes and syncs.
+//!
+//! Segments are named by their base log position (`00000000001073741824.log`), preallocated to
+//! the configured size, and written with O_DIRECT through glommio's io_uring `DmaFile`.
+
+use std::io;
+use std::path::PathBuf;
+use std::rc::Rc;
+
+use futures::future::LocalBoxFuture;
+use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
+
+/// One open segment file.
+pub trait SegmentFile {
+    /// Direct-I/O alignment of writes, in bytes.
+    fn alignment(&self) -> u64;
+    /// Writes all of `buf` at `offset` (aligned). Short writes are errors.
+    fn write_at(&self, buf: Rc<DmaBuffer>, offset: u64) -> LocalBoxFuture<'_, io::Result<()>>;
+    /// Makes every completed write durable (fdatasync).
+    fn sync(&self) -> LocalBoxFuture<'_, io::Result<()>>;
+    /// Reads `len` bytes at `offset` (any alignment) without copying out of the DMA buffer.
+    fn read_at(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, io::Result<ReadResult>>;
+}
+
+/// A directory of segment files.
+pub trait SegmentStore {
+    /// `(base, size_bytes)` of every segment present, sorted by base.
+    fn list(&self) -> io::Result<Vec<(u64, u64)>>;
+    fn open(&self, base: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>>;
+    /// Creates a new segment preallocated to `size_bytes`.
+    fn create(&self, base: u64, size_bytes: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>>;
+    fn remove(&self, base: u64) -> LocalBoxFuture<'_, io::Result<()>>;
+    /// Last modification time, used by age-based retention.
+    fn modified(&self, base: u64) -> io::Result<std::time::SystemTime>;
+    /// Human-readable name of a segment, for errors.
+    fn describe(&self, base: u64) -> String;
+}
+
+/// Segment file name for a base position.
+pub fn segment_file_name(base: u64) -> String {
+    format!("{base:020}.log")
+}
+
+/// The real store: a directory of O_DIRECT files.
+pub struct DmaSegmentStore {
+    dir: PathBuf,
+}
+
+impl DmaSegmentStore {
+    /// Opens (creating if needed) a segment directory. Must run on a glommio executor.
+    pub async fn new(dir: PathBuf) -> io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        calibrate_iopoll_probe(&dir).await?;
+        Ok(DmaSegmentStore { dir })
+    }
+
+    fn path(&self, base: u64) -> PathBuf {
+        self.dir.join(segment_file_name(base))
+    }
+}
+
+/// glommio decides whether a device supports io_uring IOPOLL by reading offset 0 of the first
+/// file it opens there, and caches the answer per device. If that file is empty or sparse, the
+/// read never reaches the device and "succeeds", so glommio enables the poll ring and every later
+/// read on a device without IOPOLL (virtio, most SATA) fails with EOPNOTSUPP. Opening a file with
+/// a real data block first makes the probe ask the device.
+async fn calibrate_iopoll_probe(dir: &std::path::Path) -> io::Result<()> {
+    let path = dir.join(".iopoll-probe");
+    {
+        let mut file = std::fs::File::create(&path)?;
+        std::io::Write::write_all(&mut file, &[0xa5; 4096])?;
+        file.sync_all()?;
+    }
+    let opened = OpenOptions::new().read(true).dma_open(&path).await.map_err(to_io);
+    if let Ok(file) = opened {
+        let _ = file.close().await;
+    }
+    std::fs::remove_file(&path)
+}
+
+fn to_io(err: glommio::GlommioError<()>) -> io::Error {
+    io::Error::other(err.to_string())
+}
+
+struct DmaSegment {
+    file: DmaFile,
+}
+
+impl SegmentFile for DmaSegment {
+    fn alignment(&self) -> u64 {
+        self.file.alignment()
+    }
+
+    fn write_at(&self, buf: Rc<DmaBuffer>, offset: u64) -> LocalBoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            let len = buf.len();
+            let written = self.file.write_rc_at(buf, offset).await.map_err(to_io)?;
+            if written != len {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, format!("short write: {written} of {len} bytes")));
+            }
+            Ok(())
+        })
+    }
+
+    fn sync(&self) -> LocalBoxFuture<'_, io::Result<()>> {
+        Box::pin(async move { self.file.fdatasync().await.map_err(to_io) })
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, io::Result<ReadResult>> {
+        Box::pin(async move {
+            let read = self.file.read_at(offset, len).await.map_err(to_io)?;
+            if read.len() != len {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("short read: {} of {len} bytes", read.len())));
+            }
+            Ok(read)
+        })
+    }
+}
+
+impl SegmentStore for DmaSegmentStore {
+    fn list(&self) -> io::Result<Vec<(u64, u64)>> {
+        let mut segments = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(base) = name.to_str().and_then(|n| n.strip_suffix(".log")).and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            segments.push((base, entry.metadata()?.len()));
+        }
+        segments.sort_unstable();
+        Ok(segments)
+    }
+
+    fn open(&self, base: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
+        Box::pin(async move {
+            let file = OpenOptions::new().read(true).write(true).dma_open(self.path(base)).await.map_err(to_io)?;
+            Ok(Rc::new(DmaSegment { file }) as Rc<dyn SegmentFile>)
+        })
+    }
+
+    fn create(&self, base: u64, size_bytes: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
+        Box::pin(async move {
+            let path = self.path(base);
+            let file = OpenOptions::new().read(true).write(true).create_new(true).dma_open(&path).await.map_err(to_io)?;
+            file.pre_allocate(size_bytes, false).await.map_err(to_io)?;
+            // The new directory entry must survive a crash before any record in it is acked.
+            std::fs::File::open(&self.dir)?.sync_all()?;
+            Ok(Rc::new(DmaSegment { file }) as Rc<dyn SegmentFile>)
+        })
+    }
+
+    fn remove(&self, base: u64) -> LocalBoxFuture<'_, io::Result<()>> {
+        Box::pin(async move { std::fs::remove_file(self.path(base)) })
+    }
+
+    fn modified(&self, base: u64) -> io::Result<std::time::SystemTime> {
+        std::fs::metadata(self.path(base))?.modified()
+    }
+
+    fn describe(&self, base: u64) -> String {
+        self.path(base).display().to_string()
+    }
+}

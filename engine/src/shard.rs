@@ -1,0 +1,783 @@
+//! A shard: one core's CommitLog, RocksDB index and queue table. Everything here runs on the
+//! shard's own glommio executor; nothing is shared with other shards, so there are no locks.
+//!
+//! Append path: validate → assign queue offsets → encode straight into the open group-commit
+//! batch → the committer task writes every staged batch, fdatasyncs once (policy `sync`),
+//! indexes the round in log order, makes it visible, and only then releases the acks.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::{Rc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::channel::oneshot;
+use glommio::io::ReadResult;
+
+use crate::commitlog::{batch_records, CommitLog, LogLimits, RecoveryReport, SealedBatch};
+use crate::config::{Durability, EngineConfig};
+use crate::control::{ControlOp, STATE_KEY_MAX_BYTES, STATE_VALUE_MAX_BYTES};
+use crate::error::{EngineError, Result};
+use crate::index::{Index, IndexBatch, QueueEntry, QueueMeta, RecordLocation, StateTable};
+use crate::notify::Notify;
+use crate::queue::{shard_for_queue, validate_queue_name};
+use crate::record::{self, encode_record, encoded_len, NewRecord, RecordView, FLAG_CONTROL};
+use crate::segment::SegmentStore;
+
+/// Where an appended record went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendAck {
+    pub position: u64,
+    /// The record's offset in each of its queues, in the order the queues were given.
+    pub offsets: Vec<u64>,
+}
+
+/// A record read from the log. The bytes stay in the DMA read buffer (no copy).
+pub struct StoredRecord {
+    pub offset: u64,
+    pub position: u64,
+    bytes: ReadResult,
+}
+
+impl StoredRecord {
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn view(&self) -> RecordView<'_> {
+        // CRC and structure were verified when the record was read.
+        RecordView::parse_unverified(&self.bytes).expect("verified at read")
+    }
+}
+
+/// Result of reading a queue.
+pub struct ReadBatch {
+    pub records: Vec<StoredRecord>,
+    /// Offset to ask for next.
+    pub next_offset: u64,
+    pub min_offset: u64,
+    /// Offsets below this are readable.
+    pub max_offset: u64,
+}
+
+/// A queue's counters, as seen by readers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueInfo {
+    pub min_offset: u64,
+    pub max_offset: u64,
+    pub created_ms: u64,
+    pub last_append_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    pub shard: usize,
+    pub queues: usize,
+    pub log_start: u64,
+    pub log_end: u64,
+    pub durable_end: u64,
+    pub records_appended: u64,
+    pub bytes_appended: u64,
+    pub group_commits: u64,
+    pub recovery: Option<RecoveryReport>,
+}
+
+struct QueueState {
+    /// Next offset to assign (includes staged, not yet durable records).
+    next_offset: u64,
+    /// Offsets below this are durable, indexed and readable.
+    visible_offset: u64,
+    min_offset: u64,
+    created_ms: u64,
+    last_append_ms: u64,
+}
+
+struct Waiter {
+    log_end: u64,
+    done: oneshot::Sender<Result<()>>,
+}
+
+pub struct Shard {
+    pub id: usize,
+    config: EngineConfig,
+    log: CommitLog,
+    index: Index,
+    queues: RefCell<HashMap<String, QueueState>>,
+    waiters: RefCell<VecDeque<Waiter>>,
+    committer_wake: Notify,
+    failed: RefCell<Option<String>>,
+    closing: Cell<bool>,
+    index_flushed_at: Cell<u64>,
+    index_flushing: Cell<bool>,
+    stats: RefCell<ShardStats>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Shard {
+    /// Opens the shard's index and log, replays the log from the index checkpoint, and starts
+    /// the committer and the background tasks.
+    pub async fn open(config: EngineConfig, id: usize, store: Rc<dyn SegmentStore>) -> Result<Rc<Shard>> {
+        let dir = config.shard_dir(id);
+        let index_dir = dir.join("index");
+        std::fs::create_dir_all(&index_dir).map_err(|e| EngineError::io("creating index directory", index_dir.display(), e))?;
+        let index = Index::open(&index_dir, config.index_block_cache_bytes)?;
+        let checkpoint = index.checkpoint()?;
+        let mut queues: HashMap<String, QueueState> = index
+            .load_queues()?
+            .into_iter()
+            .map(|(name, meta)| {
+                let state = QueueState {
+                    next_offset: meta.next_offset,
+                    visible_offset: meta.next_offset,
+                    min_offset: meta.min_offset,
+                    created_ms: meta.created_ms,
+                    last_append_ms: meta.last_append_ms,
+                };
+                (name, state)
+            })
+            .collect();
+        let limits = LogLimits {
+            segment_size_bytes: config.segment_size_bytes,
+            group_commit_max_bytes: config.group_commit_max_bytes,
+            group_commit_records_max: config.group_commit_records_max,
+            record_size_max_bytes: config.record_size_max_bytes,
+        };
+        let replay_index = index.clone();
+        let mut pending: Option<IndexBatch<'_>> = None;
+        let mut replayed_records = 0usize;
+        let (log, report) = CommitLog::open(store, limits, checkpoint, |position, bytes| {
+            let batch = pending.get_or_insert_with(|| replay_index.batch());
+            let mut touched = HashMap::new();
+            for (record_position, record_bytes) in batch_records(bytes, position) {
+                let view = record::parse_record(record_bytes).map_err(|e| replay_error(record_position, e.to_string()))?;
+                index_record(batch, &mut touched, record_position, record_bytes.len() as u32, &view, Some(&mut queues))?;
+                replayed_records += 1;
+            }
+            write_queue_meta(batch, &touched, &queues);
+            batch.set_checkpoint(position + bytes.len() as u64);
+            if replayed_records >= 65_536 {
+                replay_index.write(pending.take().expect("batch exists"))?;
+                replayed_records = 0;
+            }
+            Ok(())
+        })
+        .await?;
+        if let Some(batch) = pending {
+            index.write(batch)?;
+        }
+        if report.batches_replayed > 0 || report.truncated_tail.is_some() {
+            tracing::info!(shard = id, ?report, "recovered shard from its log");
+        }
+        let end = log.written_end();
+        let shard = Rc::new(Shard {
+            id,
+            config,
+            log,
+            index,
+            queues: RefCell::new(queues),
+            waiters: RefCell::new(VecDeque::new()),
+            committer_wake: Notify::default(),
+            failed: RefCell::new(None),
+            closing: Cell::new(false),
+            index_flushed_at: Cell::new(checkpoint),
+            index_flushing: Cell::new(false),
+            stats: RefCell::new(ShardStats { shard: id, recovery: Some(report), ..Default::default() }),
+        });
+        if end > checkpoint {
+            // Persist what replay rebuilt, so the next start does not replay it again.
+            shard.flush_index().await?;
+        }
+        glommio::spawn_local(shard.clone().run_committer()).detach();
+        if let Durability::Async { flush_interval_ms } = shard.config.durability {
+            glommio::spawn_local(Shard::run_periodic_sync(Rc::downgrade(&shard), flush_interval_ms)).detach();
+        }
+        if shard.config.retention.max_age.is_some() || shard.config.retention.max_log_bytes_per_shard.is_some() {
+            let interval = shard.config.retention.check_interval_ms;
+            glommio::spawn_local(Shard::run_retention(Rc::downgrade(&shard), interval)).detach();
+        }
+        Ok(shard)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if let Some(cause) = self.failed.borrow().as_ref() {
+            return Err(EngineError::ShardFailed { shard: self.id, cause: cause.clone() });
+        }
+        if self.closing.get() {
+            return Err(EngineError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    fn validate(&self, record: &NewRecord) -> Result<usize> {
+        if record.queues.is_empty() {
+            return Err(EngineError::InvalidRecord("a record needs at least one queue".into()));
+        }
+        for (i, queue) in record.queues.iter().enumerate() {
+            validate_queue_name(queue)?;
+            let shard = shard_for_queue(queue, self.config.shard_count);
+            if shard != self.id {
+                return Err(EngineError::DispatchAcrossShards {
+                    first: record.queues[0].clone(),
+                    first_shard: shard_for_queue(&record.queues[0], self.config.shard_count),
+                    other: queue.clone(),
+                    other_shard: shard,
+                });
+            }
+            if record.queues[..i].contains(queue) {
+                return Err(EngineError::InvalidRecord(format!("queue {queue:?} listed twice")));
+            }
+        }
+        let len = encoded_len(record).map_err(EngineError::InvalidRecord)?;
+        if len as u64 > self.config.record_size_max_bytes {
+            return Err(EngineError::RecordTooLarge { size_bytes: len as u64, max_bytes: self.config.record_size_max_bytes });
+        }
+        Ok(len)
+    }
+
+    /// Appends records (each with one stored copy, indexed into all its queues) and resolves
+    /// once they are durable under the shard's policy and readable.
+    pub async fn append(&self, records: &[NewRecord]) -> Result<Vec<AppendAck>> {
+        self.check_writable()?;
+        if records.len() > self.config.append_batch_records_max {
+            return Err(EngineError::BatchTooLarge { count: records.len(), max: self.config.append_batch_records_max });
+        }
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lens = records.iter().map(|r| self.validate(r)).collect::<Result<Vec<usize>>>()?;
+        self.check_queue_room(records)?;
+        let store_ms = now_ms();
+        let mut acks = Vec::with_capacity(records.len());
+        let mut end = 0;
+        for (record, len) in records.iter().zip(lens) {
+            let offsets = self.assign_offsets(&record.queues, store_ms);
+            let position = self.log.stage(len, |dst| encode_record(dst, record, &offsets, 0, store_ms));
+            end = position + len as u64;
+            acks.push(AppendAck { position, offsets });
+        }
+        {
+            let mut stats = self.stats.borrow_mut();
+            stats.records_appended += records.len() as u64;
+            stats.bytes_appended += records.iter().map(|r| r.body.len() as u64).sum::<u64>();
+        }
+        self.wait_committed(end).await?;
+        Ok(acks)
+    }
+
+    fn check_queue_room(&self, records: &[NewRecord]) -> Result<()> {
+        let queues = self.queues.borrow();
+        let new: HashSet<&str> =
+            records.iter().flat_map(|r| r.queues.iter()).map(String::as_str).filter(|q| !queues.contains_key(*q)).collect();
+        if queues.len() + new.len() > self.config.queues_per_shard_max {
+            return Err(EngineError::TooManyQueues { shard: self.id, max: self.config.queues_per_shard_max });
+        }
+        Ok(())
+    }
+
+    fn assign_offsets(&self, names: &[String], store_ms: u64) -> Vec<u64> {
+        let mut queues = self.queues.borrow_mut();
+        names
+            .iter()
+            .map(|name| {
+                let queue = queues.entry(name.clone()).or_insert_with(|| QueueState {
+                    next_offset: 0,
+                    visible_offset: 0,
+                    min_offset: 0,
+                    created_ms: store_ms,
+                    last_append_ms: store_ms,
+                });
+                let offset = queue.next_offset;
+                queue.next_offset += 1;
+                queue.last_append_ms = store_ms;
+                offset
+            })
+            .collect()
+    }
+
+    /// Stages a control record and waits until it is durable and applied.
+    async fn append_control(&self, op: &ControlOp) -> Result<()> {
+        self.check_writable()?;
+        let record = NewRecord { body: op.encode().into(), ..Default::default() };
+        let len = encoded_len(&record).map_err(EngineError::InvalidRecord)?;
+        let store_ms = now_ms();
+        let position = self.log.stage(len, |dst| encode_record(dst, &record, &[], FLAG_CONTROL, store_ms));
+        self.wait_committed(position + len as u64).await
+    }
+
+    async fn wait_committed(&self, log_end: u64) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.waiters.borrow_mut().push_back(Waiter { log_end, done });
+        self.committer_wake.notify();
+        wait.await.unwrap_or(Err(EngineError::ShuttingDown))
+    }
+
+    async fn run_committer(self: Rc<Self>) {
+        loop {
+            self.committer_wake.wait().await;
+            while self.log.has_staged() {
+                let round = self.log.take_round();
+                match self.commit_round(&round).await {
+                    Ok(end) => self.release_waiters(end),
+                    Err(err) => {
+                        tracing::error!(shard = self.id, error = %err, "group commit failed; shard stops accepting writes");
+                        *self.failed.borrow_mut() = Some(err.to_string());
+                        for waiter in self.waiters.borrow_mut().drain(..) {
+                            let _ = waiter.done.send(Err(err.clone()));
+                        }
+                        return;
+                    }
+                }
+            }
+            if self.closing.get() {
+                return;
+            }
+        }
+    }
+
+    async fn commit_round(self: &Rc<Self>, round: &[SealedBatch]) -> Result<u64> {
+        let end = round.last().map_or(self.log.written_end(), SealedBatch::end);
+        self.log.write_round(round).await?;
+        if self.config.durability == Durability::Sync {
+            let durable = self.log.sync().await?;
+            assert!(durable >= end, "acks need the whole round durable");
+        }
+        self.index_round(round, end)?;
+        self.stats.borrow_mut().group_commits += 1;
+        if end - self.index_flushed_at.get() >= self.config.index_flush_interval_bytes && !self.index_flushing.get() {
+            // Bounds how much log a restart has to replay.
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                if let Err(err) = shard.flush_index().await {
+                    tracing::warn!(shard = shard.id, error = %err, "index flush failed");
+                }
+            })
+            .detach();
+        }
+        Ok(end)
+    }
+
+    /// Indexes a written round in log order and makes its records visible.
+    fn index_round(&self, round: &[SealedBatch], end: u64) -> Result<()> {
+        let mut batch = self.index.batch();
+        let mut touched = HashMap::new();
+        for sealed in round {
+            for (position, bytes) in batch_records(sealed.bytes(), sealed.position) {
+                let view = RecordView::parse_unverified(bytes).map_err(|e| replay_error(position, e.to_string()))?;
+                index_record(&mut batch, &mut touched, position, bytes.len() as u32, &view, None)?;
+            }
+        }
+        let queues = self.queues.borrow();
+        write_queue_meta(&mut batch, &touched, &queues);
+        batch.set_checkpoint(end);
+        drop(queues);
+        self.index.write(batch)?;
+        let mut queues = self.queues.borrow_mut();
+        for (name, touch) in touched {
+            if let Some(queue) = queues.get_mut(&name) {
+                assert!(touch.next_offset <= queue.next_offset, "visible offset beyond assigned offset");
+                queue.visible_offset = queue.visible_offset.max(touch.next_offset);
+            }
+        }
+        Ok(())
+    }
+
+    fn release_waiters(&self, end: u64) {
+        let mut waiters = self.waiters.borrow_mut();
+        while waiters.front().is_some_and(|w| w.log_end <= end) {
+            let waiter = waiters.pop_front().expect("front exists");
+            let _ = waiter.done.send(Ok(()));
+        }
+    }
+
+    /// Background loops hold a `Weak` so a stopped executor releases the shard (and RocksDB).
+    async fn run_periodic_sync(shard: Weak<Shard>, flush_interval_ms: u64) {
+        loop {
+            glommio::timer::sleep(Duration::from_millis(flush_interval_ms)).await;
+            let Some(shard) = shard.upgrade() else { return };
+            if shard.closing.get() || shard.failed.borrow().is_some() {
+                return;
+            }
+            if shard.log.written_end() > shard.log.durable_end() {
+                if let Err(err) = shard.log.sync().await {
+                    tracing::error!(shard = shard.id, error = %err, "periodic fdatasync failed; shard stops accepting writes");
+                    *shard.failed.borrow_mut() = Some(err.to_string());
+                }
+            }
+        }
+    }
+
+    /// Makes the index durable up to the log's written end. The log is synced first, so the
+    /// persisted checkpoint never points past durable log data.
+    pub async fn flush_index(&self) -> Result<()> {
+        if self.index_flushing.replace(true) {
+            return Ok(());
+        }
+        let result = async {
+            let covered = self.log.sync().await?;
+            let index = self.index.clone();
+            glommio::executor().spawn_blocking(move || index.flush()).await?;
+            self.index_flushed_at.set(covered);
+            Ok(())
+        }
+        .await;
+        self.index_flushing.set(false);
+        result
+    }
+
+    /// Reads up to `max_count` records (and about `max_bytes`, at least one record) of a queue
+    /// from `from`. Offsets below the queue's minimum are skipped.
+    pub async fn read(&self, queue: &str, from: u64, max_count: usize, max_bytes: usize) -> Result<ReadBatch> {
+        let (min_offset, max_offset) = {
+            let queues = self.queues.borrow();
+            let state = queues.get(queue).ok_or_else(|| EngineError::QueueNotFound(queue.to_string()))?;
+            (state.min_offset, state.visible_offset)
+        };
+        let start = from.max(min_offset);
+        let end = max_offset.min(start.saturating_add(max_count as u64));
+        let mut batch = ReadBatch { records: Vec::new(), next_offset: start, min_offset, max_offset };
+        if start >= end {
+            return Ok(batch);
+        }
+        let entries = self.queue_entries(queue, start, end).await?;
+        let log_start = self.log.start();
+        let mut bytes_read = 0usize;
+        let mut pending = entries.iter().filter(|e| e.position >= log_start).peekable();
+        batch.next_offset = entries.iter().rev().find(|e| e.position < log_start).map_or(start, |e| e.offset + 1);
+        while let Some(first) = pending.next() {
+            if !batch.records.is_empty() && bytes_read + first.size_bytes as usize > max_bytes {
+                break;
+            }
+            // Coalesce records that sit back to back in the log into one read.
+            let mut run = vec![*first];
+            let mut run_bytes = first.size_bytes as usize;
+            while let Some(next) = pending.peek() {
+                let last = run.last().expect("run is not empty");
+                let contiguous = next.position == last.position + u64::from(last.size_bytes);
+                if !contiguous || bytes_read + run_bytes + next.size_bytes as usize > max_bytes {
+                    break;
+                }
+                run_bytes += next.size_bytes as usize;
+                run.push(*pending.next().expect("peeked"));
+            }
+            let bytes = self.log.read(first.position, run_bytes).await?;
+            let mut at = 0usize;
+            for entry in run {
+                let record = ReadResult::slice(&bytes, at, entry.size_bytes as usize)
+                    .ok_or(EngineError::PositionNotStored { position: entry.position })?;
+                self.verify_read(entry.position, &record)?;
+                at += entry.size_bytes as usize;
+                batch.next_offset = entry.offset + 1;
+                batch.records.push(StoredRecord { offset: entry.offset, position: entry.position, bytes: record });
+            }
+            bytes_read += run_bytes;
+        }
+        Ok(batch)
+    }
+
+    async fn queue_entries(&self, queue: &str, start: u64, end: u64) -> Result<Vec<QueueEntry>> {
+        if let Some(entries) = self.index.queue_range_cached(queue, start, end)? {
+            return Ok(entries);
+        }
+        // Not in memory: the iterator may block on disk, so it runs off the reactor.
+        let index = self.index.clone();
+        let queue = queue.to_string();
+        glommio::executor().spawn_blocking(move || index.queue_range(&queue, start, end)).await
+    }
+
+    /// The CRC check paired with the one made when the record was written.
+    fn verify_read(&self, position: u64, bytes: &[u8]) -> Result<()> {
+        record::parse_record(bytes).map(|_| ()).map_err(|e| EngineError::CorruptRecord {
+            segment: format!("shard {}", self.id),
+            offset_in_segment: position,
+            position,
+            detail: format!("record read back failed verification: {e}"),
+        })
+    }
+
+    async fn read_location(&self, loc: RecordLocation) -> Result<Option<StoredRecord>> {
+        if loc.position < self.log.start() {
+            return Ok(None);
+        }
+        let bytes = self.log.read(loc.position, loc.size_bytes as usize).await?;
+        self.verify_read(loc.position, &bytes)?;
+        Ok(Some(StoredRecord { offset: 0, position: loc.position, bytes }))
+    }
+
+    /// The latest record stored with this message id.
+    pub async fn by_message_id(&self, message_id: &str) -> Result<Option<StoredRecord>> {
+        let (index, id) = (self.index.clone(), message_id.to_string());
+        let loc = glommio::executor().spawn_blocking(move || index.message_id(&id)).await?;
+        match loc {
+            Some(loc) => self.read_location(loc).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` records carrying `key`, oldest first.
+    pub async fn by_key(&self, key: &str, limit: usize) -> Result<Vec<StoredRecord>> {
+        let (index, k) = (self.index.clone(), key.to_string());
+        let locs = glommio::executor().spawn_blocking(move || index.message_key(&k, limit)).await?;
+        let mut out = Vec::with_capacity(locs.len());
+        for loc in locs {
+            out.extend(self.read_location(loc).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn commit_consumer_offset(&self, group: &str, queue: &str, offset: u64) -> Result<()> {
+        validate_queue_name(queue)?;
+        if group.is_empty() || group.len() > crate::config::RECORD_ID_MAX_BYTES {
+            return Err(EngineError::InvalidRecord(format!("consumer group name must be 1..=255 bytes, got {}", group.len())));
+        }
+        self.append_control(&ControlOp::SetConsumerOffset { group: group.into(), queue: queue.into(), offset }).await
+    }
+
+    pub async fn consumer_offset(&self, group: &str, queue: &str) -> Result<Option<u64>> {
+        let (index, g, q) = (self.index.clone(), group.to_string(), queue.to_string());
+        glommio::executor().spawn_blocking(move || index.consumer_offset(&g, &q)).await
+    }
+
+    pub async fn put_state(&self, table: StateTable, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
+        check_state_sizes(&key, Some(&value))?;
+        self.append_control(&ControlOp::PutState { table, key, value }).await
+    }
+
+    pub async fn delete_state(&self, table: StateTable, key: Vec<u8>) -> Result<()> {
+        check_state_sizes(&key, None)?;
+        self.append_control(&ControlOp::DeleteState { table, key }).await
+    }
+
+    pub async fn state(&self, table: StateTable, key: Vec<u8>) -> Result<Option<Vec<u8>>> {
+        let index = self.index.clone();
+        glommio::executor().spawn_blocking(move || index.state(table, &key)).await
+    }
+
+    /// Deletes a queue and its index entries. Its records stay in the log until retention.
+    pub async fn delete_queue(&self, queue: &str) -> Result<()> {
+        self.check_writable()?;
+        if self.queues.borrow_mut().remove(queue).is_none() {
+            return Err(EngineError::QueueNotFound(queue.to_string()));
+        }
+        self.append_control(&ControlOp::DeleteQueue { queue: queue.into() }).await
+    }
+
+    pub fn queue_info(&self, queue: &str) -> Option<QueueInfo> {
+        self.queues.borrow().get(queue).map(|q| QueueInfo {
+            min_offset: q.min_offset,
+            max_offset: q.visible_offset,
+            created_ms: q.created_ms,
+            last_append_ms: q.last_append_ms,
+        })
+    }
+
+    pub fn queue_names(&self) -> Vec<String> {
+        self.queues.borrow().keys().cloned().collect()
+    }
+
+    pub fn stats(&self) -> ShardStats {
+        let mut stats = self.stats.borrow().clone();
+        stats.queues = self.queues.borrow().len();
+        stats.log_start = self.log.start();
+        stats.log_end = self.log.written_end();
+        stats.durable_end = self.log.durable_end();
+        stats
+    }
+
+    async fn run_retention(shard: Weak<Shard>, check_interval_ms: u64) {
+        loop {
+            glommio::timer::sleep(Duration::from_millis(check_interval_ms)).await;
+            let Some(shard) = shard.upgrade() else { return };
+            if shard.closing.get() {
+                return;
+            }
+            if let Err(err) = shard.enforce_retention().await {
+                tracing::warn!(shard = shard.id, error = %err, "retention pass failed");
+            }
+        }
+    }
+
+    /// Deletes the oldest sealed segments that are too old or over the size budget, then drops
+    /// index entries that pointed into them.
+    pub async fn enforce_retention(&self) -> Result<usize> {
+        let retention = self.config.retention;
+        let mut total = self.log.size_bytes();
+        let mut doomed = Vec::new();
+        for (base, end) in self.log.sealed_segments() {
+            let too_big = retention.max_log_bytes_per_shard.is_some_and(|max| total > max);
+            let too_old = match retention.max_age {
+                Some(max_age) => self.log.segment_modified(base)?.elapsed().is_ok_and(|age| age > max_age),
+                None => false,
+            };
+            if !too_big && !too_old {
+                break;
+            }
+            total -= end - base;
+            doomed.push(base);
+        }
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        // The index must cover every deleted segment, or a restart would replay nothing for them.
+        self.flush_index().await?;
+        for base in &doomed {
+            self.log.remove_oldest(*base).await?;
+            tracing::info!(shard = self.id, base, "retention deleted segment");
+        }
+        self.trim_queues().await?;
+        Ok(doomed.len())
+    }
+
+    /// Advances queue minimum offsets past deleted log and removes their stale index entries.
+    async fn trim_queues(&self) -> Result<()> {
+        let log_start = self.log.start();
+        let queues: Vec<(String, u64, u64)> =
+            self.queues.borrow().iter().map(|(n, q)| (n.clone(), q.min_offset, q.visible_offset)).collect();
+        let index = self.index.clone();
+        let trimmed = glommio::executor()
+            .spawn_blocking(move || -> Result<Vec<(String, u64)>> {
+                let mut out = Vec::new();
+                for (name, min, max) in queues {
+                    let new_min = first_offset_at_or_after(&index, &name, min, max, log_start)?;
+                    if new_min > min {
+                        index.trim_queue(&name, new_min)?;
+                        out.push((name, new_min));
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut queues = self.queues.borrow_mut();
+        let mut batch = self.index.batch();
+        for (name, new_min) in trimmed {
+            if let Some(queue) = queues.get_mut(&name) {
+                queue.min_offset = queue.min_offset.max(new_min);
+                batch.put_queue_meta(&name, &meta_of(queue, queue.visible_offset));
+            }
+        }
+        drop(queues);
+        self.index.write(batch)
+    }
+
+    /// Finishes every staged append, syncs the log and flushes the index.
+    pub async fn close(&self) -> Result<()> {
+        self.closing.set(true);
+        while self.log.has_staged() || !self.waiters.borrow().is_empty() {
+            if self.failed.borrow().is_some() {
+                break;
+            }
+            self.committer_wake.notify();
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        self.committer_wake.notify();
+        if self.failed.borrow().is_some() {
+            return Ok(());
+        }
+        self.flush_index().await
+    }
+}
+
+fn check_state_sizes(key: &[u8], value: Option<&[u8]>) -> Result<()> {
+    if key.is_empty() || key.len() > STATE_KEY_MAX_BYTES {
+        return Err(EngineError::InvalidRecord(format!("state key must be 1..={STATE_KEY_MAX_BYTES} bytes")));
+    }
+    if value.is_some_and(|v| v.len() > STATE_VALUE_MAX_BYTES) {
+        return Err(EngineError::InvalidRecord(format!("state value must be at most {STATE_VALUE_MAX_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+/// Binary search for the first offset in `[min, max)` whose record is at or after `log_start`.
+fn first_offset_at_or_after(index: &Index, queue: &str, min: u64, max: u64, log_start: u64) -> Result<u64> {
+    let (mut lo, mut hi) = (min, max);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match index.queue_entry(queue, mid)? {
+            Some(entry) if entry.position >= log_start => hi = mid,
+            _ => lo = mid + 1,
+        }
+    }
+    Ok(lo)
+}
+
+fn replay_error(position: u64, detail: String) -> EngineError {
+    EngineError::CorruptRecord { segment: "log".into(), offset_in_segment: position, position, detail }
+}
+
+/// Per-round record of how far each touched queue got.
+struct Touch {
+    next_offset: u64,
+    last_append_ms: u64,
+}
+
+/// Adds one record's index entries (or applies a control record) to `batch`. The same code
+/// indexes live rounds and replays the log, so recovery rebuilds exactly what was there.
+/// During replay `queues` is the queue table being rebuilt.
+fn index_record(
+    batch: &mut IndexBatch<'_>,
+    touched: &mut HashMap<String, Touch>,
+    position: u64,
+    size_bytes: u32,
+    view: &RecordView<'_>,
+    mut replaying: Option<&mut HashMap<String, QueueState>>,
+) -> Result<()> {
+    if view.is_control() {
+        let op = ControlOp::decode(view.body).ok_or_else(|| replay_error(position, "malformed control record".into()))?;
+        match op {
+            ControlOp::SetConsumerOffset { group, queue, offset } => batch.set_consumer_offset(&group, &queue, offset),
+            ControlOp::DeleteQueue { queue } => {
+                batch.delete_queue(&queue);
+                touched.remove(&queue);
+                if let Some(queues) = replaying {
+                    queues.remove(&queue);
+                }
+            }
+            ControlOp::PutState { table, key, value } => batch.put_state(table, &key, &value),
+            ControlOp::DeleteState { table, key } => batch.delete_state(table, &key),
+        }
+        return Ok(());
+    }
+    let location = RecordLocation { position, size_bytes };
+    let tag_hash = record::tag_hash(view.tag);
+    for (queue, offset) in view.queue_refs() {
+        let entry = QueueEntry { offset, position, size_bytes, tag_hash, store_ms: view.store_ms };
+        batch.put_entry(queue, &entry);
+        let touch = touched.entry(queue.to_string()).or_insert(Touch { next_offset: 0, last_append_ms: 0 });
+        touch.next_offset = touch.next_offset.max(offset + 1);
+        touch.last_append_ms = touch.last_append_ms.max(view.store_ms);
+        if let Some(queues) = replaying.as_deref_mut() {
+            let state = queues.entry(queue.to_string()).or_insert(QueueState {
+                next_offset: 0,
+                visible_offset: 0,
+                min_offset: offset,
+                created_ms: view.store_ms,
+                last_append_ms: view.store_ms,
+            });
+            state.next_offset = state.next_offset.max(offset + 1);
+            state.visible_offset = state.next_offset;
+            state.last_append_ms = state.last_append_ms.max(view.store_ms);
+        }
+    }
+    if !view.message_id.is_empty() {
+        batch.put_message_id(view.message_id, location);
+    }
+    for key in view.keys() {
+        batch.put_message_key(key, location);
+    }
+    Ok(())
+}
+
+fn meta_of(queue: &QueueState, next_offset: u64) -> QueueMeta {
+    QueueMeta { next_offset, min_offset: queue.min_offset, created_ms: queue.created_ms, last_append_ms: queue.last_append_ms }
+}
+
+fn write_queue_meta(batch: &mut IndexBatch<'_>, touched: &HashMap<String, Touch>, queues: &HashMap<String, QueueState>) {
+    for (name, touch) in touched {
+        if let Some(queue) = queues.get(name) {
+            let mut meta = meta_of(queue, touch.next_offset);
+            meta.last_append_ms = touch.last_append_ms;
+            batch.put_queue_meta(name, &meta);
+        }
+    }
+}

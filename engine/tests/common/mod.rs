@@ -1,0 +1,82 @@
+//! Helpers shared by the engine's integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use sluice_engine::{Durability, Engine, EngineConfig, NewRecord};
+
+pub const SEGMENT_SIZE_BYTES: u64 = 256 << 10;
+
+/// A small-segment, unpinned config so segment rolls happen quickly and tests can run together.
+pub fn small_config(dir: &Path, shards: usize) -> EngineConfig {
+    let mut config = EngineConfig::new(dir);
+    config.shard_count = shards;
+    config.pin_shards = false;
+    config.segment_size_bytes = SEGMENT_SIZE_BYTES;
+    config.record_size_max_bytes = 64 << 10;
+    config.group_commit_max_bytes = 64 << 10;
+    config.index_block_cache_bytes = 1 << 20;
+    config.io_memory_bytes = 1 << 20;
+    config.durability = Durability::Sync;
+    config
+}
+
+pub fn open(config: &EngineConfig) -> Engine {
+    Engine::open(config.clone()).expect("engine opens")
+}
+
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    futures::executor::block_on(f)
+}
+
+/// Body whose bytes encode (queue tag, i), so reads can be checked byte for byte.
+pub fn body(tag: u8, i: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|j| (j as u64).wrapping_mul(31).wrapping_add(i).wrapping_add(u64::from(tag)) as u8).collect()
+}
+
+pub fn record(queue: &str, i: u64, len: usize) -> NewRecord {
+    let mut r = NewRecord::new(queue, body(0, i, len));
+    r.message_id = format!("{queue}-{i}");
+    r
+}
+
+/// Reads a whole queue from offset 0.
+pub fn read_all(engine: &Engine, queue: &str) -> Vec<sluice_engine::OwnedRecord> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let batch = block_on(engine.read(queue, from, 1000, 4 << 20)).expect("read");
+        if batch.records.is_empty() {
+            return out;
+        }
+        from = batch.next_offset;
+        out.extend(batch.records);
+    }
+}
+
+pub fn segment_files(config: &EngineConfig, shard: usize) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(config.shard_dir(shard).join("log"))
+        .expect("log dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The segment file and in-file offset holding a log position.
+pub fn locate(config: &EngineConfig, shard: usize, position: u64) -> (PathBuf, u64) {
+    for file in segment_files(config, shard).into_iter().rev() {
+        let base: u64 = file.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+        if base <= position {
+            return (file, position - base);
+        }
+    }
+    panic!("no segment holds position {position}");
+}
+
+pub fn patch_file(path: &Path, offset: u64, f: impl FnOnce(&mut [u8])) {
+    let mut bytes = std::fs::read(path).expect("read segment");
+    f(&mut bytes[offset as usize..]);
+    std::fs::write(path, bytes).expect("write segment");
+}

@@ -1,0 +1,240 @@
+//! Append/read behaviour of a running engine: round trips across segment rolls, multi-dispatch,
+//! lookups, consumer offsets, state tables, queue deletion, limits, restarts and retention.
+
+mod common;
+
+use common::*;
+use sluice_engine::{EngineError, NewRecord, StateTable};
+
+#[test]
+fn append_read_round_trip_across_segment_rolls() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path(), 2);
+    let engine = open(&config);
+    // ~3 MiB into 256 KiB segments: a dozen rolls per shard, mixed sizes, several queues.
+    let mut expected = std::collections::HashMap::new();
+    for i in 0..600u64 {
+        let queue = format!("orders#{}", i % 4);
+        let len = 1 + ((i * 977) % 9000) as usize;
+        let ack = block_on(engine.append(vec![record(&queue, i, len)])).unwrap();
+        let list: &mut Vec<(u64, usize)> = expected.entry(queue).or_default();
+        assert_eq!(ack[0].offsets, vec![list.len() as u64], "offsets are dense per queue");
+        list.push((i, len));
+    }
+    for shard in 0..2 {
+        assert!(segment_files(&config, shard).len() > 3, "segments rolled on shard {shard}");
+    }
+    for (queue, items) in &expected {
+        let records = read_all(&engine, queue);
+        assert_eq!(records.len(), items.len());
+        for (offset, (record, (i, len))) in records.iter().zip(items).enumerate() {
+            assert_eq!(record.offset, offset as u64);
+            let view = record.view();
+            assert_eq!(view.body, &body(0, *i, *len)[..]);
+            assert_eq!(view.message_id, format!("{queue}-{i}"));
+            assert_eq!(view.queue_refs().collect::<Vec<_>>(), vec![(queue.as_str(), offset as u64)]);
+        }
+    }
+    engine.close().unwrap();
+}
+
+#[test]
+fn batch_append_keeps_order_and_reads_respect_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&small_config(dir.path(), 1));
+    let records: Vec<NewRecord> = (0..256).map(|i| record("q", i, 1000)).collect();
+    let acks = block_on(engine.append(records)).unwrap();
+    assert_eq!(acks.iter().map(|a| a.offsets[0]).collect::<Vec<_>>(), (0..256).collect::<Vec<_>>());
+    assert!(acks.windows(2).all(|w| w[0].position < w[1].position), "positions increase");
+
+    let batch = block_on(engine.read("q", 10, 5, 1 << 20)).unwrap();
+    assert_eq!(batch.records.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![10, 11, 12, 13, 14]);
+    assert_eq!(batch.next_offset, 15);
+    assert_eq!(batch.max_offset, 256);
+    let small = block_on(engine.read("q", 0, 100, 2500)).unwrap();
+    assert!(!small.records.is_empty() && small.records.len() <= 2, "byte limit bounds a read");
+    let one = block_on(engine.read("q", 0, 100, 1)).unwrap();
+    assert_eq!(one.records.len(), 1, "a read returns at least one record");
+    let past_end = block_on(engine.read("q", 256, 10, 1 << 20)).unwrap();
+    assert!(past_end.records.is_empty());
+    assert_eq!(past_end.next_offset, 256);
+}
+
+#[test]
+fn multi_dispatch_stores_one_copy_indexed_into_every_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&small_config(dir.path(), 2));
+    block_on(engine.append(vec![record("chat#1", 0, 10)])).unwrap();
+    let mut r = NewRecord::new("chat#1", b"token stream chunk".to_vec());
+    r.queues.push("chat#1/session-42".into());
+    r.queues.push("chat#1/agent-7".into());
+    let ack = block_on(engine.append(vec![r])).unwrap().remove(0);
+    assert_eq!(ack.offsets, vec![1, 0, 0]);
+
+    let parent = read_all(&engine, "chat#1");
+    let session = read_all(&engine, "chat#1/session-42");
+    let agent = read_all(&engine, "chat#1/agent-7");
+    assert_eq!(parent.len(), 2);
+    assert_eq!((session.len(), agent.len()), (1, 1));
+    // The same stored bytes at the same log position, reached through three queues.
+    assert_eq!(session[0].position, ack.position);
+    assert_eq!(agent[0].position, ack.position);
+    assert_eq!(parent[1].position, ack.position);
+    assert_eq!(session[0].view().body, b"token stream chunk");
+    let stats = block_on(engine.stats()).unwrap();
+    assert_eq!(stats.iter().map(|s| s.records_appended).sum::<u64>(), 2, "stored once");
+
+    let mut across = NewRecord::new("chat#1", b"x".to_vec());
+    let other = (0..100).map(|i| format!("other#{i}")).find(|q| engine.shard_of(q) != engine.shard_of("chat#1")).unwrap();
+    across.queues.push(other);
+    let err = block_on(engine.append(vec![across])).unwrap_err();
+    assert!(matches!(err, EngineError::DispatchAcrossShards { .. }), "{err}");
+    assert_eq!(err.code(), 1016);
+}
+
+#[test]
+fn lookups_by_message_id_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&small_config(dir.path(), 2));
+    for i in 0..20u64 {
+        let mut r = record(&format!("t#{}", i % 3), i, 100);
+        r.keys = vec![format!("order-{}", i % 5), "all".into()];
+        r.tag = "created".into();
+        block_on(engine.append(vec![r])).unwrap();
+    }
+    let found = block_on(engine.by_message_id("t#1-7")).unwrap().expect("id found");
+    assert_eq!(found.view().body, &body(0, 7, 100)[..]);
+    assert_eq!(found.view().tag, "created");
+    assert!(block_on(engine.by_message_id("nope")).unwrap().is_none());
+    let by_key = block_on(engine.by_key("order-2", 100)).unwrap();
+    let mut ids: Vec<String> = by_key.iter().map(|r| r.view().message_id.to_string()).collect();
+    ids.sort();
+    assert_eq!(ids, vec!["t#0-12", "t#1-7", "t#2-17", "t#2-2"]);
+    assert_eq!(block_on(engine.by_key("all", 5)).unwrap().len(), 5);
+}
+
+#[test]
+fn restart_keeps_acked_records_offsets_and_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path(), 2);
+    let engine = open(&config);
+    for i in 0..300u64 {
+        block_on(engine.append(vec![record(&format!("q#{}", i % 3), i, 700)])).unwrap();
+    }
+    block_on(engine.commit_consumer_offset("group-a", "q#1", 42)).unwrap();
+    block_on(engine.put_state("q#1", StateTable::PopState, b"receipt-1".to_vec(), b"invisible-until".to_vec())).unwrap();
+    block_on(engine.put_state("q#1", StateTable::Timer, b"t".to_vec(), b"1".to_vec())).unwrap();
+    block_on(engine.delete_state("q#1", StateTable::Timer, b"t".to_vec())).unwrap();
+    engine.close().unwrap();
+
+    let engine = open(&config);
+    for q in 0..3 {
+        let records = read_all(&engine, &format!("q#{q}"));
+        assert_eq!(records.len(), 100);
+        for (n, record) in records.iter().enumerate() {
+            let i = q + 3 * n as u64;
+            assert_eq!(record.view().body, &body(0, i, 700)[..]);
+        }
+    }
+    assert_eq!(block_on(engine.consumer_offset("group-a", "q#1")).unwrap(), Some(42));
+    assert_eq!(block_on(engine.consumer_offset("group-b", "q#1")).unwrap(), None);
+    let state = block_on(engine.state("q#1", StateTable::PopState, b"receipt-1".to_vec())).unwrap();
+    assert_eq!(state.as_deref(), Some(&b"invisible-until"[..]));
+    assert_eq!(block_on(engine.state("q#1", StateTable::Timer, b"t".to_vec())).unwrap(), None);
+    // Appends continue where they stopped.
+    let ack = block_on(engine.append(vec![record("q#0", 999, 10)])).unwrap();
+    assert_eq!(ack[0].offsets, vec![100]);
+}
+
+#[test]
+fn deleted_queue_loses_its_index_entries_and_can_be_recreated() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path(), 1);
+    let engine = open(&config);
+    for i in 0..10 {
+        block_on(engine.append(vec![record("lite/abc", i, 50), record("keep", i, 50)])).unwrap();
+    }
+    block_on(engine.delete_queue("lite/abc")).unwrap();
+    let err = block_on(engine.read("lite/abc", 0, 10, 1 << 20)).unwrap_err();
+    assert!(matches!(err, EngineError::QueueNotFound(_)));
+    assert_eq!(err.code(), 1015);
+    block_on(engine.append(vec![record("lite/abc", 100, 50)])).unwrap();
+    engine.close().unwrap();
+
+    // After a restart the deletion still holds, whether or not the index is rebuilt.
+    for rebuild in [false, true] {
+        if rebuild {
+            std::fs::remove_dir_all(config.shard_dir(0).join("index")).unwrap();
+        }
+        let engine = open(&config);
+        let recreated = read_all(&engine, "lite/abc");
+        assert_eq!(recreated.len(), 1, "rebuild={rebuild}");
+        assert_eq!(recreated[0].view().body, &body(0, 100, 50)[..]);
+        assert_eq!(read_all(&engine, "keep").len(), 10);
+        engine.close().unwrap();
+    }
+}
+
+#[test]
+fn limits_give_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path(), 1);
+    config.queues_per_shard_max = 3;
+    config.append_batch_records_max = 8;
+    let engine = open(&config);
+
+    let err = block_on(engine.append(vec![NewRecord::new("q", vec![0u8; 70 << 10])])).unwrap_err();
+    assert!(matches!(err, EngineError::RecordTooLarge { max_bytes: 65536, .. }), "{err}");
+    assert_eq!(err.code(), 1010);
+
+    let err = block_on(engine.append((0..9).map(|i| record("q", i, 1)).collect())).unwrap_err();
+    assert!(matches!(err, EngineError::BatchTooLarge { count: 9, max: 8 }), "{err}");
+
+    block_on(engine.append(vec![record("a", 0, 1), record("b", 0, 1), record("c", 0, 1)])).unwrap();
+    let err = block_on(engine.append(vec![record("d", 0, 1)])).unwrap_err();
+    assert!(matches!(err, EngineError::TooManyQueues { max: 3, .. }), "{err}");
+
+    let err = block_on(engine.append(vec![NewRecord::new("bad\nname", vec![1])])).unwrap_err();
+    assert_eq!(err.code(), 1013);
+    let mut twice = NewRecord::new("a", vec![1]);
+    twice.queues.push("a".into());
+    assert_eq!(block_on(engine.append(vec![twice])).unwrap_err().code(), 1012);
+    // Nothing above was stored.
+    assert_eq!(read_all(&engine, "a").len(), 1);
+    assert!(sluice_engine::Engine::open({
+        let mut bad = config.clone();
+        bad.segment_size_bytes = 1000;
+        bad
+    })
+    .is_err());
+}
+
+#[test]
+fn retention_by_size_deletes_old_segments_and_their_index_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path(), 1);
+    config.retention.max_log_bytes_per_shard = Some(4 * SEGMENT_SIZE_BYTES);
+    config.retention.check_interval_ms = 3_600_000; // run by hand below
+    let engine = open(&config);
+    for i in 0..200u64 {
+        block_on(engine.append(vec![record("old#0", i, 8000)])).unwrap();
+    }
+    let before = segment_files(&config, 0).len();
+    assert!(before > 5);
+    let deleted = block_on(engine.enforce_retention()).unwrap();
+    assert!(deleted > 0);
+    assert!(segment_files(&config, 0).len() <= 4);
+    let info = block_on(engine.queue_info("old#0")).unwrap().unwrap();
+    assert!(info.min_offset > 0, "min offset advanced past deleted segments");
+    let records = read_all(&engine, "old#0");
+    assert_eq!(records.first().unwrap().offset, info.min_offset);
+    assert_eq!(records.last().unwrap().offset, 199);
+    for r in &records {
+        assert_eq!(r.view().body, &body(0, r.offset, 8000)[..]);
+    }
+    let stale = block_on(engine.read("old#0", 0, 1, 1 << 20)).unwrap();
+    assert_eq!(stale.records[0].offset, info.min_offset, "reads below the minimum start at it");
+    engine.close().unwrap();
+    let engine = open(&config);
+    assert_eq!(read_all(&engine, "old#0").len(), records.len(), "retention survives a restart");
+}

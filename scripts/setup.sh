@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the system packages Sluice's build and tests need (Debian/Ubuntu).
+# Safe to run more than once: apt-get skips what is already installed.
+set -euo pipefail
+
+packages=(
+  build-essential pkg-config
+  clang libclang-dev          # bindgen, used by rocksdb and rdma-sys
+  libibverbs-dev librdmacm-dev # RDMA verbs headers for rdma-sys
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup: all system packages present"
+  exit 0
+fi
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "setup: installing ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,2 @@
+//! Placeholder crate; see README.
+#![forbid(unsafe_code)]
