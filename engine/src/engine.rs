@@ -274,14 +274,15 @@ impl Engine {
     fn close_all(&mut self) -> Result<()> {
         let mut first_error = None;
         for shard in &mut self.shards {
-            let (done, result) = oneshot::channel();
-            if shard.inbox.send(Command::Close(done)).is_ok() {
-                if let Ok(Err(err)) = futures::executor::block_on(result) {
-                    first_error.get_or_insert(err);
-                }
-            }
+            let (done, mut result) = oneshot::channel();
+            // The thread may already be gone (a shard that failed to open); then the command
+            // just sits in the channel. Joining first, then polling the reply, cannot hang.
+            let _ = shard.inbox.send(Command::Close(done));
             if let Some(thread) = shard.thread.take() {
                 let _ = thread.join();
+            }
+            if let Ok(Some(Err(err))) = result.try_recv() {
+                first_error.get_or_insert(err);
             }
         }
         first_error.map_or(Ok(()), Err)
