@@ -11,6 +11,7 @@ pub mod control;
 pub mod engine;
 pub mod error;
 pub mod index;
+pub mod load;
 mod notify;
 pub mod queue;
 pub mod record;

@@ -51,6 +51,7 @@ impl DmaSegmentStore {
     /// Opens (creating if needed) a segment directory. Must run on a glommio executor.
     pub async fn new(dir: PathBuf) -> io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
+        remove_unfinished_segments(&dir)?;
         calibrate_iopoll_probe(&dir).await?;
         Ok(DmaSegmentStore { dir })
     }
@@ -58,6 +59,21 @@ impl DmaSegmentStore {
     fn path(&self, base: u64) -> PathBuf {
         self.dir.join(segment_file_name(base))
     }
+}
+
+/// Extension of a segment still being created.
+const TEMPORARY_EXTENSION: &str = "log.creating";
+
+/// Deletes segments whose creation a crash interrupted; none of them ever held a record.
+fn remove_unfinished_segments(dir: &std::path::Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.to_str().is_some_and(|p| p.ends_with(TEMPORARY_EXTENSION)) {
+            tracing::info!(path = %path.display(), "removing a segment whose creation was interrupted");
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
 }
 
 /// glommio decides whether a device supports io_uring IOPOLL by reading offset 0 of the first
@@ -143,9 +159,15 @@ impl SegmentStore for DmaSegmentStore {
 
     fn create(&self, base: u64, size_bytes: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
         Box::pin(async move {
+            // Built under a temporary name and renamed into place once fully preallocated, so a
+            // crash never leaves a short segment that recovery would take for a damaged log.
             let path = self.path(base);
-            let file = OpenOptions::new().read(true).write(true).create_new(true).dma_open(&path).await.map_err(to_io)?;
+            let temporary = path.with_extension(TEMPORARY_EXTENSION);
+            let _ = std::fs::remove_file(&temporary);
+            let file = OpenOptions::new().read(true).write(true).create_new(true).dma_open(&temporary).await.map_err(to_io)?;
             file.pre_allocate(size_bytes, false).await.map_err(to_io)?;
+            file.fdatasync().await.map_err(to_io)?;
+            file.rename(&path).await.map_err(to_io)?;
             // The new directory entry must survive a crash before any record in it is acked.
             std::fs::File::open(&self.dir)?.sync_all()?;
             Ok(Rc::new(DmaSegment { file }) as Rc<dyn SegmentFile>)

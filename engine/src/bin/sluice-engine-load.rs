@@ -1,12 +1,13 @@
 //! Appends records to an engine and prints one line per ack: `ack <producer> <seq> <offset>`.
 //! The crash test runs it, SIGKILLs it at a random moment and checks every printed ack survived.
-//! Record bodies are derived from (producer, seq), so a reader can verify them byte for byte.
+//! Record bodies come from `sluice_engine::load`, so a reader can verify them byte for byte.
 #![forbid(unsafe_code)]
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Parser;
+use sluice_engine::load::{body_for, producer_child_queue, producer_queue};
 use sluice_engine::{Durability, Engine, EngineConfig, NewRecord};
 
 #[derive(Parser, Debug)]
@@ -23,26 +24,12 @@ struct Args {
     records: u64,
     #[arg(long, default_value_t = 256 << 10)]
     segment_size_bytes: u64,
+    /// First sequence number of every producer (so restarts append new, distinct records).
+    #[arg(long, default_value_t = 0)]
+    first_seq: u64,
     /// `sync` (fdatasync before ack) or `async:<ms>`.
     #[arg(long, default_value = "sync")]
     durability: String,
-}
-
-/// Queue a producer writes to. Producer `p` also dispatches into `load#<p%2>/all`.
-pub fn producer_queue(producer: u32) -> String {
-    format!("load#{}", producer % 2)
-}
-
-/// Deterministic body for (producer, seq): sizes vary from 16 B to about 20 KiB.
-pub fn body_for(producer: u32, seq: u64) -> Vec<u8> {
-    let len = 16 + ((seq * 7919 + u64::from(producer) * 104_729) % 20_000) as usize;
-    let mut body = Vec::with_capacity(len);
-    body.extend_from_slice(&producer.to_le_bytes());
-    body.extend_from_slice(&seq.to_le_bytes());
-    while body.len() < len {
-        body.push((body.len() as u64 ^ seq ^ u64::from(producer)) as u8);
-    }
-    body
 }
 
 fn parse_durability(text: &str) -> Result<Durability, String> {
@@ -68,11 +55,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let engine = &engine;
         let stdout = &stdout;
         async move {
-            let mut seq = 0u64;
-            while args.records == 0 || seq < args.records {
-                let queue = producer_queue(producer);
-                let mut record = NewRecord::new(queue.clone(), body_for(producer, seq));
-                record.queues.push(format!("{queue}/all"));
+            let mut seq = args.first_seq;
+            while args.records == 0 || seq < args.first_seq + args.records {
+                let mut record = NewRecord::new(producer_queue(producer), body_for(producer, seq));
+                record.queues.push(producer_child_queue(producer));
                 record.message_id = format!("p{producer}-{seq}");
                 record.keys = vec![format!("producer-{producer}")];
                 let ack = engine.append(vec![record]).await?;

@@ -40,6 +40,14 @@ pub fn record(queue: &str, i: u64, len: usize) -> NewRecord {
     r
 }
 
+/// Reads a whole queue, or nothing if it was never created.
+pub fn read_all_if_exists(engine: &Engine, queue: &str) -> Vec<sluice_engine::OwnedRecord> {
+    match block_on(engine.queue_info(queue)).expect("queue info") {
+        Some(_) => read_all(engine, queue),
+        None => Vec::new(),
+    }
+}
+
 /// Reads a whole queue from offset 0.
 pub fn read_all(engine: &Engine, queue: &str) -> Vec<sluice_engine::OwnedRecord> {
     let mut out = Vec::new();
