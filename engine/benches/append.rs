@@ -1,1 +1,80 @@
-fn main() {}
+//! Append throughput of one shard under policy `sync` (every ack after fdatasync), for 1 KiB and
+//! 64 KiB records in append calls of 1, 16 and 256 records, with 16 appenders in flight so group
+//! commit can batch. Beside each, `raw_odirect` writes the same bytes with a plain sequential
+//! O_DIRECT write to the same disk in the same run: the floor. `scripts/engine-bench.sh` turns the
+//! two into the ratio engine MB/s ÷ raw MB/s.
+//!
+//! Data goes under `SLUICE_BENCH_DIR` (default `target/bench-data`), on the disk being measured.
+#![allow(unsafe_code)] // only in floor.rs: the raw io_uring write has to be unsafe
+
+mod floor;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use sluice_engine::{Durability, Engine, EngineConfig, NewRecord};
+
+const APPENDERS: u64 = 16;
+const SEGMENT_SIZE_BYTES: u64 = 256 << 20;
+
+fn bench_dir() -> PathBuf {
+    std::env::var_os("SLUICE_BENCH_DIR").map_or_else(|| PathBuf::from("../target/bench-data"), PathBuf::from)
+}
+
+fn open_engine(dir: &std::path::Path) -> Engine {
+    let mut config = EngineConfig::new(dir);
+    config.shard_count = 1;
+    config.durability = Durability::Sync;
+    config.segment_size_bytes = SEGMENT_SIZE_BYTES;
+    config.retention.max_log_bytes_per_shard = Some(8 * SEGMENT_SIZE_BYTES);
+    config.retention.check_interval_ms = 1000;
+    Engine::open(config).expect("open engine")
+}
+
+/// Runs `appends` append calls of `batch` records, spread over `APPENDERS` concurrent callers.
+fn run_appends(engine: &Engine, appends: u64, batch: usize, record: &NewRecord) -> Duration {
+    let started = Instant::now();
+    let callers = (0..APPENDERS).map(|caller| {
+        let calls = appends / APPENDERS + u64::from(caller < appends % APPENDERS);
+        async move {
+            for _ in 0..calls {
+                engine.append(vec![record.clone(); batch]).await.expect("append");
+            }
+        }
+    });
+    futures::executor::block_on(futures::future::join_all(callers));
+    started.elapsed()
+}
+
+fn append_throughput(c: &mut Criterion) {
+    let root = bench_dir();
+    let _ = std::fs::remove_dir_all(&root);
+    let engine = open_engine(&root.join("engine"));
+    let mut floor = floor::RawFloor::new(root.join("floor"), SEGMENT_SIZE_BYTES).expect("raw floor");
+    // Keep this thread off the shard's core (shard 0 is pinned to CPU 0).
+    if let Some(last) = core_affinity::get_core_ids().and_then(|ids| ids.last().copied()) {
+        core_affinity::set_for_current(last);
+    }
+    for record_bytes in [1usize << 10, 64 << 10] {
+        let mut group = c.benchmark_group(format!("append_{}KiB", record_bytes >> 10));
+        group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+        let record = NewRecord::new("bench#0", vec![0xabu8; record_bytes]);
+        for batch in [1usize, 16, 256] {
+            let bytes = (batch * record_bytes) as u64;
+            group.throughput(Throughput::ElementsAndBytes { elements: batch as u64, bytes });
+            group.bench_function(BenchmarkId::new("engine", batch), |b| {
+                b.iter_custom(|iters| run_appends(&engine, iters, batch, &record))
+            });
+            group.bench_function(BenchmarkId::new("raw_odirect", batch), |b| {
+                b.iter_custom(|iters| floor.write(iters * bytes).expect("raw write"))
+            });
+        }
+        group.finish();
+    }
+    engine.close().expect("close engine");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+criterion_group!(benches, append_throughput);
+criterion_main!(benches);

@@ -125,7 +125,9 @@ impl CommitLog {
                     segment: store.describe(base),
                     offset_in_segment: 0,
                     position: base,
-                    detail: format!("segment does not follow its predecessor (expected base {expected_base}, size {size_bytes})"),
+                    detail: format!(
+                        "segment does not follow its predecessor (expected base {expected_base}, size {size_bytes})"
+                    ),
                 });
             }
             expected_base = base + size_bytes;
@@ -150,8 +152,7 @@ impl CommitLog {
     }
 
     async fn recover(&self, from: u64, on_batch: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<RecoveryReport> {
-        let bases: Vec<(u64, u64)> =
-            self.state.borrow().segments.iter().map(|(b, s)| (*b, s.size_bytes)).collect();
+        let bases: Vec<(u64, u64)> = self.state.borrow().segments.iter().map(|(b, s)| (*b, s.size_bytes)).collect();
         let mut report = RecoveryReport { replayed_from: from, end: from, batches_replayed: 0, truncated_tail: None };
         let Some(&(last_base, _)) = bases.last() else {
             return Ok(report);
@@ -229,7 +230,11 @@ impl CommitLog {
         match known {
             Some(Some(file)) => Ok(file),
             Some(None) => {
-                let file = self.store.open(base).await.map_err(|e| EngineError::io("opening segment", self.store.describe(base), e))?;
+                let file = self
+                    .store
+                    .open(base)
+                    .await
+                    .map_err(|e| EngineError::io("opening segment", self.store.describe(base), e))?;
                 if let Some(seg) = self.state.borrow_mut().segments.get_mut(&base) {
                     seg.file = Some(file.clone());
                 }
@@ -255,7 +260,8 @@ impl CommitLog {
         assert!(len as u64 <= self.limits.record_size_max_bytes + 4096, "record limit not checked by caller");
         let mut state = self.state.borrow_mut();
         let fits = state.open.as_ref().is_some_and(|open| {
-            let seg_end = open.segment_base + state.segments.get(&open.segment_base).map_or(self.limits.segment_size_bytes, |s| s.size_bytes);
+            let seg_end = open.segment_base
+                + state.segments.get(&open.segment_base).map_or(self.limits.segment_size_bytes, |s| s.size_bytes);
             open.records < self.limits.group_commit_records_max as u32
                 && open.len + len <= self.limits.group_commit_max_bytes
                 && open.position + (open.len + len) as u64 <= seg_end
@@ -279,7 +285,8 @@ impl CommitLog {
     }
 
     fn open_batch(&self, state: &mut LogState, record_len: usize) {
-        let active_size = state.segments.get(&state.active_base).map_or(self.limits.segment_size_bytes, |s| s.size_bytes);
+        let active_size =
+            state.segments.get(&state.active_base).map_or(self.limits.segment_size_bytes, |s| s.size_bytes);
         let mut position = state.staged_end;
         let mut segment_base = state.active_base;
         if position + (BATCH_HEADER_BYTES + record_len) as u64 > segment_base + active_size {
@@ -291,7 +298,8 @@ impl CommitLog {
         }
         let prefix_len = ((position - segment_base) % self.alignment as u64) as usize;
         assert_eq!(prefix_len, state.tail.len(), "tail bytes must cover the block up to the batch");
-        let capacity = align_up(prefix_len + BATCH_HEADER_BYTES + record_len.max(BATCH_INITIAL_CAPACITY_BYTES), self.alignment);
+        let capacity =
+            align_up(prefix_len + BATCH_HEADER_BYTES + record_len.max(BATCH_INITIAL_CAPACITY_BYTES), self.alignment);
         let mut buf = glommio::allocate_dma_buffer(capacity);
         buf.as_bytes_mut()[..prefix_len].copy_from_slice(&state.tail);
         state.open = Some(OpenBatch { position, segment_base, prefix_len, buf, len: BATCH_HEADER_BYTES, records: 0 });
@@ -391,7 +399,11 @@ impl CommitLog {
             let state = self.state.borrow();
             let found = state.segments.range(..=position).next_back().map(|(b, s)| (*b, s.size_bytes));
             match found {
-                Some((base, size)) if position + len as u64 <= base + size && position + len as u64 <= state.written_end => base,
+                Some((base, size))
+                    if position + len as u64 <= base + size && position + len as u64 <= state.written_end =>
+                {
+                    base
+                }
                 _ => return Err(EngineError::PositionNotStored { position }),
             }
         };
@@ -453,7 +465,8 @@ pub fn verify_batch(bytes: &[u8], position: u64, batch_max_bytes: u64) -> std::r
     for i in 0..header.record_count {
         let len = record::peek_record_len(&bytes[at..], (bytes.len() - at) as u64)
             .map_err(|e| format!("record {i} at {}: {e}", position + at as u64))?;
-        record::parse_record(&bytes[at..at + len]).map_err(|e| format!("record {i} at {}: {e}", position + at as u64))?;
+        record::parse_record(&bytes[at..at + len])
+            .map_err(|e| format!("record {i} at {}: {e}", position + at as u64))?;
         at += len;
     }
     if at != bytes.len() {

@@ -89,7 +89,11 @@ impl EngineConfig {
             shard_count: cores,
             pin_shards: true,
             durability: Durability::Sync,
-            retention: Retention { max_age: None, max_log_bytes_per_shard: None, check_interval_ms: RETENTION_CHECK_INTERVAL_MS_DEFAULT },
+            retention: Retention {
+                max_age: None,
+                max_log_bytes_per_shard: None,
+                check_interval_ms: RETENTION_CHECK_INTERVAL_MS_DEFAULT,
+            },
             segment_size_bytes: SEGMENT_SIZE_BYTES_DEFAULT,
             record_size_max_bytes: RECORD_SIZE_MAX_BYTES_DEFAULT,
             append_batch_records_max: APPEND_BATCH_RECORDS_MAX_DEFAULT,

@@ -72,9 +72,10 @@ impl ControlOp {
                 key: r.long(STATE_KEY_MAX_BYTES)?.to_vec(),
                 value: r.long(STATE_VALUE_MAX_BYTES)?.to_vec(),
             },
-            OP_DELETE_STATE => {
-                ControlOp::DeleteState { table: StateTable::from_u8(r.u8()?)?, key: r.long(STATE_KEY_MAX_BYTES)?.to_vec() }
-            }
+            OP_DELETE_STATE => ControlOp::DeleteState {
+                table: StateTable::from_u8(r.u8()?)?,
+                key: r.long(STATE_KEY_MAX_BYTES)?.to_vec(),
+            },
             _ => return None,
         };
         (r.at == src.len()).then_some(op)

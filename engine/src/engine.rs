@@ -95,7 +95,9 @@ impl Engine {
         let mut engine = Engine { config, shards };
         let mut first_error = None;
         for (id, rx) in ready.into_iter().enumerate() {
-            let outcome = rx.recv().unwrap_or_else(|_| Err(EngineError::Config(format!("shard {id} thread exited during start"))));
+            let outcome = rx
+                .recv()
+                .unwrap_or_else(|_| Err(EngineError::Config(format!("shard {id} thread exited during start"))));
             if let Err(err) = outcome {
                 first_error.get_or_insert(err);
             }
@@ -154,10 +156,12 @@ impl Engine {
             per_shard[shard].1.push(record);
         }
         let total: usize = per_shard.iter().map(|p| p.0.len()).sum();
-        let calls = per_shard.into_iter().enumerate().filter(|(_, p)| !p.0.is_empty()).map(|(shard, (slots, group))| async move {
-            let acks = self.on_shard(shard, move |s| Box::pin(async move { s.append(&group).await })).await?;
-            Ok::<_, EngineError>((slots, acks))
-        });
+        let calls = per_shard.into_iter().enumerate().filter(|(_, p)| !p.0.is_empty()).map(
+            |(shard, (slots, group))| async move {
+                let acks = self.on_shard(shard, move |s| Box::pin(async move { s.append(&group).await })).await?;
+                Ok::<_, EngineError>((slots, acks))
+            },
+        );
         let mut out: Vec<Option<AppendAck>> = vec![None; total];
         for result in futures::future::join_all(calls).await {
             let (slots, acks) = result?;
@@ -189,7 +193,9 @@ impl Engine {
         for shard in 0..self.shards.len() {
             let id = message_id.to_string();
             let found = self
-                .on_shard(shard, move |s| Box::pin(async move { Ok(s.by_message_id(&id).await?.as_ref().map(OwnedRecord::copy_of)) }))
+                .on_shard(shard, move |s| {
+                    Box::pin(async move { Ok(s.by_message_id(&id).await?.as_ref().map(OwnedRecord::copy_of)) })
+                })
                 .await?;
             if found.is_some() {
                 return Ok(found);
@@ -205,7 +211,9 @@ impl Engine {
             let k = key.to_string();
             let found = self
                 .on_shard(shard, move |s| {
-                    Box::pin(async move { Ok(s.by_key(&k, limit).await?.iter().map(OwnedRecord::copy_of).collect::<Vec<_>>()) })
+                    Box::pin(async move {
+                        Ok(s.by_key(&k, limit).await?.iter().map(OwnedRecord::copy_of).collect::<Vec<_>>())
+                    })
                 })
                 .await?;
             out.extend(found);
@@ -216,8 +224,10 @@ impl Engine {
 
     pub async fn commit_consumer_offset(&self, group: &str, queue: &str, offset: u64) -> Result<()> {
         let (g, q) = (group.to_string(), queue.to_string());
-        self.on_shard(self.shard_of(queue), move |s| Box::pin(async move { s.commit_consumer_offset(&g, &q, offset).await }))
-            .await
+        self.on_shard(self.shard_of(queue), move |s| {
+            Box::pin(async move { s.commit_consumer_offset(&g, &q, offset).await })
+        })
+        .await
     }
 
     pub async fn consumer_offset(&self, group: &str, queue: &str) -> Result<Option<u64>> {
@@ -232,7 +242,8 @@ impl Engine {
     }
 
     pub async fn delete_state(&self, placement: &str, table: StateTable, key: Vec<u8>) -> Result<()> {
-        self.on_shard(self.shard_of(placement), move |s| Box::pin(async move { s.delete_state(table, key).await })).await
+        self.on_shard(self.shard_of(placement), move |s| Box::pin(async move { s.delete_state(table, key).await }))
+            .await
     }
 
     pub async fn state(&self, placement: &str, table: StateTable, key: Vec<u8>) -> Result<Option<Vec<u8>>> {

@@ -33,7 +33,9 @@ pub enum EngineError {
     #[error("invalid queue name {name:?}: {reason}")]
     InvalidQueueName { name: String, reason: &'static str },
 
-    #[error("shard {shard} already holds {max} queues (queues_per_shard_max); delete unused queues or raise the limit")]
+    #[error(
+        "shard {shard} already holds {max} queues (queues_per_shard_max); delete unused queues or raise the limit"
+    )]
     TooManyQueues { shard: usize, max: usize },
 
     #[error("queue {0:?} not found")]
@@ -101,8 +103,18 @@ mod tests {
             EngineError::InvalidQueueName { name: String::new(), reason: "" },
             EngineError::TooManyQueues { shard: 0, max: 0 },
             EngineError::QueueNotFound(String::new()),
-            EngineError::DispatchAcrossShards { first: String::new(), first_shard: 0, other: String::new(), other_shard: 1 },
-            EngineError::CorruptRecord { segment: String::new(), offset_in_segment: 0, position: 0, detail: String::new() },
+            EngineError::DispatchAcrossShards {
+                first: String::new(),
+                first_shard: 0,
+                other: String::new(),
+                other_shard: 1,
+            },
+            EngineError::CorruptRecord {
+                segment: String::new(),
+                offset_in_segment: 0,
+                position: 0,
+                detail: String::new(),
+            },
             EngineError::PositionNotStored { position: 0 },
             EngineError::ShardFailed { shard: 0, cause: String::new() },
             EngineError::ShuttingDown,

@@ -171,7 +171,10 @@ fn decode_location(value: &[u8]) -> Option<RecordLocation> {
 }
 
 fn corrupt(what: &'static str) -> EngineError {
-    EngineError::Index { what, message: "malformed value; rebuild the index by deleting it (it is replayed from the log)".into() }
+    EngineError::Index {
+        what,
+        message: "malformed value; rebuild the index by deleting it (it is replayed from the log)".into(),
+    }
 }
 
 /// The RocksDB instance of one shard. Cloning shares the same database.
@@ -208,7 +211,8 @@ impl Index {
 
     /// Log position below which every record is reflected in the index.
     pub fn checkpoint(&self) -> Result<u64> {
-        let value = self.db.get_cf(self.cf(CF_META), CHECKPOINT_KEY).map_err(|e| EngineError::index("read checkpoint", e))?;
+        let value =
+            self.db.get_cf(self.cf(CF_META), CHECKPOINT_KEY).map_err(|e| EngineError::index("read checkpoint", e))?;
         match value {
             None => Ok(0),
             Some(v) if v.len() == 8 => Ok(crate::record::le_u64(&v, 0)),
@@ -268,7 +272,8 @@ impl Index {
 
     pub fn queue_entry(&self, queue: &str, offset: u64) -> Result<Option<QueueEntry>> {
         let key = queue_key(queue, offset);
-        let value = self.db.get_pinned_cf(self.cf(CF_QUEUE_INDEX), &key).map_err(|e| EngineError::index("queue entry", e))?;
+        let value =
+            self.db.get_pinned_cf(self.cf(CF_QUEUE_INDEX), &key).map_err(|e| EngineError::index("queue entry", e))?;
         value.map(|v| decode_entry(&key, &v).ok_or_else(|| corrupt("queue entry"))).transpose()
     }
 
@@ -293,7 +298,8 @@ impl Index {
                 break;
             }
             let position = u64::from_be_bytes(k[prefix.len()..].try_into().map_err(|_| corrupt("message key"))?);
-            let size_bytes = (v.len() == 4).then(|| crate::record::le_u32(v, 0)).ok_or_else(|| corrupt("message key"))?;
+            let size_bytes =
+                (v.len() == 4).then(|| crate::record::le_u32(v, 0)).ok_or_else(|| corrupt("message key"))?;
             out.push(RecordLocation { position, size_bytes });
             iter.next();
         }
@@ -304,7 +310,9 @@ impl Index {
     pub fn consumer_offset(&self, group: &str, queue: &str) -> Result<Option<u64>> {
         let value = self.db.get_pinned_cf(self.cf(CF_CONSUMER_OFFSET), consumer_key(group, queue));
         let value = value.map_err(|e| EngineError::index("consumer offset", e))?;
-        value.map(|v| (v.len() == 8).then(|| crate::record::le_u64(&v, 0)).ok_or_else(|| corrupt("consumer offset"))).transpose()
+        value
+            .map(|v| (v.len() == 8).then(|| crate::record::le_u64(&v, 0)).ok_or_else(|| corrupt("consumer offset")))
+            .transpose()
     }
 
     pub fn state(&self, table: StateTable, key: &[u8]) -> Result<Option<Vec<u8>>> {

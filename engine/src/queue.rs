@@ -65,8 +65,7 @@ mod tests {
         // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c (published test vector).
         assert_eq!(shard_for_queue("a", 1000), (0xaf63_dc4c_8601_ec8c_u64 % 1000) as usize);
         assert_eq!(shard_for_queue("a/child", 7), (0xaf63_dc4c_8601_ec8c_u64 % 7) as usize);
-        let spread: std::collections::HashSet<usize> =
-            (0..64).map(|i| shard_for_queue(&format!("q{i}"), 4)).collect();
+        let spread: std::collections::HashSet<usize> = (0..64).map(|i| shard_for_queue(&format!("q{i}"), 4)).collect();
         assert_eq!(spread.len(), 4, "64 queues should reach all 4 shards");
     }
 

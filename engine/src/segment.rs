@@ -127,7 +127,10 @@ impl SegmentFile for DmaSegment {
         Box::pin(async move {
             let read = self.file.read_at(offset, len).await.map_err(to_io)?;
             if read.len() != len {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("short read: {} of {len} bytes", read.len())));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("short read: {} of {len} bytes", read.len()),
+                ));
             }
             Ok(read)
         })
@@ -164,7 +167,8 @@ impl SegmentStore for DmaSegmentStore {
             let path = self.path(base);
             let temporary = path.with_extension(TEMPORARY_EXTENSION);
             let _ = std::fs::remove_file(&temporary);
-            let file = OpenOptions::new().read(true).write(true).create_new(true).dma_open(&temporary).await.map_err(to_io)?;
+            let file =
+                OpenOptions::new().read(true).write(true).create_new(true).dma_open(&temporary).await.map_err(to_io)?;
             file.pre_allocate(size_bytes, false).await.map_err(to_io)?;
             file.fdatasync().await.map_err(to_io)?;
             file.rename(&path).await.map_err(to_io)?;

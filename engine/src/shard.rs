@@ -121,7 +121,8 @@ impl Shard {
     pub async fn open(config: EngineConfig, id: usize, store: Rc<dyn SegmentStore>) -> Result<Rc<Shard>> {
         let dir = config.shard_dir(id);
         let index_dir = dir.join("index");
-        std::fs::create_dir_all(&index_dir).map_err(|e| EngineError::io("creating index directory", index_dir.display(), e))?;
+        std::fs::create_dir_all(&index_dir)
+            .map_err(|e| EngineError::io("creating index directory", index_dir.display(), e))?;
         let index = Index::open(&index_dir, config.index_block_cache_bytes)?;
         let checkpoint = index.checkpoint()?;
         let mut queues: HashMap<String, QueueState> = index
@@ -151,8 +152,16 @@ impl Shard {
             let batch = pending.get_or_insert_with(|| replay_index.batch());
             let mut touched = HashMap::new();
             for (record_position, record_bytes) in batch_records(bytes, position) {
-                let view = record::parse_record(record_bytes).map_err(|e| replay_error(record_position, e.to_string()))?;
-                index_record(batch, &mut touched, record_position, record_bytes.len() as u32, &view, Some(&mut queues))?;
+                let view =
+                    record::parse_record(record_bytes).map_err(|e| replay_error(record_position, e.to_string()))?;
+                index_record(
+                    batch,
+                    &mut touched,
+                    record_position,
+                    record_bytes.len() as u32,
+                    &view,
+                    Some(&mut queues),
+                )?;
                 replayed_records += 1;
             }
             write_queue_meta(batch, &touched, &queues);
@@ -231,7 +240,10 @@ impl Shard {
         }
         let len = encoded_len(record).map_err(EngineError::InvalidRecord)?;
         if len as u64 > self.config.record_size_max_bytes {
-            return Err(EngineError::RecordTooLarge { size_bytes: len as u64, max_bytes: self.config.record_size_max_bytes });
+            return Err(EngineError::RecordTooLarge {
+                size_bytes: len as u64,
+                max_bytes: self.config.record_size_max_bytes,
+            });
         }
         Ok(len)
     }
@@ -268,8 +280,12 @@ impl Shard {
 
     fn check_queue_room(&self, records: &[NewRecord]) -> Result<()> {
         let queues = self.queues.borrow();
-        let new: HashSet<&str> =
-            records.iter().flat_map(|r| r.queues.iter()).map(String::as_str).filter(|q| !queues.contains_key(*q)).collect();
+        let new: HashSet<&str> = records
+            .iter()
+            .flat_map(|r| r.queues.iter())
+            .map(String::as_str)
+            .filter(|q| !queues.contains_key(*q))
+            .collect();
         if queues.len() + new.len() > self.config.queues_per_shard_max {
             return Err(EngineError::TooManyQueues { shard: self.id, max: self.config.queues_per_shard_max });
         }
@@ -281,13 +297,17 @@ impl Shard {
         names
             .iter()
             .map(|name| {
-                let queue = queues.entry(name.clone()).or_insert_with(|| QueueState {
-                    next_offset: 0,
-                    visible_offset: 0,
-                    min_offset: 0,
-                    created_ms: store_ms,
-                    last_append_ms: store_ms,
-                });
+                if !queues.contains_key(name) {
+                    let state = QueueState {
+                        next_offset: 0,
+                        visible_offset: 0,
+                        min_offset: 0,
+                        created_ms: store_ms,
+                        last_append_ms: store_ms,
+                    };
+                    queues.insert(name.clone(), state);
+                }
+                let queue = queues.get_mut(name).expect("inserted above");
                 let offset = queue.next_offset;
                 queue.next_offset += 1;
                 queue.last_append_ms = store_ms;
@@ -529,7 +549,10 @@ impl Shard {
     pub async fn commit_consumer_offset(&self, group: &str, queue: &str, offset: u64) -> Result<()> {
         validate_queue_name(queue)?;
         if group.is_empty() || group.len() > crate::config::RECORD_ID_MAX_BYTES {
-            return Err(EngineError::InvalidRecord(format!("consumer group name must be 1..=255 bytes, got {}", group.len())));
+            return Err(EngineError::InvalidRecord(format!(
+                "consumer group name must be 1..=255 bytes, got {}",
+                group.len()
+            )));
         }
         self.append_control(&ControlOp::SetConsumerOffset { group: group.into(), queue: queue.into(), offset }).await
     }
@@ -723,7 +746,8 @@ fn index_record(
     mut replaying: Option<&mut HashMap<String, QueueState>>,
 ) -> Result<()> {
     if view.is_control() {
-        let op = ControlOp::decode(view.body).ok_or_else(|| replay_error(position, "malformed control record".into()))?;
+        let op =
+            ControlOp::decode(view.body).ok_or_else(|| replay_error(position, "malformed control record".into()))?;
         match op {
             ControlOp::SetConsumerOffset { group, queue, offset } => batch.set_consumer_offset(&group, &queue, offset),
             ControlOp::DeleteQueue { queue } => {
@@ -743,7 +767,10 @@ fn index_record(
     for (queue, offset) in view.queue_refs() {
         let entry = QueueEntry { offset, position, size_bytes, tag_hash, store_ms: view.store_ms };
         batch.put_entry(queue, &entry);
-        let touch = touched.entry(queue.to_string()).or_insert(Touch { next_offset: 0, last_append_ms: 0 });
+        if !touched.contains_key(queue) {
+            touched.insert(queue.to_string(), Touch { next_offset: 0, last_append_ms: 0 });
+        }
+        let touch = touched.get_mut(queue).expect("inserted above");
         touch.next_offset = touch.next_offset.max(offset + 1);
         touch.last_append_ms = touch.last_append_ms.max(view.store_ms);
         if let Some(queues) = replaying.as_deref_mut() {
@@ -769,10 +796,19 @@ fn index_record(
 }
 
 fn meta_of(queue: &QueueState, next_offset: u64) -> QueueMeta {
-    QueueMeta { next_offset, min_offset: queue.min_offset, created_ms: queue.created_ms, last_append_ms: queue.last_append_ms }
+    QueueMeta {
+        next_offset,
+        min_offset: queue.min_offset,
+        created_ms: queue.created_ms,
+        last_append_ms: queue.last_append_ms,
+    }
 }
 
-fn write_queue_meta(batch: &mut IndexBatch<'_>, touched: &HashMap<String, Touch>, queues: &HashMap<String, QueueState>) {
+fn write_queue_meta(
+    batch: &mut IndexBatch<'_>,
+    touched: &HashMap<String, Touch>,
+    queues: &HashMap<String, QueueState>,
+) {
     for (name, touch) in touched {
         if let Some(queue) = queues.get(name) {
             let mut meta = meta_of(queue, touch.next_offset);

@@ -102,7 +102,12 @@ fn verify(dir: &std::path::Path, acked: &Acks) -> usize {
         // A producer waits for each ack, so what is stored is a gap-free run per round.
         for w in stored.windows(2) {
             let same_round = w[0].0 / 1_000_000 == w[1].0 / 1_000_000;
-            assert!(!same_round || w[1].0 == w[0].0 + 1, "producer {producer}: gap between seq {} and {}", w[0].0, w[1].0);
+            assert!(
+                !same_round || w[1].0 == w[0].0 + 1,
+                "producer {producer}: gap between seq {} and {}",
+                w[0].0,
+                w[1].0
+            );
         }
     }
     engine.close().unwrap();
@@ -111,7 +116,8 @@ fn verify(dir: &std::path::Path, acked: &Acks) -> usize {
 
 #[test]
 fn acked_records_survive_sigkill() {
-    let rounds: usize = std::env::var("SLUICE_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(ROUNDS_DEFAULT);
+    let rounds: usize =
+        std::env::var("SLUICE_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(ROUNDS_DEFAULT);
     let seed: u64 = std::env::var("SLUICE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     println!("crash test: {rounds} rounds, seed {seed} (rerun with SLUICE_TEST_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

@@ -125,7 +125,11 @@ fn run_appends(fail_syncs: bool, appenders: usize, record_bytes: usize) -> (Vec<
                 glommio::spawn_local(async move {
                     let record = NewRecord::new(format!("q#{}", i % 3), vec![i as u8; record_bytes]);
                     let acks = shard.append(&[record]).await?;
-                    let len = sluice_engine::record::encoded_len(&NewRecord::new(format!("q#{}", i % 3), vec![0; record_bytes])).unwrap();
+                    let len = sluice_engine::record::encoded_len(&NewRecord::new(
+                        format!("q#{}", i % 3),
+                        vec![0; record_bytes],
+                    ))
+                    .unwrap();
                     let start = acks[0].position;
                     journal.borrow_mut().push(Event::Acked { start, end: start + len as u64 });
                     Ok(())

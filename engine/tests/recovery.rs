@@ -44,7 +44,10 @@ fn deleted_index_is_rebuilt_from_the_log() {
     assert!(stats.iter().all(|s| s.recovery.as_ref().unwrap().batches_replayed > 0), "replayed on every shard");
     assert_eq!(snapshot(&engine), before, "queues rebuilt identically");
     assert_eq!(block_on(engine.consumer_offset("g", "chat#2")).unwrap(), Some(17));
-    assert_eq!(block_on(engine.state("chat#2", StateTable::LiteMeta, b"sub".to_vec())).unwrap().as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        block_on(engine.state("chat#2", StateTable::LiteMeta, b"sub".to_vec())).unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
     assert_eq!(block_on(engine.by_key("k3", 1000)).unwrap().len(), 40);
     assert!(block_on(engine.by_message_id("chat#1-9")).unwrap().is_some());
     // New appends continue the rebuilt offsets.
@@ -124,7 +127,8 @@ fn flipped_byte_mid_log_is_reported_with_its_position() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_config(dir.path(), 1);
     let engine = open(&config);
-    let acks: Vec<_> = (0..20).map(|i| block_on(engine.append(vec![record("q", i, 1000)])).unwrap().remove(0)).collect();
+    let acks: Vec<_> =
+        (0..20).map(|i| block_on(engine.append(vec![record("q", i, 1000)])).unwrap().remove(0)).collect();
     engine.close().unwrap();
     let victim = &acks[5];
     let (file, offset) = locate(&config, 0, victim.position);
@@ -179,7 +183,8 @@ fn random_damage_never_panics_recovery() {
         let config = small_config(dir.path(), 1);
         let engine = open(&config);
         for i in 0..30 {
-            let records: Vec<NewRecord> = (0..rng.random_range(1..4)).map(|j| record("q", i * 10 + j, rng.random_range(1..3000))).collect();
+            let records: Vec<NewRecord> =
+                (0..rng.random_range(1..4)).map(|j| record("q", i * 10 + j, rng.random_range(1..3000))).collect();
             block_on(engine.append(records)).unwrap();
         }
         engine.close().unwrap();

@@ -85,7 +85,8 @@ fn multi_dispatch_stores_one_copy_indexed_into_every_queue() {
     assert_eq!(stats.iter().map(|s| s.records_appended).sum::<u64>(), 2, "stored once");
 
     let mut across = NewRecord::new("chat#1", b"x".to_vec());
-    let other = (0..100).map(|i| format!("other#{i}")).find(|q| engine.shard_of(q) != engine.shard_of("chat#1")).unwrap();
+    let other =
+        (0..100).map(|i| format!("other#{i}")).find(|q| engine.shard_of(q) != engine.shard_of("chat#1")).unwrap();
     across.queues.push(other);
     let err = block_on(engine.append(vec![across])).unwrap_err();
     assert!(matches!(err, EngineError::DispatchAcrossShards { .. }), "{err}");
@@ -122,7 +123,8 @@ fn restart_keeps_acked_records_offsets_and_state() {
         block_on(engine.append(vec![record(&format!("q#{}", i % 3), i, 700)])).unwrap();
     }
     block_on(engine.commit_consumer_offset("group-a", "q#1", 42)).unwrap();
-    block_on(engine.put_state("q#1", StateTable::PopState, b"receipt-1".to_vec(), b"invisible-until".to_vec())).unwrap();
+    block_on(engine.put_state("q#1", StateTable::PopState, b"receipt-1".to_vec(), b"invisible-until".to_vec()))
+        .unwrap();
     block_on(engine.put_state("q#1", StateTable::Timer, b"t".to_vec(), b"1".to_vec())).unwrap();
     block_on(engine.delete_state("q#1", StateTable::Timer, b"t".to_vec())).unwrap();
     engine.close().unwrap();

@@ -35,7 +35,9 @@ struct Args {
 fn parse_durability(text: &str) -> Result<Durability, String> {
     match text.split_once(':') {
         None if text == "sync" => Ok(Durability::Sync),
-        Some(("async", ms)) => ms.parse().map(|flush_interval_ms| Durability::Async { flush_interval_ms }).map_err(|e| e.to_string()),
+        Some(("async", ms)) => {
+            ms.parse().map(|flush_interval_ms| Durability::Async { flush_interval_ms }).map_err(|e| e.to_string())
+        }
         _ => Err(format!("durability must be `sync` or `async:<ms>`, got {text:?}")),
     }
 }

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs the engine's criterion benches and prints append throughput beside the raw O_DIRECT floor
+# measured in the same run, with the ratio engine MB/s ÷ raw MB/s.
+#   scripts/engine-bench.sh            # append + index benches
+#   SLUICE_BENCH_DIR=/mnt/nvme/x ...   # put the data on another disk
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export SLUICE_BENCH_DIR="${SLUICE_BENCH_DIR:-$PWD/target/bench-data}"
+cargo bench -p sluice-engine --bench append -- --noplot
+cargo bench -p sluice-engine --bench index -- --noplot
+python3 - <<'PY'
+import json, pathlib
+root = pathlib.Path("target/criterion")
+def rate(group, name, batch):
+    d = root / group / name / str(batch) / "new"
+    mean_ns = json.loads((d / "estimates.json").read_text())["mean"]["point_estimate"]
+    tp = json.loads((d / "benchmark.json").read_text())["throughput"]
+    tp = tp.get("ElementsAndBytes") or tp
+    secs = mean_ns / 1e9
+    return tp["bytes"] / secs / 1e6, tp["elements"] / secs
+print(f"\n{'record':>7} {'batch':>5} {'engine MB/s':>12} {'records/s':>11} {'raw MB/s':>9} {'ratio':>6}")
+for group, label in [("append_1KiB", "1 KiB"), ("append_64KiB", "64 KiB")]:
+    for batch in (1, 16, 256):
+        try:
+            mbs, rps = rate(group, "engine", batch)
+            raw, _ = rate(group, "raw_odirect", batch)
+        except FileNotFoundError:
+            continue
+        print(f"{label:>7} {batch:>5} {mbs:>12.1f} {rps:>11.0f} {raw:>9.1f} {mbs / raw:>6.2f}")
+PY
