@@ -18,6 +18,8 @@ use crate::segment::{SegmentFile, SegmentStore};
 
 /// Sector size used to recognise a torn write: a sector the device never wrote reads as zeros.
 const SECTOR_BYTES: usize = 512;
+/// Smallest all-zero piece of a sector taken as evidence that the sector was never written.
+const UNWRITTEN_PIECE_MIN_BYTES: usize = 64;
 /// First capacity of a batch buffer; it doubles up to `group_commit_max_bytes`.
 const BATCH_INITIAL_CAPACITY_BYTES: usize = 64 << 10;
 /// Read-ahead window used while scanning during recovery.
@@ -86,6 +88,9 @@ struct LogState {
     open: Option<OpenBatch>,
     sealed: Vec<SealedBatch>,
     dirty: BTreeSet<u64>,
+    /// Set by a failed write or fdatasync. After one, the kernel may have dropped dirty data and
+    /// a retried fdatasync can falsely succeed, so the log refuses all further I/O.
+    poisoned: Option<String>,
 }
 
 pub struct CommitLog {
@@ -93,6 +98,9 @@ pub struct CommitLog {
     limits: LogLimits,
     alignment: usize,
     state: RefCell<LogState>,
+    /// One fdatasync at a time: a caller must not see its data as durable while another
+    /// caller's fdatasync of the same segment is still running.
+    sync_lock: futures::lock::Mutex<()>,
 }
 
 /// What recovery found.
@@ -108,10 +116,12 @@ pub struct RecoveryReport {
 impl CommitLog {
     /// Opens the log, replaying every intact batch at or after `replay_from` into `on_batch`
     /// (`position`, batch bytes), cutting off a torn tail, and failing on corruption elsewhere.
+    /// `clean` says the previous run closed the log cleanly (nothing can be torn).
     pub async fn open(
         store: Rc<dyn SegmentStore>,
         limits: LogLimits,
         replay_from: u64,
+        clean: bool,
         mut on_batch: impl FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<(CommitLog, RecoveryReport)> {
         let listed = store.list().map_err(|e| EngineError::io("listing segments", store.describe(0), e))?;
@@ -145,16 +155,47 @@ impl CommitLog {
             open: None,
             sealed: Vec::new(),
             dirty: BTreeSet::new(),
+            poisoned: None,
         };
-        let log = CommitLog { store, limits, alignment: 4096, state: RefCell::new(state) };
-        let report = log.recover(replay_from.max(first_base), &mut on_batch).await?;
+        let log = CommitLog {
+            store,
+            limits,
+            alignment: 4096,
+            state: RefCell::new(state),
+            sync_lock: futures::lock::Mutex::new(()),
+        };
+        let report = log.recover(replay_from.max(first_base), clean, &mut on_batch).await?;
         Ok((log, report))
     }
 
-    async fn recover(&self, from: u64, on_batch: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<RecoveryReport> {
+    /// Whether the stored batch at `position` ends exactly at `end`: how the index checkpoint is
+    /// checked against the log before trusting it.
+    pub async fn batch_ends_at(store: &dyn SegmentStore, limits: LogLimits, position: u64, end: u64) -> Result<bool> {
+        let listed = store.list().map_err(|e| EngineError::io("listing segments", store.describe(0), e))?;
+        let Some(&(base, size)) = listed.iter().find(|(b, s)| *b <= position && position < b + s) else {
+            return Ok(false);
+        };
+        if position + BATCH_HEADER_BYTES as u64 > base + size {
+            return Ok(false);
+        }
+        let file = store.open(base).await.map_err(|e| EngineError::io("opening segment", store.describe(base), e))?;
+        let head = file
+            .read_at(position - base, BATCH_HEADER_BYTES)
+            .await
+            .map_err(|e| EngineError::io("reading segment", store.describe(base), e))?;
+        let header = record::decode_batch_header(&head, position, limits.batch_max_bytes());
+        Ok(header.is_ok_and(|h| position + u64::from(h.batch_len) == end))
+    }
+
+    async fn recover(
+        &self,
+        from: u64,
+        clean: bool,
+        on_batch: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<RecoveryReport> {
         let bases: Vec<(u64, u64)> = self.state.borrow().segments.iter().map(|(b, s)| (*b, s.size_bytes)).collect();
         let mut report = RecoveryReport { replayed_from: from, end: from, batches_replayed: 0, truncated_tail: None };
-        let Some(&(last_base, _)) = bases.last() else {
+        let Some(&(last_base, last_size)) = bases.last() else {
             return Ok(report);
         };
         // Every segment from the replay point on is scanned, so the log resumes in the last one.
@@ -165,7 +206,11 @@ impl CommitLog {
             let data_end = scan.run(from.saturating_sub(base), on_batch, &mut report).await?;
             end = base + data_end;
         }
-        self.clean_tail(last_base, end).await?;
+        if !clean && end < last_base + last_size {
+            let file = self.segment_file(last_base).await?;
+            let scan = SegmentScan { log: self, file: &*file, base: last_base, size: last_size, is_last: true };
+            scan.clear_after(end - last_base).await?;
+        }
         let tail = self.read_tail(last_base, end).await?;
         let mut state = self.state.borrow_mut();
         state.active_base = last_base;
@@ -175,34 +220,6 @@ impl CommitLog {
         state.tail = tail;
         report.end = end;
         Ok(report)
-    }
-
-    /// Zeroes leftovers of a torn write after `end`, so a later recovery never mistakes them for
-    /// records. Bytes before `end` are rewritten unchanged.
-    async fn clean_tail(&self, base: u64, end: u64) -> Result<()> {
-        let size = self.segment_size(base);
-        if end >= base + size {
-            return Ok(());
-        }
-        let file = self.segment_file(base).await?;
-        let align = self.alignment as u64;
-        let start = (end - base) / align * align;
-        let stop = ((end - base) + self.limits.batch_max_bytes() + align).min(size) / align * align;
-        if stop <= start {
-            return Ok(());
-        }
-        let existing = self.read_segment(&*file, base, start, (stop - start) as usize).await?;
-        let keep = (end - base - start) as usize;
-        if existing[keep..].iter().all(|&b| b == 0) {
-            return Ok(());
-        }
-        tracing::warn!(segment = %self.store.describe(base), from = end, "zeroing leftovers of a torn write");
-        let mut buf = glommio::allocate_dma_buffer((stop - start) as usize);
-        buf.as_bytes_mut().fill(0);
-        buf.as_bytes_mut()[..keep].copy_from_slice(&existing[..keep]);
-        let what = "zeroing a torn tail";
-        file.write_at(Rc::new(buf), start).await.map_err(|e| EngineError::io(what, self.store.describe(base), e))?;
-        file.sync().await.map_err(|e| EngineError::io(what, self.store.describe(base), e))
     }
 
     async fn read_tail(&self, base: u64, end: u64) -> Result<Vec<u8>> {
@@ -218,10 +235,6 @@ impl CommitLog {
 
     async fn read_segment(&self, file: &dyn SegmentFile, base: u64, offset: u64, len: usize) -> Result<ReadResult> {
         file.read_at(offset, len).await.map_err(|e| EngineError::io("reading segment", self.store.describe(base), e))
-    }
-
-    fn segment_size(&self, base: u64) -> u64 {
-        self.state.borrow().segments.get(&base).map_or(self.limits.segment_size_bytes, |s| s.size_bytes)
     }
 
     /// Opens (or creates, for a batch that rolled into a new segment) the file for `base`.
@@ -309,7 +322,12 @@ impl CommitLog {
     fn seal_open(&self, state: &mut LogState) {
         let Some(mut open) = state.open.take() else { return };
         assert!(open.records > 0, "an open batch always holds a record");
-        let header = BatchHeader { batch_len: open.len as u32, record_count: open.records, position: open.position };
+        let header = BatchHeader {
+            batch_len: open.len as u32,
+            record_count: open.records,
+            position: open.position,
+            synced_before: state.durable_end,
+        };
         let end = open.prefix_len + open.len;
         let aligned_end = align_up(end, self.alignment);
         let bytes = open.buf.as_bytes_mut();
@@ -343,20 +361,35 @@ impl CommitLog {
     }
 
     /// Writes a round's batches in order. Batches may share a block, so they are not overlapped.
+    /// Before the first write into a new segment the previous one is synced, so unsynced data only
+    /// ever sits in the last segment (recovery relies on this).
     pub async fn write_round(&self, round: &[SealedBatch]) -> Result<()> {
         for batch in round {
+            let other_dirty = self.state.borrow().dirty.iter().any(|base| *base != batch.segment_base);
+            if other_dirty {
+                self.sync().await?;
+            }
             let file = self.segment_file(batch.segment_base).await?;
             let write_offset = batch.position - batch.segment_base - batch.prefix_len as u64;
             {
                 let state = self.state.borrow();
+                if let Some(cause) = &state.poisoned {
+                    return Err(EngineError::io(
+                        "writing batch",
+                        self.store.describe(batch.segment_base),
+                        std::io::Error::other(cause.clone()),
+                    ));
+                }
                 assert_eq!(write_offset % self.alignment as u64, 0, "O_DIRECT write must be aligned");
                 assert!(batch.position >= state.written_end, "log position went backwards");
                 debug_assert!(verify_batch(batch.bytes(), batch.position, self.limits.batch_max_bytes()).is_ok());
             }
-            file.write_at(batch.buf.clone(), write_offset)
-                .await
-                .map_err(|e| EngineError::io("writing batch", self.store.describe(batch.segment_base), e))?;
+            let written = file.write_at(batch.buf.clone(), write_offset).await;
             let mut state = self.state.borrow_mut();
+            if let Err(e) = written {
+                state.poisoned = Some(e.to_string());
+                return Err(EngineError::io("writing batch", self.store.describe(batch.segment_base), e));
+            }
             state.written_end = batch.end();
             state.dirty.insert(batch.segment_base);
         }
@@ -365,18 +398,25 @@ impl CommitLog {
 
     /// fdatasyncs every segment written since the last sync; returns the new durable end.
     pub async fn sync(&self) -> Result<u64> {
+        let _one_at_a_time = self.sync_lock.lock().await;
         let (dirty, target) = {
             let mut state = self.state.borrow_mut();
+            if let Some(cause) = &state.poisoned {
+                return Err(EngineError::io("fdatasync", "log", std::io::Error::other(cause.clone())));
+            }
             (std::mem::take(&mut state.dirty), state.written_end)
         };
         for base in dirty {
             let file = self.segment_file(base).await?;
-            file.sync().await.map_err(|e| EngineError::io("fdatasync", self.store.describe(base), e))?;
+            if let Err(e) = file.sync().await {
+                self.state.borrow_mut().poisoned = Some(e.to_string());
+                return Err(EngineError::io("fdatasync", self.store.describe(base), e));
+            }
         }
         let mut state = self.state.borrow_mut();
-        assert!(target >= state.durable_end, "durable end went backwards");
-        state.durable_end = target;
-        Ok(target)
+        assert!(target <= state.written_end, "synced past what was written");
+        state.durable_end = state.durable_end.max(target);
+        Ok(state.durable_end)
     }
 
     pub fn written_end(&self) -> u64 {
@@ -560,41 +600,95 @@ impl SegmentScan<'_> {
         }
     }
 
-    /// A bad batch is a torn tail only if nothing valid follows it and, when its length is
-    /// known, it contains a sector the device never wrote. Anything else is corruption.
+    /// A bad batch is a torn write (cut off) only if it shows a sector the device never wrote
+    /// and no later batch proves it was already durable. Anything else is corruption.
     async fn is_torn_tail(&self, offset: u64, extent: Option<u64>) -> Result<bool> {
-        let search_end = (offset + self.log.limits.batch_max_bytes()).min(self.size);
-        let region = self.log.read_segment(self.file, self.base, offset, (search_end - offset) as usize).await?;
-        let later_batch = (1..region.len().saturating_sub(BATCH_HEADER_BYTES)).any(|i| {
-            record::le_u32(&region, i) == record::BATCH_MAGIC
-                && record::decode_batch_header(&region[i..], self.base + offset + i as u64, u64::MAX).is_ok()
-        });
-        if later_batch {
+        let len = extent.unwrap_or(BATCH_HEADER_BYTES as u64).min(self.size - offset) as usize;
+        let bytes = self.log.read_segment(self.file, self.base, offset, len).await?;
+        if !has_unwritten_sector(&bytes, offset) {
             return Ok(false);
         }
-        if let Some(len) = extent {
-            let extent_bytes = &region[..(len as usize).min(region.len())];
-            let first_sector = (SECTOR_BYTES - (offset as usize % SECTOR_BYTES)) % SECTOR_BYTES;
-            let zero_sector = extent_bytes
-                .get(first_sector..)
-                .unwrap_or(&[])
-                .chunks_exact(SECTOR_BYTES)
-                .any(|s| s.iter().all(|&b| b == 0));
-            if !zero_sector {
-                return Ok(false);
+        Ok(self.durable_batch_after(offset).await?.is_none())
+    }
+
+    /// The first batch after `offset` whose header shows the log was durable past `offset`.
+    /// Reads the rest of the segment, so it runs only when recovery met damage or a crash.
+    async fn durable_batch_after(&self, offset: u64) -> Result<Option<u64>> {
+        let mut at = offset + 1;
+        while at + BATCH_HEADER_BYTES as u64 <= self.size {
+            // Overlap chunks by a header, so a header across a chunk edge is still seen.
+            let len = (self.size - at).min(SCAN_WINDOW_BYTES as u64) as usize;
+            let chunk = self.log.read_segment(self.file, self.base, at, len).await?;
+            for i in 0..chunk.len().saturating_sub(BATCH_HEADER_BYTES - 1) {
+                if record::le_u32(&chunk, i) != record::BATCH_MAGIC {
+                    continue;
+                }
+                let position = self.base + at + i as u64;
+                let header = record::decode_batch_header(&chunk[i..], position, u64::MAX);
+                if header.is_ok_and(|h| h.synced_before > self.base + offset) {
+                    return Ok(Some(position));
+                }
             }
+            if len < SCAN_WINDOW_BYTES {
+                break;
+            }
+            at += (len - BATCH_HEADER_BYTES) as u64;
         }
-        let mut at = search_end;
+        Ok(None)
+    }
+
+    /// After a crash: refuses to start if durable data follows `end` (a zeroed region inside the
+    /// log), and otherwise zeroes leftovers of unacked writes after `end`, so a later recovery can
+    /// never mistake them for records. Bytes before `end` are rewritten unchanged.
+    async fn clear_after(&self, end: u64) -> Result<()> {
+        if let Some(position) = self.durable_batch_after(end).await? {
+            return Err(EngineError::CorruptRecord {
+                segment: self.log.store.describe(self.base),
+                offset_in_segment: end,
+                position: self.base + end,
+                detail: format!(
+                    "the log ends here but a batch at position {position} was written after this point was durable"
+                ),
+            });
+        }
+        let align = self.log.alignment as u64;
+        let mut at = end / align * align;
         while at < self.size {
             let len = (self.size - at).min(SCAN_WINDOW_BYTES as u64) as usize;
             let chunk = self.log.read_segment(self.file, self.base, at, len).await?;
-            if chunk.iter().any(|&b| b != 0) {
-                return Ok(false);
+            let keep = end.saturating_sub(at) as usize;
+            if chunk[keep..].iter().any(|&b| b != 0) {
+                tracing::warn!(segment = %self.log.store.describe(self.base), at, "zeroing leftovers of unacked writes");
+                let mut buf = glommio::allocate_dma_buffer(len);
+                buf.as_bytes_mut().fill(0);
+                buf.as_bytes_mut()[..keep].copy_from_slice(&chunk[..keep]);
+                let what = "zeroing after the log end";
+                self.file
+                    .write_at(Rc::new(buf), at)
+                    .await
+                    .map_err(|e| EngineError::io(what, self.log.store.describe(self.base), e))?;
+                self.file.sync().await.map_err(|e| EngineError::io(what, self.log.store.describe(self.base), e))?;
             }
             at += len as u64;
         }
-        Ok(true)
+        Ok(())
     }
+}
+
+/// Whether any sector overlapping `bytes` (which start at segment offset `offset`) is all zero
+/// within `bytes`: the mark of a write the device never completed.
+fn has_unwritten_sector(bytes: &[u8], offset: u64) -> bool {
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let sector_left = SECTOR_BYTES - ((offset as usize + at) % SECTOR_BYTES);
+        let piece = &bytes[at..(at + sector_left).min(bytes.len())];
+        // A few zero bytes can be data; refuse to call that a torn write (and drop the batch).
+        if piece.len() >= UNWRITTEN_PIECE_MIN_BYTES && piece.iter().all(|&b| b == 0) {
+            return true;
+        }
+        at += piece.len();
+    }
+    false
 }
 
 /// Read-ahead window over a segment, so replay issues few large reads.

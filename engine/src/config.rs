@@ -130,6 +130,10 @@ impl EngineConfig {
                 self.record_size_max_bytes, self.segment_size_bytes
             ));
         }
+        let control_max = (crate::control::STATE_VALUE_MAX_BYTES + crate::control::STATE_KEY_MAX_BYTES + 1024) as u64;
+        if self.record_size_max_bytes < control_max {
+            return fail(format!("record_size_max_bytes must be at least {control_max}, to hold control records"));
+        }
         if self.record_size_max_bytes > u64::from(u32::MAX) / 2 {
             return fail("record_size_max_bytes must be below 2 GiB".into());
         }

@@ -41,6 +41,9 @@ pub enum EngineError {
     #[error("queue {0:?} not found")]
     QueueNotFound(String),
 
+    #[error("queue {0:?} is being deleted; retry once the deletion completes")]
+    QueueBeingDeleted(String),
+
     #[error("record targets queues on different shards ({first:?} on shard {first_shard}, {other:?} on shard {other_shard}); multi-dispatch needs co-located queues: name children `parent/child`")]
     DispatchAcrossShards { first: String, first_shard: usize, other: String, other_shard: usize },
 
@@ -71,6 +74,7 @@ impl EngineError {
             EngineError::TooManyQueues { .. } => 1014,
             EngineError::QueueNotFound(_) => 1015,
             EngineError::DispatchAcrossShards { .. } => 1016,
+            EngineError::QueueBeingDeleted(_) => 1017,
             EngineError::CorruptRecord { .. } => 1020,
             EngineError::PositionNotStored { .. } => 1021,
             EngineError::ShardFailed { .. } => 1030,

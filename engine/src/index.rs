@@ -68,6 +68,13 @@ impl StateTable {
     }
 }
 
+/// The log prefix an index covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Checkpoint {
+    pub end: u64,
+    pub last_batch: Option<u64>,
+}
+
 /// Where one queue offset's record lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueEntry {
@@ -209,13 +216,18 @@ impl Index {
         self.db.cf_handle(name).expect("every column family is created at open")
     }
 
-    /// Log position below which every record is reflected in the index.
-    pub fn checkpoint(&self) -> Result<u64> {
+    /// How far the index covers the log: the end position and the start of the last batch
+    /// indexed (so the log can be checked to really hold that batch).
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
         let value =
             self.db.get_cf(self.cf(CF_META), CHECKPOINT_KEY).map_err(|e| EngineError::index("read checkpoint", e))?;
         match value {
-            None => Ok(0),
-            Some(v) if v.len() == 8 => Ok(crate::record::le_u64(&v, 0)),
+            None => Ok(Checkpoint::default()),
+            Some(v) if v.len() == 16 => {
+                let end = crate::record::le_u64(&v, 0);
+                let last_batch = crate::record::le_u64(&v, 8);
+                Ok(Checkpoint { end, last_batch: (end > 0).then_some(last_batch) })
+            }
             Some(_) => Err(corrupt("checkpoint")),
         }
     }
@@ -327,13 +339,6 @@ impl Index {
         self.db.flush_cfs_opt(&cfs, &opts).map_err(|e| EngineError::index("flush", e))
     }
 
-    /// Removes index entries of `queue` below `offset` (their records were deleted by retention).
-    pub fn trim_queue(&self, queue: &str, offset: u64) -> Result<()> {
-        let mut batch = self.batch();
-        batch.batch.delete_range_cf(self.cf(CF_QUEUE_INDEX), queue_key(queue, 0), queue_key(queue, offset));
-        self.write(batch)
-    }
-
     pub fn write(&self, batch: IndexBatch<'_>) -> Result<()> {
         let mut opts = WriteOptions::default();
         // The CommitLog is the write-ahead log; this index is rebuilt from it after a crash.
@@ -387,8 +392,17 @@ impl IndexBatch<'_> {
         self.batch.delete_cf(self.index.cf(table.cf()), key);
     }
 
-    pub fn set_checkpoint(&mut self, position: u64) {
-        self.batch.put_cf(self.index.cf(CF_META), CHECKPOINT_KEY, position.to_le_bytes());
+    /// Removes index entries of `queue` below `offset` (their records were deleted by retention).
+    pub fn trim_queue(&mut self, queue: &str, offset: u64) {
+        self.batch.delete_range_cf(self.index.cf(CF_QUEUE_INDEX), queue_key(queue, 0), queue_key(queue, offset));
+    }
+
+    /// Records that the index covers the log up to `end`, whose last batch starts at `last_batch`.
+    pub fn set_checkpoint(&mut self, end: u64, last_batch: u64) {
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&end.to_le_bytes());
+        value[8..].copy_from_slice(&last_batch.to_le_bytes());
+        self.batch.put_cf(self.index.cf(CF_META), CHECKPOINT_KEY, value);
     }
 }
 
@@ -407,7 +421,7 @@ mod tests {
                 batch.put_entry(queue, &entry);
             }
         }
-        batch.set_checkpoint(777);
+        batch.set_checkpoint(777, 700);
         index.write(batch).unwrap();
         let offsets = |q: &str| index.queue_range(q, 0, 100).unwrap().iter().map(|e| e.offset).collect::<Vec<_>>();
         assert_eq!(offsets("a"), vec![0, 1, 2, 3, 4]);
@@ -415,7 +429,7 @@ mod tests {
         assert_eq!(offsets("ab"), vec![0, 1, 2, 3]);
         assert_eq!(index.queue_range("a", 2, 4).unwrap().len(), 2);
         assert_eq!(index.queue_range_cached("a", 1, 3).unwrap().map(|v| v.len()), Some(2));
-        assert_eq!(index.checkpoint().unwrap(), 777);
+        assert_eq!(index.checkpoint().unwrap(), Checkpoint { end: 777, last_batch: Some(700) });
 
         let mut batch = index.batch();
         batch.delete_queue("a");

@@ -1,9 +1,12 @@
 //! On-disk framing of CommitLog records and of the group-commit batches that hold them.
 //!
-//! Batch header (32 bytes, little-endian):
-//! `magic u32 | header_crc u32 | batch_len u32 | record_count u32 | position u64 | version u16 | reserved [u8; 6]`
-//! `header_crc` is CRC32C over bytes 8..32. `position` is the log position of the header itself,
-//! so a batch found at the wrong place is recognised as garbage.
+//! Batch header (48 bytes, little-endian):
+//! `magic u32 | header_crc u32 | batch_len u32 | record_count u32 | position u64 |
+//!  synced_before u64 | version u16 | reserved [u8; 14]`
+//! `header_crc` is CRC32C over bytes 8..48. `position` is the log position of the header itself,
+//! so a batch found at the wrong place is recognised as garbage. `synced_before` is the log's
+//! durable end when the batch was sealed: a later batch whose `synced_before` lies past an earlier
+//! one proves the earlier one had been fdatasync'd, so its damage cannot be a torn write.
 //!
 //! Record (32-byte fixed part, then variable fields in this order):
 //! `record_len u32 | crc u32 | flags u16 | queue_count u8 | key_count u8 | store_ms u64 |
@@ -18,8 +21,8 @@ use crate::config::{RECORD_ID_MAX_BYTES, RECORD_KEYS_MAX, RECORD_QUEUES_MAX};
 use crate::queue::QUEUE_NAME_MAX_BYTES;
 
 pub const BATCH_MAGIC: u32 = 0x534C_4243; // "SLBC"
-pub const BATCH_VERSION: u16 = 1;
-pub const BATCH_HEADER_BYTES: usize = 32;
+pub const BATCH_VERSION: u16 = 2;
+pub const BATCH_HEADER_BYTES: usize = 48;
 pub const RECORD_HEADER_BYTES: usize = 32;
 
 /// Record flag: the body is an engine control operation, not a message.
@@ -145,6 +148,7 @@ pub struct BatchHeader {
     pub batch_len: u32,
     pub record_count: u32,
     pub position: u64,
+    pub synced_before: u64,
 }
 
 pub fn encode_batch_header(dst: &mut [u8], header: BatchHeader) {
@@ -153,8 +157,9 @@ pub fn encode_batch_header(dst: &mut [u8], header: BatchHeader) {
     dst[8..12].copy_from_slice(&header.batch_len.to_le_bytes());
     dst[12..16].copy_from_slice(&header.record_count.to_le_bytes());
     dst[16..24].copy_from_slice(&header.position.to_le_bytes());
-    dst[24..26].copy_from_slice(&BATCH_VERSION.to_le_bytes());
-    dst[26..32].fill(0);
+    dst[24..32].copy_from_slice(&header.synced_before.to_le_bytes());
+    dst[32..34].copy_from_slice(&BATCH_VERSION.to_le_bytes());
+    dst[34..BATCH_HEADER_BYTES].fill(0);
     let crc = crc32c::crc32c(&dst[8..BATCH_HEADER_BYTES]);
     dst[4..8].copy_from_slice(&crc.to_le_bytes());
 }
@@ -173,17 +178,25 @@ pub fn decode_batch_header(src: &[u8], position: u64, max_len: u64) -> Result<Ba
     if stored != computed {
         return Err(FrameError::BadCrc { stored, computed });
     }
-    let version = u16::from_le_bytes([src[24], src[25]]);
+    let version = u16::from_le_bytes([src[32], src[33]]);
     if version != BATCH_VERSION {
         return Err(FrameError::BadVersion(version));
     }
-    let header = BatchHeader { batch_len: le_u32(src, 8), record_count: le_u32(src, 12), position: le_u64(src, 16) };
+    let header = BatchHeader {
+        batch_len: le_u32(src, 8),
+        record_count: le_u32(src, 12),
+        position: le_u64(src, 16),
+        synced_before: le_u64(src, 24),
+    };
     let len = u64::from(header.batch_len);
     if len < BATCH_HEADER_BYTES as u64 || len > max_len {
         return Err(FrameError::BadLength { len, min: BATCH_HEADER_BYTES as u64, max: max_len });
     }
     if header.position != position {
         return Err(FrameError::WrongPosition { stored: header.position, actual: position });
+    }
+    if header.synced_before > position {
+        return Err(FrameError::Inconsistent);
     }
     Ok(header)
 }
@@ -434,14 +447,14 @@ mod tests {
     #[test]
     fn batch_header_round_trip_and_checks() {
         let mut buf = [0u8; BATCH_HEADER_BYTES];
-        let header = BatchHeader { batch_len: 4096, record_count: 3, position: 8192 };
+        let header = BatchHeader { batch_len: 4096, record_count: 3, position: 8192, synced_before: 4096 };
         encode_batch_header(&mut buf, header);
         assert_eq!(decode_batch_header(&buf, 8192, 1 << 20), Ok(header));
         assert!(matches!(decode_batch_header(&buf, 0, 1 << 20), Err(FrameError::WrongPosition { .. })));
         assert!(matches!(decode_batch_header(&buf, 8192, 100), Err(FrameError::BadLength { .. })));
         buf[13] ^= 1;
         assert!(matches!(decode_batch_header(&buf, 8192, 1 << 20), Err(FrameError::BadCrc { .. })));
-        assert!(matches!(decode_batch_header(&[0u8; 32], 0, 1 << 20), Err(FrameError::BadMagic(0))));
+        assert!(matches!(decode_batch_header(&[0u8; BATCH_HEADER_BYTES], 0, 1 << 20), Err(FrameError::BadMagic(0))));
     }
 
     #[test]

@@ -82,6 +82,10 @@ pub struct ShardStats {
 }
 
 struct QueueState {
+    /// Distinguishes a queue from an earlier one of the same name (deleted and re-created).
+    generation: u64,
+    /// A deletion is staged: appends are refused until it is applied.
+    deleting: bool,
     /// Next offset to assign (includes staged, not yet durable records).
     next_offset: u64,
     /// Offsets below this are durable, indexed and readable.
@@ -106,10 +110,18 @@ pub struct Shard {
     committer_wake: Notify,
     failed: RefCell<Option<String>>,
     closing: Cell<bool>,
+    /// End of the log the index holds (written to RocksDB, maybe not yet flushed).
+    indexed_end: Cell<u64>,
+    /// End of the log the index holds durably (as of the last completed flush).
     index_flushed_at: Cell<u64>,
-    index_flushing: Cell<bool>,
+    flush_lock: futures::lock::Mutex<()>,
+    retention_running: Cell<bool>,
+    next_generation: Cell<u64>,
     stats: RefCell<ShardStats>,
 }
+
+/// Marker a cleanly closed shard leaves; its absence at start means "recover from a crash".
+const CLEAN_SHUTDOWN_MARKER: &str = "clean-shutdown";
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -117,55 +129,88 @@ pub(crate) fn now_ms() -> u64 {
 
 impl Shard {
     /// Opens the shard's index and log, replays the log from the index checkpoint, and starts
-    /// the committer and the background tasks.
+    /// the committer and the background tasks. An index that claims more log than the log holds
+    /// (possible after a power loss under `async`) is discarded and rebuilt from the log.
     pub async fn open(config: EngineConfig, id: usize, store: Rc<dyn SegmentStore>) -> Result<Rc<Shard>> {
         let dir = config.shard_dir(id);
         let index_dir = dir.join("index");
-        std::fs::create_dir_all(&index_dir)
-            .map_err(|e| EngineError::io("creating index directory", index_dir.display(), e))?;
-        let index = Index::open(&index_dir, config.index_block_cache_bytes)?;
-        let checkpoint = index.checkpoint()?;
-        let mut queues: HashMap<String, QueueState> = index
-            .load_queues()?
-            .into_iter()
-            .map(|(name, meta)| {
-                let state = QueueState {
-                    next_offset: meta.next_offset,
-                    visible_offset: meta.next_offset,
-                    min_offset: meta.min_offset,
-                    created_ms: meta.created_ms,
-                    last_append_ms: meta.last_append_ms,
-                };
-                (name, state)
-            })
-            .collect();
+        let marker = dir.join(CLEAN_SHUTDOWN_MARKER);
+        let clean = marker.exists();
+        if clean {
+            // Gone (durably) before anything is written, so a crash from here on is seen as one.
+            std::fs::remove_file(&marker)
+                .map_err(|e| EngineError::io("removing shutdown marker", marker.display(), e))?;
+            sync_dir(&dir)?;
+        }
         let limits = LogLimits {
             segment_size_bytes: config.segment_size_bytes,
             group_commit_max_bytes: config.group_commit_max_bytes,
             group_commit_records_max: config.group_commit_records_max,
             record_size_max_bytes: config.record_size_max_bytes,
         };
+        for attempt in 0..2 {
+            std::fs::create_dir_all(&index_dir)
+                .map_err(|e| EngineError::io("creating index directory", index_dir.display(), e))?;
+            let index = Index::open(&index_dir, config.index_block_cache_bytes)?;
+            let checkpoint = index.checkpoint()?;
+            let holds = match checkpoint.last_batch {
+                Some(last) => CommitLog::batch_ends_at(&*store, limits, last, checkpoint.end).await?,
+                None => true,
+            };
+            if holds {
+                let opened = Self::recover(&config, id, store.clone(), limits, index, checkpoint.end, clean).await?;
+                if let Some(shard) = opened {
+                    shard.start_background_tasks();
+                    return Ok(shard);
+                }
+            } else {
+                drop(index);
+            }
+            tracing::warn!(shard = id, attempt, "index covers more log than survived; rebuilding it from the log");
+            std::fs::remove_dir_all(&index_dir)
+                .map_err(|e| EngineError::io("removing stale index", index_dir.display(), e))?;
+        }
+        Err(EngineError::Index { what: "rebuild", message: "index still ahead of the log after a rebuild".into() })
+    }
+
+    /// Replays the log into `index`. `None` if the log turned out shorter than the checkpoint.
+    async fn recover(
+        config: &EngineConfig,
+        id: usize,
+        store: Rc<dyn SegmentStore>,
+        limits: LogLimits,
+        index: Index,
+        checkpoint: u64,
+        clean: bool,
+    ) -> Result<Option<Rc<Shard>>> {
+        let mut queues: HashMap<String, QueueState> = index
+            .load_queues()?
+            .into_iter()
+            .enumerate()
+            .map(|(generation, (name, meta))| {
+                let mut state = QueueState::new(generation as u64, meta.next_offset, meta.created_ms);
+                state.min_offset = meta.min_offset;
+                state.last_append_ms = meta.last_append_ms;
+                (name, state)
+            })
+            .collect();
+        let mut next_generation = queues.len() as u64;
         let replay_index = index.clone();
         let mut pending: Option<IndexBatch<'_>> = None;
         let mut replayed_records = 0usize;
-        let (log, report) = CommitLog::open(store, limits, checkpoint, |position, bytes| {
+        let (log, report) = CommitLog::open(store, limits, checkpoint, clean, |position, bytes| {
             let batch = pending.get_or_insert_with(|| replay_index.batch());
             let mut touched = HashMap::new();
             for (record_position, record_bytes) in batch_records(bytes, position) {
                 let view =
                     record::parse_record(record_bytes).map_err(|e| replay_error(record_position, e.to_string()))?;
-                index_record(
-                    batch,
-                    &mut touched,
-                    record_position,
-                    record_bytes.len() as u32,
-                    &view,
-                    Some(&mut queues),
-                )?;
+                let size = record_bytes.len() as u32;
+                let replay = Replay::Rebuilding { next_generation: &mut next_generation };
+                index_record(batch, &mut touched, record_position, size, &view, &mut queues, replay)?;
                 replayed_records += 1;
             }
             write_queue_meta(batch, &touched, &queues);
-            batch.set_checkpoint(position + bytes.len() as u64);
+            batch.set_checkpoint(position + bytes.len() as u64, position);
             if replayed_records >= 65_536 {
                 replay_index.write(pending.take().expect("batch exists"))?;
                 replayed_records = 0;
@@ -176,13 +221,16 @@ impl Shard {
         if let Some(batch) = pending {
             index.write(batch)?;
         }
+        if report.end < checkpoint {
+            return Ok(None);
+        }
         if report.batches_replayed > 0 || report.truncated_tail.is_some() {
             tracing::info!(shard = id, ?report, "recovered shard from its log");
         }
         let end = log.written_end();
         let shard = Rc::new(Shard {
             id,
-            config,
+            config: config.clone(),
             log,
             index,
             queues: RefCell::new(queues),
@@ -190,23 +238,29 @@ impl Shard {
             committer_wake: Notify::default(),
             failed: RefCell::new(None),
             closing: Cell::new(false),
+            indexed_end: Cell::new(end),
             index_flushed_at: Cell::new(checkpoint),
-            index_flushing: Cell::new(false),
+            flush_lock: futures::lock::Mutex::new(()),
+            retention_running: Cell::new(false),
+            next_generation: Cell::new(next_generation),
             stats: RefCell::new(ShardStats { shard: id, recovery: Some(report), ..Default::default() }),
         });
         if end > checkpoint {
             // Persist what replay rebuilt, so the next start does not replay it again.
             shard.flush_index().await?;
         }
-        glommio::spawn_local(shard.clone().run_committer()).detach();
-        if let Durability::Async { flush_interval_ms } = shard.config.durability {
-            glommio::spawn_local(Shard::run_periodic_sync(Rc::downgrade(&shard), flush_interval_ms)).detach();
+        Ok(Some(shard))
+    }
+
+    fn start_background_tasks(self: &Rc<Self>) {
+        glommio::spawn_local(self.clone().run_committer()).detach();
+        if let Durability::Async { flush_interval_ms } = self.config.durability {
+            glommio::spawn_local(Shard::run_periodic_sync(Rc::downgrade(self), flush_interval_ms)).detach();
         }
-        if shard.config.retention.max_age.is_some() || shard.config.retention.max_log_bytes_per_shard.is_some() {
-            let interval = shard.config.retention.check_interval_ms;
-            glommio::spawn_local(Shard::run_retention(Rc::downgrade(&shard), interval)).detach();
+        if self.config.retention.max_age.is_some() || self.config.retention.max_log_bytes_per_shard.is_some() {
+            let interval = self.config.retention.check_interval_ms;
+            glommio::spawn_local(Shard::run_retention(Rc::downgrade(self), interval)).detach();
         }
-        Ok(shard)
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -236,6 +290,9 @@ impl Shard {
             }
             if record.queues[..i].contains(queue) {
                 return Err(EngineError::InvalidRecord(format!("queue {queue:?} listed twice")));
+            }
+            if self.queues.borrow().get(queue).is_some_and(|q| q.deleting) {
+                return Err(EngineError::QueueBeingDeleted(queue.clone()));
             }
         }
         let len = encoded_len(record).map_err(EngineError::InvalidRecord)?;
@@ -298,14 +355,8 @@ impl Shard {
             .iter()
             .map(|name| {
                 if !queues.contains_key(name) {
-                    let state = QueueState {
-                        next_offset: 0,
-                        visible_offset: 0,
-                        min_offset: 0,
-                        created_ms: store_ms,
-                        last_append_ms: store_ms,
-                    };
-                    queues.insert(name.clone(), state);
+                    let generation = self.next_generation.replace(self.next_generation.get() + 1);
+                    queues.insert(name.clone(), QueueState::new(generation, 0, store_ms));
                 }
                 let queue = queues.get_mut(name).expect("inserted above");
                 let offset = queue.next_offset;
@@ -321,6 +372,12 @@ impl Shard {
         self.check_writable()?;
         let record = NewRecord { body: op.encode().into(), ..Default::default() };
         let len = encoded_len(&record).map_err(EngineError::InvalidRecord)?;
+        if len as u64 > self.config.record_size_max_bytes {
+            return Err(EngineError::RecordTooLarge {
+                size_bytes: len as u64,
+                max_bytes: self.config.record_size_max_bytes,
+            });
+        }
         let store_ms = now_ms();
         let position = self.log.stage(len, |dst| encode_record(dst, &record, &[], FLAG_CONTROL, store_ms));
         self.wait_committed(position + len as u64).await
@@ -365,7 +422,8 @@ impl Shard {
         }
         self.index_round(round, end)?;
         self.stats.borrow_mut().group_commits += 1;
-        if end - self.index_flushed_at.get() >= self.config.index_flush_interval_bytes && !self.index_flushing.get() {
+        let unflushed = end - self.index_flushed_at.get();
+        if unflushed >= self.config.index_flush_interval_bytes && self.flush_lock.try_lock().is_some() {
             // Bounds how much log a restart has to replay.
             let shard = self.clone();
             glommio::spawn_local(async move {
@@ -382,24 +440,25 @@ impl Shard {
     fn index_round(&self, round: &[SealedBatch], end: u64) -> Result<()> {
         let mut batch = self.index.batch();
         let mut touched = HashMap::new();
+        let mut queues = self.queues.borrow_mut();
         for sealed in round {
             for (position, bytes) in batch_records(sealed.bytes(), sealed.position) {
                 let view = RecordView::parse_unverified(bytes).map_err(|e| replay_error(position, e.to_string()))?;
-                index_record(&mut batch, &mut touched, position, bytes.len() as u32, &view, None)?;
+                index_record(&mut batch, &mut touched, position, bytes.len() as u32, &view, &mut queues, Replay::Live)?;
             }
         }
-        let queues = self.queues.borrow();
         write_queue_meta(&mut batch, &touched, &queues);
-        batch.set_checkpoint(end);
-        drop(queues);
+        if let Some(last) = round.last() {
+            batch.set_checkpoint(end, last.position);
+        }
         self.index.write(batch)?;
-        let mut queues = self.queues.borrow_mut();
         for (name, touch) in touched {
             if let Some(queue) = queues.get_mut(&name) {
                 assert!(touch.next_offset <= queue.next_offset, "visible offset beyond assigned offset");
                 queue.visible_offset = queue.visible_offset.max(touch.next_offset);
             }
         }
+        self.indexed_end.set(end);
         Ok(())
     }
 
@@ -428,22 +487,17 @@ impl Shard {
         }
     }
 
-    /// Makes the index durable up to the log's written end. The log is synced first, so the
-    /// persisted checkpoint never points past durable log data.
+    /// Makes the index durable as far as it has indexed. The log is synced first, so the
+    /// persisted checkpoint never points past durable log data. Flushes run one at a time; a
+    /// caller always waits for a flush that started after its call.
     pub async fn flush_index(&self) -> Result<()> {
-        if self.index_flushing.replace(true) {
-            return Ok(());
-        }
-        let result = async {
-            let covered = self.log.sync().await?;
-            let index = self.index.clone();
-            glommio::executor().spawn_blocking(move || index.flush()).await?;
-            self.index_flushed_at.set(covered);
-            Ok(())
-        }
-        .await;
-        self.index_flushing.set(false);
-        result
+        let _one_at_a_time = self.flush_lock.lock().await;
+        let covered = self.indexed_end.get();
+        self.log.sync().await?;
+        let index = self.index.clone();
+        glommio::executor().spawn_blocking(move || index.flush()).await?;
+        self.index_flushed_at.set(self.index_flushed_at.get().max(covered));
+        Ok(())
     }
 
     /// Reads up to `max_count` records (and about `max_bytes`, at least one record) of a queue
@@ -578,12 +632,21 @@ impl Shard {
     }
 
     /// Deletes a queue and its index entries. Its records stay in the log until retention.
+    /// The queue disappears when the deletion is indexed; appends meanwhile are refused.
     pub async fn delete_queue(&self, queue: &str) -> Result<()> {
         self.check_writable()?;
-        if self.queues.borrow_mut().remove(queue).is_none() {
-            return Err(EngineError::QueueNotFound(queue.to_string()));
+        match self.queues.borrow_mut().get_mut(queue) {
+            Some(state) if state.deleting => return Err(EngineError::QueueBeingDeleted(queue.to_string())),
+            Some(state) => state.deleting = true,
+            None => return Err(EngineError::QueueNotFound(queue.to_string())),
         }
-        self.append_control(&ControlOp::DeleteQueue { queue: queue.into() }).await
+        let result = self.append_control(&ControlOp::DeleteQueue { queue: queue.into() }).await;
+        if result.is_err() {
+            if let Some(state) = self.queues.borrow_mut().get_mut(queue) {
+                state.deleting = false;
+            }
+        }
+        result
     }
 
     pub fn queue_info(&self, queue: &str) -> Option<QueueInfo> {
@@ -622,8 +685,18 @@ impl Shard {
     }
 
     /// Deletes the oldest sealed segments that are too old or over the size budget, then drops
-    /// index entries that pointed into them.
+    /// index entries that pointed into them. Only segments the durable index covers are deleted,
+    /// and one pass runs at a time.
     pub async fn enforce_retention(&self) -> Result<usize> {
+        if self.retention_running.replace(true) {
+            return Ok(0);
+        }
+        let result = self.retention_pass().await;
+        self.retention_running.set(false);
+        result
+    }
+
+    async fn retention_pass(&self) -> Result<usize> {
         let retention = self.config.retention;
         let mut total = self.log.size_bytes();
         let mut doomed = Vec::new();
@@ -637,35 +710,45 @@ impl Shard {
                 break;
             }
             total -= end - base;
-            doomed.push(base);
+            doomed.push((base, end));
         }
         if doomed.is_empty() {
             return Ok(0);
         }
-        // The index must cover every deleted segment, or a restart would replay nothing for them.
+        // The durable index must cover a segment before it goes, or a restart would lose what
+        // only its records held (consumer offsets, deletions, queue offsets).
         self.flush_index().await?;
-        for base in &doomed {
-            self.log.remove_oldest(*base).await?;
+        let covered = self.index_flushed_at.get();
+        let mut deleted = 0;
+        for (base, end) in doomed {
+            if end > covered {
+                break;
+            }
+            self.log.remove_oldest(base).await?;
             tracing::info!(shard = self.id, base, "retention deleted segment");
+            deleted += 1;
         }
         self.trim_queues().await?;
-        Ok(doomed.len())
+        Ok(deleted)
     }
 
     /// Advances queue minimum offsets past deleted log and removes their stale index entries.
     async fn trim_queues(&self) -> Result<()> {
         let log_start = self.log.start();
-        let queues: Vec<(String, u64, u64)> =
-            self.queues.borrow().iter().map(|(n, q)| (n.clone(), q.min_offset, q.visible_offset)).collect();
+        let queues: Vec<(String, u64, u64, u64)> = self
+            .queues
+            .borrow()
+            .iter()
+            .map(|(n, q)| (n.clone(), q.generation, q.min_offset, q.visible_offset))
+            .collect();
         let index = self.index.clone();
-        let trimmed = glommio::executor()
-            .spawn_blocking(move || -> Result<Vec<(String, u64)>> {
+        let found = glommio::executor()
+            .spawn_blocking(move || -> Result<Vec<(String, u64, u64)>> {
                 let mut out = Vec::new();
-                for (name, min, max) in queues {
+                for (name, generation, min, max) in queues {
                     let new_min = first_offset_at_or_after(&index, &name, min, max, log_start)?;
                     if new_min > min {
-                        index.trim_queue(&name, new_min)?;
-                        out.push((name, new_min));
+                        out.push((name, generation, new_min));
                     }
                 }
                 Ok(out)
@@ -673,11 +756,14 @@ impl Shard {
             .await?;
         let mut queues = self.queues.borrow_mut();
         let mut batch = self.index.batch();
-        for (name, new_min) in trimmed {
-            if let Some(queue) = queues.get_mut(&name) {
-                queue.min_offset = queue.min_offset.max(new_min);
-                batch.put_queue_meta(&name, &meta_of(queue, queue.visible_offset));
-            }
+        for (name, generation, new_min) in found {
+            // The queue may have been deleted and re-created while the search ran.
+            let Some(queue) = queues.get_mut(&name).filter(|q| q.generation == generation && !q.deleting) else {
+                continue;
+            };
+            queue.min_offset = queue.min_offset.max(new_min);
+            batch.trim_queue(&name, queue.min_offset);
+            batch.put_queue_meta(&name, &meta_of(queue, queue.visible_offset));
         }
         drop(queues);
         self.index.write(batch)
@@ -697,7 +783,32 @@ impl Shard {
         if self.failed.borrow().is_some() {
             return Ok(());
         }
-        self.flush_index().await
+        self.flush_index().await?;
+        // Everything is durable and indexed: the next start need not look for torn writes.
+        let dir = self.config.shard_dir(self.id);
+        let marker = dir.join(CLEAN_SHUTDOWN_MARKER);
+        std::fs::write(&marker, b"").map_err(|e| EngineError::io("writing shutdown marker", marker.display(), e))?;
+        sync_dir(&dir)
+    }
+}
+
+fn sync_dir(dir: &std::path::Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| EngineError::io("syncing directory", dir.display(), e))
+}
+
+impl QueueState {
+    fn new(generation: u64, first_offset: u64, now_ms: u64) -> Self {
+        QueueState {
+            generation,
+            deleting: false,
+            next_offset: first_offset,
+            visible_offset: first_offset,
+            min_offset: first_offset,
+            created_ms: now_ms,
+            last_append_ms: now_ms,
+        }
     }
 }
 
@@ -734,16 +845,22 @@ struct Touch {
     last_append_ms: u64,
 }
 
+/// Whether `index_record` runs on the live append path or rebuilds the queue table in replay.
+enum Replay<'a> {
+    Live,
+    Rebuilding { next_generation: &'a mut u64 },
+}
+
 /// Adds one record's index entries (or applies a control record) to `batch`. The same code
 /// indexes live rounds and replays the log, so recovery rebuilds exactly what was there.
-/// During replay `queues` is the queue table being rebuilt.
 fn index_record(
     batch: &mut IndexBatch<'_>,
     touched: &mut HashMap<String, Touch>,
     position: u64,
     size_bytes: u32,
     view: &RecordView<'_>,
-    mut replaying: Option<&mut HashMap<String, QueueState>>,
+    queues: &mut HashMap<String, QueueState>,
+    mut replay: Replay<'_>,
 ) -> Result<()> {
     if view.is_control() {
         let op =
@@ -753,9 +870,7 @@ fn index_record(
             ControlOp::DeleteQueue { queue } => {
                 batch.delete_queue(&queue);
                 touched.remove(&queue);
-                if let Some(queues) = replaying {
-                    queues.remove(&queue);
-                }
+                queues.remove(&queue);
             }
             ControlOp::PutState { table, key, value } => batch.put_state(table, &key, &value),
             ControlOp::DeleteState { table, key } => batch.delete_state(table, &key),
@@ -773,14 +888,13 @@ fn index_record(
         let touch = touched.get_mut(queue).expect("inserted above");
         touch.next_offset = touch.next_offset.max(offset + 1);
         touch.last_append_ms = touch.last_append_ms.max(view.store_ms);
-        if let Some(queues) = replaying.as_deref_mut() {
-            let state = queues.entry(queue.to_string()).or_insert(QueueState {
-                next_offset: 0,
-                visible_offset: 0,
-                min_offset: offset,
-                created_ms: view.store_ms,
-                last_append_ms: view.store_ms,
-            });
+        if let Replay::Rebuilding { next_generation } = &mut replay {
+            if !queues.contains_key(queue) {
+                let generation = **next_generation;
+                **next_generation += 1;
+                queues.insert(queue.to_string(), QueueState::new(generation, offset, view.store_ms));
+            }
+            let state = queues.get_mut(queue).expect("inserted above");
             state.next_offset = state.next_offset.max(offset + 1);
             state.visible_offset = state.next_offset;
             state.last_append_ms = state.last_append_ms.max(view.store_ms);

@@ -102,8 +102,8 @@ fn config(dir: &std::path::Path) -> EngineConfig {
     let mut config = EngineConfig::new(dir);
     config.shard_count = 1;
     config.segment_size_bytes = 256 << 10;
-    config.record_size_max_bytes = 64 << 10;
-    config.group_commit_max_bytes = 64 << 10;
+    config.record_size_max_bytes = 128 << 10;
+    config.group_commit_max_bytes = 128 << 10;
     config.durability = Durability::Sync;
     config
 }
@@ -180,4 +180,37 @@ fn failed_fdatasync_fails_every_waiting_append_and_stops_the_shard() {
         assert!(matches!(err, EngineError::Io { .. } | EngineError::ShardFailed { .. }), "{err}");
     }
     assert!(outcomes.iter().any(|o| matches!(o, Err(EngineError::Io { what: "fdatasync", .. }))));
+}
+
+#[test]
+fn queue_deleted_while_appends_are_in_flight_starts_over_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let executor = glommio::LocalExecutorBuilder::default().make().unwrap();
+    executor.run(async move {
+        let store = DmaSegmentStore::new(config.shard_dir(0).join("log")).await.unwrap();
+        let shard = Shard::open(config, 0, Rc::new(store)).await.unwrap();
+        shard.append(&[NewRecord::new("q", b"first".to_vec())]).await.unwrap();
+        let in_flight: Vec<_> = (0..10)
+            .map(|i| {
+                let shard = shard.clone();
+                glommio::spawn_local(async move { shard.append(&[NewRecord::new("q", vec![i; 100])]).await })
+            })
+            .collect();
+        glommio::yield_if_needed().await;
+        futures::future::join(async { shard.delete_queue("q").await.unwrap() }, async {
+            let err = shard.append(&[NewRecord::new("q", b"during".to_vec())]).await.unwrap_err();
+            assert!(matches!(err, EngineError::QueueBeingDeleted(_)), "{err}");
+        })
+        .await;
+        for task in in_flight {
+            task.await.unwrap();
+        }
+        assert!(matches!(shard.read("q", 0, 10, 1 << 20).await, Err(EngineError::QueueNotFound(_))));
+        let ack = shard.append(&[NewRecord::new("q", b"again".to_vec())]).await.unwrap();
+        assert_eq!(ack[0].offsets, vec![0], "a re-created queue starts at offset 0");
+        let batch = shard.read("q", 0, 10, 1 << 20).await.unwrap();
+        assert_eq!(batch.records.len(), 1);
+        assert_eq!(batch.records[0].view().body, b"again");
+    });
 }

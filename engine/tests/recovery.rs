@@ -4,11 +4,17 @@
 mod common;
 
 use common::*;
+use sluice_engine::record::BATCH_HEADER_BYTES;
 use sluice_engine::{EngineConfig, EngineError, NewRecord, StateTable};
 
+const HEADER: u64 = BATCH_HEADER_BYTES as u64;
+
+/// Deletes every shard's index and its clean-shutdown marker: the state after a crash that came
+/// before the index covered the log's tail.
 fn delete_indexes(config: &EngineConfig) {
     for shard in 0..config.shard_count {
         std::fs::remove_dir_all(config.shard_dir(shard).join("index")).unwrap();
+        let _ = std::fs::remove_file(config.shard_dir(shard).join("clean-shutdown"));
     }
 }
 
@@ -86,7 +92,7 @@ fn torn_tail_is_cut_off_and_the_log_continues() {
 
     let engine = open(&config);
     let report = block_on(engine.stats()).unwrap()[0].recovery.clone().unwrap();
-    assert_eq!(report.truncated_tail.map(|t| t.0), Some(last.position - 32), "cut at the torn batch");
+    assert_eq!(report.truncated_tail.map(|t| t.0), Some(last.position - HEADER), "cut at the torn batch");
     let records = read_all(&engine, "q");
     assert_eq!(records.len(), 10, "everything before the torn batch survives");
     for (i, r) in records.iter().enumerate() {
@@ -106,8 +112,8 @@ fn torn_batch_header_leftovers_are_zeroed() {
     let config = small_config(dir.path(), 1);
     let last = log_with_big_last_batch(&config);
     // The header never reached the disk but the record bytes after it did.
-    let (file, offset) = locate(&config, 0, last.position - 32);
-    patch_file(&file, offset, |b| b[..32].fill(0));
+    let (file, offset) = locate(&config, 0, last.position - HEADER);
+    patch_file(&file, offset, |b| b[..BATCH_HEADER_BYTES].fill(0));
 
     let engine = open(&config);
     assert_eq!(read_all(&engine, "q").len(), 10);
@@ -149,8 +155,8 @@ fn flipped_byte_mid_log_is_reported_with_its_position() {
     let err = sluice_engine::Engine::open(config.clone()).err().expect("open must fail");
     match &err {
         EngineError::CorruptRecord { segment, offset_in_segment, position, detail } => {
-            assert_eq!(*position, victim.position - 32, "the damaged batch");
-            assert_eq!(*offset_in_segment, offset - 32);
+            assert_eq!(*position, victim.position - HEADER, "the damaged batch");
+            assert_eq!(*offset_in_segment, offset - HEADER);
             assert!(segment.ends_with(".log"), "{segment}");
             assert!(detail.contains("CRC mismatch"), "{detail}");
         }
@@ -169,7 +175,7 @@ fn corruption_in_the_last_batch_is_not_mistaken_for_a_torn_write() {
     let (file, offset) = locate(&config, 0, last.position);
     patch_file(&file, offset + 4000, |b| b[0] ^= 1);
     let err = sluice_engine::Engine::open(config.clone()).err().expect("open must fail");
-    assert!(matches!(err, EngineError::CorruptRecord { position, .. } if position == last.position - 32), "{err}");
+    assert!(matches!(err, EngineError::CorruptRecord { position, .. } if position == last.position - HEADER), "{err}");
 }
 
 #[test]
@@ -211,4 +217,41 @@ fn random_damage_never_panics_recovery() {
             Err(err) => assert!([1020, 1003].contains(&err.code()), "unexpected error {err}"),
         }
     }
+}
+
+#[test]
+fn index_ahead_of_the_log_is_discarded_and_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path(), 1);
+    let engine = open(&config);
+    let acks: Vec<_> = (0..12).map(|i| block_on(engine.append(vec![record("q", i, 500)])).unwrap().remove(0)).collect();
+    engine.close().unwrap();
+    // As after a power loss under `async`: the index was flushed, but the last two batches never
+    // reached the disk.
+    let (file, offset) = locate(&config, 0, acks[10].position - HEADER);
+    patch_file(&file, offset, |b| b[..2 * (500 + 200)].fill(0));
+    let _ = std::fs::remove_file(config.shard_dir(0).join("clean-shutdown"));
+
+    let engine = open(&config);
+    let records = read_all(&engine, "q");
+    assert_eq!(records.len(), 10, "the index no longer claims the lost records");
+    assert_eq!(block_on(engine.append(vec![record("q", 99, 10)])).unwrap()[0].offsets, vec![10]);
+}
+
+#[test]
+fn zeroed_region_inside_durable_log_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path(), 1);
+    let engine = open(&config);
+    let acks: Vec<_> = (0..20).map(|i| block_on(engine.append(vec![record("q", i, 700)])).unwrap().remove(0)).collect();
+    engine.close().unwrap();
+    delete_indexes(&config);
+    // A whole batch in the middle reads as zeros; later batches prove it had been durable.
+    let (file, offset) = locate(&config, 0, acks[7].position - HEADER);
+    patch_file(&file, offset, |b| b[..HEADER as usize + 600].fill(0));
+    let err = sluice_engine::Engine::open(config.clone()).err().expect("open must fail");
+    assert!(
+        matches!(err, EngineError::CorruptRecord { position, .. } if position == acks[7].position - HEADER),
+        "{err}"
+    );
 }

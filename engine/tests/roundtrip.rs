@@ -185,8 +185,8 @@ fn limits_give_typed_errors() {
     config.append_batch_records_max = 8;
     let engine = open(&config);
 
-    let err = block_on(engine.append(vec![NewRecord::new("q", vec![0u8; 70 << 10])])).unwrap_err();
-    assert!(matches!(err, EngineError::RecordTooLarge { max_bytes: 65536, .. }), "{err}");
+    let err = block_on(engine.append(vec![NewRecord::new("q", vec![0u8; 140 << 10])])).unwrap_err();
+    assert!(matches!(err, EngineError::RecordTooLarge { max_bytes: 131072, .. }), "{err}");
     assert_eq!(err.code(), 1010);
 
     let err = block_on(engine.append((0..9).map(|i| record("q", i, 1)).collect())).unwrap_err();

@@ -48,8 +48,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.shard_count = args.shards;
     config.pin_shards = false;
     config.segment_size_bytes = args.segment_size_bytes;
-    config.record_size_max_bytes = 64 << 10;
-    config.group_commit_max_bytes = 64 << 10;
+    config.record_size_max_bytes = 128 << 10;
+    config.group_commit_max_bytes = 128 << 10;
     config.durability = parse_durability(&args.durability)?;
     let engine = Engine::open(config)?;
     let stdout = std::sync::Mutex::new(std::io::stdout());

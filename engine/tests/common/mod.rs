@@ -13,8 +13,8 @@ pub fn small_config(dir: &Path, shards: usize) -> EngineConfig {
     config.shard_count = shards;
     config.pin_shards = false;
     config.segment_size_bytes = SEGMENT_SIZE_BYTES;
-    config.record_size_max_bytes = 64 << 10;
-    config.group_commit_max_bytes = 64 << 10;
+    config.record_size_max_bytes = 128 << 10;
+    config.group_commit_max_bytes = 128 << 10;
     config.index_block_cache_bytes = 1 << 20;
     config.io_memory_bytes = 1 << 20;
     config.durability = Durability::Sync;
