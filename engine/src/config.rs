@@ -17,6 +17,8 @@ pub const QUEUES_PER_SHARD_MAX_DEFAULT: usize = 1_000_000;
 pub const GROUP_COMMIT_MAX_BYTES_DEFAULT: usize = 4 << 20;
 /// Default number of appends a group commit waits for at most before it writes.
 pub const GROUP_COMMIT_RECORDS_MAX_DEFAULT: usize = 16_384;
+/// Default bound on appended bytes a shard holds in memory before they are durable.
+pub const APPEND_INFLIGHT_MAX_BYTES_DEFAULT: u64 = 256 << 20;
 /// Default bound on the requests queued for one shard from other threads.
 pub const SHARD_INBOX_MAX_DEFAULT: usize = 4096;
 /// Default number of log bytes after which the index is flushed, bounding recovery replay.
@@ -72,6 +74,8 @@ pub struct EngineConfig {
     pub queues_per_shard_max: usize,
     pub group_commit_max_bytes: usize,
     pub group_commit_records_max: usize,
+    /// Appends beyond this many staged, not yet durable bytes wait (back-pressure).
+    pub append_inflight_max_bytes: u64,
     pub shard_inbox_max: usize,
     pub index_flush_interval_bytes: u64,
     /// RocksDB block cache per shard.
@@ -100,6 +104,7 @@ impl EngineConfig {
             queues_per_shard_max: QUEUES_PER_SHARD_MAX_DEFAULT,
             group_commit_max_bytes: GROUP_COMMIT_MAX_BYTES_DEFAULT,
             group_commit_records_max: GROUP_COMMIT_RECORDS_MAX_DEFAULT,
+            append_inflight_max_bytes: APPEND_INFLIGHT_MAX_BYTES_DEFAULT,
             shard_inbox_max: SHARD_INBOX_MAX_DEFAULT,
             index_flush_interval_bytes: INDEX_FLUSH_INTERVAL_BYTES_DEFAULT,
             index_block_cache_bytes: 64 << 20,
@@ -141,6 +146,12 @@ impl EngineConfig {
             if flush_interval_ms == 0 {
                 return fail("async flush_interval_ms must be > 0 (use Sync for per-batch fdatasync)".into());
             }
+        }
+        if self.append_inflight_max_bytes < self.record_size_max_bytes {
+            return fail(format!(
+                "append_inflight_max_bytes ({}) must be at least record_size_max_bytes ({})",
+                self.append_inflight_max_bytes, self.record_size_max_bytes
+            ));
         }
         if self.retention.check_interval_ms == 0 {
             return fail("retention.check_interval_ms must be > 0".into());

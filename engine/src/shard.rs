@@ -117,6 +117,8 @@ pub struct Shard {
     flush_lock: futures::lock::Mutex<()>,
     retention_running: Cell<bool>,
     next_generation: Cell<u64>,
+    /// Bytes of appends staged but not yet acked; bounds the memory appenders can pin.
+    inflight_bytes: glommio::sync::Semaphore,
     stats: RefCell<ShardStats>,
 }
 
@@ -243,6 +245,7 @@ impl Shard {
             flush_lock: futures::lock::Mutex::new(()),
             retention_running: Cell::new(false),
             next_generation: Cell::new(next_generation),
+            inflight_bytes: glommio::sync::Semaphore::new(config.append_inflight_max_bytes),
             stats: RefCell::new(ShardStats { shard: id, recovery: Some(report), ..Default::default() }),
         });
         if end > checkpoint {
@@ -315,6 +318,15 @@ impl Shard {
         if records.is_empty() {
             return Ok(Vec::new());
         }
+        // Wait for memory first and validate after: state may change while waiting. A call
+        // bigger than the whole budget still proceeds alone rather than never.
+        let payload: u64 = records.iter().map(|r| (r.body.len() + r.properties.len() + 512) as u64).sum();
+        let _inflight = self
+            .inflight_bytes
+            .acquire_permit(payload.min(self.config.append_inflight_max_bytes))
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
+        self.check_writable()?;
         let lens = records.iter().map(|r| self.validate(r)).collect::<Result<Vec<usize>>>()?;
         self.check_queue_room(records)?;
         let store_ms = now_ms();

@@ -240,3 +240,54 @@ fn retention_by_size_deletes_old_segments_and_their_index_entries() {
     let engine = open(&config);
     assert_eq!(read_all(&engine, "old#0").len(), records.len(), "retention survives a restart");
 }
+
+#[test]
+fn async_durability_round_trip_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path(), 2);
+    config.durability = sluice_engine::Durability::Async { flush_interval_ms: 5 };
+    let engine = open(&config);
+    for i in 0..200u64 {
+        block_on(engine.append(vec![record(&format!("a#{}", i % 2), i, 900)])).unwrap();
+    }
+    assert_eq!(read_all(&engine, "a#0").len(), 100, "acked records are readable at once");
+    engine.close().unwrap();
+    let engine = open(&config);
+    let records = read_all(&engine, "a#1");
+    assert_eq!(records.len(), 100);
+    assert_eq!(records[99].view().body, &body(0, 199, 900)[..]);
+}
+
+#[test]
+fn retention_by_age_deletes_sealed_segments_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path(), 1);
+    config.retention.max_age = Some(std::time::Duration::ZERO);
+    config.retention.check_interval_ms = 3_600_000; // run by hand below
+    let engine = open(&config);
+    for i in 0..100u64 {
+        block_on(engine.append(vec![record("aged#0", i, 8000)])).unwrap();
+    }
+    assert!(segment_files(&config, 0).len() > 2);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert!(block_on(engine.enforce_retention()).unwrap() > 0);
+    assert_eq!(segment_files(&config, 0).len(), 1, "only the active segment is left");
+    let info = block_on(engine.queue_info("aged#0")).unwrap().unwrap();
+    let records = read_all(&engine, "aged#0");
+    assert_eq!(records.len() as u64, 100 - info.min_offset);
+    let ack = block_on(engine.append(vec![record("aged#0", 100, 10)])).unwrap();
+    assert_eq!(ack[0].offsets, vec![100], "offsets keep growing after retention");
+}
+
+#[test]
+fn appends_beyond_the_inflight_budget_wait_instead_of_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path(), 1);
+    config.append_inflight_max_bytes = 200 << 10;
+    let engine = open(&config);
+    // 64 concurrent appends of ~100 KiB: far more than the 200 KiB budget at once.
+    let calls = (0..64u64).map(|i| engine.append(vec![record("budget", i, 100 << 10)]));
+    let acks = block_on(futures::future::join_all(calls));
+    assert!(acks.iter().all(Result::is_ok));
+    assert_eq!(read_all(&engine, "budget").len(), 64);
+}
