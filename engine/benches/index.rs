@@ -13,7 +13,10 @@ const QUEUES: u64 = 1_000;
 const ENTRIES_PER_QUEUE: u64 = 1_000;
 
 fn index_lookups(c: &mut Criterion) {
-    let dir = tempfile::tempdir_in(std::env::var_os("SLUICE_BENCH_DIR").unwrap_or_else(|| "../target".into())).unwrap();
+    let root =
+        std::env::var_os("SLUICE_BENCH_DIR").map_or_else(|| "../target/bench-data".into(), std::path::PathBuf::from);
+    std::fs::create_dir_all(&root).unwrap();
+    let dir = tempfile::tempdir_in(root).unwrap();
     let index = Index::open(&dir.path().join("index"), 64 << 20).unwrap();
     for q in 0..QUEUES {
         let mut batch = index.batch();

@@ -269,24 +269,28 @@ impl CommitLog {
 
     /// Reserves `len` bytes for one record in the open batch, lets `encode` fill them, and returns
     /// the record's log position. The caller has checked `len` against the record limit.
-    pub fn stage(&self, len: usize, encode: impl FnOnce(&mut [u8])) -> u64 {
+    /// `coming_bytes` (this record and the rest of its append call) sizes a new buffer up front.
+    pub fn stage(&self, len: usize, coming_bytes: usize, encode: impl FnOnce(&mut [u8])) -> u64 {
         assert!(len as u64 <= self.limits.record_size_max_bytes + 4096, "record limit not checked by caller");
         let mut state = self.state.borrow_mut();
         let fits = state.open.as_ref().is_some_and(|open| {
             let seg_end = open.segment_base
                 + state.segments.get(&open.segment_base).map_or(self.limits.segment_size_bytes, |s| s.size_bytes);
             open.records < self.limits.group_commit_records_max as u32
-                && open.len + len <= self.limits.group_commit_max_bytes
+                // Prefix included: the whole buffer stays within group_commit_max_bytes, so it
+                // fits one block of glommio's (power-of-two, buddy) I/O memory arena.
+                && open.prefix_len + open.len + len <= self.limits.group_commit_max_bytes
                 && open.position + (open.len + len) as u64 <= seg_end
         });
         if !fits {
             self.seal_open(&mut state);
-            self.open_batch(&mut state, len);
+            self.open_batch(&mut state, len, coming_bytes);
         }
         let open = state.open.as_mut().expect("a batch was just opened");
         let needed = open.prefix_len + open.len + len;
         if needed > open.buf.len() {
-            grow(open, needed, self.alignment);
+            let wanted = (open.prefix_len + open.len + coming_bytes).min(self.limits.group_commit_max_bytes);
+            grow(open, needed.max(wanted), self.alignment, self.limits.group_commit_max_bytes);
         }
         let at = open.prefix_len + open.len;
         encode(&mut open.buf.as_bytes_mut()[at..at + len]);
@@ -297,7 +301,7 @@ impl CommitLog {
         position
     }
 
-    fn open_batch(&self, state: &mut LogState, record_len: usize) {
+    fn open_batch(&self, state: &mut LogState, record_len: usize, coming_bytes: usize) {
         let active_size =
             state.segments.get(&state.active_base).map_or(self.limits.segment_size_bytes, |s| s.size_bytes);
         let mut position = state.staged_end;
@@ -311,8 +315,11 @@ impl CommitLog {
         }
         let prefix_len = ((position - segment_base) % self.alignment as u64) as usize;
         assert_eq!(prefix_len, state.tail.len(), "tail bytes must cover the block up to the batch");
-        let capacity =
-            align_up(prefix_len + BATCH_HEADER_BYTES + record_len.max(BATCH_INITIAL_CAPACITY_BYTES), self.alignment);
+        let wanted =
+            align_up(prefix_len + BATCH_HEADER_BYTES + coming_bytes.max(BATCH_INITIAL_CAPACITY_BYTES), self.alignment);
+        let needed = align_up(prefix_len + BATCH_HEADER_BYTES + record_len, self.alignment);
+        // A record bigger than a group commit gets a buffer of its own size.
+        let capacity = wanted.min(self.limits.group_commit_max_bytes).max(needed);
         let mut buf = glommio::allocate_dma_buffer(capacity);
         buf.as_bytes_mut()[..prefix_len].copy_from_slice(&state.tail);
         state.open = Some(OpenBatch { position, segment_base, prefix_len, buf, len: BATCH_HEADER_BYTES, records: 0 });
@@ -482,8 +489,8 @@ impl CommitLog {
     }
 }
 
-fn grow(open: &mut OpenBatch, needed: usize, alignment: usize) {
-    let capacity = align_up(needed.max(open.buf.len() * 2), alignment);
+fn grow(open: &mut OpenBatch, needed: usize, alignment: usize, group_commit_max_bytes: usize) {
+    let capacity = align_up(needed.max((open.buf.len() * 2).min(group_commit_max_bytes)), alignment);
     let mut bigger = glommio::allocate_dma_buffer(capacity);
     let used = open.prefix_len + open.len;
     // One copy per doubling keeps small batches small; amortised O(1) per byte.

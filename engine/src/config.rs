@@ -18,7 +18,7 @@ pub const GROUP_COMMIT_MAX_BYTES_DEFAULT: usize = 4 << 20;
 /// Default number of appends a group commit waits for at most before it writes.
 pub const GROUP_COMMIT_RECORDS_MAX_DEFAULT: usize = 16_384;
 /// Default bound on appended bytes a shard holds in memory before they are durable.
-pub const APPEND_INFLIGHT_MAX_BYTES_DEFAULT: u64 = 256 << 20;
+pub const APPEND_INFLIGHT_MAX_BYTES_DEFAULT: u64 = 64 << 20;
 /// Default bound on the requests queued for one shard from other threads.
 pub const SHARD_INBOX_MAX_DEFAULT: usize = 4096;
 /// Default number of log bytes after which the index is flushed, bounding recovery replay.
@@ -80,7 +80,9 @@ pub struct EngineConfig {
     pub index_flush_interval_bytes: u64,
     /// RocksDB block cache per shard.
     pub index_block_cache_bytes: usize,
-    /// Memory glommio registers with io_uring per shard.
+    /// Memory glommio registers with io_uring per shard. Group-commit buffers come from it, so
+    /// it is reused instead of freshly mapped (and page-faulted) for every batch; keep it above
+    /// `append_inflight_max_bytes` (its allocator rounds blocks up to powers of two).
     pub io_memory_bytes: usize,
 }
 
@@ -108,7 +110,7 @@ impl EngineConfig {
             shard_inbox_max: SHARD_INBOX_MAX_DEFAULT,
             index_flush_interval_bytes: INDEX_FLUSH_INTERVAL_BYTES_DEFAULT,
             index_block_cache_bytes: 64 << 20,
-            io_memory_bytes: 8 << 20,
+            io_memory_bytes: 128 << 20,
         }
     }
 
