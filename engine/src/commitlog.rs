@@ -88,6 +88,8 @@ struct LogState {
     open: Option<OpenBatch>,
     sealed: Vec<SealedBatch>,
     dirty: BTreeSet<u64>,
+    /// Segment of the last batch written.
+    last_written_base: Option<u64>,
     /// Set by a failed write or fdatasync. After one, the kernel may have dropped dirty data and
     /// a retried fdatasync can falsely succeed, so the log refuses all further I/O.
     poisoned: Option<String>,
@@ -155,6 +157,7 @@ impl CommitLog {
             open: None,
             sealed: Vec::new(),
             dirty: BTreeSet::new(),
+            last_written_base: None,
             poisoned: None,
         };
         let log = CommitLog {
@@ -168,23 +171,35 @@ impl CommitLog {
         Ok((log, report))
     }
 
-    /// Whether the stored batch at `position` ends exactly at `end`: how the index checkpoint is
-    /// checked against the log before trusting it.
-    pub async fn batch_ends_at(store: &dyn SegmentStore, limits: LogLimits, position: u64, end: u64) -> Result<bool> {
+    /// Whether the log really holds what an index checkpoint claims: the batch at `last_batch`
+    /// ends at `end`, and every batch from the point the log was known durable when that batch
+    /// was sealed (its `synced_before`) up to `end` is intact. An index flushed before the log
+    /// (possible under `async`) fails this after a power loss.
+    pub async fn checkpoint_holds(
+        store: &dyn SegmentStore,
+        limits: LogLimits,
+        last_batch: u64,
+        end: u64,
+    ) -> Result<bool> {
         let listed = store.list().map_err(|e| EngineError::io("listing segments", store.describe(0), e))?;
-        let Some(&(base, size)) = listed.iter().find(|(b, s)| *b <= position && position < b + s) else {
+        let Some(last) = read_stored_batch(store, &listed, limits, last_batch).await? else {
             return Ok(false);
         };
-        if position + BATCH_HEADER_BYTES as u64 > base + size {
+        if last.0.position + u64::from(last.0.batch_len) != end {
             return Ok(false);
         }
-        let file = store.open(base).await.map_err(|e| EngineError::io("opening segment", store.describe(base), e))?;
-        let head = file
-            .read_at(position - base, BATCH_HEADER_BYTES)
-            .await
-            .map_err(|e| EngineError::io("reading segment", store.describe(base), e))?;
-        let header = record::decode_batch_header(&head, position, limits.batch_max_bytes());
-        Ok(header.is_ok_and(|h| position + u64::from(h.batch_len) == end))
+        let mut position = last.0.synced_before.max(listed.first().map_or(0, |s| s.0));
+        while position < end {
+            match read_stored_batch(store, &listed, limits, position).await? {
+                Some((header, _)) => position += u64::from(header.batch_len),
+                // End of data in a segment: the next batch starts the next segment.
+                None => match listed.iter().find(|(b, s)| *b <= position && position < b + s) {
+                    Some((base, size)) if base + size < end => position = base + size,
+                    _ => return Ok(false),
+                },
+            }
+        }
+        Ok(position == end)
     }
 
     async fn recover(
@@ -202,14 +217,20 @@ impl CommitLog {
         let mut end = from.max(last_base);
         for &(base, size) in bases.iter().filter(|(b, s)| b + s > from) {
             let file = self.segment_file(base).await?;
-            let scan = SegmentScan { log: self, file: &*file, base, size, is_last: base == last_base };
+            let scan = SegmentScan { log: self, file: &*file, base, size, is_last: base == last_base, clean };
             let data_end = scan.run(from.saturating_sub(base), on_batch, &mut report).await?;
             end = base + data_end;
         }
-        if !clean && end < last_base + last_size {
+        if !clean {
             let file = self.segment_file(last_base).await?;
-            let scan = SegmentScan { log: self, file: &*file, base: last_base, size: last_size, is_last: true };
-            scan.clear_after(end - last_base).await?;
+            if end < last_base + last_size {
+                let scan =
+                    SegmentScan { log: self, file: &*file, base: last_base, size: last_size, is_last: true, clean };
+                scan.clear_after(end - last_base).await?;
+            }
+            // Writes that completed before the crash may sit only in the device's cache; the
+            // replayed records become durable before anything relies on them.
+            file.sync().await.map_err(|e| EngineError::io("fdatasync", self.store.describe(last_base), e))?;
         }
         let tail = self.read_tail(last_base, end).await?;
         let mut state = self.state.borrow_mut();
@@ -372,8 +393,9 @@ impl CommitLog {
     /// ever sits in the last segment (recovery relies on this).
     pub async fn write_round(&self, round: &[SealedBatch]) -> Result<()> {
         for batch in round {
-            let other_dirty = self.state.borrow().dirty.iter().any(|base| *base != batch.segment_base);
-            if other_dirty {
+            // sync() also waits out a sync already running, whose segments have left `dirty`.
+            let changed = self.state.borrow().last_written_base.is_some_and(|base| base != batch.segment_base);
+            if changed {
                 self.sync().await?;
             }
             let file = self.segment_file(batch.segment_base).await?;
@@ -399,6 +421,7 @@ impl CommitLog {
             }
             state.written_end = batch.end();
             state.dirty.insert(batch.segment_base);
+            state.last_written_base = Some(batch.segment_base);
         }
         Ok(())
     }
@@ -543,6 +566,8 @@ struct SegmentScan<'a> {
     base: u64,
     size: u64,
     is_last: bool,
+    /// The log was closed cleanly: nothing can be torn, so any bad batch is corruption.
+    clean: bool,
 }
 
 enum Found {
@@ -570,7 +595,7 @@ impl SegmentScan<'_> {
                     offset += bytes.len() as u64;
                 }
                 Found::Bad { extent, detail } => {
-                    if self.is_last && self.is_torn_tail(offset, extent).await? {
+                    if self.is_last && !self.clean && self.is_torn_tail(offset, extent).await? {
                         let dropped = extent.unwrap_or(0);
                         tracing::warn!(segment = %self.log.store.describe(self.base), offset, %detail, "cutting off a torn tail");
                         report.truncated_tail = Some((self.base + offset, dropped));
@@ -610,8 +635,10 @@ impl SegmentScan<'_> {
     /// A bad batch is a torn write (cut off) only if it shows a sector the device never wrote
     /// and no later batch proves it was already durable. Anything else is corruption.
     async fn is_torn_tail(&self, offset: u64, extent: Option<u64>) -> Result<bool> {
-        let len = extent.unwrap_or(BATCH_HEADER_BYTES as u64).min(self.size - offset) as usize;
-        let bytes = self.log.read_segment(self.file, self.base, offset, len).await?;
+        // Whole sectors: an unwritten sector reads as zeros to its end, past the batch too.
+        let extent_end = offset + extent.unwrap_or(BATCH_HEADER_BYTES as u64);
+        let read_end = extent_end.div_ceil(SECTOR_BYTES as u64).saturating_mul(SECTOR_BYTES as u64).min(self.size);
+        let bytes = self.log.read_segment(self.file, self.base, offset, (read_end - offset) as usize).await?;
         if !has_unwritten_sector(&bytes, offset) {
             return Ok(false);
         }
@@ -682,6 +709,35 @@ impl SegmentScan<'_> {
     }
 }
 
+/// The intact batch stored at `position`, if there is one (`None` also for end of data).
+async fn read_stored_batch(
+    store: &dyn SegmentStore,
+    segments: &[(u64, u64)],
+    limits: LogLimits,
+    position: u64,
+) -> Result<Option<(BatchHeader, ReadResult)>> {
+    let Some(&(base, size)) = segments.iter().find(|(b, s)| *b <= position && position < b + s) else {
+        return Ok(None);
+    };
+    if position + BATCH_HEADER_BYTES as u64 > base + size {
+        return Ok(None);
+    }
+    let file = store.open(base).await.map_err(|e| EngineError::io("opening segment", store.describe(base), e))?;
+    let read = |offset: u64, len: usize| {
+        let file = file.clone();
+        async move {
+            file.read_at(offset, len).await.map_err(|e| EngineError::io("reading segment", store.describe(base), e))
+        }
+    };
+    let head = read(position - base, BATCH_HEADER_BYTES).await?;
+    let max = limits.batch_max_bytes().min(base + size - position);
+    let Ok(header) = record::decode_batch_header(&head, position, max) else {
+        return Ok(None);
+    };
+    let bytes = read(position - base, header.batch_len as usize).await?;
+    Ok(verify_batch(&bytes, position, max).is_ok().then_some((header, bytes)))
+}
+
 /// Whether any sector overlapping `bytes` (which start at segment offset `offset`) is all zero
 /// within `bytes`: the mark of a write the device never completed.
 fn has_unwritten_sector(bytes: &[u8], offset: u64) -> bool {
@@ -719,5 +775,26 @@ impl Window {
         let slice = ReadResult::slice(&bytes, 0, len);
         self.bytes = Some(bytes);
         slice.ok_or(EngineError::PositionNotStored { position: scan.base + offset })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unwritten_sector_is_recognised_wherever_the_batch_starts() {
+        // A header that starts 20 bytes before a sector boundary: its first sector was written,
+        // its second never was (zeros to the end of that sector).
+        let mut bytes = vec![0u8; 20 + 512];
+        bytes[..20].fill(0xaa);
+        assert!(has_unwritten_sector(&bytes, 512 - 20));
+        // Fully written data with a few zero bytes is not taken for a torn write.
+        let mut data = vec![0x11u8; 1024];
+        data[600..620].fill(0);
+        assert!(!has_unwritten_sector(&data, 0));
+        // A whole zero sector inside a batch is.
+        data[512..1024].fill(0);
+        assert!(has_unwritten_sector(&data, 0));
     }
 }

@@ -117,6 +117,8 @@ pub struct Shard {
     /// End of the log the index holds durably (as of the last completed flush).
     index_flushed_at: Cell<u64>,
     flush_lock: futures::lock::Mutex<()>,
+    /// A background index flush is queued or running.
+    flush_scheduled: Cell<bool>,
     retention_running: Cell<bool>,
     next_generation: Cell<u64>,
     /// Bytes of appends staged but not yet acked; bounds the memory appenders can pin.
@@ -158,9 +160,26 @@ impl Shard {
             let index = Index::open(&index_dir, config.index_block_cache_bytes)?;
             let checkpoint = index.checkpoint()?;
             let holds = match checkpoint.last_batch {
-                Some(last) => CommitLog::batch_ends_at(&*store, limits, last, checkpoint.end).await?,
+                Some(last) => CommitLog::checkpoint_holds(&*store, limits, last, checkpoint.end).await?,
                 None => true,
             };
+            let log_start = store
+                .list()
+                .map_err(|e| EngineError::io("listing segments", store.describe(0), e))?
+                .first()
+                .map(|s| s.0);
+            if !holds && log_start.is_some_and(|start| start > 0) {
+                return Err(EngineError::Index {
+                    what: "checkpoint",
+                    message: format!(
+                        "the index covers log up to {} that is not intact, and older segments were deleted by retention, \
+                         so a rebuild from the log would lose consumer offsets and deletions they held. To accept that, \
+                         delete {} and restart",
+                        checkpoint.end,
+                        index_dir.display()
+                    ),
+                });
+            }
             if holds {
                 let opened = Self::recover(&config, id, store.clone(), limits, index, checkpoint.end, clean).await?;
                 if let Some(shard) = opened {
@@ -245,6 +264,7 @@ impl Shard {
             indexed_end: Cell::new(end),
             index_flushed_at: Cell::new(checkpoint),
             flush_lock: futures::lock::Mutex::new(()),
+            flush_scheduled: Cell::new(false),
             retention_running: Cell::new(false),
             next_generation: Cell::new(next_generation),
             inflight_bytes: glommio::sync::Semaphore::new(config.append_inflight_max_bytes),
@@ -471,13 +491,14 @@ impl Shard {
         self.stats.borrow_mut().group_commits += 1;
         self.release_waiters(end);
         let unflushed = end - self.index_flushed_at.get();
-        if unflushed >= self.config.index_flush_interval_bytes && self.flush_lock.try_lock().is_some() {
+        if unflushed >= self.config.index_flush_interval_bytes && !self.flush_scheduled.replace(true) {
             // Bounds how much log a restart has to replay.
             let shard = self.clone();
             glommio::spawn_local(async move {
                 if let Err(err) = shard.flush_index().await {
                     tracing::warn!(shard = shard.id, error = %err, "index flush failed");
                 }
+                shard.flush_scheduled.set(false);
             })
             .detach();
         }
@@ -769,7 +790,8 @@ impl Shard {
         let covered = self.index_flushed_at.get();
         let mut deleted = 0;
         for (base, end) in doomed {
-            if end > covered {
+            // Strictly below: the checkpoint's own last batch must stay readable.
+            if end >= covered {
                 break;
             }
             self.log.remove_oldest(base).await?;
