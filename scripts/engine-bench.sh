@@ -9,11 +9,14 @@ export SLUICE_BENCH_DIR="${SLUICE_BENCH_DIR:-$PWD/target/bench-data}"
 cargo bench -p sluice-engine --bench append -- --noplot
 cargo bench -p sluice-engine --bench index -- --noplot
 python3 - <<'PY'
+# Summarise: MB/s = 10^6 bytes/s, from the same run's engine and raw_odirect estimates.
 import json, pathlib
 root = pathlib.Path("target/criterion")
 def rate(group, name, batch):
     d = root / group / name / str(batch) / "new"
-    mean_ns = json.loads((d / "estimates.json").read_text())["mean"]["point_estimate"]
+    est = json.loads((d / "estimates.json").read_text())
+    # criterion's headline figure: the slope under linear sampling, else the mean
+    mean_ns = (est.get("slope") or est["mean"])["point_estimate"]
     tp = json.loads((d / "benchmark.json").read_text())["throughput"]
     tp = tp.get("ElementsAndBytes") or tp
     secs = mean_ns / 1e9
