@@ -20,7 +20,8 @@ use crate::segment::{SegmentFile, SegmentStore};
 const SECTOR_BYTES: usize = 512;
 /// Smallest all-zero piece of a sector taken as evidence that the sector was never written.
 const UNWRITTEN_PIECE_MIN_BYTES: usize = 64;
-/// First capacity of a batch buffer; it doubles up to `group_commit_max_bytes`.
+/// Smallest batch buffer. Buffers are otherwise sized from the append call and grow by doubling,
+/// never past `group_commit_max_bytes` unless one record needs more.
 const BATCH_INITIAL_CAPACITY_BYTES: usize = 64 << 10;
 /// Read-ahead window used while scanning during recovery.
 const SCAN_WINDOW_BYTES: usize = 4 << 20;
