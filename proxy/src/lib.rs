@@ -1,2 +1,3 @@
-//! Placeholder crate; see README.
+//! sluice-proxy: stateless RocketMQ 5 gRPC and HTTP/SSE front end for the brokers.
+//! Empty until the proxy issue; see README.md.
 #![forbid(unsafe_code)]
