@@ -1,3 +1,23 @@
 //! sluice-transport: rkyv frames between proxy and broker over RDMA verbs and TCP.
-//! Empty until the transport issue; see README.md.
-#![forbid(unsafe_code)]
+//!
+//! - `frame`: the fixed header, CRC, encode and in-place validated access.
+//! - `messages`: every frame kind and its body.
+//! - `error`: typed errors with stable codes.
+//! - `config`: every limit, named and validated.
+//! - `link`: the seam between the request–response layer and an I/O driver.
+//!
+//! `unsafe` is denied everywhere except the RDMA verbs module.
+#![deny(unsafe_code)]
+
+pub mod blocking;
+pub mod config;
+pub mod error;
+pub mod frame;
+pub mod link;
+pub mod messages;
+
+pub use config::{RdmaConfig, TransportConfig};
+pub use error::{FrameError, TransportError};
+pub use frame::{Frame, FrameHeader, Message, OutFrame, Request, FRAME_HEADER_BYTES, FRAME_VERSION};
+pub use link::{ChannelSink, ChannelSource, FrameSink, Outbound};
+pub use messages::FrameKind;

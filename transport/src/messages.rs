@@ -1,0 +1,392 @@
+//! Every frame kind and its rkyv body. Bodies that carry message bytes borrow them
+//! (`InlineAsBox`), so encoding copies a body once, into the frame, and the receiver reads
+//! the archived slice in place.
+//!
+//! Kind numbers are part of the wire format: never reuse or renumber one.
+
+use rkyv::with::InlineAsBox;
+use rkyv::{Archive, Serialize};
+
+use crate::error::FrameError;
+use crate::frame::{Message, Request};
+
+macro_rules! frame_kinds {
+    ($($name:ident = $value:literal),* $(,)?) => {
+        /// The kind field of a frame header.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u16)]
+        pub enum FrameKind { $($name = $value),* }
+
+        impl FrameKind {
+            pub const ALL: &'static [FrameKind] = &[$(FrameKind::$name),*];
+        }
+
+        impl TryFrom<u16> for FrameKind {
+            type Error = FrameError;
+            fn try_from(kind: u16) -> Result<Self, FrameError> {
+                match kind {
+                    $($value => Ok(FrameKind::$name),)*
+                    _ => Err(FrameError::UnknownKind { kind }),
+                }
+            }
+        }
+    };
+}
+
+frame_kinds! {
+    Error = 1,
+    Hello = 2,
+    HelloAck = 3,
+    Heartbeat = 4,
+    HeartbeatAck = 5,
+    Echo = 6,
+    EchoReply = 7,
+    RdmaConnect = 8,
+    RdmaAccept = 9,
+    AppendRequest = 10,
+    AppendResponse = 11,
+    ReadRequest = 12,
+    ReadResponse = 13,
+    PopRequest = 14,
+    PopResponse = 15,
+    AckRequest = 16,
+    AckResponse = 17,
+    ChangeInvisibleRequest = 18,
+    ChangeInvisibleResponse = 19,
+    CommitOffsetRequest = 20,
+    CommitOffsetResponse = 21,
+    QueryOffsetRequest = 22,
+    QueryOffsetResponse = 23,
+    LiteSubscriptionRequest = 24,
+    LiteSubscriptionResponse = 25,
+    CreateQueueRequest = 26,
+    CreateQueueResponse = 27,
+    DeleteQueueRequest = 28,
+    DeleteQueueResponse = 29,
+    StatsRequest = 30,
+    StatsResponse = 31,
+}
+
+macro_rules! message {
+    ($ty:ident $(<$lt:lifetime>)?, $kind:ident $(, hint = |$s:ident| $hint:expr)?) => {
+        impl$(<$lt>)? Message for $ty$(<$lt>)? {
+            const KIND: FrameKind = FrameKind::$kind;
+            type ArchivedBody = rkyv::Archived<$ty$(<$lt>)?>;
+            $(fn size_hint(&self) -> usize { let $s = self; $hint })?
+        }
+    };
+}
+
+macro_rules! request {
+    ($req:ident $(<$lt:lifetime>)? => $reply:ident $(<$rlt:lifetime>)?) => {
+        impl$(<$lt>)? Request for $req$(<$lt>)? {
+            type Reply = $reply$(<$rlt>)?;
+        }
+    };
+}
+
+/// The answer to any request that failed. `code` is a stable error code.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct ErrorReply {
+    pub code: u32,
+    pub message: String,
+}
+message!(ErrorReply, Error);
+
+/// First frame on every connection: the client's limits.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct Hello {
+    pub client_name: String,
+    pub max_frame_bytes: u64,
+    pub credits_wanted: u32,
+}
+message!(Hello, Hello);
+request!(Hello => HelloAck);
+
+/// The server's answer to `Hello`: the limits both sides now use.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct HelloAck {
+    pub server_name: String,
+    pub shard: u32,
+    pub shard_count: u32,
+    pub max_frame_bytes: u64,
+    pub credits: u32,
+}
+message!(HelloAck, HelloAck);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct Heartbeat {
+    pub sent_at_us: u64,
+}
+message!(Heartbeat, Heartbeat);
+request!(Heartbeat => HeartbeatAck);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct HeartbeatAck {
+    pub sent_at_us: u64,
+}
+message!(HeartbeatAck, HeartbeatAck);
+
+/// Diagnostics and benchmarks: the server returns the payload unchanged.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct Echo<'a> {
+    #[rkyv(with = InlineAsBox)]
+    pub payload: &'a [u8],
+}
+message!(Echo<'a>, Echo, hint = |m| m.payload.len() + 16);
+request!(Echo<'a> => EchoReply<'static>);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct EchoReply<'a> {
+    #[rkyv(with = InlineAsBox)]
+    pub payload: &'a [u8],
+}
+message!(EchoReply<'a>, EchoReply, hint = |m| m.payload.len() + 16);
+
+/// What each side of an RDMA connection tells the other over the TCP bootstrap socket.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct RdmaPeerInfo {
+    pub lid: u16,
+    pub qp_num: u32,
+    pub psn: u32,
+    pub gid: [u8; 16],
+    pub mtu: u8,
+    /// The remote ring for RDMA WRITE WITH IMMEDIATE of large frames.
+    pub ring_addr: u64,
+    pub ring_rkey: u32,
+    pub ring_bytes: u64,
+    /// Receives posted in advance (the peer's initial send credits).
+    pub recv_slots: u32,
+    pub slot_bytes: u32,
+    pub max_frame_bytes: u64,
+}
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct RdmaConnect {
+    pub info: RdmaPeerInfo,
+}
+message!(RdmaConnect, RdmaConnect);
+request!(RdmaConnect => RdmaAccept);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct RdmaAccept {
+    pub info: RdmaPeerInfo,
+}
+message!(RdmaAccept, RdmaAccept);
+
+/// One message to append; `queues` lists every queue that indexes it (multi-dispatch).
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct AppendEntry<'a> {
+    pub queues: Vec<String>,
+    pub message_id: String,
+    pub tag: String,
+    pub keys: Vec<String>,
+    #[rkyv(with = InlineAsBox)]
+    pub properties: &'a [u8],
+    #[rkyv(with = InlineAsBox)]
+    pub body: &'a [u8],
+}
+
+/// Append a batch; the reply comes once the batch is durable under the broker's policy.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct AppendRequest<'a> {
+    pub entries: Vec<AppendEntry<'a>>,
+}
+message!(AppendRequest<'a>, AppendRequest, hint = |m| m.entries.iter().map(|e| e.body.len() + e.properties.len() + 128).sum::<usize>() + 16);
+request!(AppendRequest<'a> => AppendResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct AppendAck {
+    /// Where the record sits in its shard's CommitLog.
+    pub position: u64,
+    /// The record's offset in each of its queues, in request order.
+    pub offsets: Vec<u64>,
+}
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct AppendResponse {
+    pub acks: Vec<AppendAck>,
+}
+message!(AppendResponse, AppendResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct ReadRequest {
+    pub queue: String,
+    pub from_offset: u64,
+    pub max_count: u32,
+    pub max_bytes: u32,
+}
+message!(ReadRequest, ReadRequest);
+request!(ReadRequest => ReadResponse<'static>);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct ReadRecord<'a> {
+    pub offset: u64,
+    pub position: u64,
+    /// The stored record, as the engine framed it.
+    #[rkyv(with = InlineAsBox)]
+    pub record: &'a [u8],
+}
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct ReadResponse<'a> {
+    pub records: Vec<ReadRecord<'a>>,
+    pub next_offset: u64,
+    pub min_offset: u64,
+    pub max_offset: u64,
+}
+message!(ReadResponse<'a>, ReadResponse, hint = |m| m.records.iter().map(|r| r.record.len() + 32).sum::<usize>() + 32);
+
+/// Pop consumption: take up to `max_count` visible messages and hide them for `invisible_ms`.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct PopRequest {
+    pub queue: String,
+    pub group: String,
+    pub max_count: u32,
+    pub max_bytes: u32,
+    pub invisible_ms: u64,
+    /// How long the broker may hold the request open when nothing is visible.
+    pub long_poll_ms: u64,
+}
+message!(PopRequest, PopRequest);
+request!(PopRequest => PopResponse<'static>);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct PoppedMessage<'a> {
+    pub offset: u64,
+    pub delivery_attempt: u32,
+    /// Opaque, tamper-evident handle for ack and change-invisible.
+    pub receipt: String,
+    #[rkyv(with = InlineAsBox)]
+    pub record: &'a [u8],
+}
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct PopResponse<'a> {
+    pub messages: Vec<PoppedMessage<'a>>,
+}
+message!(PopResponse<'a>, PopResponse, hint = |m| m.messages.iter().map(|r| r.record.len() + r.receipt.len() + 32).sum::<usize>() + 16);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct AckRequest {
+    pub queue: String,
+    pub group: String,
+    pub receipts: Vec<String>,
+}
+message!(AckRequest, AckRequest);
+request!(AckRequest => AckResponse);
+
+/// One status per receipt, in request order: 0 is success, anything else an error code.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct AckResponse {
+    pub statuses: Vec<u32>,
+}
+message!(AckResponse, AckResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct ChangeInvisibleRequest {
+    pub queue: String,
+    pub group: String,
+    pub receipt: String,
+    pub invisible_ms: u64,
+}
+message!(ChangeInvisibleRequest, ChangeInvisibleRequest);
+request!(ChangeInvisibleRequest => ChangeInvisibleResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct ChangeInvisibleResponse {
+    /// The receipt to use from now on.
+    pub receipt: String,
+}
+message!(ChangeInvisibleResponse, ChangeInvisibleResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct CommitOffsetRequest {
+    pub queue: String,
+    pub group: String,
+    pub offset: u64,
+}
+message!(CommitOffsetRequest, CommitOffsetRequest);
+request!(CommitOffsetRequest => CommitOffsetResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct CommitOffsetResponse {}
+message!(CommitOffsetResponse, CommitOffsetResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct QueryOffsetRequest {
+    pub queue: String,
+    pub group: String,
+}
+message!(QueryOffsetRequest, QueryOffsetRequest);
+request!(QueryOffsetRequest => QueryOffsetResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct QueryOffsetResponse {
+    /// The group's committed offset, if it has one.
+    pub committed: Option<u64>,
+    pub min_offset: u64,
+    pub max_offset: u64,
+}
+message!(QueryOffsetResponse, QueryOffsetResponse);
+
+/// Lite-topic subscription change for one consumer of a group.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct LiteSubscriptionRequest {
+    pub group: String,
+    pub client_id: String,
+    /// 0 = add, 1 = remove, 2 = replace the whole set.
+    pub action: u8,
+    pub topics: Vec<String>,
+}
+message!(LiteSubscriptionRequest, LiteSubscriptionRequest);
+request!(LiteSubscriptionRequest => LiteSubscriptionResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct LiteSubscriptionResponse {
+    pub subscribed: u32,
+}
+message!(LiteSubscriptionResponse, LiteSubscriptionResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct CreateQueueRequest {
+    pub queue: String,
+    /// normal, fifo, delay, transaction, lite, priority (the proxy's topic types).
+    pub message_type: u8,
+    pub attributes: Vec<(String, String)>,
+}
+message!(CreateQueueRequest, CreateQueueRequest);
+request!(CreateQueueRequest => CreateQueueResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct CreateQueueResponse {
+    /// False when the queue already existed with the same type.
+    pub created: bool,
+}
+message!(CreateQueueResponse, CreateQueueResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct DeleteQueueRequest {
+    pub queue: String,
+}
+message!(DeleteQueueRequest, DeleteQueueRequest);
+request!(DeleteQueueRequest => DeleteQueueResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct DeleteQueueResponse {
+    pub deleted: bool,
+}
+message!(DeleteQueueResponse, DeleteQueueResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct StatsRequest {}
+message!(StatsRequest, StatsRequest);
+request!(StatsRequest => StatsResponse);
+
+/// Named counters, so new ones do not change the wire format.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct StatsResponse {
+    pub shard: u32,
+    pub counters: Vec<(String, u64)>,
+}
+message!(StatsResponse, StatsResponse);
