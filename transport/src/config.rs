@@ -21,6 +21,8 @@ pub struct TransportConfig {
     pub idle_timeout_ms: u64,
     /// The client sends a heartbeat when it has sent nothing for this long.
     pub heartbeat_interval_ms: u64,
+    /// On shutdown, how long a server waits for in-flight requests before it closes.
+    pub drain_timeout_ms: u64,
     /// Most bytes gathered into one vectored write.
     pub write_batch_bytes: usize,
     /// Size of each TCP read buffer; frames that fit are received without a copy.
@@ -54,6 +56,7 @@ impl Default for TransportConfig {
             frame_timeout_ms: 30_000,
             idle_timeout_ms: 120_000,
             heartbeat_interval_ms: 10_000,
+            drain_timeout_ms: 5_000,
             write_batch_bytes: 256 << 10,
             read_buffer_bytes: 64 << 10,
             rdma: RdmaConfig::default(),
@@ -63,7 +66,12 @@ impl Default for TransportConfig {
 
 impl Default for RdmaConfig {
     fn default() -> Self {
-        RdmaConfig { slot_bytes: 8192, recv_slots: 1024 + 64, ring_bytes: (64 << 20) + (1 << 20), busy_poll_spins: 2_000 }
+        RdmaConfig {
+            slot_bytes: 8192,
+            recv_slots: 1024 + 64,
+            ring_bytes: (64 << 20) + (1 << 20),
+            busy_poll_spins: 2_000,
+        }
     }
 }
 
@@ -91,6 +99,7 @@ impl TransportConfig {
             ("frame_timeout_ms", self.frame_timeout_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+            ("drain_timeout_ms", self.drain_timeout_ms),
         ] {
             if ms == 0 {
                 return bad(format!("{name} must be positive"));
@@ -139,14 +148,14 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_each_limit_is_checked() {
         TransportConfig::default().validate().unwrap();
-        let cases: Vec<Box<dyn Fn(&mut TransportConfig)>> = vec![
-            Box::new(|c| c.max_frame_bytes = 10),
-            Box::new(|c| c.credits = 0),
-            Box::new(|c| c.max_inflight_bytes = c.max_frame_bytes - 1),
-            Box::new(|c| c.request_timeout_ms = 0),
-            Box::new(|c| c.heartbeat_interval_ms = c.idle_timeout_ms),
-            Box::new(|c| c.rdma.recv_slots = c.credits),
-            Box::new(|c| c.rdma.ring_bytes = c.max_frame_bytes),
+        let cases: [fn(&mut TransportConfig); 7] = [
+            |c| c.max_frame_bytes = 10,
+            |c| c.credits = 0,
+            |c| c.max_inflight_bytes = c.max_frame_bytes - 1,
+            |c| c.request_timeout_ms = 0,
+            |c| c.heartbeat_interval_ms = c.idle_timeout_ms,
+            |c| c.rdma.recv_slots = c.credits,
+            |c| c.rdma.ring_bytes = c.max_frame_bytes,
         ];
         for case in cases {
             let mut config = TransportConfig::default();

@@ -87,6 +87,7 @@ macro_rules! request {
 
 /// The answer to any request that failed. `code` is a stable error code.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct ErrorReply {
     pub code: u32,
     pub message: String,
@@ -95,6 +96,7 @@ message!(ErrorReply, Error);
 
 /// First frame on every connection: the client's limits.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct Hello {
     pub client_name: String,
     pub max_frame_bytes: u64,
@@ -105,16 +107,21 @@ request!(Hello => HelloAck);
 
 /// The server's answer to `Hello`: the limits both sides now use.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct HelloAck {
     pub server_name: String,
     pub shard: u32,
     pub shard_count: u32,
     pub max_frame_bytes: u64,
     pub credits: u32,
+    /// The port of this server's RDMA bootstrap listener, 0 if it has none. `auto://`
+    /// clients with an RDMA device switch to it.
+    pub rdma_port: u16,
 }
 message!(HelloAck, HelloAck);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct Heartbeat {
     pub sent_at_us: u64,
 }
@@ -122,6 +129,7 @@ message!(Heartbeat, Heartbeat);
 request!(Heartbeat => HeartbeatAck);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct HeartbeatAck {
     pub sent_at_us: u64,
 }
@@ -145,6 +153,7 @@ message!(EchoReply<'a>, EchoReply, hint = |m| m.payload.len() + 16);
 
 /// What each side of an RDMA connection tells the other over the TCP bootstrap socket.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct RdmaPeerInfo {
     pub lid: u16,
     pub qp_num: u32,
@@ -162,6 +171,7 @@ pub struct RdmaPeerInfo {
 }
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct RdmaConnect {
     pub info: RdmaPeerInfo,
 }
@@ -169,6 +179,7 @@ message!(RdmaConnect, RdmaConnect);
 request!(RdmaConnect => RdmaAccept);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct RdmaAccept {
     pub info: RdmaPeerInfo,
 }
@@ -192,10 +203,15 @@ pub struct AppendEntry<'a> {
 pub struct AppendRequest<'a> {
     pub entries: Vec<AppendEntry<'a>>,
 }
-message!(AppendRequest<'a>, AppendRequest, hint = |m| m.entries.iter().map(|e| e.body.len() + e.properties.len() + 128).sum::<usize>() + 16);
+message!(
+    AppendRequest<'a>,
+    AppendRequest,
+    hint = |m| m.entries.iter().map(|e| e.body.len() + e.properties.len() + 128).sum::<usize>() + 16
+);
 request!(AppendRequest<'a> => AppendResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct AppendAck {
     /// Where the record sits in its shard's CommitLog.
     pub position: u64,
@@ -204,12 +220,14 @@ pub struct AppendAck {
 }
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct AppendResponse {
     pub acks: Vec<AppendAck>,
 }
 message!(AppendResponse, AppendResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct ReadRequest {
     pub queue: String,
     pub from_offset: u64,
@@ -239,6 +257,7 @@ message!(ReadResponse<'a>, ReadResponse, hint = |m| m.records.iter().map(|r| r.r
 
 /// Pop consumption: take up to `max_count` visible messages and hide them for `invisible_ms`.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct PopRequest {
     pub queue: String,
     pub group: String,
@@ -265,9 +284,14 @@ pub struct PoppedMessage<'a> {
 pub struct PopResponse<'a> {
     pub messages: Vec<PoppedMessage<'a>>,
 }
-message!(PopResponse<'a>, PopResponse, hint = |m| m.messages.iter().map(|r| r.record.len() + r.receipt.len() + 32).sum::<usize>() + 16);
+message!(
+    PopResponse<'a>,
+    PopResponse,
+    hint = |m| m.messages.iter().map(|r| r.record.len() + r.receipt.len() + 32).sum::<usize>() + 16
+);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct AckRequest {
     pub queue: String,
     pub group: String,
@@ -278,12 +302,14 @@ request!(AckRequest => AckResponse);
 
 /// One status per receipt, in request order: 0 is success, anything else an error code.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct AckResponse {
     pub statuses: Vec<u32>,
 }
 message!(AckResponse, AckResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct ChangeInvisibleRequest {
     pub queue: String,
     pub group: String,
@@ -294,6 +320,7 @@ message!(ChangeInvisibleRequest, ChangeInvisibleRequest);
 request!(ChangeInvisibleRequest => ChangeInvisibleResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct ChangeInvisibleResponse {
     /// The receipt to use from now on.
     pub receipt: String,
@@ -301,6 +328,7 @@ pub struct ChangeInvisibleResponse {
 message!(ChangeInvisibleResponse, ChangeInvisibleResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct CommitOffsetRequest {
     pub queue: String,
     pub group: String,
@@ -310,10 +338,12 @@ message!(CommitOffsetRequest, CommitOffsetRequest);
 request!(CommitOffsetRequest => CommitOffsetResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct CommitOffsetResponse {}
 message!(CommitOffsetResponse, CommitOffsetResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct QueryOffsetRequest {
     pub queue: String,
     pub group: String,
@@ -322,6 +352,7 @@ message!(QueryOffsetRequest, QueryOffsetRequest);
 request!(QueryOffsetRequest => QueryOffsetResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct QueryOffsetResponse {
     /// The group's committed offset, if it has one.
     pub committed: Option<u64>,
@@ -332,6 +363,7 @@ message!(QueryOffsetResponse, QueryOffsetResponse);
 
 /// Lite-topic subscription change for one consumer of a group.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct LiteSubscriptionRequest {
     pub group: String,
     pub client_id: String,
@@ -343,12 +375,14 @@ message!(LiteSubscriptionRequest, LiteSubscriptionRequest);
 request!(LiteSubscriptionRequest => LiteSubscriptionResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct LiteSubscriptionResponse {
     pub subscribed: u32,
 }
 message!(LiteSubscriptionResponse, LiteSubscriptionResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct CreateQueueRequest {
     pub queue: String,
     /// normal, fifo, delay, transaction, lite, priority (the proxy's topic types).
@@ -359,6 +393,7 @@ message!(CreateQueueRequest, CreateQueueRequest);
 request!(CreateQueueRequest => CreateQueueResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct CreateQueueResponse {
     /// False when the queue already existed with the same type.
     pub created: bool,
@@ -366,6 +401,7 @@ pub struct CreateQueueResponse {
 message!(CreateQueueResponse, CreateQueueResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct DeleteQueueRequest {
     pub queue: String,
 }
@@ -373,18 +409,21 @@ message!(DeleteQueueRequest, DeleteQueueRequest);
 request!(DeleteQueueRequest => DeleteQueueResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct DeleteQueueResponse {
     pub deleted: bool,
 }
 message!(DeleteQueueResponse, DeleteQueueResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct StatsRequest {}
 message!(StatsRequest, StatsRequest);
 request!(StatsRequest => StatsResponse);
 
 /// Named counters, so new ones do not change the wire format.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct StatsResponse {
     pub shard: u32,
     pub counters: Vec<(String, u64)>,
