@@ -396,10 +396,19 @@ impl Handler for BuiltinsOnly {
 
 /// A server running on its own glommio executor thread, stopped on drop.
 pub struct ServerThread {
+    /// The TCP listener's address, or the RDMA bootstrap address for an RDMA-only server.
     pub addr: std::net::SocketAddr,
+    pub rdma_addr: Option<std::net::SocketAddr>,
     pub stats: Arc<ServerStats>,
     stop: Option<flume::Sender<()>>,
     join: Option<glommio::ExecutorJoinHandle<()>>,
+}
+
+/// Where a `ServerThread` listens.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListenOn {
+    pub tcp: Option<std::net::SocketAddr>,
+    pub rdma: Option<std::net::SocketAddr>,
 }
 
 impl ServerThread {
@@ -411,21 +420,45 @@ impl ServerThread {
         make_handler: F,
         pin_core: Option<usize>,
     ) -> Result<ServerThread, TransportError> {
+        Self::spawn(ListenOn { tcp: Some(bind), rdma: None }, config, info, make_handler, pin_core)
+    }
+
+    /// Serves TCP, RDMA or both from one executor thread. With both, `HelloAck` tells TCP
+    /// clients the RDMA port, so `auto://` clients can move over.
+    pub fn spawn<H: Handler, F: FnOnce() -> H + Send + 'static>(
+        listen: ListenOn,
+        config: TransportConfig,
+        mut info: ServerInfo,
+        make_handler: F,
+        pin_core: Option<usize>,
+    ) -> Result<ServerThread, TransportError> {
         config.validate()?;
+        if listen.tcp.is_none() && listen.rdma.is_none() {
+            return Err(TransportError::Config { reason: "a server needs a TCP or an RDMA address".into() });
+        }
+        let rdma = match listen.rdma {
+            Some(bind) => Some(RdmaAcceptor::spawn(bind, &config)?),
+            None => None,
+        };
+        let rdma_addr = rdma.as_ref().map(|r| r.addr);
+        if let Some(addr) = rdma_addr {
+            info.rdma_port = addr.port();
+        }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = flume::bounded::<()>(1);
         let placement = match pin_core {
             Some(core) => glommio::Placement::Fixed(core),
             None => glommio::Placement::Unbound,
         };
+        let accepted = rdma.as_ref().map(|r| r.accepted.clone());
         let join = glommio::LocalExecutorBuilder::new(placement)
             .name("sluice-transport-server")
             .spawn(move || async move {
-                let listener = match glommio::net::TcpListener::bind(bind) {
+                let listener = match listen.tcp.map(glommio::net::TcpListener::bind).transpose() {
                     Ok(listener) => listener,
                     Err(e) => {
                         let _ = ready_tx.send(Err(TransportError::Io {
-                            context: format!("binding {bind}"),
+                            context: format!("binding {:?}", listen.tcp),
                             source: std::io::Error::other(e.to_string()),
                         }));
                         return;
@@ -438,7 +471,7 @@ impl ServerThread {
                         return;
                     }
                 };
-                let addr = listener.local_addr().expect("bound listener has an address");
+                let addr = listener.as_ref().map(|l| l.local_addr().expect("bound listener has an address"));
                 let _ = ready_tx.send(Ok((addr, server.stats())));
                 let stopper = server.clone();
                 glommio::spawn_local(async move {
@@ -446,7 +479,16 @@ impl ServerThread {
                     stopper.shutdown();
                 })
                 .detach();
-                server.serve_tcp(listener).await;
+                let rdma_task =
+                    accepted.map(|accepted| glommio::spawn_local(server.clone().serve_rdma(accepted, pin_core)));
+                if let Some(listener) = listener {
+                    server.clone().serve_tcp(listener).await;
+                } else {
+                    server.stopped().await;
+                }
+                if let Some(task) = rdma_task {
+                    task.await;
+                }
             })
             .map_err(|e| TransportError::Io {
                 context: "starting the server executor".into(),
@@ -455,7 +497,10 @@ impl ServerThread {
         let (addr, stats) = ready_rx
             .recv()
             .map_err(|_| TransportError::Closed { reason: "server thread exited during start-up".into() })??;
-        Ok(ServerThread { addr, stats, stop: Some(stop_tx), join: Some(join) })
+        let addr = addr.or(rdma_addr).expect("a TCP or an RDMA address");
+        // The acceptor thread stops once the executor drops its end of the channel.
+        drop(rdma);
+        Ok(ServerThread { addr, rdma_addr, stats, stop: Some(stop_tx), join: Some(join) })
     }
 }
 
@@ -464,6 +509,80 @@ impl Drop for ServerThread {
         drop(self.stop.take());
         if let Some(join) = self.join.take() {
             let _ = join.join();
+        }
+        if let Some(addr) = self.rdma_addr {
+            // Wake the acceptor thread out of its blocking accept so it sees the executor is gone.
+            let _ = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200));
+        }
+    }
+}
+
+/// Accepts RDMA connections on a blocking thread (the bootstrap exchange is blocking) and
+/// hands each one to the executor.
+struct RdmaAcceptor {
+    addr: std::net::SocketAddr,
+    accepted: flume::Receiver<crate::rdma::PendingRdma>,
+}
+
+impl RdmaAcceptor {
+    fn spawn(bind: std::net::SocketAddr, config: &TransportConfig) -> Result<RdmaAcceptor, TransportError> {
+        let listener = crate::rdma::RdmaListener::bind(bind, config)?;
+        let addr = listener.local_addr();
+        let (tx, rx) = flume::bounded(16);
+        std::thread::Builder::new()
+            .name("sluice-rdma-accept".into())
+            .spawn(move || loop {
+                let accepted = listener.accept();
+                if tx.is_disconnected() {
+                    return;
+                }
+                match accepted {
+                    Ok(pending) => {
+                        if tx.send(pending).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "RDMA accept failed");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            })
+            .map_err(|e| TransportError::io("starting the RDMA acceptor", e))?;
+        Ok(RdmaAcceptor { addr, accepted: rx })
+    }
+}
+
+impl<H: Handler> Server<H> {
+    /// Starts a driver for each accepted RDMA connection, pinned to this executor's core, and
+    /// serves it until it closes or the server stops.
+    async fn serve_rdma(self: Rc<Self>, accepted: flume::Receiver<crate::rdma::PendingRdma>, pin_core: Option<usize>) {
+        loop {
+            let next = {
+                let recv = std::pin::pin!(accepted.recv_async());
+                let stop = std::pin::pin!(self.stopped());
+                match futures::future::select(recv, stop).await {
+                    futures::future::Either::Left((Ok(pending), _)) => pending,
+                    _ => return,
+                }
+            };
+            self.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+            // Credits bound what a well-behaved peer queues; the slack covers control frames.
+            let (sink, source) = crate::link::ChannelSink::new(self.config.credits as usize + 64);
+            let (out_tx, out_rx) = flume::bounded(self.config.credits as usize);
+            let driver = match next.start(out_rx, sink, pin_core) {
+                Ok(driver) => driver,
+                Err(e) => {
+                    tracing::warn!(error = %e, "starting an RDMA connection failed");
+                    continue;
+                }
+            };
+            let server = self.clone();
+            glommio::spawn_local(async move {
+                server.serve_link(source, out_tx).await;
+                drop(driver);
+            })
+            .detach();
         }
     }
 }

@@ -3,8 +3,8 @@
 use bytes::Bytes;
 use proptest::prelude::*;
 use sluice_transport::frame::{Frame, Message, OutFrame, FRAME_HEADER_BYTES};
+use sluice_transport::fuzzing::{decode_untrusted, validate_as_every_kind, validate_declared_kind};
 use sluice_transport::messages::*;
-use sluice_transport::reader::FrameReader;
 use sluice_transport::FrameError;
 
 const MAX: u64 = 1 << 20;
@@ -240,51 +240,36 @@ fn reframe_body(kind: u16, body: &[u8]) -> Bytes {
     bytes.into()
 }
 
-fn access_every_kind(frame: &Frame) {
-    let _ = frame.access::<ErrorReply>();
-    let _ = frame.access::<Hello>();
-    let _ = frame.access::<HelloAck>();
-    let _ = frame.access::<Echo>();
-    let _ = frame.access::<RdmaConnect>();
-    let _ = frame.access::<AppendRequest>();
-    let _ = frame.access::<ReadResponse>();
-    let _ = frame.access::<PopResponse>();
-    let _ = frame.access::<AckRequest>();
-    let _ = frame.access::<QueryOffsetResponse>();
-    let _ = frame.access::<CreateQueueRequest>();
-    let _ = frame.access::<StatsResponse>();
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
-    /// Random bytes through the stream reader and the parser never panic.
+    /// Random bytes through the stream reader, the parser and every validator never panic.
     #[test]
-    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-        let mut reader = FrameReader::new(MAX, 4096);
-        let mut rest = &bytes[..];
-        'outer: while !rest.is_empty() {
-            let Ok(spare) = reader.spare() else { break };
-            let n = spare.len().min(rest.len());
-            spare[..n].copy_from_slice(&rest[..n]);
-            reader.advance(n);
-            rest = &rest[n..];
-            loop {
-                match reader.next_frame() {
-                    Ok(Some(frame)) => access_every_kind(&frame),
-                    Ok(None) => break,
-                    Err(_) => break 'outer,
-                }
-            }
-        }
-        let _ = Frame::parse(Bytes::from(bytes), MAX);
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), chunk in 0usize..64) {
+        decode_untrusted(&bytes, chunk, MAX);
     }
 
-    /// A valid header and CRC around a random body: every kind's validator rejects or
+    /// A valid header and CRC around a random body: the validator of every kind rejects or
     /// accepts it without panicking (this is what a malicious peer can send).
     #[test]
     fn random_bodies_with_valid_framing_never_panic(kind in 1u16..40, body in proptest::collection::vec(any::<u8>(), 0..400)) {
         let frame = Frame::parse(reframe_body(kind, &body), MAX).unwrap();
-        access_every_kind(&frame);
+        validate_declared_kind(&frame);
+        validate_as_every_kind(&body);
+    }
+
+    /// Valid frames cut at a random point or with one byte flipped are rejected, never
+    /// misread: a flipped byte anywhere fails the CRC (or the magic/version/length checks).
+    #[test]
+    fn cut_or_flipped_frames_are_rejected(cut in 0usize..200, flip in 0usize..200, bit in 0u8..8) {
+        let frame = OutFrame::encode(9, &AckRequest { queue: "q".into(), group: "g".into(), receipts: vec!["r".repeat(50)] }, MAX).unwrap();
+        let bytes = frame.as_bytes();
+        let cut = cut % bytes.len();
+        prop_assert!(Frame::parse(bytes.slice(..cut), MAX).is_err());
+        let mut flipped = bytes.to_vec();
+        let at = flip % flipped.len();
+        flipped[at] ^= 1 << bit;
+        prop_assert!(Frame::parse(flipped.into(), MAX).is_err());
+        prop_assert_eq!(decode_untrusted(bytes, 7, MAX), 1);
     }
 }

@@ -27,3 +27,19 @@ impl PendingRdma {
         Err(TransportError::NoRdmaDevice { detail: "RDMA driver not built yet".into() })
     }
 }
+
+pub struct RdmaListener;
+
+impl RdmaListener {
+    pub fn bind(_addr: SocketAddr, _config: &TransportConfig) -> Result<RdmaListener, TransportError> {
+        Err(TransportError::NoRdmaDevice { detail: "RDMA driver not built yet".into() })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    }
+
+    pub fn accept(&self) -> Result<PendingRdma, TransportError> {
+        Err(TransportError::NoRdmaDevice { detail: "RDMA driver not built yet".into() })
+    }
+}
