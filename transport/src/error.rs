@@ -57,7 +57,9 @@ pub enum TransportError {
     Remote { code: u32, message: String },
     #[error("bad endpoint {endpoint:?}: {reason}; use tcp://host:port, rdma://host:port or auto://host:port")]
     BadEndpoint { endpoint: String, reason: String },
-    #[error("no RDMA device on this host ({detail}); use tcp:// or auto://, or set up soft-RoCE with scripts/soft-roce.sh")]
+    #[error(
+        "no RDMA device on this host ({detail}); use tcp:// or auto://, or set up soft-RoCE with scripts/soft-roce.sh"
+    )]
     NoRdmaDevice { detail: String },
     #[error("RDMA {op} failed: {detail}")]
     Rdma { op: &'static str, detail: String },
@@ -92,12 +94,15 @@ impl TransportError {
     pub fn duplicate(&self) -> Self {
         match self {
             TransportError::Frame(e) => TransportError::Frame(e.clone()),
-            TransportError::Io { context, source } => {
-                TransportError::Io { context: context.clone(), source: io::Error::new(source.kind(), source.to_string()) }
-            }
+            TransportError::Io { context, source } => TransportError::Io {
+                context: context.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
             TransportError::Closed { reason } => TransportError::Closed { reason: reason.clone() },
             TransportError::Timeout { timeout_ms } => TransportError::Timeout { timeout_ms: *timeout_ms },
-            TransportError::Remote { code, message } => TransportError::Remote { code: *code, message: message.clone() },
+            TransportError::Remote { code, message } => {
+                TransportError::Remote { code: *code, message: message.clone() }
+            }
             TransportError::BadEndpoint { endpoint, reason } => {
                 TransportError::BadEndpoint { endpoint: endpoint.clone(), reason: reason.clone() }
             }

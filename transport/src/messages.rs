@@ -155,8 +155,11 @@ pub struct RdmaPeerInfo {
     pub ring_addr: u64,
     pub ring_rkey: u32,
     pub ring_bytes: u64,
-    /// Receives posted in advance (the peer's initial send credits).
+    /// Receives posted in advance: `credits` for data frames plus the flow-control slack.
     pub recv_slots: u32,
+    /// Data frames (SEND or WRITE WITH IMMEDIATE) the other side may have outstanding at
+    /// this side before it must wait for credits to come back.
+    pub credits: u32,
     pub slot_bytes: u32,
     pub max_frame_bytes: u64,
 }
@@ -192,7 +195,11 @@ pub struct AppendEntry<'a> {
 pub struct AppendRequest<'a> {
     pub entries: Vec<AppendEntry<'a>>,
 }
-message!(AppendRequest<'a>, AppendRequest, hint = |m| m.entries.iter().map(|e| e.body.len() + e.properties.len() + 128).sum::<usize>() + 16);
+message!(
+    AppendRequest<'a>,
+    AppendRequest,
+    hint = |m| m.entries.iter().map(|e| e.body.len() + e.properties.len() + 128).sum::<usize>() + 16
+);
 request!(AppendRequest<'a> => AppendResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
@@ -265,7 +272,11 @@ pub struct PoppedMessage<'a> {
 pub struct PopResponse<'a> {
     pub messages: Vec<PoppedMessage<'a>>,
 }
-message!(PopResponse<'a>, PopResponse, hint = |m| m.messages.iter().map(|r| r.record.len() + r.receipt.len() + 32).sum::<usize>() + 16);
+message!(
+    PopResponse<'a>,
+    PopResponse,
+    hint = |m| m.messages.iter().map(|r| r.record.len() + r.receipt.len() + 32).sum::<usize>() + 16
+);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
 pub struct AckRequest {
