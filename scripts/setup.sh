@@ -7,6 +7,9 @@ packages=(
   build-essential pkg-config
   clang libclang-dev          # bindgen, used by rocksdb and rdma-sys
   libibverbs-dev librdmacm-dev # RDMA verbs headers for rdma-sys
+  # soft-RoCE: scripts/rdma-vm.sh (QEMU guest with Debian's kernel) and scripts/soft-roce.sh
+  qemu-system-x86 busybox-static cpio kmod iproute2
+  ibverbs-utils ibverbs-providers # ibv_devices, ibv_rc_pingpong; the rxe provider (a Recommends)
 )
 
 missing=()

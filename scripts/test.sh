@@ -8,6 +8,9 @@ started=$(date +%s)
 cargo fmt --all --check
 cargo build --workspace --all-targets --locked
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The cargo-fuzz target lives outside the workspace (libFuzzer instruments on nightly); make
+# sure it still builds against the decoder.
+cargo check --manifest-path transport/fuzz/Cargo.toml --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"

@@ -21,6 +21,8 @@ pub struct TransportConfig {
     pub idle_timeout_ms: u64,
     /// The client sends a heartbeat when it has sent nothing for this long.
     pub heartbeat_interval_ms: u64,
+    /// On shutdown, how long a server waits for in-flight requests before it closes.
+    pub drain_timeout_ms: u64,
     /// Most bytes gathered into one vectored write.
     pub write_batch_bytes: usize,
     /// Size of each TCP read buffer; frames that fit are received without a copy.
@@ -78,6 +80,7 @@ impl Default for TransportConfig {
             frame_timeout_ms: 30_000,
             idle_timeout_ms: 120_000,
             heartbeat_interval_ms: 10_000,
+            drain_timeout_ms: 5_000,
             write_batch_bytes: 256 << 10,
             read_buffer_bytes: 64 << 10,
             rdma: RdmaConfig::default(),
@@ -125,6 +128,7 @@ impl TransportConfig {
             ("frame_timeout_ms", self.frame_timeout_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+            ("drain_timeout_ms", self.drain_timeout_ms),
         ] {
             if ms == 0 {
                 return bad(format!("{name} must be positive"));

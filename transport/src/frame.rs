@@ -241,6 +241,16 @@ impl OutFrame {
         u16_at(&self.bytes, 6)
     }
 
+    /// The same frame under another request id (the CRC is recomputed).
+    pub fn with_request_id(&self, request_id: u64) -> OutFrame {
+        // Copies the frame; only diagnostics and tests re-address frames.
+        let mut bytes = self.bytes.to_vec();
+        bytes[16..24].copy_from_slice(&request_id.to_le_bytes());
+        let crc = frame_crc(&bytes);
+        bytes[24..28].copy_from_slice(&crc.to_le_bytes());
+        OutFrame { bytes: bytes.into() }
+    }
+
     /// Raw bytes, for tests that need to send something broken on purpose.
     pub fn from_raw(bytes: Bytes) -> OutFrame {
         OutFrame { bytes }

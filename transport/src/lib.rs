@@ -11,15 +11,23 @@
 #![deny(unsafe_code)]
 
 pub mod blocking;
+pub mod client;
 pub mod config;
+pub mod endpoint;
 pub mod error;
 pub mod frame;
+pub mod fuzzing;
 pub mod link;
 pub mod messages;
 pub mod rdma;
+pub mod reader;
+pub mod server;
+mod tcp;
 
+pub use client::{Client, TransportKind};
 pub use config::{RdmaConfig, TransportConfig};
 pub use error::{FrameError, TransportError};
 pub use frame::{Frame, FrameHeader, Message, OutFrame, Request, FRAME_HEADER_BYTES, FRAME_VERSION};
 pub use link::{ChannelSink, ChannelSource, FrameSink, Outbound};
 pub use messages::FrameKind;
+pub use server::{BuiltinsOnly, Handler, ListenOn, Server, ServerInfo, ServerStats, ServerThread};

@@ -87,6 +87,7 @@ macro_rules! request {
 
 /// The answer to any request that failed. `code` is a stable error code.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct ErrorReply {
     pub code: u32,
     pub message: String,
@@ -95,6 +96,7 @@ message!(ErrorReply, Error);
 
 /// First frame on every connection: the client's limits.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct Hello {
     pub client_name: String,
     pub max_frame_bytes: u64,
@@ -105,16 +107,21 @@ request!(Hello => HelloAck);
 
 /// The server's answer to `Hello`: the limits both sides now use.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct HelloAck {
     pub server_name: String,
     pub shard: u32,
     pub shard_count: u32,
     pub max_frame_bytes: u64,
     pub credits: u32,
+    /// The port of this server's RDMA bootstrap listener, 0 if it has none. `auto://`
+    /// clients with an RDMA device switch to it.
+    pub rdma_port: u16,
 }
 message!(HelloAck, HelloAck);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct Heartbeat {
     pub sent_at_us: u64,
 }
@@ -122,6 +129,7 @@ message!(Heartbeat, Heartbeat);
 request!(Heartbeat => HeartbeatAck);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct HeartbeatAck {
     pub sent_at_us: u64,
 }
@@ -145,6 +153,7 @@ message!(EchoReply<'a>, EchoReply, hint = |m| m.payload.len() + 16);
 
 /// What each side of an RDMA connection tells the other over the TCP bootstrap socket.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct RdmaPeerInfo {
     pub lid: u16,
     pub qp_num: u32,
@@ -165,6 +174,7 @@ pub struct RdmaPeerInfo {
 }
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct RdmaConnect {
     pub info: RdmaPeerInfo,
 }
@@ -172,6 +182,7 @@ message!(RdmaConnect, RdmaConnect);
 request!(RdmaConnect => RdmaAccept);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct RdmaAccept {
     pub info: RdmaPeerInfo,
 }
@@ -203,6 +214,7 @@ message!(
 request!(AppendRequest<'a> => AppendResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct AppendAck {
     /// Where the record sits in its shard's CommitLog.
     pub position: u64,
@@ -211,12 +223,14 @@ pub struct AppendAck {
 }
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct AppendResponse {
     pub acks: Vec<AppendAck>,
 }
 message!(AppendResponse, AppendResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct ReadRequest {
     pub queue: String,
     pub from_offset: u64,
@@ -246,6 +260,7 @@ message!(ReadResponse<'a>, ReadResponse, hint = |m| m.records.iter().map(|r| r.r
 
 /// Pop consumption: take up to `max_count` visible messages and hide them for `invisible_ms`.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct PopRequest {
     pub queue: String,
     pub group: String,
@@ -279,6 +294,7 @@ message!(
 );
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct AckRequest {
     pub queue: String,
     pub group: String,
@@ -289,12 +305,14 @@ request!(AckRequest => AckResponse);
 
 /// One status per receipt, in request order: 0 is success, anything else an error code.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct AckResponse {
     pub statuses: Vec<u32>,
 }
 message!(AckResponse, AckResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct ChangeInvisibleRequest {
     pub queue: String,
     pub group: String,
@@ -305,6 +323,7 @@ message!(ChangeInvisibleRequest, ChangeInvisibleRequest);
 request!(ChangeInvisibleRequest => ChangeInvisibleResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct ChangeInvisibleResponse {
     /// The receipt to use from now on.
     pub receipt: String,
@@ -312,6 +331,7 @@ pub struct ChangeInvisibleResponse {
 message!(ChangeInvisibleResponse, ChangeInvisibleResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct CommitOffsetRequest {
     pub queue: String,
     pub group: String,
@@ -321,10 +341,12 @@ message!(CommitOffsetRequest, CommitOffsetRequest);
 request!(CommitOffsetRequest => CommitOffsetResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct CommitOffsetResponse {}
 message!(CommitOffsetResponse, CommitOffsetResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct QueryOffsetRequest {
     pub queue: String,
     pub group: String,
@@ -333,6 +355,7 @@ message!(QueryOffsetRequest, QueryOffsetRequest);
 request!(QueryOffsetRequest => QueryOffsetResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct QueryOffsetResponse {
     /// The group's committed offset, if it has one.
     pub committed: Option<u64>,
@@ -343,6 +366,7 @@ message!(QueryOffsetResponse, QueryOffsetResponse);
 
 /// Lite-topic subscription change for one consumer of a group.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct LiteSubscriptionRequest {
     pub group: String,
     pub client_id: String,
@@ -354,12 +378,14 @@ message!(LiteSubscriptionRequest, LiteSubscriptionRequest);
 request!(LiteSubscriptionRequest => LiteSubscriptionResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct LiteSubscriptionResponse {
     pub subscribed: u32,
 }
 message!(LiteSubscriptionResponse, LiteSubscriptionResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct CreateQueueRequest {
     pub queue: String,
     /// normal, fifo, delay, transaction, lite, priority (the proxy's topic types).
@@ -370,6 +396,7 @@ message!(CreateQueueRequest, CreateQueueRequest);
 request!(CreateQueueRequest => CreateQueueResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct CreateQueueResponse {
     /// False when the queue already existed with the same type.
     pub created: bool,
@@ -377,6 +404,7 @@ pub struct CreateQueueResponse {
 message!(CreateQueueResponse, CreateQueueResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct DeleteQueueRequest {
     pub queue: String,
 }
@@ -384,18 +412,21 @@ message!(DeleteQueueRequest, DeleteQueueRequest);
 request!(DeleteQueueRequest => DeleteQueueResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct DeleteQueueResponse {
     pub deleted: bool,
 }
 message!(DeleteQueueResponse, DeleteQueueResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct StatsRequest {}
 message!(StatsRequest, StatsRequest);
 request!(StatsRequest => StatsResponse);
 
 /// Named counters, so new ones do not change the wire format.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
 pub struct StatsResponse {
     pub shard: u32,
     pub counters: Vec<(String, u64)>,

@@ -1,0 +1,325 @@
+//! The proxy side: a pipelined request–response client on tokio. Many requests are in flight
+//! at once, matched to replies by request id; a caller waits for a credit before sending, so
+//! at most `credits` requests are outstanding per connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, Semaphore};
+
+use crate::config::TransportConfig;
+use crate::endpoint::{Endpoint, Scheme};
+use crate::error::{FrameError, TransportError};
+use crate::frame::{Frame, Message, OutFrame, Request};
+use crate::link::FrameSink;
+use crate::messages::{ErrorReply, FrameKind, Heartbeat, Hello, HelloAck};
+
+/// Which driver a client ended up on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Tcp,
+    Rdma,
+}
+
+/// A connection to one server (one broker shard). Cheap to clone; the connection closes when
+/// the last clone is dropped.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    outbound: flume::Sender<OutFrame>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Result<Frame, TransportError>>>>,
+    closed: Mutex<Option<TransportError>>,
+    credits: Arc<Semaphore>,
+    next_id: AtomicU64,
+    last_send_ms: AtomicU64,
+    started: Instant,
+    config: TransportConfig,
+    max_frame_bytes: AtomicU64,
+    kind: TransportKind,
+    peer: String,
+    server: Mutex<Option<HelloAck>>,
+    /// Keeps the RDMA driver thread alive; dropping it stops the driver.
+    _rdma: Mutex<Option<crate::rdma::RdmaDriver>>,
+}
+
+/// Delivers to the client without keeping it alive, so dropping the last `Client` closes
+/// the connection even while the reader task runs.
+struct WeakSink(Weak<ClientInner>);
+
+impl FrameSink for WeakSink {
+    fn deliver(&self, frame: Frame) {
+        if let Some(inner) = self.0.upgrade() {
+            let waiter = inner.pending.lock().expect("pending lock").remove(&frame.request_id());
+            // No waiter: the call timed out or was cancelled; the late reply is dropped.
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(Ok(frame));
+            }
+        }
+    }
+
+    fn closed(&self, error: TransportError) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.fail_all(error);
+        }
+    }
+}
+
+impl ClientInner {
+    fn fail_all(&self, error: TransportError) {
+        let waiters: Vec<_> = self.pending.lock().expect("pending lock").drain().map(|(_, w)| w).collect();
+        for waiter in waiters {
+            let _ = waiter.send(Err(error.duplicate()));
+        }
+        self.closed.lock().expect("closed lock").get_or_insert(error);
+    }
+
+    fn closed_error(&self) -> Option<TransportError> {
+        self.closed.lock().expect("closed lock").as_ref().map(TransportError::duplicate)
+    }
+}
+
+/// Removes the pending entry if the call is cancelled or times out.
+struct PendingGuard<'a> {
+    inner: &'a ClientInner,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.pending.lock().expect("pending lock").remove(&self.id);
+    }
+}
+
+impl Client {
+    /// Connects and exchanges Hello. Must run inside a tokio runtime.
+    pub async fn connect(endpoint: &str, config: TransportConfig, client_name: &str) -> Result<Client, TransportError> {
+        config.validate()?;
+        let endpoint = Endpoint::parse(endpoint)?;
+        let addr = endpoint.socket_addr()?;
+        match endpoint.scheme {
+            Scheme::Tcp => Self::connect_tcp(addr, config, client_name).await,
+            Scheme::Rdma => Self::connect_rdma(addr, config, client_name).await,
+            Scheme::Auto => Self::connect_auto(addr, config, client_name).await,
+        }
+    }
+
+    async fn connect_tcp(addr: SocketAddr, config: TransportConfig, name: &str) -> Result<Client, TransportError> {
+        let timeout = Duration::from_millis(config.connect_timeout_ms);
+        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| TransportError::Timeout { timeout_ms: config.connect_timeout_ms })?
+            .map_err(|e| TransportError::io(format!("connecting to {addr}"), e))?;
+        let (client, outbound) = Client::new_inner(config.clone(), TransportKind::Tcp, addr.to_string(), None);
+        crate::tcp::spawn_tokio_driver(stream, outbound, Arc::new(WeakSink(Arc::downgrade(&client.inner))), &config)?;
+        client.hello(name).await?;
+        Ok(client)
+    }
+
+    async fn connect_rdma(addr: SocketAddr, config: TransportConfig, name: &str) -> Result<Client, TransportError> {
+        let rdma_config = config.clone();
+        let pending = tokio::task::spawn_blocking(move || crate::rdma::connect(addr, &rdma_config))
+            .await
+            .map_err(|e| TransportError::Rdma { op: "connect", detail: e.to_string() })??;
+        let (client, outbound) = Client::new_inner(config, TransportKind::Rdma, addr.to_string(), None);
+        let driver = pending.start(outbound, Arc::new(WeakSink(Arc::downgrade(&client.inner))), None)?;
+        *client.inner._rdma.lock().expect("driver lock") = Some(driver);
+        client.hello(name).await?;
+        Ok(client)
+    }
+
+    /// TCP first (it always works); switch to RDMA when this host has a device and the
+    /// server offers an RDMA port. The choice and the reason are logged.
+    async fn connect_auto(addr: SocketAddr, config: TransportConfig, name: &str) -> Result<Client, TransportError> {
+        let tcp = Self::connect_tcp(addr, config.clone(), name).await?;
+        let rdma_port = tcp.server().map(|s| s.rdma_port).unwrap_or(0);
+        let device = crate::rdma::device_present();
+        if !device {
+            tracing::info!(%addr, "transport: chose tcp (no RDMA device with an active port on this host)");
+            return Ok(tcp);
+        }
+        if rdma_port == 0 {
+            tracing::info!(%addr, "transport: chose tcp (the server offers no RDMA listener)");
+            return Ok(tcp);
+        }
+        let rdma_addr = SocketAddr::new(addr.ip(), rdma_port);
+        match Self::connect_rdma(rdma_addr, config, name).await {
+            Ok(rdma) => {
+                tracing::info!(%rdma_addr, "transport: chose rdma (device present, server offers rdma)");
+                Ok(rdma)
+            }
+            Err(e) => {
+                tracing::warn!(%rdma_addr, error = %e, "transport: chose tcp (RDMA connect failed)");
+                Ok(tcp)
+            }
+        }
+    }
+
+    fn new_inner(
+        config: TransportConfig,
+        kind: TransportKind,
+        peer: String,
+        rdma: Option<crate::rdma::RdmaDriver>,
+    ) -> (Client, flume::Receiver<OutFrame>) {
+        let (tx, rx) = flume::bounded(config.credits as usize);
+        let inner = Arc::new(ClientInner {
+            outbound: tx,
+            pending: Mutex::new(HashMap::new()),
+            closed: Mutex::new(None),
+            credits: Arc::new(Semaphore::new(config.credits as usize)),
+            next_id: AtomicU64::new(1),
+            last_send_ms: AtomicU64::new(0),
+            started: Instant::now(),
+            max_frame_bytes: AtomicU64::new(config.max_frame_bytes),
+            config,
+            kind,
+            peer,
+            server: Mutex::new(None),
+            _rdma: Mutex::new(rdma),
+        });
+        spawn_heartbeat(Arc::downgrade(&inner));
+        (Client { inner }, rx)
+    }
+
+    async fn hello(&self, name: &str) -> Result<(), TransportError> {
+        let hello = Hello {
+            client_name: name.to_string(),
+            max_frame_bytes: self.inner.config.max_frame_bytes,
+            credits_wanted: self.inner.config.credits,
+        };
+        let reply = self.call(&hello).await?;
+        let ack = reply.access::<HelloAck>()?;
+        let ack = HelloAck {
+            server_name: ack.server_name.to_string(),
+            shard: ack.shard.into(),
+            shard_count: ack.shard_count.into(),
+            max_frame_bytes: ack.max_frame_bytes.into(),
+            credits: ack.credits.into(),
+            rdma_port: ack.rdma_port.into(),
+        };
+        if ack.credits == 0
+            || ack.credits > self.inner.config.credits
+            || ack.max_frame_bytes > self.inner.config.max_frame_bytes
+        {
+            return Err(TransportError::Handshake { reason: format!("server offered limits beyond ours: {ack:?}") });
+        }
+        // Adopt the server's (possibly lower) limits.
+        self.inner.credits.forget_permits((self.inner.config.credits - ack.credits) as usize);
+        self.inner.max_frame_bytes.store(ack.max_frame_bytes, Ordering::Relaxed);
+        *self.inner.server.lock().expect("server lock") = Some(ack);
+        Ok(())
+    }
+
+    /// Sends `request` and waits for its reply frame, checked to be `R::Reply`'s kind. Read
+    /// the reply in place with `frame.access::<R::Reply>()`. An error frame becomes
+    /// `TransportError::Remote` with its code.
+    pub async fn call<R: Request>(&self, request: &R) -> Result<Frame, TransportError> {
+        let frame = self.call_kind(|id, max| OutFrame::encode(id, request, max)).await?;
+        let kind = frame.header().kind;
+        if kind == FrameKind::Error as u16 {
+            let error = frame.access::<ErrorReply>()?;
+            return Err(TransportError::Remote { code: error.code.into(), message: error.message.to_string() });
+        }
+        if kind != <R::Reply as Message>::KIND as u16 {
+            return Err(FrameError::UnexpectedKind { expected: <R::Reply as Message>::KIND as u16, found: kind }.into());
+        }
+        Ok(frame)
+    }
+
+    /// Sends a pre-encoded frame (its request id is replaced) and returns whatever comes back.
+    pub async fn call_raw(&self, frame: OutFrame) -> Result<Frame, TransportError> {
+        self.call_kind(|id, _| Ok(frame.with_request_id(id))).await
+    }
+
+    async fn call_kind(
+        &self,
+        encode: impl FnOnce(u64, u64) -> Result<OutFrame, FrameError>,
+    ) -> Result<Frame, TransportError> {
+        let inner = &*self.inner;
+        if let Some(error) = inner.closed_error() {
+            return Err(error);
+        }
+        let timeout_ms = inner.config.request_timeout_ms;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+        // Wait for a credit: this is the back-pressure callers feel.
+        let _credit = tokio::time::timeout_at(deadline, inner.credits.acquire())
+            .await
+            .map_err(|_| TransportError::Timeout { timeout_ms })?
+            .map_err(|_| TransportError::Closed { reason: "client closed".into() })?;
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode(id, inner.max_frame_bytes.load(Ordering::Relaxed))?;
+        let (tx, rx) = oneshot::channel();
+        inner.pending.lock().expect("pending lock").insert(id, tx);
+        let _guard = PendingGuard { inner, id };
+        // A failure that raced the insert above would leave this call waiting for nothing.
+        if let Some(error) = inner.closed_error() {
+            return Err(error);
+        }
+        inner.last_send_ms.store(inner.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        tokio::time::timeout_at(deadline, inner.outbound.send_async(frame))
+            .await
+            .map_err(|_| TransportError::Timeout { timeout_ms })?
+            .map_err(|_| TransportError::Closed { reason: "connection driver stopped".into() })?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => {
+                Err(inner.closed_error().unwrap_or(TransportError::Closed { reason: "connection closed".into() }))
+            }
+            Err(_) => Err(TransportError::Timeout { timeout_ms }),
+        }
+    }
+
+    pub fn transport(&self) -> TransportKind {
+        self.inner.kind
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.inner.peer
+    }
+
+    /// What the server said in its HelloAck.
+    pub fn server(&self) -> Option<HelloAck> {
+        self.inner.server.lock().expect("server lock").clone()
+    }
+
+    /// Credits not in use right now.
+    pub fn available_credits(&self) -> usize {
+        self.inner.credits.available_permits()
+    }
+
+    /// The error that closed the connection, if it is closed.
+    pub fn closed_error(&self) -> Option<TransportError> {
+        self.inner.closed_error()
+    }
+}
+
+/// Sends a heartbeat whenever the connection has been quiet for `heartbeat_interval_ms`,
+/// so the server's idle timeout only cuts off clients that are really gone.
+fn spawn_heartbeat(inner: Weak<ClientInner>) {
+    tokio::spawn(async move {
+        loop {
+            let interval = match inner.upgrade() {
+                Some(inner) => Duration::from_millis(inner.config.heartbeat_interval_ms),
+                None => return,
+            };
+            tokio::time::sleep(interval).await;
+            let Some(strong) = inner.upgrade() else { return };
+            if strong.closed_error().is_some() {
+                return;
+            }
+            let quiet_ms = strong.started.elapsed().as_millis() as u64 - strong.last_send_ms.load(Ordering::Relaxed);
+            if quiet_ms >= strong.config.heartbeat_interval_ms {
+                let client = Client { inner: strong };
+                let sent_at_us = client.inner.started.elapsed().as_micros() as u64;
+                if let Err(e) = client.call(&Heartbeat { sent_at_us }).await {
+                    tracing::debug!(error = %e, "heartbeat failed");
+                }
+            }
+        }
+    });
+}

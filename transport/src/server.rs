@@ -1,0 +1,588 @@
+//! The broker side: accepts connections on a glommio executor and answers requests with a
+//! `Handler`. Hello, heartbeat and echo are answered here; everything else goes to the handler.
+//!
+//! Per connection the server holds at most `credits` requests and `max_inflight_bytes` of
+//! requests plus queued replies. When either runs out it stops reading, so a fast writer or a
+//! slow reader is pushed back through TCP instead of growing memory.
+
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::sync::{Semaphore, StaticPermit};
+
+use crate::config::TransportConfig;
+use crate::error::{remote_code, FrameError, TransportError};
+use crate::frame::{Frame, OutFrame};
+use crate::link::ChannelSource;
+use crate::messages::{Echo, EchoReply, ErrorReply, FrameKind, Heartbeat, HeartbeatAck, Hello, HelloAck};
+use crate::reader::FrameReader;
+use crate::tcp::{glommio_read, glommio_write_loop};
+
+/// Answers one request. A returned `ErrorReply` is sent back as an error frame.
+pub trait Handler: 'static {
+    fn handle(&self, request: Frame) -> impl Future<Output = Result<OutFrame, ErrorReply>>;
+}
+
+impl From<FrameError> for ErrorReply {
+    fn from(e: FrameError) -> ErrorReply {
+        ErrorReply { code: e.code(), message: e.to_string() }
+    }
+}
+
+/// What the server tells clients about itself in `HelloAck`.
+#[derive(Debug, Clone, Default)]
+pub struct ServerInfo {
+    pub name: String,
+    pub shard: u32,
+    pub shard_count: u32,
+    pub rdma_port: u16,
+}
+
+/// Counters shared with other threads (tests, stats endpoints).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub connections_accepted: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub frames_received: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    /// Highest bytes of requests plus queued replies held by one connection.
+    pub held_bytes_peak: AtomicU64,
+}
+
+pub struct Server<H: Handler> {
+    /// Never has permits; closing it wakes every task waiting on it (shutdown).
+    stopping: Rc<Semaphore>,
+    handler: H,
+    config: TransportConfig,
+    info: ServerInfo,
+    stats: Arc<ServerStats>,
+}
+
+/// A reply on its way out, holding the credit and byte budget it uses until written.
+struct Outgoing {
+    frame: OutFrame,
+    _credit: Option<StaticPermit>,
+    _bytes: Option<StaticPermit>,
+}
+
+impl AsRef<OutFrame> for Outgoing {
+    fn as_ref(&self) -> &OutFrame {
+        &self.frame
+    }
+}
+
+/// Per-connection budgets.
+struct Budget {
+    credits: Rc<Semaphore>,
+    bytes: Rc<Semaphore>,
+    max_bytes: u64,
+    held_bytes: std::cell::Cell<u64>,
+}
+
+impl Budget {
+    fn new(config: &TransportConfig) -> Budget {
+        Budget {
+            credits: Rc::new(Semaphore::new(config.credits.into())),
+            bytes: Rc::new(Semaphore::new(config.max_inflight_bytes)),
+            max_bytes: config.max_inflight_bytes,
+            held_bytes: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Capped so one frame larger than the whole budget still gets through, alone.
+    async fn bytes_permit(&self, len: usize, stats: &ServerStats) -> Option<StaticPermit> {
+        let units = (len as u64).min(self.max_bytes);
+        let permit = self.bytes.acquire_static_permit(units).await.ok()?;
+        let held = self.max_bytes - self.bytes.available();
+        self.held_bytes.set(held);
+        stats.held_bytes_peak.fetch_max(held, Ordering::Relaxed);
+        Some(permit)
+    }
+}
+
+impl<H: Handler> Server<H> {
+    pub fn new(handler: H, config: TransportConfig, info: ServerInfo) -> Result<Rc<Server<H>>, TransportError> {
+        config.validate()?;
+        let stopping = Rc::new(Semaphore::new(0));
+        Ok(Rc::new(Server { stopping, handler, config, info, stats: Arc::new(ServerStats::default()) }))
+    }
+
+    /// Stops accepting and reading; in-flight requests get `drain_timeout_ms` to finish.
+    pub fn shutdown(&self) {
+        self.stopping.close();
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.try_acquire(1).is_err()
+    }
+
+    /// Resolves once `shutdown` has been called.
+    async fn stopped(&self) {
+        let _ = self.stopping.acquire(1).await;
+    }
+
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.stats.clone()
+    }
+
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// Accepts connections until `shutdown`, then waits (at most `drain_timeout_ms`) for
+    /// open connections to finish. Each connection runs as its own task.
+    pub async fn serve_tcp(self: Rc<Self>, listener: glommio::net::TcpListener) {
+        loop {
+            let accepted = {
+                let accept = std::pin::pin!(listener.accept());
+                let stop = std::pin::pin!(self.stopped());
+                match futures::future::select(accept, stop).await {
+                    futures::future::Either::Left((accepted, _)) => accepted,
+                    futures::future::Either::Right(_) => break,
+                }
+            };
+            match accepted {
+                Ok(stream) => {
+                    self.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+                    glommio::spawn_local(self.clone().tcp_connection(stream)).detach();
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        drop(listener);
+        let deadline = Instant::now() + Duration::from_millis(self.config.drain_timeout_ms + 1_000);
+        while self.stats.connections_open.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn tcp_connection(self: Rc<Self>, stream: glommio::net::TcpStream) {
+        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::warn!(%peer, error = %e, "TCP_NODELAY");
+        }
+        self.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+        let (mut read_half, write_half) = futures::AsyncReadExt::split(stream);
+        let (out_tx, out_rx) = flume::unbounded::<Outgoing>();
+        let stats = self.stats.clone();
+        let writer =
+            glommio::spawn_local(glommio_write_loop(write_half, out_rx, self.config.write_batch_bytes, move |n| {
+                stats.frames_sent.fetch_add(n as u64, Ordering::Relaxed);
+            }));
+        let budget = Rc::new(Budget::new(&self.config));
+        let mut reader = FrameReader::new(self.config.max_frame_bytes, self.config.read_buffer_bytes);
+        let result = self.tcp_read_loop(&mut read_half, &mut reader, &budget, &out_tx).await;
+        if let Err(e) = result {
+            self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, error = %e, "closing connection");
+            if let TransportError::Frame(frame_error) = &e {
+                // Tell the peer why before disconnecting it; its framing can't be trusted now.
+                if let Ok(frame) = error_frame(0, ErrorReply::from(frame_error.clone()), self.config.max_frame_bytes) {
+                    let _ = out_tx.send(Outgoing { frame, _credit: None, _bytes: None });
+                }
+            }
+        }
+        // The writer ends once every in-flight reply has been queued and written. On shutdown
+        // it gets drain_timeout_ms; dropping the task then closes the socket.
+        drop(out_tx);
+        if self.is_stopping() {
+            let _ = glommio::timer::timeout(Duration::from_millis(self.config.drain_timeout_ms), async {
+                Ok(writer.await)
+            })
+            .await;
+        } else {
+            let _ = writer.await;
+        }
+        self.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn tcp_read_loop(
+        self: &Rc<Self>,
+        read_half: &mut futures::io::ReadHalf<glommio::net::TcpStream>,
+        reader: &mut FrameReader,
+        budget: &Rc<Budget>,
+        out_tx: &flume::Sender<Outgoing>,
+    ) -> Result<(), TransportError> {
+        loop {
+            // Stop reading while the connection has no credit left: back-pressure via TCP.
+            let credit = {
+                let credit = std::pin::pin!(budget.credits.acquire_static_permit(1));
+                let stop = std::pin::pin!(self.stopped());
+                match futures::future::select(credit, stop).await {
+                    futures::future::Either::Left((credit, _)) => credit.map_err(|_| closed("connection closing"))?,
+                    futures::future::Either::Right(_) => return Ok(()),
+                }
+            };
+            let frame = {
+                let read = std::pin::pin!(self.read_frame(read_half, reader, budget));
+                let stop = std::pin::pin!(self.stopped());
+                match futures::future::select(read, stop).await {
+                    futures::future::Either::Left((Ok(Some(frame)), _)) => frame,
+                    futures::future::Either::Left((Ok(None), _)) | futures::future::Either::Right(_) => return Ok(()),
+                    futures::future::Either::Left((Err(e), _)) => return Err(e),
+                }
+            };
+            self.stats.frames_received.fetch_add(1, Ordering::Relaxed);
+            let request_bytes = budget.bytes_permit(frame.as_bytes().len(), &self.stats).await;
+            let (server, budget, out_tx) = (self.clone(), budget.clone(), out_tx.clone());
+            glommio::spawn_local(async move {
+                let reply = server.dispatch(frame).await;
+                drop(request_bytes);
+                let reply_bytes = budget.bytes_permit(reply.len(), &server.stats).await;
+                let _ = out_tx.send(Outgoing { frame: reply, _credit: Some(credit), _bytes: reply_bytes });
+            })
+            .detach();
+        }
+    }
+
+    /// Reads until one frame is complete. The idle deadline applies between frames when
+    /// nothing is in flight; the frame deadline once a frame has started.
+    async fn read_frame(
+        &self,
+        read_half: &mut futures::io::ReadHalf<glommio::net::TcpStream>,
+        reader: &mut FrameReader,
+        budget: &Budget,
+    ) -> Result<Option<Frame>, TransportError> {
+        let mut frame_started: Option<Instant> = reader.frame_in_progress().then(Instant::now);
+        loop {
+            if let Some(frame) = reader.next_frame()? {
+                return Ok(Some(frame));
+            }
+            let idle = budget.credits.available() + 1 >= u64::from(self.config.credits);
+            let deadline = match frame_started {
+                Some(started) => Some(started + Duration::from_millis(self.config.frame_timeout_ms)),
+                None if idle => Some(Instant::now() + Duration::from_millis(self.config.idle_timeout_ms)),
+                None => None,
+            };
+            let spare = reader.spare()?;
+            let read = glommio_read(read_half, spare);
+            let n = match deadline {
+                Some(deadline) => {
+                    let wait = deadline.saturating_duration_since(Instant::now());
+                    match glommio::timer::timeout(wait, async { Ok(read.await) }).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            let what = if frame_started.is_some() { "frame_timeout_ms" } else { "idle_timeout_ms" };
+                            return Err(closed(&format!("peer sent nothing within {what}")));
+                        }
+                    }
+                }
+                None => read.await,
+            }
+            .map_err(|e| TransportError::io("reading frames", e))?;
+            if n == 0 {
+                if reader.frame_in_progress() {
+                    return Err(closed("peer closed the connection in the middle of a frame"));
+                }
+                return Ok(None);
+            }
+            reader.advance(n);
+            frame_started.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Serves a connection whose driver runs elsewhere (RDMA): frames arrive through `source`
+    /// and replies leave through `outbound`. The driver enforces the credits.
+    pub async fn serve_link(self: Rc<Self>, source: ChannelSource, outbound: flume::Sender<OutFrame>) {
+        self.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+        let credits = Rc::new(Semaphore::new(self.config.credits.into()));
+        while let Some(item) = source.recv().await {
+            let frame = match item {
+                Ok(frame) => frame,
+                Err(e) => {
+                    tracing::debug!(error = %e, "link closed");
+                    break;
+                }
+            };
+            self.stats.frames_received.fetch_add(1, Ordering::Relaxed);
+            let Ok(credit) = credits.acquire_static_permit(1).await else { break };
+            let (server, outbound) = (self.clone(), outbound.clone());
+            glommio::spawn_local(async move {
+                let reply = server.dispatch(frame).await;
+                if outbound.send_async(reply).await.is_ok() {
+                    server.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(credit);
+            })
+            .detach();
+        }
+        self.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The reply to one request; never fails (failures become error frames).
+    async fn dispatch(&self, frame: Frame) -> OutFrame {
+        let id = frame.request_id();
+        let max = self.config.max_frame_bytes;
+        let reply = match frame.kind() {
+            Err(e) => Err(ErrorReply::from(e)),
+            Ok(FrameKind::Hello) => self.hello(&frame),
+            Ok(FrameKind::Heartbeat) => frame
+                .access::<Heartbeat>()
+                .map_err(ErrorReply::from)
+                .and_then(|hb| encode(id, &HeartbeatAck { sent_at_us: hb.sent_at_us.into() }, max)),
+            Ok(FrameKind::Echo) => frame
+                .access::<Echo>()
+                .map_err(ErrorReply::from)
+                // Copy the payload into the reply frame: the one copy on the echo path.
+                .and_then(|echo| encode(id, &EchoReply { payload: &echo.payload }, max)),
+            Ok(kind) if is_reply_kind(kind) => Err(ErrorReply {
+                code: remote_code::PROTOCOL_VIOLATION,
+                message: format!("{kind:?} is a reply; a server does not accept it as a request"),
+            }),
+            Ok(_) => self.handler.handle(frame).await,
+        };
+        reply.or_else(|e| error_frame(id, e, max)).unwrap_or_else(|e| {
+            // Only an error frame too large for max_frame_bytes gets here; send a short one.
+            error_frame(id, ErrorReply { code: e.code, message: "error message too long".into() }, max)
+                .expect("a short error frame always encodes")
+        })
+    }
+
+    fn hello(&self, frame: &Frame) -> Result<OutFrame, ErrorReply> {
+        let hello = frame.access::<Hello>()?;
+        let ack = HelloAck {
+            server_name: self.info.name.clone(),
+            shard: self.info.shard,
+            shard_count: self.info.shard_count,
+            max_frame_bytes: self.config.max_frame_bytes.min(hello.max_frame_bytes.into()),
+            credits: self.config.credits.min(hello.credits_wanted.into()).max(1),
+            rdma_port: self.info.rdma_port,
+        };
+        encode(frame.request_id(), &ack, self.config.max_frame_bytes)
+    }
+}
+
+fn is_reply_kind(kind: FrameKind) -> bool {
+    matches!(
+        kind,
+        FrameKind::Error | FrameKind::HelloAck | FrameKind::HeartbeatAck | FrameKind::EchoReply | FrameKind::RdmaAccept
+    ) || (kind as u16 >= FrameKind::AppendRequest as u16 && (kind as u16) % 2 == 1)
+}
+
+fn encode<M: crate::frame::Message>(id: u64, message: &M, max: u64) -> Result<OutFrame, ErrorReply> {
+    OutFrame::encode(id, message, max).map_err(ErrorReply::from)
+}
+
+/// An error frame answering request `id`.
+pub fn error_frame(id: u64, reply: ErrorReply, max_frame_bytes: u64) -> Result<OutFrame, ErrorReply> {
+    OutFrame::encode(id, &reply, max_frame_bytes).map_err(|_| reply)
+}
+
+fn closed(reason: &str) -> TransportError {
+    TransportError::Closed { reason: reason.to_string() }
+}
+
+/// Answers every broker operation with NOT_SUPPORTED; for servers that only need the
+/// built-in kinds (hello, heartbeat, echo), such as benchmarks and tests.
+#[derive(Debug, Default)]
+pub struct BuiltinsOnly;
+
+impl Handler for BuiltinsOnly {
+    async fn handle(&self, request: Frame) -> Result<OutFrame, ErrorReply> {
+        Err(ErrorReply {
+            code: remote_code::NOT_SUPPORTED,
+            message: format!("frame kind {} is not served here", request.header().kind),
+        })
+    }
+}
+
+/// A server running on its own glommio executor thread, stopped on drop.
+pub struct ServerThread {
+    /// The TCP listener's address, or the RDMA bootstrap address for an RDMA-only server.
+    pub addr: std::net::SocketAddr,
+    pub rdma_addr: Option<std::net::SocketAddr>,
+    pub stats: Arc<ServerStats>,
+    stop: Option<flume::Sender<()>>,
+    join: Option<glommio::ExecutorJoinHandle<()>>,
+}
+
+/// Where a `ServerThread` listens.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListenOn {
+    pub tcp: Option<std::net::SocketAddr>,
+    pub rdma: Option<std::net::SocketAddr>,
+}
+
+impl ServerThread {
+    /// Binds `bind` and serves TCP with the handler `make_handler` builds on the new thread.
+    pub fn spawn_tcp<H: Handler, F: FnOnce() -> H + Send + 'static>(
+        bind: std::net::SocketAddr,
+        config: TransportConfig,
+        info: ServerInfo,
+        make_handler: F,
+        pin_core: Option<usize>,
+    ) -> Result<ServerThread, TransportError> {
+        Self::spawn(ListenOn { tcp: Some(bind), rdma: None }, config, info, make_handler, pin_core)
+    }
+
+    /// Serves TCP, RDMA or both from one executor thread. With both, `HelloAck` tells TCP
+    /// clients the RDMA port, so `auto://` clients can move over.
+    pub fn spawn<H: Handler, F: FnOnce() -> H + Send + 'static>(
+        listen: ListenOn,
+        config: TransportConfig,
+        mut info: ServerInfo,
+        make_handler: F,
+        pin_core: Option<usize>,
+    ) -> Result<ServerThread, TransportError> {
+        config.validate()?;
+        if listen.tcp.is_none() && listen.rdma.is_none() {
+            return Err(TransportError::Config { reason: "a server needs a TCP or an RDMA address".into() });
+        }
+        let rdma = match listen.rdma {
+            Some(bind) => Some(RdmaAcceptor::spawn(bind, &config)?),
+            None => None,
+        };
+        let rdma_addr = rdma.as_ref().map(|r| r.addr);
+        if let Some(addr) = rdma_addr {
+            info.rdma_port = addr.port();
+        }
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = flume::bounded::<()>(1);
+        let placement = match pin_core {
+            Some(core) => glommio::Placement::Fixed(core),
+            None => glommio::Placement::Unbound,
+        };
+        let accepted = rdma.as_ref().map(|r| r.accepted.clone());
+        let join = glommio::LocalExecutorBuilder::new(placement)
+            .name("sluice-transport-server")
+            .spawn(move || async move {
+                let listener = match listen.tcp.map(glommio::net::TcpListener::bind).transpose() {
+                    Ok(listener) => listener,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(TransportError::Io {
+                            context: format!("binding {:?}", listen.tcp),
+                            source: std::io::Error::other(e.to_string()),
+                        }));
+                        return;
+                    }
+                };
+                let server = match Server::new(make_handler(), config, info) {
+                    Ok(server) => server,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let addr = listener.as_ref().map(|l| l.local_addr().expect("bound listener has an address"));
+                let _ = ready_tx.send(Ok((addr, server.stats())));
+                let stopper = server.clone();
+                glommio::spawn_local(async move {
+                    let _ = stop_rx.recv_async().await;
+                    stopper.shutdown();
+                })
+                .detach();
+                let rdma_task =
+                    accepted.map(|accepted| glommio::spawn_local(server.clone().serve_rdma(accepted, pin_core)));
+                if let Some(listener) = listener {
+                    server.clone().serve_tcp(listener).await;
+                } else {
+                    server.stopped().await;
+                }
+                if let Some(task) = rdma_task {
+                    task.await;
+                }
+            })
+            .map_err(|e| TransportError::Io {
+                context: "starting the server executor".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        let (addr, stats) = ready_rx
+            .recv()
+            .map_err(|_| TransportError::Closed { reason: "server thread exited during start-up".into() })??;
+        let addr = addr.or(rdma_addr).expect("a TCP or an RDMA address");
+        // The acceptor thread stops once the executor drops its end of the channel.
+        drop(rdma);
+        Ok(ServerThread { addr, rdma_addr, stats, stop: Some(stop_tx), join: Some(join) })
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(join) = self.join.take() {
+            let _ = join.join();
+        }
+        if let Some(addr) = self.rdma_addr {
+            // Wake the acceptor thread out of its blocking accept so it sees the executor is gone.
+            let _ = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200));
+        }
+    }
+}
+
+/// Accepts RDMA connections on a blocking thread (the bootstrap exchange is blocking) and
+/// hands each one to the executor.
+struct RdmaAcceptor {
+    addr: std::net::SocketAddr,
+    accepted: flume::Receiver<crate::rdma::PendingRdma>,
+}
+
+impl RdmaAcceptor {
+    fn spawn(bind: std::net::SocketAddr, config: &TransportConfig) -> Result<RdmaAcceptor, TransportError> {
+        let listener = crate::rdma::RdmaListener::bind(bind, config)?;
+        let addr = listener.local_addr();
+        let (tx, rx) = flume::bounded(16);
+        std::thread::Builder::new()
+            .name("sluice-rdma-accept".into())
+            .spawn(move || loop {
+                let accepted = listener.accept();
+                if tx.is_disconnected() {
+                    return;
+                }
+                match accepted {
+                    Ok(pending) => {
+                        if tx.send(pending).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "RDMA accept failed");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            })
+            .map_err(|e| TransportError::io("starting the RDMA acceptor", e))?;
+        Ok(RdmaAcceptor { addr, accepted: rx })
+    }
+}
+
+impl<H: Handler> Server<H> {
+    /// Starts a driver for each accepted RDMA connection, pinned to this executor's core, and
+    /// serves it until it closes or the server stops.
+    async fn serve_rdma(self: Rc<Self>, accepted: flume::Receiver<crate::rdma::PendingRdma>, pin_core: Option<usize>) {
+        loop {
+            let next = {
+                let recv = std::pin::pin!(accepted.recv_async());
+                let stop = std::pin::pin!(self.stopped());
+                match futures::future::select(recv, stop).await {
+                    futures::future::Either::Left((Ok(pending), _)) => pending,
+                    _ => return,
+                }
+            };
+            self.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+            // Credits bound what a well-behaved peer queues; the slack covers control frames.
+            let (sink, source) = crate::link::ChannelSink::new(self.config.credits as usize + 64);
+            let (out_tx, out_rx) = flume::bounded(self.config.credits as usize);
+            let driver = match next.start(out_rx, sink, pin_core) {
+                Ok(driver) => driver,
+                Err(e) => {
+                    tracing::warn!(error = %e, "starting an RDMA connection failed");
+                    continue;
+                }
+            };
+            let server = self.clone();
+            glommio::spawn_local(async move {
+                server.serve_link(source, out_tx).await;
+                drop(driver);
+            })
+            .detach();
+        }
+    }
+}

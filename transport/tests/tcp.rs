@@ -1,0 +1,335 @@
+//! The TCP path end to end: a glommio server thread, tokio clients, real sockets.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_transport::frame::{Frame, OutFrame};
+use sluice_transport::messages::*;
+use sluice_transport::{Client, FrameError, Handler, ServerInfo, ServerThread, TransportConfig, TransportError};
+
+/// Answers AppendRequest once `gate` allows it. The reply's position is the request's
+/// message id, so callers can check that replies match requests.
+#[derive(Clone, Default)]
+struct Gate {
+    arrived: Arc<AtomicU64>,
+    /// Requests wait until this many have arrived...
+    release_at: Arc<AtomicU64>,
+    /// ...or until this is set.
+    open: Arc<AtomicBool>,
+    bodies_in_place: Arc<AtomicU64>,
+}
+
+impl Handler for Gate {
+    async fn handle(&self, request: Frame) -> Result<OutFrame, ErrorReply> {
+        let append = request.access::<AppendRequest>()?;
+        let arrived = self.arrived.fetch_add(1, Ordering::SeqCst) + 1;
+        let _ = arrived;
+        while !self.open.load(Ordering::SeqCst)
+            && self.arrived.load(Ordering::SeqCst) < self.release_at.load(Ordering::SeqCst)
+        {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        let entry = &append.entries[0];
+        if request.as_bytes().as_ptr_range().contains(&request.share(&entry.body).as_ptr()) {
+            self.bodies_in_place.fetch_add(1, Ordering::SeqCst);
+        }
+        let id: u64 = entry.message_id.parse().map_err(|_| ErrorReply { code: 1, message: "bad id".into() })?;
+        let reply = AppendResponse { acks: vec![AppendAck { position: id, offsets: vec![entry.body.len() as u64] }] };
+        OutFrame::encode(request.request_id(), &reply, 64 << 20).map_err(ErrorReply::from)
+    }
+}
+
+fn server(config: TransportConfig, gate: Gate) -> ServerThread {
+    let bind: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    ServerThread::spawn_tcp(bind, config, ServerInfo { name: "test".into(), ..Default::default() }, move || gate, None)
+        .unwrap()
+}
+
+fn endpoint(server: &ServerThread) -> String {
+    format!("tcp://{}", server.addr)
+}
+
+async fn append(client: &Client, id: u64, body: &[u8]) -> Result<(u64, u64), TransportError> {
+    let request = AppendRequest {
+        entries: vec![AppendEntry {
+            queues: vec!["q".into()],
+            message_id: id.to_string(),
+            tag: String::new(),
+            keys: vec![],
+            properties: b"",
+            body,
+        }],
+    };
+    let frame = client.call(&request).await?;
+    let reply = frame.access::<AppendResponse>()?;
+    Ok((reply.acks[0].position.to_native(), reply.acks[0].offsets[0].to_native()))
+}
+
+async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_pipelined_requests_are_in_flight_at_once() {
+    let gate = Gate::default();
+    gate.release_at.store(1000, Ordering::SeqCst);
+    let server = server(TransportConfig::default(), gate.clone());
+    let client = Client::connect(&endpoint(&server), TransportConfig::default(), "t").await.unwrap();
+    let calls: Vec<_> = (0..1000u64)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { append(&client, i, &vec![i as u8; (i % 300 + 1) as usize]).await })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        // No reply is sent before all 1,000 requests have reached the handler.
+        assert_eq!(call.await.unwrap().unwrap(), (i as u64, (i % 300 + 1) as u64));
+    }
+    assert_eq!(gate.arrived.load(Ordering::SeqCst), 1000);
+    assert_eq!(gate.bodies_in_place.load(Ordering::SeqCst), 1000, "bodies are read in the receive buffer");
+    assert_eq!(client.available_credits(), 1024);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_wait_once_credits_run_out() {
+    let config = TransportConfig { credits: 8, ..TransportConfig::default() };
+    let gate = Gate::default();
+    gate.release_at.store(u64::MAX, Ordering::SeqCst);
+    let server = server(config.clone(), gate.clone());
+    let client = Client::connect(&endpoint(&server), config, "t").await.unwrap();
+    let calls: Vec<_> = (0..20u64)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { append(&client, i, b"x").await })
+        })
+        .collect();
+    wait_for("8 requests at the handler", || gate.arrived.load(Ordering::SeqCst) == 8).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gate.arrived.load(Ordering::SeqCst), 8, "no request beyond the credit window is sent");
+    assert_eq!(server.stats.frames_received.load(Ordering::SeqCst), 1 + 8, "hello + 8");
+    assert_eq!(client.available_credits(), 0);
+    gate.open.store(true, Ordering::SeqCst);
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(gate.arrived.load(Ordering::SeqCst), 20);
+    assert_eq!(client.available_credits(), 8);
+}
+
+#[test]
+fn a_reader_that_never_reads_replies_does_not_grow_server_memory() {
+    let config = TransportConfig {
+        max_frame_bytes: 1 << 20,
+        max_inflight_bytes: 4 << 20,
+        read_buffer_bytes: 64 << 10,
+        ..TransportConfig::default()
+    };
+    let server = server(config.clone(), Gate::default());
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    // Echo requests with 512 KiB payloads: each reply is as big as its request.
+    let payload = vec![7u8; 512 << 10];
+    let request = OutFrame::encode(1, &Echo { payload: &payload }, 1 << 20).unwrap();
+    let (mut sent, target) = (0u64, 400u64);
+    while sent < target {
+        match stream.write_all(request.as_bytes()) {
+            Ok(()) => sent += 1,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let received = server.stats.frames_received.load(Ordering::SeqCst);
+    let held = server.stats.held_bytes_peak.load(Ordering::SeqCst);
+    eprintln!(
+        "sent {sent} requests of 512 KiB before the socket blocked; server read {received}, held peak {held} bytes"
+    );
+    assert!(sent < target, "the server must stop reading, so the client's writes block");
+    assert!(held <= config.max_inflight_bytes, "held {held} bytes > max_inflight_bytes");
+    // Requests the kernel buffers can hold plus those within the byte budget, not all 400.
+    assert!(received < 40, "server read {received} requests although nobody reads the replies");
+    // Now read: everything the server accepted is answered.
+    drop(stream.try_clone().unwrap().shutdown(std::net::Shutdown::Write));
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut replies = Vec::new();
+    stream.read_to_end(&mut replies).unwrap();
+    let reply_len = OutFrame::encode(1, &EchoReply { payload: &payload }, 1 << 20).unwrap().len();
+    assert_eq!(replies.len() % reply_len, 0);
+    assert_eq!(replies.len() / reply_len, server.stats.frames_received.load(Ordering::SeqCst) as usize);
+}
+
+fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> (Vec<u8>, bool) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(bytes).unwrap();
+    let mut reply = vec![0u8; 4096];
+    let mut got = 0;
+    let closed = loop {
+        match stream.read(&mut reply[got..]) {
+            Ok(0) => break true,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+            Err(_) => break true,
+        }
+        if got >= 32 {
+            let len = 32 + u32::from_le_bytes(reply[12..16].try_into().unwrap()) as usize;
+            if got >= len {
+                // Check whether the server also closes.
+                stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            }
+        }
+    };
+    reply.truncate(got);
+    (reply, closed)
+}
+
+fn error_code(reply: &[u8]) -> u32 {
+    let len = 32 + u32::from_le_bytes(reply[12..16].try_into().unwrap()) as usize;
+    let frame = Frame::parse(bytes::Bytes::copy_from_slice(&reply[..len]), 1 << 20).unwrap();
+    frame.access::<ErrorReply>().unwrap().code.to_native()
+}
+
+#[test]
+fn garbage_and_wrong_versions_get_an_error_frame_then_a_disconnect() {
+    let server = server(TransportConfig::default(), Gate::default());
+    let (reply, closed) = raw_exchange(server.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n______");
+    assert_eq!(error_code(&reply), FrameError::BadMagic { found: 0 }.code());
+    assert!(closed);
+
+    let mut wrong_version = OutFrame::encode(3, &Heartbeat { sent_at_us: 1 }, 4096).unwrap().as_bytes().to_vec();
+    wrong_version[4] = 2;
+    let (reply, closed) = raw_exchange(server.addr, &wrong_version);
+    assert_eq!(error_code(&reply), 2002);
+    assert!(closed);
+
+    let mut bad_crc = OutFrame::encode(3, &Heartbeat { sent_at_us: 1 }, 4096).unwrap().as_bytes().to_vec();
+    *bad_crc.last_mut().unwrap() ^= 0x40;
+    let (reply, closed) = raw_exchange(server.addr, &bad_crc);
+    assert_eq!(error_code(&reply), 2006);
+    assert!(closed);
+
+    let mut oversize = OutFrame::encode(3, &Heartbeat { sent_at_us: 1 }, 4096).unwrap().as_bytes().to_vec();
+    oversize[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+    let (reply, closed) = raw_exchange(server.addr, &oversize);
+    assert_eq!(error_code(&reply), 2004);
+    assert!(closed);
+    assert_eq!(server.stats.protocol_errors.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_kinds_and_unserved_kinds_get_typed_errors_and_the_connection_lives_on() {
+    let server = server(TransportConfig::default(), Gate::default());
+    let client = Client::connect(&endpoint(&server), TransportConfig::default(), "t").await.unwrap();
+    let mut unknown = OutFrame::encode(0, &Heartbeat { sent_at_us: 1 }, 4096).unwrap().as_bytes().to_vec();
+    unknown[6..8].copy_from_slice(&500u16.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&unknown[0..24]), &unknown[28..]);
+    unknown[24..28].copy_from_slice(&crc.to_le_bytes());
+    let reply = client.call_raw(OutFrame::from_raw(unknown.clone().into())).await.unwrap();
+    assert_eq!(reply.access::<ErrorReply>().unwrap().code, 2003);
+    // A kind this handler does not serve, and a malformed body of a kind it does.
+    let err = client.call(&StatsRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), 2008, "{err}");
+    let mut malformed = unknown.clone();
+    malformed[6..8].copy_from_slice(&(FrameKind::AppendRequest as u16).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&malformed[0..24]), &malformed[28..]);
+    malformed[24..28].copy_from_slice(&crc.to_le_bytes());
+    let reply = client.call_raw(OutFrame::from_raw(malformed.into())).await.unwrap();
+    assert_eq!(reply.access::<ErrorReply>().unwrap().code, 2007);
+    // Still usable.
+    let reply = client.call(&Echo { payload: b"still here" }).await.unwrap();
+    assert_eq!(&reply.access::<EchoReply>().unwrap().payload[..], b"still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_reply_times_out_and_a_dead_server_fails_calls_fast() {
+    let config = TransportConfig { request_timeout_ms: 300, drain_timeout_ms: 300, ..TransportConfig::default() };
+    let gate = Gate::default();
+    gate.release_at.store(u64::MAX, Ordering::SeqCst);
+    let server = server(config.clone(), gate.clone());
+    let client = Client::connect(&endpoint(&server), config.clone(), "t").await.unwrap();
+    let err = append(&client, 1, b"x").await.unwrap_err();
+    assert!(matches!(err, TransportError::Timeout { timeout_ms: 300 }), "{err}");
+    assert_eq!(client.available_credits(), config.credits as usize, "a timed-out call returns its credit");
+
+    // Calls waiting on a server that goes away fail promptly with Closed, not a hang.
+    let slow = TransportConfig { request_timeout_ms: 60_000, ..config };
+    let client = Client::connect(&endpoint(&server), slow, "t").await.unwrap();
+    let pending = tokio::spawn(async move { append(&client, 2, b"y").await });
+    wait_for("request at the handler", || gate.arrived.load(Ordering::SeqCst) == 2).await;
+    let started = Instant::now();
+    drop(server);
+    let err = pending.await.unwrap().unwrap_err();
+    assert!(matches!(err, TransportError::Closed { .. } | TransportError::Io { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peers_are_cut_off_and_heartbeats_keep_clients_alive() {
+    let config = TransportConfig {
+        idle_timeout_ms: 400,
+        heartbeat_interval_ms: 100,
+        frame_timeout_ms: 500,
+        ..TransportConfig::default()
+    };
+    let server = server(config.clone(), Gate::default());
+    // A raw socket that says nothing is closed after idle_timeout_ms.
+    let mut silent = TcpStream::connect(server.addr).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = silent.read(&mut buf).unwrap_or(0);
+    assert!(n == 0 || buf[..4] == *b"SLCF", "closed (after an optional error frame)");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // A half-sent frame is cut off too.
+    let mut half = TcpStream::connect(server.addr).unwrap();
+    half.write_all(&OutFrame::encode(1, &Heartbeat { sent_at_us: 1 }, 4096).unwrap().as_bytes()[..10]).unwrap();
+    half.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    half.read_to_end(&mut rest).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "cut off after frame_timeout_ms");
+    // A client that idles for longer than the idle timeout is still connected.
+    let client = Client::connect(&endpoint(&server), config, "t").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(client.closed_error().is_none());
+    client.call(&Echo { payload: b"ok" }).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_and_limits_negotiated_in_hello() {
+    let server_config = TransportConfig {
+        credits: 4,
+        max_frame_bytes: 8 << 20,
+        max_inflight_bytes: 16 << 20,
+        ..TransportConfig::default()
+    };
+    let server = server(server_config, Gate::default());
+    let client = Client::connect(&endpoint(&server), TransportConfig::default(), "t").await.unwrap();
+    let hello = client.server().unwrap();
+    assert_eq!((hello.credits, hello.max_frame_bytes), (4, 8 << 20));
+    assert_eq!(client.available_credits(), 4);
+    let body: Vec<u8> = (0..(6 << 20)).map(|i: u32| (i % 251) as u8).collect();
+    assert_eq!(append(&client, 9, &body).await.unwrap(), (9, body.len() as u64));
+    let err = append(&client, 10, &vec![0u8; 9 << 20]).await.unwrap_err();
+    assert_eq!(err.code(), 2004, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_are_checked_and_auto_falls_back_to_tcp_without_a_device() {
+    let server = server(TransportConfig::default(), Gate::default());
+    let err = Client::connect(&format!("udp://{}", server.addr), TransportConfig::default(), "t").await.err().unwrap();
+    assert_eq!(err.code(), 2105);
+    let client = Client::connect(&format!("auto://{}", server.addr), TransportConfig::default(), "t").await.unwrap();
+    if !sluice_transport::rdma::device_present() {
+        assert_eq!(client.transport(), sluice_transport::TransportKind::Tcp);
+    }
+    client.call(&Echo { payload: b"auto" }).await.unwrap();
+    let err = Client::connect("tcp://127.0.0.1:1", TransportConfig::default(), "t").await.err().unwrap();
+    assert_eq!(err.code(), 2101, "{err}");
+}
