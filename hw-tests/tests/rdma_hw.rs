@@ -1,7 +1,8 @@
 //! RDMA hardware tests: ping-pong, bulk transfer and a latency probe over a real device.
 //! Run with `cargo test --release -p sluice-hw-tests -- --ignored --nocapture --test-threads=1`
 //! or `scripts/hw-tests.sh`. Sizes and counts can be raised on real hardware:
-//! `SLUICE_HW_BULK_MIB` (default 256), `SLUICE_HW_LATENCY_ROUND_TRIPS` (default 20000).
+//! `SLUICE_HW_BULK_MIB` (default 256), `SLUICE_HW_LATENCY_ROUND_TRIPS` (default 20000);
+//! `SLUICE_HW_BUSY_POLL_SPINS` overrides `rdma.busy_poll_spins` for the latency probe.
 
 use std::time::{Duration, Instant};
 
@@ -110,7 +111,9 @@ fn rdma_latency_probe_reports_percentiles() {
     }
     let round_trips = env_or("SLUICE_HW_LATENCY_ROUND_TRIPS", 20_000) as usize;
     let warmup = 1_000;
-    let config = TransportConfig::default();
+    let mut config = TransportConfig::default();
+    config.rdma.busy_poll_spins = env_or("SLUICE_HW_BUSY_POLL_SPINS", config.rdma.busy_poll_spins.into()) as u32;
+    println!("poller busy-poll rounds before sleeping: {}", config.rdma.busy_poll_spins);
     let (client, server) = link(&config);
     let echo = spawn_echo(server, &config);
     let mut id = 0;

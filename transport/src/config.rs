@@ -54,6 +54,11 @@ pub struct RdmaConfig {
     pub write_chunk_bytes: u32,
     /// Staging chunks per connection (writes in flight at once).
     pub write_chunks: u32,
+    /// When nothing has completed for this long and nothing is in flight, the poller posts a
+    /// zero-length RDMA WRITE (no receive consumed, nothing delivered at the peer): a peer whose
+    /// queue pair is gone without its socket closing (a vanished host) fails it after the RC
+    /// retries. Bounds how long an idle or flow-control-stalled link takes to notice.
+    pub liveness_probe_ms: u64,
 }
 
 /// Receives each side keeps beyond its data credits: one for the peer's credit request and
@@ -100,6 +105,7 @@ impl Default for RdmaConfig {
             send_slots: 256,
             write_chunk_bytes: 1 << 20,
             write_chunks: 4,
+            liveness_probe_ms: 1_000,
         }
     }
 }
@@ -184,6 +190,9 @@ impl RdmaConfig {
         if self.write_chunks == 0 || self.write_chunks > 64 {
             return bad(format!("rdma.write_chunks = {} must be within 1..=64", self.write_chunks));
         }
+        if !(10..=600_000).contains(&self.liveness_probe_ms) {
+            return bad(format!("rdma.liveness_probe_ms = {} must be within 10..=600000", self.liveness_probe_ms));
+        }
         if let Some(device) = &self.device {
             if device.is_empty() || device.len() > 64 {
                 return bad(format!("rdma.device = {device:?} must be a device name of 1..=64 bytes"));
@@ -206,7 +215,7 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_each_limit_is_checked() {
         TransportConfig::default().validate().unwrap();
-        let cases: [fn(&mut TransportConfig); 13] = [
+        let cases: [fn(&mut TransportConfig); 14] = [
             |c| c.max_frame_bytes = 10,
             |c| c.credits = 0,
             |c| c.max_inflight_bytes = c.max_frame_bytes - 1,
@@ -220,6 +229,7 @@ mod tests {
             |c| c.rdma.write_chunk_bytes = 100,
             |c| c.rdma.write_chunks = 0,
             |c| c.rdma.device = Some(String::new()),
+            |c| c.rdma.liveness_probe_ms = 0,
         ];
         for case in cases {
             let mut config = TransportConfig::default();

@@ -16,7 +16,7 @@ use sluice_transport::{ChannelSink, ChannelSource, Frame, OutFrame, TransportCon
 /// Generous bound for anything to arrive (software RDMA under emulation is slow).
 const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on noticing a dead peer; the requirement is "bounded", not fast.
-const PEER_DEATH_BOUND: Duration = Duration::from_secs(60);
+const PEER_DEATH_BOUND: Duration = Duration::from_secs(30);
 const CHILD_ENV: &str = "SLUICE_RDMA_LINK_CHILD";
 
 struct Side {
@@ -208,12 +208,16 @@ fn closing_the_outbound_channel_closes_both_sides() {
 
 /// Spawns this test binary as the child peer, in `role`, connecting to `addr`.
 fn spawn_child(role: &str, addr: std::net::SocketAddr) -> Child {
+    child_command(role, addr).spawn().expect("spawn child peer")
+}
+
+fn child_command(role: &str, addr: std::net::SocketAddr) -> Command {
     let exe = std::env::current_exe().expect("test binary path");
-    Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args(["--exact", "child_process_entry", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, format!("{role}:{addr}"))
-        .spawn()
-        .expect("spawn child peer")
+        .env(CHILD_ENV, format!("{role}:{addr}"));
+    command
 }
 
 /// Accepts the child's connection, killing the child if it never comes.
@@ -300,6 +304,97 @@ fn sender_sees_an_error_when_the_receiving_peer_is_killed_mid_transfer() {
     feeder.join().unwrap();
 }
 
+/// The child hands a clone of its bootstrap socket to a `sleep` process, then is SIGKILLed: the
+/// socket stays open, so only the RDMA layer (RC retries, liveness probes) can tell the peer is
+/// gone. `child_role` is "vanish-receive" (this side sends) or "vanish-send" (this side receives).
+fn peer_vanishing_without_closing_its_socket_is_an_rdma_error(child_role: &str) {
+    let config = TransportConfig::default();
+    let listener = RdmaListener::bind(server_addr(), &config).expect("bind");
+    let mut child = child_command(child_role, listener.local_addr())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn child peer");
+    let stdout = child.stdout.take().expect("child stdout");
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("child| {line}");
+            // The harness prints "test child_process_entry ... " before it on the same line.
+            if let Some((_, pid)) = line.split_once(HOLDER_PID_PREFIX) {
+                let _ = pid_tx.send(pid.trim().to_string());
+            }
+        }
+    });
+    let pending = accept_child(listener, &mut child);
+    let holder_pid = pid_rx.recv_timeout(ARRIVAL_TIMEOUT).expect("socket holder pid from the child");
+    let side = start(pending, &config, 2);
+    let feeder = (child_role == "vanish-receive").then(|| {
+        let tx = side.tx.clone();
+        std::thread::spawn(move || {
+            let config = TransportConfig::default();
+            let payload = pattern(3, 32 << 20);
+            let mut id = 0;
+            while tx.send(echo_frame(id, &payload, &config)).is_ok() {
+                id += 1;
+            }
+        })
+    });
+    if feeder.is_some() {
+        let started = Instant::now();
+        while side.driver.stats().frames_sent_write < 2 {
+            assert!(started.elapsed() < ARRIVAL_TIMEOUT, "no 32 MiB frame went out");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    } else {
+        drop(recv(&side, "first 32 MiB frame from the child"));
+    }
+    child.kill().expect("SIGKILL the child");
+    child.wait().expect("reap the child");
+    let killed = Instant::now();
+    let outcome = loop {
+        match side.rx.recv_blocking(PEER_DEATH_BOUND.saturating_sub(killed.elapsed())) {
+            Some(Ok(_)) => continue, // frames complete before the kill
+            other => break other,
+        }
+    };
+    let took = killed.elapsed();
+    if !matches!(outcome, Some(Err(_))) {
+        println!("{child_role}: no error; stats {:?}", side.driver.stats());
+        let _ =
+            Command::new("sh").args(["-c", &format!("rdma resource show qp; ls -l /proc/{holder_pid}/fd")]).status();
+    }
+    let _ = Command::new("kill").args(["-KILL", &holder_pid]).status();
+    match outcome {
+        Some(Err(TransportError::Rdma { op, detail })) => {
+            println!("{child_role}: RDMA error ({op}) {took:?} after the kill: {detail}");
+        }
+        Some(Err(other)) => panic!("expected an RDMA error, got: {other}"),
+        _ => panic!("no error within {PEER_DEATH_BOUND:?}: this side hangs on a vanished peer"),
+    }
+    println!("{child_role}: {:?}", side.driver.stats());
+    drop(side);
+    if let Some(feeder) = feeder {
+        feeder.join().unwrap();
+    }
+}
+
+#[test]
+fn sender_sees_an_rdma_error_when_the_peer_vanishes_without_closing_its_socket() {
+    if device_or_skip("sender_sees_an_rdma_error_when_the_peer_vanishes_without_closing_its_socket") {
+        peer_vanishing_without_closing_its_socket_is_an_rdma_error("vanish-receive");
+    }
+}
+
+#[test]
+fn idle_receiver_sees_an_rdma_error_when_the_peer_vanishes_without_closing_its_socket() {
+    if device_or_skip("idle_receiver_sees_an_rdma_error_when_the_peer_vanishes_without_closing_its_socket") {
+        peer_vanishing_without_closing_its_socket_is_an_rdma_error("vanish-send");
+    }
+}
+
+const HOLDER_PID_PREFIX: &str = "SOCKET_HOLDER_PID=";
+
 /// The child peer for the tests above; does nothing unless `SLUICE_RDMA_LINK_CHILD` is set.
 #[test]
 fn child_process_entry() {
@@ -307,9 +402,20 @@ fn child_process_entry() {
     let (role, addr) = spec.split_once(':').expect("role:addr");
     let addr: std::net::SocketAddr = addr.parse().expect("addr");
     let config = TransportConfig::default();
-    let side = start(rdma::connect(addr, &config).expect("child connect"), &config, 2);
+    let pending = rdma::connect(addr, &config).expect("child connect");
+    let holder = role.starts_with("vanish").then(|| {
+        let socket = pending.clone_bootstrap_socket_for_tests().expect("clone bootstrap socket");
+        let holder = Command::new("sleep")
+            .arg("300")
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(socket)))
+            .spawn()
+            .expect("spawn the socket holder");
+        println!("{HOLDER_PID_PREFIX}{}", holder.id());
+        holder
+    });
+    let side = start(pending, &config, 2);
     match role {
-        "send" => {
+        "send" | "vanish-send" => {
             let payload = pattern(2, 32 << 20);
             for id in 0.. {
                 if side.tx.send(echo_frame(id, &payload, &config)).is_err() {
@@ -317,7 +423,7 @@ fn child_process_entry() {
                 }
             }
         }
-        "receive" => {
+        "receive" | "vanish-receive" => {
             while let Some(Ok(frame)) = side.rx.recv_blocking(Duration::from_secs(3600)) {
                 drop(frame);
             }
@@ -325,5 +431,8 @@ fn child_process_entry() {
         other => panic!("unknown child role {other}"),
     }
     // Killed before it gets here in the tests; park in case the link ended first.
+    if let Some(mut holder) = holder {
+        let _ = holder.wait();
+    }
     std::thread::sleep(Duration::from_secs(3600));
 }

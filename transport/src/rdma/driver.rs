@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use super::credit::{ReturnLedger, SendWindow};
 use super::doorbell::Doorbell;
@@ -51,6 +52,7 @@ pub(crate) struct StatsCounters {
     control_received: AtomicU64,
     credit_stalls: AtomicU64,
     ring_stalls: AtomicU64,
+    liveness_probes: AtomicU64,
 }
 
 impl StatsCounters {
@@ -67,6 +69,7 @@ impl StatsCounters {
             control_received: get(&self.control_received),
             credit_stalls: get(&self.credit_stalls),
             ring_stalls: get(&self.ring_stalls),
+            liveness_probes: get(&self.liveness_probes),
         }
     }
 }
@@ -93,6 +96,7 @@ pub(crate) struct DriverParts {
     pub limits: LinkLimits,
     pub own_credits: u32,
     pub busy_poll_spins: u32,
+    pub liveness_probe: Duration,
     pub releases: flume::Receiver<Release>,
     pub doorbell: Arc<Doorbell>,
 }
@@ -102,6 +106,9 @@ pub(crate) struct Driver {
     tcp: TcpStream,
     limits: LinkLimits,
     busy_poll_spins: u32,
+    liveness_probe: Duration,
+    /// Last time a completion arrived or a probe went out.
+    last_activity: Instant,
     releases: flume::Receiver<Release>,
     doorbell: Arc<Doorbell>,
     outbound: Outbound,
@@ -141,6 +148,8 @@ impl Driver {
             tcp: parts.tcp,
             limits: parts.limits,
             busy_poll_spins: parts.busy_poll_spins,
+            liveness_probe: parts.liveness_probe,
+            last_activity: Instant::now(),
             releases: parts.releases,
             doorbell: parts.doorbell,
             outbound,
@@ -229,6 +238,7 @@ impl Driver {
             if n == 0 {
                 break;
             }
+            self.last_activity = Instant::now();
             any = true;
         }
         Ok(any)
@@ -466,6 +476,7 @@ impl Driver {
             }
         }
         let timeout_ms = if can_take || self.outbound_closed { IDLE_WAKE_MS } else { STALLED_WAKE_MS };
+        let timeout_ms = timeout_ms.min(self.probe_if_quiet()?);
         let fds = [self.endpoint.event_fd(), self.doorbell.fd(), self.tcp.as_raw_fd()];
         let [event, _bell, bootstrap] =
             wait_fds(fds, timeout_ms).map_err(|e| TransportError::io("poll(2) in the RDMA poller", e))?;
@@ -479,6 +490,21 @@ impl Driver {
             self.on_outbound_poll(Pin::new(fut).poll(&mut cx));
         }
         Ok(())
+    }
+
+    /// Nothing completed for `liveness_probe` and nothing is in flight (in flight, the RC
+    /// retries already watch the peer): post a probe. Returns how long the poller may sleep
+    /// before the next check.
+    fn probe_if_quiet(&mut self) -> Result<i32, TransportError> {
+        let quiet = self.last_activity.elapsed();
+        if quiet < self.liveness_probe {
+            return Ok((self.liveness_probe - quiet).as_millis().clamp(1, i32::MAX as u128) as i32);
+        }
+        if self.endpoint.sends_outstanding() == 0 && self.endpoint.post_probe()? {
+            bump(&self.stats.liveness_probes, 1);
+        }
+        self.last_activity = Instant::now();
+        Ok(self.liveness_probe.as_millis().clamp(1, i32::MAX as u128) as i32)
     }
 
     fn on_outbound_poll(&mut self, poll: Poll<Result<OutFrame, flume::RecvError>>) -> bool {

@@ -178,6 +178,7 @@ pub struct PendingRdma {
     limits: peer::LinkLimits,
     own_credits: u32,
     busy_poll_spins: u32,
+    liveness_probe: std::time::Duration,
     releases: flume::Receiver<verbs::Release>,
     doorbell: Arc<doorbell::Doorbell>,
     peer_addr: SocketAddr,
@@ -201,6 +202,15 @@ impl PendingRdma {
 
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer_addr
+    }
+
+    /// Fault injection for tests: a clone of the bootstrap socket. A process that hands it to a
+    /// longer-lived helper and then dies leaves its peer with an open socket and a dead queue
+    /// pair, as a host that vanished without closing its connections would; the peer must then
+    /// notice through the RC transport's retries.
+    #[doc(hidden)]
+    pub fn clone_bootstrap_socket_for_tests(&self) -> Result<TcpStream, TransportError> {
+        self.tcp.try_clone().map_err(|e| TransportError::io("cloning the bootstrap socket", e))
     }
 
     /// Starts the poller thread (pinned to `pin_core` if given): it sends what arrives on
@@ -231,6 +241,7 @@ impl PendingRdma {
             limits: self.limits,
             own_credits: self.own_credits,
             busy_poll_spins: self.busy_poll_spins,
+            liveness_probe: self.liveness_probe,
             releases: self.releases,
             doorbell: self.doorbell,
         };
@@ -266,6 +277,8 @@ pub struct RdmaStats {
     /// Times the sender ran out of credits / ring space and waited.
     pub credit_stalls: u64,
     pub ring_stalls: u64,
+    /// Zero-length RDMA WRITEs posted to check a quiet peer is still there.
+    pub liveness_probes: u64,
 }
 
 /// A running link. `shutdown` (or drop) stops the poller, tears the link down and joins.

@@ -160,6 +160,7 @@ fn pending(
         limits: LinkLimits::new(own, peer),
         own_credits: own.credits,
         busy_poll_spins: config.rdma.busy_poll_spins,
+        liveness_probe: Duration::from_millis(config.rdma.liveness_probe_ms),
         releases,
         doorbell,
         peer_addr,

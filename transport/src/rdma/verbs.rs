@@ -52,10 +52,11 @@ const CONTROL_SLOT_BYTES: usize = 64;
 const WC_BATCH: usize = 32;
 /// Completion events acknowledged in batches (ibv_ack_cq_events takes a mutex).
 const CQ_EVENT_ACK_BATCH: u32 = 64;
-/// Local ACK timeout 4.096 µs * 2^14 ≈ 67 ms, 7 retries: a peer that vanished without closing
-/// its socket surfaces as a RETRY_EXC_ERR completion within about half a second.
+/// Local ACK timeout 4.096 µs * 2^14 ≈ 67 ms, 6 retries: a peer whose queue pair is gone
+/// surfaces as a RETRY_EXC_ERR completion within about half a second. Not 7: soft-RoCE (rxe)
+/// treats a retry count of 7 as "retry forever", as the spec does only for RNR retries.
 const QP_ACK_TIMEOUT_EXP: u8 = 14;
-const QP_RETRY_COUNT: u8 = 7;
+const QP_RETRY_COUNT: u8 = 6;
 /// 7 would mean "retry forever"; credits mean receivers are always posted, so RNR is a bug.
 const QP_RNR_RETRY: u8 = 6;
 /// 0.64 ms.
@@ -579,6 +580,7 @@ pub(crate) struct Endpoint {
     control_pool: SlotPool,
     chunk_pool: SlotPool,
     recv_states: RecvSlots,
+    probe_outstanding: bool,
     remote: Option<RemoteRing>,
     release_tx: flume::Sender<Release>,
     doorbell: Arc<Doorbell>,
@@ -618,7 +620,8 @@ impl Endpoint {
             ));
         }
 
-        let send_wrs = spec.send_slots + CONTROL_SEND_SLOTS + spec.chunks;
+        // One more for the liveness probe.
+        let send_wrs = spec.send_slots + CONTROL_SEND_SLOTS + spec.chunks + 1;
         let cq_entries = send_wrs + spec.recv_slots;
         if cq_entries > device_attr.max_cqe.max(0) as u32
             || send_wrs.max(spec.recv_slots) > device_attr.max_qp_wr.max(0) as u32
@@ -714,6 +717,7 @@ impl Endpoint {
             control_pool: SlotPool::new(CONTROL_SEND_SLOTS),
             chunk_pool: SlotPool::new(spec.chunks),
             recv_states: RecvSlots::new(spec.recv_slots),
+            probe_outstanding: false,
             remote: None,
             release_tx,
             doorbell,
@@ -957,23 +961,30 @@ impl Endpoint {
 
     /// Work requests posted and not completed.
     pub(crate) fn sends_outstanding(&self) -> u32 {
-        self.send_pool.in_use() + self.control_pool.in_use() + self.chunk_pool.in_use()
+        self.send_pool.in_use()
+            + self.control_pool.in_use()
+            + self.chunk_pool.in_use()
+            + u32::from(self.probe_outstanding)
     }
 
+    /// Posts one signaled work request; `sge: None` is a zero-length request.
     fn post_send(
         &mut self,
         id: u64,
-        sge: ibv_sge,
+        sge: Option<ibv_sge>,
         opcode: ibv_wr_opcode::Type,
         imm: Option<u32>,
         remote_offset: Option<u64>,
     ) -> Result<(), TransportError> {
         let mut sge = sge;
+        let length = sge.map_or(0, |s| s.length);
         // SAFETY: ibv_send_wr is plain C data; all-zero (null pointers, empty unions) is valid.
         let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = id;
-        wr.sg_list = &mut sge;
-        wr.num_sge = 1;
+        if let Some(sge) = sge.as_mut() {
+            wr.sg_list = sge;
+            wr.num_sge = 1;
+        }
         wr.opcode = opcode;
         wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
         if let Some(imm) = imm {
@@ -981,12 +992,12 @@ impl Endpoint {
         }
         if let Some(offset) = remote_offset {
             let remote = self.remote.as_ref().expect("writes happen only on a connected endpoint");
-            assert!(offset + u64::from(sge.length) <= remote.bytes, "write past the peer's ring");
+            assert!(offset + u64::from(length) <= remote.bytes, "write past the peer's ring");
             wr.wr.rdma = rdma_t { remote_addr: remote.addr + offset, rkey: remote.rkey };
         }
         let mut bad: *mut ibv_send_wr = null_mut();
         // SAFETY: `wr` and `sge` live until the call returns (the provider copies them); the
-        // SGE lies inside a registered buffer the CPU no longer touches until completion.
+        // SGE, if any, lies inside a registered buffer the CPU no longer touches until completion.
         let rc = unsafe { ibv_post_send(self.qp.0.as_ptr(), &mut wr, &mut bad) };
         if rc != 0 {
             return Err(rc_err("ibv_post_send", rc));
@@ -1006,7 +1017,13 @@ impl Endpoint {
             length: frame.len() as u32,
             lkey: self.send_mr.lkey(),
         };
-        self.post_send(wr_id(WrKind::SendFrame, slot), sge, ibv_wr_opcode::IBV_WR_SEND_WITH_IMM, Some(imm), None)?;
+        self.post_send(
+            wr_id(WrKind::SendFrame, slot),
+            Some(sge),
+            ibv_wr_opcode::IBV_WR_SEND_WITH_IMM,
+            Some(imm),
+            None,
+        )?;
         Ok(true)
     }
 
@@ -1021,7 +1038,13 @@ impl Endpoint {
             length: body.len() as u32,
             lkey: self.send_mr.lkey(),
         };
-        self.post_send(wr_id(WrKind::SendControl, slot), sge, ibv_wr_opcode::IBV_WR_SEND_WITH_IMM, Some(imm), None)?;
+        self.post_send(
+            wr_id(WrKind::SendControl, slot),
+            Some(sge),
+            ibv_wr_opcode::IBV_WR_SEND_WITH_IMM,
+            Some(imm),
+            None,
+        )?;
         Ok(true)
     }
 
@@ -1045,7 +1068,18 @@ impl Endpoint {
         };
         let opcode =
             if imm.is_some() { ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM } else { ibv_wr_opcode::IBV_WR_RDMA_WRITE };
-        self.post_send(wr_id(WrKind::Write, chunk), sge, opcode, imm, Some(remote_offset))?;
+        self.post_send(wr_id(WrKind::Write, chunk), Some(sge), opcode, imm, Some(remote_offset))?;
+        Ok(true)
+    }
+
+    /// Posts a zero-length RDMA WRITE to the peer's ring: it touches no memory and consumes no
+    /// receive, but needs the peer's queue pair to answer. False if one is already in flight.
+    pub(crate) fn post_probe(&mut self) -> Result<bool, TransportError> {
+        if self.probe_outstanding {
+            return Ok(false);
+        }
+        self.post_send(wr_id(WrKind::Probe, 0), None, ibv_wr_opcode::IBV_WR_RDMA_WRITE, None, Some(0))?;
+        self.probe_outstanding = true;
         Ok(true)
     }
 
@@ -1080,6 +1114,7 @@ impl Endpoint {
                 WrKind::SendFrame => self.send_pool.give(index),
                 WrKind::SendControl => self.control_pool.give(index),
                 WrKind::Write => self.chunk_pool.give(index),
+                WrKind::Probe => self.probe_outstanding = false,
                 WrKind::Recv => {
                     if index >= self.spec.recv_slots {
                         return Err(rdma_err("ibv_poll_cq", format!("receive completion for slot {index}")));

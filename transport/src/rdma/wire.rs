@@ -136,6 +136,8 @@ pub enum WrKind {
     SendFrame = 2,
     SendControl = 3,
     Write = 4,
+    /// Zero-length RDMA WRITE that only checks the peer's queue pair answers.
+    Probe = 5,
 }
 
 pub fn wr_id(kind: WrKind, index: u32) -> u64 {
@@ -149,6 +151,7 @@ pub fn decode_wr_id(id: u64) -> Option<(WrKind, u32)> {
         2 => WrKind::SendFrame,
         3 => WrKind::SendControl,
         4 => WrKind::Write,
+        5 => WrKind::Probe,
         _ => return None,
     };
     Some((kind, id as u32))
@@ -193,7 +196,7 @@ mod tests {
 
     #[test]
     fn wr_ids_round_trip() {
-        for kind in [WrKind::Recv, WrKind::SendFrame, WrKind::SendControl, WrKind::Write] {
+        for kind in [WrKind::Recv, WrKind::SendFrame, WrKind::SendControl, WrKind::Write, WrKind::Probe] {
             for index in [0, 1, u32::MAX] {
                 assert_eq!(decode_wr_id(wr_id(kind, index)), Some((kind, index)));
             }
