@@ -6,12 +6,15 @@
 //! by `SLUICE_RDMA_LINK_CHILD`) and SIGKILL it in the middle of a 32 MiB transfer.
 
 use std::process::{Child, Command};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_transport::messages::Echo;
 use sluice_transport::rdma::test_support::{device_or_skip, server_addr};
 use sluice_transport::rdma::{self, PendingRdma, RdmaDriver, RdmaListener};
-use sluice_transport::{ChannelSink, ChannelSource, Frame, OutFrame, TransportConfig, TransportError};
+use sluice_transport::{
+    ChannelSink, ChannelSource, Frame, FrameError, FrameSink, OutFrame, TransportConfig, TransportError,
+};
 
 /// Generous bound for anything to arrive (software RDMA under emulation is slow).
 const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,13 +37,21 @@ fn start(pending: PendingRdma, config: &TransportConfig, outbound_capacity: usiz
 
 /// (client, server) over one RDMA link.
 fn pair(config: &TransportConfig, outbound_capacity: usize) -> (Side, Side) {
-    let listener = RdmaListener::bind(server_addr(), config).expect("bind");
+    pair_with(config, config, outbound_capacity)
+}
+
+fn pair_with(
+    client_config: &TransportConfig,
+    server_config: &TransportConfig,
+    outbound_capacity: usize,
+) -> (Side, Side) {
+    let listener = RdmaListener::bind(server_addr(), server_config).expect("bind");
     let addr = listener.local_addr();
     let server = std::thread::spawn(move || listener.accept());
-    let client = rdma::connect(addr, config).expect("connect");
+    let client = rdma::connect(addr, client_config).expect("connect");
     let server = server.join().expect("accept thread").expect("accept");
     println!("link: client {} / server {}", client.describe(), server.describe());
-    (start(client, config, outbound_capacity), start(server, config, outbound_capacity))
+    (start(client, client_config, outbound_capacity), start(server, server_config, outbound_capacity))
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -202,6 +213,89 @@ fn closing_the_outbound_channel_closes_both_sides() {
         other => panic!("server: expected an error, got {other:?}"),
     }
     driver.shutdown();
+}
+
+#[test]
+fn a_corrupt_frame_closes_the_link_with_a_typed_error_on_both_paths() {
+    if !device_or_skip("a_corrupt_frame_closes_the_link_with_a_typed_error_on_both_paths") {
+        return;
+    }
+    let config = TransportConfig::default();
+    // 100 bytes go by SEND, 100 000 through the ring.
+    for len in [100usize, 100_000] {
+        let (client, server) = pair(&config, 4);
+        let mut bytes = echo_frame(1, &pattern(1, len), &config).as_bytes().to_vec();
+        *bytes.last_mut().expect("non-empty") ^= 0xff;
+        client.tx.send(OutFrame::from_raw(bytes.into())).unwrap();
+        match server.rx.recv_blocking(ARRIVAL_TIMEOUT) {
+            Some(Err(TransportError::Frame(FrameError::BadCrc { .. }))) => println!("{len} B: receiver refused it"),
+            other => panic!("{len} B: expected a CRC error, got {other:?}"),
+        }
+        // The receiver tore its end down; the sender hears of it.
+        match client.rx.recv_blocking(PEER_DEATH_BOUND) {
+            Some(Err(e)) => println!("{len} B: sender closed: {e}"),
+            other => panic!("{len} B: sender: expected an error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn an_outbound_frame_over_the_peers_limit_fails_the_link_locally() {
+    if !device_or_skip("an_outbound_frame_over_the_peers_limit_fails_the_link_locally") {
+        return;
+    }
+    let client_config = TransportConfig::default();
+    let server_config = TransportConfig { max_frame_bytes: 1 << 20, ..TransportConfig::default() };
+    let (client, server) = pair_with(&client_config, &server_config, 4);
+    client.tx.send(echo_frame(1, &pattern(1, 1000), &client_config)).unwrap();
+    check_echo(&recv(&server, "frame within the limit"), 1, 1000);
+    client.tx.send(echo_frame(2, &pattern(2, 2 << 20), &client_config)).unwrap();
+    match client.rx.recv_blocking(ARRIVAL_TIMEOUT) {
+        Some(Err(TransportError::Frame(FrameError::Oversize { max_frame_bytes, .. }))) => {
+            assert_eq!(max_frame_bytes, 1 << 20);
+        }
+        other => panic!("expected Oversize naming the peer's limit, got {other:?}"),
+    }
+}
+
+/// A sink that owns its own driver (as the client does) and drops it from inside `deliver`,
+/// that is, on the poller thread.
+struct SinkOwningItsDriver {
+    driver: std::sync::Mutex<Option<RdmaDriver>>,
+    closed: flume::Sender<TransportError>,
+}
+
+impl FrameSink for SinkOwningItsDriver {
+    fn deliver(&self, _frame: Frame) {
+        drop(self.driver.lock().unwrap().take());
+    }
+
+    fn closed(&self, error: TransportError) {
+        let _ = self.closed.send(error);
+    }
+}
+
+#[test]
+fn a_driver_dropped_by_its_own_sink_on_the_poller_thread_stops_cleanly() {
+    if !device_or_skip("a_driver_dropped_by_its_own_sink_on_the_poller_thread_stops_cleanly") {
+        return;
+    }
+    let config = TransportConfig::default();
+    let listener = RdmaListener::bind(server_addr(), &config).expect("bind");
+    let addr = listener.local_addr();
+    let server = std::thread::spawn(move || listener.accept());
+    let client = start(rdma::connect(addr, &config).expect("connect"), &config, 4);
+    let pending = server.join().unwrap().expect("accept");
+    let (closed_tx, closed_rx) = flume::unbounded();
+    let sink = Arc::new(SinkOwningItsDriver { driver: std::sync::Mutex::new(None), closed: closed_tx });
+    let (_tx, outbound) = flume::bounded(4);
+    let driver = pending.start(outbound, sink.clone(), None).expect("start");
+    *sink.driver.lock().unwrap() = Some(driver);
+    client.tx.send(echo_frame(1, b"drop me", &config)).unwrap();
+    match closed_rx.recv_timeout(ARRIVAL_TIMEOUT) {
+        Ok(TransportError::Closed { reason }) => println!("closed: {reason}"),
+        other => panic!("expected a local shutdown, got {other:?} (did the poller panic joining itself?)"),
+    }
 }
 
 // ---- peer death -----------------------------------------------------------------------------

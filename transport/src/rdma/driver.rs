@@ -167,9 +167,24 @@ impl Driver {
         }
     }
 
-    /// Runs until the link ends, tears the endpoint down, then tells the sink (exactly once).
+    /// Runs until the link ends, tears the endpoint down, then tells the sink (exactly once,
+    /// even if the loop or a sink callback panicked: that is a bug, but the layer above must
+    /// not wait forever for a link that is gone).
     pub(crate) fn run(mut self) {
-        let Err(error) = self.run_loop();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
+        let error = match outcome {
+            Ok(Err(error)) => error,
+            Ok(Ok(never)) => match never {},
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(%what, "the RDMA poller panicked");
+                TransportError::Closed { reason: format!("the RDMA poller stopped on a bug: {what}") }
+            }
+        };
         let Driver { endpoint, sink, tcp, .. } = self;
         // QP, CQ, channel, MRs, PD, context, in that order (Endpoint's field order). Frames
         // still held by the application keep their memory alive; nothing is reposted.

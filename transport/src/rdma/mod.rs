@@ -281,7 +281,8 @@ pub struct RdmaStats {
     pub liveness_probes: u64,
 }
 
-/// A running link. `shutdown` (or drop) stops the poller, tears the link down and joins.
+/// A running link. `shutdown` (or drop) stops the poller, tears the link down and joins (except
+/// when dropped by the poller thread itself, from inside a sink callback: then it only stops).
 pub struct RdmaDriver {
     thread: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
@@ -312,10 +313,15 @@ impl RdmaDriver {
     fn stop_and_join(&mut self) {
         self.stop.store(true, Ordering::Release);
         self.doorbell.ring();
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the RDMA poller thread panicked");
-            }
+        let Some(thread) = self.thread.take() else { return };
+        // The last owner of the driver may be the sink's owner, dropped by the poller itself
+        // inside `deliver` or `closed`: it cannot wait for itself. It stops as soon as that
+        // callback returns (the flag is set) and tears the link down on its way out.
+        if thread.thread().id() == std::thread::current().id() {
+            return;
+        }
+        if thread.join().is_err() {
+            tracing::error!("the RDMA poller thread panicked");
         }
     }
 }
