@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Runs the RDMA tests against a real device: sluice-hw-tests (ping-pong, bulk transfer, latency
-# probe; #[ignore]d in plain `cargo test`) and transport's rdma_link driver tests, release builds.
+# Runs the RDMA tests against a real device, release builds: sluice-hw-tests (ping-pong, bulk
+# transfer, latency probe; #[ignore]d in plain `cargo test`), transport's rdma_link driver tests
+# and rdma_client_server (the request-response layer over RDMA).
 #
 #   scripts/hw-tests.sh                 build, then run on this host (an RDMA host)
 #   scripts/hw-tests.sh --vm            build here, run inside the soft-RoCE QEMU guest (rdma-vm.sh)
 #   scripts/hw-tests.sh --run BIN...    run already-built test binaries here (what --vm runs inside)
 #
-# Before the tests, where `ibv_rc_pingpong` exists, a 64 B RC ping-pong on the same device gives
-# a baseline: on emulated or shared hosts only the ratio of the latency probe to it means much.
+# Before the tests, where `ibv_rc_pingpong` exists, 64 B and 4 KiB RC ping-pongs on the same device
+# give a baseline: on emulated or shared hosts only the latency probe's ratio to it means much.
 # Without a device the tests print `skipped: no RDMA device` and pass; with SLUICE_IN_RDMA_VM=1
 # (rdma-vm.sh sets it) a missing device fails them. Environment: SLUICE_RDMA_DEVICE (device to use),
 # SLUICE_RDMA_SERVER_ADDR (address to bind/connect, default 127.0.0.1), SLUICE_HW_BULK_MIB,
@@ -16,7 +17,7 @@ set -euo pipefail
 
 VM_TIMEOUT_SECS=1500            # boot + all tests under software emulation
 PINGPONG_ITERS=2000
-PINGPONG_SIZE=64
+PINGPONG_SIZES=(64 4096)
 PINGPONG_PORT=18516
 PINGPONG_TIMEOUT_SECS=120
 LISTEN_DEADLINE_SECS=30
@@ -27,20 +28,28 @@ say() { echo "hw-tests: $*"; }
 
 build() {
   export LIBCLANG_PATH=${LIBCLANG_PATH:-/usr/lib/llvm-14/lib}
-  say "building release test binaries (sluice-hw-tests, sluice-transport rdma_link)" >&2
-  # The JSON lines name each built test executable; keep the two we run.
+  say "building release test binaries (sluice-hw-tests; sluice-transport rdma_link, rdma_client_server)" >&2
+  # The JSON lines name each built test executable; keep the ones we run.
   (cd "$root" && cargo test --release -p sluice-hw-tests -p sluice-transport --test rdma_hw --test rdma_link \
-    --no-run --message-format=json) |
-    grep -o '"executable":"[^"]*/\(rdma_hw\|rdma_link\)-[^"]*"' | sed 's/"executable":"\(.*\)"/\1/'
+    --test rdma_client_server --no-run --message-format=json) |
+    grep -o '"executable":"[^"]*/\(rdma_hw\|rdma_link\|rdma_client_server\)-[^"]*"' |
+    sed 's/"executable":"\(.*\)"/\1/'
+}
+EXPECTED_BINARIES=3
+
+# ibv_rc_pingpong server + client on the local device, for each size; prints its
+# "N iters in S seconds = U usec/iter" line.
+baseline() {
+  local size
+  for size in "${PINGPONG_SIZES[@]}"; do baseline_size "$size"; done
 }
 
-# ibv_rc_pingpong server + client on the local device; prints its "N iters in S seconds" line.
-baseline() {
+baseline_size() {
   command -v ibv_rc_pingpong >/dev/null || { say "baseline: ibv_rc_pingpong not installed (ibverbs-utils); skipped"; return 0; }
-  local dev=${SLUICE_RDMA_DEVICE:-} addr=${SLUICE_RDMA_SERVER_ADDR:-127.0.0.1} args gid
+  local size=$1 dev=${SLUICE_RDMA_DEVICE:-} addr=${SLUICE_RDMA_SERVER_ADDR:-127.0.0.1} args gid
   [[ -n $dev ]] || dev=$(ibv_devices 2>/dev/null | awk 'NR > 2 { print $1; exit }' || true)
   [[ -n $dev ]] || { say "baseline: no RDMA device; skipped"; return 0; }
-  args=(-d "$dev" -n "$PINGPONG_ITERS" -s "$PINGPONG_SIZE" -p "$PINGPONG_PORT")
+  args=(-d "$dev" -n "$PINGPONG_ITERS" -s "$size" -p "$PINGPONG_PORT")
   # RoCE needs a GID index (the IPv4-mapped RoCE v2 entry of the address); InfiniBand does not.
   if gid=$(bash "$here/rxe-gid-index.sh" "$dev" "$addr" 2>/dev/null); then args+=(-g "$gid"); fi
   local tmp server rc=0 i
@@ -89,13 +98,13 @@ case ${1:-} in
     ;;
   --vm)
     mapfile -t bins < <(build)
-    ((${#bins[@]} == 2)) || { say "expected two test binaries, got: ${bins[*]:-none}"; exit 1; }
+    ((${#bins[@]} == EXPECTED_BINARIES)) || { say "expected $EXPECTED_BINARIES test binaries, got: ${bins[*]:-none}"; exit 1; }
     cd "$root"
     exec bash "$here/rdma-vm.sh" --timeout "$VM_TIMEOUT_SECS" -- bash "$here/hw-tests.sh" --run "${bins[@]}"
     ;;
   "")
     mapfile -t bins < <(build)
-    ((${#bins[@]} == 2)) || { say "expected two test binaries, got: ${bins[*]:-none}"; exit 1; }
+    ((${#bins[@]} == EXPECTED_BINARIES)) || { say "expected $EXPECTED_BINARIES test binaries, got: ${bins[*]:-none}"; exit 1; }
     run "${bins[@]}"
     ;;
   *)
