@@ -5,7 +5,7 @@
 //!   teardown order (queue pair, completion queue, completion channel, memory regions,
 //!   protection domain, device context, then the memory), and `Endpoint::create` builds them
 //!   as locals in the opposite order, so a connection is freed in the right order on every path,
-//!   half-built ones included.
+//!   half-built ones included (there the memory goes right after its regions, before the PD).
 //! - Registered memory is allocated and registered once per connection. It outlives its memory
 //!   region and the queue pair (the endpoint drops it last); receive and ring memory is shared
 //!   (`Arc`) with every frame lent from it, so it also outlives those frames.
@@ -639,10 +639,9 @@ impl Endpoint {
             ));
         }
 
+        // Locals drop in reverse: a half-built endpoint goes QP, CQ, channel, MRs, memory, PD,
+        // context, the same order as a whole one.
         let pd = Pd::alloc(&ctx)?;
-        let channel = CompChannel::create(&ctx)?;
-        let cq = Cq::create(&ctx, &channel, cq_entries as i32)?;
-
         let slot = u64::from(spec.slot_bytes);
         let send_buf = DmaBuffer::new(
             checked_bytes(spec.send_slots, slot, "send slots")? + CONTROL_SEND_SLOTS as usize * CONTROL_SLOT_BYTES,
@@ -660,6 +659,8 @@ impl Endpoint {
         let recv_mr = Mr::register(&pd, &recv_buf, local, "receive slots")?;
         let ring_mr =
             Mr::register(&pd, &ring_buf, local | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE, "ring (remote write)")?;
+        let channel = CompChannel::create(&ctx)?;
+        let cq = Cq::create(&ctx, &channel, cq_entries as i32)?;
 
         // SAFETY: ibv_qp_init_attr is plain C data; all-zero (null pointers) is valid.
         let mut init: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
