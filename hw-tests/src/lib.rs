@@ -149,7 +149,11 @@ mod tests {
         let mut samples: Vec<Duration> = (1..=1000).map(Duration::from_micros).collect();
         samples.reverse();
         let p = Percentiles::of(&mut samples);
-        assert_eq!((p.p50_us, p.p99_us, p.p999_us, p.max_us), (500.0, 990.0, 999.0, 1000.0));
-        assert!((p.mean_us - 500.5).abs() < 1e-9);
+        let near = |got: f64, want: f64| (got - want).abs() < 1e-6;
+        assert!(
+            near(p.p50_us, 500.0) && near(p.p99_us, 990.0) && near(p.p999_us, 999.0) && near(p.max_us, 1000.0),
+            "{p}"
+        );
+        assert!(near(p.mean_us, 500.5), "{p}");
     }
 }
