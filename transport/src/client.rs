@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::TransportConfig;
 use crate::endpoint::{Endpoint, Scheme};
@@ -33,7 +33,7 @@ pub struct Client {
 
 struct ClientInner {
     outbound: flume::Sender<OutFrame>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Result<Frame, TransportError>>>>,
+    pending: Mutex<HashMap<u64, Pending>>,
     closed: Mutex<Option<TransportError>>,
     credits: Arc<Semaphore>,
     next_id: AtomicU64,
@@ -48,18 +48,32 @@ struct ClientInner {
     _rdma: Mutex<Option<crate::rdma::RdmaDriver>>,
 }
 
+/// A request the server holds. Its credit stays taken until the reply (or the connection's
+/// end) arrives, even if the caller gave up, because the server still counts it.
+struct Pending {
+    waiter: Option<oneshot::Sender<Result<Frame, TransportError>>>,
+    _credit: OwnedSemaphorePermit,
+}
+
 /// Delivers to the client without keeping it alive, so dropping the last `Client` closes
 /// the connection even while the reader task runs.
 struct WeakSink(Weak<ClientInner>);
 
 impl FrameSink for WeakSink {
     fn deliver(&self, frame: Frame) {
-        if let Some(inner) = self.0.upgrade() {
-            let waiter = inner.pending.lock().expect("pending lock").remove(&frame.request_id());
-            // No waiter: the call timed out or was cancelled; the late reply is dropped.
-            if let Some(waiter) = waiter {
-                let _ = waiter.send(Ok(frame));
-            }
+        let Some(inner) = self.0.upgrade() else { return };
+        if frame.request_id() == 0 && frame.header().kind == FrameKind::Error as u16 {
+            // Request id 0 is the connection itself: the server is about to disconnect us.
+            let error = match frame.access::<ErrorReply>() {
+                Ok(e) => TransportError::Remote { code: e.code.into(), message: e.message.to_string() },
+                Err(e) => e.into(),
+            };
+            return inner.fail_all(error);
+        }
+        let pending = inner.pending.lock().expect("pending lock").remove(&frame.request_id());
+        // No waiter: the call timed out or was cancelled; dropping the entry returns its credit.
+        if let Some(Pending { waiter: Some(waiter), .. }) = pending {
+            let _ = waiter.send(Ok(frame));
         }
     }
 
@@ -72,11 +86,15 @@ impl FrameSink for WeakSink {
 
 impl ClientInner {
     fn fail_all(&self, error: TransportError) {
-        let waiters: Vec<_> = self.pending.lock().expect("pending lock").drain().map(|(_, w)| w).collect();
-        for waiter in waiters {
-            let _ = waiter.send(Err(error.duplicate()));
+        // Mark closed before draining: a call that inserts after the drain then sees it.
+        let error = self.closed.lock().expect("closed lock").get_or_insert(error).duplicate();
+        self.credits.close();
+        let drained: Vec<Pending> = self.pending.lock().expect("pending lock").drain().map(|(_, p)| p).collect();
+        for pending in drained {
+            if let Some(waiter) = pending.waiter {
+                let _ = waiter.send(Err(error.duplicate()));
+            }
         }
-        self.closed.lock().expect("closed lock").get_or_insert(error);
     }
 
     fn closed_error(&self) -> Option<TransportError> {
@@ -84,15 +102,24 @@ impl ClientInner {
     }
 }
 
-/// Removes the pending entry if the call is cancelled or times out.
+/// If the call is cancelled or times out after sending, the entry stays (holding its credit)
+/// without a waiter until the late reply or the connection's end removes it.
 struct PendingGuard<'a> {
     inner: &'a ClientInner,
     id: u64,
+    sent: bool,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.inner.pending.lock().expect("pending lock").remove(&self.id);
+        let mut pending = self.inner.pending.lock().expect("pending lock");
+        if self.sent {
+            if let Some(entry) = pending.get_mut(&self.id) {
+                entry.waiter = None;
+            }
+        } else {
+            pending.remove(&self.id);
+        }
     }
 }
 
@@ -208,8 +235,15 @@ impl Client {
         {
             return Err(TransportError::Handshake { reason: format!("server offered limits beyond ours: {ack:?}") });
         }
-        // Adopt the server's (possibly lower) limits.
-        self.inner.credits.forget_permits((self.inner.config.credits - ack.credits) as usize);
+        // Adopt the server's (possibly lower) limits. The Hello's own credit may still be on
+        // its way back from the reader task, so forget until the whole difference is gone.
+        let mut surplus = (self.inner.config.credits - ack.credits) as usize;
+        while surplus > 0 {
+            surplus -= self.inner.credits.forget_permits(surplus);
+            if surplus > 0 {
+                tokio::task::yield_now().await;
+            }
+        }
         self.inner.max_frame_bytes.store(ack.max_frame_bytes, Ordering::Relaxed);
         *self.inner.server.lock().expect("server lock") = Some(ack);
         Ok(())
@@ -247,23 +281,27 @@ impl Client {
         let timeout_ms = inner.config.request_timeout_ms;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
         // Wait for a credit: this is the back-pressure callers feel.
-        let _credit = tokio::time::timeout_at(deadline, inner.credits.acquire())
-            .await
-            .map_err(|_| TransportError::Timeout { timeout_ms })?
-            .map_err(|_| TransportError::Closed { reason: "client closed".into() })?;
+        let credit = match tokio::time::timeout_at(deadline, inner.credits.clone().acquire_owned()).await {
+            Err(_) => return Err(TransportError::Timeout { timeout_ms }),
+            Ok(Err(_)) => {
+                return Err(inner.closed_error().unwrap_or(TransportError::Closed { reason: "client closed".into() }))
+            }
+            Ok(Ok(credit)) => credit,
+        };
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode(id, inner.max_frame_bytes.load(Ordering::Relaxed))?;
         let (tx, rx) = oneshot::channel();
-        inner.pending.lock().expect("pending lock").insert(id, tx);
-        let _guard = PendingGuard { inner, id };
+        inner.pending.lock().expect("pending lock").insert(id, Pending { waiter: Some(tx), _credit: credit });
+        let mut guard = PendingGuard { inner, id, sent: false };
         // A failure that raced the insert above would leave this call waiting for nothing.
         if let Some(error) = inner.closed_error() {
             return Err(error);
         }
         inner.last_send_ms.store(inner.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        tokio::time::timeout_at(deadline, inner.outbound.send_async(frame))
-            .await
-            .map_err(|_| TransportError::Timeout { timeout_ms })?
+        // The channel has room for every credit, so this does not wait in practice.
+        let sent = tokio::time::timeout_at(deadline, inner.outbound.send_async(frame)).await;
+        guard.sent = matches!(sent, Ok(Ok(())));
+        sent.map_err(|_| TransportError::Timeout { timeout_ms })?
             .map_err(|_| TransportError::Closed { reason: "connection driver stopped".into() })?;
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(result)) => result,
@@ -302,18 +340,24 @@ impl Client {
 /// so the server's idle timeout only cuts off clients that are really gone.
 fn spawn_heartbeat(inner: Weak<ClientInner>) {
     tokio::spawn(async move {
+        let mut wait_ms = match inner.upgrade() {
+            Some(inner) => inner.config.heartbeat_interval_ms,
+            None => return,
+        };
         loop {
-            let interval = match inner.upgrade() {
-                Some(inner) => Duration::from_millis(inner.config.heartbeat_interval_ms),
-                None => return,
-            };
-            tokio::time::sleep(interval).await;
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
             let Some(strong) = inner.upgrade() else { return };
             if strong.closed_error().is_some() {
                 return;
             }
-            let quiet_ms = strong.started.elapsed().as_millis() as u64 - strong.last_send_ms.load(Ordering::Relaxed);
-            if quiet_ms >= strong.config.heartbeat_interval_ms {
+            let interval_ms = strong.config.heartbeat_interval_ms;
+            let now_ms = strong.started.elapsed().as_millis() as u64;
+            // A concurrent call may have stored a later time than `now_ms`.
+            let quiet_ms = now_ms.saturating_sub(strong.last_send_ms.load(Ordering::Relaxed));
+            // Sleep until the connection will have been quiet for a whole interval.
+            wait_ms = interval_ms.saturating_sub(quiet_ms).max(1);
+            if quiet_ms >= interval_ms {
+                wait_ms = interval_ms;
                 let client = Client { inner: strong };
                 let sent_at_us = client.inner.started.elapsed().as_micros() as u64;
                 if let Err(e) = client.call(&Heartbeat { sent_at_us }).await {

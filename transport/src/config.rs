@@ -10,16 +10,21 @@ pub struct TransportConfig {
     /// Requests in flight per connection. A client waits for a credit before sending.
     pub credits: u32,
     /// Bytes of requests and queued replies a server holds per connection before it stops
-    /// reading (at least one frame always fits).
+    /// reading (at least one frame always fits). Read buffers that in-flight small frames
+    /// still share are not counted; they are bounded by `credits` × `read_buffer_bytes`.
     pub max_inflight_bytes: u64,
     pub connect_timeout_ms: u64,
     /// A call fails with `Timeout` if no reply arrives in this time.
     pub request_timeout_ms: u64,
     /// A frame that has started arriving must finish within this time.
     pub frame_timeout_ms: u64,
-    /// The server closes a connection that sends nothing for this long.
+    /// A write that makes no progress for this long (the peer stopped reading) closes the
+    /// connection.
+    pub write_timeout_ms: u64,
+    /// The server closes a connection that has nothing in flight and sends nothing for this long.
     pub idle_timeout_ms: u64,
-    /// The client sends a heartbeat when it has sent nothing for this long.
+    /// The client sends a heartbeat once it has sent nothing for this long (checked at least
+    /// this often), so it must be well below the server's idle timeout.
     pub heartbeat_interval_ms: u64,
     /// On shutdown, how long a server waits for in-flight requests before it closes.
     pub drain_timeout_ms: u64,
@@ -73,6 +78,8 @@ pub const RDMA_RING_MAX_BYTES: u64 = RDMA_RING_ALIGN_BYTES << 30;
 
 pub const MIN_FRAME_BYTES: u64 = 4096;
 pub const MAX_CREDITS: u32 = 65_536;
+pub const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+pub const MAX_BUFFER_BYTES: usize = 64 << 20;
 
 impl Default for TransportConfig {
     fn default() -> Self {
@@ -83,6 +90,7 @@ impl Default for TransportConfig {
             connect_timeout_ms: 5_000,
             request_timeout_ms: 30_000,
             frame_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
             idle_timeout_ms: 120_000,
             heartbeat_interval_ms: 10_000,
             drain_timeout_ms: 5_000,
@@ -132,22 +140,27 @@ impl TransportConfig {
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("request_timeout_ms", self.request_timeout_ms),
             ("frame_timeout_ms", self.frame_timeout_ms),
+            ("write_timeout_ms", self.write_timeout_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("drain_timeout_ms", self.drain_timeout_ms),
         ] {
-            if ms == 0 {
-                return bad(format!("{name} must be positive"));
+            if ms == 0 || ms > MAX_TIMEOUT_MS {
+                return bad(format!("{name} = {ms} must be within 1..={MAX_TIMEOUT_MS}"));
             }
         }
-        if self.heartbeat_interval_ms >= self.idle_timeout_ms {
+        if self.heartbeat_interval_ms.saturating_mul(2) >= self.idle_timeout_ms {
             return bad(format!(
-                "heartbeat_interval_ms = {} must be below idle_timeout_ms = {} or idle clients get cut off",
+                "heartbeat_interval_ms = {} must be below half of idle_timeout_ms = {} or idle clients get cut off",
                 self.heartbeat_interval_ms, self.idle_timeout_ms
             ));
         }
-        if self.write_batch_bytes < 4096 || self.read_buffer_bytes < 4096 {
-            return bad("write_batch_bytes and read_buffer_bytes must be at least 4096".into());
+        for (name, bytes) in
+            [("write_batch_bytes", self.write_batch_bytes), ("read_buffer_bytes", self.read_buffer_bytes)]
+        {
+            if !(4096..=MAX_BUFFER_BYTES).contains(&bytes) {
+                return bad(format!("{name} = {bytes} must be within 4096..={MAX_BUFFER_BYTES}"));
+            }
         }
         self.rdma.validate(self)
     }
@@ -215,13 +228,15 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_each_limit_is_checked() {
         TransportConfig::default().validate().unwrap();
-        let cases: [fn(&mut TransportConfig); 14] = [
+        let cases: [fn(&mut TransportConfig); 16] = [
             |c| c.max_frame_bytes = 10,
             |c| c.credits = 0,
             |c| c.max_inflight_bytes = c.max_frame_bytes - 1,
             |c| c.request_timeout_ms = 0,
-            |c| c.heartbeat_interval_ms = c.idle_timeout_ms,
+            |c| c.heartbeat_interval_ms = c.idle_timeout_ms / 2,
             |c| c.rdma.recv_slots = c.credits,
+            |c| c.read_buffer_bytes = usize::MAX,
+            |c| c.write_timeout_ms = u64::MAX,
             |c| c.rdma.ring_bytes = c.max_frame_bytes,
             |c| c.rdma.recv_slots = c.credits + RDMA_CONTROL_RECV_SLOTS - 1,
             |c| c.rdma.ring_bytes += 1,

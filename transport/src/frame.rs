@@ -50,7 +50,7 @@ pub struct FrameHeader {
 }
 
 impl FrameHeader {
-    /// Checks magic, version and length; the kind and CRC are checked by `Frame::parse`.
+    /// Checks magic, version and length; `Frame::parse` checks the CRC, `Frame::kind` the kind.
     /// The version is checked before the length so an old peer learns why it was refused.
     pub fn decode(header: &[u8], max_frame_bytes: u64) -> Result<FrameHeader, FrameError> {
         if header.len() < FRAME_HEADER_BYTES {

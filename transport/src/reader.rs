@@ -2,13 +2,15 @@
 //!
 //! Bytes are read straight into a zeroed buffer; each complete frame is split off the front
 //! as a `Bytes` that shares that buffer, so a frame that arrives within one buffer is never
-//! copied. A frame larger than the buffer gets a buffer of its own size once its header has
-//! passed the length check.
+//! copied. A frame that does not fit in what is left of the buffer gets a new buffer (of its
+//! own size if it is larger than `read_buffer_bytes`) once its header has passed the length
+//! check; only the part of it already received is copied over, so a large body is mostly
+//! read straight into its final place.
 
 use bytes::BytesMut;
 
 use crate::error::FrameError;
-use crate::frame::{Frame, FrameHeader, FRAME_HEADER_BYTES};
+use crate::frame::{Frame, FrameHeader, FRAME_HEADER_BYTES, FRAME_MAGIC};
 
 #[derive(Debug)]
 pub struct FrameReader {
@@ -33,6 +35,10 @@ impl FrameReader {
     /// The next complete frame, if one has arrived.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         if self.filled < FRAME_HEADER_BYTES {
+            // Refuse a wrong magic as soon as it shows, not after a full header's worth.
+            if self.filled >= 4 && self.buf[..4] != FRAME_MAGIC.to_le_bytes() {
+                return Err(FrameError::BadMagic { found: u32::from_le_bytes(self.buf[..4].try_into().expect("4")) });
+            }
             return Ok(None);
         }
         let header = FrameHeader::decode(&self.buf[..FRAME_HEADER_BYTES], self.max_frame_bytes)?;
@@ -43,6 +49,15 @@ impl FrameReader {
         let frame = self.buf.split_to(frame_len).freeze();
         self.filled -= frame_len;
         Frame::parse(frame, self.max_frame_bytes).map(Some)
+    }
+
+    /// The length of the frame being received, once its header has arrived and passed the
+    /// checks (so the caller can charge it before `spare` sizes a buffer by it).
+    pub fn pending_frame_len(&self) -> Result<Option<usize>, FrameError> {
+        if self.filled < FRAME_HEADER_BYTES {
+            return Ok(None);
+        }
+        Ok(Some(FrameHeader::decode(&self.buf[..FRAME_HEADER_BYTES], self.max_frame_bytes)?.frame_len()))
     }
 
     /// Space to read into. Call after `next_frame` returned `None`.
@@ -107,6 +122,31 @@ mod tests {
             }
             assert!(!reader.frame_in_progress());
         }
+    }
+
+    #[test]
+    fn empty_bodies_exact_fits_and_an_early_bad_magic() {
+        use crate::messages::CommitOffsetResponse;
+        let empty = OutFrame::encode(1, &CommitOffsetResponse {}, 1 << 20).unwrap();
+        // A buffer exactly one frame long, then frames that exactly fill each buffer.
+        let echo = OutFrame::encode(2, &Echo { payload: &[9u8; 100] }, 1 << 20).unwrap();
+        for buffer in [echo.len(), echo.len() * 2, FRAME_HEADER_BYTES.max(empty.len())] {
+            let mut reader = FrameReader::new(1 << 20, buffer.max(FRAME_HEADER_BYTES));
+            let mut stream = Vec::new();
+            for _ in 0..3 {
+                stream.extend_from_slice(echo.as_bytes());
+                stream.extend_from_slice(empty.as_bytes());
+            }
+            let frames = feed(&mut reader, &stream, usize::MAX);
+            assert_eq!(frames.len(), 6);
+            assert!(frames[1].body().len() <= 8 && frames[1].access::<CommitOffsetResponse>().is_ok());
+            assert_eq!(&frames[4].access::<Echo>().unwrap().payload[..], &[9u8; 100]);
+        }
+        let mut reader = FrameReader::new(1 << 20, 4096);
+        let spare = reader.spare().unwrap();
+        spare[..5].copy_from_slice(b"HTTP/");
+        reader.advance(5);
+        assert!(matches!(reader.next_frame(), Err(FrameError::BadMagic { .. })));
     }
 
     #[test]

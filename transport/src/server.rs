@@ -48,6 +48,7 @@ pub struct ServerStats {
     pub connections_open: AtomicU64,
     pub frames_received: AtomicU64,
     pub frames_sent: AtomicU64,
+    /// Connections cut off for a malformed frame (bad magic, version, CRC, length).
     pub protocol_errors: AtomicU64,
     /// Highest bytes of requests plus queued replies held by one connection.
     pub held_bytes_peak: AtomicU64,
@@ -75,12 +76,16 @@ impl AsRef<OutFrame> for Outgoing {
     }
 }
 
-/// Per-connection budgets.
+/// Per-connection budgets and state.
 struct Budget {
     credits: Rc<Semaphore>,
     bytes: Rc<Semaphore>,
     max_bytes: u64,
     held_bytes: std::cell::Cell<u64>,
+    /// Last frame received or reply queued, for the idle timeout.
+    last_activity: std::cell::Cell<Instant>,
+    /// Largest reply body the peer accepts (agreed in Hello).
+    max_reply_bytes: std::cell::Cell<u64>,
 }
 
 impl Budget {
@@ -90,7 +95,15 @@ impl Budget {
             bytes: Rc::new(Semaphore::new(config.max_inflight_bytes)),
             max_bytes: config.max_inflight_bytes,
             held_bytes: std::cell::Cell::new(0),
+            last_activity: std::cell::Cell::new(Instant::now()),
+            max_reply_bytes: std::cell::Cell::new(config.max_frame_bytes),
         }
+    }
+
+    /// The read loop holds one credit while it reads the next frame, so "nothing in flight"
+    /// is every other credit being free.
+    fn nothing_in_flight(&self, credits: u32) -> bool {
+        self.credits.available() + 1 >= u64::from(credits)
     }
 
     /// Capped so one frame larger than the whole budget still gets through, alone.
@@ -158,7 +171,7 @@ impl<H: Handler> Server<H> {
             }
         }
         drop(listener);
-        let deadline = Instant::now() + Duration::from_millis(self.config.drain_timeout_ms + 1_000);
+        let deadline = Instant::now() + Duration::from_millis(self.config.drain_timeout_ms.saturating_add(1_000));
         while self.stats.connections_open.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
@@ -168,6 +181,11 @@ impl<H: Handler> Server<H> {
         let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         if let Err(e) = stream.set_nodelay(true) {
             tracing::warn!(%peer, error = %e, "TCP_NODELAY");
+        }
+        // A peer that stops reading fails the next write that makes no progress for this
+        // long, which closes the connection and frees what it held.
+        if let Err(e) = stream.set_write_timeout(Some(Duration::from_millis(self.config.write_timeout_ms))) {
+            tracing::warn!(%peer, error = %e, "write timeout");
         }
         self.stats.connections_open.fetch_add(1, Ordering::Relaxed);
         let (mut read_half, write_half) = futures::AsyncReadExt::split(stream);
@@ -181,9 +199,9 @@ impl<H: Handler> Server<H> {
         let mut reader = FrameReader::new(self.config.max_frame_bytes, self.config.read_buffer_bytes);
         let result = self.tcp_read_loop(&mut read_half, &mut reader, &budget, &out_tx).await;
         if let Err(e) = result {
-            self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%peer, error = %e, "closing connection");
             if let TransportError::Frame(frame_error) = &e {
+                self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                 // Tell the peer why before disconnecting it; its framing can't be trusted now.
                 if let Ok(frame) = error_frame(0, ErrorReply::from(frame_error.clone()), self.config.max_frame_bytes) {
                     let _ = out_tx.send(Outgoing { frame, _credit: None, _bytes: None });
@@ -221,61 +239,77 @@ impl<H: Handler> Server<H> {
                     futures::future::Either::Right(_) => return Ok(()),
                 }
             };
-            let frame = {
+            let (frame, request_bytes) = {
                 let read = std::pin::pin!(self.read_frame(read_half, reader, budget));
                 let stop = std::pin::pin!(self.stopped());
                 match futures::future::select(read, stop).await {
-                    futures::future::Either::Left((Ok(Some(frame)), _)) => frame,
+                    futures::future::Either::Left((Ok(Some(read)), _)) => read,
                     futures::future::Either::Left((Ok(None), _)) | futures::future::Either::Right(_) => return Ok(()),
                     futures::future::Either::Left((Err(e), _)) => return Err(e),
                 }
             };
             self.stats.frames_received.fetch_add(1, Ordering::Relaxed);
-            let request_bytes = budget.bytes_permit(frame.as_bytes().len(), &self.stats).await;
             let (server, budget, out_tx) = (self.clone(), budget.clone(), out_tx.clone());
             glommio::spawn_local(async move {
-                let reply = server.dispatch(frame).await;
+                let reply = server.dispatch(frame, &budget.max_reply_bytes).await;
+                // Released before the reply's bytes are taken, so replies can always make progress.
                 drop(request_bytes);
                 let reply_bytes = budget.bytes_permit(reply.len(), &server.stats).await;
+                budget.last_activity.set(Instant::now());
                 let _ = out_tx.send(Outgoing { frame: reply, _credit: Some(credit), _bytes: reply_bytes });
             })
             .detach();
         }
     }
 
-    /// Reads until one frame is complete. The idle deadline applies between frames when
-    /// nothing is in flight; the frame deadline once a frame has started.
+    /// Reads until one frame is complete, charging its bytes to the budget as soon as its
+    /// header shows the length (before a buffer of that size exists). Deadlines: a started
+    /// frame must finish within `frame_timeout_ms`; a connection with nothing in flight must
+    /// send something within `idle_timeout_ms` of its last activity. A pending read is never
+    /// cancelled to check them (that could lose bytes); a timer wakes the check instead.
     async fn read_frame(
         &self,
         read_half: &mut futures::io::ReadHalf<glommio::net::TcpStream>,
         reader: &mut FrameReader,
         budget: &Budget,
-    ) -> Result<Option<Frame>, TransportError> {
+    ) -> Result<Option<(Frame, Option<StaticPermit>)>, TransportError> {
         let mut frame_started: Option<Instant> = reader.frame_in_progress().then(Instant::now);
+        let mut charged: Option<StaticPermit> = None;
+        let check_every =
+            Duration::from_millis((self.config.idle_timeout_ms.min(self.config.frame_timeout_ms) / 4).clamp(10, 1_000));
         loop {
-            if let Some(frame) = reader.next_frame()? {
-                return Ok(Some(frame));
+            if charged.is_none() {
+                if let Some(len) = reader.pending_frame_len()? {
+                    charged = budget.bytes_permit(len, &self.stats).await;
+                }
             }
-            let idle = budget.credits.available() + 1 >= u64::from(self.config.credits);
-            let deadline = match frame_started {
-                Some(started) => Some(started + Duration::from_millis(self.config.frame_timeout_ms)),
-                None if idle => Some(Instant::now() + Duration::from_millis(self.config.idle_timeout_ms)),
-                None => None,
-            };
+            if let Some(frame) = reader.next_frame()? {
+                return Ok(Some((frame, charged)));
+            }
+            let in_progress = frame_started.is_some();
             let spare = reader.spare()?;
-            let read = glommio_read(read_half, spare);
-            let n = match deadline {
-                Some(deadline) => {
-                    let wait = deadline.saturating_duration_since(Instant::now());
-                    match glommio::timer::timeout(wait, async { Ok(read.await) }).await {
-                        Ok(result) => result,
-                        Err(_) => {
-                            let what = if frame_started.is_some() { "frame_timeout_ms" } else { "idle_timeout_ms" };
-                            return Err(closed(&format!("peer sent nothing within {what}")));
+            let n = {
+                let mut read = std::pin::pin!(glommio_read(read_half, spare));
+                loop {
+                    let tick = std::pin::pin!(glommio::timer::sleep(check_every));
+                    match futures::future::select(read.as_mut(), tick).await {
+                        futures::future::Either::Left((result, _)) => break result,
+                        futures::future::Either::Right(_) => {
+                            let now = Instant::now();
+                            if let Some(started) = frame_started {
+                                if now.duration_since(started) >= Duration::from_millis(self.config.frame_timeout_ms) {
+                                    return Err(closed("a frame did not finish arriving within frame_timeout_ms"));
+                                }
+                            } else if !in_progress
+                                && budget.nothing_in_flight(self.config.credits)
+                                && now.duration_since(budget.last_activity.get())
+                                    >= Duration::from_millis(self.config.idle_timeout_ms)
+                            {
+                                return Err(closed("the peer sent nothing within idle_timeout_ms"));
+                            }
                         }
                     }
                 }
-                None => read.await,
             }
             .map_err(|e| TransportError::io("reading frames", e))?;
             if n == 0 {
@@ -285,6 +319,7 @@ impl<H: Handler> Server<H> {
                 return Ok(None);
             }
             reader.advance(n);
+            budget.last_activity.set(Instant::now());
             frame_started.get_or_insert_with(Instant::now);
         }
     }
@@ -294,6 +329,7 @@ impl<H: Handler> Server<H> {
     pub async fn serve_link(self: Rc<Self>, source: ChannelSource, outbound: flume::Sender<OutFrame>) {
         self.stats.connections_open.fetch_add(1, Ordering::Relaxed);
         let credits = Rc::new(Semaphore::new(self.config.credits.into()));
+        let max_reply_bytes = Rc::new(std::cell::Cell::new(self.config.max_frame_bytes));
         while let Some(item) = source.recv().await {
             let frame = match item {
                 Ok(frame) => frame,
@@ -304,9 +340,9 @@ impl<H: Handler> Server<H> {
             };
             self.stats.frames_received.fetch_add(1, Ordering::Relaxed);
             let Ok(credit) = credits.acquire_static_permit(1).await else { break };
-            let (server, outbound) = (self.clone(), outbound.clone());
+            let (server, outbound, max_reply_bytes) = (self.clone(), outbound.clone(), max_reply_bytes.clone());
             glommio::spawn_local(async move {
-                let reply = server.dispatch(frame).await;
+                let reply = server.dispatch(frame, &max_reply_bytes).await;
                 if outbound.send_async(reply).await.is_ok() {
                     server.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
                 }
@@ -317,13 +353,14 @@ impl<H: Handler> Server<H> {
         self.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// The reply to one request; never fails (failures become error frames).
-    async fn dispatch(&self, frame: Frame) -> OutFrame {
+    /// The reply to one request; never fails (failures become error frames). A reply larger
+    /// than the peer agreed to accept becomes an Oversize error for that request alone.
+    async fn dispatch(&self, frame: Frame, max_reply_bytes: &std::cell::Cell<u64>) -> OutFrame {
         let id = frame.request_id();
-        let max = self.config.max_frame_bytes;
+        let max = max_reply_bytes.get();
         let reply = match frame.kind() {
             Err(e) => Err(ErrorReply::from(e)),
-            Ok(FrameKind::Hello) => self.hello(&frame),
+            Ok(FrameKind::Hello) => self.hello(&frame, max_reply_bytes),
             Ok(FrameKind::Heartbeat) => frame
                 .access::<Heartbeat>()
                 .map_err(ErrorReply::from)
@@ -337,7 +374,13 @@ impl<H: Handler> Server<H> {
                 code: remote_code::PROTOCOL_VIOLATION,
                 message: format!("{kind:?} is a reply; a server does not accept it as a request"),
             }),
-            Ok(_) => self.handler.handle(frame).await,
+            Ok(_) => self.handler.handle(frame).await.and_then(|reply| {
+                let body_len = (reply.len() - crate::frame::FRAME_HEADER_BYTES) as u64;
+                if body_len > max {
+                    return Err(ErrorReply::from(FrameError::Oversize { body_len, max_frame_bytes: max }));
+                }
+                Ok(reply)
+            }),
         };
         reply.or_else(|e| error_frame(id, e, max)).unwrap_or_else(|e| {
             // Only an error frame too large for max_frame_bytes gets here; send a short one.
@@ -346,13 +389,21 @@ impl<H: Handler> Server<H> {
         })
     }
 
-    fn hello(&self, frame: &Frame) -> Result<OutFrame, ErrorReply> {
+    fn hello(&self, frame: &Frame, max_reply_bytes: &std::cell::Cell<u64>) -> Result<OutFrame, ErrorReply> {
         let hello = frame.access::<Hello>()?;
+        let agreed = self.config.max_frame_bytes.min(hello.max_frame_bytes.into());
+        if agreed < crate::config::MIN_FRAME_BYTES {
+            return Err(ErrorReply::from(FrameError::Oversize {
+                body_len: crate::config::MIN_FRAME_BYTES,
+                max_frame_bytes: agreed,
+            }));
+        }
+        max_reply_bytes.set(agreed);
         let ack = HelloAck {
             server_name: self.info.name.clone(),
             shard: self.info.shard,
             shard_count: self.info.shard_count,
-            max_frame_bytes: self.config.max_frame_bytes.min(hello.max_frame_bytes.into()),
+            max_frame_bytes: agreed,
             credits: self.config.credits.min(hello.credits_wanted.into()).max(1),
             rdma_port: self.info.rdma_port,
         };

@@ -54,6 +54,7 @@ pub(crate) fn spawn_tokio_driver(
     let (mut read_half, mut write_half) = stream.into_split();
     let close = CloseOnce::new(sink);
     let batch_bytes = config.write_batch_bytes;
+    let write_timeout = std::time::Duration::from_millis(config.write_timeout_ms);
     let writer_close = close.clone();
     tokio::spawn(async move {
         let mut batch: Vec<OutFrame> = Vec::new();
@@ -65,9 +66,14 @@ pub(crate) fn spawn_tokio_driver(
                 bytes += next.len();
                 batch.push(next);
             }
-            if let Err(e) = write_all_vectored(&mut write_half, &batch).await {
-                writer_close.close(TransportError::io("writing frames", e));
-                return;
+            match tokio::time::timeout(write_timeout, write_all_vectored(&mut write_half, &batch)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return writer_close.close(TransportError::io("writing frames", e)),
+                Err(_) => {
+                    return writer_close.close(TransportError::Closed {
+                        reason: "the server stopped reading (write_timeout_ms passed without progress)".into(),
+                    })
+                }
             }
             batch.clear();
         }

@@ -250,6 +250,18 @@ proptest! {
         decode_untrusted(&bytes, chunk, MAX);
     }
 
+    /// A valid header with random bytes after it (bad CRC, wrong lengths, torn bodies) goes
+    /// past the magic and version checks into the length, CRC and validator paths.
+    #[test]
+    fn random_tails_after_a_valid_header_never_panic(kind in 0u16..40, len in 0u32..2000, tail in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let mut bytes = sample()[..FRAME_HEADER_BYTES].to_vec();
+        bytes[6..8].copy_from_slice(&kind.to_le_bytes());
+        bytes[12..16].copy_from_slice(&len.to_le_bytes());
+        bytes.extend_from_slice(&tail);
+        decode_untrusted(&bytes, 13, MAX);
+        decode_untrusted(&bytes, 0, 64);
+    }
+
     /// A valid header and CRC around a random body: the validator of every kind rejects or
     /// accepts it without panicking (this is what a malicious peer can send).
     #[test]

@@ -37,7 +37,8 @@ impl Handler for Gate {
             self.bodies_in_place.fetch_add(1, Ordering::SeqCst);
         }
         let id: u64 = entry.message_id.parse().map_err(|_| ErrorReply { code: 1, message: "bad id".into() })?;
-        let reply = AppendResponse { acks: vec![AppendAck { position: id, offsets: vec![entry.body.len() as u64] }] };
+        let offsets = if id == 7777 { vec![0; 20_000] } else { vec![entry.body.len() as u64] };
+        let reply = AppendResponse { acks: vec![AppendAck { position: id, offsets }] };
         OutFrame::encode(request.request_id(), &reply, 64 << 20).map_err(ErrorReply::from)
     }
 }
@@ -102,7 +103,8 @@ async fn callers_wait_once_credits_run_out() {
     let config = TransportConfig { credits: 8, ..TransportConfig::default() };
     let gate = Gate::default();
     gate.release_at.store(u64::MAX, Ordering::SeqCst);
-    let server = server(config.clone(), gate.clone());
+    // The server would take 64: only the client's own credits can stop the ninth request.
+    let server = server(TransportConfig { credits: 64, ..TransportConfig::default() }, gate.clone());
     let client = Client::connect(&endpoint(&server), config, "t").await.unwrap();
     let calls: Vec<_> = (0..20u64)
         .map(|i| {
@@ -255,7 +257,8 @@ async fn a_request_without_reply_times_out_and_a_dead_server_fails_calls_fast() 
     let client = Client::connect(&endpoint(&server), config.clone(), "t").await.unwrap();
     let err = append(&client, 1, b"x").await.unwrap_err();
     assert!(matches!(err, TransportError::Timeout { timeout_ms: 300 }), "{err}");
-    assert_eq!(client.available_credits(), config.credits as usize, "a timed-out call returns its credit");
+    // The server still holds the request, so its credit stays taken until the reply comes.
+    assert_eq!(client.available_credits(), config.credits as usize - 1);
 
     // Calls waiting on a server that goes away fail promptly with Closed, not a hang.
     let slow = TransportConfig { request_timeout_ms: 60_000, ..config };
@@ -270,6 +273,109 @@ async fn a_request_without_reply_times_out_and_a_dead_server_fails_calls_fast() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_call_keeps_its_credit_until_the_late_reply() {
+    let gate = Gate::default();
+    gate.release_at.store(u64::MAX, Ordering::SeqCst);
+    let server = server(TransportConfig::default(), gate.clone());
+    let client = Client::connect(&endpoint(&server), TransportConfig::default(), "t").await.unwrap();
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { append(&client, 1, b"x").await }
+    });
+    wait_for("request at the handler", || gate.arrived.load(Ordering::SeqCst) == 1).await;
+    call.abort();
+    let _ = call.await;
+    assert_eq!(client.available_credits(), 1023, "the server still holds the request");
+    gate.open.store(true, Ordering::SeqCst);
+    wait_for("late reply returns the credit", || client.available_credits() == 1024).await;
+    client.call(&Echo { payload: b"next" }).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_client_closes_its_connection() {
+    let server = server(TransportConfig::default(), Gate::default());
+    let client = Client::connect(&endpoint(&server), TransportConfig::default(), "t").await.unwrap();
+    client.call(&Echo { payload: b"x" }).await.unwrap();
+    assert_eq!(server.stats.connections_open.load(Ordering::SeqCst), 1);
+    drop(client);
+    wait_for("the server to see the connection close", || server.stats.connections_open.load(Ordering::SeqCst) == 0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_larger_than_the_client_accepts_fails_that_call_alone() {
+    let server = server(TransportConfig::default(), Gate::default());
+    let small = TransportConfig {
+        max_frame_bytes: 64 << 10,
+        max_inflight_bytes: 64 << 10,
+        rdma: small_rdma(),
+        ..TransportConfig::default()
+    };
+    let client = Client::connect(&endpoint(&server), small, "t").await.unwrap();
+    assert_eq!(client.server().unwrap().max_frame_bytes, 64 << 10);
+    // The Gate answers message id 7777 with an ack of 20,000 offsets (~160 KB): over the
+    // client's limit although within the server's own.
+    let err = append(&client, 7777, b"x").await.unwrap_err();
+    assert!(matches!(err, TransportError::Remote { code: 2004, .. }), "{err}");
+    assert_eq!(append(&client, 1, b"x").await.unwrap(), (1, 1), "the connection lives on");
+}
+
+fn small_rdma() -> sluice_transport::RdmaConfig {
+    sluice_transport::RdmaConfig { ring_bytes: 1 << 20, ..sluice_transport::RdmaConfig::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_builtins_only_server_answers_not_supported() {
+    let bind: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let server = ServerThread::spawn_tcp(
+        bind,
+        TransportConfig::default(),
+        ServerInfo::default(),
+        || sluice_transport::BuiltinsOnly,
+        None,
+    )
+    .unwrap();
+    let client = Client::connect(&format!("tcp://{}", server.addr), TransportConfig::default(), "t").await.unwrap();
+    let err = client.call(&StatsRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), sluice_transport::error::remote_code::NOT_SUPPORTED, "{err}");
+    // A reply kind sent as a request is a protocol violation, answered, not fatal.
+    let reply = client.call_raw(OutFrame::encode(0, &CommitOffsetResponse {}, 4096).unwrap()).await.unwrap();
+    assert_eq!(reply.access::<ErrorReply>().unwrap().code, sluice_transport::error::remote_code::PROTOCOL_VIOLATION);
+    client.call(&Echo { payload: b"still connected" }).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_refuses_our_version_gives_a_typed_error_at_connect() {
+    // A stand-in for a newer server: it answers any first frame with a connection-level
+    // error frame (request id 0), as a Sluice server does for a version it does not speak.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut header = [0u8; 32];
+        stream.read_exact(&mut header).unwrap();
+        let refusal =
+            ErrorReply { code: 2002, message: "unsupported frame version 1; this side speaks version 2".into() };
+        stream.write_all(OutFrame::encode(0, &refusal, 4096).unwrap().as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let err = Client::connect(&format!("tcp://{addr}"), TransportConfig::default(), "t").await.err().unwrap();
+    assert_eq!(err.code(), 2002, "{err}");
+}
+
+/// Reads until the server closes; returns how long that took, or None if it stayed open.
+fn time_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut sink = Vec::new();
+    match stream.read_to_end(&mut sink) {
+        Ok(_) => Some(started.elapsed()),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
+        Err(_) => Some(started.elapsed()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_peers_are_cut_off_and_heartbeats_keep_clients_alive() {
     let config = TransportConfig {
         idle_timeout_ms: 400,
@@ -278,26 +384,28 @@ async fn silent_peers_are_cut_off_and_heartbeats_keep_clients_alive() {
         ..TransportConfig::default()
     };
     let server = server(config.clone(), Gate::default());
-    // A raw socket that says nothing is closed after idle_timeout_ms.
+    // A socket that never says anything.
     let mut silent = TcpStream::connect(server.addr).unwrap();
-    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let started = Instant::now();
-    let mut buf = [0u8; 64];
-    let n = silent.read(&mut buf).unwrap_or(0);
-    assert!(n == 0 || buf[..4] == *b"SLCF", "closed (after an optional error frame)");
-    assert!(started.elapsed() >= Duration::from_millis(300));
-    // A half-sent frame is cut off too.
+    let closed = time_until_closed(&mut silent, Duration::from_secs(10)).expect("a silent peer is closed");
+    assert!(closed >= Duration::from_millis(300) && closed < Duration::from_secs(5), "{closed:?}");
+    // A socket that sends one request, reads the reply, then goes silent.
+    let mut quiet = TcpStream::connect(server.addr).unwrap();
+    quiet.write_all(OutFrame::encode(1, &Heartbeat { sent_at_us: 1 }, 4096).unwrap().as_bytes()).unwrap();
+    let mut reply = [0u8; 32];
+    quiet.read_exact(&mut reply).unwrap();
+    let closed =
+        time_until_closed(&mut quiet, Duration::from_secs(10)).expect("a peer silent after a request is closed");
+    assert!(closed < Duration::from_secs(5), "{closed:?}");
+    // A half-sent frame is cut off after frame_timeout_ms.
     let mut half = TcpStream::connect(server.addr).unwrap();
     half.write_all(&OutFrame::encode(1, &Heartbeat { sent_at_us: 1 }, 4096).unwrap().as_bytes()[..10]).unwrap();
-    half.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let started = Instant::now();
-    let mut rest = Vec::new();
-    half.read_to_end(&mut rest).unwrap();
-    assert!(started.elapsed() < Duration::from_secs(5), "cut off after frame_timeout_ms");
-    // A client that idles for longer than the idle timeout is still connected.
+    let closed = time_until_closed(&mut half, Duration::from_secs(10)).expect("a half-sent frame is cut off");
+    assert!(closed < Duration::from_secs(5), "{closed:?}");
+    // A client that sends nothing itself for 3× the idle timeout stays connected: heartbeats.
     let client = Client::connect(&endpoint(&server), config, "t").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(client.closed_error().is_none());
+    assert_eq!(server.stats.connections_open.load(Ordering::SeqCst), 1);
     client.call(&Echo { payload: b"ok" }).await.unwrap();
 }
 
