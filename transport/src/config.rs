@@ -39,13 +39,42 @@ pub struct TransportConfig {
 pub struct RdmaConfig {
     /// Size of each registered SEND/RECV slot; larger frames go through the remote ring.
     pub slot_bytes: u32,
-    /// Receives posted in advance per connection (at least `credits` + control slack).
+    /// Receives posted in advance per connection: `credits` for data frames plus at least
+    /// `RDMA_CONTROL_RECV_SLOTS` for flow-control messages (one credit request and one reply).
     pub recv_slots: u32,
-    /// Registered ring each side exposes for RDMA WRITE WITH IMMEDIATE; at least max_frame_bytes + header.
+    /// Registered ring each side exposes for RDMA WRITE WITH IMMEDIATE; at least max_frame_bytes + header,
+    /// rounded up to `RDMA_RING_ALIGN_BYTES`, and a multiple of it.
     pub ring_bytes: u64,
     /// Completion-queue polls before the poller sleeps on the completion channel.
     pub busy_poll_spins: u32,
+    /// RDMA device to use (e.g. "rxe0", "mlx5_0"). `None`: the environment variable
+    /// `SLUICE_RDMA_DEVICE` if set, else the first device with an ACTIVE port.
+    pub device: Option<String>,
+    /// GID table index when no GID matches the bootstrap socket's local IP (RoCE). `None`: 0.
+    pub gid_index: Option<u8>,
+    /// Registered SEND slots (each `slot_bytes`): small frames posted but not yet completed.
+    pub send_slots: u32,
+    /// Large frames are copied into registered staging chunks of this size and written with
+    /// RDMA WRITE (the last chunk WITH IMMEDIATE) into the peer's ring.
+    pub write_chunk_bytes: u32,
+    /// Staging chunks per connection (writes in flight at once).
+    pub write_chunks: u32,
+    /// When nothing has completed for this long and nothing is in flight, the poller posts a
+    /// zero-length RDMA WRITE (no receive consumed, nothing delivered at the peer): a peer whose
+    /// queue pair is gone without its socket closing (a vanished host) fails it after the RC
+    /// retries. Bounds how long an idle or flow-control-stalled link takes to notice.
+    pub liveness_probe_ms: u64,
 }
+
+/// Receives each side keeps beyond its data credits: one for the peer's credit request and
+/// one for the peer's reply to ours (at most one of each is ever outstanding).
+pub const RDMA_CONTROL_RECV_SLOTS: u32 = 2;
+/// Most receives a connection may post (a named bound on the registered receive pool).
+pub const RDMA_MAX_RECV_SLOTS: u32 = 1 << 20;
+/// Large frames start at multiples of this in the ring; the immediate data carries offset / 64.
+pub const RDMA_RING_ALIGN_BYTES: u64 = 64;
+/// Largest ring the 30-bit immediate offset (in 64-byte units) can address.
+pub const RDMA_RING_MAX_BYTES: u64 = RDMA_RING_ALIGN_BYTES << 30;
 
 pub const MIN_FRAME_BYTES: u64 = 4096;
 pub const MAX_CREDITS: u32 = 65_536;
@@ -79,6 +108,12 @@ impl Default for RdmaConfig {
             recv_slots: 1024 + 64,
             ring_bytes: (64 << 20) + (1 << 20),
             busy_poll_spins: 2_000,
+            device: None,
+            gid_index: None,
+            send_slots: 256,
+            write_chunk_bytes: 1 << 20,
+            write_chunks: 4,
+            liveness_probe_ms: 1_000,
         }
     }
 }
@@ -137,21 +172,53 @@ impl RdmaConfig {
         if self.slot_bytes < 1024 || self.slot_bytes > (1 << 20) {
             return bad(format!("rdma.slot_bytes = {} must be within 1024..=1048576", self.slot_bytes));
         }
-        if self.recv_slots <= transport.credits {
+        let min_recv = transport.credits + RDMA_CONTROL_RECV_SLOTS;
+        if self.recv_slots < min_recv || self.recv_slots > RDMA_MAX_RECV_SLOTS {
             return bad(format!(
-                "rdma.recv_slots = {} must exceed credits = {} (control messages need slots too)",
+                "rdma.recv_slots = {} must be within {min_recv}..={RDMA_MAX_RECV_SLOTS}: credits = {} for data \
+                 frames plus {RDMA_CONTROL_RECV_SLOTS} for flow-control messages",
                 self.recv_slots, transport.credits
             ));
         }
-        let need = transport.max_frame_bytes + crate::frame::FRAME_HEADER_BYTES as u64;
+        let need = rdma_ring_need_bytes(transport.max_frame_bytes);
         if self.ring_bytes < need {
             return bad(format!(
-                "rdma.ring_bytes = {} must hold one largest frame ({need} bytes = max_frame_bytes + header)",
+                "rdma.ring_bytes = {} must hold one largest frame ({need} bytes = max_frame_bytes + header, \
+                 rounded up to {RDMA_RING_ALIGN_BYTES})",
                 self.ring_bytes
             ));
         }
+        if self.ring_bytes % RDMA_RING_ALIGN_BYTES != 0 || self.ring_bytes > RDMA_RING_MAX_BYTES {
+            return bad(format!(
+                "rdma.ring_bytes = {} must be a multiple of {RDMA_RING_ALIGN_BYTES} and at most {RDMA_RING_MAX_BYTES}",
+                self.ring_bytes
+            ));
+        }
+        if self.send_slots == 0 || self.send_slots > 65_536 {
+            return bad(format!("rdma.send_slots = {} must be within 1..=65536", self.send_slots));
+        }
+        if self.write_chunk_bytes < 4096 || self.write_chunk_bytes > (1 << 30) {
+            return bad(format!("rdma.write_chunk_bytes = {} must be within 4096..=2^30", self.write_chunk_bytes));
+        }
+        if self.write_chunks == 0 || self.write_chunks > 64 {
+            return bad(format!("rdma.write_chunks = {} must be within 1..=64", self.write_chunks));
+        }
+        if !(10..=600_000).contains(&self.liveness_probe_ms) {
+            return bad(format!("rdma.liveness_probe_ms = {} must be within 10..=600000", self.liveness_probe_ms));
+        }
+        if let Some(device) = &self.device {
+            if device.is_empty() || device.len() > 64 {
+                return bad(format!("rdma.device = {device:?} must be a device name of 1..=64 bytes"));
+            }
+        }
         Ok(())
     }
+}
+
+/// Ring bytes one frame of `max_frame_bytes` body needs: header and body, rounded up to the
+/// ring alignment.
+pub fn rdma_ring_need_bytes(max_frame_bytes: u64) -> u64 {
+    (max_frame_bytes + crate::frame::FRAME_HEADER_BYTES as u64).div_ceil(RDMA_RING_ALIGN_BYTES) * RDMA_RING_ALIGN_BYTES
 }
 
 #[cfg(test)]
@@ -161,7 +228,7 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_each_limit_is_checked() {
         TransportConfig::default().validate().unwrap();
-        let cases: [fn(&mut TransportConfig); 9] = [
+        let cases: [fn(&mut TransportConfig); 16] = [
             |c| c.max_frame_bytes = 10,
             |c| c.credits = 0,
             |c| c.max_inflight_bytes = c.max_frame_bytes - 1,
@@ -171,6 +238,13 @@ mod tests {
             |c| c.read_buffer_bytes = usize::MAX,
             |c| c.write_timeout_ms = u64::MAX,
             |c| c.rdma.ring_bytes = c.max_frame_bytes,
+            |c| c.rdma.recv_slots = c.credits + RDMA_CONTROL_RECV_SLOTS - 1,
+            |c| c.rdma.ring_bytes += 1,
+            |c| c.rdma.send_slots = 0,
+            |c| c.rdma.write_chunk_bytes = 100,
+            |c| c.rdma.write_chunks = 0,
+            |c| c.rdma.device = Some(String::new()),
+            |c| c.rdma.liveness_probe_ms = 0,
         ];
         for case in cases {
             let mut config = TransportConfig::default();

@@ -5,6 +5,7 @@
 //! - `error`: typed errors with stable codes.
 //! - `config`: every limit, named and validated.
 //! - `link`: the seam between the request–response layer and an I/O driver.
+//! - `rdma`: the RDMA verbs driver (rdma-sys): RC queue pairs, credits, zero-copy receive.
 //!
 //! `unsafe` is denied everywhere except the RDMA verbs module.
 #![deny(unsafe_code)]

@@ -164,8 +164,11 @@ pub struct RdmaPeerInfo {
     pub ring_addr: u64,
     pub ring_rkey: u32,
     pub ring_bytes: u64,
-    /// Receives posted in advance (the peer's initial send credits).
+    /// Receives posted in advance: `credits` for data frames plus the flow-control slack.
     pub recv_slots: u32,
+    /// Data frames (SEND or WRITE WITH IMMEDIATE) the other side may have outstanding at
+    /// this side before it must wait for credits to come back.
+    pub credits: u32,
     pub slot_bytes: u32,
     pub max_frame_bytes: u64,
 }

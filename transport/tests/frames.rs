@@ -157,6 +157,7 @@ fn peer_info() -> RdmaPeerInfo {
         ring_rkey: 5,
         ring_bytes: 1 << 20,
         recv_slots: 64,
+        credits: 62,
         slot_bytes: 8192,
         max_frame_bytes: 1 << 20,
     }

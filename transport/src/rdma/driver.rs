@@ -1,0 +1,558 @@
+//! The poller: one thread per connection, pinned to its core, that owns the endpoint. It polls
+//! the completion queue, delivers frames, reposts released receives, returns credits and ring
+//! space, and takes frames from the outbound channel while it has credits. When nothing happens
+//! for `busy_poll_spins` rounds it arms the CQ and sleeps in poll(2) on the completion channel,
+//! the doorbell (frame releases, shutdown, outbound frames through a waker) and the bootstrap
+//! socket (EOF there means the peer is gone).
+#![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::Read;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use super::credit::{ReturnLedger, SendWindow};
+use super::doorbell::Doorbell;
+use super::peer::LinkLimits;
+use super::ring::{RingReader, RingWriter};
+use super::verbs::{wait_fds, Completion, Endpoint, Release};
+use super::wire::{ControlBody, Imm, CONTROL_CREDITS_MAX, SEND_CREDITS_MAX};
+use super::RdmaStats;
+use crate::error::{FrameError, TransportError};
+use crate::frame::{Frame, FrameHeader, OutFrame, FRAME_HEADER_BYTES};
+use crate::link::{FrameSink, Outbound};
+
+/// Data frames posted per round before the CQ is polled again.
+const SEND_BURST: usize = 64;
+/// CQ batches drained per round (each up to 32 completions).
+const POLL_BATCHES: usize = 4;
+/// Rounds between checks of the bootstrap socket while busy.
+const BOOTSTRAP_CHECK_ROUNDS: u64 = 1024;
+/// Sleep bound when idle: everything that matters wakes the poller sooner.
+const IDLE_WAKE_MS: i32 = 1000;
+/// Sleep bound while out of credits: the outbound channel cannot wake us then (we must not take
+/// from it), so a disconnect there is noticed within this time.
+const STALLED_WAKE_MS: i32 = 50;
+
+#[derive(Debug, Default)]
+pub(crate) struct StatsCounters {
+    frames_sent_send: AtomicU64,
+    frames_sent_write: AtomicU64,
+    bytes_sent: AtomicU64,
+    frames_received_send: AtomicU64,
+    frames_received_ring: AtomicU64,
+    bytes_received: AtomicU64,
+    control_sent: AtomicU64,
+    control_received: AtomicU64,
+    credit_stalls: AtomicU64,
+    ring_stalls: AtomicU64,
+    liveness_probes: AtomicU64,
+}
+
+impl StatsCounters {
+    pub(crate) fn snapshot(&self) -> RdmaStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RdmaStats {
+            frames_sent_send: get(&self.frames_sent_send),
+            frames_sent_write: get(&self.frames_sent_write),
+            bytes_sent: get(&self.bytes_sent),
+            frames_received_send: get(&self.frames_received_send),
+            frames_received_ring: get(&self.frames_received_ring),
+            bytes_received: get(&self.bytes_received),
+            control_sent: get(&self.control_sent),
+            control_received: get(&self.control_received),
+            credit_stalls: get(&self.credit_stalls),
+            ring_stalls: get(&self.ring_stalls),
+            liveness_probes: get(&self.liveness_probes),
+        }
+    }
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+fn protocol(detail: impl std::fmt::Display) -> TransportError {
+    TransportError::Rdma { op: "link protocol", detail: format!("the peer broke the RDMA link protocol: {detail}") }
+}
+
+/// A large frame being written into the peer's ring chunk by chunk.
+struct LargeSend {
+    frame: OutFrame,
+    offset: u64,
+    sent: usize,
+}
+
+/// Everything the handshake produced, handed to the poller thread.
+pub(crate) struct DriverParts {
+    pub endpoint: Endpoint,
+    pub tcp: TcpStream,
+    pub limits: LinkLimits,
+    pub own_credits: u32,
+    pub busy_poll_spins: u32,
+    pub liveness_probe: Duration,
+    pub releases: flume::Receiver<Release>,
+    pub doorbell: Arc<Doorbell>,
+}
+
+pub(crate) struct Driver {
+    endpoint: Endpoint,
+    tcp: TcpStream,
+    limits: LinkLimits,
+    busy_poll_spins: u32,
+    liveness_probe: Duration,
+    /// Last time a completion arrived or a probe went out.
+    last_activity: Instant,
+    releases: flume::Receiver<Release>,
+    doorbell: Arc<Doorbell>,
+    outbound: Outbound,
+    sink: Arc<dyn FrameSink>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<StatsCounters>,
+    window: SendWindow,
+    ledger: ReturnLedger,
+    ring_out: RingWriter,
+    ring_in: RingReader,
+    /// The ring head last sent to the peer.
+    ring_reported: u64,
+    ring_blocked: bool,
+    credit_stalled: bool,
+    pending: Option<OutFrame>,
+    large: Option<LargeSend>,
+    outbound_closed: bool,
+    completions: Vec<Completion>,
+    released: Vec<Release>,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        parts: DriverParts,
+        outbound: Outbound,
+        sink: Arc<dyn FrameSink>,
+        stop: Arc<AtomicBool>,
+        stats: Arc<StatsCounters>,
+    ) -> Driver {
+        let ring_in = RingReader::new(parts.endpoint.ring_bytes());
+        Driver {
+            window: SendWindow::new(parts.limits.send_window),
+            ledger: ReturnLedger::new(parts.own_credits),
+            ring_out: RingWriter::new(parts.limits.peer_ring_bytes),
+            ring_in,
+            endpoint: parts.endpoint,
+            tcp: parts.tcp,
+            limits: parts.limits,
+            busy_poll_spins: parts.busy_poll_spins,
+            liveness_probe: parts.liveness_probe,
+            last_activity: Instant::now(),
+            releases: parts.releases,
+            doorbell: parts.doorbell,
+            outbound,
+            sink,
+            stop,
+            stats,
+            ring_reported: 0,
+            ring_blocked: false,
+            credit_stalled: false,
+            pending: None,
+            large: None,
+            outbound_closed: false,
+            completions: Vec::new(),
+            released: Vec::new(),
+        }
+    }
+
+    /// Runs until the link ends, tears the endpoint down, then tells the sink (exactly once,
+    /// even if the loop or a sink callback panicked: that is a bug, but the layer above must
+    /// not wait forever for a link that is gone).
+    pub(crate) fn run(mut self) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
+        let error = match outcome {
+            Ok(Err(error)) => error,
+            Ok(Ok(never)) => match never {},
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(%what, "the RDMA poller panicked");
+                TransportError::Closed { reason: format!("the RDMA poller stopped on a bug: {what}") }
+            }
+        };
+        let Driver { endpoint, sink, tcp, .. } = self;
+        // QP, CQ, channel, MRs, PD, context, in that order (Endpoint's field order). Frames
+        // still held by the application keep their memory alive; nothing is reposted.
+        drop(endpoint);
+        drop(tcp);
+        tracing::debug!(%error, "RDMA link closed");
+        sink.closed(error);
+    }
+
+    fn run_loop(&mut self) -> Result<Infallible, TransportError> {
+        let mut idle_rounds = 0u32;
+        let mut rounds = 0u64;
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Err(TransportError::Closed {
+                    reason: "RDMA link shut down locally (RdmaDriver::shutdown or drop)".into(),
+                });
+            }
+            let mut progress = self.poll_completions()?;
+            progress |= self.apply_releases()?;
+            progress |= self.send_control()?;
+            progress |= self.send_data()?;
+            if self.finished() {
+                return Err(TransportError::Closed {
+                    reason: "the outbound channel was closed (every sender dropped); RDMA link shut down".into(),
+                });
+            }
+            rounds += 1;
+            if rounds % BOOTSTRAP_CHECK_ROUNDS == 0 {
+                self.check_bootstrap()?;
+            }
+            if progress {
+                idle_rounds = 0;
+                continue;
+            }
+            idle_rounds += 1;
+            if idle_rounds < self.busy_poll_spins {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.sleep()?;
+            idle_rounds = 0;
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.outbound_closed && self.pending.is_none() && self.large.is_none() && self.endpoint.sends_outstanding() == 0
+    }
+
+    // ---- receive side ----
+
+    fn poll_completions(&mut self) -> Result<bool, TransportError> {
+        let mut any = false;
+        for _ in 0..POLL_BATCHES {
+            let mut completions = std::mem::take(&mut self.completions);
+            completions.clear();
+            let polled = self.endpoint.poll(&mut completions);
+            let result = polled.and_then(|n| {
+                for &completion in &completions {
+                    self.on_completion(completion)?;
+                }
+                Ok(n)
+            });
+            self.completions = completions;
+            let n = result?;
+            if n == 0 {
+                break;
+            }
+            self.last_activity = Instant::now();
+            any = true;
+        }
+        Ok(any)
+    }
+
+    fn on_completion(&mut self, completion: Completion) -> Result<(), TransportError> {
+        let Completion::Recv { slot, byte_len, imm, via_write } = completion;
+        let imm = imm.ok_or_else(|| protocol("a message arrived without immediate data"))?;
+        let imm = Imm::decode(imm).map_err(protocol)?;
+        if byte_len > self.endpoint.slot_bytes() && !via_write {
+            return Err(protocol(format!("a {byte_len}-byte SEND into a {}-byte slot", self.endpoint.slot_bytes())));
+        }
+        match (imm, via_write) {
+            (Imm::Send { credits }, false) => {
+                self.window.grant(credits).map_err(protocol)?;
+                self.ledger.frame_received().map_err(protocol)?;
+                let bytes = self.endpoint.lend_slot(slot, byte_len);
+                let frame = Frame::parse(bytes, self.limits.recv_max_frame_bytes)?;
+                bump(&self.stats.frames_received_send, 1);
+                bump(&self.stats.bytes_received, u64::from(byte_len));
+                self.sink.deliver(frame);
+            }
+            (Imm::Ring { offset }, true) => {
+                self.ledger.frame_received().map_err(protocol)?;
+                self.ring_in.check_offset(offset).map_err(protocol)?;
+                let header = self.endpoint.read_ring(offset, FRAME_HEADER_BYTES as u64);
+                let header = FrameHeader::decode(header, self.limits.recv_max_frame_bytes)?;
+                let len = header.frame_len() as u64;
+                let placement = self.ring_in.accept(offset, len).map_err(protocol)?;
+                let bytes = self.endpoint.lend_ring(slot, offset, len, placement.start);
+                let frame = Frame::parse(bytes, self.limits.recv_max_frame_bytes)?;
+                bump(&self.stats.frames_received_ring, 1);
+                bump(&self.stats.bytes_received, len);
+                self.sink.deliver(frame);
+            }
+            (Imm::Control { credits, request, reply }, false) => {
+                let body = ControlBody::decode(self.endpoint.read_slot(slot, byte_len)).map_err(protocol)?;
+                // Repost before anything is sent: our reply proves the receive is back.
+                self.endpoint.repost_completed(slot)?;
+                self.window.grant(credits).map_err(protocol)?;
+                if reply {
+                    self.window.reply_received().map_err(protocol)?;
+                }
+                self.ring_out.release_to(body.ring_head).map_err(protocol)?;
+                if request {
+                    self.ledger.request_received().map_err(protocol)?;
+                }
+                bump(&self.stats.control_received, 1);
+            }
+            (imm, via_write) => {
+                let how = if via_write { "RDMA WRITE WITH IMMEDIATE" } else { "SEND" };
+                return Err(protocol(format!("{imm:?} arrived by {how}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reposts the receives of frames the application dropped; their credits become owed.
+    fn apply_releases(&mut self) -> Result<bool, TransportError> {
+        self.released.clear();
+        self.released.extend(self.releases.try_iter());
+        if self.released.is_empty() {
+            return Ok(false);
+        }
+        self.endpoint.repost_released(&self.released)?;
+        for release in &self.released {
+            if let Some(start) = release.ring_start() {
+                self.ring_in.release(start);
+            }
+            self.ledger.frame_released();
+        }
+        self.released.clear();
+        Ok(true)
+    }
+
+    // ---- send side ----
+
+    fn ring_short(&self) -> bool {
+        self.ring_blocked || self.ring_out.used_bytes() > self.ring_out.ring_bytes() / 2
+    }
+
+    /// Sends our reply (once there is something to give back) and/or our credit request.
+    fn send_control(&mut self) -> Result<bool, TransportError> {
+        let ring_news = self.ring_in.head() > self.ring_reported;
+        let reply = self.ledger.reply_due(ring_news);
+        let request = self.window.wants_request(self.ring_short());
+        if !(reply || request) || !self.endpoint.can_send_control() {
+            return Ok(false);
+        }
+        let credits = self.ledger.take_owed(CONTROL_CREDITS_MAX);
+        let head = self.ring_in.head();
+        let body = ControlBody { ring_head: head }.encode();
+        let sent = self.endpoint.send_control(&body, Imm::Control { credits, request, reply }.encode())?;
+        assert!(sent, "a control slot was free");
+        self.ring_reported = head;
+        if reply {
+            self.ledger.reply_sent();
+        }
+        if request {
+            self.window.request_sent();
+        }
+        bump(&self.stats.control_sent, 1);
+        Ok(true)
+    }
+
+    fn send_data(&mut self) -> Result<bool, TransportError> {
+        let mut progress = false;
+        for _ in 0..SEND_BURST {
+            if self.large.is_some() {
+                progress |= self.continue_large()?;
+                if self.large.is_some() {
+                    break;
+                }
+                continue;
+            }
+            if self.pending.is_none() && !self.take_outbound() {
+                break;
+            }
+            let len = self.pending.as_ref().map(OutFrame::len).expect("pending frame");
+            if let Err(detail) = self.limits.check_outbound(len) {
+                tracing::warn!(%detail, "refusing an outbound frame");
+                return Err(TransportError::Frame(FrameError::Oversize {
+                    body_len: len.saturating_sub(FRAME_HEADER_BYTES) as u64,
+                    max_frame_bytes: self.limits.send_max_frame_bytes,
+                }));
+            }
+            if len <= self.limits.send_small_frame_bytes as usize {
+                if !self.endpoint.can_send_frame() {
+                    break;
+                }
+                let frame = self.pending.take().expect("pending frame");
+                assert!(self.window.try_take(), "a frame is taken from outbound only with a credit");
+                let credits = self.ledger.take_owed(SEND_CREDITS_MAX);
+                let sent = self.endpoint.send_frame(frame.as_bytes(), Imm::Send { credits }.encode())?;
+                assert!(sent, "a send slot was free");
+                bump(&self.stats.frames_sent_send, 1);
+                bump(&self.stats.bytes_sent, len as u64);
+            } else {
+                let Some(placement) = self.ring_out.reserve(len as u64) else {
+                    if !self.ring_blocked {
+                        bump(&self.stats.ring_stalls, 1);
+                    }
+                    self.ring_blocked = true;
+                    break;
+                };
+                self.ring_blocked = false;
+                let frame = self.pending.take().expect("pending frame");
+                assert!(self.window.try_take(), "a frame is taken from outbound only with a credit");
+                let offset = placement.offset(self.ring_out.ring_bytes());
+                self.large = Some(LargeSend { frame, offset, sent: 0 });
+            }
+            progress = true;
+        }
+        Ok(progress)
+    }
+
+    /// Takes the next outbound frame if a credit is free for it. The credit is taken when the
+    /// frame is posted; until then it waits in `pending`. Without a credit the frame stays in the
+    /// bounded channel, which is what pushes back on the callers.
+    fn take_outbound(&mut self) -> bool {
+        if self.window.available() == 0 {
+            if !self.credit_stalled {
+                bump(&self.stats.credit_stalls, 1);
+                self.credit_stalled = true;
+            }
+            return false;
+        }
+        self.credit_stalled = false;
+        match self.outbound.try_recv() {
+            Ok(frame) => {
+                self.pending = Some(frame);
+                true
+            }
+            Err(flume::TryRecvError::Empty) => false,
+            Err(flume::TryRecvError::Disconnected) => {
+                self.outbound_closed = true;
+                false
+            }
+        }
+    }
+
+    /// Copies the current large frame into free staging chunks and writes them into the peer's
+    /// ring; the last chunk goes WITH IMMEDIATE, which the peer sees after every earlier write
+    /// (RC work requests execute in order).
+    fn continue_large(&mut self) -> Result<bool, TransportError> {
+        let Some(mut large) = self.large.take() else { return Ok(false) };
+        let chunk = self.endpoint.chunk_bytes() as usize;
+        let bytes = large.frame.as_bytes().clone();
+        let total = bytes.len();
+        let mut progress = false;
+        while large.sent < total && self.endpoint.can_write_chunk() {
+            let n = chunk.min(total - large.sent);
+            let last = large.sent + n == total;
+            let imm = last.then(|| Imm::Ring { offset: large.offset }.encode());
+            let remote = large.offset + large.sent as u64;
+            let written = self.endpoint.write_chunk(&bytes[large.sent..large.sent + n], remote, imm)?;
+            assert!(written, "a staging chunk was free");
+            large.sent += n;
+            progress = true;
+        }
+        if large.sent < total {
+            self.large = Some(large);
+        } else {
+            bump(&self.stats.frames_sent_write, 1);
+            bump(&self.stats.bytes_sent, total as u64);
+        }
+        Ok(progress)
+    }
+
+    // ---- sleeping and the bootstrap socket ----
+
+    fn sleep(&mut self) -> Result<(), TransportError> {
+        self.endpoint.arm()?;
+        // A completion that landed before the arm raises no event: look once more.
+        if self.poll_completions()? {
+            return Ok(());
+        }
+        self.doorbell.clear();
+        if !self.releases.is_empty() || self.stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let can_take =
+            self.pending.is_none() && self.large.is_none() && self.window.available() > 0 && !self.outbound_closed;
+        if !can_take && self.outbound.is_disconnected() && self.outbound.is_empty() {
+            self.outbound_closed = true;
+            return Ok(());
+        }
+        let waker = Waker::from(self.doorbell.clone());
+        let mut cx = Context::from_waker(&waker);
+        let outbound = self.outbound.clone();
+        let mut next = can_take.then(|| outbound.recv_async());
+        if let Some(fut) = next.as_mut() {
+            if self.on_outbound_poll(Pin::new(fut).poll(&mut cx)) {
+                return Ok(());
+            }
+        }
+        let timeout_ms = if can_take || self.outbound_closed { IDLE_WAKE_MS } else { STALLED_WAKE_MS };
+        let timeout_ms = timeout_ms.min(self.probe_if_quiet()?);
+        let fds = [self.endpoint.event_fd(), self.doorbell.fd(), self.tcp.as_raw_fd()];
+        let [event, _bell, bootstrap] =
+            wait_fds(fds, timeout_ms).map_err(|e| TransportError::io("poll(2) in the RDMA poller", e))?;
+        if event {
+            self.endpoint.take_events();
+        }
+        if bootstrap {
+            self.check_bootstrap()?;
+        }
+        if let Some(fut) = next.as_mut() {
+            self.on_outbound_poll(Pin::new(fut).poll(&mut cx));
+        }
+        Ok(())
+    }
+
+    /// Nothing completed for `liveness_probe` and nothing is in flight (in flight, the RC
+    /// retries already watch the peer): post a probe. Returns how long the poller may sleep
+    /// before the next check.
+    fn probe_if_quiet(&mut self) -> Result<i32, TransportError> {
+        let quiet = self.last_activity.elapsed();
+        if quiet < self.liveness_probe {
+            return Ok((self.liveness_probe - quiet).as_millis().clamp(1, i32::MAX as u128) as i32);
+        }
+        if self.endpoint.sends_outstanding() == 0 && self.endpoint.post_probe()? {
+            bump(&self.stats.liveness_probes, 1);
+        }
+        self.last_activity = Instant::now();
+        Ok(self.liveness_probe.as_millis().clamp(1, i32::MAX as u128) as i32)
+    }
+
+    fn on_outbound_poll(&mut self, poll: Poll<Result<OutFrame, flume::RecvError>>) -> bool {
+        match poll {
+            Poll::Ready(Ok(frame)) => {
+                self.pending = Some(frame);
+                true
+            }
+            Poll::Ready(Err(flume::RecvError::Disconnected)) => {
+                self.outbound_closed = true;
+                true
+            }
+            Poll::Pending => false,
+        }
+    }
+
+    /// Nothing is sent on the bootstrap socket after the handshake: EOF or an error there means
+    /// the peer shut down or died.
+    fn check_bootstrap(&mut self) -> Result<(), TransportError> {
+        let mut buf = [0u8; 16];
+        match (&self.tcp).read(&mut buf) {
+            Ok(0) => {
+                // Frames the peer finished sending are already in the CQ (the responder
+                // completes before it acknowledges): deliver them before closing.
+                while let Ok(true) = self.poll_completions() {}
+                Err(TransportError::Closed {
+                    reason: "the RDMA peer closed the bootstrap TCP connection: it shut down or its process died"
+                        .into(),
+                })
+            }
+            Ok(n) => Err(protocol(format!("{n} unexpected bytes on the bootstrap socket"))),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => Ok(()),
+            Err(e) => Err(TransportError::io("the RDMA bootstrap TCP connection (the peer is gone)", e)),
+        }
+    }
+}
