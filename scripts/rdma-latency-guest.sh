@@ -2,10 +2,10 @@
 # Runs inside the soft-RoCE guest (scripts/rdma-vm.sh): for 64 B and 4 KiB, ibv_rc_pingpong's
 # mean round trip and the transport's RDMA echo round trip, alternating, then their ratio.
 # Only the ratio means anything: the guest's CPU is emulated.
-#   rdma-latency-guest.sh BIN [transport-latency flags]
+#   rdma-latency-guest.sh BIN      (SLUICE_RDMA_BENCH_ITERS round trips per measurement, default 2000)
 set -euo pipefail
 bin="$1"
-shift
+shift || true
 dev="${SLUICE_RDMA_DEVICE:-rxe0}"
 addr="${SLUICE_RDMA_SERVER_ADDR:-10.77.0.1}"
 gid=$(bash "$(dirname "$0")/rxe-gid-index.sh" "$dev" "$addr")
@@ -32,7 +32,7 @@ for round in $(seq "$rounds"); do
   for size in 64 4096; do
     pp=$(pingpong "$size")
     "$bin" --transport rdma --server "$addr:0" --sizes "$size" --iterations "$iters" --warmup 200 --rounds 1 \
-      --json /tmp/tr.json "$@" >/tmp/tr.log 2>&1 || { cat /tmp/tr.log; exit 1; }
+      --json /tmp/tr.json >/tmp/tr.log 2>&1 || { cat /tmp/tr.log; exit 1; }
     tr=$(python3 -c 'import json;print(json.load(open("/tmp/tr.json"))[0]["mean_ns"]/1000)')
     echo "round $round size $size: ibv_rc_pingpong ${pp} µs/iter, transport rdma ${tr} µs mean"
     pp_sum[$size]=$(python3 -c "print(${pp_sum[$size]:-0} + $pp)")

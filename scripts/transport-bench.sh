@@ -26,5 +26,5 @@ if compgen -G "/sys/class/infiniband/*" >/dev/null; then
 fi
 if (( rdma_vm )); then
   echo "== RDMA in the soft-RoCE guest: transport vs ibv_rc_pingpong =="
-  bash scripts/rdma-vm.sh --timeout 900 -- bash scripts/rdma-latency-guest.sh "$bin" "$@"
+  bash scripts/rdma-vm.sh --timeout 900 -- bash scripts/rdma-latency-guest.sh "$bin"
 fi

@@ -39,7 +39,7 @@ async fn rdma_client_calls_an_rdma_server_with_small_and_large_bodies_pipelined(
     let addr: SocketAddr = server.rdma_addr.expect("RDMA address");
     let client = Client::connect(&format!("rdma://{addr}"), TransportConfig::default(), "t").await.expect("connect");
     assert_eq!(client.transport(), TransportKind::Rdma);
-    for len in [0usize, 64, 8000, 100_000, 1 << 20, 16 << 20] {
+    for len in [0usize, 64, 8000, 100_000, 1 << 20, 16 << 20, 32 << 20] {
         let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         echo(&client, &payload).await;
     }

@@ -42,6 +42,9 @@ struct Args {
     /// Core for the server; the client takes the next one.
     #[arg(long, default_value_t = 1)]
     server_core: usize,
+    /// Pin nothing (server executor, client thread, RDMA pollers float).
+    #[arg(long)]
+    no_pin: bool,
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -56,7 +59,7 @@ struct Row {
 
 fn main() {
     let args = Args::parse();
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let cores = if args.no_pin { Vec::new() } else { core_affinity::get_core_ids().unwrap_or_default() };
     let server_core = cores.get(args.server_core % cores.len().max(1)).map(|c| c.id);
     let client_core = cores.get((args.server_core + 1) % cores.len().max(1)).copied();
     if let Some(core) = client_core {
