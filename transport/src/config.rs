@@ -64,6 +64,10 @@ pub struct RdmaConfig {
     /// queue pair is gone without its socket closing (a vanished host) fails it after the RC
     /// retries. Bounds how long an idle or flow-control-stalled link takes to notice.
     pub liveness_probe_ms: u64,
+    /// RDMA links a server keeps at once; each pins its registered memory (about ring_bytes +
+    /// (recv_slots + send_slots) × slot_bytes + write_chunks × write_chunk_bytes). Further
+    /// connections are refused.
+    pub max_links: u32,
 }
 
 /// Receives each side keeps beyond its data credits: one for the peer's credit request and
@@ -114,6 +118,7 @@ impl Default for RdmaConfig {
             write_chunk_bytes: 1 << 20,
             write_chunks: 4,
             liveness_probe_ms: 1_000,
+            max_links: 16,
         }
     }
 }
@@ -169,6 +174,9 @@ impl TransportConfig {
 impl RdmaConfig {
     fn validate(&self, transport: &TransportConfig) -> Result<(), TransportError> {
         let bad = |reason: String| Err(TransportError::Config { reason });
+        if !(1..=4096).contains(&self.max_links) {
+            return bad(format!("rdma.max_links = {} must be within 1..=4096", self.max_links));
+        }
         if self.slot_bytes < 1024 || self.slot_bytes > (1 << 20) {
             return bad(format!("rdma.slot_bytes = {} must be within 1024..=1048576", self.slot_bytes));
         }

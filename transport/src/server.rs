@@ -608,6 +608,7 @@ impl<H: Handler> Server<H> {
     /// Starts a driver for each accepted RDMA connection, pinned to this executor's core, and
     /// serves it until it closes or the server stops.
     async fn serve_rdma(self: Rc<Self>, accepted: flume::Receiver<crate::rdma::PendingRdma>, pin_core: Option<usize>) {
+        let live_links = Rc::new(std::cell::Cell::new(0u32));
         loop {
             let next = {
                 let recv = std::pin::pin!(accepted.recv_async());
@@ -617,6 +618,15 @@ impl<H: Handler> Server<H> {
                     _ => return,
                 }
             };
+            if live_links.get() >= self.config.rdma.max_links {
+                // Each link pins its registered memory: refuse rather than pin without bound.
+                tracing::warn!(
+                    max_links = self.config.rdma.max_links,
+                    "refusing an RDMA connection: rdma.max_links reached"
+                );
+                drop(next);
+                continue;
+            }
             self.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
             // Credits bound what a well-behaved peer queues; the slack covers control frames.
             let (sink, source) = crate::link::ChannelSink::new(self.config.credits as usize + 64);
@@ -628,10 +638,12 @@ impl<H: Handler> Server<H> {
                     continue;
                 }
             };
-            let server = self.clone();
+            let (server, live_links) = (self.clone(), live_links.clone());
+            live_links.set(live_links.get() + 1);
             glommio::spawn_local(async move {
                 server.serve_link(source, out_tx).await;
                 drop(driver);
+                live_links.set(live_links.get() - 1);
             })
             .detach();
         }

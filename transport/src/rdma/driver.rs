@@ -279,11 +279,11 @@ impl Driver {
             (Imm::Ring { offset }, true) => {
                 self.ledger.frame_received().map_err(protocol)?;
                 self.ring_in.check_offset(offset).map_err(protocol)?;
-                let header = self.endpoint.read_ring(offset, FRAME_HEADER_BYTES as u64);
-                let header = FrameHeader::decode(header, self.limits.recv_max_frame_bytes)?;
+                let header = self.endpoint.copy_ring(offset, FRAME_HEADER_BYTES as u64);
+                let header = FrameHeader::decode(&header, self.limits.recv_max_frame_bytes)?;
                 let len = header.frame_len() as u64;
                 let placement = self.ring_in.accept(offset, len).map_err(protocol)?;
-                let bytes = self.endpoint.lend_ring(slot, offset, len, placement.start);
+                let bytes = self.endpoint.take_ring_frame(slot, offset, len, placement.start);
                 let frame = Frame::parse(bytes, self.limits.recv_max_frame_bytes)?;
                 bump(&self.stats.frames_received_ring, 1);
                 bump(&self.stats.bytes_received, len);

@@ -13,10 +13,11 @@
 //!   only into send slots and staging chunks that are not posted. A receive slot is lent to a
 //!   frame only after its completion and posted again only after that frame's lease is dropped
 //!   (`RecvSlots` asserts every transition). Ring bytes are lent to one frame; the peer may write
-//!   them again only once the head passed them, which needs that frame's lease to be dropped.
-//!   A peer that breaks the protocol can change ring bytes under a reader (its own frames go
-//!   bad, caught by the CRC when they are parsed); every offset and length it sends is checked,
-//!   so it cannot make this side read or write outside its registered memory.
+//!   them again only once the head passed them. The ring is remotely writable for the whole
+//!   link, so a peer that breaks the protocol could rewrite bytes at any time: ring bytes are
+//!   therefore never borrowed, only copied out through raw pointers (`DmaBuffer::copy_out`)
+//!   and the private copy is what gets checked and read. Every offset and length the peer
+//!   sends is checked, so it cannot make this side read or write outside registered memory.
 //! - An `Endpoint` is used by one thread at a time: built by the connecting thread, then moved to
 //!   its poller thread. libibverbs objects may be used from any thread.
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -320,6 +321,23 @@ impl DmaBuffer {
         // SAFETY: in bounds (asserted); allocated and initialised (zeroed) for `self.len`; the
         // caller guarantees nothing writes the range meanwhile.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), len) }
+    }
+
+    /// Copies a range into owned memory through raw pointers, for bytes the peer can still
+    /// write (the ring is remotely writable for the whole link). No reference ever points at
+    /// them, so a racing remote write can only corrupt the copy, which the CRC and bytecheck
+    /// then see; bytes that were checked can never change afterwards.
+    fn copy_out(&self, offset: usize, len: usize) -> Vec<u8> {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "range outside buffer");
+        let mut out = Vec::with_capacity(len);
+        // SAFETY: the source range is in bounds (asserted) of an allocation of `self.len`
+        // initialised bytes; `out` is a fresh allocation of capacity `len`, so the two do not
+        // overlap; all `len` bytes are written before `set_len`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), out.as_mut_ptr(), len);
+            out.set_len(len);
+        }
+        out
     }
 
     /// # Safety
@@ -867,11 +885,18 @@ impl Endpoint {
             })
             .collect();
         // Link after both vectors are final, so the pointers stay valid.
+        // Raw pointers from one base each: indexing per element would reborrow the whole
+        // vector and invalidate the links already made.
         let count = wrs.len();
+        let (wr_base, sge_base) = (wrs.as_mut_ptr(), sges.as_mut_ptr());
         for i in 0..count {
-            wrs[i].sg_list = &mut sges[i];
-            if i + 1 < count {
-                wrs[i].next = &mut wrs[i + 1];
+            // SAFETY: i < count == wrs.len() == sges.len(), so both pointers are in bounds;
+            // neither vector is touched through a reference while these pointers are in use.
+            unsafe {
+                (*wr_base.add(i)).sg_list = sge_base.add(i);
+                if i + 1 < count {
+                    (*wr_base.add(i)).next = wr_base.add(i + 1);
+                }
             }
         }
         let mut bad: *mut ibv_recv_wr = null_mut();
@@ -910,10 +935,9 @@ impl Endpoint {
     }
 
     /// Ring bytes at a checked offset, for the header of a frame that just arrived there.
-    pub(crate) fn read_ring(&self, offset: u64, len: u64) -> &[u8] {
-        // SAFETY: the peer signalled (WRITE WITH IMMEDIATE completion) that it finished writing
-        // here and may not write these bytes again before this side releases them.
-        unsafe { self.ring_buf.slice(offset as usize, len as usize) }
+    /// A copy of ring bytes (see `DmaBuffer::copy_out` for why ring bytes are never borrowed).
+    pub(crate) fn copy_ring(&self, offset: u64, len: u64) -> Vec<u8> {
+        self.ring_buf.copy_out(offset as usize, len as usize)
     }
 
     /// Lends a completed slot's first `len` bytes to a frame; the slot is reposted when the
@@ -931,19 +955,26 @@ impl Endpoint {
         })
     }
 
-    /// Lends `len` ring bytes at `offset` to a frame, holding the receive slot its WRITE WITH
-    /// IMMEDIATE consumed until then; `ring_start` identifies the ring range on release.
-    pub(crate) fn lend_ring(&mut self, slot: u32, offset: u64, len: u64, ring_start: u64) -> Bytes {
+    /// Copies a ring frame (`len` bytes at `offset`) out into private memory and hands back
+    /// the ring range and the receive slot its WRITE WITH IMMEDIATE consumed at once, through
+    /// the same release path a dropped lease uses (`ring_start` identifies the range).
+    /// The copy is deliberate: the ring stays remotely writable, so a peer could rewrite a
+    /// frame after it was validated; a private copy is what gets validated and read.
+    pub(crate) fn take_ring_frame(&mut self, slot: u32, offset: u64, len: u64, ring_start: u64) -> Bytes {
         assert!(offset.checked_add(len).is_some_and(|end| end <= self.spec.ring_bytes), "ring range out of bounds");
         self.recv_states.transition(slot, RecvState::Lent);
-        Bytes::from_owner(Lease {
+        let lease = Lease {
             buf: self.ring_buf.clone(),
             offset: offset as usize,
             len: len as usize,
             release: Some(Release { slot, ring_start: Some(ring_start) }),
             tx: self.release_tx.clone(),
             doorbell: self.doorbell.clone(),
-        })
+        };
+        // Copy the frame out of the peer-writable ring: the one copy on the RDMA WRITE path.
+        let frame = Bytes::from(self.ring_buf.copy_out(offset as usize, len as usize));
+        drop(lease);
+        frame
     }
 
     // ---- sends ----
