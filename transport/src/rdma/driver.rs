@@ -283,7 +283,9 @@ impl Driver {
                 let header = FrameHeader::decode(&header, self.limits.recv_max_frame_bytes)?;
                 let len = header.frame_len() as u64;
                 let placement = self.ring_in.accept(offset, len).map_err(protocol)?;
-                let bytes = self.endpoint.take_ring_frame(slot, offset, len, placement.start);
+                let bytes = self.endpoint.take_ring_frame(slot, offset, len);
+                // The frame was copied out, so its ring range is free now; its credit is not.
+                self.ring_in.release(placement.start);
                 let frame = Frame::parse(bytes, self.limits.recv_max_frame_bytes)?;
                 bump(&self.stats.frames_received_ring, 1);
                 bump(&self.stats.bytes_received, len);

@@ -544,6 +544,31 @@ impl Drop for Lease {
     }
 }
 
+/// A ring frame copied into private memory; dropping it returns the receive slot (and so the
+/// credit) the frame used.
+struct CopiedFrame {
+    data: Vec<u8>,
+    release: Option<Release>,
+    tx: flume::Sender<Release>,
+    doorbell: Arc<Doorbell>,
+}
+
+impl AsRef<[u8]> for CopiedFrame {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for CopiedFrame {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            if self.tx.send(release).is_ok() {
+                self.doorbell.ring();
+            }
+        }
+    }
+}
+
 // ---- the endpoint: one connection's verbs objects and buffers --------------------------------------
 
 /// Sizes of one endpoint's buffers (from `RdmaConfig`).
@@ -955,26 +980,22 @@ impl Endpoint {
         })
     }
 
-    /// Copies a ring frame (`len` bytes at `offset`) out into private memory and hands back
-    /// the ring range and the receive slot its WRITE WITH IMMEDIATE consumed at once, through
-    /// the same release path a dropped lease uses (`ring_start` identifies the range).
+    /// Copies a ring frame (`len` bytes at `offset`) out into private memory. The caller
+    /// releases the ring range at once; the receive slot the WRITE WITH IMMEDIATE consumed
+    /// stays lent until the returned bytes are dropped, so the frame still holds its credit.
     /// The copy is deliberate: the ring stays remotely writable, so a peer could rewrite a
     /// frame after it was validated; a private copy is what gets validated and read.
-    pub(crate) fn take_ring_frame(&mut self, slot: u32, offset: u64, len: u64, ring_start: u64) -> Bytes {
+    pub(crate) fn take_ring_frame(&mut self, slot: u32, offset: u64, len: u64) -> Bytes {
         assert!(offset.checked_add(len).is_some_and(|end| end <= self.spec.ring_bytes), "ring range out of bounds");
         self.recv_states.transition(slot, RecvState::Lent);
-        let lease = Lease {
-            buf: self.ring_buf.clone(),
-            offset: offset as usize,
-            len: len as usize,
-            release: Some(Release { slot, ring_start: Some(ring_start) }),
+        // Copy the frame out of the peer-writable ring: the one copy on the RDMA WRITE path.
+        let data = self.ring_buf.copy_out(offset as usize, len as usize);
+        Bytes::from_owner(CopiedFrame {
+            data,
+            release: Some(Release { slot, ring_start: None }),
             tx: self.release_tx.clone(),
             doorbell: self.doorbell.clone(),
-        };
-        // Copy the frame out of the peer-writable ring: the one copy on the RDMA WRITE path.
-        let frame = Bytes::from(self.ring_buf.copy_out(offset as usize, len as usize));
-        drop(lease);
-        frame
+        })
     }
 
     // ---- sends ----
