@@ -11,7 +11,8 @@
 # CMD runs as root in the directory this script was started from, with a clean environment:
 #   SLUICE_RDMA_DEVICE=rxe0 SLUICE_RDMA_SERVER_ADDR=10.77.0.1 SLUICE_IN_RDMA_VM=1 HOME=/tmp PATH
 # (plus the host's values of the names in SLUICE_VM_PASS_ENV). The guest's /tmp and /run are
-# tmpfs; everything else is read-only. CMD's stdout and stderr are merged, in order, onto this
+# tmpfs (the working directory and this script's directory stay visible if they are under
+# them); everything else is read-only. CMD's stdout and stderr are merged, in order, onto this
 # script's stdout; rdma-vm's own messages go to stderr. The script exits with CMD's status,
 # 124 if the run timed out, 125 if the VM itself failed (download, boot, rxe), 64 on usage errors.
 #
@@ -146,10 +147,22 @@ remaining_secs() { echo $((timeout_secs - ($(now_ms) - started_ms) / 1000)); }
 
 self=$(readlink -f "${BASH_SOURCE[0]}")
 cwd=$PWD
-# The guest mounts fresh tmpfs on /tmp and /run, hiding whatever the host has there.
-case $cwd/ in
-  /tmp/* | /run/*) die "the current directory $cwd is under /tmp or /run, which the guest replaces with tmpfs; run from elsewhere" ;;
-esac
+# The guest mounts fresh tmpfs on /tmp and /run, hiding whatever the host has there. The
+# working directory and this script's directory are kept visible (bind-mounted over the tmpfs)
+# when they live there, e.g. a CI checkout in /tmp; the kernel command line names them.
+keep_paths=()
+for path in "$cwd" "$(dirname "$self")"; do
+  case $path/ in
+    /tmp/* | /run/*)
+      [[ $path =~ ^[A-Za-z0-9/._+-]+$ ]] || die "cannot keep $path visible in the guest: unusual characters in the path"
+      keep_paths+=("$path")
+      ;;
+  esac
+done
+keep_arg=""
+if ((${#keep_paths[@]})); then
+  keep_arg=" sluice_keep=$(IFS=,; echo "${keep_paths[*]}")"
+fi
 
 for tool in qemu-system-x86_64 busybox cpio depmod modprobe dpkg apt-get apt-cache flock timeout gzip; do
   command -v "$tool" >/dev/null || die "$tool not found; run scripts/setup.sh (needs qemu-system-x86 busybox-static cpio kmod)"
@@ -257,8 +270,21 @@ opts=trans=virtio,version=9p2000.L,msize=@MSIZE@
 # cache=loose: the root is read-only here, and caching cuts each exec from ~1 s to ~0.1 s under
 # TCG. A host file changed during the run may be seen stale; fine for a test run.
 mount -t 9p -o "$opts,ro,cache=loose" hostroot /newroot || fail "mounting the host root over 9p failed"
+# Host paths under /tmp or /run the run needs (sluice_keep=A,B on the kernel command line):
+# hold them aside before the tmpfs mounts hide them, then put them back at the same paths.
+keep=$(sed -n 's/.*sluice_keep=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ')
+i=0
+for path in $keep; do
+  mkdir -p "/keep/$i" && mount -o bind "/newroot$path" "/keep/$i" || fail "holding $path failed"
+  i=$((i + 1))
+done
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || fail "tmpfs on /tmp failed"
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run || fail "tmpfs on /run failed"
+i=0
+for path in $keep; do
+  mkdir -p "/newroot$path" && mount --move "/keep/$i" "/newroot$path" || fail "restoring $path failed"
+  i=$((i + 1))
+done
 mkdir -p /newroot@OUT@
 mount -t 9p -o "$opts" out /newroot@OUT@ || fail "mounting the results share failed"
 cat /proc/uptime >/newroot@OUT@/booted
@@ -342,7 +368,7 @@ budget=$(remaining_secs)
 qemu_started_ms=$(now_ms)
 timeout -k "$KILL_GRACE_SECS" "$budget" \
   qemu-system-x86_64 -cpu max -m "$VM_MEM_MB" -smp "$VM_CPUS" -nographic -no-reboot -nic none \
-  -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 quiet panic=-1" \
+  -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 quiet panic=-1$keep_arg" \
   -fsdev "local,id=r,path=/,security_model=none,readonly=on,multidevs=remap" \
   -device virtio-9p-pci,fsdev=r,mount_tag=hostroot \
   -fsdev "local,id=o,path=$run_dir,security_model=none" \
