@@ -321,10 +321,7 @@ impl Driver {
             return Ok(false);
         }
         self.endpoint.repost_released(&self.released)?;
-        for release in &self.released {
-            if let Some(start) = release.ring_start() {
-                self.ring_in.release(start);
-            }
+        for _ in &self.released {
             self.ledger.frame_released();
         }
         self.released.clear();

@@ -499,41 +499,23 @@ impl Drop for Qp {
     }
 }
 
-// ---- leases: received frames pointing into registered memory ------------------------------------
+// ---- leases: received SEND frames pointing into registered memory ------------------------------------
 
-/// Proof that a lent receive slot (and for ring frames, its ring range) is free again. Only a
-/// dropped lease makes one, so a slot is never reposted while a frame still reads it.
+/// Proof that a lent receive slot is free again. Only a dropped frame makes one, so a slot is
+/// never reposted while a frame still reads it.
 #[derive(Debug)]
 pub(crate) struct Release {
     slot: u32,
-    ring_start: Option<u64>,
 }
 
-impl Release {
-    pub(crate) fn ring_start(&self) -> Option<u64> {
-        self.ring_start
-    }
-}
-
-struct Lease {
-    buf: Arc<DmaBuffer>,
-    offset: usize,
-    len: usize,
+/// Sends its `Release` to the driver (and wakes it) when the frame holding it is dropped.
+struct ReleaseOnDrop {
     release: Option<Release>,
     tx: flume::Sender<Release>,
     doorbell: Arc<Doorbell>,
 }
 
-impl AsRef<[u8]> for Lease {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: the range belongs to this lease alone until it is dropped: the slot is not
-        // reposted and the ring head cannot pass it before the `Release` below reaches the
-        // driver (module contract). The buffer is kept alive by the `Arc`.
-        unsafe { self.buf.slice(self.offset, self.len) }
-    }
-}
-
-impl Drop for Lease {
+impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
         if let Some(release) = self.release.take() {
             // The driver may be gone (link closed); then nothing is reposted, which is right.
@@ -544,28 +526,32 @@ impl Drop for Lease {
     }
 }
 
+struct Lease {
+    buf: Arc<DmaBuffer>,
+    offset: usize,
+    len: usize,
+    _release: ReleaseOnDrop,
+}
+
+impl AsRef<[u8]> for Lease {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the range (a receive slot; ring bytes are never lent) belongs to this lease
+        // alone until it is dropped: the slot is not reposted before the `Release` it holds reaches the
+        // driver (module contract). The buffer is kept alive by the `Arc`.
+        unsafe { self.buf.slice(self.offset, self.len) }
+    }
+}
+
 /// A ring frame copied into private memory; dropping it returns the receive slot (and so the
 /// credit) the frame used.
 struct CopiedFrame {
     data: Vec<u8>,
-    release: Option<Release>,
-    tx: flume::Sender<Release>,
-    doorbell: Arc<Doorbell>,
+    _release: ReleaseOnDrop,
 }
 
 impl AsRef<[u8]> for CopiedFrame {
     fn as_ref(&self) -> &[u8] {
         &self.data
-    }
-}
-
-impl Drop for CopiedFrame {
-    fn drop(&mut self) {
-        if let Some(release) = self.release.take() {
-            if self.tx.send(release).is_ok() {
-                self.doorbell.ring();
-            }
-        }
     }
 }
 
@@ -974,10 +960,12 @@ impl Endpoint {
             buf: self.recv_buf.clone(),
             offset: slot as usize * self.spec.slot_bytes as usize,
             len: len as usize,
-            release: Some(Release { slot, ring_start: None }),
-            tx: self.release_tx.clone(),
-            doorbell: self.doorbell.clone(),
+            _release: self.release_on_drop(slot),
         })
+    }
+
+    fn release_on_drop(&self, slot: u32) -> ReleaseOnDrop {
+        ReleaseOnDrop { release: Some(Release { slot }), tx: self.release_tx.clone(), doorbell: self.doorbell.clone() }
     }
 
     /// Copies a ring frame (`len` bytes at `offset`) out into private memory. The caller
@@ -990,12 +978,7 @@ impl Endpoint {
         self.recv_states.transition(slot, RecvState::Lent);
         // Copy the frame out of the peer-writable ring: the one copy on the RDMA WRITE path.
         let data = self.ring_buf.copy_out(offset as usize, len as usize);
-        Bytes::from_owner(CopiedFrame {
-            data,
-            release: Some(Release { slot, ring_start: None }),
-            tx: self.release_tx.clone(),
-            doorbell: self.doorbell.clone(),
-        })
+        Bytes::from_owner(CopiedFrame { data, _release: self.release_on_drop(slot) })
     }
 
     // ---- sends ----
