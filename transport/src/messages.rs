@@ -2,7 +2,8 @@
 //! (`InlineAsBox`), so encoding copies a body once, into the frame, and the receiver reads
 //! the archived slice in place.
 //!
-//! Kind numbers are part of the wire format: never reuse or renumber one.
+//! Kind numbers are part of the wire format: never reuse or renumber one. Broker operations
+//! come in pairs from 10 up: an even request kind, then its odd reply kind.
 
 use rkyv::with::InlineAsBox;
 use rkyv::{Archive, Serialize};

@@ -411,6 +411,8 @@ impl<H: Handler> Server<H> {
     }
 }
 
+/// Broker operations come in pairs from kind 10 up: even is the request, odd its reply
+/// (`messages.rs` keeps that numbering).
 fn is_reply_kind(kind: FrameKind) -> bool {
     matches!(
         kind,
