@@ -192,8 +192,8 @@ pub struct OutFrame {
 }
 
 impl OutFrame {
-    /// Encodes `message` as the body of a frame. The body is serialized straight after a
-    /// header placeholder, so the frame is one buffer and one write.
+    /// Encodes `message` as the body of a frame. The body is serialized straight after 32
+    /// zeroed bytes that become the header, so the frame is one buffer and one write.
     pub fn encode<M: Message>(request_id: u64, message: &M, max_frame_bytes: u64) -> Result<OutFrame, FrameError> {
         Self::encode_with_flags(request_id, 0, message, max_frame_bytes)
     }
