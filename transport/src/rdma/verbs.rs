@@ -1046,20 +1046,7 @@ impl Endpoint {
         assert!(frame.len() <= self.spec.slot_bytes as usize, "frame of {} bytes in a SEND slot", frame.len());
         let Some(slot) = self.send_pool.take() else { return Ok(false) };
         let offset = slot as usize * self.spec.slot_bytes as usize;
-        // SAFETY: the slot was free in the pool: not posted, not borrowed.
-        unsafe { self.send_buf.write(offset, frame) };
-        let sge = ibv_sge {
-            addr: self.send_buf.addr() + offset as u64,
-            length: frame.len() as u32,
-            lkey: self.send_mr.lkey(),
-        };
-        self.post_send(
-            wr_id(WrKind::SendFrame, slot),
-            Some(sge),
-            ibv_wr_opcode::IBV_WR_SEND_WITH_IMM,
-            Some(imm),
-            None,
-        )?;
+        self.copy_and_send(wr_id(WrKind::SendFrame, slot), offset, frame, imm)?;
         Ok(true)
     }
 
@@ -1067,21 +1054,21 @@ impl Endpoint {
     pub(crate) fn send_control(&mut self, body: &[u8; CONTROL_BODY_BYTES], imm: u32) -> Result<bool, TransportError> {
         let Some(slot) = self.control_pool.take() else { return Ok(false) };
         let offset = self.spec.send_slots as usize * self.spec.slot_bytes as usize + slot as usize * CONTROL_SLOT_BYTES;
-        // SAFETY: the control slot was free in its pool: not posted, not borrowed.
-        unsafe { self.send_buf.write(offset, body) };
+        self.copy_and_send(wr_id(WrKind::SendControl, slot), offset, body, imm)?;
+        Ok(true)
+    }
+
+    /// Copies `bytes` into the send buffer at `offset` and SENDs them WITH IMMEDIATE. Callers
+    /// pass the offset of a slot they have just taken from its free pool.
+    fn copy_and_send(&mut self, id: u64, offset: usize, bytes: &[u8], imm: u32) -> Result<(), TransportError> {
+        // SAFETY: the slot was just taken from its free pool: not posted, not borrowed.
+        unsafe { self.send_buf.write(offset, bytes) };
         let sge = ibv_sge {
             addr: self.send_buf.addr() + offset as u64,
-            length: body.len() as u32,
+            length: bytes.len() as u32,
             lkey: self.send_mr.lkey(),
         };
-        self.post_send(
-            wr_id(WrKind::SendControl, slot),
-            Some(sge),
-            ibv_wr_opcode::IBV_WR_SEND_WITH_IMM,
-            Some(imm),
-            None,
-        )?;
-        Ok(true)
+        self.post_send(id, Some(sge), ibv_wr_opcode::IBV_WR_SEND_WITH_IMM, Some(imm), None)
     }
 
     /// Copies `data` into a free staging chunk and RDMA WRITEs it to the peer's ring at
