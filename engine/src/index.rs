@@ -23,6 +23,7 @@ pub const CF_CONSUMER_OFFSET: &str = "consumer_offset";
 pub const CF_POP_STATE: &str = "pop_state";
 pub const CF_TIMER: &str = "timer";
 pub const CF_LITE_META: &str = "lite_meta";
+pub const CF_QUEUE_CONFIG: &str = "queue_config";
 const CF_META: &str = "meta";
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
 /// Memtable size of the queue-index column family.
@@ -30,7 +31,7 @@ const QUEUE_INDEX_MEMTABLE_BYTES: usize = 128 << 20;
 /// Marks a block-cache-only read that would have needed disk I/O.
 const NOT_CACHED: &str = "queue range (not cached)";
 
-const ALL_CFS: [&str; 9] = [
+const ALL_CFS: [&str; 10] = [
     CF_QUEUE_INDEX,
     CF_QUEUE_META,
     CF_MESSAGE_ID,
@@ -39,6 +40,7 @@ const ALL_CFS: [&str; 9] = [
     CF_POP_STATE,
     CF_TIMER,
     CF_LITE_META,
+    CF_QUEUE_CONFIG,
     CF_META,
 ];
 
@@ -49,6 +51,8 @@ pub enum StateTable {
     PopState = 1,
     Timer = 2,
     LiteMeta = 3,
+    /// Per-queue settings of the layers above (a topic queue's message type).
+    QueueConfig = 4,
 }
 
 impl StateTable {
@@ -57,6 +61,7 @@ impl StateTable {
             1 => Some(StateTable::PopState),
             2 => Some(StateTable::Timer),
             3 => Some(StateTable::LiteMeta),
+            4 => Some(StateTable::QueueConfig),
             _ => None,
         }
     }
@@ -66,6 +71,7 @@ impl StateTable {
             StateTable::PopState => CF_POP_STATE,
             StateTable::Timer => CF_TIMER,
             StateTable::LiteMeta => CF_LITE_META,
+            StateTable::QueueConfig => CF_QUEUE_CONFIG,
         }
     }
 }
@@ -337,6 +343,17 @@ impl Index {
 
     pub fn state(&self, table: StateTable, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.db.get_cf(self.cf(table.cf()), key).map_err(|e| EngineError::index("state", e))
+    }
+
+    /// Up to `limit` entries of a state table in key order, from the first key >= `from`.
+    pub fn state_scan(&self, table: StateTable, from: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(table.cf()), mode).take(limit) {
+            let (key, value) = item.map_err(|e| EngineError::index("state scan", e))?;
+            out.push((key.into_vec(), value.into_vec()));
+        }
+        Ok(out)
     }
 
     /// Persists memtables of all column families atomically and waits for it.

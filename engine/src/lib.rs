@@ -5,6 +5,7 @@
 //! and a RocksDB index used only from that shard. See `ARCHITECTURE.md` at the repository root.
 #![forbid(unsafe_code)]
 
+pub mod broker;
 pub mod commitlog;
 pub mod config;
 pub mod control;

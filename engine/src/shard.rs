@@ -700,6 +700,13 @@ impl Shard {
         glommio::executor().spawn_blocking(move || index.state(table, &key)).await
     }
 
+    /// Up to `limit` entries of a state table in key order, from the first key >= `from`.
+    /// Reads the index, so a write is seen once it is indexed (after its append returned).
+    pub async fn state_scan(&self, table: StateTable, from: Vec<u8>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let index = self.index.clone();
+        glommio::executor().spawn_blocking(move || index.state_scan(table, &from, limit)).await
+    }
+
     /// Deletes a queue and its index entries. Its records stay in the log until retention.
     /// The queue disappears when the deletion is indexed; appends meanwhile are refused.
     pub async fn delete_queue(&self, queue: &str) -> Result<()> {

@@ -69,6 +69,8 @@ pub fn validate_declared_kind(frame: &Frame) -> bool {
         FrameKind::DeleteQueueResponse => frame.access::<DeleteQueueResponse>().is_ok(),
         FrameKind::StatsRequest => frame.access::<StatsRequest>().is_ok(),
         FrameKind::StatsResponse => frame.access::<StatsResponse>().is_ok(),
+        FrameKind::ListQueuesRequest => frame.access::<ListQueuesRequest>().is_ok(),
+        FrameKind::ListQueuesResponse => frame.access::<ListQueuesResponse>().is_ok(),
     }
 }
 

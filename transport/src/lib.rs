@@ -30,4 +30,4 @@ pub use error::{FrameError, TransportError};
 pub use frame::{Frame, FrameHeader, Message, OutFrame, Request, FRAME_HEADER_BYTES, FRAME_VERSION};
 pub use link::{ChannelSink, ChannelSource, FrameSink, Outbound};
 pub use messages::FrameKind;
-pub use server::{BuiltinsOnly, Handler, ListenOn, Server, ServerInfo, ServerStats, ServerThread};
+pub use server::{BuiltinsOnly, Handler, ListenOn, LocalServer, Server, ServerInfo, ServerStats, ServerThread};

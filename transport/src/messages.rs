@@ -66,6 +66,8 @@ frame_kinds! {
     DeleteQueueResponse = 29,
     StatsRequest = 30,
     StatsResponse = 31,
+    ListQueuesRequest = 32,
+    ListQueuesResponse = 33,
 }
 
 macro_rules! message {
@@ -433,3 +435,35 @@ pub struct StatsResponse {
     pub counters: Vec<(String, u64)>,
 }
 message!(StatsResponse, StatsResponse);
+
+/// Lists the queues a shard holds whose names start with `prefix` (empty: all), at most
+/// `max_count` of them, starting after `after` (empty: from the first) in name order.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct ListQueuesRequest {
+    pub prefix: String,
+    pub after: String,
+    pub max_count: u32,
+}
+message!(ListQueuesRequest, ListQueuesRequest);
+request!(ListQueuesRequest => ListQueuesResponse);
+
+/// One queue as a shard sees it. `message_type` is 0 for a queue created implicitly.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct QueueSummary {
+    pub name: String,
+    pub message_type: u8,
+    pub attributes: Vec<(String, String)>,
+    pub min_offset: u64,
+    pub max_offset: u64,
+}
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct ListQueuesResponse {
+    pub queues: Vec<QueueSummary>,
+    /// True when more queues match than `max_count`; ask again with `after` = the last name.
+    pub truncated: bool,
+}
+message!(ListQueuesResponse, ListQueuesResponse);

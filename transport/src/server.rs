@@ -481,7 +481,7 @@ impl ServerThread {
     pub fn spawn<H: Handler, F: FnOnce() -> H + Send + 'static>(
         listen: ListenOn,
         config: TransportConfig,
-        mut info: ServerInfo,
+        info: ServerInfo,
         make_handler: F,
         pin_core: Option<usize>,
     ) -> Result<ServerThread, TransportError> {
@@ -489,6 +489,77 @@ impl ServerThread {
         if listen.tcp.is_none() && listen.rdma.is_none() {
             return Err(TransportError::Config { reason: "a server needs a TCP or an RDMA address".into() });
         }
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = flume::bounded::<()>(1);
+        let placement = match pin_core {
+            Some(core) => glommio::Placement::Fixed(core),
+            None => glommio::Placement::Unbound,
+        };
+        let join = glommio::LocalExecutorBuilder::new(placement)
+            .name("sluice-transport-server")
+            .spawn(move || async move {
+                let local = match Server::start_local(listen, config, info, make_handler(), pin_core) {
+                    Ok(local) => local,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok((local.tcp_addr, local.rdma_addr, local.server.stats())));
+                let stopper = local.server.clone();
+                glommio::spawn_local(async move {
+                    let _ = stop_rx.recv_async().await;
+                    stopper.shutdown();
+                })
+                .detach();
+                local.serving.await;
+            })
+            .map_err(|e| TransportError::Io {
+                context: "starting the server executor".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        let (addr, rdma_addr, stats) = ready_rx
+            .recv()
+            .map_err(|_| TransportError::Closed { reason: "server thread exited during start-up".into() })??;
+        let addr = addr.or(rdma_addr).expect("a TCP or an RDMA address");
+        Ok(ServerThread { addr, rdma_addr, stats, stop: Some(stop_tx), join: Some(join) })
+    }
+}
+
+/// A server started on the current glommio executor (see `Server::start_local`).
+pub struct LocalServer<H: Handler> {
+    pub server: Rc<Server<H>>,
+    pub tcp_addr: Option<std::net::SocketAddr>,
+    pub rdma_addr: Option<std::net::SocketAddr>,
+    /// Completes once the server has stopped (`shutdown`) and drained its connections.
+    pub serving: glommio::Task<()>,
+}
+
+impl<H: Handler> Server<H> {
+    /// Binds TCP and/or RDMA and serves them from the *current* glommio executor, so a
+    /// handler can share that executor's state (a broker shard) with no hop between threads.
+    /// Must be called from inside a glommio executor.
+    pub fn start_local(
+        listen: ListenOn,
+        config: TransportConfig,
+        mut info: ServerInfo,
+        handler: H,
+        pin_core: Option<usize>,
+    ) -> Result<LocalServer<H>, TransportError> {
+        config.validate()?;
+        if listen.tcp.is_none() && listen.rdma.is_none() {
+            return Err(TransportError::Config { reason: "a server needs a TCP or an RDMA address".into() });
+        }
+        let listener = listen.tcp.map(glommio::net::TcpListener::bind).transpose().map_err(|e| TransportError::Io {
+            context: format!("binding {:?}", listen.tcp),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let tcp_addr = match &listener {
+            Some(l) => Some(l.local_addr().map_err(|e| {
+                TransportError::io("reading the listener address", std::io::Error::other(e.to_string()))
+            })?),
+            None => None,
+        };
         let rdma = match listen.rdma {
             Some(bind) => Some(RdmaAcceptor::spawn(bind, &config)?),
             None => None,
@@ -497,63 +568,22 @@ impl ServerThread {
         if let Some(addr) = rdma_addr {
             info.rdma_port = addr.port();
         }
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = flume::bounded::<()>(1);
-        let placement = match pin_core {
-            Some(core) => glommio::Placement::Fixed(core),
-            None => glommio::Placement::Unbound,
-        };
-        let accepted = rdma.as_ref().map(|r| r.accepted.clone());
-        let join = glommio::LocalExecutorBuilder::new(placement)
-            .name("sluice-transport-server")
-            .spawn(move || async move {
-                let listener = match listen.tcp.map(glommio::net::TcpListener::bind).transpose() {
-                    Ok(listener) => listener,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(TransportError::Io {
-                            context: format!("binding {:?}", listen.tcp),
-                            source: std::io::Error::other(e.to_string()),
-                        }));
-                        return;
-                    }
-                };
-                let server = match Server::new(make_handler(), config, info) {
-                    Ok(server) => server,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let addr = listener.as_ref().map(|l| l.local_addr().expect("bound listener has an address"));
-                let _ = ready_tx.send(Ok((addr, server.stats())));
-                let stopper = server.clone();
-                glommio::spawn_local(async move {
-                    let _ = stop_rx.recv_async().await;
-                    stopper.shutdown();
-                })
-                .detach();
-                let rdma_task =
-                    accepted.map(|accepted| glommio::spawn_local(server.clone().serve_rdma(accepted, pin_core)));
-                if let Some(listener) = listener {
-                    server.clone().serve_tcp(listener).await;
-                } else {
-                    server.stopped().await;
-                }
-                if let Some(task) = rdma_task {
-                    task.await;
-                }
-            })
-            .map_err(|e| TransportError::Io {
-                context: "starting the server executor".into(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        let (addr, stats) = ready_rx
-            .recv()
-            .map_err(|_| TransportError::Closed { reason: "server thread exited during start-up".into() })??;
-        let addr = addr.or(rdma_addr).expect("a TCP or an RDMA address");
-        // The acceptor thread stops once the executor drops its end of the channel.
-        drop(rdma);
-        Ok(ServerThread { addr, rdma_addr, stats, stop: Some(stop_tx), join: Some(join) })
+        let server = Server::new(handler, config, info)?;
+        let accepted = rdma.map(|r| r.accepted);
+        let serving_server = server.clone();
+        let serving = glommio::spawn_local(async move {
+            let server = serving_server;
+            let rdma_task =
+                accepted.map(|accepted| glommio::spawn_local(server.clone().serve_rdma(accepted, pin_core)));
+            match listener {
+                Some(listener) => server.clone().serve_tcp(listener).await,
+                None => server.stopped().await,
+            }
+            if let Some(task) = rdma_task {
+                task.await;
+            }
+        });
+        Ok(LocalServer { server, tcp_addr, rdma_addr, serving })
     }
 }
 

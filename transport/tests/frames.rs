@@ -86,6 +86,17 @@ fn every_kind_round_trips_and_reads_in_place() {
         DeleteQueueResponse { deleted: true },
         StatsRequest {},
         StatsResponse { shard: 0, counters: vec![("appended".into(), 10)] },
+        ListQueuesRequest { prefix: "t#".into(), after: String::new(), max_count: 100 },
+        ListQueuesResponse {
+            queues: vec![QueueSummary {
+                name: "t#0".into(),
+                message_type: 1,
+                attributes: vec![("queue_count".into(), "8".into())],
+                min_offset: 0,
+                max_offset: 5,
+            }],
+            truncated: false,
+        },
     ];
 
     // Kinds whose bodies are borrowed: compare fields and check the body is read in place.

@@ -1,0 +1,248 @@
+//! The broker server: the engine plus the transport served on every shard's own executor.
+//!
+//! Shard `i` listens on `listen.port + i` (or an ephemeral port each when the port is 0), and
+//! says in its `HelloAck` which shard it is and how many there are, so a proxy connects to
+//! every shard and sends each queue's requests straight to its owner: no hop inside the
+//! broker. Shutdown stops reading, lets in-flight requests finish, writes consumer offsets,
+//! syncs the log and closes.
+
+pub mod error;
+pub mod handler;
+pub mod pop;
+pub mod queues;
+pub mod receipt;
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures::future::LocalBoxFuture;
+use sluice_transport::{ListenOn, Server, ServerInfo, TransportConfig};
+
+pub use error::BrokerError;
+pub use handler::ShardHandler;
+pub use receipt::ReceiptKey;
+
+use crate::config::EngineConfig;
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::shard::Shard;
+
+/// Bounds on what one request may ask of a shard; every count from outside is clamped to these.
+#[derive(Debug, Clone)]
+pub struct BrokerLimits {
+    pub max_frame_bytes: u64,
+    pub append_entries_max: usize,
+    pub pop_records_max: u32,
+    pub read_records_max: u32,
+    pub read_bytes_max: u32,
+    pub invisible_min_ms: u64,
+    pub invisible_max_ms: u64,
+    pub long_poll_max_ms: u64,
+    /// Unacked deliveries one group may hold on one queue; beyond it pops return nothing.
+    pub leases_per_group_queue_max: usize,
+    /// (group, queue) pairs with pop state on one shard.
+    pub group_queues_max: usize,
+    pub queue_configs_max: usize,
+    pub list_queues_max: u32,
+    /// How often moved consumer offsets are written (also at shutdown). A crash redelivers
+    /// what was acked in the last interval: at least once, never lost.
+    pub offset_persist_interval_ms: u64,
+}
+
+impl Default for BrokerLimits {
+    fn default() -> Self {
+        BrokerLimits {
+            max_frame_bytes: TransportConfig::default().max_frame_bytes,
+            append_entries_max: 1024,
+            pop_records_max: 64,
+            read_records_max: 1024,
+            read_bytes_max: 32 << 20,
+            invisible_min_ms: 1_000,
+            invisible_max_ms: 12 * 3600 * 1000,
+            long_poll_max_ms: 60_000,
+            leases_per_group_queue_max: 20_000,
+            group_queues_max: 100_000,
+            queue_configs_max: 1_000_000,
+            list_queues_max: 10_000,
+            offset_persist_interval_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub name: String,
+    pub engine: EngineConfig,
+    pub transport: TransportConfig,
+    /// Shard i listens on port + i; port 0 gives every shard an ephemeral port.
+    pub listen: SocketAddr,
+    /// RDMA bootstrap address, the same way (port + i); `None` serves TCP only.
+    pub rdma_listen: Option<SocketAddr>,
+    pub limits: BrokerLimits,
+}
+
+/// Where one shard serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardEndpoint {
+    pub tcp: SocketAddr,
+    pub rdma: Option<SocketAddr>,
+}
+
+pub struct Broker {
+    engine: Option<Engine>,
+    endpoints: Vec<ShardEndpoint>,
+    stops: Vec<flume::Sender<()>>,
+    stopped: Vec<flume::Receiver<()>>,
+}
+
+fn port_for(base: SocketAddr, shard: usize) -> Result<SocketAddr, BrokerError> {
+    if base.port() == 0 {
+        return Ok(base);
+    }
+    let port = u16::try_from(usize::from(base.port()) + shard).map_err(|_| {
+        BrokerError::InvalidRequest(format!("listen port {} + shard {shard} exceeds 65535", base.port()))
+    })?;
+    Ok(SocketAddr::new(base.ip(), port))
+}
+
+impl Broker {
+    /// Opens the engine (recovering the log) and starts serving on every shard.
+    pub fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
+        config.transport.validate().map_err(|e| BrokerError::InvalidRequest(format!("transport config: {e}")))?;
+        let engine = Engine::open(config.engine.clone())?;
+        let shard_count = engine.shard_count();
+        let key = ReceiptKey::random();
+        let mut broker = Broker { engine: None, endpoints: Vec::new(), stops: Vec::new(), stopped: Vec::new() };
+        for shard_id in 0..shard_count {
+            let listen = ListenOn {
+                tcp: Some(port_for(config.listen, shard_id)?),
+                rdma: config.rdma_listen.map(|a| port_for(a, shard_id)).transpose()?,
+            };
+            let info = ServerInfo {
+                name: config.name.clone(),
+                shard: shard_id as u32,
+                shard_count: shard_count as u32,
+                rdma_port: 0,
+            };
+            let (stop_tx, stop_rx) = flume::bounded::<()>(1);
+            let (stopped_tx, stopped_rx) = flume::bounded::<()>(1);
+            let (transport, limits, key) = (config.transport.clone(), config.limits.clone(), key.clone());
+            let started = futures::executor::block_on(engine.on_shard(
+                shard_id,
+                move |shard: Rc<Shard>| -> LocalBoxFuture<'static, crate::Result<ShardEndpoint>> {
+                    Box::pin(async move {
+                        serve_shard(
+                            shard,
+                            shard_id,
+                            shard_count,
+                            key,
+                            limits,
+                            transport,
+                            listen,
+                            info,
+                            stop_rx,
+                            stopped_tx,
+                        )
+                        .await
+                        .map_err(|e| EngineError::Config(e.to_string()))
+                    })
+                },
+            ));
+            match started {
+                Ok(endpoint) => {
+                    broker.endpoints.push(endpoint);
+                    broker.stops.push(stop_tx);
+                    broker.stopped.push(stopped_rx);
+                }
+                Err(e) => {
+                    broker.engine = Some(engine);
+                    let _ = broker.shutdown_inner();
+                    return Err(e.into());
+                }
+            }
+        }
+        broker.engine = Some(engine);
+        Ok(broker)
+    }
+
+    /// Shard endpoints, in shard order.
+    pub fn endpoints(&self) -> &[ShardEndpoint] {
+        &self.endpoints
+    }
+
+    pub fn engine(&self) -> &Engine {
+        self.engine.as_ref().expect("engine is open until shutdown")
+    }
+
+    /// Graceful stop: no new requests, in-flight ones finish (bounded by the transport's
+    /// drain timeout), consumer offsets are written, the log is synced and closed.
+    pub fn shutdown(mut self) -> Result<(), BrokerError> {
+        self.shutdown_inner()
+    }
+
+    fn shutdown_inner(&mut self) -> Result<(), BrokerError> {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+        for stopped in self.stopped.drain(..) {
+            let _ = stopped.recv();
+        }
+        match self.engine.take() {
+            Some(engine) => engine.close().map_err(BrokerError::from),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown_inner() {
+            tracing::error!(error = %e, "broker shutdown failed");
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_shard(
+    shard: Rc<Shard>,
+    shard_id: usize,
+    shard_count: usize,
+    key: ReceiptKey,
+    limits: BrokerLimits,
+    transport: TransportConfig,
+    listen: ListenOn,
+    info: ServerInfo,
+    stop: flume::Receiver<()>,
+    stopped: flume::Sender<()>,
+) -> Result<ShardEndpoint, BrokerError> {
+    let persist_every = Duration::from_millis(limits.offset_persist_interval_ms.max(10));
+    let handler = ShardHandler::open(shard, shard_id, shard_count, key, limits).await?;
+    let local = Server::start_local(listen, transport, info, handler, None)
+        .map_err(|e| BrokerError::InvalidRequest(format!("shard {shard_id} cannot listen on {listen:?}: {e}")))?;
+    let endpoint =
+        ShardEndpoint { tcp: local.tcp_addr.expect("the broker always listens on TCP"), rdma: local.rdma_addr };
+    let server = local.server.clone();
+    let persister = server.clone();
+    let persist_task = glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(persist_every).await;
+            if let Err(e) = persister.handler().persist_offsets().await {
+                tracing::warn!(error = %e, "writing consumer offsets failed; will retry");
+            }
+        }
+    });
+    glommio::spawn_local(async move {
+        let _ = stop.recv_async().await;
+        server.handler().begin_close();
+        server.shutdown();
+        local.serving.await;
+        let _ = persist_task.cancel().await;
+        if let Err(e) = server.handler().persist_offsets().await {
+            tracing::error!(error = %e, shard = shard_id, "writing consumer offsets at shutdown failed");
+        }
+        let _ = stopped.send(());
+    })
+    .detach();
+    Ok(endpoint)
+}
