@@ -206,7 +206,7 @@ impl ShardHandler {
         self.check_queue(queue)?;
         let max_count = bounded(read.max_count.to_native(), self.limits.read_records_max) as usize;
         let max_bytes = bounded(read.max_bytes.to_native(), self.limits.read_bytes_max) as usize;
-        let batch = self.shard.read(queue, read.from_offset.to_native(), max_count, max_bytes).await?;
+        let batch = self.read_queue(queue, read.from_offset.to_native(), max_count, max_bytes).await?;
         let reply = ReadResponse {
             records: batch
                 .records
@@ -219,6 +219,22 @@ impl ShardHandler {
         };
         OutFrame::encode(request.request_id(), &reply, self.limits.max_frame_bytes)
             .map_err(|e| BrokerError::InvalidRequest(format!("reply does not fit in a frame: {e}")))
+    }
+
+    /// Reads a configured queue; one that has no records yet reads as empty.
+    async fn read_queue(
+        &self,
+        queue: &str,
+        from: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<crate::shard::ReadBatch> {
+        match self.shard.read(queue, from, max_count, max_bytes).await {
+            Err(crate::error::EngineError::QueueNotFound(_)) => {
+                Ok(crate::shard::ReadBatch { records: Vec::new(), next_offset: 0, min_offset: 0, max_offset: 0 })
+            }
+            other => Ok(other?),
+        }
     }
 
     /// The group's state for a queue, loaded from its committed offset on first use.
@@ -322,7 +338,7 @@ impl ShardHandler {
             None => return Ok(out),
         };
         for old in expired {
-            let batch = self.shard.read(queue, old.offset, 1, max_bytes).await?;
+            let batch = self.read_queue(queue, old.offset, 1, max_bytes).await?;
             let mut groups = self.groups.borrow_mut();
             let Some(gq) = groups.get_mut(&key) else { return Ok(out) };
             match batch.records.into_iter().next() {
@@ -353,7 +369,7 @@ impl ShardHandler {
         if room == 0 || bytes >= max_bytes {
             return Ok(out);
         }
-        let batch = self.shard.read(queue, next, room, max_bytes - bytes).await?;
+        let batch = self.read_queue(queue, next, room, max_bytes - bytes).await?;
         let mut groups = self.groups.borrow_mut();
         let Some(gq) = groups.get_mut(&key) else { return Ok(out) };
         if batch.min_offset > gq.next() {

@@ -1,0 +1,106 @@
+//! `sluice.admin.v1.Admin`: topics and stats, served on the gRPC port beside the messaging
+//! service. Guarded by the same access keys.
+
+use std::sync::Arc;
+
+use sluice_transport::messages::{StatsRequest, StatsResponse};
+use tonic::{Request, Response, Status as GrpcStatus};
+
+use crate::error::{ok_status, ProxyError};
+use crate::pb::sluice::admin::v1::admin_server::Admin;
+use crate::pb::sluice::admin::v1::*;
+use crate::state::ProxyState;
+use crate::topics::TopicMeta;
+
+type GrpcResult<T> = Result<Response<T>, GrpcStatus>;
+
+#[derive(Clone)]
+pub struct AdminService {
+    pub state: Arc<ProxyState>,
+}
+
+fn info(meta: &TopicMeta, messages: u64) -> TopicInfo {
+    TopicInfo {
+        name: meta.name.clone(),
+        message_type: i32::from(meta.message_type),
+        queue_count: meta.queue_count,
+        messages,
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_topic(&self, request: Request<CreateTopicRequest>) -> GrpcResult<CreateTopicResponse> {
+        let result = async {
+            self.state.auth.check(request.metadata())?;
+            let r = request.get_ref();
+            let message_type =
+                u8::try_from(r.message_type).map_err(|_| ProxyError::BadRequest("bad message type".into()))?;
+            self.state.topics.create(&self.state.brokers, &r.name, message_type, r.queue_count).await
+        }
+        .await;
+        Ok(Response::new(match result {
+            Ok((created, meta)) => {
+                CreateTopicResponse { status: Some(ok_status()), created, topic: Some(info(&meta, 0)) }
+            }
+            Err(e) => CreateTopicResponse { status: Some(e.status()), created: false, topic: None },
+        }))
+    }
+
+    async fn list_topics(&self, request: Request<ListTopicsRequest>) -> GrpcResult<ListTopicsResponse> {
+        let result = async {
+            self.state.auth.check(request.metadata())?;
+            self.state.topics.list(&self.state.brokers).await
+        }
+        .await;
+        Ok(Response::new(match result {
+            Ok(topics) => ListTopicsResponse {
+                status: Some(ok_status()),
+                topics: topics.iter().map(|(meta, messages)| info(meta, *messages)).collect(),
+            },
+            Err(e) => ListTopicsResponse { status: Some(e.status()), topics: Vec::new() },
+        }))
+    }
+
+    async fn delete_topic(&self, request: Request<DeleteTopicRequest>) -> GrpcResult<DeleteTopicResponse> {
+        let result = async {
+            self.state.auth.check(request.metadata())?;
+            self.state.topics.delete(&self.state.brokers, &request.get_ref().name).await
+        }
+        .await;
+        Ok(Response::new(match result {
+            Ok(deleted) => DeleteTopicResponse { status: Some(ok_status()), deleted },
+            Err(e) => DeleteTopicResponse { status: Some(e.status()), deleted: false },
+        }))
+    }
+
+    async fn get_stats(&self, request: Request<GetStatsRequest>) -> GrpcResult<GetStatsResponse> {
+        if let Err(e) = self.state.auth.check(request.metadata()) {
+            return Ok(Response::new(GetStatsResponse {
+                status: Some(e.status()),
+                brokers: Vec::new(),
+                proxy: Vec::new(),
+            }));
+        }
+        let mut brokers = Vec::new();
+        for owner in self.state.brokers.all_shards() {
+            let endpoint = self.state.brokers.shard_endpoint(owner).to_string();
+            let counters = match self.state.brokers.call(owner, &StatsRequest {}).await {
+                Ok(frame) => match frame.access::<StatsResponse>() {
+                    Ok(stats) => stats
+                        .counters
+                        .iter()
+                        .map(|c| Counter { name: c.0.as_str().to_string(), value: c.1.to_native() })
+                        .collect(),
+                    Err(e) => vec![Counter { name: format!("error: {e}"), value: 0 }],
+                },
+                Err(e) => vec![Counter { name: format!("unreachable: {e}"), value: 0 }],
+            };
+            brokers.push(BrokerStats { endpoint, shard: owner.shard as u32, counters });
+        }
+        let mut proxy: Vec<Counter> =
+            self.state.counters.snapshot().into_iter().map(|(name, value)| Counter { name, value }).collect();
+        proxy.push(Counter { name: "renewals_tracked".into(), value: self.state.renewals.len() as u64 });
+        Ok(Response::new(GetStatsResponse { status: Some(ok_status()), brokers, proxy }))
+    }
+}

@@ -1,0 +1,449 @@
+//! The client commands: topic create/list/delete, send, consume, stats. They speak gRPC to a
+//! proxy like any RocketMQ client (and the admin API for topics and stats).
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::time::Duration;
+
+use base64::Engine as _;
+use sluice_proxy::pb::apache::rocketmq::v2;
+use sluice_proxy::pb::apache::rocketmq::v2::messaging_service_client::MessagingServiceClient;
+use sluice_proxy::pb::sluice::admin::v1 as admin;
+use sluice_proxy::pb::sluice::admin::v1::admin_client::AdminClient;
+use sluice_proxy::topics::message_type_name;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// Largest gRPC message the CLI sends or accepts.
+const GRPC_MESSAGE_MAX_BYTES: usize = 64 << 20;
+/// Messages per SendMessage when reading stdin.
+const SEND_BATCH: usize = 64;
+/// Messages asked for per receive.
+const RECEIVE_BATCH: i32 = 32;
+
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub endpoint: String,
+    pub access_key: Option<String>,
+    pub secret_key: Option<String>,
+    pub json: bool,
+}
+
+#[derive(Clone)]
+pub struct Signer {
+    keys: Option<(String, String)>,
+}
+
+impl tonic::service::Interceptor for Signer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let date = chrono_like_now();
+        if let Ok(value) = MetadataValue::try_from(date.as_str()) {
+            request.metadata_mut().insert("x-mq-date-time", value);
+        }
+        if let Some((ak, sk)) = &self.keys {
+            if let Ok(value) = MetadataValue::try_from(sluice_proxy::auth::sign(ak, sk, &date).as_str()) {
+                request.metadata_mut().insert("authorization", value);
+            }
+        }
+        Ok(request)
+    }
+}
+
+/// `yyyyMMddTHHmmssZ` in UTC, as RocketMQ clients send it.
+fn chrono_like_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+type Messaging = MessagingServiceClient<InterceptedService<Channel, Signer>>;
+type Admin = AdminClient<InterceptedService<Channel, Signer>>;
+
+async fn channel(c: &Connection) -> Result<(Channel, Signer), String> {
+    let url = if c.endpoint.contains("://") { c.endpoint.clone() } else { format!("http://{}", c.endpoint) };
+    let channel = Channel::from_shared(url.clone())
+        .map_err(|e| format!("bad endpoint {:?}: {e}", c.endpoint))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot reach Sluice at {}: {e}. Is `sluice local` running? Point at it with --endpoint HOST:PORT",
+                c.endpoint
+            )
+        })?;
+    let keys = match (&c.access_key, &c.secret_key) {
+        (Some(a), Some(s)) => Some((a.clone(), s.clone())),
+        _ => None,
+    };
+    Ok((channel, Signer { keys }))
+}
+
+async fn messaging(c: &Connection) -> Result<Messaging, String> {
+    let (channel, signer) = channel(c).await?;
+    Ok(MessagingServiceClient::with_interceptor(channel, signer)
+        .max_decoding_message_size(GRPC_MESSAGE_MAX_BYTES)
+        .max_encoding_message_size(GRPC_MESSAGE_MAX_BYTES))
+}
+
+async fn admin(c: &Connection) -> Result<Admin, String> {
+    let (channel, signer) = channel(c).await?;
+    Ok(AdminClient::with_interceptor(channel, signer))
+}
+
+/// Turns a non-OK status into an error message that names the code.
+fn check(status: Option<&v2::Status>) -> Result<(), String> {
+    let status = status.ok_or("the server sent no status")?;
+    if status.code == v2::Code::Ok as i32 {
+        return Ok(());
+    }
+    let name = v2::Code::try_from(status.code).map_or("UNKNOWN".to_string(), |c| c.as_str_name().to_string());
+    Err(format!("{} (code {} {name})", status.message, status.code))
+}
+
+fn grpc(e: tonic::Status) -> String {
+    format!("gRPC call failed: {} ({:?})", e.message(), e.code())
+}
+
+pub fn parse_type(name: &str) -> Result<v2::MessageType, String> {
+    Ok(match name {
+        "normal" => v2::MessageType::Normal,
+        "fifo" => v2::MessageType::Fifo,
+        "delay" => v2::MessageType::Delay,
+        "transaction" => v2::MessageType::Transaction,
+        "lite" => v2::MessageType::Lite,
+        "priority" => v2::MessageType::Priority,
+        other => {
+            return Err(format!("--type {other:?} is not one of normal, fifo, delay, transaction, lite, priority"))
+        }
+    })
+}
+
+fn topic_json(t: &admin::TopicInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": t.name,
+        "type": message_type_name(t.message_type as u8),
+        "queues": t.queue_count,
+        "messages": t.messages,
+    })
+}
+
+pub async fn topic_create(c: &Connection, name: &str, kind: &str, queues: u32) -> Result<(), String> {
+    let message_type = parse_type(kind)?;
+    let mut client = admin(c).await?;
+    let reply = client
+        .create_topic(admin::CreateTopicRequest {
+            name: name.into(),
+            message_type: message_type as i32,
+            queue_count: queues,
+        })
+        .await
+        .map_err(grpc)?
+        .into_inner();
+    check(reply.status.as_ref())?;
+    let topic = reply.topic.unwrap_or_default();
+    if c.json {
+        let mut value = topic_json(&topic);
+        value["created"] = reply.created.into();
+        println!("{value}");
+    } else if reply.created {
+        println!(
+            "created topic {} ({}, {} queues)",
+            topic.name,
+            message_type_name(topic.message_type as u8),
+            topic.queue_count
+        );
+    } else {
+        println!(
+            "topic {} already exists ({}, {} queues)",
+            topic.name,
+            message_type_name(topic.message_type as u8),
+            topic.queue_count
+        );
+    }
+    Ok(())
+}
+
+pub async fn topic_list(c: &Connection) -> Result<(), String> {
+    let mut client = admin(c).await?;
+    let reply = client.list_topics(admin::ListTopicsRequest {}).await.map_err(grpc)?.into_inner();
+    check(reply.status.as_ref())?;
+    if c.json {
+        println!("{}", serde_json::Value::Array(reply.topics.iter().map(topic_json).collect()));
+        return Ok(());
+    }
+    if reply.topics.is_empty() {
+        println!("no topics; create one with `sluice topic create NAME --type normal`");
+        return Ok(());
+    }
+    println!("{:<40} {:<12} {:>7} {:>12}", "TOPIC", "TYPE", "QUEUES", "MESSAGES");
+    for t in &reply.topics {
+        println!(
+            "{:<40} {:<12} {:>7} {:>12}",
+            t.name,
+            message_type_name(t.message_type as u8),
+            t.queue_count,
+            t.messages
+        );
+    }
+    Ok(())
+}
+
+pub async fn topic_delete(c: &Connection, name: &str) -> Result<(), String> {
+    let mut client = admin(c).await?;
+    let reply = client.delete_topic(admin::DeleteTopicRequest { name: name.into() }).await.map_err(grpc)?.into_inner();
+    check(reply.status.as_ref())?;
+    if c.json {
+        println!("{}", serde_json::json!({ "name": name, "deleted": reply.deleted }));
+    } else if reply.deleted {
+        println!("deleted topic {name}");
+    } else {
+        println!("topic {name} did not exist");
+    }
+    Ok(())
+}
+
+pub async fn stats(c: &Connection) -> Result<(), String> {
+    let mut client = admin(c).await?;
+    let reply = client.get_stats(admin::GetStatsRequest {}).await.map_err(grpc)?.into_inner();
+    check(reply.status.as_ref())?;
+    let counters = |list: &[admin::Counter]| -> serde_json::Map<String, serde_json::Value> {
+        list.iter().map(|c| (c.name.clone(), c.value.into())).collect()
+    };
+    if c.json {
+        let brokers: Vec<serde_json::Value> = reply
+            .brokers
+            .iter()
+            .map(|b| serde_json::json!({ "endpoint": b.endpoint, "shard": b.shard, "counters": counters(&b.counters) }))
+            .collect();
+        println!("{}", serde_json::json!({ "proxy": counters(&reply.proxy), "brokers": brokers }));
+        return Ok(());
+    }
+    println!("proxy");
+    for counter in &reply.proxy {
+        println!("  {:<28} {:>14}", counter.name, counter.value);
+    }
+    for b in &reply.brokers {
+        println!("broker {} (shard {})", b.endpoint, b.shard);
+        for counter in &b.counters {
+            println!("  {:<28} {:>14}", counter.name, counter.value);
+        }
+    }
+    Ok(())
+}
+
+pub struct SendOptions {
+    pub topic: String,
+    pub tag: Option<String>,
+    pub keys: Vec<String>,
+    pub properties: Vec<(String, String)>,
+}
+
+fn new_message_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    hex::encode_upper(bytes)
+}
+
+fn build_message(o: &SendOptions, body: Vec<u8>) -> v2::Message {
+    v2::Message {
+        topic: Some(v2::Resource { resource_namespace: String::new(), name: o.topic.clone() }),
+        user_properties: o.properties.iter().cloned().collect::<HashMap<_, _>>(),
+        system_properties: Some(v2::SystemProperties {
+            tag: o.tag.clone(),
+            keys: o.keys.clone(),
+            message_id: new_message_id(),
+            body_encoding: v2::Encoding::Identity as i32,
+            message_type: v2::MessageType::Normal as i32,
+            born_timestamp: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            born_host: "sluice-cli".into(),
+            ..Default::default()
+        }),
+        body,
+    }
+}
+
+async fn send_batch(client: &mut Messaging, c: &Connection, messages: Vec<v2::Message>) -> Result<usize, String> {
+    let count = messages.len();
+    let reply = client.send_message(v2::SendMessageRequest { messages }).await.map_err(grpc)?.into_inner();
+    for entry in &reply.entries {
+        check(entry.status.as_ref())?;
+        if c.json {
+            println!("{}", serde_json::json!({ "message_id": entry.message_id, "offset": entry.offset }));
+        } else {
+            println!("sent {} (offset {})", entry.message_id, entry.offset);
+        }
+    }
+    check(reply.status.as_ref())?;
+    Ok(count)
+}
+
+/// Sends each argument as a message, or each line of stdin when there are none.
+pub async fn send(c: &Connection, o: SendOptions, bodies: Vec<String>) -> Result<(), String> {
+    let mut client = messaging(c).await?;
+    let mut sent = 0;
+    if !bodies.is_empty() {
+        let messages = bodies.into_iter().map(|b| build_message(&o, b.into_bytes())).collect();
+        sent += send_batch(&mut client, c, messages).await?;
+    } else {
+        let mut batch = Vec::new();
+        for line in std::io::stdin().lock().lines() {
+            let line = line.map_err(|e| format!("reading stdin: {e}"))?;
+            batch.push(build_message(&o, line.into_bytes()));
+            if batch.len() == SEND_BATCH {
+                sent += send_batch(&mut client, c, std::mem::take(&mut batch)).await?;
+            }
+        }
+        if !batch.is_empty() {
+            sent += send_batch(&mut client, c, batch).await?;
+        }
+    }
+    if !c.json {
+        eprintln!("{sent} message(s) sent to {}", o.topic);
+    }
+    Ok(())
+}
+
+pub struct ConsumeOptions {
+    pub topic: String,
+    pub group: String,
+    pub tag: String,
+    pub count: Option<usize>,
+    pub follow: bool,
+    pub wait: Duration,
+    pub invisible: Duration,
+    pub ack: bool,
+}
+
+fn print_message(c: &Connection, m: &v2::Message) {
+    let system = m.system_properties.clone().unwrap_or_default();
+    if c.json {
+        let mut value = serde_json::json!({
+            "message_id": system.message_id,
+            "topic": m.topic.as_ref().map(|t| t.name.clone()),
+            "tag": system.tag,
+            "keys": system.keys,
+            "properties": m.user_properties,
+            "delivery_attempt": system.delivery_attempt,
+            "queue_id": system.queue_id,
+            "offset": system.queue_offset,
+        });
+        match std::str::from_utf8(&m.body) {
+            Ok(text) => value["body"] = text.into(),
+            Err(_) => value["body_base64"] = base64::engine::general_purpose::STANDARD.encode(&m.body).into(),
+        }
+        println!("{value}");
+    } else {
+        let body = String::from_utf8_lossy(&m.body);
+        let tag = system.tag.unwrap_or_default();
+        println!(
+            "[{} q{} #{} attempt {}] {}{}",
+            system.message_id,
+            system.queue_id,
+            system.queue_offset.unwrap_or(0),
+            system.delivery_attempt.unwrap_or(1),
+            if tag.is_empty() { String::new() } else { format!("<{tag}> ") },
+            body
+        );
+    }
+}
+
+/// Receives and acks until `count` messages, or until a poll comes back empty (unless
+/// following, which runs until Ctrl-C).
+pub async fn consume(c: &Connection, o: ConsumeOptions) -> Result<(), String> {
+    let mut client = messaging(c).await?;
+    let group = v2::Resource { resource_namespace: String::new(), name: o.group.clone() };
+    let topic = v2::Resource { resource_namespace: String::new(), name: o.topic.clone() };
+    let mut received = 0usize;
+    loop {
+        if o.count.is_some_and(|n| received >= n) {
+            break;
+        }
+        let want = o.count.map_or(RECEIVE_BATCH, |n| ((n - received) as i32).min(RECEIVE_BATCH));
+        let request = v2::ReceiveMessageRequest {
+            group: Some(group.clone()),
+            message_queue: Some(v2::MessageQueue { topic: Some(topic.clone()), id: 0, ..Default::default() }),
+            filter_expression: Some(v2::FilterExpression {
+                r#type: v2::FilterType::Tag as i32,
+                expression: o.tag.clone(),
+            }),
+            batch_size: want,
+            invisible_duration: Some(prost_types::Duration { seconds: o.invisible.as_secs() as i64, nanos: 0 }),
+            auto_renew: false,
+            long_polling_timeout: Some(prost_types::Duration {
+                seconds: o.wait.as_secs() as i64,
+                nanos: o.wait.subsec_nanos() as i32,
+            }),
+            attempt_id: None,
+        };
+        let receive = client.receive_message(request);
+        let mut stream = tokio::select! {
+            reply = receive => reply.map_err(grpc)?.into_inner(),
+            _ = super::run::stop_signal() => return Ok(()),
+        };
+        let mut batch = Vec::new();
+        while let Some(item) = stream.message().await.map_err(grpc)? {
+            match item.content {
+                Some(v2::receive_message_response::Content::Status(status)) => {
+                    if status.code != v2::Code::MessageNotFound as i32 {
+                        check(Some(&status))?;
+                    }
+                }
+                Some(v2::receive_message_response::Content::Message(m)) => batch.push(m),
+                _ => {}
+            }
+        }
+        if batch.is_empty() && !o.follow {
+            break;
+        }
+        let mut entries = Vec::new();
+        for m in &batch {
+            print_message(c, m);
+            let system = m.system_properties.clone().unwrap_or_default();
+            entries.push(v2::AckMessageEntry {
+                message_id: system.message_id,
+                receipt_handle: system.receipt_handle.unwrap_or_default(),
+                lite_topic: None,
+            });
+        }
+        received += batch.len();
+        if o.ack && !entries.is_empty() {
+            let reply = client
+                .ack_message(v2::AckMessageRequest { group: Some(group.clone()), topic: Some(topic.clone()), entries })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            check(reply.status.as_ref())?;
+        }
+    }
+    if !c.json {
+        eprintln!("{received} message(s) received{}", if o.ack { " and acked" } else { " (not acked)" });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_414), (2025, 11, 22));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+}

@@ -1,0 +1,197 @@
+//! The TOML files of `sluice broker --config` and `sluice proxy --config`. Flags and
+//! environment variables override what the file says (see `main.rs`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sluice_engine::broker::{BrokerConfig, BrokerLimits};
+use sluice_engine::{Durability, EngineConfig};
+use sluice_proxy::routing::BrokerAddress;
+use sluice_proxy::server::ProxyConfig;
+use sluice_proxy::state::ProxySettings;
+use sluice_transport::TransportConfig;
+
+/// Transport limits a deployment may change; everything else keeps the transport's defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportSection {
+    pub max_frame_bytes: Option<u64>,
+    pub credits: Option<u32>,
+    pub connect_timeout_ms: Option<u64>,
+    pub request_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub drain_timeout_ms: Option<u64>,
+}
+
+impl TransportSection {
+    pub fn apply(&self) -> TransportConfig {
+        let mut t = TransportConfig::default();
+        let fields = [
+            (self.max_frame_bytes, &mut t.max_frame_bytes),
+            (self.connect_timeout_ms, &mut t.connect_timeout_ms),
+            (self.request_timeout_ms, &mut t.request_timeout_ms),
+            (self.idle_timeout_ms, &mut t.idle_timeout_ms),
+            (self.drain_timeout_ms, &mut t.drain_timeout_ms),
+        ];
+        for (value, slot) in fields {
+            if let Some(v) = value {
+                *slot = v;
+            }
+        }
+        if let Some(c) = self.credits {
+            t.credits = c;
+        }
+        t
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerSection {
+    pub name: String,
+    /// Shard 0's address; shard i listens on port + i.
+    pub listen: SocketAddr,
+    pub rdma_listen: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    /// 0 means one per core.
+    pub shards: usize,
+    pub pin_shards: bool,
+    /// "sync" or "async".
+    pub durability: String,
+    pub flush_interval_ms: u64,
+    pub segment_size_bytes: Option<u64>,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        BrokerSection {
+            name: "broker".into(),
+            listen: "127.0.0.1:7400".parse().expect("literal address"),
+            rdma_listen: None,
+            data_dir: PathBuf::from("./data"),
+            shards: 0,
+            pin_shards: true,
+            durability: "sync".into(),
+            flush_interval_ms: 10,
+            segment_size_bytes: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerFile {
+    pub broker: BrokerSection,
+    pub transport: TransportSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessKey {
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxySection {
+    pub name: String,
+    pub grpc: SocketAddr,
+    pub http: Option<SocketAddr>,
+    /// Shard-0 addresses of the brokers, `host:port`.
+    pub brokers: Vec<String>,
+    /// tcp, rdma or auto.
+    pub transport: String,
+    pub access_keys: Vec<AccessKey>,
+    #[serde(flatten)]
+    pub settings: ProxySettings,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        ProxySection {
+            name: "proxy".into(),
+            grpc: "127.0.0.1:8081".parse().expect("literal address"),
+            http: None,
+            brokers: vec!["127.0.0.1:7400".into()],
+            transport: "tcp".into(),
+            access_keys: Vec::new(),
+            settings: ProxySettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyFile {
+    pub proxy: ProxySection,
+    pub transport: TransportSection,
+}
+
+pub fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{} is not a valid config: {e}", path.display()))
+}
+
+pub fn durability(name: &str, flush_interval_ms: u64) -> Result<Durability, String> {
+    match name {
+        "sync" => Ok(Durability::Sync),
+        "async" => Ok(Durability::Async { flush_interval_ms }),
+        other => Err(format!("durability {other:?} is not sync or async")),
+    }
+}
+
+impl BrokerSection {
+    pub fn to_config(&self, transport: &TransportSection) -> Result<BrokerConfig, String> {
+        let mut engine = EngineConfig::new(&self.data_dir);
+        if self.shards > 0 {
+            engine.shard_count = self.shards;
+        }
+        engine.pin_shards = self.pin_shards;
+        engine.durability = durability(&self.durability, self.flush_interval_ms)?;
+        if let Some(bytes) = self.segment_size_bytes {
+            engine.segment_size_bytes = bytes;
+            // A record must fit in a segment with its framing.
+            engine.record_size_max_bytes = engine.record_size_max_bytes.min(bytes / 2);
+        }
+        engine.validate().map_err(|e| format!("engine settings: {e}"))?;
+        let transport = transport.apply();
+        transport.validate().map_err(|e| format!("transport settings: {e}"))?;
+        let limits = BrokerLimits { max_frame_bytes: transport.max_frame_bytes, ..BrokerLimits::default() };
+        Ok(BrokerConfig {
+            name: self.name.clone(),
+            engine,
+            transport,
+            listen: self.listen,
+            rdma_listen: self.rdma_listen,
+            limits,
+        })
+    }
+}
+
+impl ProxySection {
+    pub fn to_config(&self, transport: &TransportSection) -> Result<ProxyConfig, String> {
+        self.settings.validate()?;
+        if self.brokers.is_empty() {
+            return Err("proxy.brokers lists no broker; add \"host:port\" of each broker's shard 0".into());
+        }
+        let mut access_keys = std::collections::HashMap::new();
+        for key in &self.access_keys {
+            if key.access_key.is_empty() || key.secret_key.is_empty() {
+                return Err("access keys need both access_key and secret_key".into());
+            }
+            access_keys.insert(key.access_key.clone(), key.secret_key.clone());
+        }
+        Ok(ProxyConfig {
+            name: self.name.clone(),
+            grpc: self.grpc,
+            http: self.http,
+            brokers: self.brokers.iter().cloned().map(BrokerAddress::Base).collect(),
+            transport_scheme: self.transport.clone(),
+            transport: transport.apply(),
+            settings: self.settings.clone(),
+            access_keys,
+        })
+    }
+}

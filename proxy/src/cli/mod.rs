@@ -1,0 +1,3 @@
+pub mod client;
+pub mod config;
+pub mod run;

@@ -1,0 +1,125 @@
+//! The long-running commands: `local`, `broker`, `proxy`. Each prints where it listens, then
+//! serves until SIGINT or SIGTERM, then shuts down gracefully (proxy drain, then broker).
+
+use std::time::Duration;
+
+use sluice_engine::broker::{Broker, BrokerConfig};
+use sluice_proxy::server::{self, ProxyConfig, RunningProxy};
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn start_broker(config: BrokerConfig) -> Result<Broker, String> {
+    let data_dir = config.engine.data_dir.display().to_string();
+    Broker::start(config).map_err(|e| format!("broker failed to start (data directory {data_dir}): {e}"))
+}
+
+fn print_broker(broker: &Broker, json: bool) {
+    let endpoints: Vec<String> = broker.endpoints().iter().map(|e| e.tcp.to_string()).collect();
+    if json {
+        println!("{}", serde_json::json!({ "role": "broker", "shards": endpoints }));
+    } else {
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            println!("broker shard {i}: tcp://{endpoint}");
+        }
+    }
+}
+
+fn print_proxy(proxy: &RunningProxy, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "role": "proxy",
+                "grpc": proxy.grpc_addr.to_string(),
+                "http": proxy.http_addr.map(|a| a.to_string()),
+            })
+        );
+    } else {
+        println!("gRPC (RocketMQ 5 clients, sluice CLI): {}", proxy.grpc_addr);
+        if let Some(http) = proxy.http_addr {
+            println!("HTTP (health, stats): http://{http}/healthz");
+        }
+    }
+}
+
+async fn serve_until_stopped(mut proxy: RunningProxy) -> Result<(), String> {
+    tokio::select! {
+        _ = stop_signal() => {}
+        why = proxy.failed() => return Err(format!("proxy stopped: {why}")),
+    }
+    eprintln!("stopping: draining in-flight calls");
+    proxy.shutdown().await.map_err(|e| e.to_string())
+}
+
+pub async fn local(broker_config: BrokerConfig, mut proxy_config: ProxyConfig, json: bool) -> Result<(), String> {
+    let data_dir = broker_config.engine.data_dir.display().to_string();
+    let shards = broker_config.engine.shard_count;
+    let broker =
+        tokio::task::spawn_blocking(move || start_broker(broker_config)).await.map_err(|e| e.to_string())??;
+    proxy_config.brokers = vec![sluice_proxy::routing::BrokerAddress::Shards(
+        broker.endpoints().iter().map(|e| e.tcp.to_string()).collect(),
+    )];
+    let proxy = match server::start(proxy_config).await {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            let _ = tokio::task::spawn_blocking(move || broker.shutdown()).await;
+            return Err(format!("proxy failed to start: {e}"));
+        }
+    };
+    if !json {
+        println!("sluice local: broker + proxy in one process, data in {data_dir} ({shards} shards)");
+    }
+    print_proxy(&proxy, json);
+    if !json {
+        println!("Ctrl-C stops.");
+    }
+    let served = serve_until_stopped(proxy).await;
+    tokio::task::spawn_blocking(move || broker.shutdown())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("broker shutdown: {e}"))?;
+    served
+}
+
+pub async fn broker(config: BrokerConfig, json: bool) -> Result<(), String> {
+    let broker = tokio::task::spawn_blocking(move || start_broker(config)).await.map_err(|e| e.to_string())??;
+    print_broker(&broker, json);
+    stop_signal().await;
+    eprintln!("stopping: finishing in-flight requests, syncing the log");
+    tokio::task::spawn_blocking(move || broker.shutdown())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("broker shutdown: {e}"))
+}
+
+pub async fn proxy(config: ProxyConfig, json: bool) -> Result<(), String> {
+    // Brokers may still be starting (a cluster started all at once): retry for a while.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let proxy = loop {
+        match server::start(config.clone()).await {
+            Ok(proxy) => break proxy,
+            Err(e) if tokio::time::Instant::now() < deadline && e.to_string().contains("unavailable") => {
+                tracing::warn!(error = %e, "brokers not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(format!("proxy failed to start: {e}")),
+        }
+    };
+    print_proxy(&proxy, json);
+    serve_until_stopped(proxy).await
+}

@@ -1,0 +1,90 @@
+//! Proxy errors and their RocketMQ status codes. Errors reach clients inside the response's
+//! `Status{code, message}` (the v2 API's convention), never as bare gRPC errors.
+
+use sluice_engine::broker::error::code as broker_code;
+use sluice_transport::TransportError;
+
+use crate::pb::apache::rocketmq::v2::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("topic {0:?} does not exist: create it with `sluice topic create {0} --type normal`")]
+    TopicNotFound(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("{what} is not supported by Sluice yet")]
+    NotImplemented { what: String },
+    #[error("topic {topic:?} takes {expected} messages, not {given}")]
+    MessageTypeMismatch { topic: String, expected: String, given: String },
+    #[error("message body of {size} bytes exceeds the {max}-byte limit (proxy.max_body_bytes)")]
+    BodyTooLarge { size: usize, max: usize },
+    #[error("message body is empty")]
+    BodyEmpty,
+    #[error("invalid receipt handle: {0}")]
+    InvalidReceipt(String),
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    #[error("broker {endpoint} is unavailable: {source}")]
+    BrokerUnavailable { endpoint: String, source: TransportError },
+    #[error("broker {endpoint} timed out: {source}")]
+    BrokerTimeout { endpoint: String, source: TransportError },
+    #[error("broker error {code}: {message}")]
+    Broker { code: u32, message: String },
+    #[error("the group has no committed offset on this queue yet")]
+    OffsetNotFound,
+    #[error("the proxy is shutting down; reconnect to another proxy")]
+    ShuttingDown,
+}
+
+impl ProxyError {
+    pub fn from_transport(endpoint: &str, e: TransportError) -> ProxyError {
+        match e {
+            TransportError::Remote { code, message } => ProxyError::Broker { code, message },
+            e @ TransportError::Timeout { .. } => ProxyError::BrokerTimeout { endpoint: endpoint.into(), source: e },
+            e => ProxyError::BrokerUnavailable { endpoint: endpoint.into(), source: e },
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            ProxyError::Config(_) => Code::InternalServerError,
+            ProxyError::TopicNotFound(_) => Code::TopicNotFound,
+            ProxyError::BadRequest(_) => Code::BadRequest,
+            ProxyError::NotImplemented { .. } => Code::NotImplemented,
+            ProxyError::MessageTypeMismatch { .. } => Code::MessagePropertyConflictWithType,
+            ProxyError::BodyTooLarge { .. } => Code::MessageBodyTooLarge,
+            ProxyError::BodyEmpty => Code::MessageBodyEmpty,
+            ProxyError::InvalidReceipt(_) => Code::InvalidReceiptHandle,
+            ProxyError::Unauthorized(_) => Code::Unauthorized,
+            ProxyError::BrokerUnavailable { .. } => Code::InternalServerError,
+            ProxyError::BrokerTimeout { .. } => Code::ProxyTimeout,
+            ProxyError::ShuttingDown => Code::InternalServerError,
+            ProxyError::OffsetNotFound => Code::OffsetNotFound,
+            ProxyError::Broker { code, .. } => match *code {
+                broker_code::QUEUE_NOT_FOUND => Code::TopicNotFound,
+                broker_code::INVALID_RECEIPT | broker_code::RECEIPT_EXPIRED => Code::InvalidReceiptHandle,
+                broker_code::RECORD_TOO_LARGE => Code::MessageBodyTooLarge,
+                broker_code::INVALID_REQUEST => Code::BadRequest,
+                broker_code::TOO_MANY_GROUPS => Code::TooManyRequests,
+                broker_code::NOT_SUPPORTED => Code::NotImplemented,
+                _ => Code::InternalServerError,
+            },
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        Status { code: self.code() as i32, message: self.to_string() }
+    }
+}
+
+pub fn ok_status() -> Status {
+    Status { code: Code::Ok as i32, message: "OK".into() }
+}
+
+pub fn status(code: Code, message: impl Into<String>) -> Status {
+    Status { code: code as i32, message: message.into() }
+}
+
+pub type Result<T> = std::result::Result<T, ProxyError>;

@@ -1,0 +1,265 @@
+//! `sluice`: run a broker, a proxy, or both in one process, and talk to them.
+#![forbid(unsafe_code)]
+
+mod cli;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use cli::client::{Connection, ConsumeOptions, SendOptions};
+use cli::config::{read_toml, BrokerFile, BrokerSection, ProxyFile, ProxySection, TransportSection};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Sluice: an AI-native message engine speaking the RocketMQ 5 API")]
+struct Cli {
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Endpoint {
+    /// The proxy's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:8081", env = "SLUICE_ENDPOINT")]
+    endpoint: String,
+    #[arg(long, env = "SLUICE_ACCESS_KEY")]
+    access_key: Option<String>,
+    #[arg(long, env = "SLUICE_SECRET_KEY", hide_env_values = true)]
+    secret_key: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A broker and a proxy in one process over loopback TCP: the place to start.
+    Local {
+        #[arg(long, default_value = "./data", env = "SLUICE_DATA_DIR")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8081", env = "SLUICE_GRPC")]
+        grpc: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8082", env = "SLUICE_HTTP")]
+        http: SocketAddr,
+        /// Broker shards (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        shards: usize,
+        /// sync (fdatasync before ack) or async.
+        #[arg(long, default_value = "sync")]
+        durability: String,
+        /// Create topics on first use instead of answering TOPIC_NOT_FOUND.
+        #[arg(long)]
+        auto_create_topics: bool,
+        /// Log segment size (smaller for tests).
+        #[arg(long)]
+        segment_size_bytes: Option<u64>,
+    },
+    /// A broker of a split deployment.
+    Broker {
+        #[arg(long)]
+        config: PathBuf,
+        /// Overrides broker.listen.
+        #[arg(long, env = "SLUICE_BROKER_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Overrides broker.data_dir.
+        #[arg(long, env = "SLUICE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// A stateless proxy of a split deployment.
+    Proxy {
+        #[arg(long)]
+        config: PathBuf,
+        /// Overrides proxy.grpc.
+        #[arg(long, env = "SLUICE_GRPC")]
+        grpc: Option<SocketAddr>,
+        /// Overrides proxy.brokers (comma-separated host:port of each broker's shard 0).
+        #[arg(long, env = "SLUICE_BROKERS", value_delimiter = ',')]
+        brokers: Option<Vec<String>>,
+    },
+    /// Create, list and delete topics.
+    Topic {
+        #[command(subcommand)]
+        action: TopicAction,
+    },
+    /// Send messages: the arguments, or one per line of stdin.
+    Send {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        tag: Option<String>,
+        /// A message key (repeatable).
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// A user property NAME=VALUE (repeatable).
+        #[arg(long = "property", value_parser = parse_property)]
+        properties: Vec<(String, String)>,
+        bodies: Vec<String>,
+    },
+    /// Receive and ack messages of a topic as a consumer group.
+    Consume {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        group: String,
+        /// Tag filter: * or a || b.
+        #[arg(long, default_value = "*")]
+        tag: String,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Keep waiting for new messages until Ctrl-C.
+        #[arg(long)]
+        follow: bool,
+        /// Long-poll time per receive.
+        #[arg(long, default_value_t = 2)]
+        wait_secs: u64,
+        #[arg(long, default_value_t = 30)]
+        invisible_secs: u64,
+        /// Leave messages un-acked (they come back after the invisible time).
+        #[arg(long)]
+        no_ack: bool,
+    },
+    /// Counters of the proxy and every broker shard.
+    Stats {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicAction {
+    Create {
+        name: String,
+        #[arg(long = "type", default_value = "normal")]
+        kind: String,
+        /// Queues of the topic (spread over brokers and shards).
+        #[arg(long, default_value_t = sluice_proxy::topics::DEFAULT_QUEUE_COUNT)]
+        queues: u32,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    List {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("property {text:?} is not NAME=VALUE"))
+}
+
+fn connection(e: &Endpoint, json: bool) -> Connection {
+    Connection {
+        endpoint: e.endpoint.clone(),
+        access_key: e.access_key.clone(),
+        secret_key: e.secret_key.clone(),
+        json,
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let json = cli.json;
+    match cli.command {
+        Command::Local { data_dir, grpc, http, shards, durability, auto_create_topics, segment_size_bytes } => {
+            let broker = BrokerSection {
+                name: "local".into(),
+                listen: "127.0.0.1:0".parse().expect("literal address"),
+                data_dir,
+                shards,
+                durability,
+                segment_size_bytes,
+                ..BrokerSection::default()
+            };
+            let transport = TransportSection::default();
+            let mut proxy =
+                ProxySection { name: "local-proxy".into(), grpc, http: Some(http), ..ProxySection::default() };
+            proxy.settings.auto_create_topics = auto_create_topics;
+            cli::run::local(broker.to_config(&transport)?, proxy.to_config(&transport)?, json).await
+        }
+        Command::Broker { config, listen, data_dir } => {
+            let mut file: BrokerFile = read_toml(&config)?;
+            if let Some(listen) = listen {
+                file.broker.listen = listen;
+            }
+            if let Some(dir) = data_dir {
+                file.broker.data_dir = dir;
+            }
+            cli::run::broker(file.broker.to_config(&file.transport)?, json).await
+        }
+        Command::Proxy { config, grpc, brokers } => {
+            let mut file: ProxyFile = read_toml(&config)?;
+            if let Some(grpc) = grpc {
+                file.proxy.grpc = grpc;
+            }
+            if let Some(brokers) = brokers {
+                file.proxy.brokers = brokers;
+            }
+            cli::run::proxy(file.proxy.to_config(&file.transport)?, json).await
+        }
+        Command::Topic { action } => match action {
+            TopicAction::Create { name, kind, queues, endpoint } => {
+                cli::client::topic_create(&connection(&endpoint, json), &name, &kind, queues).await
+            }
+            TopicAction::List { endpoint } => cli::client::topic_list(&connection(&endpoint, json)).await,
+            TopicAction::Delete { name, endpoint } => {
+                cli::client::topic_delete(&connection(&endpoint, json), &name).await
+            }
+        },
+        Command::Send { endpoint, topic, tag, keys, properties, bodies } => {
+            cli::client::send(&connection(&endpoint, json), SendOptions { topic, tag, keys, properties }, bodies).await
+        }
+        Command::Consume { endpoint, topic, group, tag, count, follow, wait_secs, invisible_secs, no_ack } => {
+            let options = ConsumeOptions {
+                topic,
+                group,
+                tag,
+                count,
+                follow,
+                wait: Duration::from_secs(wait_secs),
+                invisible: Duration::from_secs(invisible_secs),
+                ack: !no_ack,
+            };
+            cli::client::consume(&connection(&endpoint, json), options).await
+        }
+        Command::Stats { endpoint } => cli::client::stats(&connection(&endpoint, json)).await,
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

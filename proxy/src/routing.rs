@@ -1,0 +1,219 @@
+//! Which broker and shard owns a queue, and the connections to them.
+//!
+//! Queues are placed on brokers by a hash of their name (CRC32C, fixed forever), then on a
+//! broker's shard by the engine's own placement hash. The proxy connects to every shard of
+//! every broker (learnt from the first shard's HelloAck) and reconnects on demand. It holds no
+//! durable state: any number of proxies with the same broker list route identically.
+
+use std::sync::Arc;
+
+use sluice_engine::queue::shard_for_queue;
+use sluice_transport::{Client, Frame, Request, TransportConfig};
+use tokio::sync::Mutex;
+
+use crate::error::ProxyError;
+
+/// How the proxy reaches one broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerAddress {
+    /// `host:port` of shard 0; shard i is at port + i.
+    Base(String),
+    /// Every shard's `host:port`, in shard order (in-process brokers on ephemeral ports).
+    Shards(Vec<String>),
+}
+
+/// One shard connection, opened on first use and again after it breaks.
+struct ShardLink {
+    endpoint: String,
+    client: Mutex<Option<Client>>,
+}
+
+struct BrokerLinks {
+    name: String,
+    address: BrokerAddress,
+    shards: Vec<ShardLink>,
+}
+
+pub struct BrokerPool {
+    scheme: String,
+    transport: TransportConfig,
+    brokers: Vec<BrokerLinks>,
+    client_name: String,
+}
+
+/// A queue's owner: broker index and shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub broker: usize,
+    pub shard: usize,
+}
+
+/// Stable broker for a queue. Not the engine's shard hash, so brokers and shards are chosen
+/// independently (the same hash for both would leave shards idle).
+pub fn broker_for_queue(queue: &str, broker_count: usize) -> usize {
+    assert!(broker_count > 0);
+    let placement = sluice_engine::queue::placement_key(queue);
+    (crc32c::crc32c(placement.as_bytes()) as usize) % broker_count
+}
+
+fn split_host_port(address: &str) -> Result<(String, u16), ProxyError> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| ProxyError::Config(format!("broker address {address:?} is not host:port")))?;
+    let port = port.parse().map_err(|_| ProxyError::Config(format!("broker address {address:?} has a bad port")))?;
+    Ok((host.to_string(), port))
+}
+
+impl BrokerPool {
+    /// Connects to every broker's first shard to learn its shard count, then opens the
+    /// rest lazily. `scheme` is tcp, rdma or auto.
+    pub async fn connect(
+        addresses: Vec<BrokerAddress>,
+        scheme: &str,
+        transport: TransportConfig,
+        client_name: &str,
+    ) -> Result<BrokerPool, ProxyError> {
+        if addresses.is_empty() {
+            return Err(ProxyError::Config("the proxy needs at least one broker address".into()));
+        }
+        if !matches!(scheme, "tcp" | "rdma" | "auto") {
+            return Err(ProxyError::Config(format!("transport {scheme:?} is not tcp, rdma or auto")));
+        }
+        let mut pool =
+            BrokerPool { scheme: scheme.to_string(), transport, brokers: Vec::new(), client_name: client_name.into() };
+        for address in addresses {
+            let first = match &address {
+                BrokerAddress::Base(base) => base.clone(),
+                BrokerAddress::Shards(list) => list
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| ProxyError::Config("a broker with no shard addresses".into()))?,
+            };
+            let client = pool.open(&first).await?;
+            let hello =
+                client.server().ok_or_else(|| ProxyError::Config(format!("broker {first} sent no HelloAck")))?;
+            let shard_count = hello.shard_count.max(1) as usize;
+            let endpoints = match &address {
+                BrokerAddress::Shards(list) if list.len() == shard_count => list.clone(),
+                BrokerAddress::Shards(list) => {
+                    return Err(ProxyError::Config(format!(
+                        "broker {first} has {shard_count} shards but {} addresses were given",
+                        list.len()
+                    )))
+                }
+                BrokerAddress::Base(base) => {
+                    let (host, port) = split_host_port(base)?;
+                    (0..shard_count)
+                        .map(|i| {
+                            u16::try_from(usize::from(port) + i)
+                                .map(|p| format!("{host}:{p}"))
+                                .map_err(|_| ProxyError::Config(format!("broker {base}: shard ports run past 65535")))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?
+                }
+            };
+            if hello.shard != 0 {
+                return Err(ProxyError::Config(format!(
+                    "{first} is shard {} of broker {:?}; give the address of shard 0",
+                    hello.shard, hello.server_name
+                )));
+            }
+            let shards = endpoints
+                .into_iter()
+                .enumerate()
+                .map(|(i, endpoint)| ShardLink { endpoint, client: Mutex::new((i == 0).then(|| client.clone())) })
+                .collect();
+            pool.brokers.push(BrokerLinks { name: hello.server_name.clone(), address, shards });
+        }
+        Ok(pool)
+    }
+
+    async fn open(&self, endpoint: &str) -> Result<Client, ProxyError> {
+        let url = format!("{}://{endpoint}", self.scheme);
+        Client::connect(&url, self.transport.clone(), &self.client_name)
+            .await
+            .map_err(|e| ProxyError::BrokerUnavailable { endpoint: endpoint.to_string(), source: e })
+    }
+
+    pub fn broker_count(&self) -> usize {
+        self.brokers.len()
+    }
+
+    pub fn broker_name(&self, broker: usize) -> &str {
+        &self.brokers[broker].name
+    }
+
+    pub fn addresses(&self) -> Vec<BrokerAddress> {
+        self.brokers.iter().map(|b| b.address.clone()).collect()
+    }
+
+    /// Every (broker, shard) pair, for fan-out requests (list, stats).
+    pub fn all_shards(&self) -> Vec<Owner> {
+        self.brokers
+            .iter()
+            .enumerate()
+            .flat_map(|(broker, links)| (0..links.shards.len()).map(move |shard| Owner { broker, shard }))
+            .collect()
+    }
+
+    pub fn shard_endpoint(&self, owner: Owner) -> &str {
+        &self.brokers[owner.broker].shards[owner.shard].endpoint
+    }
+
+    pub fn owner(&self, queue: &str) -> Owner {
+        let broker = broker_for_queue(queue, self.brokers.len());
+        let shard = shard_for_queue(queue, self.brokers[broker].shards.len());
+        Owner { broker, shard }
+    }
+
+    /// The live connection to a shard, reconnecting if the last one closed.
+    async fn client(&self, owner: Owner) -> Result<Client, ProxyError> {
+        let link = &self.brokers[owner.broker].shards[owner.shard];
+        let mut slot = link.client.lock().await;
+        if let Some(client) = slot.as_ref() {
+            if client.closed_error().is_none() {
+                return Ok(client.clone());
+            }
+        }
+        let client = self.open(&link.endpoint).await?;
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Sends a request to a shard and returns the reply frame (validated by `access`).
+    pub async fn call<R: Request>(&self, owner: Owner, request: &R) -> Result<Frame, ProxyError> {
+        let client = self.client(owner).await?;
+        client.call(request).await.map_err(|e| ProxyError::from_transport(self.shard_endpoint(owner), e))
+    }
+
+    /// `call` to the queue's owner.
+    pub async fn call_for<R: Request>(&self, queue: &str, request: &R) -> Result<Frame, ProxyError> {
+        self.call(self.owner(queue), request).await
+    }
+}
+
+/// Shared handle to the pool.
+pub type Brokers = Arc<BrokerPool>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn brokers_and_shards_are_chosen_independently() {
+        // With 2 brokers and 2 shards each, every (broker, shard) pair must get queues.
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..64 {
+            let queue = format!("orders#{i}");
+            seen.insert((broker_for_queue(&queue, 2), shard_for_queue(&queue, 2)));
+        }
+        assert_eq!(seen.len(), 4, "{seen:?}");
+    }
+
+    #[test]
+    fn host_port_parsing() {
+        assert_eq!(split_host_port("127.0.0.1:7400").unwrap(), ("127.0.0.1".into(), 7400));
+        assert!(split_host_port("nohost").is_err());
+        assert!(split_host_port("h:99999").is_err());
+    }
+}

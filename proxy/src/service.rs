@@ -1,0 +1,365 @@
+//! `apache.rocketmq.v2.MessagingService`: the RPCs official clients call. Each answers with a
+//! `Status` in its response; RPCs not built yet answer NOT_IMPLEMENTED (50100).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status as GrpcStatus, Streaming};
+
+use crate::consume;
+use crate::error::{ok_status, status, ProxyError};
+use crate::pb::apache::rocketmq::v2::messaging_service_server::MessagingService;
+use crate::pb::apache::rocketmq::v2::*;
+use crate::produce;
+use crate::state::ProxyState;
+use crate::topics::TopicMeta;
+
+type GrpcResult<T> = Result<Response<T>, GrpcStatus>;
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, GrpcStatus>> + Send>>;
+
+/// Telemetry replies buffered per client stream.
+const TELEMETRY_CHANNEL: usize = 16;
+
+#[derive(Clone)]
+pub struct Messaging {
+    pub state: Arc<ProxyState>,
+}
+
+pub fn duration_of(d: &prost_types::Duration) -> Duration {
+    Duration::from_secs(d.seconds.max(0) as u64) + Duration::from_nanos(d.nanos.max(0) as u64)
+}
+
+pub fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+pub fn timestamp_now() -> prost_types::Timestamp {
+    prost_types::Timestamp::from(SystemTime::now())
+}
+
+/// The endpoint clients should use to reach this proxy: the configured one, else the one the
+/// client says it used, else the socket's local address.
+pub fn access_point<T>(state: &ProxyState, request: &Request<T>, claimed: Option<&Endpoints>) -> Endpoints {
+    if !state.settings.advertise.is_empty() {
+        if let Some((host, port)) = state.settings.advertise.rsplit_once(':') {
+            return endpoints(host, port.parse().unwrap_or(0));
+        }
+    }
+    if let Some(claimed) = claimed.filter(|e| !e.addresses.is_empty()) {
+        return claimed.clone();
+    }
+    match request.local_addr() {
+        Some(addr) => endpoints(&addr.ip().to_string(), addr.port()),
+        None => endpoints("127.0.0.1", 8081),
+    }
+}
+
+fn endpoints(host: &str, port: u16) -> Endpoints {
+    let scheme = match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => AddressScheme::IPv4,
+        Ok(std::net::IpAddr::V6(_)) => AddressScheme::IPv6,
+        Err(_) => AddressScheme::DomainName,
+    };
+    Endpoints { scheme: scheme as i32, addresses: vec![Address { host: host.to_string(), port: i32::from(port) }] }
+}
+
+/// The route entries of a topic: one per queue, all served by this proxy.
+pub fn message_queues(state: &ProxyState, meta: &TopicMeta, topic: &Resource, access: &Endpoints) -> Vec<MessageQueue> {
+    (0..meta.queue_count)
+        .map(|index| {
+            let owner = state.brokers.owner(&meta.queue(index));
+            MessageQueue {
+                topic: Some(topic.clone()),
+                id: index as i32,
+                permission: Permission::ReadWrite as i32,
+                broker: Some(Broker {
+                    name: state.brokers.broker_name(owner.broker).to_string(),
+                    id: 0,
+                    endpoints: Some(access.clone()),
+                }),
+                accept_message_types: vec![i32::from(meta.message_type)],
+            }
+        })
+        .collect()
+}
+
+impl Messaging {
+    /// Topic metadata, creating the topic when the deployment allows it.
+    pub async fn topic(&self, name: &str) -> Result<TopicMeta, ProxyError> {
+        match self.state.topics.get(&self.state.brokers, name).await {
+            Err(ProxyError::TopicNotFound(_)) if self.state.settings.auto_create_topics => {
+                let normal = sluice_engine::broker::queues::message_type::NORMAL;
+                let (_, meta) = self.state.topics.create(&self.state.brokers, name, normal, 0).await?;
+                tracing::info!(topic = name, "created topic on first use (auto_create_topics)");
+                Ok(meta)
+            }
+            other => other,
+        }
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), ProxyError> {
+        self.state.auth.check(request.metadata())
+    }
+
+    fn settings_reply(&self, client: &Settings) -> Settings {
+        let s = &self.state.settings;
+        let mut reply = client.clone();
+        let consumer = matches!(client.pub_sub, Some(settings::PubSub::Subscription(_)));
+        reply.backoff_policy = Some(if consumer {
+            // Explicit steps (the official clients read these): initial, then x5, x2, x3, then
+            // whole minutes, capped at retry_max_ms.
+            let initial = s.retry_initial_ms.max(1);
+            let steps = [1, 5, 10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1200, 1800];
+            let next = steps
+                .iter()
+                .take(s.max_delivery_attempts as usize)
+                .map(|k| proto_duration(Duration::from_millis((initial * k).min(s.retry_max_ms.max(initial)))))
+                .collect();
+            RetryPolicy {
+                max_attempts: s.max_delivery_attempts as i32,
+                strategy: Some(retry_policy::Strategy::CustomizedBackoff(CustomizedBackoff { next })),
+            }
+        } else {
+            client.backoff_policy.clone().unwrap_or(RetryPolicy {
+                max_attempts: 3,
+                strategy: Some(retry_policy::Strategy::ExponentialBackoff(ExponentialBackoff {
+                    initial: Some(proto_duration(Duration::from_millis(10))),
+                    max: Some(proto_duration(Duration::from_secs(1))),
+                    multiplier: 2.0,
+                })),
+            })
+        });
+        // Sluice exports no client metrics; `on` would make clients start an exporter.
+        reply.metric = Some(Metric { on: false, endpoints: None });
+        match &mut reply.pub_sub {
+            Some(settings::PubSub::Publishing(publishing)) => {
+                publishing.max_body_size = s.max_body_bytes as i32;
+                publishing.validate_message_type = true;
+            }
+            Some(settings::PubSub::Subscription(subscription)) => {
+                subscription.fifo = Some(false);
+                subscription.receive_batch_size = Some(s.receive_batch_max as i32);
+                subscription.long_polling_timeout = Some(proto_duration(Duration::from_millis(s.long_poll_default_ms)));
+            }
+            None => {}
+        }
+        reply
+    }
+}
+
+#[tonic::async_trait]
+impl MessagingService for Messaging {
+    async fn query_route(&self, request: Request<QueryRouteRequest>) -> GrpcResult<QueryRouteResponse> {
+        let answer = async {
+            self.authorize(&request)?;
+            let topic =
+                request.get_ref().topic.clone().ok_or_else(|| ProxyError::BadRequest("topic is required".into()))?;
+            let meta = self.topic(&topic.name).await?;
+            let access = access_point(&self.state, &request, request.get_ref().endpoints.as_ref());
+            Ok::<_, ProxyError>(message_queues(&self.state, &meta, &topic, &access))
+        }
+        .await;
+        Ok(Response::new(match answer {
+            Ok(message_queues) => QueryRouteResponse { status: Some(ok_status()), message_queues },
+            Err(e) => QueryRouteResponse { status: Some(e.status()), message_queues: Vec::new() },
+        }))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> GrpcResult<HeartbeatResponse> {
+        let status = match self.authorize(&request) {
+            Ok(()) => ok_status(),
+            Err(e) => e.status(),
+        };
+        Ok(Response::new(HeartbeatResponse { status: Some(status) }))
+    }
+
+    async fn send_message(&self, request: Request<SendMessageRequest>) -> GrpcResult<SendMessageResponse> {
+        if let Err(e) = self.authorize(&request) {
+            return Ok(Response::new(SendMessageResponse { status: Some(e.status()), entries: Vec::new() }));
+        }
+        Ok(Response::new(produce::send(self, request.into_inner()).await))
+    }
+
+    async fn query_assignment(&self, request: Request<QueryAssignmentRequest>) -> GrpcResult<QueryAssignmentResponse> {
+        let answer = async {
+            self.authorize(&request)?;
+            let topic =
+                request.get_ref().topic.clone().ok_or_else(|| ProxyError::BadRequest("topic is required".into()))?;
+            let meta = self.topic(&topic.name).await?;
+            let access = access_point(&self.state, &request, request.get_ref().endpoints.as_ref());
+            Ok::<_, ProxyError>(message_queues(&self.state, &meta, &topic, &access))
+        }
+        .await;
+        Ok(Response::new(match answer {
+            Ok(queues) => QueryAssignmentResponse {
+                status: Some(ok_status()),
+                assignments: queues.into_iter().map(|q| Assignment { message_queue: Some(q) }).collect(),
+            },
+            Err(e) => QueryAssignmentResponse { status: Some(e.status()), assignments: Vec::new() },
+        }))
+    }
+
+    type ReceiveMessageStream = ResponseStream<ReceiveMessageResponse>;
+
+    async fn receive_message(&self, request: Request<ReceiveMessageRequest>) -> GrpcResult<Self::ReceiveMessageStream> {
+        let responses = match self.authorize(&request) {
+            Ok(()) => {
+                let access = access_point(&self.state, &request, None);
+                consume::receive(self, request.into_inner(), access).await
+            }
+            Err(e) => {
+                vec![ReceiveMessageResponse { content: Some(receive_message_response::Content::Status(e.status())) }]
+            }
+        };
+        Ok(Response::new(Box::pin(futures::stream::iter(responses.into_iter().map(Ok)))))
+    }
+
+    async fn ack_message(&self, request: Request<AckMessageRequest>) -> GrpcResult<AckMessageResponse> {
+        if let Err(e) = self.authorize(&request) {
+            return Ok(Response::new(AckMessageResponse { status: Some(e.status()), entries: Vec::new() }));
+        }
+        Ok(Response::new(consume::ack(self, request.into_inner()).await))
+    }
+
+    async fn forward_message_to_dead_letter_queue(
+        &self,
+        request: Request<ForwardMessageToDeadLetterQueueRequest>,
+    ) -> GrpcResult<ForwardMessageToDeadLetterQueueResponse> {
+        let result = match self.authorize(&request) {
+            Ok(()) => consume::dead_letter(self, request.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        let status = result.map_or_else(|e| e.status(), |()| ok_status());
+        Ok(Response::new(ForwardMessageToDeadLetterQueueResponse { status: Some(status) }))
+    }
+
+    type PullMessageStream = ResponseStream<PullMessageResponse>;
+
+    async fn pull_message(&self, _request: Request<PullMessageRequest>) -> GrpcResult<Self::PullMessageStream> {
+        let reply = PullMessageResponse {
+            content: Some(pull_message_response::Content::Status(not_implemented("PullMessage (pull consumers)"))),
+        };
+        Ok(Response::new(Box::pin(futures::stream::iter([Ok(reply)]))))
+    }
+
+    async fn update_offset(&self, request: Request<UpdateOffsetRequest>) -> GrpcResult<UpdateOffsetResponse> {
+        let result = match self.authorize(&request) {
+            Ok(()) => consume::update_offset(self, request.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        Ok(Response::new(UpdateOffsetResponse { status: Some(result.map_or_else(|e| e.status(), |()| ok_status())) }))
+    }
+
+    async fn get_offset(&self, request: Request<GetOffsetRequest>) -> GrpcResult<GetOffsetResponse> {
+        let result = match self.authorize(&request) {
+            Ok(()) => consume::get_offset(self, request.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        Ok(Response::new(match result {
+            Ok(offset) => GetOffsetResponse { status: Some(ok_status()), offset },
+            Err(e) => GetOffsetResponse { status: Some(e.status()), offset: 0 },
+        }))
+    }
+
+    async fn query_offset(&self, request: Request<QueryOffsetRequest>) -> GrpcResult<QueryOffsetResponse> {
+        let result = match self.authorize(&request) {
+            Ok(()) => consume::query_offset(self, request.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        Ok(Response::new(match result {
+            Ok(offset) => QueryOffsetResponse { status: Some(ok_status()), offset },
+            Err(e) => QueryOffsetResponse { status: Some(e.status()), offset: 0 },
+        }))
+    }
+
+    async fn end_transaction(&self, _request: Request<EndTransactionRequest>) -> GrpcResult<EndTransactionResponse> {
+        Ok(Response::new(EndTransactionResponse {
+            status: Some(not_implemented("EndTransaction (transactional messages)")),
+        }))
+    }
+
+    type TelemetryStream = ResponseStream<TelemetryCommand>;
+
+    async fn telemetry(&self, request: Request<Streaming<TelemetryCommand>>) -> GrpcResult<Self::TelemetryStream> {
+        let authorized = self.authorize(&request);
+        let (tx, rx) = tokio::sync::mpsc::channel(TELEMETRY_CHANNEL);
+        let mut inbound = request.into_inner();
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = authorized {
+                let _ = tx.send(Ok(TelemetryCommand { status: Some(e.status()), command: None })).await;
+                return;
+            }
+            loop {
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    _ = this.state.shutdown_started() => return,
+                };
+                let command = match next {
+                    Ok(Some(command)) => command,
+                    // The client closed its side or vanished: end this stream, nothing leaks.
+                    Ok(None) | Err(_) => return,
+                };
+                let reply = match command.command {
+                    Some(telemetry_command::Command::Settings(settings)) => TelemetryCommand {
+                        status: Some(ok_status()),
+                        command: Some(telemetry_command::Command::Settings(this.settings_reply(&settings))),
+                    },
+                    // Results of commands this proxy never sends: nothing to answer.
+                    _ => continue,
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn notify_client_termination(
+        &self,
+        request: Request<NotifyClientTerminationRequest>,
+    ) -> GrpcResult<NotifyClientTerminationResponse> {
+        let status = self.authorize(&request).map_or_else(|e| e.status(), |()| ok_status());
+        Ok(Response::new(NotifyClientTerminationResponse { status: Some(status) }))
+    }
+
+    async fn change_invisible_duration(
+        &self,
+        request: Request<ChangeInvisibleDurationRequest>,
+    ) -> GrpcResult<ChangeInvisibleDurationResponse> {
+        let handle = request.get_ref().receipt_handle.clone();
+        let result = match self.authorize(&request) {
+            Ok(()) => consume::change_invisible(self, request.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        Ok(Response::new(match result {
+            Ok(receipt_handle) => ChangeInvisibleDurationResponse { status: Some(ok_status()), receipt_handle },
+            // Clients adopt the returned handle even on failure: give theirs back unchanged.
+            Err(e) => ChangeInvisibleDurationResponse { status: Some(e.status()), receipt_handle: handle },
+        }))
+    }
+
+    async fn recall_message(&self, _request: Request<RecallMessageRequest>) -> GrpcResult<RecallMessageResponse> {
+        Ok(Response::new(RecallMessageResponse {
+            status: Some(not_implemented("RecallMessage (delay messages)")),
+            message_id: String::new(),
+        }))
+    }
+
+    async fn sync_lite_subscription(
+        &self,
+        _request: Request<SyncLiteSubscriptionRequest>,
+    ) -> GrpcResult<SyncLiteSubscriptionResponse> {
+        Ok(Response::new(SyncLiteSubscriptionResponse {
+            status: Some(not_implemented("SyncLiteSubscription (lite topics)")),
+        }))
+    }
+}
+
+fn not_implemented(what: &str) -> crate::pb::apache::rocketmq::v2::Status {
+    status(Code::NotImplemented, format!("{what} is not implemented by Sluice yet"))
+}

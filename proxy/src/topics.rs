@@ -1,0 +1,208 @@
+//! Topics as queues on the brokers. Topic `T` with `n` queues is stored as queues `T#0` …
+//! `T#n-1`, each created on its owning broker shard with the topic's message type and queue
+//! count as attributes. `T#0` is created last and deleted first, so a topic exists exactly
+//! when `T#0` does. The proxy caches what it learnt for a short time; the brokers are the truth.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sluice_engine::broker::queues::message_type;
+use sluice_transport::messages::{CreateQueueRequest, DeleteQueueRequest, ListQueuesRequest, ListQueuesResponse};
+
+use crate::error::{ProxyError, Result};
+use crate::routing::BrokerPool;
+
+/// Queues a topic gets when none is asked for.
+pub const DEFAULT_QUEUE_COUNT: u32 = 8;
+/// Most queues one topic may have.
+pub const QUEUE_COUNT_MAX: u32 = 256;
+/// Longest topic name (RocketMQ's limit), leaving room for `#index` in the queue name.
+pub const TOPIC_NAME_MAX_BYTES: usize = 127;
+/// How long a topic lookup is trusted before asking the broker again.
+const CACHE_TTL: Duration = Duration::from_secs(2);
+/// Topic lookups kept in the cache at most.
+const CACHE_ENTRIES_MAX: usize = 100_000;
+/// Queues asked for per ListQueues page.
+const LIST_PAGE: u32 = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicMeta {
+    pub name: String,
+    pub message_type: u8,
+    pub queue_count: u32,
+}
+
+impl TopicMeta {
+    pub fn queue(&self, index: u32) -> String {
+        queue_name(&self.name, index)
+    }
+}
+
+pub fn queue_name(topic: &str, index: u32) -> String {
+    format!("{topic}#{index}")
+}
+
+/// RocketMQ's topic name rule: `^[%|a-zA-Z0-9_-]+$`, bounded.
+pub fn validate_topic_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= TOPIC_NAME_MAX_BYTES
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'%' | b'|' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProxyError::BadRequest(format!(
+            "topic name {name:?} must be 1..={TOPIC_NAME_MAX_BYTES} characters of a-z A-Z 0-9 % | _ -"
+        )))
+    }
+}
+
+pub fn message_type_name(t: u8) -> &'static str {
+    match t {
+        message_type::NORMAL => "normal",
+        message_type::FIFO => "fifo",
+        message_type::DELAY => "delay",
+        message_type::TRANSACTION => "transaction",
+        message_type::LITE => "lite",
+        message_type::PRIORITY => "priority",
+        _ => "unspecified",
+    }
+}
+
+pub struct Topics {
+    cache: Mutex<HashMap<String, (Instant, TopicMeta)>>,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics { cache: Mutex::new(HashMap::new()) }
+    }
+}
+
+fn attribute(attributes: &[(String, String)], key: &str) -> Option<String> {
+    attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+}
+
+impl Topics {
+    /// The topic's metadata, or `TopicNotFound`.
+    pub async fn get(&self, brokers: &BrokerPool, topic: &str) -> Result<TopicMeta> {
+        validate_topic_name(topic)?;
+        if let Some((at, meta)) = self.cache.lock().expect("cache lock").get(topic) {
+            if at.elapsed() < CACHE_TTL {
+                return Ok(meta.clone());
+            }
+        }
+        let first = queue_name(topic, 0);
+        let request = ListQueuesRequest { prefix: first.clone(), after: String::new(), max_count: 1 };
+        let frame = brokers.call_for(&first, &request).await?;
+        let reply = frame
+            .access::<ListQueuesResponse>()
+            .map_err(|e| ProxyError::Broker { code: e.code(), message: e.to_string() })?;
+        let found = reply.queues.iter().find(|q| q.name.as_str() == first);
+        let Some(queue) = found else {
+            self.cache.lock().expect("cache lock").remove(topic);
+            return Err(ProxyError::TopicNotFound(topic.to_string()));
+        };
+        let attributes: Vec<(String, String)> =
+            queue.attributes.iter().map(|t| (t.0.as_str().to_string(), t.1.as_str().to_string())).collect();
+        let queue_count =
+            attribute(&attributes, "queue_count").and_then(|v| v.parse().ok()).unwrap_or(1).clamp(1, QUEUE_COUNT_MAX);
+        let meta = TopicMeta { name: topic.to_string(), message_type: queue.message_type, queue_count };
+        let mut cache = self.cache.lock().expect("cache lock");
+        if cache.len() >= CACHE_ENTRIES_MAX {
+            cache.clear();
+        }
+        cache.insert(topic.to_string(), (Instant::now(), meta.clone()));
+        Ok(meta)
+    }
+
+    /// Creates every queue of the topic (idempotent). Returns false when it already existed
+    /// with the same type; a different type is an error.
+    pub async fn create(
+        &self,
+        brokers: &BrokerPool,
+        topic: &str,
+        message_type: u8,
+        queue_count: u32,
+    ) -> Result<(bool, TopicMeta)> {
+        validate_topic_name(topic)?;
+        if !(message_type::NORMAL..=message_type::PRIORITY).contains(&message_type) {
+            return Err(ProxyError::BadRequest(
+                "message type must be normal, fifo, delay, transaction, lite or priority".into(),
+            ));
+        }
+        let queue_count = if queue_count == 0 { DEFAULT_QUEUE_COUNT } else { queue_count };
+        if queue_count > QUEUE_COUNT_MAX {
+            return Err(ProxyError::BadRequest(format!("a topic has at most {QUEUE_COUNT_MAX} queues")));
+        }
+        if let Ok(existing) = self.get(brokers, topic).await {
+            if existing.message_type != message_type {
+                return Err(ProxyError::BadRequest(format!(
+                    "topic {topic:?} already exists as {}; delete it first to change its type",
+                    message_type_name(existing.message_type)
+                )));
+            }
+            return Ok((false, existing));
+        }
+        let attributes =
+            vec![("topic".to_string(), topic.to_string()), ("queue_count".to_string(), queue_count.to_string())];
+        // Queue 0 last: the topic becomes visible only once every queue exists.
+        for index in (0..queue_count).rev() {
+            let queue = queue_name(topic, index);
+            let request = CreateQueueRequest { queue: queue.clone(), message_type, attributes: attributes.clone() };
+            brokers.call_for(&queue, &request).await?;
+        }
+        self.cache.lock().expect("cache lock").remove(topic);
+        Ok((true, TopicMeta { name: topic.to_string(), message_type, queue_count }))
+    }
+
+    /// Deletes the topic's queues, queue 0 first. Returns false when it did not exist.
+    pub async fn delete(&self, brokers: &BrokerPool, topic: &str) -> Result<bool> {
+        let meta = match self.get(brokers, topic).await {
+            Ok(meta) => meta,
+            Err(ProxyError::TopicNotFound(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        self.cache.lock().expect("cache lock").remove(topic);
+        for index in 0..meta.queue_count {
+            let queue = meta.queue(index);
+            match brokers.call_for(&queue, &DeleteQueueRequest { queue: queue.clone() }).await {
+                Ok(_) => {}
+                Err(e) if e.code() == crate::pb::apache::rocketmq::v2::Code::TopicNotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Every topic on every broker, with the number of messages retained.
+    pub async fn list(&self, brokers: &BrokerPool) -> Result<Vec<(TopicMeta, u64)>> {
+        let mut topics: BTreeMap<String, (TopicMeta, u64)> = BTreeMap::new();
+        for owner in brokers.all_shards() {
+            let mut after = String::new();
+            loop {
+                let request = ListQueuesRequest { prefix: String::new(), after: after.clone(), max_count: LIST_PAGE };
+                let frame = brokers.call(owner, &request).await?;
+                let reply = frame
+                    .access::<ListQueuesResponse>()
+                    .map_err(|e| ProxyError::Broker { code: e.code(), message: e.to_string() })?;
+                for queue in reply.queues.iter() {
+                    let attributes: Vec<(String, String)> =
+                        queue.attributes.iter().map(|t| (t.0.as_str().to_string(), t.1.as_str().to_string())).collect();
+                    let Some(topic) = attribute(&attributes, "topic") else { continue };
+                    let queue_count = attribute(&attributes, "queue_count").and_then(|v| v.parse().ok()).unwrap_or(1);
+                    let messages = queue.max_offset.to_native().saturating_sub(queue.min_offset.to_native());
+                    let entry = topics.entry(topic.clone()).or_insert_with(|| {
+                        (TopicMeta { name: topic, message_type: queue.message_type, queue_count }, 0)
+                    });
+                    entry.1 += messages;
+                }
+                match reply.queues.last() {
+                    Some(last) if reply.truncated => after = last.name.as_str().to_string(),
+                    _ => break,
+                }
+            }
+        }
+        Ok(topics.into_values().collect())
+    }
+}
