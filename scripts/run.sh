@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The main job. Today Sluice is its storage engine and its transport, so this runs the engine
-# benchmark (append throughput under `sync` durability beside a raw O_DIRECT write of the same
-# bytes to the same disk, plus index lookup latency), then the transport's round-trip latency
-# over the best transport present (TCP beside a raw TCP ping-pong; RDMA too with a device).
-# (It grows into "local broker + proxy, then the latency benchmark" as those parts land.)
+# The main job: a local broker + proxy (`sluice local`), then the send→receive latency benchmark
+# through them at a fixed rate; the same with broker and proxy as separate processes (proxy→broker
+# over RDMA when this host has a device, else TCP); then the transport's round-trip latency over
+# the best transport present beside a raw TCP ping-pong. The storage engine's own benchmark is
+# scripts/engine-bench.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/engine-bench.sh
+bash scripts/e2e-latency.sh both
 exec bash scripts/transport-bench.sh

@@ -10,6 +10,7 @@ packages=(
   # soft-RoCE: scripts/rdma-vm.sh (QEMU guest with Debian's kernel) and scripts/soft-roce.sh
   qemu-system-x86 busybox-static cpio kmod iproute2
   ibverbs-utils ibverbs-providers # ibv_devices, ibv_rc_pingpong; the rxe provider (a Recommends)
+  python3 python3-venv        # the official RocketMQ Python client tests (scripts/python-client-tests.sh)
 )
 
 missing=()

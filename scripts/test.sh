@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: format check, build everything, lint with warnings denied, run every test,
-# then the RDMA tests for real inside a soft-RoCE QEMU guest (scripts/hw-tests.sh --vm).
+# the official RocketMQ Python client against `sluice local`, then the RDMA tests for real
+# inside a soft-RoCE QEMU guest (scripts/hw-tests.sh --vm).
 # The crash test's rounds can be raised with SLUICE_CRASH_ROUNDS (default 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,9 @@ cargo check --manifest-path transport/fuzz/Cargo.toml --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
+# The official RocketMQ 5 Python client (rocketmq-python-client==5.1.2 from PyPI, in a venv)
+# against a `sluice local` each run starts itself.
+bash scripts/python-client-tests.sh 2>&1 | tee -a "$log"
 # The RDMA path for real: the RDMA tests and hw-tests inside the soft-RoCE QEMU guest (or on
 # this host if it has a device). SLUICE_SKIP_RDMA_VM=1 skips it for quick local runs.
 if [[ "${SLUICE_SKIP_RDMA_VM:-0}" == 1 ]]; then
@@ -24,6 +28,9 @@ elif compgen -G "/sys/class/infiniband/*" >/dev/null; then
 else
   bash scripts/hw-tests.sh --vm 2>&1 | tee -a "$log"
 fi
-count() { grep -E '^test result:' "$log" | grep -oE "[0-9]+ $1" | awk '{s += $1} END {print s + 0}'; }
+# Rust's "test result:" lines and pytest's summary line ("N failed, N passed in Ns").
+count() {
+  grep -E '^test result:|^[0-9]+ (passed|failed).* in [0-9.]+s' "$log" | grep -oE "[0-9]+ $1" | awk '{s += $1} END {print s + 0}'
+}
 echo "test.sh: finished in $(( $(date +%s) - started ))s"
 echo "tests: $(count passed) passed, $(count failed) failed"

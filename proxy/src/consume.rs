@@ -40,7 +40,7 @@ fn group_name(group: Option<&Resource>) -> Result<String> {
     Ok(group)
 }
 
-fn broker_reply<'a, M: sluice_transport::Message>(frame: &'a sluice_transport::Frame) -> Result<&'a M::ArchivedBody> {
+fn broker_reply<M: sluice_transport::Message>(frame: &sluice_transport::Frame) -> Result<&M::ArchivedBody> {
     frame.access::<M>().map_err(|e| ProxyError::Broker { code: e.code(), message: e.to_string() })
 }
 
@@ -92,7 +92,7 @@ async fn pop_queue(
         }
         if let Some(tags) = tags {
             let tag = convert::record_tag(record).unwrap_or_default();
-            if !tags.iter().any(|t| *t == tag) {
+            if !tags.contains(&tag) {
                 // Not for this subscription: consumed as filtered for the group.
                 filtered.push(m.receipt.as_str().to_string());
                 continue;

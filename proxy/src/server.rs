@@ -22,6 +22,10 @@ use crate::state::{ProxySettings, ProxyState};
 
 /// Concurrent calls (streams) one client connection may have open.
 const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
+/// Connections accepted but not yet past the HTTP/2 preface check, at most.
+const HANDSHAKES_PENDING_MAX: usize = 1024;
+/// The client connection preface every HTTP/2 (gRPC) client sends first.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Keep-alive pings find clients that vanished without closing their connection.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,8 +78,9 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         .max_encoding_message_size(max_request);
     let admin = AdminServer::new(AdminService { state: state.clone() });
     let mut grpc_stop = stopped.clone();
+    let settings_for_accept = config.settings.clone();
     let grpc_task = tokio::spawn(async move {
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = guarded_incoming(listener, &settings_for_accept);
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -164,6 +169,125 @@ impl RunningProxy {
             Ok(Ok(())) => "gRPC server stopped".into(),
             Ok(Err(e)) => e.to_string(),
             Err(e) => e.to_string(),
+        }
+    }
+}
+
+/// A client connection that holds one of the proxy's connection slots while it lives.
+pub struct GuardedStream {
+    stream: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for GuardedStream {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for GuardedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for GuardedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts connections, bounded in number, and hands to the gRPC server only those that send
+/// the HTTP/2 preface within `handshake_timeout_ms`; silent or garbage peers are closed
+/// without costing the server anything.
+fn guarded_incoming(
+    listener: TcpListener,
+    settings: &ProxySettings,
+) -> tokio_stream::wrappers::ReceiverStream<Result<GuardedStream, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(HANDSHAKES_PENDING_MAX);
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.connections_max));
+    let pending = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_PENDING_MAX));
+    let handshake = Duration::from_millis(settings.handshake_timeout_ms);
+    tokio::spawn(async move {
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
+            let Ok(check) = pending.clone().acquire_owned().await else { return };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _check = check;
+                let _ = stream.set_nodelay(true);
+                match tokio::time::timeout(handshake, saw_preface(&stream)).await {
+                    Ok(true) => {
+                        let _ = tx.send(Ok(GuardedStream { stream, _slot: slot })).await;
+                    }
+                    Ok(false) => {
+                        tracing::debug!(%peer, "closed a connection that did not start with the HTTP/2 preface")
+                    }
+                    Err(_) => tracing::debug!(%peer, "closed a connection that sent no HTTP/2 preface in time"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Waits (without consuming) until the peer's first bytes are the HTTP/2 preface.
+async fn saw_preface(stream: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 24];
+    loop {
+        match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) if buf[..n] != HTTP2_PREFACE[..n] => return false,
+            Ok(n) if n == HTTP2_PREFACE.len() => return true,
+            // Part of the preface so far: wait for more bytes to arrive.
+            Ok(_) => {
+                if stream.readable().await.is_err() {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
     }
 }

@@ -45,6 +45,10 @@ pub struct ProxySettings {
     pub advertise: String,
     /// Largest gRPC request decoded.
     pub grpc_max_request_bytes: usize,
+    /// Client connections open at once; more wait in the kernel's accept queue.
+    pub connections_max: usize,
+    /// A new connection must send the HTTP/2 preface within this, or it is closed.
+    pub handshake_timeout_ms: u64,
 }
 
 impl Default for ProxySettings {
@@ -68,6 +72,8 @@ impl Default for ProxySettings {
             drain_timeout_ms: 10_000,
             advertise: String::new(),
             grpc_max_request_bytes: 64 << 20,
+            connections_max: 10_000,
+            handshake_timeout_ms: 10_000,
         }
     }
 }
@@ -86,6 +92,8 @@ impl ProxySettings {
             ),
             (self.max_delivery_attempts >= 1, "max_delivery_attempts must be at least 1"),
             (self.renewals_max <= 10_000_000, "renewals_max must be at most 10,000,000"),
+            (self.connections_max >= 1, "connections_max must be at least 1"),
+            (self.handshake_timeout_ms >= 100, "handshake_timeout_ms must be at least 100"),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, why)) => Err(why.to_string()),

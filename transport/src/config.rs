@@ -196,7 +196,7 @@ impl RdmaConfig {
                 self.ring_bytes
             ));
         }
-        if self.ring_bytes % RDMA_RING_ALIGN_BYTES != 0 || self.ring_bytes > RDMA_RING_MAX_BYTES {
+        if !self.ring_bytes.is_multiple_of(RDMA_RING_ALIGN_BYTES) || self.ring_bytes > RDMA_RING_MAX_BYTES {
             return bad(format!(
                 "rdma.ring_bytes = {} must be a multiple of {RDMA_RING_ALIGN_BYTES} and at most {RDMA_RING_MAX_BYTES}",
                 self.ring_bytes

@@ -213,7 +213,7 @@ impl Driver {
                 });
             }
             rounds += 1;
-            if rounds % BOOTSTRAP_CHECK_ROUNDS == 0 {
+            if rounds.is_multiple_of(BOOTSTRAP_CHECK_ROUNDS) {
                 self.check_bootstrap()?;
             }
             if progress {

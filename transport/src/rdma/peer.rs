@@ -43,7 +43,10 @@ pub fn check_peer_info(info: &RdmaPeerInfo) -> Result<(), String> {
         ));
     }
     let need = rdma_ring_need_bytes(info.max_frame_bytes);
-    if info.ring_bytes < need || info.ring_bytes % RDMA_RING_ALIGN_BYTES != 0 || info.ring_bytes > RDMA_RING_MAX_BYTES {
+    if info.ring_bytes < need
+        || !info.ring_bytes.is_multiple_of(RDMA_RING_ALIGN_BYTES)
+        || info.ring_bytes > RDMA_RING_MAX_BYTES
+    {
         return fail(format!(
             "ring_bytes {} must be a multiple of {RDMA_RING_ALIGN_BYTES} within {need}..={RDMA_RING_MAX_BYTES}",
             info.ring_bytes

@@ -71,7 +71,7 @@ pub struct RingWriter {
 
 impl RingWriter {
     pub fn new(ring_bytes: u64) -> RingWriter {
-        assert!(ring_bytes > 0 && ring_bytes % RDMA_RING_ALIGN_BYTES == 0, "ring of {ring_bytes} bytes");
+        assert!(ring_bytes > 0 && ring_bytes.is_multiple_of(RDMA_RING_ALIGN_BYTES), "ring of {ring_bytes} bytes");
         RingWriter { ring_bytes, head: 0, tail: 0 }
     }
 
@@ -131,7 +131,7 @@ pub struct RingReader {
 
 impl RingReader {
     pub fn new(ring_bytes: u64) -> RingReader {
-        assert!(ring_bytes > 0 && ring_bytes % RDMA_RING_ALIGN_BYTES == 0, "ring of {ring_bytes} bytes");
+        assert!(ring_bytes > 0 && ring_bytes.is_multiple_of(RDMA_RING_ALIGN_BYTES), "ring of {ring_bytes} bytes");
         RingReader { ring_bytes, head: 0, tail: 0, live: VecDeque::new() }
     }
 
@@ -146,7 +146,7 @@ impl RingReader {
 
     /// Checks an offset from immediate data before the header there is read.
     pub fn check_offset(&self, offset: u64) -> Result<(), RingError> {
-        if offset % RDMA_RING_ALIGN_BYTES != 0 || offset + FRAME_HEADER_BYTES as u64 > self.ring_bytes {
+        if !offset.is_multiple_of(RDMA_RING_ALIGN_BYTES) || offset + FRAME_HEADER_BYTES as u64 > self.ring_bytes {
             return Err(RingError(format!(
                 "peer signalled a frame at ring offset {offset}, outside the {}-byte ring",
                 self.ring_bytes
