@@ -82,3 +82,65 @@ mod tests {
         }
     }
 }
+
+/// True when some socket on this host (this network namespace) listens on `addr`'s port at
+/// `addr`'s IP or a wildcard address. Reads /proc/net/tcp{,6}; false where they are missing.
+pub fn someone_listens_on(addr: std::net::SocketAddr) -> bool {
+    const LISTEN_STATE: &str = "0A";
+    let tables = ["/proc/net/tcp", "/proc/net/tcp6"];
+    tables.iter().filter_map(|path| std::fs::read_to_string(path).ok()).any(|table| {
+        table.lines().skip(1).any(|line| {
+            let mut fields = line.split_whitespace();
+            let (Some(local), Some(state)) = (fields.nth(1), fields.nth(1)) else { return false };
+            state == LISTEN_STATE && proc_address_matches(local, addr)
+        })
+    })
+}
+
+/// Matches a /proc/net/tcp local address (`HEXIP:HEXPORT`, IP in host byte order per 32-bit
+/// word) against `addr`, treating an unspecified address on either side as matching any.
+fn proc_address_matches(local: &str, addr: std::net::SocketAddr) -> bool {
+    let Some((ip_hex, port_hex)) = local.split_once(':') else { return false };
+    if u16::from_str_radix(port_hex, 16).ok() != Some(addr.port()) {
+        return false;
+    }
+    let words: Option<Vec<u32>> = (0..ip_hex.len() / 8)
+        .map(|i| ip_hex.get(i * 8..i * 8 + 8).and_then(|w| u32::from_str_radix(w, 16).ok()))
+        .collect();
+    let Some(words) = words else { return false };
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let listening: std::net::IpAddr = match bytes.len() {
+        4 => std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into(),
+        16 => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(&bytes);
+            let v6 = std::net::Ipv6Addr::from(octets);
+            v6.to_ipv4_mapped().map_or(v6.into(), Into::into)
+        }
+        _ => return false,
+    };
+    listening.is_unspecified() || addr.ip().is_unspecified() || listening == addr.ip()
+}
+
+#[cfg(test)]
+mod listen_tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_listener_and_not_a_free_port() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert!(someone_listens_on(addr));
+        drop(listener);
+        assert!(!someone_listens_on(addr));
+    }
+
+    #[test]
+    fn proc_addresses() {
+        let addr: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert!(proc_address_matches("0100007F:1F90", addr));
+        assert!(proc_address_matches("00000000:1F90", addr));
+        assert!(!proc_address_matches("0100007F:1F91", addr));
+        assert!(!proc_address_matches("garbage", addr));
+    }
+}

@@ -526,6 +526,10 @@ impl ServerThread {
     }
 }
 
+/// How often, and how long apart, a listener bind is retried while the address is in use.
+const BIND_RETRIES: u32 = 50;
+const BIND_RETRY_INTERVAL: Duration = Duration::from_millis(100);
+
 /// A server started on the current glommio executor (see `Server::start_local`).
 pub struct LocalServer<H: Handler> {
     pub server: Rc<Server<H>>,
@@ -549,6 +553,24 @@ impl<H: Handler> Server<H> {
         config.validate()?;
         if listen.tcp.is_none() && listen.rdma.is_none() {
             return Err(TransportError::Config { reason: "a server needs a TCP or an RDMA address".into() });
+        }
+        if let Some(addr) = listen.tcp.filter(|a| a.port() != 0) {
+            // glommio binds with SO_REUSEPORT, which would let a second server share a port
+            // already taken and silently split connections between the two. So a listener
+            // already on the port is an error. (A probe bind would also trip over connections
+            // a killed server left in FIN-WAIT-2, blocking restarts for a minute.) A process
+            // killed a moment ago may still hold its listener briefly, hence the retries.
+            let mut attempts = 0;
+            while crate::endpoint::someone_listens_on(addr) {
+                if attempts == BIND_RETRIES {
+                    return Err(TransportError::io(
+                        format!("binding {addr}: another process already listens there"),
+                        std::io::ErrorKind::AddrInUse.into(),
+                    ));
+                }
+                attempts += 1;
+                std::thread::sleep(BIND_RETRY_INTERVAL);
+            }
         }
         let listener = listen.tcp.map(glommio::net::TcpListener::bind).transpose().map_err(|e| TransportError::Io {
             context: format!("binding {:?}", listen.tcp),

@@ -24,17 +24,25 @@ pub const WRITE_BATCH_FRAMES_MAX: usize = 256;
 pub(crate) struct CloseOnce {
     pub sink: Arc<dyn FrameSink>,
     done: AtomicBool,
+    /// Turns true on close, so a task waiting for work (the tokio writer) lets go of its
+    /// half of the socket at once instead of leaving it in CLOSE-WAIT until the next call.
+    signal: tokio::sync::watch::Sender<bool>,
 }
 
 impl CloseOnce {
     pub fn new(sink: Arc<dyn FrameSink>) -> Arc<CloseOnce> {
-        Arc::new(CloseOnce { sink, done: AtomicBool::new(false) })
+        Arc::new(CloseOnce { sink, done: AtomicBool::new(false), signal: tokio::sync::watch::Sender::new(false) })
     }
 
     pub fn close(&self, error: TransportError) {
         if !self.done.swap(true, Ordering::AcqRel) {
             self.sink.closed(error);
+            self.signal.send_replace(true);
         }
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.signal.subscribe()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -56,9 +64,18 @@ pub(crate) fn spawn_tokio_driver(
     let batch_bytes = config.write_batch_bytes;
     let write_timeout = std::time::Duration::from_millis(config.write_timeout_ms);
     let writer_close = close.clone();
+    let mut closed = writer_close.subscribe();
     tokio::spawn(async move {
         let mut batch: Vec<OutFrame> = Vec::new();
-        while let Ok(first) = outbound.recv_async().await {
+        loop {
+            let first = tokio::select! {
+                next = outbound.recv_async() => match next {
+                    Ok(first) => first,
+                    Err(_) => break,
+                },
+                // The reader saw the connection end: drop the socket now.
+                _ = closed.wait_for(|c| *c) => return,
+            };
             let mut bytes = first.len();
             batch.push(first);
             while bytes < batch_bytes && batch.len() < WRITE_BATCH_FRAMES_MAX {

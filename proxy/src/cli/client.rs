@@ -37,7 +37,7 @@ pub struct Signer {
 
 impl tonic::service::Interceptor for Signer {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let date = chrono_like_now();
+        let date = sluice_proxy::auth::date_time_now();
         if let Ok(value) = MetadataValue::try_from(date.as_str()) {
             request.metadata_mut().insert("x-mq-date-time", value);
         }
@@ -48,27 +48,6 @@ impl tonic::service::Interceptor for Signer {
         }
         Ok(request)
     }
-}
-
-/// `yyyyMMddTHHmmssZ` in UTC, as RocketMQ clients send it.
-fn chrono_like_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 type Messaging = MessagingServiceClient<InterceptedService<Channel, Signer>>;
@@ -434,16 +413,4 @@ pub async fn consume(c: &Connection, o: ConsumeOptions) -> Result<(), String> {
         eprintln!("{received} message(s) received{}", if o.ack { " and acked" } else { " (not acked)" });
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_414), (2025, 11, 22));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-    }
 }
