@@ -119,7 +119,7 @@ impl EngineConfig {
         if self.shard_count == 0 || self.shard_count > 1024 {
             return fail(format!("shard_count must be 1..=1024, got {}", self.shard_count));
         }
-        if self.segment_size_bytes < SEGMENT_SIZE_MIN_BYTES || self.segment_size_bytes % 4096 != 0 {
+        if self.segment_size_bytes < SEGMENT_SIZE_MIN_BYTES || !self.segment_size_bytes.is_multiple_of(4096) {
             return fail(format!(
                 "segment_size_bytes must be a multiple of 4096 and at least {SEGMENT_SIZE_MIN_BYTES}, got {}",
                 self.segment_size_bytes

@@ -377,10 +377,10 @@ pub async fn consume(c: &Connection, o: ConsumeOptions) -> Result<(), String> {
         let mut batch = Vec::new();
         while let Some(item) = stream.message().await.map_err(grpc)? {
             match item.content {
-                Some(v2::receive_message_response::Content::Status(status)) => {
-                    if status.code != v2::Code::MessageNotFound as i32 {
-                        check(Some(&status))?;
-                    }
+                Some(v2::receive_message_response::Content::Status(status))
+                    if status.code != v2::Code::MessageNotFound as i32 =>
+                {
+                    check(Some(&status))?;
                 }
                 Some(v2::receive_message_response::Content::Message(m)) => batch.push(m),
                 _ => {}
