@@ -17,7 +17,7 @@ use sluice_transport::messages::{
 use crate::convert::{self, ClientHandle, Delivery};
 use crate::error::{ok_status, status, ProxyError, Result};
 use crate::pb::apache::rocketmq::v2::*;
-use crate::renew::{self, Renewal};
+use crate::renew::Renewal;
 use crate::service::{duration_of, timestamp_now, Messaging};
 use crate::state::Counters;
 use crate::topics::{queue_name, TopicMeta};
@@ -27,14 +27,17 @@ const SWEEP_SLICE: Duration = Duration::from_millis(1000);
 /// Prefix of a group's dead-letter topic (RocketMQ's naming).
 pub const DLQ_PREFIX: &str = "%DLQ%";
 
+/// Longest consumer group name: its dead-letter topic `%DLQ%group` must be a valid topic name.
+pub const GROUP_NAME_MAX_BYTES: usize = crate::topics::TOPIC_NAME_MAX_BYTES - DLQ_PREFIX.len();
+
 fn group_name(group: Option<&Resource>) -> Result<String> {
     let group = group.map(|g| g.name.clone()).unwrap_or_default();
     if group.is_empty()
-        || group.len() > 255
+        || group.len() > GROUP_NAME_MAX_BYTES
         || !group.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'%' | b'|' | b'_' | b'-'))
     {
         return Err(ProxyError::BadRequest(format!(
-            "consumer group {group:?} must be 1..=255 characters of a-z A-Z 0-9 % | _ -"
+            "consumer group {group:?} must be 1..={GROUP_NAME_MAX_BYTES} characters of a-z A-Z 0-9 % | _ -"
         )));
     }
     Ok(group)
@@ -46,6 +49,8 @@ fn broker_reply<M: sluice_transport::Message>(frame: &sluice_transport::Frame) -
 
 struct Received {
     message: Message,
+    /// (client handle, broker receipt) when the delivery is auto-renewed.
+    renew: Option<(String, String)>,
 }
 
 /// Pops from one queue without waiting longer than `wait`.
@@ -112,27 +117,45 @@ async fn pop_queue(
             invisible,
             store_host: &store_host,
         };
-        let message = convert::incoming(record, &delivery)?;
-        if auto_renew {
-            let now = Instant::now();
+        let message = match convert::incoming(record, &delivery) {
+            Ok(message) => message,
+            Err(e) => {
+                // Not a message this proxy can decode (written some other way): park it in the
+                // dead-letter topic rather than fail the whole batch.
+                let offset = m.offset.to_native();
+                tracing::warn!(error = %e, queue, offset, "undecodable message goes to the dead-letter queue");
+                let handle = ClientHandle { queue: queue.clone(), offset, receipt: m.receipt.as_str().to_string() };
+                if let Err(e) = dead_letter_record(this, group, &handle, record, m.receipt.as_str()).await {
+                    tracing::warn!(error = %e, queue, "dead-lettering failed; the message comes back after its invisible time");
+                }
+                continue;
+            }
+        };
+        out.push(Received { message, renew: auto_renew.then(|| (handle, m.receipt.as_str().to_string())) });
+    }
+    if !filtered.is_empty() {
+        Counters::add(&this.state.counters.filtered, filtered.len() as u64);
+        let ack = AckRequest { queue: queue.clone(), group: group.to_string(), receipts: filtered };
+        if let Err(e) = this.state.brokers.call_for(&queue, &ack).await {
+            tracing::warn!(error = %e, queue, "acking filtered messages failed; they are filtered again when they come back");
+        }
+    }
+    // Renewals start only for a batch that is returned whole.
+    let now = Instant::now();
+    for received in &out {
+        if let Some((handle, receipt)) = &received.renew {
             this.state.renewals.track(
-                handle,
+                handle.clone(),
                 Renewal {
                     queue: queue.clone(),
                     group: group.to_string(),
-                    receipt: m.receipt.as_str().to_string(),
+                    receipt: receipt.clone(),
                     invisible_ms: invisible.as_millis() as u64,
                     renew_at: now + invisible / 2,
                     until: now + Duration::from_millis(this.state.settings.renew_max_ms),
                 },
             );
         }
-        out.push(Received { message });
-    }
-    if !filtered.is_empty() {
-        Counters::add(&this.state.counters.filtered, filtered.len() as u64);
-        let ack = AckRequest { queue: queue.clone(), group: group.to_string(), receipts: filtered };
-        this.state.brokers.call_for(&queue, &ack).await?;
     }
     Ok(out)
 }
@@ -146,8 +169,10 @@ async fn receive_messages(this: &Messaging, request: &ReceiveMessageRequest) -> 
     let tags = convert::tag_filter(request.filter_expression.as_ref())?;
     let s = &this.state.settings;
     let max_count = u32::try_from(request.batch_size).unwrap_or(1).clamp(1, s.receive_batch_max);
+    let in_range =
+        |d: Duration| u64::try_from(d.as_millis()).is_ok_and(|ms| ms >= s.invisible_min_ms && ms <= s.invisible_max_ms);
     let invisible = match request.invisible_duration.as_ref().map(duration_of) {
-        Some(d) if d.as_millis() as u64 >= s.invisible_min_ms && d.as_millis() as u64 <= s.invisible_max_ms => d,
+        Some(d) if in_range(d) => d,
         Some(d) => {
             return Err(ProxyError::BadRequest(format!(
                 "invisible_duration {d:?} is outside {}..={} ms",
@@ -161,6 +186,9 @@ async fn receive_messages(this: &Messaging, request: &ReceiveMessageRequest) -> 
     let first = u32::try_from(mq.id).ok().filter(|id| *id < meta.queue_count).unwrap_or(0);
     let order: Vec<u32> = (0..meta.queue_count).map(|i| (first + i) % meta.queue_count).collect();
     loop {
+        // A queue whose broker is down is skipped; the receive fails only if all of them do.
+        let mut last_error = None;
+        let mut failures = 0;
         for &index in &order {
             let got = pop_queue(
                 this,
@@ -173,10 +201,18 @@ async fn receive_messages(this: &Messaging, request: &ReceiveMessageRequest) -> 
                 tags.as_deref(),
                 request.auto_renew,
             )
-            .await?;
-            if !got.is_empty() {
-                return Ok(got);
+            .await;
+            match got {
+                Ok(got) if !got.is_empty() => return Ok(got),
+                Ok(_) => {}
+                Err(e) => {
+                    failures += 1;
+                    last_error = Some(e);
+                }
             }
+        }
+        if let Some(e) = last_error.filter(|_| failures == order.len()) {
+            return Err(e);
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || this.state.is_shutting_down() {
@@ -254,8 +290,9 @@ pub async fn ack(this: &Messaging, request: AckMessageRequest) -> AckMessageResp
 
 async fn ack_one(this: &Messaging, group: &str, handle_text: &str) -> Result<()> {
     let handle = ClientHandle::decode(handle_text)?;
-    let receipt = renew::live_receipt(&this.state, handle_text, &handle.receipt).await;
-    let request = AckRequest { queue: handle.queue.clone(), group: group.to_string(), receipts: vec![receipt] };
+    this.state.renewals.stop(handle_text);
+    let request =
+        AckRequest { queue: handle.queue.clone(), group: group.to_string(), receipts: vec![handle.receipt.clone()] };
     let frame = this.state.brokers.call_for(&handle.queue, &request).await?;
     let reply = broker_reply::<AckResponse>(&frame)?;
     match reply.statuses.first().map(|s| s.to_native()) {
@@ -277,7 +314,7 @@ pub async fn change_invisible(this: &Messaging, request: ChangeInvisibleDuration
         .as_ref()
         .map(duration_of)
         .ok_or_else(|| ProxyError::BadRequest("invisible_duration is required".into()))?;
-    let ms = invisible.as_millis() as u64;
+    let ms = u64::try_from(invisible.as_millis()).unwrap_or(u64::MAX);
     if ms < s.invisible_min_ms || ms > s.invisible_max_ms {
         return Err(ProxyError::BadRequest(format!(
             "invisible_duration must be {}..={} ms",
@@ -285,8 +322,14 @@ pub async fn change_invisible(this: &Messaging, request: ChangeInvisibleDuration
         )));
     }
     // The client takes over the deadline: stop auto-renewing this delivery.
-    let receipt = renew::live_receipt(&this.state, &request.receipt_handle, &handle.receipt).await;
-    let broker_request = ChangeInvisibleRequest { queue: handle.queue.clone(), group, receipt, invisible_ms: ms };
+    this.state.renewals.stop(&request.receipt_handle);
+    let broker_request = ChangeInvisibleRequest {
+        queue: handle.queue.clone(),
+        group,
+        receipt: handle.receipt.clone(),
+        invisible_ms: ms,
+        renew: false,
+    };
     let frame = this.state.brokers.call_for(&handle.queue, &broker_request).await?;
     let changed = broker_reply::<ChangeInvisibleResponse>(&frame)?;
     Ok(ClientHandle { receipt: changed.receipt.as_str().to_string(), ..handle }.encode())
@@ -296,12 +339,22 @@ pub async fn change_invisible(this: &Messaging, request: ChangeInvisibleDuration
 pub async fn dead_letter(this: &Messaging, request: ForwardMessageToDeadLetterQueueRequest) -> Result<()> {
     let group = group_name(request.group.as_ref())?;
     let handle = ClientHandle::decode(&request.receipt_handle)?;
-    let receipt = renew::live_receipt(&this.state, &request.receipt_handle, &handle.receipt).await;
-    // Hold the delivery while copying, which also proves the receipt is live.
-    let hold =
-        ChangeInvisibleRequest { queue: handle.queue.clone(), group: group.clone(), receipt, invisible_ms: 60_000 };
+    this.state.renewals.stop(&request.receipt_handle);
+    // Hold the delivery while copying, which also proves the receipt is live and tells which
+    // offset it names (the offset in the handle is not authenticated).
+    let hold = ChangeInvisibleRequest {
+        queue: handle.queue.clone(),
+        group: group.clone(),
+        receipt: handle.receipt.clone(),
+        invisible_ms: 60_000,
+        renew: false,
+    };
     let frame = this.state.brokers.call_for(&handle.queue, &hold).await?;
-    let held = broker_reply::<ChangeInvisibleResponse>(&frame)?.receipt.as_str().to_string();
+    let reply = broker_reply::<ChangeInvisibleResponse>(&frame)?;
+    if reply.offset.to_native() != handle.offset {
+        return Err(ProxyError::InvalidReceipt("the handle's offset does not match its receipt".into()));
+    }
+    let held = reply.receipt.as_str().to_string();
     let read = ReadRequest { queue: handle.queue.clone(), from_offset: handle.offset, max_count: 1, max_bytes: 1 };
     let frame = this.state.brokers.call_for(&handle.queue, &read).await?;
     let records = broker_reply::<ReadResponse>(&frame)?;

@@ -1,7 +1,8 @@
 //! Server-side auto-renew for PushConsumers: while a listener runs, the proxy keeps the
-//! delivery invisible by extending it before its deadline. The client keeps the handle it was
-//! given; the proxy maps it to the broker's latest receipt. This is soft state: if the proxy
-//! goes away the deliveries simply become visible again when their time runs out.
+//! delivery invisible by extending it before its deadline. A renewal keeps the broker's lease
+//! id, so the handle the client holds stays valid and can be acked through any proxy. This is
+//! soft state: if the proxy goes away the deliveries become visible again when their time runs
+//! out.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,7 +21,7 @@ const RENEW_PER_TICK_MAX: usize = 10_000;
 pub struct Renewal {
     pub queue: String,
     pub group: String,
-    /// The broker receipt that is live now.
+    /// The broker receipt (renewals keep it valid).
     pub receipt: String,
     pub invisible_ms: u64,
     pub renew_at: Instant,
@@ -50,10 +51,9 @@ impl Renewals {
         true
     }
 
-    /// Stops renewing and returns the entry. The caller locks it, which waits for a renewal
-    /// in flight, and then reads the live receipt.
-    pub fn take(&self, handle: &str) -> Option<Tracked> {
-        self.by_handle.lock().expect("renewals lock").remove(handle)
+    /// Stops renewing a delivery (it was acked, changed or dead-lettered).
+    pub fn stop(&self, handle: &str) {
+        self.by_handle.lock().expect("renewals lock").remove(handle);
     }
 
     pub fn len(&self) -> usize {
@@ -70,15 +70,6 @@ impl Renewals {
 
     fn forget(&self, handle: &str) {
         self.by_handle.lock().expect("renewals lock").remove(handle);
-    }
-}
-
-/// The live receipt for a client handle's broker receipt: the renewed one if the proxy has
-/// been renewing it (and it stops renewing now), else the one the handle carries.
-pub async fn live_receipt(state: &ProxyState, handle_text: &str, carried: &str) -> String {
-    match state.renewals.take(handle_text) {
-        Some(tracked) => tracked.lock().await.receipt.clone(),
-        None => carried.to_string(),
     }
 }
 
@@ -111,11 +102,11 @@ pub async fn run(state: Arc<ProxyState>) {
                 group: renewal.group.clone(),
                 receipt: renewal.receipt.clone(),
                 invisible_ms: renewal.invisible_ms,
+                renew: true,
             };
             let reply = state.brokers.call_for(&renewal.queue, &request).await;
             match reply.as_ref().map(|f| f.access::<ChangeInvisibleResponse>()) {
-                Ok(Ok(changed)) => {
-                    renewal.receipt = changed.receipt.as_str().to_string();
+                Ok(Ok(_)) => {
                     renewal.renew_at = Instant::now() + Duration::from_millis(renewal.invisible_ms / 2);
                     Counters::add(&state.counters.renewed, 1);
                 }

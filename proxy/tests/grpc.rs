@@ -511,3 +511,42 @@ async fn silent_connection_is_closed_eventually() {
     );
     assert!(local.process.is_alive());
 }
+
+/// Receives and acks until `count` messages arrived; returns their bodies.
+async fn drain(client: &mut Messaging, topic: &str, group: &str, count: usize) -> Vec<Vec<u8>> {
+    let mut bodies = Vec::new();
+    let deadline = Instant::now() + SECS(30);
+    while bodies.len() < count {
+        assert!(Instant::now() < deadline, "received {} of {count} within 30 s", bodies.len());
+        let got = receive(client, topic, group, 16, SECS(30), SECS(1)).await;
+        bodies.extend(got.messages.iter().map(|m| m.body.clone()));
+        ack_all(client, topic, group, &got.messages).await;
+    }
+    bodies
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recreated_topic_is_read_from_its_start_by_an_old_group() {
+    let local = Local::start().await;
+    let mut client = messaging(local.grpc).await;
+    create_topic(local.grpc, "cycle", 1).await;
+    let first: Vec<v2::Message> = (0..5).map(|i| message("cycle", format!("old {i}").into_bytes())).collect();
+    assert_eq!(code(send(&mut client, first).await.status.as_ref()), OK);
+    assert_eq!(drain(&mut client, "cycle", "g", 5).await.len(), 5);
+    // Let the broker write the group's offset (it does so every second).
+    tokio::time::sleep(SECS(2)).await;
+
+    let mut admin = admin_client(local.grpc).await;
+    let deleted = admin.delete_topic(admin::DeleteTopicRequest { name: "cycle".into() }).await.expect("delete");
+    assert_eq!(code(deleted.get_ref().status.as_ref()), OK);
+    create_topic(local.grpc, "cycle", 1).await;
+    let second: Vec<v2::Message> = (0..3).map(|i| message("cycle", format!("new {i}").into_bytes())).collect();
+    assert_eq!(code(send(&mut client, second).await.status.as_ref()), OK);
+    let mut bodies = drain(&mut client, "cycle", "g", 3).await;
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        vec![b"new 0".to_vec(), b"new 1".to_vec(), b"new 2".to_vec()],
+        "the old group's offset must not carry over"
+    );
+}

@@ -71,9 +71,13 @@ impl FrameSink for WeakSink {
             return inner.fail_all(error);
         }
         let pending = inner.pending.lock().expect("pending lock").remove(&frame.request_id());
-        // No waiter: the call timed out or was cancelled; dropping the entry returns its credit.
-        if let Some(Pending { waiter: Some(waiter), .. }) = pending {
-            let _ = waiter.send(Ok(frame));
+        // The credit goes back before the caller wakes, so a caller that looks at the credits
+        // right after its reply sees it returned. No waiter: the call timed out or was cancelled.
+        if let Some(Pending { waiter, _credit }) = pending {
+            drop(_credit);
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(Ok(frame));
+            }
         }
     }
 

@@ -321,6 +321,9 @@ pub struct ChangeInvisibleRequest {
     pub group: String,
     pub receipt: String,
     pub invisible_ms: u64,
+    /// An auto-renew: the receipt stays valid (any proxy can ack with it). Otherwise the old
+    /// receipt becomes stale and only the returned one works.
+    pub renew: bool,
 }
 message!(ChangeInvisibleRequest, ChangeInvisibleRequest);
 request!(ChangeInvisibleRequest => ChangeInvisibleResponse);
@@ -330,6 +333,8 @@ request!(ChangeInvisibleRequest => ChangeInvisibleResponse);
 pub struct ChangeInvisibleResponse {
     /// The receipt to use from now on.
     pub receipt: String,
+    /// The offset the receipt names, as the broker authenticated it.
+    pub offset: u64,
 }
 message!(ChangeInvisibleResponse, ChangeInvisibleResponse);
 

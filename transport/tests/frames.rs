@@ -72,8 +72,14 @@ fn every_kind_round_trips_and_reads_in_place() {
         },
         AckRequest { queue: "t/0".into(), group: "g".into(), receipts: vec!["r1".into(), "r2".into()] },
         AckResponse { statuses: vec![0, 2401] },
-        ChangeInvisibleRequest { queue: "t/0".into(), group: "g".into(), receipt: "r1".into(), invisible_ms: 5 },
-        ChangeInvisibleResponse { receipt: "r1b".into() },
+        ChangeInvisibleRequest {
+            queue: "t/0".into(),
+            group: "g".into(),
+            receipt: "r1".into(),
+            invisible_ms: 5,
+            renew: true
+        },
+        ChangeInvisibleResponse { receipt: "r1b".into(), offset: 7 },
         CommitOffsetRequest { queue: "t/0".into(), group: "g".into(), offset: 77 },
         CommitOffsetResponse {},
         QueryOffsetRequest { queue: "t/0".into(), group: "g".into() },

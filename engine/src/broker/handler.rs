@@ -25,6 +25,8 @@ type Result<T> = std::result::Result<T, BrokerError>;
 
 /// Longest consumer group name, in bytes.
 pub const GROUP_NAME_MAX_BYTES: usize = 255;
+/// Stored offsets removed per step when a queue is deleted.
+const OFFSET_SCAN_CHUNK: usize = 1024;
 
 pub struct ShardHandler {
     shard: Rc<Shard>,
@@ -40,6 +42,7 @@ pub struct ShardHandler {
     signals: RefCell<HashMap<String, Rc<tokio::sync::Notify>>>,
     closing: Cell<bool>,
     closing_signal: tokio::sync::Notify,
+    create_lock: glommio::sync::Semaphore,
     next_lease_id: Cell<u64>,
     counters: Counters,
 }
@@ -84,6 +87,7 @@ impl ShardHandler {
             signals: RefCell::new(HashMap::new()),
             closing: Cell::new(false),
             closing_signal: tokio::sync::Notify::new(),
+            create_lock: glommio::sync::Semaphore::new(1),
             next_lease_id: Cell::new(1),
             counters: Counters::default(),
         })
@@ -95,18 +99,60 @@ impl ShardHandler {
         self.closing_signal.notify_waiters();
     }
 
-    /// Writes every consumer offset that moved since it was last written.
+    /// Writes every consumer offset that moved since it was last written. One that fails (or
+    /// is cancelled) stays marked, so the next round writes it.
     pub async fn persist_offsets(&self) -> Result<usize> {
-        let dirty: Vec<(String, String)> = self.dirty_offsets.borrow_mut().drain().collect();
+        let dirty: Vec<(String, String)> = self.dirty_offsets.borrow().iter().cloned().collect();
         let mut written = 0;
-        for (group, queue) in dirty {
-            let floor = self.groups.borrow().get(&(group.clone(), queue.clone())).map(GroupQueue::floor);
+        for key in dirty {
+            let floor = self.groups.borrow().get(&key).map(GroupQueue::floor);
             if let Some(floor) = floor {
-                self.shard.commit_consumer_offset(&group, &queue, floor).await?;
+                self.store_offset(&key.0, &key.1, floor).await?;
                 written += 1;
+            }
+            // Only if nothing moved it again while it was written.
+            if self.groups.borrow().get(&key).map(GroupQueue::floor) == floor {
+                self.dirty_offsets.borrow_mut().remove(&key);
             }
         }
         Ok(written)
+    }
+
+    /// Offsets are kept per queue (`queue \0 group` in the pop-state table), so deleting a
+    /// queue forgets every group's position on it and a re-created queue starts afresh.
+    fn offset_key(queue: &str, group: &str) -> Vec<u8> {
+        let mut key = Vec::with_capacity(queue.len() + 1 + group.len());
+        key.extend_from_slice(queue.as_bytes());
+        key.push(0);
+        key.extend_from_slice(group.as_bytes());
+        key
+    }
+
+    async fn store_offset(&self, group: &str, queue: &str, offset: u64) -> Result<()> {
+        let key = Self::offset_key(queue, group);
+        Ok(self.shard.put_state(StateTable::PopState, key, offset.to_le_bytes().to_vec()).await?)
+    }
+
+    async fn load_offset(&self, group: &str, queue: &str) -> Result<Option<u64>> {
+        let value = self.shard.state(StateTable::PopState, Self::offset_key(queue, group)).await?;
+        Ok(value.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map(u64::from_le_bytes))
+    }
+
+    /// Removes every group's stored offset on `queue`.
+    async fn forget_offsets(&self, queue: &str) -> Result<()> {
+        let mut prefix = queue.as_bytes().to_vec();
+        prefix.push(0);
+        loop {
+            let entries = self.shard.state_scan(StateTable::PopState, prefix.clone(), OFFSET_SCAN_CHUNK).await?;
+            let mine: Vec<Vec<u8>> =
+                entries.into_iter().map(|(k, _)| k).take_while(|k| k.starts_with(&prefix)).collect();
+            if mine.is_empty() {
+                return Ok(());
+            }
+            for key in mine {
+                self.shard.delete_state(StateTable::PopState, key).await?;
+            }
+        }
     }
 
     async fn dispatch(&self, request: &Frame) -> Result<OutFrame> {
@@ -246,10 +292,13 @@ impl ShardHandler {
         if self.groups.borrow().len() >= self.limits.group_queues_max {
             return Err(BrokerError::TooManyGroups { max: self.limits.group_queues_max });
         }
-        let committed = self.shard.consumer_offset(group, queue).await?;
+        let committed = self.load_offset(group, queue).await?;
+        // The queue may have been deleted while the offset was read.
+        self.check_queue(queue)?;
         // A new group starts at the oldest retained message: nothing sent before it is skipped.
-        let min = self.shard.queue_info(queue).map_or(0, |q| q.min_offset);
-        let start = committed.unwrap_or(min).max(min);
+        let info = self.shard.queue_info(queue);
+        let (min, max) = info.map_or((0, 0), |q| (q.min_offset, q.max_offset));
+        let start = committed.unwrap_or(min).clamp(min, max.max(min));
         self.groups.borrow_mut().entry(key).or_insert_with(|| GroupQueue::new(start));
         Ok(())
     }
@@ -360,8 +409,8 @@ impl ShardHandler {
                 return Ok(out);
             }
         }
-        let (next, leased) = match self.groups.borrow().get(&key) {
-            Some(gq) => (gq.next(), gq.leased()),
+        let (next, leased, epoch) = match self.groups.borrow().get(&key) {
+            Some(gq) => (gq.next(), gq.leased(), gq.epoch()),
             None => return Ok(out),
         };
         let room =
@@ -372,6 +421,9 @@ impl ShardHandler {
         let batch = self.read_queue(queue, next, room, max_bytes - bytes).await?;
         let mut groups = self.groups.borrow_mut();
         let Some(gq) = groups.get_mut(&key) else { return Ok(out) };
+        if gq.epoch() != epoch {
+            return Ok(out); // the offset was reset while this pop read: deliver nothing from before
+        }
         if batch.min_offset > gq.next() {
             gq.skip_to(batch.min_offset);
         }
@@ -451,10 +503,13 @@ impl ShardHandler {
         let now = now_ms();
         let mut groups = self.groups.borrow_mut();
         let gq = groups.get_mut(&(group.to_string(), queue.to_string())).ok_or(BrokerError::ReceiptExpired)?;
-        let renewed = gq
-            .extend(lease.offset, lease.lease_id, now, now + invisible_ms, self.lease_id())
-            .map_err(|e| self.lease_error(e))?;
-        Ok(ChangeInvisibleResponse { receipt: self.key.issue(queue, group, &renewed) })
+        let renewed = if change.renew {
+            gq.renew(lease.offset, lease.lease_id, now, now + invisible_ms)
+        } else {
+            gq.extend(lease.offset, lease.lease_id, now, now + invisible_ms, self.lease_id())
+        }
+        .map_err(|e| self.lease_error(e))?;
+        Ok(ChangeInvisibleResponse { receipt: self.key.issue(queue, group, &renewed), offset: renewed.offset })
     }
 
     async fn commit_offset(&self, request: &Frame) -> Result<CommitOffsetResponse> {
@@ -462,12 +517,24 @@ impl ShardHandler {
         let (queue, group) = (commit.queue.as_str(), commit.group.as_str());
         self.check_queue(queue)?;
         Self::check_group(group)?;
+        let max = self.shard.queue_info(queue).map_or(0, |q| q.max_offset);
         let offset = commit.offset.to_native();
-        self.shard.commit_consumer_offset(group, queue, offset).await?;
+        if offset > max {
+            return Err(BrokerError::InvalidRequest(format!("offset {offset} is past the end of {queue} ({max})")));
+        }
         let key = (group.to_string(), queue.to_string());
-        // An explicit offset restarts delivery there; outstanding receipts become stale.
-        self.groups.borrow_mut().entry(key.clone()).or_insert_with(|| GroupQueue::new(offset)).reset(offset);
-        self.dirty_offsets.borrow_mut().remove(&key);
+        {
+            let mut groups = self.groups.borrow_mut();
+            if !groups.contains_key(&key) && groups.len() >= self.limits.group_queues_max {
+                return Err(BrokerError::TooManyGroups { max: self.limits.group_queues_max });
+            }
+            // An explicit offset restarts delivery there; outstanding receipts become stale.
+            groups.entry(key.clone()).or_insert_with(|| GroupQueue::new(offset)).reset(offset);
+        }
+        // Written through the same path as acks, so a timed write cannot land after it with
+        // an older floor.
+        self.dirty_offsets.borrow_mut().insert(key);
+        self.persist_offsets().await?;
         Ok(CommitOffsetResponse {})
     }
 
@@ -483,7 +550,7 @@ impl ShardHandler {
             let live = self.groups.borrow().get(&(group.to_string(), queue.to_string())).map(GroupQueue::floor);
             match live {
                 Some(floor) => Some(floor),
-                None => self.shard.consumer_offset(group, queue).await?,
+                None => self.load_offset(group, queue).await?,
             }
         };
         Ok(QueryOffsetResponse {
@@ -510,6 +577,9 @@ impl ShardHandler {
                 .collect(),
         };
         config.validate().map_err(BrokerError::InvalidRequest)?;
+        // One create at a time per shard, so two creates of one queue cannot both pass the
+        // existence check below.
+        let _one_at_a_time = self.create_lock.acquire_permit(1).await.map_err(|_| BrokerError::ShuttingDown)?;
         if let Some(existing) = self.configs.borrow().get(queue) {
             if existing.message_type != config.message_type {
                 return Err(BrokerError::QueueTypeConflict {
@@ -537,6 +607,7 @@ impl ShardHandler {
         self.check_queue(queue)?;
         self.shard.delete_state(StateTable::QueueConfig, queue.as_bytes().to_vec()).await?;
         self.configs.borrow_mut().remove(queue);
+        self.forget_offsets(queue).await?;
         self.groups.borrow_mut().retain(|(_, q), _| q != queue);
         self.dirty_offsets.borrow_mut().retain(|(_, q)| q != queue);
         if let Some(signal) = self.signals.borrow_mut().remove(queue) {
@@ -553,7 +624,7 @@ impl ShardHandler {
         let max = bounded(list.max_count.to_native(), self.limits.list_queues_max) as usize;
         let (prefix, after) = (list.prefix.as_str(), list.after.as_str());
         let configs = self.configs.borrow();
-        let mut matching = configs.range_after(after).filter(|(name, _)| name.starts_with(prefix));
+        let mut matching = configs.range_from(prefix, after).take_while(|(name, _)| name.starts_with(prefix));
         let mut queues = Vec::new();
         for (name, config) in matching.by_ref().take(max) {
             let info = self.shard.queue_info(name);

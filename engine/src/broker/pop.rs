@@ -37,12 +37,18 @@ pub struct GroupQueue {
     leases: BTreeMap<u64, Lease>,
     /// (deadline, offset) of every lease, to find expired ones without a scan.
     by_deadline: BTreeSet<(u64, u64)>,
+    /// Bumped by `reset`, so a pop that read before a reset does not deliver after it.
+    epoch: u64,
 }
 
 impl GroupQueue {
     /// Starts delivering at `start` (the committed offset, or the queue's first offset).
     pub fn new(start: u64) -> GroupQueue {
-        GroupQueue { floor: start, next: start, leases: BTreeMap::new(), by_deadline: BTreeSet::new() }
+        GroupQueue { floor: start, next: start, leases: BTreeMap::new(), by_deadline: BTreeSet::new(), epoch: 0 }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Every offset below this is acked; the offset to persist.
@@ -128,6 +134,17 @@ impl GroupQueue {
         Ok(self.floor != floor_before)
     }
 
+    /// Moves a live delivery's deadline and keeps its lease id (an auto-renew: receipts
+    /// already handed out stay valid).
+    pub fn renew(&mut self, offset: u64, lease_id: u64, now_ms: u64, deadline_ms: u64) -> Result<Lease, LeaseError> {
+        let old = self.check(offset, lease_id, now_ms)?;
+        self.by_deadline.remove(&(old.deadline_ms, offset));
+        let lease = Lease { deadline_ms, ..old };
+        self.leases.insert(offset, lease);
+        self.by_deadline.insert((deadline_ms, offset));
+        Ok(lease)
+    }
+
     /// Moves a live delivery's deadline; the new lease id makes the old receipt stale.
     pub fn extend(
         &mut self,
@@ -147,7 +164,9 @@ impl GroupQueue {
 
     /// Forgets all leases and restarts delivery at `offset` (an explicit offset reset).
     pub fn reset(&mut self, offset: u64) {
+        let epoch = self.epoch + 1;
         *self = GroupQueue::new(offset);
+        self.epoch = epoch;
     }
 
     fn remove(&mut self, offset: u64) {
@@ -203,6 +222,24 @@ mod tests {
         assert!(q.expired(200, 10).is_empty(), "not visible at the old deadline");
         assert_eq!(q.check(0, 1, 60), Err(LeaseError::Stale));
         assert_eq!(q.ack(0, 7, 400), Ok(true));
+    }
+
+    #[test]
+    fn renew_keeps_the_receipt_valid() {
+        let mut q = GroupQueue::new(0);
+        q.deliver(0, 100, 1);
+        let renewed = q.renew(0, 1, 50, 500).unwrap();
+        assert_eq!((renewed.lease_id, renewed.deadline_ms), (1, 500));
+        assert!(q.expired(200, 10).is_empty());
+        assert_eq!(q.ack(0, 1, 400), Ok(true), "the first receipt still acks");
+    }
+
+    #[test]
+    fn reset_bumps_the_epoch() {
+        let mut q = GroupQueue::new(0);
+        q.deliver(0, 100, 1);
+        q.reset(5);
+        assert_eq!((q.epoch(), q.floor(), q.next(), q.leased()), (1, 5, 5, 0));
     }
 
     #[test]

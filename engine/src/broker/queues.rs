@@ -139,10 +139,19 @@ impl QueueConfigs {
         self.by_name.remove(queue)
     }
 
-    /// Configurations in name order, strictly after `after` (all when empty).
-    pub fn range_after<'a>(&'a self, after: &str) -> impl Iterator<Item = (&'a String, &'a QueueConfig)> + 'a {
+    /// Configurations in name order from the first name >= `prefix`, strictly after `after`
+    /// (when not empty), so a prefix lookup does not walk the names before it.
+    pub fn range_from<'a>(
+        &'a self,
+        prefix: &str,
+        after: &str,
+    ) -> impl Iterator<Item = (&'a String, &'a QueueConfig)> + 'a {
         use std::ops::Bound;
-        let lower = if after.is_empty() { Bound::Unbounded } else { Bound::Excluded(after.to_string()) };
+        let lower = if !after.is_empty() && after >= prefix {
+            Bound::Excluded(after.to_string())
+        } else {
+            Bound::Included(prefix.to_string())
+        };
         self.by_name.range::<String, _>((lower, Bound::Unbounded))
     }
 }

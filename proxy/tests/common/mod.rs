@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use sluice_proxy::pb::sluice::admin::v1 as admin;
+pub use sluice_proxy::pb::sluice::admin::v1 as admin;
 use sluice_proxy::pb::sluice::admin::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
 
