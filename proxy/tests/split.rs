@@ -148,3 +148,28 @@ async fn two_proxies_in_front_of_one_broker() {
         assert_eq!(rest.code(), MESSAGE_NOT_FOUND, "everything was acked: {rest:?}");
     }
 }
+
+/// A PushConsumer's delivery is kept invisible by the proxy it came through (auto-renew), and
+/// the handle the client holds still acks through another proxy: renewals keep the receipt.
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_renewed_delivery_acks_through_another_proxy() {
+    let broker = Broker::start("broker", 2).await;
+    let a = Proxy::start("proxy-a", &[broker.address()]).await;
+    let b = Proxy::start("proxy-b", &[broker.address()]).await;
+    create_topic(a.grpc, "renewed", 1).await;
+    let mut to_a = messaging(a.grpc).await;
+    let mut to_b = messaging(b.grpc).await;
+    send_ok(&mut to_a, vec![numbered("renewed", 0)]).await;
+
+    let mut request = receive_request("renewed", "push", 0, 1, Duration::from_secs(2), Duration::from_secs(5));
+    request.auto_renew = true;
+    let got = receive_with(&mut to_a, request).await.expect("receive");
+    assert_eq!(got.code(), OK, "{got:?}");
+    let m = got.messages.into_iter().next().expect("one message");
+    // Past the 2 s invisible time: without renewal it would be visible again by now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let again = receive(&mut to_b, "renewed", "push", 1, Duration::from_secs(30), Duration::from_millis(500)).await;
+    assert_eq!(again.code(), MESSAGE_NOT_FOUND, "the renewed delivery stayed invisible: {again:?}");
+    let status = ack(&mut to_b, "renewed", "push", &message_id(&m), &receipt_handle(&m)).await;
+    assert_eq!(status.code, OK, "the original handle acks through proxy B after renewals by proxy A: {status:?}");
+}
