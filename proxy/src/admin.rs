@@ -74,6 +74,62 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn create_group(&self, request: Request<CreateGroupRequest>) -> GrpcResult<CreateGroupResponse> {
+        let result = async {
+            self.state.auth.check(request.metadata())?;
+            let r = request.get_ref();
+            let name = crate::consume::group_name(Some(&crate::pb::apache::rocketmq::v2::Resource {
+                resource_namespace: String::new(),
+                name: r.name.clone(),
+            }))?;
+            let attempts = if r.max_delivery_attempts == 0 {
+                self.state.settings.max_delivery_attempts
+            } else {
+                r.max_delivery_attempts
+            };
+            self.state.groups.create(&self.state.brokers, &name, attempts).await
+        }
+        .await;
+        Ok(Response::new(match result {
+            Ok((created, g)) => CreateGroupResponse {
+                status: Some(ok_status()),
+                created,
+                group: Some(GroupInfo { name: g.name, max_delivery_attempts: g.max_delivery_attempts }),
+            },
+            Err(e) => CreateGroupResponse { status: Some(e.status()), created: false, group: None },
+        }))
+    }
+
+    async fn list_groups(&self, request: Request<ListGroupsRequest>) -> GrpcResult<ListGroupsResponse> {
+        let result = async {
+            self.state.auth.check(request.metadata())?;
+            self.state.groups.list(&self.state.brokers, self.state.settings.max_delivery_attempts).await
+        }
+        .await;
+        Ok(Response::new(match result {
+            Ok(groups) => ListGroupsResponse {
+                status: Some(ok_status()),
+                groups: groups
+                    .into_iter()
+                    .map(|g| GroupInfo { name: g.name, max_delivery_attempts: g.max_delivery_attempts })
+                    .collect(),
+            },
+            Err(e) => ListGroupsResponse { status: Some(e.status()), groups: Vec::new() },
+        }))
+    }
+
+    async fn delete_group(&self, request: Request<DeleteGroupRequest>) -> GrpcResult<DeleteGroupResponse> {
+        let result = async {
+            self.state.auth.check(request.metadata())?;
+            self.state.groups.delete(&self.state.brokers, &request.get_ref().name).await
+        }
+        .await;
+        Ok(Response::new(match result {
+            Ok(deleted) => DeleteGroupResponse { status: Some(ok_status()), deleted },
+            Err(e) => DeleteGroupResponse { status: Some(e.status()), deleted: false },
+        }))
+    }
+
     async fn get_stats(&self, request: Request<GetStatsRequest>) -> GrpcResult<GetStatsResponse> {
         if let Err(e) = self.state.auth.check(request.metadata()) {
             return Ok(Response::new(GetStatsResponse {

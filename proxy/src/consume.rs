@@ -30,7 +30,7 @@ pub const DLQ_PREFIX: &str = "%DLQ%";
 /// Longest consumer group name: its dead-letter topic `%DLQ%group` must be a valid topic name.
 pub const GROUP_NAME_MAX_BYTES: usize = crate::topics::TOPIC_NAME_MAX_BYTES - DLQ_PREFIX.len();
 
-fn group_name(group: Option<&Resource>) -> Result<String> {
+pub fn group_name(group: Option<&Resource>) -> Result<String> {
     let group = group.map(|g| g.name.clone()).unwrap_or_default();
     if group.is_empty()
         || group.len() > GROUP_NAME_MAX_BYTES
@@ -65,6 +65,7 @@ async fn pop_queue(
     wait: Duration,
     tags: Option<&[String]>,
     auto_renew: bool,
+    max_attempts: u32,
 ) -> Result<Vec<Received>> {
     let queue = meta.queue(index);
     let request = PopRequest {
@@ -83,7 +84,7 @@ async fn pop_queue(
     let mut filtered = Vec::new();
     for m in popped.messages.iter() {
         let record: &[u8] = &m.record;
-        if m.delivery_attempt.to_native() > this.state.settings.max_delivery_attempts {
+        if m.delivery_attempt.to_native() > max_attempts {
             // Consumers that never forward (non-FIFO) rely on the server to dead-letter.
             let handle = ClientHandle {
                 queue: queue.clone(),
@@ -162,6 +163,7 @@ async fn pop_queue(
 
 async fn receive_messages(this: &Messaging, request: &ReceiveMessageRequest) -> Result<Vec<Received>> {
     let group = group_name(request.group.as_ref())?;
+    let max_attempts = this.group(&group).await?.max_delivery_attempts;
     let mq =
         request.message_queue.as_ref().ok_or_else(|| ProxyError::BadRequest("message_queue is required".into()))?;
     let topic = mq.topic.as_ref().ok_or_else(|| ProxyError::BadRequest("message_queue.topic is required".into()))?;
@@ -200,6 +202,7 @@ async fn receive_messages(this: &Messaging, request: &ReceiveMessageRequest) -> 
                 Duration::ZERO,
                 tags.as_deref(),
                 request.auto_renew,
+                max_attempts,
             )
             .await;
             match got {
@@ -220,7 +223,7 @@ async fn receive_messages(this: &Messaging, request: &ReceiveMessageRequest) -> 
         }
         let slice = if meta.queue_count == 1 { left } else { left.min(SWEEP_SLICE) };
         let waited = tokio::select! {
-            got = pop_queue(this, &meta, first, &group, max_count, invisible, slice, tags.as_deref(), request.auto_renew) => got?,
+            got = pop_queue(this, &meta, first, &group, max_count, invisible, slice, tags.as_deref(), request.auto_renew, max_attempts) => got?,
             _ = this.state.shutdown_started() => Vec::new(),
         };
         if !waited.is_empty() {
@@ -264,6 +267,9 @@ pub async fn ack(this: &Messaging, request: AckMessageRequest) -> AckMessageResp
         Ok(group) => group,
         Err(e) => return AckMessageResponse { status: Some(e.status()), entries: Vec::new() },
     };
+    if let Err(e) = this.group(&group).await {
+        return AckMessageResponse { status: Some(e.status()), entries: Vec::new() };
+    }
     if request.entries.len() > this.state.settings.receive_batch_max as usize * 4 {
         let e = ProxyError::BadRequest("too many entries in one ack".into());
         return AckMessageResponse { status: Some(e.status()), entries: Vec::new() };
@@ -307,6 +313,7 @@ async fn ack_one(this: &Messaging, group: &str, handle_text: &str) -> Result<()>
 
 pub async fn change_invisible(this: &Messaging, request: ChangeInvisibleDurationRequest) -> Result<String> {
     let group = group_name(request.group.as_ref())?;
+    this.group(&group).await?;
     let handle = ClientHandle::decode(&request.receipt_handle)?;
     let s = &this.state.settings;
     let invisible = request

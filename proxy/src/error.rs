@@ -12,6 +12,8 @@ pub enum ProxyError {
     Config(String),
     #[error("topic {0:?} does not exist: create it with `sluice topic create {0} --type normal`")]
     TopicNotFound(String),
+    #[error("consumer group {0:?} does not exist: create it with `sluice group create {0}`")]
+    GroupNotFound(String),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("{what} is not supported by Sluice yet")]
@@ -51,6 +53,7 @@ impl ProxyError {
         match self {
             ProxyError::Config(_) => Code::InternalServerError,
             ProxyError::TopicNotFound(_) => Code::TopicNotFound,
+            ProxyError::GroupNotFound(_) => Code::ConsumerGroupNotFound,
             ProxyError::BadRequest(_) => Code::BadRequest,
             ProxyError::NotImplemented { .. } => Code::NotImplemented,
             ProxyError::MessageTypeMismatch { .. } => Code::MessagePropertyConflictWithType,

@@ -33,6 +33,7 @@ pub mod auth;
 pub mod consume;
 pub mod convert;
 pub mod error;
+pub mod groups;
 pub mod produce;
 pub mod renew;
 pub mod routing;

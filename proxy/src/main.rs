@@ -53,6 +53,10 @@ enum Command {
         /// Create topics on first use instead of answering TOPIC_NOT_FOUND.
         #[arg(long)]
         auto_create_topics: bool,
+        /// Answer CONSUMER_GROUP_NOT_FOUND for groups not created with `sluice group create`
+        /// (by default a group is recorded on first use).
+        #[arg(long)]
+        require_groups: bool,
         /// Log segment size (smaller for tests).
         #[arg(long)]
         segment_size_bytes: Option<u64>,
@@ -83,6 +87,11 @@ enum Command {
     Topic {
         #[command(subcommand)]
         action: TopicAction,
+    },
+    /// Create, list and delete consumer groups.
+    Group {
+        #[command(subcommand)]
+        action: GroupAction,
     },
     /// Send messages: the arguments, or one per line of stdin.
     Send {
@@ -156,6 +165,27 @@ enum TopicAction {
     },
 }
 
+#[derive(Subcommand)]
+enum GroupAction {
+    Create {
+        name: String,
+        /// Deliveries before a message moves to the group's %DLQ% topic (0: the proxy's default, 16).
+        #[arg(long, default_value_t = 0)]
+        max_delivery_attempts: u32,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    List {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
 fn parse_property(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -174,7 +204,16 @@ fn connection(e: &Endpoint, json: bool) -> Connection {
 async fn run(cli: Cli) -> Result<(), String> {
     let json = cli.json;
     match cli.command {
-        Command::Local { data_dir, grpc, http, shards, durability, auto_create_topics, segment_size_bytes } => {
+        Command::Local {
+            data_dir,
+            grpc,
+            http,
+            shards,
+            durability,
+            auto_create_topics,
+            require_groups,
+            segment_size_bytes,
+        } => {
             let broker = BrokerSection {
                 name: "local".into(),
                 listen: "127.0.0.1:0".parse().expect("literal address"),
@@ -188,6 +227,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let mut proxy =
                 ProxySection { name: "local-proxy".into(), grpc, http: Some(http), ..ProxySection::default() };
             proxy.settings.auto_create_topics = auto_create_topics;
+            proxy.settings.auto_create_groups = !require_groups;
             cli::run::local(broker.to_config(&transport)?, proxy.to_config(&transport)?, json).await
         }
         Command::Broker { config, listen, data_dir } => {
@@ -217,6 +257,15 @@ async fn run(cli: Cli) -> Result<(), String> {
             TopicAction::List { endpoint } => cli::client::topic_list(&connection(&endpoint, json)).await,
             TopicAction::Delete { name, endpoint } => {
                 cli::client::topic_delete(&connection(&endpoint, json), &name).await
+            }
+        },
+        Command::Group { action } => match action {
+            GroupAction::Create { name, max_delivery_attempts, endpoint } => {
+                cli::client::group_create(&connection(&endpoint, json), &name, max_delivery_attempts).await
+            }
+            GroupAction::List { endpoint } => cli::client::group_list(&connection(&endpoint, json)).await,
+            GroupAction::Delete { name, endpoint } => {
+                cli::client::group_delete(&connection(&endpoint, json), &name).await
             }
         },
         Command::Send { endpoint, topic, tag, keys, properties, bodies } => {

@@ -100,6 +100,18 @@ impl Messaging {
         }
     }
 
+    /// The group's record, creating it when the deployment allows it.
+    pub async fn group(&self, name: &str) -> Result<crate::groups::GroupMeta, ProxyError> {
+        let default_attempts = self.state.settings.max_delivery_attempts;
+        match self.state.groups.get(&self.state.brokers, name, default_attempts).await {
+            Err(ProxyError::GroupNotFound(_)) if self.state.settings.auto_create_groups => {
+                let (_, meta) = self.state.groups.create(&self.state.brokers, name, default_attempts).await?;
+                Ok(meta)
+            }
+            other => other,
+        }
+    }
+
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), ProxyError> {
         self.state.auth.check(request.metadata())
     }

@@ -35,6 +35,8 @@ pub struct ProxySettings {
     pub retry_max_ms: u64,
     /// Create a topic (normal, default queue count) the first time it is used.
     pub auto_create_topics: bool,
+    /// Record a consumer group the first time it is used (else CONSUMER_GROUP_NOT_FOUND).
+    pub auto_create_groups: bool,
     /// Auto-renewed deliveries tracked at most; beyond it new ones are not renewed.
     pub renewals_max: usize,
     /// How long a delivery is renewed at most before the proxy lets it become visible.
@@ -67,6 +69,7 @@ impl Default for ProxySettings {
             retry_initial_ms: 1_000,
             retry_max_ms: 60_000,
             auto_create_topics: false,
+            auto_create_groups: true,
             renewals_max: 100_000,
             renew_max_ms: 3600 * 1000,
             drain_timeout_ms: 10_000,
@@ -137,6 +140,7 @@ impl Counters {
 pub struct ProxyState {
     pub brokers: Arc<BrokerPool>,
     pub topics: Topics,
+    pub groups: crate::groups::Groups,
     pub auth: Auth,
     pub settings: ProxySettings,
     pub renewals: Renewals,
@@ -150,6 +154,7 @@ impl ProxyState {
         Arc::new(ProxyState {
             brokers,
             topics: Topics::default(),
+            groups: crate::groups::Groups::default(),
             auth,
             renewals: Renewals::new(settings.renewals_max),
             settings,

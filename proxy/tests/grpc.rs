@@ -550,3 +550,42 @@ async fn recreated_topic_is_read_from_its_start_by_an_old_group() {
         "the old group's offset must not carry over"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consumer_groups_are_recorded_and_enforced() {
+    const GROUP_NOT_FOUND: i32 = v2::Code::ConsumerGroupNotFound as i32;
+    let local = Local::start_with(&["--require-groups"]).await;
+    let endpoint = local.endpoint();
+    let mut client = messaging(local.grpc).await;
+    create_topic(local.grpc, "jobs", 1).await;
+    assert_eq!(code(send(&mut client, vec![message("jobs", b"work".to_vec())]).await.status.as_ref()), OK);
+
+    let unknown = receive(&mut client, "jobs", "workers", 1, SECS(1), SECS(0)).await;
+    assert_eq!(unknown.code(), GROUP_NOT_FOUND, "a group that was never created: {unknown:?}");
+
+    let (ok, out, err) =
+        cli(&["group", "create", "workers", "--max-delivery-attempts", "2", "--endpoint", &endpoint]).await;
+    assert!(ok, "group create: {out} {err}");
+    let (ok, out, err) = cli(&["--json", "group", "list", "--endpoint", &endpoint]).await;
+    assert!(ok, "group list: {err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("group list --json");
+    assert_eq!(listed, serde_json::json!([{ "name": "workers", "max_delivery_attempts": 2 }]));
+
+    // Two deliveries left un-acked; the third would exceed the group's limit: dead-lettered.
+    for attempt in 1..=2 {
+        let m = receive_one(&mut client, "jobs", "workers", SECS(1)).await;
+        assert_eq!(system(&m).delivery_attempt, Some(attempt));
+    }
+    tokio::time::sleep(SECS(2)).await;
+    let after = receive(&mut client, "jobs", "workers", 1, SECS(1), SECS(1)).await;
+    assert_eq!(after.code(), MESSAGE_NOT_FOUND, "moved to the dead-letter topic after 2 attempts: {after:?}");
+    let (ok, _, err) = cli(&["group", "create", "inspect", "--endpoint", &endpoint]).await;
+    assert!(ok, "{err}");
+    let dead = receive_one(&mut client, "%DLQ%workers", "inspect", SECS(30)).await;
+    assert_eq!(dead.body, b"work");
+
+    let (ok, _, err) = cli(&["group", "delete", "workers", "--endpoint", &endpoint]).await;
+    assert!(ok, "group delete: {err}");
+    let gone = receive(&mut client, "jobs", "workers", 1, SECS(1), SECS(0)).await;
+    assert_eq!(gone.code(), GROUP_NOT_FOUND, "a deleted group: {gone:?}");
+}

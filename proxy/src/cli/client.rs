@@ -197,6 +197,69 @@ pub async fn topic_delete(c: &Connection, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+pub async fn group_create(c: &Connection, name: &str, max_delivery_attempts: u32) -> Result<(), String> {
+    let mut client = admin(c).await?;
+    let reply = client
+        .create_group(admin::CreateGroupRequest { name: name.into(), max_delivery_attempts })
+        .await
+        .map_err(grpc)?
+        .into_inner();
+    check(reply.status.as_ref())?;
+    let group = reply.group.unwrap_or_default();
+    if c.json {
+        println!(
+            "{}",
+            serde_json::json!({ "name": group.name, "max_delivery_attempts": group.max_delivery_attempts, "created": reply.created })
+        );
+    } else if reply.created {
+        println!("created consumer group {} (max {} delivery attempts)", group.name, group.max_delivery_attempts);
+    } else {
+        println!(
+            "consumer group {} already exists (max {} delivery attempts)",
+            group.name, group.max_delivery_attempts
+        );
+    }
+    Ok(())
+}
+
+pub async fn group_list(c: &Connection) -> Result<(), String> {
+    let mut client = admin(c).await?;
+    let reply = client.list_groups(admin::ListGroupsRequest {}).await.map_err(grpc)?.into_inner();
+    check(reply.status.as_ref())?;
+    if c.json {
+        let groups: Vec<serde_json::Value> = reply
+            .groups
+            .iter()
+            .map(|g| serde_json::json!({ "name": g.name, "max_delivery_attempts": g.max_delivery_attempts }))
+            .collect();
+        println!("{}", serde_json::Value::Array(groups));
+        return Ok(());
+    }
+    if reply.groups.is_empty() {
+        println!("no consumer groups; create one with `sluice group create NAME`");
+        return Ok(());
+    }
+    println!("{:<40} {:>14}", "GROUP", "MAX ATTEMPTS");
+    for g in &reply.groups {
+        println!("{:<40} {:>14}", g.name, g.max_delivery_attempts);
+    }
+    Ok(())
+}
+
+pub async fn group_delete(c: &Connection, name: &str) -> Result<(), String> {
+    let mut client = admin(c).await?;
+    let reply = client.delete_group(admin::DeleteGroupRequest { name: name.into() }).await.map_err(grpc)?.into_inner();
+    check(reply.status.as_ref())?;
+    if c.json {
+        println!("{}", serde_json::json!({ "name": name, "deleted": reply.deleted }));
+    } else if reply.deleted {
+        println!("deleted consumer group {name}");
+    } else {
+        println!("consumer group {name} did not exist");
+    }
+    Ok(())
+}
+
 pub async fn stats(c: &Connection) -> Result<(), String> {
     let mut client = admin(c).await?;
     let reply = client.get_stats(admin::GetStatsRequest {}).await.map_err(grpc)?.into_inner();

@@ -1,0 +1,145 @@
+//! Consumer groups as records on the brokers. Group `G` is stored as the queue configuration
+//! `%GROUP%G` (no messages are ever appended to it) on the shard that name hashes to, with its
+//! settings as attributes. With `auto_create_groups` off, a group must be created first and an
+//! unknown one gets CONSUMER_GROUP_NOT_FOUND; with it on (the default, like RocketMQ's
+//! autoCreateSubscriptionGroup) a group is recorded on first use.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sluice_engine::broker::queues::message_type;
+use sluice_transport::messages::{CreateQueueRequest, DeleteQueueRequest, ListQueuesRequest, ListQueuesResponse};
+
+use crate::error::{ProxyError, Result};
+use crate::routing::BrokerPool;
+
+/// Prefix of the queue name that records a group.
+pub const GROUP_RECORD_PREFIX: &str = "%GROUP%";
+/// Most deliveries a group may allow before dead-lettering.
+pub const MAX_DELIVERY_ATTEMPTS_MAX: u32 = 1000;
+/// How long a group lookup is trusted before asking the broker again.
+const CACHE_TTL: Duration = Duration::from_secs(2);
+/// Group lookups kept in the cache at most.
+const CACHE_ENTRIES_MAX: usize = 100_000;
+/// Records asked for per ListQueues page.
+const LIST_PAGE: u32 = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMeta {
+    pub name: String,
+    pub max_delivery_attempts: u32,
+}
+
+fn record_name(group: &str) -> String {
+    format!("{GROUP_RECORD_PREFIX}{group}")
+}
+
+fn meta_of(name: &str, attributes: &[(String, String)], default_attempts: u32) -> GroupMeta {
+    let attempts = attributes
+        .iter()
+        .find(|(k, _)| k == "max_delivery_attempts")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(default_attempts);
+    GroupMeta { name: name.to_string(), max_delivery_attempts: attempts }
+}
+
+#[derive(Default)]
+pub struct Groups {
+    cache: Mutex<HashMap<String, (Instant, GroupMeta)>>,
+}
+
+impl Groups {
+    /// The group's record, or `GroupNotFound`.
+    pub async fn get(&self, brokers: &BrokerPool, group: &str, default_attempts: u32) -> Result<GroupMeta> {
+        if let Some((at, meta)) = self.cache.lock().expect("cache lock").get(group) {
+            if at.elapsed() < CACHE_TTL {
+                return Ok(meta.clone());
+            }
+        }
+        let record = record_name(group);
+        let request = ListQueuesRequest { prefix: record.clone(), after: String::new(), max_count: 1 };
+        let frame = brokers.call_for(&record, &request).await?;
+        let reply = frame
+            .access::<ListQueuesResponse>()
+            .map_err(|e| ProxyError::Broker { code: e.code(), message: e.to_string() })?;
+        let Some(found) = reply.queues.iter().find(|q| q.name.as_str() == record) else {
+            self.cache.lock().expect("cache lock").remove(group);
+            return Err(ProxyError::GroupNotFound(group.to_string()));
+        };
+        let attributes: Vec<(String, String)> =
+            found.attributes.iter().map(|t| (t.0.as_str().to_string(), t.1.as_str().to_string())).collect();
+        let meta = meta_of(group, &attributes, default_attempts);
+        let mut cache = self.cache.lock().expect("cache lock");
+        if cache.len() >= CACHE_ENTRIES_MAX {
+            cache.clear();
+        }
+        cache.insert(group.to_string(), (Instant::now(), meta.clone()));
+        Ok(meta)
+    }
+
+    /// Records a group (idempotent: an existing one is returned unchanged).
+    pub async fn create(
+        &self,
+        brokers: &BrokerPool,
+        group: &str,
+        max_delivery_attempts: u32,
+    ) -> Result<(bool, GroupMeta)> {
+        if !(1..=MAX_DELIVERY_ATTEMPTS_MAX).contains(&max_delivery_attempts) {
+            return Err(ProxyError::BadRequest(format!(
+                "max_delivery_attempts must be 1..={MAX_DELIVERY_ATTEMPTS_MAX}"
+            )));
+        }
+        if let Ok(existing) = self.get(brokers, group, max_delivery_attempts).await {
+            return Ok((false, existing));
+        }
+        let record = record_name(group);
+        let attributes = vec![("max_delivery_attempts".to_string(), max_delivery_attempts.to_string())];
+        let request = CreateQueueRequest { queue: record.clone(), message_type: message_type::NORMAL, attributes };
+        brokers.call_for(&record, &request).await?;
+        self.cache.lock().expect("cache lock").remove(group);
+        Ok((true, GroupMeta { name: group.to_string(), max_delivery_attempts }))
+    }
+
+    /// Removes the group's record. Returns false when there was none.
+    pub async fn delete(&self, brokers: &BrokerPool, group: &str) -> Result<bool> {
+        self.cache.lock().expect("cache lock").remove(group);
+        let record = record_name(group);
+        match brokers.call_for(&record, &DeleteQueueRequest { queue: record.clone() }).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == crate::pb::apache::rocketmq::v2::Code::TopicNotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every recorded group on every broker.
+    pub async fn list(&self, brokers: &BrokerPool, default_attempts: u32) -> Result<Vec<GroupMeta>> {
+        let mut groups = Vec::new();
+        for owner in brokers.all_shards() {
+            let mut after = String::new();
+            loop {
+                let request = ListQueuesRequest {
+                    prefix: GROUP_RECORD_PREFIX.into(),
+                    after: after.clone(),
+                    max_count: LIST_PAGE,
+                };
+                let frame = brokers.call(owner, &request).await?;
+                let reply = frame
+                    .access::<ListQueuesResponse>()
+                    .map_err(|e| ProxyError::Broker { code: e.code(), message: e.to_string() })?;
+                for queue in reply.queues.iter() {
+                    let name = queue.name.as_str().trim_start_matches(GROUP_RECORD_PREFIX);
+                    let attributes: Vec<(String, String)> =
+                        queue.attributes.iter().map(|t| (t.0.as_str().to_string(), t.1.as_str().to_string())).collect();
+                    groups.push(meta_of(name, &attributes, default_attempts));
+                }
+                match reply.queues.last() {
+                    Some(last) if reply.truncated => after = last.name.as_str().to_string(),
+                    _ => break,
+                }
+            }
+        }
+        groups.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(groups)
+    }
+}
