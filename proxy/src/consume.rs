@@ -43,10 +43,6 @@ pub fn group_name(group: Option<&Resource>) -> Result<String> {
     Ok(group)
 }
 
-fn broker_reply<M: sluice_transport::Message>(frame: &sluice_transport::Frame) -> Result<&M::ArchivedBody> {
-    frame.access::<M>().map_err(|e| ProxyError::Broker { code: e.code(), message: e.to_string() })
-}
-
 struct Received {
     message: Message,
     /// (client handle, broker receipt) when the delivery is auto-renewed.
@@ -77,7 +73,7 @@ async fn pop_queue(
         long_poll_ms: wait.as_millis() as u64,
     };
     let frame = this.state.brokers.call_for(&queue, &request).await?;
-    let popped = broker_reply::<PopResponse>(&frame)?;
+    let popped = frame.access::<PopResponse>()?;
     let owner = this.state.brokers.owner(&queue);
     let store_host = this.state.brokers.shard_endpoint(owner).to_string();
     let mut out = Vec::with_capacity(popped.messages.len());
@@ -300,7 +296,7 @@ async fn ack_one(this: &Messaging, group: &str, handle_text: &str) -> Result<()>
     let request =
         AckRequest { queue: handle.queue.clone(), group: group.to_string(), receipts: vec![handle.receipt.clone()] };
     let frame = this.state.brokers.call_for(&handle.queue, &request).await?;
-    let reply = broker_reply::<AckResponse>(&frame)?;
+    let reply = frame.access::<AckResponse>()?;
     match reply.statuses.first().map(|s| s.to_native()) {
         Some(0) => Ok(()),
         Some(code) => Err(ProxyError::Broker {
@@ -338,7 +334,7 @@ pub async fn change_invisible(this: &Messaging, request: ChangeInvisibleDuration
         renew: false,
     };
     let frame = this.state.brokers.call_for(&handle.queue, &broker_request).await?;
-    let changed = broker_reply::<ChangeInvisibleResponse>(&frame)?;
+    let changed = frame.access::<ChangeInvisibleResponse>()?;
     Ok(ClientHandle { receipt: changed.receipt.as_str().to_string(), ..handle }.encode())
 }
 
@@ -357,14 +353,14 @@ pub async fn dead_letter(this: &Messaging, request: ForwardMessageToDeadLetterQu
         renew: false,
     };
     let frame = this.state.brokers.call_for(&handle.queue, &hold).await?;
-    let reply = broker_reply::<ChangeInvisibleResponse>(&frame)?;
+    let reply = frame.access::<ChangeInvisibleResponse>()?;
     if reply.offset.to_native() != handle.offset {
         return Err(ProxyError::InvalidReceipt("the handle's offset does not match its receipt".into()));
     }
     let held = reply.receipt.as_str().to_string();
     let read = ReadRequest { queue: handle.queue.clone(), from_offset: handle.offset, max_count: 1, max_bytes: 1 };
     let frame = this.state.brokers.call_for(&handle.queue, &read).await?;
-    let records = broker_reply::<ReadResponse>(&frame)?;
+    let records = frame.access::<ReadResponse>()?;
     let record = records
         .records
         .iter()
@@ -439,7 +435,7 @@ pub async fn update_offset(this: &Messaging, request: UpdateOffsetRequest) -> Re
 
 async fn broker_offsets(this: &Messaging, queue: &str, group: String) -> Result<(Option<u64>, u64, u64)> {
     let frame = this.state.brokers.call_for(queue, &BrokerQueryOffset { queue: queue.to_string(), group }).await?;
-    let reply = broker_reply::<BrokerQueryOffsetReply>(&frame)?;
+    let reply = frame.access::<BrokerQueryOffsetReply>()?;
     let committed = reply.committed.as_ref().map(|c| c.to_native());
     Ok((committed, reply.min_offset.to_native(), reply.max_offset.to_native()))
 }

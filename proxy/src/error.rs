@@ -2,7 +2,7 @@
 //! `Status{code, message}` (the v2 API's convention), never as bare gRPC errors.
 
 use sluice_engine::broker::error::code as broker_code;
-use sluice_transport::TransportError;
+use sluice_transport::{FrameError, TransportError};
 
 use crate::pb::apache::rocketmq::v2::{Code, Status};
 
@@ -38,6 +38,13 @@ pub enum ProxyError {
     OffsetNotFound,
     #[error("the proxy is shutting down; reconnect to another proxy")]
     ShuttingDown,
+}
+
+/// A broker reply that does not validate as the expected kind.
+impl From<FrameError> for ProxyError {
+    fn from(e: FrameError) -> ProxyError {
+        ProxyError::Broker { code: e.code(), message: e.to_string() }
+    }
 }
 
 impl ProxyError {

@@ -9,10 +9,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sluice_engine::broker::queues::message_type;
-use sluice_transport::messages::{CreateQueueRequest, DeleteQueueRequest, ListQueuesRequest, ListQueuesResponse};
+use sluice_transport::messages::{CreateQueueRequest, DeleteQueueRequest};
 
 use crate::error::{ProxyError, Result};
-use crate::routing::BrokerPool;
+use crate::routing::{BrokerPool, QueueRecord};
 
 /// Prefix of the queue name that records a group.
 pub const GROUP_RECORD_PREFIX: &str = "%GROUP%";
@@ -22,8 +22,6 @@ pub const MAX_DELIVERY_ATTEMPTS_MAX: u32 = 1000;
 const CACHE_TTL: Duration = Duration::from_secs(2);
 /// Group lookups kept in the cache at most.
 const CACHE_ENTRIES_MAX: usize = 100_000;
-/// Records asked for per ListQueues page.
-const LIST_PAGE: u32 = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupMeta {
@@ -35,12 +33,8 @@ fn record_name(group: &str) -> String {
     format!("{GROUP_RECORD_PREFIX}{group}")
 }
 
-fn meta_of(name: &str, attributes: &[(String, String)], default_attempts: u32) -> GroupMeta {
-    let attempts = attributes
-        .iter()
-        .find(|(k, _)| k == "max_delivery_attempts")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(default_attempts);
+fn meta_of(name: &str, record: &QueueRecord, default_attempts: u32) -> GroupMeta {
+    let attempts = record.attribute("max_delivery_attempts").and_then(|v| v.parse().ok()).unwrap_or(default_attempts);
     GroupMeta { name: name.to_string(), max_delivery_attempts: attempts }
 }
 
@@ -57,19 +51,11 @@ impl Groups {
                 return Ok(meta.clone());
             }
         }
-        let record = record_name(group);
-        let request = ListQueuesRequest { prefix: record.clone(), after: String::new(), max_count: 1 };
-        let frame = brokers.call_for(&record, &request).await?;
-        let reply = frame
-            .access::<ListQueuesResponse>()
-            .map_err(|e| ProxyError::Broker { code: e.code(), message: e.to_string() })?;
-        let Some(found) = reply.queues.iter().find(|q| q.name.as_str() == record) else {
+        let Some(record) = brokers.queue_record(&record_name(group)).await? else {
             self.cache.lock().expect("cache lock").remove(group);
             return Err(ProxyError::GroupNotFound(group.to_string()));
         };
-        let attributes: Vec<(String, String)> =
-            found.attributes.iter().map(|t| (t.0.as_str().to_string(), t.1.as_str().to_string())).collect();
-        let meta = meta_of(group, &attributes, default_attempts);
+        let meta = meta_of(group, &record, default_attempts);
         let mut cache = self.cache.lock().expect("cache lock");
         if cache.len() >= CACHE_ENTRIES_MAX {
             cache.clear();
@@ -114,31 +100,12 @@ impl Groups {
 
     /// Every recorded group on every broker.
     pub async fn list(&self, brokers: &BrokerPool, default_attempts: u32) -> Result<Vec<GroupMeta>> {
-        let mut groups = Vec::new();
-        for owner in brokers.all_shards() {
-            let mut after = String::new();
-            loop {
-                let request = ListQueuesRequest {
-                    prefix: GROUP_RECORD_PREFIX.into(),
-                    after: after.clone(),
-                    max_count: LIST_PAGE,
-                };
-                let frame = brokers.call(owner, &request).await?;
-                let reply = frame
-                    .access::<ListQueuesResponse>()
-                    .map_err(|e| ProxyError::Broker { code: e.code(), message: e.to_string() })?;
-                for queue in reply.queues.iter() {
-                    let name = queue.name.as_str().trim_start_matches(GROUP_RECORD_PREFIX);
-                    let attributes: Vec<(String, String)> =
-                        queue.attributes.iter().map(|t| (t.0.as_str().to_string(), t.1.as_str().to_string())).collect();
-                    groups.push(meta_of(name, &attributes, default_attempts));
-                }
-                match reply.queues.last() {
-                    Some(last) if reply.truncated => after = last.name.as_str().to_string(),
-                    _ => break,
-                }
-            }
-        }
+        let mut groups: Vec<GroupMeta> = brokers
+            .queue_records(GROUP_RECORD_PREFIX)
+            .await?
+            .iter()
+            .map(|record| meta_of(record.name.trim_start_matches(GROUP_RECORD_PREFIX), record, default_attempts))
+            .collect();
         groups.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(groups)
     }

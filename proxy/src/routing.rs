@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use sluice_engine::queue::shard_for_queue;
+use sluice_transport::messages::{ListQueuesRequest, ListQueuesResponse};
 use sluice_transport::{Client, Frame, Request, TransportConfig};
 use tokio::sync::Mutex;
 
@@ -189,6 +190,68 @@ impl BrokerPool {
     /// `call` to the queue's owner.
     pub async fn call_for<R: Request>(&self, queue: &str, request: &R) -> Result<Frame, ProxyError> {
         self.call(self.owner(queue), request).await
+    }
+}
+
+/// A queue configuration as a broker reported it (topics and groups are stored as these).
+#[derive(Debug, Clone)]
+pub struct QueueRecord {
+    pub name: String,
+    pub message_type: u8,
+    pub attributes: Vec<(String, String)>,
+    pub messages: u64,
+}
+
+impl QueueRecord {
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Queue records asked for per ListQueues page.
+const LIST_PAGE: u32 = 1000;
+
+fn records(reply: &<ListQueuesResponse as sluice_transport::Message>::ArchivedBody) -> Vec<QueueRecord> {
+    reply
+        .queues
+        .iter()
+        .map(|q| QueueRecord {
+            name: q.name.as_str().to_string(),
+            message_type: q.message_type,
+            attributes: q.attributes.iter().map(|t| (t.0.as_str().to_string(), t.1.as_str().to_string())).collect(),
+            messages: q.max_offset.to_native().saturating_sub(q.min_offset.to_native()),
+        })
+        .collect()
+}
+
+impl BrokerPool {
+    /// The configuration of exactly `queue`, from its owner.
+    pub async fn queue_record(&self, queue: &str) -> Result<Option<QueueRecord>, ProxyError> {
+        let request = ListQueuesRequest { prefix: queue.to_string(), after: String::new(), max_count: 1 };
+        let frame = self.call_for(queue, &request).await?;
+        Ok(records(frame.access::<ListQueuesResponse>()?).into_iter().find(|r| r.name == queue))
+    }
+
+    /// Every queue configuration whose name starts with `prefix`, on every shard of every broker.
+    pub async fn queue_records(&self, prefix: &str) -> Result<Vec<QueueRecord>, ProxyError> {
+        let mut all = Vec::new();
+        for owner in self.all_shards() {
+            let mut after = String::new();
+            loop {
+                let request =
+                    ListQueuesRequest { prefix: prefix.to_string(), after: after.clone(), max_count: LIST_PAGE };
+                let frame = self.call(owner, &request).await?;
+                let reply = frame.access::<ListQueuesResponse>()?;
+                let page = records(reply);
+                let next = page.last().filter(|_| reply.truncated).map(|last| last.name.clone());
+                all.extend(page);
+                match next {
+                    Some(name) => after = name,
+                    None => break,
+                }
+            }
+        }
+        Ok(all)
     }
 }
 

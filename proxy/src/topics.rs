@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sluice_engine::broker::queues::message_type;
-use sluice_transport::messages::{CreateQueueRequest, DeleteQueueRequest, ListQueuesRequest, ListQueuesResponse};
+use sluice_transport::messages::{CreateQueueRequest, DeleteQueueRequest};
 
 use crate::error::{ProxyError, Result};
 use crate::routing::BrokerPool;
@@ -23,8 +23,6 @@ pub const TOPIC_NAME_MAX_BYTES: usize = 127;
 const CACHE_TTL: Duration = Duration::from_secs(2);
 /// Topic lookups kept in the cache at most.
 const CACHE_ENTRIES_MAX: usize = 100_000;
-/// Queues asked for per ListQueues page.
-const LIST_PAGE: u32 = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicMeta {
@@ -79,10 +77,6 @@ impl Default for Topics {
     }
 }
 
-fn attribute(attributes: &[(String, String)], key: &str) -> Option<String> {
-    attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
-}
-
 impl Topics {
     /// The topic's metadata, or `TopicNotFound`.
     pub async fn get(&self, brokers: &BrokerPool, topic: &str) -> Result<TopicMeta> {
@@ -92,22 +86,13 @@ impl Topics {
                 return Ok(meta.clone());
             }
         }
-        let first = queue_name(topic, 0);
-        let request = ListQueuesRequest { prefix: first.clone(), after: String::new(), max_count: 1 };
-        let frame = brokers.call_for(&first, &request).await?;
-        let reply = frame
-            .access::<ListQueuesResponse>()
-            .map_err(|e| ProxyError::Broker { code: e.code(), message: e.to_string() })?;
-        let found = reply.queues.iter().find(|q| q.name.as_str() == first);
-        let Some(queue) = found else {
+        let Some(record) = brokers.queue_record(&queue_name(topic, 0)).await? else {
             self.cache.lock().expect("cache lock").remove(topic);
             return Err(ProxyError::TopicNotFound(topic.to_string()));
         };
-        let attributes: Vec<(String, String)> =
-            queue.attributes.iter().map(|t| (t.0.as_str().to_string(), t.1.as_str().to_string())).collect();
         let queue_count =
-            attribute(&attributes, "queue_count").and_then(|v| v.parse().ok()).unwrap_or(1).clamp(1, QUEUE_COUNT_MAX);
-        let meta = TopicMeta { name: topic.to_string(), message_type: queue.message_type, queue_count };
+            record.attribute("queue_count").and_then(|v| v.parse().ok()).unwrap_or(1).clamp(1, QUEUE_COUNT_MAX);
+        let meta = TopicMeta { name: topic.to_string(), message_type: record.message_type, queue_count };
         let mut cache = self.cache.lock().expect("cache lock");
         if cache.len() >= CACHE_ENTRIES_MAX {
             cache.clear();
@@ -178,30 +163,13 @@ impl Topics {
     /// Every topic on every broker, with the number of messages retained.
     pub async fn list(&self, brokers: &BrokerPool) -> Result<Vec<(TopicMeta, u64)>> {
         let mut topics: BTreeMap<String, (TopicMeta, u64)> = BTreeMap::new();
-        for owner in brokers.all_shards() {
-            let mut after = String::new();
-            loop {
-                let request = ListQueuesRequest { prefix: String::new(), after: after.clone(), max_count: LIST_PAGE };
-                let frame = brokers.call(owner, &request).await?;
-                let reply = frame
-                    .access::<ListQueuesResponse>()
-                    .map_err(|e| ProxyError::Broker { code: e.code(), message: e.to_string() })?;
-                for queue in reply.queues.iter() {
-                    let attributes: Vec<(String, String)> =
-                        queue.attributes.iter().map(|t| (t.0.as_str().to_string(), t.1.as_str().to_string())).collect();
-                    let Some(topic) = attribute(&attributes, "topic") else { continue };
-                    let queue_count = attribute(&attributes, "queue_count").and_then(|v| v.parse().ok()).unwrap_or(1);
-                    let messages = queue.max_offset.to_native().saturating_sub(queue.min_offset.to_native());
-                    let entry = topics.entry(topic.clone()).or_insert_with(|| {
-                        (TopicMeta { name: topic, message_type: queue.message_type, queue_count }, 0)
-                    });
-                    entry.1 += messages;
-                }
-                match reply.queues.last() {
-                    Some(last) if reply.truncated => after = last.name.as_str().to_string(),
-                    _ => break,
-                }
-            }
+        for record in brokers.queue_records("").await? {
+            let Some(topic) = record.attribute("topic") else { continue };
+            let queue_count = record.attribute("queue_count").and_then(|v| v.parse().ok()).unwrap_or(1);
+            let entry = topics.entry(topic.to_string()).or_insert_with(|| {
+                (TopicMeta { name: topic.to_string(), message_type: record.message_type, queue_count }, 0)
+            });
+            entry.1 += record.messages;
         }
         Ok(topics.into_values().collect())
     }

@@ -67,6 +67,13 @@ pub mod code {
     pub const OK: u32 = 0;
 }
 
+/// A request that does not validate as its kind.
+impl From<sluice_transport::FrameError> for BrokerError {
+    fn from(e: sluice_transport::FrameError) -> BrokerError {
+        BrokerError::InvalidRequest(e.to_string())
+    }
+}
+
 impl From<BrokerError> for ErrorReply {
     fn from(e: BrokerError) -> ErrorReply {
         ErrorReply { code: e.code(), message: e.to_string() }

@@ -158,7 +158,7 @@ impl ShardHandler {
     async fn dispatch(&self, request: &Frame) -> Result<OutFrame> {
         let id = request.request_id();
         let max = self.limits.max_frame_bytes;
-        let encoded = match request.kind().map_err(|e| BrokerError::InvalidRequest(e.to_string()))? {
+        let encoded = match request.kind()? {
             FrameKind::AppendRequest => OutFrame::encode(id, &self.append(request).await?, max),
             FrameKind::ReadRequest => return self.read(request).await,
             FrameKind::PopRequest => return self.pop(request).await,
@@ -173,7 +173,11 @@ impl ShardHandler {
             FrameKind::LiteSubscriptionRequest => return Err(BrokerError::NotSupported("lite subscriptions")),
             other => return Err(BrokerError::InvalidRequest(format!("{other:?} is not a request a broker serves"))),
         };
-        encoded.map_err(|e| BrokerError::InvalidRequest(format!("reply does not fit in a frame: {e}")))
+        encoded.map_err(Self::unencodable)
+    }
+
+    fn unencodable(e: sluice_transport::FrameError) -> BrokerError {
+        BrokerError::InvalidRequest(format!("reply does not fit in a frame: {e}"))
     }
 
     /// The queue must be valid, on this shard and configured.
@@ -203,7 +207,7 @@ impl ShardHandler {
     }
 
     async fn append(&self, request: &Frame) -> Result<AppendResponse> {
-        let append = request.access::<AppendRequest>().map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        let append = request.access::<AppendRequest>()?;
         if append.entries.len() > self.limits.append_entries_max {
             return Err(BrokerError::InvalidRequest(format!(
                 "{} entries in one append; at most {}",
@@ -247,7 +251,7 @@ impl ShardHandler {
     }
 
     async fn read(&self, request: &Frame) -> Result<OutFrame> {
-        let read = request.access::<ReadRequest>().map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        let read = request.access::<ReadRequest>()?;
         let queue = read.queue.as_str();
         self.check_queue(queue)?;
         let max_count = bounded(read.max_count.to_native(), self.limits.read_records_max) as usize;
@@ -263,8 +267,7 @@ impl ShardHandler {
             min_offset: batch.min_offset,
             max_offset: batch.max_offset,
         };
-        OutFrame::encode(request.request_id(), &reply, self.limits.max_frame_bytes)
-            .map_err(|e| BrokerError::InvalidRequest(format!("reply does not fit in a frame: {e}")))
+        OutFrame::encode(request.request_id(), &reply, self.limits.max_frame_bytes).map_err(Self::unencodable)
     }
 
     /// Reads a configured queue; one that has no records yet reads as empty.
@@ -310,7 +313,7 @@ impl ShardHandler {
     }
 
     async fn pop(&self, request: &Frame) -> Result<OutFrame> {
-        let pop = request.access::<PopRequest>().map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        let pop = request.access::<PopRequest>()?;
         let (queue, group) = (pop.queue.as_str(), pop.group.as_str());
         self.check_queue(queue)?;
         Self::check_group(group)?;
@@ -364,8 +367,7 @@ impl ShardHandler {
                 })
                 .collect(),
         };
-        OutFrame::encode(id, &reply, self.limits.max_frame_bytes)
-            .map_err(|e| BrokerError::InvalidRequest(format!("reply does not fit in a frame: {e}")))
+        OutFrame::encode(id, &reply, self.limits.max_frame_bytes).map_err(Self::unencodable)
     }
 
     /// Delivers expired leases again, then messages never delivered, without waiting.
@@ -455,7 +457,7 @@ impl ShardHandler {
     }
 
     async fn ack(&self, request: &Frame) -> Result<AckResponse> {
-        let ack = request.access::<AckRequest>().map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        let ack = request.access::<AckRequest>()?;
         let (queue, group) = (ack.queue.as_str(), ack.group.as_str());
         self.check_queue(queue)?;
         Self::check_group(group)?;
@@ -492,8 +494,7 @@ impl ShardHandler {
     }
 
     fn change_invisible(&self, request: &Frame) -> Result<ChangeInvisibleResponse> {
-        let change =
-            request.access::<ChangeInvisibleRequest>().map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        let change = request.access::<ChangeInvisibleRequest>()?;
         let (queue, group) = (change.queue.as_str(), change.group.as_str());
         self.check_queue(queue)?;
         Self::check_group(group)?;
@@ -513,7 +514,7 @@ impl ShardHandler {
     }
 
     async fn commit_offset(&self, request: &Frame) -> Result<CommitOffsetResponse> {
-        let commit = request.access::<CommitOffsetRequest>().map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        let commit = request.access::<CommitOffsetRequest>()?;
         let (queue, group) = (commit.queue.as_str(), commit.group.as_str());
         self.check_queue(queue)?;
         Self::check_group(group)?;
@@ -539,7 +540,7 @@ impl ShardHandler {
     }
 
     async fn query_offset(&self, request: &Frame) -> Result<QueryOffsetResponse> {
-        let query = request.access::<QueryOffsetRequest>().map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        let query = request.access::<QueryOffsetRequest>()?;
         let (queue, group) = (query.queue.as_str(), query.group.as_str());
         self.check_queue(queue)?;
         let info = self.shard.queue_info(queue);
@@ -561,7 +562,7 @@ impl ShardHandler {
     }
 
     async fn create_queue(&self, request: &Frame) -> Result<CreateQueueResponse> {
-        let create = request.access::<CreateQueueRequest>().map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        let create = request.access::<CreateQueueRequest>()?;
         let queue = create.queue.as_str();
         validate_queue_name(queue)?;
         let owner = shard_for_queue(queue, self.shard_count);
@@ -602,7 +603,7 @@ impl ShardHandler {
     }
 
     async fn delete_queue(&self, request: &Frame) -> Result<DeleteQueueResponse> {
-        let delete = request.access::<DeleteQueueRequest>().map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        let delete = request.access::<DeleteQueueRequest>()?;
         let queue = delete.queue.as_str();
         self.check_queue(queue)?;
         self.shard.delete_state(StateTable::QueueConfig, queue.as_bytes().to_vec()).await?;
@@ -620,7 +621,7 @@ impl ShardHandler {
     }
 
     fn list_queues(&self, request: &Frame) -> Result<ListQueuesResponse> {
-        let list = request.access::<ListQueuesRequest>().map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        let list = request.access::<ListQueuesRequest>()?;
         let max = bounded(list.max_count.to_native(), self.limits.list_queues_max) as usize;
         let (prefix, after) = (list.prefix.as_str(), list.after.as_str());
         let configs = self.configs.borrow();
