@@ -1,3 +1,16 @@
-//! sluice-bench: the end-to-end latency benchmark against peers on the same machine.
-//! Empty until the benchmark issue; the engine's own benches live in engine/benches.
+//! sluice-bench: the latency benchmark users run, Sluice side by side with its peers.
+//!
+//! Open-loop load at a fixed rate (`schedule`), latency from each message's due time into
+//! HdrHistogram (`stats`), one interface over every system measured (`targets`), a run
+//! (`driver`), results as JSON with a summary table (`results`) and an HTML report (`report`).
 #![forbid(unsafe_code)]
+
+pub mod cpu;
+pub mod driver;
+pub mod error;
+pub mod report;
+pub mod results;
+pub mod schedule;
+pub mod stats;
+pub mod targets;
+pub mod workload;

@@ -738,6 +738,11 @@ impl Shard {
         self.queues.borrow().keys().cloned().collect()
     }
 
+    /// When this shard acknowledges appends (reported in the broker's stats).
+    pub fn durability(&self) -> Durability {
+        self.config.durability
+    }
+
     pub fn stats(&self) -> ShardStats {
         let mut stats = self.stats.borrow().clone();
         stats.queues = self.queues.borrow().len();

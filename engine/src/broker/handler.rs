@@ -16,6 +16,7 @@ use crate::broker::pop::{GroupQueue, Lease, LeaseError};
 use crate::broker::queues::{QueueConfig, QueueConfigs};
 use crate::broker::receipt::ReceiptKey;
 use crate::broker::BrokerLimits;
+use crate::config::Durability;
 use crate::index::StateTable;
 use crate::queue::{shard_for_queue, validate_queue_name};
 use crate::record::NewRecord;
@@ -643,7 +644,7 @@ impl ShardHandler {
     fn stats(&self) -> StatsResponse {
         let s = self.shard.stats();
         let c = &self.counters;
-        let counters = vec![
+        let mut counters = vec![
             ("queues".to_string(), self.configs.borrow().len() as u64),
             ("log_end".to_string(), s.log_end),
             ("durable_end".to_string(), s.durable_end),
@@ -657,6 +658,13 @@ impl ShardHandler {
             ("group_queues".to_string(), self.groups.borrow().len() as u64),
             ("leases".to_string(), self.groups.borrow().values().map(|g| g.leased() as u64).sum()),
         ];
+        // How appends are acknowledged, so a benchmark can print (and check) what it measured.
+        let (sync, flush_interval_ms) = match self.shard.durability() {
+            Durability::Sync => (1, 0),
+            Durability::Async { flush_interval_ms } => (0, flush_interval_ms),
+        };
+        counters.push(("durability_sync".to_string(), sync));
+        counters.push(("flush_interval_ms".to_string(), flush_interval_ms));
         StatsResponse { shard: self.shard_id as u32, counters }
     }
 }

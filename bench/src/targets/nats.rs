@@ -1,0 +1,161 @@
+//! NATS JetStream: publish and wait for the stream's ack; durable pull consumers with
+//! explicit acks, one per topic, shared by that topic's consumers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, stream::StorageType};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+
+use super::{connect_error, Consumer, Delivered, DurabilityInfo, Producer, RunNames, Session, TargetSpec};
+use super::{RECEIVE_BATCH_MAX, RECEIVE_WAIT_MS};
+use crate::error::BenchError;
+use crate::workload::Workload;
+
+const TARGET: &str = "nats";
+
+fn error(e: impl std::fmt::Display) -> BenchError {
+    BenchError::target(TARGET, e)
+}
+
+fn subject(names: &RunNames, topic: usize) -> String {
+    format!("sb.{}", names.topic(topic))
+}
+
+/// What JetStream promises for an acked message: nats-server before 2.10 has no sync_interval
+/// and fsyncs file storage every 2 minutes, so it cannot match `sync`.
+pub fn durability(version: &str) -> DurabilityInfo {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    let detail = if (major, minor) < (2, 10) {
+        format!("JetStream file storage; nats-server {version} fsyncs every 2 min and has no sync_interval setting: acked ≠ on disk")
+    } else {
+        format!("JetStream file storage; nats-server {version}: fsync per its sync_interval (scripts/bench.sh sets `always` for sync)")
+    };
+    DurabilityInfo { level: None, detail }
+}
+
+async fn connect(spec: &TargetSpec) -> Result<async_nats::Client, BenchError> {
+    async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(spec.endpoint.as_str())
+        .await
+        .map_err(|e| connect_error(spec, e))
+}
+
+pub async fn open(spec: &TargetSpec, workload: &Workload, names: &RunNames) -> Result<Session, BenchError> {
+    let admin_client = connect(spec).await?;
+    let version = admin_client.server_info().version;
+    let admin = jetstream::new(admin_client);
+    let stream_name = names.prefix.replace('.', "_");
+    let subjects: Vec<String> = (0..workload.topics as usize).map(|t| subject(names, t)).collect();
+    let stream = admin
+        .get_or_create_stream(jetstream::stream::Config {
+            name: stream_name.clone(),
+            subjects: subjects.clone(),
+            storage: StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| error(format!("creating stream {stream_name}: {e} (is nats-server running with -js?)")))?;
+    let subjects = Arc::new(subjects);
+    let mut producers: Vec<Arc<dyn Producer>> = Vec::new();
+    for _ in 0..workload.producers {
+        producers.push(Arc::new(NatsProducer { context: jetstream::new(connect(spec).await?), subjects: subjects.clone() }));
+    }
+    let per_topic = workload.consumers_per_topic() as usize;
+    let mut consumers: Vec<Box<dyn Consumer>> = Vec::new();
+    for c in 0..workload.consumers as usize {
+        let topic = c / per_topic;
+        let durable = format!("c{topic}");
+        let config = pull::Config {
+            durable_name: Some(durable.clone()),
+            filter_subject: subjects[topic].clone(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        };
+        stream.get_or_create_consumer::<pull::Config>(&durable, config).await.map_err(error)?;
+        // Each consumer pulls over its own connection.
+        let own = jetstream::new(connect(spec).await?);
+        let consumer: jetstream::consumer::PullConsumer =
+            own.get_consumer_from_stream(&durable, &stream_name).await.map_err(error)?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(RECEIVE_BATCH_MAX as usize)
+            .messages()
+            .await
+            .map_err(error)?;
+        consumers.push(Box::new(NatsConsumer { messages, pending: Vec::new() }));
+    }
+    let teardown: BoxFuture<'static, Result<(), BenchError>> = Box::pin(async move {
+        admin.delete_stream(&stream_name).await.map_err(error)?;
+        Ok(())
+    });
+    Ok(Session {
+        producers,
+        consumers,
+        durability: durability(&version),
+        path: "NATS protocol over TCP (async-nats)".into(),
+        teardown: Some(teardown),
+    })
+}
+
+struct NatsProducer {
+    context: jetstream::Context,
+    subjects: Arc<Vec<String>>,
+}
+
+impl Producer for NatsProducer {
+    fn send(&self, topic: usize, _sequence: u64, body: Bytes) -> BoxFuture<'static, Result<(), BenchError>> {
+        let context = self.context.clone();
+        let subject = self.subjects[topic].clone();
+        Box::pin(async move {
+            let ack = context.publish(subject, body).await.map_err(error)?;
+            ack.await.map_err(error)?;
+            Ok(())
+        })
+    }
+}
+
+struct NatsConsumer {
+    messages: pull::Stream,
+    pending: Vec<jetstream::Message>,
+}
+
+impl Consumer for NatsConsumer {
+    fn receive(&mut self) -> BoxFuture<'_, Result<Vec<Option<Delivered>>, BenchError>> {
+        Box::pin(async move {
+            let wait = Duration::from_millis(RECEIVE_WAIT_MS);
+            let first = match tokio::time::timeout(wait, self.messages.next()).await {
+                Err(_) => return Ok(Vec::new()),
+                Ok(None) => return Err(error("the pull subscription ended")),
+                Ok(Some(message)) => message.map_err(error)?,
+            };
+            let mut delivered = vec![Delivered::parse(&first.payload)];
+            self.pending.push(first);
+            // Take whatever else is already here, without waiting.
+            while delivered.len() < RECEIVE_BATCH_MAX as usize {
+                match self.messages.next().now_or_never() {
+                    Some(Some(Ok(message))) => {
+                        delivered.push(Delivered::parse(&message.payload));
+                        self.pending.push(message);
+                    }
+                    Some(Some(Err(e))) => return Err(error(e)),
+                    _ => break,
+                }
+            }
+            Ok(delivered)
+        })
+    }
+
+    fn ack(&mut self) -> BoxFuture<'_, Result<(), BenchError>> {
+        Box::pin(async move {
+            for message in self.pending.drain(..) {
+                message.ack().await.map_err(error)?;
+            }
+            Ok(())
+        })
+    }
+}

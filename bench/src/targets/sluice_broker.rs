@@ -1,0 +1,204 @@
+//! Straight to a Sluice broker over the transport: append, pop (long poll) and ack frames,
+//! routed to each queue's shard the way the proxy routes them. No proxy, no gRPC.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use sluice_engine::broker::queues::message_type;
+use sluice_engine::record::RecordView;
+use sluice_proxy::routing::{BrokerAddress, BrokerPool};
+use sluice_transport::messages::{
+    AckRequest, AckResponse, AppendEntry, AppendRequest, AppendResponse, CreateQueueRequest, DeleteQueueRequest,
+    PopRequest, PopResponse, StatsRequest, StatsResponse,
+};
+use sluice_transport::TransportConfig;
+
+use super::{
+    connect_error, durability_mismatch, Consumer, Delivered, DurabilityInfo, Producer, RunNames, Session, TargetSpec,
+    RECEIVE_BATCH_MAX, RECEIVE_WAIT_MS,
+};
+use crate::error::BenchError;
+use crate::workload::{DurabilityLevel, Workload};
+
+/// A popped message stays invisible this long; the run acks long before.
+const INVISIBLE_MS: u64 = 30_000;
+const POP_MAX_BYTES: u32 = 16 << 20;
+const TARGET: &str = "sluice-broker";
+
+fn error(e: impl std::fmt::Display) -> BenchError {
+    BenchError::target(TARGET, e)
+}
+
+/// The queues of one topic: one per consumer of the topic (at least one).
+fn queues(names: &RunNames, workload: &Workload, topic: usize) -> Vec<String> {
+    let count = workload.consumers_per_topic().max(1);
+    (0..count).map(|q| format!("{}#{q}", names.topic(topic))).collect()
+}
+
+async fn pool(spec: &TargetSpec) -> Result<Arc<BrokerPool>, BenchError> {
+    let url = super::pingpong::transport_url(&spec.endpoint);
+    let (scheme, address) = url.split_once("://").unwrap_or(("tcp", &url));
+    let pool = BrokerPool::connect(
+        vec![BrokerAddress::Base(address.to_string())],
+        scheme,
+        TransportConfig::default(),
+        "sluice-bench",
+    )
+    .await
+    .map_err(|e| connect_error(spec, e))?;
+    Ok(Arc::new(pool))
+}
+
+/// Reads the broker's durability from its stats (every shard runs with the same setting).
+pub async fn broker_durability(pool: &BrokerPool) -> Result<DurabilityInfo, BenchError> {
+    let owner = pool.all_shards()[0];
+    let frame = pool.call(owner, &StatsRequest {}).await.map_err(error)?;
+    let stats = frame.access::<StatsResponse>().map_err(error)?;
+    let counter = |name: &str| stats.counters.iter().find(|c| c.0.as_str() == name).map(|c| c.1.to_native());
+    Ok(durability_from_counters(counter("durability_sync"), counter("flush_interval_ms")))
+}
+
+pub fn durability_from_counters(sync: Option<u64>, flush_interval_ms: Option<u64>) -> DurabilityInfo {
+    match (sync, flush_interval_ms) {
+        (Some(1), _) => DurabilityInfo {
+            level: Some(DurabilityLevel::Sync),
+            detail: "sync: group commit, fdatasync before the ack".into(),
+        },
+        (Some(0), Some(ms)) => DurabilityInfo {
+            level: Some(DurabilityLevel::Async),
+            detail: format!("async: acked once written (O_DIRECT), fdatasync every {ms} ms"),
+        },
+        _ => DurabilityInfo { level: None, detail: "unknown (the broker does not report its durability)".into() },
+    }
+}
+
+pub fn check_level(spec: &TargetSpec, info: &DurabilityInfo, level: DurabilityLevel) -> Result<(), BenchError> {
+    match info.level {
+        Some(actual) if actual == level => Ok(()),
+        Some(actual) => Err(durability_mismatch(spec, level, &info.detail, &actual.to_string())),
+        None => Err(durability_mismatch(spec, level, &info.detail, "sync|async")),
+    }
+}
+
+pub async fn open(
+    spec: &TargetSpec,
+    workload: &Workload,
+    names: &RunNames,
+    level: DurabilityLevel,
+) -> Result<Session, BenchError> {
+    let admin = pool(spec).await?;
+    let durability = broker_durability(&admin).await?;
+    check_level(spec, &durability, level)?;
+    let topic_queues: Vec<Vec<String>> =
+        (0..workload.topics as usize).map(|t| queues(names, workload, t)).collect();
+    for queue in topic_queues.iter().flatten() {
+        let create = CreateQueueRequest { queue: queue.clone(), message_type: message_type::NORMAL, attributes: vec![] };
+        admin.call_for(queue, &create).await.map_err(error)?;
+    }
+    let topic_queues = Arc::new(topic_queues);
+    let mut producers: Vec<Arc<dyn Producer>> = Vec::new();
+    for _ in 0..workload.producers {
+        producers.push(Arc::new(BrokerProducer { pool: pool(spec).await?, queues: topic_queues.clone() }));
+    }
+    let mut consumers: Vec<Box<dyn Consumer>> = Vec::new();
+    let per_topic = workload.consumers_per_topic() as usize;
+    for c in 0..workload.consumers as usize {
+        let queue = topic_queues[c / per_topic][c % per_topic].clone();
+        consumers.push(Box::new(BrokerConsumer { pool: pool(spec).await?, queue, group: names.group(), receipts: vec![] }));
+    }
+    let all: Vec<String> = topic_queues.iter().flatten().cloned().collect();
+    let teardown: BoxFuture<'static, Result<(), BenchError>> = Box::pin(async move {
+        for queue in all {
+            admin.call_for(&queue, &DeleteQueueRequest { queue: queue.clone() }).await.map_err(error)?;
+        }
+        Ok(())
+    });
+    let scheme = spec.endpoint.split_once("://").map_or("tcp", |(s, _)| s).to_uppercase();
+    Ok(Session {
+        producers,
+        consumers,
+        durability,
+        path: format!("transport over {scheme}, straight to the broker"),
+        teardown: Some(teardown),
+    })
+}
+
+struct BrokerProducer {
+    pool: Arc<BrokerPool>,
+    queues: Arc<Vec<Vec<String>>>,
+}
+
+impl Producer for BrokerProducer {
+    fn send(&self, topic: usize, sequence: u64, body: Bytes) -> BoxFuture<'static, Result<(), BenchError>> {
+        let pool = self.pool.clone();
+        let queues = self.queues.clone();
+        Box::pin(async move {
+            let topic_queues = &queues[topic];
+            let queue = &topic_queues[(sequence as usize / queues.len()) % topic_queues.len()];
+            let entry = AppendEntry {
+                queues: vec![queue.clone()],
+                message_id: format!("{sequence:016X}"),
+                tag: String::new(),
+                keys: vec![],
+                properties: &[],
+                body: &body,
+            };
+            let frame = pool.call_for(queue, &AppendRequest { entries: vec![entry] }).await.map_err(error)?;
+            let acks = frame.access::<AppendResponse>().map_err(error)?.acks.len();
+            if acks != 1 {
+                return Err(error(format!("the broker acked {acks} appends for 1")));
+            }
+            Ok(())
+        })
+    }
+}
+
+struct BrokerConsumer {
+    pool: Arc<BrokerPool>,
+    queue: String,
+    group: String,
+    receipts: Vec<String>,
+}
+
+impl Consumer for BrokerConsumer {
+    fn receive(&mut self) -> BoxFuture<'_, Result<Vec<Option<Delivered>>, BenchError>> {
+        Box::pin(async move {
+            let pop = PopRequest {
+                queue: self.queue.clone(),
+                group: self.group.clone(),
+                max_count: RECEIVE_BATCH_MAX,
+                max_bytes: POP_MAX_BYTES,
+                invisible_ms: INVISIBLE_MS,
+                long_poll_ms: RECEIVE_WAIT_MS,
+            };
+            let frame = self.pool.call_for(&self.queue, &pop).await.map_err(error)?;
+            let popped = frame.access::<PopResponse>().map_err(error)?;
+            let mut delivered = Vec::with_capacity(popped.messages.len());
+            for m in popped.messages.iter() {
+                self.receipts.push(m.receipt.as_str().to_string());
+                let record: &[u8] = &m.record;
+                delivered.push(RecordView::parse(record).ok().and_then(|view| Delivered::parse(view.body)));
+            }
+            Ok(delivered)
+        })
+    }
+
+    fn ack(&mut self) -> BoxFuture<'_, Result<(), BenchError>> {
+        Box::pin(async move {
+            if self.receipts.is_empty() {
+                return Ok(());
+            }
+            let receipts = std::mem::take(&mut self.receipts);
+            let count = receipts.len();
+            let request = AckRequest { queue: self.queue.clone(), group: self.group.clone(), receipts };
+            let frame = self.pool.call_for(&self.queue, &request).await.map_err(error)?;
+            let reply = frame.access::<AckResponse>().map_err(error)?;
+            let refused = reply.statuses.iter().filter(|s| s.to_native() != 0).count();
+            if reply.statuses.len() != count || refused > 0 {
+                return Err(error(format!("{refused} of {count} acks refused")));
+            }
+            Ok(())
+        })
+    }
+}
