@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# The main job: a local broker + proxy (`sluice local`), then the send→receive latency benchmark
-# through them at a fixed rate; the same with broker and proxy as separate processes (proxy→broker
-# over RDMA when this host has a device, else TCP); then the transport's round-trip latency over
-# the best transport present beside a raw TCP ping-pong. The storage engine's own benchmark is
-# scripts/engine-bench.sh.
+# The main job: the standard benchmark suite (scripts/bench.sh). It starts a Sluice broker and
+# proxy (proxy→broker over RDMA when this host has a device, else TCP), NATS JetStream and
+# Redis Streams on this machine at equal durability, runs bench/suites/standard.toml through
+# sluice-bench, and prints the summary table with Sluice ÷ peer ratios. Flags go to bench.sh
+# (e.g. --durability sync, --short).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/e2e-latency.sh both
-exec bash scripts/transport-bench.sh
+exec bash scripts/bench.sh "$@"

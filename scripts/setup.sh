@@ -11,6 +11,7 @@ packages=(
   qemu-system-x86 busybox-static cpio kmod iproute2
   ibverbs-utils ibverbs-providers # ibv_devices, ibv_rc_pingpong; the rxe provider (a Recommends)
   python3 python3-venv        # the official RocketMQ Python client tests (scripts/python-client-tests.sh)
+  nats-server redis-server    # the peers scripts/bench.sh measures Sluice against
 )
 
 missing=()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: format check, build everything, lint with warnings denied, run every test,
-# the official RocketMQ Python client against `sluice local`, then the RDMA tests for real
+# the official RocketMQ Python client against `sluice local`, the benchmark suite in short mode,
+# then the RDMA tests for real
 # inside a soft-RoCE QEMU guest (scripts/hw-tests.sh --vm).
 # The crash test's rounds can be raised with SLUICE_CRASH_ROUNDS (default 20).
 set -euo pipefail
@@ -19,6 +20,10 @@ cargo test --workspace --locked 2>&1 | tee "$log"
 # The official RocketMQ 5 Python client (rocketmq-python-client==5.1.2 from PyPI, in a venv)
 # against a `sluice local` each run starts itself.
 bash scripts/python-client-tests.sh 2>&1 | tee -a "$log"
+# The benchmark suite in its short mode on every system (Sluice, NATS, Redis, the floors): a few
+# seconds per workload, then sluice-bench checks the JSON results are valid and complete. It
+# asserts no timings.
+bash scripts/bench.sh --short 2>&1 | tee -a "$log"
 # The RDMA path for real: the RDMA tests and hw-tests inside the soft-RoCE QEMU guest (or on
 # this host if it has a device). SLUICE_SKIP_RDMA_VM=1 skips it for quick local runs.
 if [[ "${SLUICE_SKIP_RDMA_VM:-0}" == 1 ]]; then

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::cpu::{CpuMeter, NamedPid};
 use crate::error::BenchError;
 use crate::results::{Counts, RunResult};
-use crate::schedule::{open_loop, Clock, Completion, Schedule};
+use crate::schedule::{open_loop, Clock, Completion, Pacing, Schedule};
 use crate::stats::{throughput, Latency};
 use crate::targets::{self, message_body, Consumer, Delivered, RunNames, TargetSpec};
 use crate::workload::{DurabilityLevel, Workload};
@@ -70,6 +70,7 @@ struct RunState {
     seen: Mutex<Bits>,
     send_ack: Mutex<Latency>,
     send_receive: Mutex<Latency>,
+    wake_late: Mutex<Latency>,
     first_error: Mutex<Option<String>>,
     stop: AtomicBool,
     progress: ProgressBar,
@@ -84,6 +85,9 @@ impl RunState {
 
     fn sent(&self, c: Completion) {
         self.progress.inc(1);
+        if let Ok(mut h) = self.wake_late.lock() {
+            h.record_ns(c.wake_late_ns);
+        }
         if !c.ok {
             self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
             return;
@@ -176,6 +180,7 @@ pub async fn run(
         seen: Mutex::new(Bits::new(total)),
         send_ack: Mutex::new(Latency::new()),
         send_receive: Mutex::new(Latency::new()),
+        wake_late: Mutex::new(Latency::new()),
         first_error: Mutex::new(None),
         stop: AtomicBool::new(false),
         progress: progress_bar(spec, workload, total),
@@ -200,6 +205,7 @@ pub async fn run(
             tokio::spawn(open_loop(
                 schedule,
                 clock,
+                Pacing::Precise,
                 workload.inflight_max,
                 deadline_ns,
                 move |sequence| {
@@ -260,7 +266,8 @@ pub async fn run(
     } else {
         0
     };
-    let window_secs = |last_ns: u64| ((last_ns.saturating_sub(state.warmup_ns)) as f64 / 1e9).max(workload.duration_secs as f64);
+    let window_secs =
+        |last_ns: u64| ((last_ns.saturating_sub(state.warmup_ns)) as f64 / 1e9).max(workload.duration_secs as f64);
     let lock_summary = |h: &Mutex<Latency>| h.lock().map(|h| h.summary()).unwrap_or_else(|_| Latency::new().summary());
     Ok(RunResult {
         workload: workload.clone(),
@@ -285,6 +292,7 @@ pub async fn run(
         },
         send_ack: lock_summary(&state.send_ack),
         send_receive: consumes.then(|| lock_summary(&state.send_receive)),
+        generator_lag: lock_summary(&state.wake_late),
         send_throughput: throughput(
             c.measured_acked.load(Ordering::Relaxed),
             workload.size_bytes,

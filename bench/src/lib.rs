@@ -13,4 +13,5 @@ pub mod results;
 pub mod schedule;
 pub mod stats;
 pub mod targets;
+pub mod timer;
 pub mod workload;

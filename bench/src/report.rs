@@ -4,7 +4,7 @@
 use plotters::prelude::*;
 
 use crate::results::{summary_table, ResultsFile};
-use crate::stats::{LatencySummary, SPECTRUM_QUANTILES};
+use crate::stats::SPECTRUM_QUANTILES;
 
 const CHART_WIDTH_PX: u32 = 960;
 const CHART_HEIGHT_PX: u32 = 460;
@@ -64,9 +64,7 @@ fn chart_svg(title: &str, lines: &[Line]) -> Result<String, String> {
                 .map_err(|e| e.to_string())?
                 .label(line.name.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-            chart
-                .draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))
-                .map_err(|e| e.to_string())?;
+            chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(|e| e.to_string())?;
         }
         chart
             .configure_series_labels()
@@ -94,17 +92,19 @@ pub fn html(files: &[ResultsFile]) -> Result<String, String> {
     }
     let mut body = String::new();
     for workload in &workloads {
-        for (what, pick) in [
-            ("send → ack", (|r| Some(r)) as fn(&LatencySummary) -> Option<&LatencySummary>),
-            ("send → receive", |r| Some(r)),
-        ] {
+        for what in ["send → ack", "send → receive"] {
             let mut lines = Vec::new();
             for file in files {
-                let run = if file.label.is_empty() { file.durability.to_string() } else { format!("{} {}", file.label, file.durability) };
+                let run = if file.label.is_empty() {
+                    file.durability.to_string()
+                } else {
+                    format!("{} {}", file.label, file.durability)
+                };
                 for r in file.results.iter().filter(|r| &r.workload.name == workload) {
                     let summary = if what == "send → ack" { Some(&r.send_ack) } else { r.send_receive.as_ref() };
-                    if let Some(summary) = summary.and_then(pick) {
-                        lines.push(Line { name: format!("{} · {run}", r.target), points: summary.spectrum_us.clone() });
+                    if let Some(summary) = summary {
+                        lines
+                            .push(Line { name: format!("{} · {run}", r.target), points: summary.spectrum_us.clone() });
                     }
                 }
             }
@@ -155,7 +155,8 @@ mod tests {
 
     #[test]
     fn charts_render_as_svg_with_one_line_per_series() {
-        let points: Vec<(f64, f64)> = SPECTRUM_QUANTILES.iter().enumerate().map(|(i, q)| (*q, 100.0 * (i + 1) as f64)).collect();
+        let points: Vec<(f64, f64)> =
+            SPECTRUM_QUANTILES.iter().enumerate().map(|(i, q)| (*q, 100.0 * (i + 1) as f64)).collect();
         let svg = chart_svg(
             "w: send → ack",
             &[Line { name: "redis".into(), points: points.clone() }, Line { name: "nats".into(), points }],

@@ -91,6 +91,9 @@ pub struct RunResult {
     pub send_ack: LatencySummary,
     /// Send → received by a consumer, from the due time. None for ping-pong targets.
     pub send_receive: Option<LatencySummary>,
+    /// How late the load generator woke for each message (its own timing error, included in
+    /// the latencies above; small next to them or the run is not to be trusted).
+    pub generator_lag: LatencySummary,
     pub send_throughput: Throughput,
     pub receive_throughput: Option<Throughput>,
     /// Server processes and this client, CPU time over the run per message acked.
@@ -160,6 +163,7 @@ pub fn check(file: &ResultsFile, suite: &Suite, kinds: &[TargetKind]) -> Vec<Str
                     problems.push(format!("{at}: {} lost and {} corrupt messages", c.lost, c.corrupt));
                 }
                 summary_problems(&format!("{at} send→ack"), &r.send_ack, &mut problems);
+                summary_problems(&format!("{at} generator lag"), &r.generator_lag, &mut problems);
                 let consumes = !r.kind.is_pingpong() && r.workload.consumers > 0;
                 match (&r.send_receive, consumes) {
                     (Some(s), true) => summary_problems(&format!("{at} send→receive"), s, &mut problems),
@@ -176,9 +180,7 @@ pub fn check(file: &ResultsFile, suite: &Suite, kinds: &[TargetKind]) -> Vec<Str
 }
 
 fn fmt_us(v: f64) -> String {
-    if v >= 10_000.0 {
-        format!("{:.0}", v)
-    } else if v >= 100.0 {
+    if v >= 100.0 {
         format!("{:.0}", v)
     } else {
         format!("{:.1}", v)
@@ -222,9 +224,19 @@ pub fn summary_table(files: &[ResultsFile]) -> String {
             );
             let _ = writeln!(
                 out,
-                "{:<20} {:>8} │ {:>8} {:>8} {:>9} │ {:>8} {:>8} {:>9} {:>9} {:>9} │ {:>9}",
-                "target µs", "msgs/s", "ack p50", "ack p99", "ack p99.9", "e2e p50", "e2e p99", "e2e p99.9",
-                "e2e p99.99", "e2e max", "cpu µs/msg"
+                "{:<20} {:>8} │ {:>8} {:>8} {:>9} │ {:>8} {:>8} {:>9} {:>9} {:>9} │ {:>9} {:>8}",
+                "target µs",
+                "msgs/s",
+                "ack p50",
+                "ack p99",
+                "ack p99.9",
+                "e2e p50",
+                "e2e p99",
+                "e2e p99.9",
+                "e2e p99.99",
+                "e2e max",
+                "cpu µs/msg",
+                "lag p99"
             );
             let rows: Vec<&RunResult> = file.results.iter().filter(|r| r.workload.name == w.name).collect();
             for r in &rows {
@@ -232,7 +244,7 @@ pub fn summary_table(files: &[ResultsFile]) -> String {
                 let e2e = r.send_receive.as_ref();
                 let _ = writeln!(
                     out,
-                    "{:<20} {:>8.0} │ {:>8} {:>8} {:>9} │ {:>8} {:>8} {:>9} {:>9} {:>9} │ {:>9}",
+                    "{:<20} {:>8.0} │ {:>8} {:>8} {:>9} │ {:>8} {:>8} {:>9} {:>9} {:>9} │ {:>9} {:>8}",
                     r.target,
                     r.send_throughput.msgs_per_sec,
                     cell(Some(&r.send_ack), "p50"),
@@ -248,6 +260,7 @@ pub fn summary_table(files: &[ResultsFile]) -> String {
                     } else {
                         format!("{cpu:.1}")
                     },
+                    cell(Some(&r.generator_lag), "p99"),
                 );
             }
             for r in &rows {
@@ -285,7 +298,10 @@ fn ratios(rows: &[&RunResult]) -> String {
     if sluice.is_empty() || peers.is_empty() && floors.is_empty() {
         return out;
     }
-    let _ = writeln!(out, "  ratios, same run (below 1: Sluice is faster)      ack p50  ack p99  e2e p50  e2e p99  e2e p99.9");
+    let _ = writeln!(
+        out,
+        "  ratios, same run (below 1: Sluice is faster)      ack p50  ack p99  e2e p50  e2e p99  e2e p99.9"
+    );
     for s in &sluice {
         for p in &peers {
             let e2e = |r: &RunResult, q: &str| r.send_receive.as_ref().and_then(|l| l.named(q)).unwrap_or(0.0);
@@ -337,6 +353,7 @@ mod tests {
             counts: Counts { scheduled: 10, started: 10, acked: 10, received: 10, ..Default::default() },
             send_ack: summary(&[100, 200]),
             send_receive: e2e,
+            generator_lag: summary(&[1]),
             send_throughput: crate::stats::throughput(10, 16, 1.0),
             receive_throughput: None,
             cpu: vec![],

@@ -15,8 +15,7 @@ pub const REPORTED_QUANTILES: [(&str, f64); 5] =
     [("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p99.9", 0.999), ("p99.99", 0.9999)];
 
 /// Quantiles kept for the percentile plot (the last one is the max).
-pub const SPECTRUM_QUANTILES: [f64; 11] =
-    [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99999, 1.0];
+pub const SPECTRUM_QUANTILES: [f64; 11] = [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99999, 1.0];
 
 #[derive(Clone)]
 pub struct Latency {

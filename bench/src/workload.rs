@@ -97,7 +97,10 @@ impl Workload {
             return bad("the name must be non-empty letters, digits, '-' or '_'".into());
         }
         if self.topic_kind == TopicKind::Lite {
-            return bad("lite-topic workloads need lite topics, which Sluice does not have yet; use topic_kind = \"normal\"".into());
+            return bad(
+                "lite-topic workloads need lite topics, which Sluice does not have yet; use topic_kind = \"normal\""
+                    .into(),
+            );
         }
         if !(MESSAGE_HEADER_BYTES..=MESSAGE_SIZE_MAX_BYTES).contains(&self.size_bytes) {
             return bad(format!("size_bytes must be {MESSAGE_HEADER_BYTES}..={MESSAGE_SIZE_MAX_BYTES}"));
@@ -111,7 +114,7 @@ impl Workload {
         if !(1..=TOPICS_MAX).contains(&self.topics) {
             return bad(format!("topics must be 1..={TOPICS_MAX}"));
         }
-        if self.consumers > 0 && self.consumers % self.topics != 0 {
+        if self.consumers > 0 && !self.consumers.is_multiple_of(self.topics) {
             return bad(format!(
                 "{} consumers cannot share {} topics evenly; use a multiple of the topic count",
                 self.consumers, self.topics
@@ -171,7 +174,10 @@ impl Suite {
         for w in &suite.workloads {
             w.validate()?;
             if suite.workloads.iter().filter(|o| o.name == w.name).count() > 1 {
-                return Err(BenchError::Suite { path: origin.to_string(), why: format!("workload {:?} appears twice", w.name) });
+                return Err(BenchError::Suite {
+                    path: origin.to_string(),
+                    why: format!("workload {:?} appears twice", w.name),
+                });
             }
         }
         Ok(suite)

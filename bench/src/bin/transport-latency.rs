@@ -10,11 +10,11 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Parser;
-use futures::{AsyncReadExt, AsyncWriteExt};
 use hdrhistogram::Histogram;
+use sluice_bench::targets::pingpong::RawEchoServer;
 use sluice_transport::messages::{Echo, EchoReply};
 use sluice_transport::server::ListenOn;
 use sluice_transport::{BuiltinsOnly, Client, ServerInfo, ServerThread, TransportConfig};
@@ -70,7 +70,7 @@ fn main() {
     let config = TransportConfig::default();
     match args.transport.as_str() {
         "tcp" => {
-            let raw = RawEchoServer::spawn(args.server, server_core);
+            let raw = RawEchoServer::spawn(args.server, server_core).expect("raw echo server");
             let server = ServerThread::spawn_tcp(
                 args.server,
                 config.clone(),
@@ -215,60 +215,4 @@ async fn raw_pingpong(addr: SocketAddr, size: usize, warmup: u64, iterations: u6
         }
     }
     histogram
-}
-
-/// The floor: a glommio server that echoes fixed-size messages with no framing at all.
-struct RawEchoServer {
-    addr: SocketAddr,
-    stop: Option<std::sync::mpsc::Sender<()>>,
-}
-
-impl RawEchoServer {
-    fn spawn(bind: SocketAddr, core: Option<usize>) -> RawEchoServer {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-        let placement = core.map(glommio::Placement::Fixed).unwrap_or(glommio::Placement::Unbound);
-        glommio::LocalExecutorBuilder::new(placement)
-            .name("raw-echo")
-            .spawn(move || async move {
-                let listener = glommio::net::TcpListener::bind(bind).expect("raw bind");
-                ready_tx.send(listener.local_addr().expect("addr")).expect("ready");
-                loop {
-                    if stop_rx.try_recv().is_ok() {
-                        return;
-                    }
-                    let accept = std::pin::pin!(listener.accept());
-                    let tick = std::pin::pin!(glommio::timer::sleep(Duration::from_millis(50)));
-                    let futures::future::Either::Left((Ok(mut stream), _)) =
-                        futures::future::select(accept, tick).await
-                    else {
-                        continue;
-                    };
-                    stream.set_nodelay(true).expect("nodelay");
-                    glommio::spawn_local(async move {
-                        let mut size = [0u8; 4];
-                        if stream.read_exact(&mut size).await.is_err() {
-                            return;
-                        }
-                        let mut buf = vec![0u8; u32::from_le_bytes(size) as usize];
-                        while stream.read_exact(&mut buf).await.is_ok() {
-                            if stream.write_all(&buf).await.is_err() {
-                                return;
-                            }
-                        }
-                    })
-                    .detach();
-                }
-            })
-            .expect("raw echo executor");
-        RawEchoServer { addr: ready_rx.recv().expect("raw server ready"), stop: Some(stop_tx) }
-    }
-}
-
-impl Drop for RawEchoServer {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
 }

@@ -63,7 +63,8 @@ pub async fn open(spec: &TargetSpec, workload: &Workload, names: &RunNames) -> R
     let subjects = Arc::new(subjects);
     let mut producers: Vec<Arc<dyn Producer>> = Vec::new();
     for _ in 0..workload.producers {
-        producers.push(Arc::new(NatsProducer { context: jetstream::new(connect(spec).await?), subjects: subjects.clone() }));
+        producers
+            .push(Arc::new(NatsProducer { context: jetstream::new(connect(spec).await?), subjects: subjects.clone() }));
     }
     let per_topic = workload.consumers_per_topic() as usize;
     let mut consumers: Vec<Box<dyn Consumer>> = Vec::new();
@@ -81,12 +82,8 @@ pub async fn open(spec: &TargetSpec, workload: &Workload, names: &RunNames) -> R
         let own = jetstream::new(connect(spec).await?);
         let consumer: jetstream::consumer::PullConsumer =
             own.get_consumer_from_stream(&durable, &stream_name).await.map_err(error)?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(RECEIVE_BATCH_MAX as usize)
-            .messages()
-            .await
-            .map_err(error)?;
+        let messages =
+            consumer.stream().max_messages_per_batch(RECEIVE_BATCH_MAX as usize).messages().await.map_err(error)?;
         consumers.push(Box::new(NatsConsumer { messages, pending: Vec::new() }));
     }
     let teardown: BoxFuture<'static, Result<(), BenchError>> = Box::pin(async move {
@@ -157,5 +154,18 @@ impl Consumer for NatsConsumer {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_nats_servers_are_labelled_as_not_syncing_per_message() {
+        assert!(durability("2.9.10").detail.contains("every 2 min"));
+        assert!(durability("2.10.3").detail.contains("sync_interval"));
+        assert!(durability("2.11.0").detail.contains("sync_interval"));
+        assert_eq!(durability("2.9.10").level, None);
     }
 }

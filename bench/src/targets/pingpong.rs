@@ -167,7 +167,8 @@ impl Producer for Arc<TransportProducer> {
     fn send(&self, _topic: usize, _sequence: u64, body: Bytes) -> BoxFuture<'static, Result<(), BenchError>> {
         let this = self.clone();
         Box::pin(async move {
-            let reply = this.client.call(&Echo { payload: &body }).await.map_err(|e| BenchError::target("transport", e))?;
+            let reply =
+                this.client.call(&Echo { payload: &body }).await.map_err(|e| BenchError::target("transport", e))?;
             let echoed = reply.access::<EchoReply>().map_err(|e| BenchError::target("transport", e))?.payload.len();
             if echoed != body.len() {
                 return Err(BenchError::target("transport", format!("echoed {echoed} of {} bytes", body.len())));
@@ -190,12 +191,15 @@ pub fn transport_url(endpoint: &str) -> String {
 pub async fn open_transport(spec: &TargetSpec, workload: &Workload) -> Result<Session, BenchError> {
     let url = transport_url(&spec.endpoint);
     let mut producers: Vec<Arc<dyn Producer>> = Vec::new();
+    let mut kind = None;
     for _ in 0..workload.producers {
-        let client =
-            Client::connect(&url, TransportConfig::default(), "sluice-bench").await.map_err(|e| connect_error(spec, e))?;
+        let client = Client::connect(&url, TransportConfig::default(), "sluice-bench")
+            .await
+            .map_err(|e| connect_error(spec, e))?;
+        kind = Some(client.transport());
         producers.push(Arc::new(Arc::new(TransportProducer { client })));
     }
-    let scheme = url.split("://").next().unwrap_or("tcp").to_uppercase();
+    let scheme = kind.map_or("?".to_string(), |k| format!("{k:?}").to_uppercase());
     Ok(Session {
         producers,
         consumers: Vec::new(),

@@ -26,9 +26,8 @@ fn error(e: impl std::fmt::Display) -> BenchError {
 async fn connect(spec: &TargetSpec) -> Result<MultiplexedConnection, BenchError> {
     let url = if spec.endpoint.contains("://") { spec.endpoint.clone() } else { format!("redis://{}", spec.endpoint) };
     let client = redis::Client::open(url).map_err(|e| connect_error(spec, e))?;
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(None);
+    let config =
+        AsyncConnectionConfig::new().set_connection_timeout(Some(Duration::from_secs(5))).set_response_timeout(None);
     client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| connect_error(spec, e))
 }
 
@@ -98,7 +97,13 @@ pub async fn open(
         let _: i64 = redis::cmd("DEL").arg(keys.as_slice()).query_async(&mut admin).await.map_err(error)?;
         Ok(())
     });
-    Ok(Session { producers, consumers, durability: info, path: "RESP over TCP (redis crate)".into(), teardown: Some(teardown) })
+    Ok(Session {
+        producers,
+        consumers,
+        durability: info,
+        path: "RESP over TCP (redis crate)".into(),
+        teardown: Some(teardown),
+    })
 }
 
 struct RedisProducer {
@@ -180,5 +185,18 @@ impl Consumer for RedisConsumer {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_persistence_maps_onto_the_levels() {
+        assert_eq!(durability("yes", "always").level, Some(DurabilityLevel::Sync));
+        assert_eq!(durability("yes", "everysec").level, Some(DurabilityLevel::Async));
+        assert_eq!(durability("yes", "no").level, None);
+        assert_eq!(durability("no", "always").level, None, "appendfsync means nothing without the AOF");
     }
 }

@@ -12,7 +12,7 @@ use sluice_transport::messages::{
     AckRequest, AckResponse, AppendEntry, AppendRequest, AppendResponse, CreateQueueRequest, DeleteQueueRequest,
     PopRequest, PopResponse, StatsRequest, StatsResponse,
 };
-use sluice_transport::TransportConfig;
+use sluice_transport::{Client, TransportConfig};
 
 use super::{
     connect_error, durability_mismatch, Consumer, Delivered, DurabilityInfo, Producer, RunNames, Session, TargetSpec,
@@ -90,10 +90,10 @@ pub async fn open(
     let admin = pool(spec).await?;
     let durability = broker_durability(&admin).await?;
     check_level(spec, &durability, level)?;
-    let topic_queues: Vec<Vec<String>> =
-        (0..workload.topics as usize).map(|t| queues(names, workload, t)).collect();
+    let topic_queues: Vec<Vec<String>> = (0..workload.topics as usize).map(|t| queues(names, workload, t)).collect();
     for queue in topic_queues.iter().flatten() {
-        let create = CreateQueueRequest { queue: queue.clone(), message_type: message_type::NORMAL, attributes: vec![] };
+        let create =
+            CreateQueueRequest { queue: queue.clone(), message_type: message_type::NORMAL, attributes: vec![] };
         admin.call_for(queue, &create).await.map_err(error)?;
     }
     let topic_queues = Arc::new(topic_queues);
@@ -105,7 +105,12 @@ pub async fn open(
     let per_topic = workload.consumers_per_topic() as usize;
     for c in 0..workload.consumers as usize {
         let queue = topic_queues[c / per_topic][c % per_topic].clone();
-        consumers.push(Box::new(BrokerConsumer { pool: pool(spec).await?, queue, group: names.group(), receipts: vec![] }));
+        consumers.push(Box::new(BrokerConsumer {
+            pool: pool(spec).await?,
+            queue,
+            group: names.group(),
+            receipts: vec![],
+        }));
     }
     let all: Vec<String> = topic_queues.iter().flatten().cloned().collect();
     let teardown: BoxFuture<'static, Result<(), BenchError>> = Box::pin(async move {
@@ -114,7 +119,11 @@ pub async fn open(
         }
         Ok(())
     });
-    let scheme = spec.endpoint.split_once("://").map_or("tcp", |(s, _)| s).to_uppercase();
+    // What `auto` chose: a probe connection says which transport this host gets.
+    let url = super::pingpong::transport_url(&spec.endpoint);
+    let probe =
+        Client::connect(&url, TransportConfig::default(), "sluice-bench").await.map_err(|e| connect_error(spec, e))?;
+    let scheme = format!("{:?}", probe.transport()).to_uppercase();
     Ok(Session {
         producers,
         consumers,
@@ -200,5 +209,26 @@ impl Consumer for BrokerConsumer {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durability_comes_from_the_broker_counters_and_must_match() {
+        let spec: TargetSpec = "sluice-broker=tcp://127.0.0.1:1".parse().unwrap();
+        let sync = durability_from_counters(Some(1), Some(0));
+        let slow = durability_from_counters(Some(0), Some(1000));
+        assert_eq!((sync.level, slow.level), (Some(DurabilityLevel::Sync), Some(DurabilityLevel::Async)));
+        assert!(slow.detail.contains("1000 ms"));
+        assert!(check_level(&spec, &sync, DurabilityLevel::Sync).is_ok());
+        let err = check_level(&spec, &slow, DurabilityLevel::Sync).unwrap_err();
+        assert_eq!(err.code(), 6005);
+        assert!(err.to_string().contains("--durability async"), "{err}");
+        // A broker too old to say is refused rather than guessed.
+        assert_eq!(durability_from_counters(None, None).level, None);
+        assert!(check_level(&spec, &durability_from_counters(None, None), DurabilityLevel::Async).is_err());
     }
 }

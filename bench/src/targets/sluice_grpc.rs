@@ -66,21 +66,26 @@ pub async fn open(
     let queue_count = workload.consumers_per_topic().max(1);
     let topics: Vec<String> = (0..workload.topics as usize).map(|t| names.topic(t)).collect();
     for topic in &topics {
-        let request =
-            admin::CreateTopicRequest { name: topic.clone(), message_type: v2::MessageType::Normal as i32, queue_count };
+        let request = admin::CreateTopicRequest {
+            name: topic.clone(),
+            message_type: v2::MessageType::Normal as i32,
+            queue_count,
+        };
         let reply = admin.create_topic(request).await.map_err(error)?.into_inner();
         check_status(reply.status.as_ref(), &format!("creating topic {topic}"))?;
     }
     let topics = Arc::new(topics);
     let mut producers: Vec<Arc<dyn Producer>> = Vec::new();
     for _ in 0..workload.producers {
-        let client = MessagingServiceClient::new(channel(spec).await?).max_encoding_message_size(GRPC_MESSAGE_MAX_BYTES);
+        let client =
+            MessagingServiceClient::new(channel(spec).await?).max_encoding_message_size(GRPC_MESSAGE_MAX_BYTES);
         producers.push(Arc::new(GrpcProducer { client, topics: topics.clone() }));
     }
     let mut consumers: Vec<Box<dyn Consumer>> = Vec::new();
     let per_topic = workload.consumers_per_topic() as usize;
     for c in 0..workload.consumers as usize {
-        let client = MessagingServiceClient::new(channel(spec).await?).max_decoding_message_size(GRPC_MESSAGE_MAX_BYTES);
+        let client =
+            MessagingServiceClient::new(channel(spec).await?).max_decoding_message_size(GRPC_MESSAGE_MAX_BYTES);
         consumers.push(Box::new(GrpcConsumer {
             client,
             topic: topics[c / per_topic].clone(),
@@ -191,8 +196,11 @@ impl Consumer for GrpcConsumer {
                 return Ok(());
             }
             let entries = std::mem::take(&mut self.entries);
-            let request =
-                v2::AckMessageRequest { group: Some(resource(&self.group)), topic: Some(resource(&self.topic)), entries };
+            let request = v2::AckMessageRequest {
+                group: Some(resource(&self.group)),
+                topic: Some(resource(&self.topic)),
+                entries,
+            };
             let reply = self.client.ack_message(request).await.map_err(error)?.into_inner();
             check_status(reply.status.as_ref(), "AckMessage")
         })

@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# The standard benchmark suite: Sluice beside NATS JetStream and Redis Streams on this machine,
+# at equal durability, with the raw-socket and transport ping-pongs as floors.
+#
+#   scripts/bench.sh [--short] [--durability sync|async|both] [--label TEXT] [--suite FILE]
+#
+# For each durability level it starts, in a scratch directory with free ports:
+#   a `sluice broker` and a `sluice proxy` (proxy→broker over RDMA when this host has a device,
+#   and then a second proxy over TCP for comparison), `redis-server` (AOF, appendfsync always
+#   for sync, everysec for async), and `nats-server -js` (file storage), then runs
+#   bench/suites/standard.toml through target/release/sluice-bench. Results go to results/
+#   (<level>.json, report.html); the summary table with Sluice ÷ peer ratios is printed.
+# --short (CI) runs every workload for a few seconds and checks the JSON is valid and complete.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export LIBCLANG_PATH="${LIBCLANG_PATH:-/usr/lib/llvm-14/lib}"
+
+short=""; levels=(sync async); label="$(hostname) $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+suite=bench/suites/standard.toml
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --short) short="--short"; shift ;;
+    --durability) case "$2" in sync|async) levels=("$2") ;; both) levels=(sync async) ;;
+                    *) echo "--durability is sync, async or both" >&2; exit 2 ;; esac; shift 2 ;;
+    --label) label="$2"; shift 2 ;;
+    --suite) suite="$2"; shift 2 ;;
+    *) echo "usage: $0 [--short] [--durability sync|async|both] [--label TEXT] [--suite FILE]" >&2; exit 2 ;;
+  esac
+done
+
+for tool in nats-server redis-server; do
+  command -v "$tool" >/dev/null || { echo "bench: $tool is missing; running scripts/setup.sh"; bash scripts/setup.sh; break; }
+done
+cargo build --release --locked -p sluice-proxy --bin sluice -p sluice-bench --bin sluice-bench
+sluice=target/release/sluice
+bench=target/release/sluice-bench
+
+work="$(mktemp -d /tmp/sluice-bench.XXXXXX)"
+pids=()
+stop_all() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  pids=()
+}
+trap 'stop_all; rm -rf "$work"' EXIT
+mkdir -p results
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Two consecutive free ports (a broker's shard i listens on port + i).
+free_port_pair() {
+  python3 - <<'PY'
+import socket
+while True:
+    a = socket.socket(); a.bind(("127.0.0.1", 0)); p = a.getsockname()[1]
+    b = socket.socket()
+    try:
+        b.bind(("127.0.0.1", p + 1)); print(p); break
+    except OSError:
+        pass
+    finally:
+        a.close(); b.close()
+PY
+}
+
+wait_port() {
+  local port=$1 name=$2 log=$3
+  for _ in $(seq 1 300); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "bench: $name did not open port $port within 30 s; its log:" >&2
+  tail -n 40 "$log" >&2
+  exit 1
+}
+
+rdma=false
+if compgen -G "/sys/class/infiniband/*" >/dev/null; then rdma=true; fi
+# The IPv4 address of the first RDMA device's network interface (or $SLUICE_RDMA_ADDR).
+rdma_addr() {
+  if [[ -n ${SLUICE_RDMA_ADDR:-} ]]; then echo "$SLUICE_RDMA_ADDR"; return; fi
+  local netdev
+  netdev=$(rdma link 2>/dev/null | awk '{for (i = 1; i < NF; i++) if ($i == "netdev") { print $(i + 1); exit }}')
+  ip -4 -o addr show dev "${netdev:?no RDMA link with a netdev; set SLUICE_RDMA_ADDR}" | awk '{split($4, a, "/"); print a[1]; exit}'
+}
+nats_version="$(nats-server --version | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -n1)"
+nats_has_sync_interval() { [[ "$(printf '%s\n' 2.10.0 "$nats_version" | sort -V | head -n1)" == 2.10.0 ]]; }
+
+run_level() {
+  local level=$1 dir="$work/$1"
+  mkdir -p "$dir"
+  local broker_port grpc grpc_tcp redis_port nats_port flush_ms=1000
+  broker_port=$(free_port_pair); grpc=$(free_port); redis_port=$(free_port); nats_port=$(free_port)
+  local rdma_line="" transport=tcp
+  if $rdma; then
+    # auto: the client meets the broker over TCP and moves to RDMA when the broker offers it.
+    transport=auto
+    rdma_line="rdma_listen = \"$(rdma_addr):$(( broker_port + 100 ))\""
+  fi
+  # Async: acked once written, flushed every second, like Redis appendfsync everysec.
+  cat >"$dir/broker.toml" <<TOML
+[broker]
+name = "bench-broker"
+listen = "127.0.0.1:$broker_port"
+$rdma_line
+data_dir = "$dir/sluice"
+durability = "$level"
+flush_interval_ms = $flush_ms
+segment_size_bytes = 268435456
+TOML
+  "$sluice" broker --config "$dir/broker.toml" >"$dir/broker.log" 2>&1 &
+  local broker_pid=$!; pids+=("$broker_pid")
+  wait_port "$broker_port" "sluice broker" "$dir/broker.log"
+  start_proxy() { # name port transport
+    cat >"$dir/$1.toml" <<TOML
+[proxy]
+name = "$1"
+grpc = "127.0.0.1:$2"
+brokers = ["127.0.0.1:$broker_port"]
+transport = "$3"
+TOML
+    "$sluice" proxy --config "$dir/$1.toml" >"$dir/$1.log" 2>&1 &
+    pids+=($!)
+    wait_port "$2" "sluice proxy ($3)" "$dir/$1.log"
+  }
+  start_proxy proxy "$grpc" "$transport"
+  local proxy_pid=${pids[-1]}
+
+  local fsync=always; [[ $level == async ]] && fsync=everysec
+  mkdir -p "$dir/redis"
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync "$fsync" \
+    --dir "$dir/redis" --daemonize no --protected-mode no >"$dir/redis.log" 2>&1 &
+  local redis_pid=$!; pids+=("$redis_pid")
+  wait_port "$redis_port" redis-server "$dir/redis.log"
+
+  mkdir -p "$dir/nats"
+  if nats_has_sync_interval && [[ $level == sync ]]; then
+    printf 'jetstream { store_dir: "%s", sync_interval: always }\n' "$dir/nats" >"$dir/nats.conf"
+  else
+    printf 'jetstream { store_dir: "%s" }\n' "$dir/nats" >"$dir/nats.conf"
+  fi
+  nats-server -c "$dir/nats.conf" -a 127.0.0.1 -p "$nats_port" >"$dir/nats.log" 2>&1 &
+  local nats_pid=$!; pids+=("$nats_pid")
+  wait_port "$nats_port" nats-server "$dir/nats.log"
+
+  local targets=(
+    --target raw-tcp
+    --target "transport=$transport://127.0.0.1:$broker_port"
+    --target "sluice-broker=$transport://127.0.0.1:$broker_port"
+    --target "sluice-grpc=127.0.0.1:$grpc"
+    --target "nats=nats://127.0.0.1:$nats_port"
+    --target "redis=redis://127.0.0.1:$redis_port"
+  )
+  local kinds=raw-tcp,transport,sluice-broker,sluice-grpc,nats,redis
+  local cpu=(--pid "broker=$broker_pid" --pid "proxy=$proxy_pid" --pid "nats=$nats_pid" --pid "redis=$redis_pid")
+  if $rdma; then
+    # RDMA against TCP for the proxy→broker hop, in the same run.
+    grpc_tcp=$(free_port)
+    start_proxy proxy-tcp "$grpc_tcp" tcp
+    targets+=(--target "sluice-grpc@tcp=127.0.0.1:$grpc_tcp"
+              --target "sluice-broker@tcp=tcp://127.0.0.1:$broker_port"
+              --target "transport@tcp=tcp://127.0.0.1:$broker_port")
+  fi
+  echo "== bench: $level durability · sluice $level (async flushes every ${flush_ms} ms) · redis appendfsync $fsync · nats-server $nats_version =="
+  "$bench" suite "$suite" "${targets[@]}" "${cpu[@]}" --durability "$level" $short \
+    --label "$label" --out "results/$level.json"
+  if [[ -n $short ]]; then
+    "$bench" check "results/$level.json" --suite "$suite" --kinds "$kinds"
+  fi
+  stop_all
+}
+
+files=()
+for level in "${levels[@]}"; do
+  run_level "$level"
+  files+=("results/$level.json")
+done
+"$bench" report "${files[@]}" --out results/report.html
+echo
+echo "== summary (results/: ${files[*]}, report.html) =="
+"$bench" summary "${files[@]}"
