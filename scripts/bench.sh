@@ -31,7 +31,7 @@ done
 for tool in nats-server redis-server; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is missing; running scripts/setup.sh"; bash scripts/setup.sh; break; }
 done
-cargo build --release --locked -p sluice-proxy --bin sluice -p sluice-bench --bin sluice-bench
+cargo build --release --locked -p sluice --bin sluice -p sluice-bench --bin sluice-bench
 sluice=target/release/sluice
 bench=target/release/sluice-bench
 

@@ -25,8 +25,8 @@ fn index_lookups(c: &mut Criterion) {
                 offset,
                 position: q * 1_000_000 + offset * 100,
                 size_bytes: 100,
-                tag_hash: 0,
-                store_ms: 0,
+                message_type: 1,
+                ..QueueEntry::default()
             };
             batch.put_entry(&format!("queue#{q}"), &entry);
         }

@@ -25,12 +25,8 @@ pub const SHARD_INBOX_MAX_DEFAULT: usize = 4096;
 pub const INDEX_FLUSH_INTERVAL_BYTES_DEFAULT: u64 = 256 << 20;
 /// Smallest allowed segment: one maximal group-commit write has to fit in it.
 pub const SEGMENT_SIZE_MIN_BYTES: u64 = 64 << 10;
-/// Most queues one record can be dispatched into.
-pub const RECORD_QUEUES_MAX: usize = 16;
-/// Most keys one record can carry.
-pub const RECORD_KEYS_MAX: usize = 32;
-/// Longest message id or key or tag.
-pub const RECORD_ID_MAX_BYTES: usize = 255;
+// Record limits live with the record format.
+pub use sluice_transport::model::record::{RECORD_ID_MAX_BYTES, RECORD_KEYS_MAX, RECORD_QUEUES_MAX};
 
 /// When an append is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

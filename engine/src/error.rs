@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use sluice_transport::model::codes;
+
 /// Result alias used across the engine.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
@@ -64,21 +66,21 @@ impl EngineError {
     /// Stable numeric code. Never renumber or reuse a code.
     pub fn code(&self) -> u32 {
         match self {
-            EngineError::Config(_) => 1001,
-            EngineError::Io { .. } => 1002,
-            EngineError::Index { .. } => 1003,
-            EngineError::RecordTooLarge { .. } => 1010,
-            EngineError::BatchTooLarge { .. } => 1011,
-            EngineError::InvalidRecord(_) => 1012,
-            EngineError::InvalidQueueName { .. } => 1013,
-            EngineError::TooManyQueues { .. } => 1014,
-            EngineError::QueueNotFound(_) => 1015,
-            EngineError::DispatchAcrossShards { .. } => 1016,
-            EngineError::QueueBeingDeleted(_) => 1017,
-            EngineError::CorruptRecord { .. } => 1020,
-            EngineError::PositionNotStored { .. } => 1021,
-            EngineError::ShardFailed { .. } => 1030,
-            EngineError::ShuttingDown => 1031,
+            EngineError::Config(_) => codes::CONFIG,
+            EngineError::Io { .. } => codes::IO,
+            EngineError::Index { .. } => codes::INDEX,
+            EngineError::RecordTooLarge { .. } => codes::RECORD_TOO_LARGE,
+            EngineError::BatchTooLarge { .. } => codes::BATCH_TOO_LARGE,
+            EngineError::InvalidRecord(_) => codes::INVALID_RECORD,
+            EngineError::InvalidQueueName { .. } => codes::INVALID_QUEUE_NAME,
+            EngineError::TooManyQueues { .. } => codes::TOO_MANY_QUEUES,
+            EngineError::QueueNotFound(_) => codes::ENGINE_QUEUE_NOT_FOUND,
+            EngineError::DispatchAcrossShards { .. } => codes::DISPATCH_ACROSS_SHARDS,
+            EngineError::QueueBeingDeleted(_) => codes::QUEUE_BEING_DELETED,
+            EngineError::CorruptRecord { .. } => codes::CORRUPT_RECORD,
+            EngineError::PositionNotStored { .. } => codes::POSITION_NOT_STORED,
+            EngineError::ShardFailed { .. } => codes::SHARD_FAILED,
+            EngineError::ShuttingDown => codes::ENGINE_SHUTTING_DOWN,
         }
     }
 

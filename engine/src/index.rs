@@ -22,6 +22,8 @@ pub const CF_MESSAGE_KEY: &str = "message_key";
 pub const CF_CONSUMER_OFFSET: &str = "consumer_offset";
 pub const CF_POP_STATE: &str = "pop_state";
 pub const CF_TIMER: &str = "timer";
+/// Half messages of open transactions, by log position.
+pub const CF_HALF: &str = "half";
 pub const CF_LITE_META: &str = "lite_meta";
 pub const CF_QUEUE_CONFIG: &str = "queue_config";
 const CF_META: &str = "meta";
@@ -31,8 +33,9 @@ const QUEUE_INDEX_MEMTABLE_BYTES: usize = 128 << 20;
 /// Marks a block-cache-only read that would have needed disk I/O.
 const NOT_CACHED: &str = "queue range (not cached)";
 
-const ALL_CFS: [&str; 10] = [
+const ALL_CFS: [&str; 11] = [
     CF_QUEUE_INDEX,
+    CF_HALF,
     CF_QUEUE_META,
     CF_MESSAGE_ID,
     CF_MESSAGE_KEY,
@@ -83,14 +86,194 @@ pub struct Checkpoint {
     pub last_batch: Option<u64>,
 }
 
-/// Where one queue offset's record lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where one queue offset's record lives, and what the scheduler reads about it without
+/// reading the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct QueueEntry {
     pub offset: u64,
     pub position: u64,
     pub size_bytes: u32,
     pub tag_hash: u32,
     pub store_ms: u64,
+    pub message_type: u8,
+    pub txn_state: u8,
+    pub priority: i32,
+    /// `record::name_hash` of the message group; 0 for none.
+    pub group_hash: u64,
+    /// `record::name_hash` of the lite topic; 0 for none.
+    pub lite_hash: u64,
+    pub delivery_ms: u64,
+}
+
+/// Value bytes of a queue entry written before attributes existed (format v2).
+const ENTRY_V2_BYTES: usize = 24;
+/// Value bytes of a queue entry now.
+pub const ENTRY_BYTES: usize = 56;
+
+impl QueueEntry {
+    /// The entry of a record at `position`, from the record's own fields.
+    pub fn of_record(view: &crate::record::RecordView<'_>, position: u64, size_bytes: u32) -> QueueEntry {
+        let a = &view.attributes;
+        QueueEntry {
+            offset: 0,
+            position,
+            size_bytes,
+            tag_hash: crate::record::tag_hash(view.tag),
+            store_ms: view.store_ms,
+            message_type: a.message_type,
+            txn_state: a.txn_state,
+            priority: a.priority,
+            group_hash: crate::record::name_hash(a.message_group),
+            lite_hash: crate::record::name_hash(a.lite_topic),
+            delivery_ms: a.delivery_ms,
+        }
+    }
+
+    pub fn at(self, offset: u64) -> QueueEntry {
+        QueueEntry { offset, ..self }
+    }
+
+    pub fn encode(&self) -> [u8; ENTRY_BYTES] {
+        let mut out = [0u8; ENTRY_BYTES];
+        out[0..8].copy_from_slice(&self.position.to_le_bytes());
+        out[8..12].copy_from_slice(&self.size_bytes.to_le_bytes());
+        out[12..16].copy_from_slice(&self.tag_hash.to_le_bytes());
+        out[16..24].copy_from_slice(&self.store_ms.to_le_bytes());
+        out[24] = self.message_type;
+        out[25] = self.txn_state;
+        out[28..32].copy_from_slice(&self.priority.to_le_bytes());
+        out[32..40].copy_from_slice(&self.group_hash.to_le_bytes());
+        out[40..48].copy_from_slice(&self.lite_hash.to_le_bytes());
+        out[48..56].copy_from_slice(&self.delivery_ms.to_le_bytes());
+        out
+    }
+
+    /// Reads an entry value of either format; `None` for any other length.
+    pub fn decode(offset: u64, value: &[u8]) -> Option<QueueEntry> {
+        if value.len() != ENTRY_V2_BYTES && value.len() != ENTRY_BYTES {
+            return None;
+        }
+        let mut entry = QueueEntry {
+            offset,
+            position: crate::record::le_u64(value, 0),
+            size_bytes: crate::record::le_u32(value, 8),
+            tag_hash: crate::record::le_u32(value, 12),
+            store_ms: crate::record::le_u64(value, 16),
+            message_type: sluice_transport::model::message_type::NORMAL,
+            ..QueueEntry::default()
+        };
+        if value.len() == ENTRY_BYTES {
+            entry.message_type = if value[24] == 0 { entry.message_type } else { value[24] };
+            entry.txn_state = value[25];
+            entry.priority = i32::from_le_bytes([value[28], value[29], value[30], value[31]]);
+            entry.group_hash = crate::record::le_u64(value, 32);
+            entry.lite_hash = crate::record::le_u64(value, 40);
+            entry.delivery_ms = crate::record::le_u64(value, 48);
+        }
+        Some(entry)
+    }
+}
+
+/// A stored record that waits before it enters its queues: a delay message (until `due_ms`)
+/// or the half message of an open transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldMessage {
+    pub kind: HeldKind,
+    /// For a timer, when it is due; 0 for a half message.
+    pub due_ms: u64,
+    /// The record's entry (offset unset until it is dispatched).
+    pub entry: QueueEntry,
+    pub message_id: String,
+    /// The queues it enters when dispatched.
+    pub queues: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HeldKind {
+    Timer = 1,
+    Half = 2,
+}
+
+impl HeldKind {
+    pub fn from_u8(v: u8) -> Option<HeldKind> {
+        match v {
+            1 => Some(HeldKind::Timer),
+            2 => Some(HeldKind::Half),
+            _ => None,
+        }
+    }
+}
+
+impl HeldMessage {
+    fn key(&self) -> Vec<u8> {
+        held_key(self.kind, self.due_ms, self.entry.position)
+    }
+
+    /// `entry | id_len u8, id | queue_count u8 | (len u8, name)*`
+    fn encode_value(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(ENTRY_BYTES + 2 + self.message_id.len() + self.queues.len() * 32);
+        out.extend_from_slice(&self.entry.encode());
+        out.push(self.message_id.len() as u8);
+        out.extend_from_slice(self.message_id.as_bytes());
+        out.push(self.queues.len() as u8);
+        for queue in &self.queues {
+            out.push(queue.len() as u8);
+            out.extend_from_slice(queue.as_bytes());
+        }
+        out
+    }
+
+    fn decode(kind: HeldKind, key: &[u8], value: &[u8]) -> Option<HeldMessage> {
+        let (due_ms, position) = match kind {
+            HeldKind::Timer if key.len() == 16 => (be_u64(&key[..8]), be_u64(&key[8..])),
+            HeldKind::Half if key.len() == 8 => (0, be_u64(key)),
+            _ => return None,
+        };
+        let entry = QueueEntry::decode(0, value.get(..ENTRY_BYTES)?)?;
+        if entry.position != position {
+            return None;
+        }
+        let mut at = ENTRY_BYTES;
+        let mut text = || -> Option<String> {
+            let len = usize::from(*value.get(at)?);
+            let bytes = value.get(at + 1..at + 1 + len)?;
+            at += 1 + len;
+            String::from_utf8(bytes.to_vec()).ok()
+        };
+        let message_id = text()?;
+        let count = usize::from(*value.get(at)?);
+        at += 1;
+        let mut queues = Vec::with_capacity(count);
+        for _ in 0..count {
+            let len = usize::from(*value.get(at)?);
+            queues.push(String::from_utf8(value.get(at + 1..at + 1 + len)?.to_vec()).ok()?);
+            at += 1 + len;
+        }
+        (at == value.len()).then_some(HeldMessage { kind, due_ms, entry, message_id, queues })
+    }
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(bytes);
+    u64::from_be_bytes(b)
+}
+
+/// Timers sort by due time, then position; half messages by position.
+pub fn held_key(kind: HeldKind, due_ms: u64, position: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16);
+    if kind == HeldKind::Timer {
+        key.extend_from_slice(&due_ms.to_be_bytes());
+    }
+    key.extend_from_slice(&position.to_be_bytes());
+    key
+}
+
+fn held_cf(kind: HeldKind) -> &'static str {
+    match kind {
+        HeldKind::Timer => CF_TIMER,
+        HeldKind::Half => CF_HALF,
+    }
 }
 
 /// Persistent per-queue counters.
@@ -120,28 +303,11 @@ impl QueueMeta {
     }
 }
 
-fn entry_value(e: &QueueEntry) -> [u8; 24] {
-    let mut out = [0u8; 24];
-    out[0..8].copy_from_slice(&e.position.to_le_bytes());
-    out[8..12].copy_from_slice(&e.size_bytes.to_le_bytes());
-    out[12..16].copy_from_slice(&e.tag_hash.to_le_bytes());
-    out[16..24].copy_from_slice(&e.store_ms.to_le_bytes());
-    out
-}
-
 fn decode_entry(key: &[u8], value: &[u8]) -> Option<QueueEntry> {
-    if value.len() != 24 || key.len() < 8 {
+    if key.len() < 8 {
         return None;
     }
-    let mut offset = [0u8; 8];
-    offset.copy_from_slice(&key[key.len() - 8..]);
-    Some(QueueEntry {
-        offset: u64::from_be_bytes(offset),
-        position: crate::record::le_u64(value, 0),
-        size_bytes: crate::record::le_u32(value, 8),
-        tag_hash: crate::record::le_u32(value, 12),
-        store_ms: crate::record::le_u64(value, 16),
-    })
+    QueueEntry::decode(be_u64(&key[key.len() - 8..]), value)
 }
 
 /// `[len][name]`, the prefix of all of one name's keys.
@@ -356,6 +522,24 @@ impl Index {
         Ok(out)
     }
 
+    /// Up to `limit` held messages of `kind` in key order from the first key >= `from`
+    /// (timers: due time then position; half messages: position).
+    pub fn held_scan(&self, kind: HeldKind, from: &[u8], limit: usize) -> Result<Vec<HeldMessage>> {
+        let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(held_cf(kind)), mode).take(limit) {
+            let (key, value) = item.map_err(|e| EngineError::index("held scan", e))?;
+            out.push(HeldMessage::decode(kind, &key, &value).ok_or_else(|| corrupt("held message"))?);
+        }
+        Ok(out)
+    }
+
+    pub fn held(&self, kind: HeldKind, due_ms: u64, position: u64) -> Result<Option<HeldMessage>> {
+        let key = held_key(kind, due_ms, position);
+        let value = self.db.get_pinned_cf(self.cf(held_cf(kind)), &key).map_err(|e| EngineError::index("held", e))?;
+        value.map(|v| HeldMessage::decode(kind, &key, &v).ok_or_else(|| corrupt("held message"))).transpose()
+    }
+
     /// Persists memtables of all column families atomically and waits for it.
     pub fn flush(&self) -> Result<()> {
         let cfs: Vec<&rocksdb::ColumnFamily> = ALL_CFS.iter().map(|n| self.cf(n)).collect();
@@ -380,7 +564,7 @@ pub struct IndexBatch<'a> {
 
 impl IndexBatch<'_> {
     pub fn put_entry(&mut self, queue: &str, entry: &QueueEntry) {
-        self.batch.put_cf(self.index.cf(CF_QUEUE_INDEX), queue_key(queue, entry.offset), entry_value(entry));
+        self.batch.put_cf(self.index.cf(CF_QUEUE_INDEX), queue_key(queue, entry.offset), entry.encode());
     }
 
     pub fn put_queue_meta(&mut self, queue: &str, meta: &QueueMeta) {
@@ -417,6 +601,14 @@ impl IndexBatch<'_> {
         self.batch.delete_cf(self.index.cf(table.cf()), key);
     }
 
+    pub fn put_held(&mut self, held: &HeldMessage) {
+        self.batch.put_cf(self.index.cf(held_cf(held.kind)), held.key(), held.encode_value());
+    }
+
+    pub fn delete_held(&mut self, kind: HeldKind, due_ms: u64, position: u64) {
+        self.batch.delete_cf(self.index.cf(held_cf(kind)), held_key(kind, due_ms, position));
+    }
+
     /// Removes index entries of `queue` below `offset` (their records were deleted by retention).
     pub fn trim_queue(&mut self, queue: &str, offset: u64) {
         self.batch.delete_range_cf(self.index.cf(CF_QUEUE_INDEX), queue_key(queue, 0), queue_key(queue, offset));
@@ -442,7 +634,8 @@ mod tests {
         let mut batch = index.batch();
         for (queue, count) in [("a", 5u64), ("a/b", 3), ("ab", 4)] {
             for offset in 0..count {
-                let entry = QueueEntry { offset, position: offset * 100, size_bytes: 10, tag_hash: 0, store_ms: 1 };
+                let entry =
+                    QueueEntry { offset, position: offset * 100, size_bytes: 10, store_ms: 1, ..Default::default() };
                 batch.put_entry(queue, &entry);
             }
         }
@@ -461,6 +654,55 @@ mod tests {
         index.write(batch).unwrap();
         assert!(offsets("a").is_empty());
         assert_eq!(offsets("a/b").len(), 3);
+    }
+
+    #[test]
+    fn entries_of_both_formats_decode() {
+        let entry = QueueEntry {
+            offset: 9,
+            position: 4096,
+            size_bytes: 100,
+            tag_hash: 7,
+            store_ms: 123,
+            message_type: 2,
+            txn_state: 2,
+            priority: -3,
+            group_hash: 11,
+            lite_hash: 12,
+            delivery_ms: 13,
+        };
+        assert_eq!(QueueEntry::decode(9, &entry.encode()), Some(entry));
+        // A v2 value (24 bytes) reads with defaults for what it did not have.
+        let old = QueueEntry::decode(9, &entry.encode()[..24]).unwrap();
+        assert_eq!((old.position, old.size_bytes, old.tag_hash, old.store_ms), (4096, 100, 7, 123));
+        assert_eq!((old.message_type, old.group_hash, old.priority), (1, 0, 0));
+        assert_eq!(QueueEntry::decode(9, &[0u8; 30]), None);
+    }
+
+    #[test]
+    fn held_messages_round_trip_in_key_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), 1 << 20).unwrap();
+        let held = |due_ms: u64, position: u64| HeldMessage {
+            kind: HeldKind::Timer,
+            due_ms,
+            entry: QueueEntry { position, size_bytes: 10, message_type: 1, ..Default::default() },
+            message_id: format!("m{position}"),
+            queues: vec!["t#0".into(), "t#0/x".into()],
+        };
+        let mut batch = index.batch();
+        for (due, pos) in [(300, 1), (100, 2), (200, 3)] {
+            batch.put_held(&held(due, pos));
+        }
+        index.write(batch).unwrap();
+        let scanned = index.held_scan(HeldKind::Timer, &[], 10).unwrap();
+        assert_eq!(scanned.iter().map(|h| h.due_ms).collect::<Vec<_>>(), vec![100, 200, 300]);
+        assert_eq!(scanned[0], held(100, 2));
+        assert_eq!(index.held(HeldKind::Timer, 200, 3).unwrap(), Some(held(200, 3)));
+        let mut batch = index.batch();
+        batch.delete_held(HeldKind::Timer, 200, 3);
+        index.write(batch).unwrap();
+        assert_eq!(index.held(HeldKind::Timer, 200, 3).unwrap(), None);
     }
 
     #[test]

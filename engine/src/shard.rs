@@ -19,11 +19,14 @@ use crate::commitlog::{batch_records, CommitLog, LogLimits, RecoveryReport, Seal
 use crate::config::{Durability, EngineConfig};
 use crate::control::{ControlOp, STATE_KEY_MAX_BYTES, STATE_VALUE_MAX_BYTES};
 use crate::error::{EngineError, Result};
-use crate::index::{Index, IndexBatch, QueueEntry, QueueMeta, RecordLocation, StateTable};
+use crate::index::{
+    held_key, HeldKind, HeldMessage, Index, IndexBatch, QueueEntry, QueueMeta, RecordLocation, StateTable,
+};
 use crate::notify::Notify;
 use crate::queue::{shard_for_queue, validate_queue_name};
-use crate::record::{self, encode_record, encoded_len, NewRecord, RecordView, FLAG_CONTROL};
+use crate::record::{self, encode_record, encoded_len, txn_state, NewRecord, RecordView, FLAG_CONTROL, OFFSET_HELD};
 use crate::segment::SegmentStore;
+use sluice_transport::model::message_type;
 
 /// Where an appended record went.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +131,12 @@ pub struct Shard {
 
 /// Marker a cleanly closed shard leaves; its absence at start means "recover from a crash".
 const CLEAN_SHUTDOWN_MARKER: &str = "clean-shutdown";
+
+/// A delay message due later, or a transaction's half message: stored now, queued later.
+fn is_held(record: &NewRecord, store_ms: u64) -> bool {
+    let a = &record.attributes;
+    a.txn_state == txn_state::HALF || (a.message_type == message_type::DELAY && a.delivery_ms > store_ms)
+}
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -331,8 +340,14 @@ impl Shard {
     }
 
     /// Appends records (each with one stored copy, indexed into all its queues) and resolves
-    /// once they are durable under the shard's policy and readable.
+    /// once they are durable under the shard's policy and readable. A delay message due later
+    /// and a transaction's half message are stored but held out of their queues (their offsets
+    /// are `OFFSET_HELD`) until `dispatch_held`.
     pub async fn append(&self, records: &[NewRecord]) -> Result<Vec<AppendAck>> {
+        self.append_flagged(records, 0).await
+    }
+
+    async fn append_flagged(&self, records: &[NewRecord], flags: u16) -> Result<Vec<AppendAck>> {
         self.check_writable()?;
         if records.len() > self.config.append_batch_records_max {
             return Err(EngineError::BatchTooLarge { count: records.len(), max: self.config.append_batch_records_max });
@@ -356,8 +371,13 @@ impl Shard {
         let mut end = 0;
         let mut coming_bytes: usize = lens.iter().sum();
         for (record, len) in records.iter().zip(lens) {
-            let offsets = self.assign_offsets(&record.queues, store_ms);
-            let position = self.log.stage(len, coming_bytes, |dst| encode_record(dst, record, &offsets, 0, store_ms));
+            let offsets = if flags == 0 && is_held(record, store_ms) {
+                vec![OFFSET_HELD; record.queues.len()]
+            } else {
+                self.assign_offsets(&record.queues, store_ms)
+            };
+            let position =
+                self.log.stage(len, coming_bytes, |dst| encode_record(dst, record, &offsets, flags, store_ms));
             coming_bytes -= len;
             end = position + len as u64;
             acks.push(AppendAck { position, offsets });
@@ -583,13 +603,26 @@ impl Shard {
         if start >= end {
             return Ok(batch);
         }
-        let entries = self.queue_entries(queue, start, end).await?;
+        let entries = self.entries(queue, start, end).await?;
         let log_start = self.log.start();
-        let mut bytes_read = 0usize;
-        let mut pending = entries.iter().filter(|e| e.position >= log_start).peekable();
         batch.next_offset = entries.iter().rev().find(|e| e.position < log_start).map_or(start, |e| e.offset + 1);
+        let stored: Vec<QueueEntry> = entries.into_iter().filter(|e| e.position >= log_start).collect();
+        batch.records = self.read_entries(&stored, max_bytes).await?;
+        if let Some(last) = batch.records.last() {
+            batch.next_offset = last.offset + 1;
+        }
+        Ok(batch)
+    }
+
+    /// Reads the records of `entries` in order, as many as fit in about `max_bytes` (at least
+    /// one); records that sit back to back in the log are read with one I/O. Entries whose
+    /// record was deleted by retention must be left out by the caller (see `log_start`).
+    pub async fn read_entries(&self, entries: &[QueueEntry], max_bytes: usize) -> Result<Vec<StoredRecord>> {
+        let mut records = Vec::with_capacity(entries.len());
+        let mut bytes_read = 0usize;
+        let mut pending = entries.iter().peekable();
         while let Some(first) = pending.next() {
-            if !batch.records.is_empty() && bytes_read + first.size_bytes as usize > max_bytes {
+            if !records.is_empty() && bytes_read + first.size_bytes as usize > max_bytes {
                 break;
             }
             // Coalesce records that sit back to back in the log into one read.
@@ -611,15 +644,16 @@ impl Shard {
                     .ok_or(EngineError::PositionNotStored { position: entry.position })?;
                 self.verify_read(entry.position, &record)?;
                 at += entry.size_bytes as usize;
-                batch.next_offset = entry.offset + 1;
-                batch.records.push(StoredRecord { offset: entry.offset, position: entry.position, bytes: record });
+                records.push(StoredRecord { offset: entry.offset, position: entry.position, bytes: record });
             }
             bytes_read += run_bytes;
         }
-        Ok(batch)
+        Ok(records)
     }
 
-    async fn queue_entries(&self, queue: &str, start: u64, end: u64) -> Result<Vec<QueueEntry>> {
+    /// Queue entries `[start, end)` (fewer where retention trimmed them). Served from memory
+    /// when RocksDB has them cached, else off the reactor.
+    pub async fn entries(&self, queue: &str, start: u64, end: u64) -> Result<Vec<QueueEntry>> {
         if let Some(entries) = self.index.queue_range_cached(queue, start, end)? {
             return Ok(entries);
         }
@@ -627,6 +661,56 @@ impl Shard {
         let index = self.index.clone();
         let queue = queue.to_string();
         glommio::executor().spawn_blocking(move || index.queue_range(&queue, start, end)).await
+    }
+
+    /// The first log position still stored; entries below it point at deleted segments.
+    pub fn log_start(&self) -> u64 {
+        self.log.start()
+    }
+
+    /// Up to `limit` held messages of `kind` in key order from the first key >= `from`
+    /// (timers by due time, half messages by position); see `index::held_key`.
+    pub async fn held_scan(&self, kind: HeldKind, from: Vec<u8>, limit: usize) -> Result<Vec<HeldMessage>> {
+        let index = self.index.clone();
+        glommio::executor().spawn_blocking(move || index.held_scan(kind, &from, limit)).await
+    }
+
+    /// The earliest timers, due or not (to know when to wake).
+    pub async fn first_timers(&self, limit: usize) -> Result<Vec<HeldMessage>> {
+        self.held_scan(HeldKind::Timer, held_key(HeldKind::Timer, 0, 0), limit).await
+    }
+
+    pub async fn held(&self, kind: HeldKind, due_ms: u64, position: u64) -> Result<Option<HeldMessage>> {
+        let index = self.index.clone();
+        glommio::executor().spawn_blocking(move || index.held(kind, due_ms, position)).await
+    }
+
+    /// Puts held messages into their queues, each at the next offsets there. Returns, per
+    /// message, its offsets in the order of its `queues`. A committed half message's entries
+    /// say so (`txn_state::COMMITTED`).
+    pub async fn dispatch_held(&self, held: &[HeldMessage]) -> Result<Vec<AppendAck>> {
+        let records: Vec<NewRecord> = held
+            .iter()
+            .map(|h| {
+                let mut entry = h.entry;
+                if h.kind == HeldKind::Half {
+                    entry.txn_state = txn_state::COMMITTED;
+                }
+                let op = ControlOp::Dispatch { kind: h.kind, due_ms: h.due_ms, entry };
+                NewRecord { queues: h.queues.clone(), body: op.encode().into(), ..Default::default() }
+            })
+            .collect();
+        self.append_flagged(&records, FLAG_CONTROL).await
+    }
+
+    /// Drops a held message without delivering it.
+    pub async fn discard_held(&self, held: &HeldMessage) -> Result<()> {
+        self.append_control(&ControlOp::DiscardHeld {
+            kind: held.kind,
+            due_ms: held.due_ms,
+            position: held.entry.position,
+        })
+        .await
     }
 
     /// The CRC check paired with the one made when the record was written.
@@ -639,7 +723,8 @@ impl Shard {
         })
     }
 
-    async fn read_location(&self, loc: RecordLocation) -> Result<Option<StoredRecord>> {
+    /// The record at a location, or `None` if retention deleted it.
+    pub async fn read_location(&self, loc: RecordLocation) -> Result<Option<StoredRecord>> {
         if loc.position < self.log.start() {
             return Ok(None);
         }
@@ -956,30 +1041,33 @@ fn index_record(
             }
             ControlOp::PutState { table, key, value } => batch.put_state(table, &key, &value),
             ControlOp::DeleteState { table, key } => batch.delete_state(table, &key),
+            ControlOp::Dispatch { kind, due_ms, entry } => {
+                // The held record enters the queues named by this control record, at the
+                // offsets this control record was given.
+                for (queue, offset) in view.queue_refs() {
+                    add_entry(batch, touched, queues, &mut replay, queue, entry.at(offset), view.store_ms);
+                }
+                batch.delete_held(kind, due_ms, entry.position);
+            }
+            ControlOp::DiscardHeld { kind, due_ms, position } => batch.delete_held(kind, due_ms, position),
         }
         return Ok(());
     }
     let location = RecordLocation { position, size_bytes };
-    let tag_hash = record::tag_hash(view.tag);
-    for (queue, offset) in view.queue_refs() {
-        let entry = QueueEntry { offset, position, size_bytes, tag_hash, store_ms: view.store_ms };
-        batch.put_entry(queue, &entry);
-        if !touched.contains_key(queue) {
-            touched.insert(queue.to_string(), Touch { next_offset: 0, last_append_ms: 0 });
-        }
-        let touch = touched.get_mut(queue).expect("inserted above");
-        touch.next_offset = touch.next_offset.max(offset + 1);
-        touch.last_append_ms = touch.last_append_ms.max(view.store_ms);
-        if let Replay::Rebuilding { next_generation } = &mut replay {
-            if !queues.contains_key(queue) {
-                let generation = **next_generation;
-                **next_generation += 1;
-                queues.insert(queue.to_string(), QueueState::new(generation, offset, view.store_ms));
-            }
-            let state = queues.get_mut(queue).expect("inserted above");
-            state.next_offset = state.next_offset.max(offset + 1);
-            state.visible_offset = state.next_offset;
-            state.last_append_ms = state.last_append_ms.max(view.store_ms);
+    let entry = QueueEntry::of_record(view, position, size_bytes);
+    if view.is_held() {
+        let kind = if view.attributes.txn_state == txn_state::HALF { HeldKind::Half } else { HeldKind::Timer };
+        let held = HeldMessage {
+            kind,
+            due_ms: if kind == HeldKind::Timer { view.attributes.delivery_ms } else { 0 },
+            entry,
+            message_id: view.message_id.to_string(),
+            queues: view.queue_refs().map(|(q, _)| q.to_string()).collect(),
+        };
+        batch.put_held(&held);
+    } else {
+        for (queue, offset) in view.queue_refs() {
+            add_entry(batch, touched, queues, &mut replay, queue, entry.at(offset), view.store_ms);
         }
     }
     if !view.message_id.is_empty() {
@@ -989,6 +1077,38 @@ fn index_record(
         batch.put_message_key(key, location);
     }
     Ok(())
+}
+
+/// Indexes one queue offset and records how far the queue got in this round.
+fn add_entry(
+    batch: &mut IndexBatch<'_>,
+    touched: &mut HashMap<String, Touch>,
+    queues: &mut HashMap<String, QueueState>,
+    replay: &mut Replay<'_>,
+    queue: &str,
+    entry: QueueEntry,
+    store_ms: u64,
+) {
+    let offset = entry.offset;
+    assert_ne!(offset, OFFSET_HELD, "a held offset is never indexed");
+    batch.put_entry(queue, &entry);
+    if !touched.contains_key(queue) {
+        touched.insert(queue.to_string(), Touch { next_offset: 0, last_append_ms: 0 });
+    }
+    let touch = touched.get_mut(queue).expect("inserted above");
+    touch.next_offset = touch.next_offset.max(offset + 1);
+    touch.last_append_ms = touch.last_append_ms.max(store_ms);
+    if let Replay::Rebuilding { next_generation } = replay {
+        if !queues.contains_key(queue) {
+            let generation = **next_generation;
+            **next_generation += 1;
+            queues.insert(queue.to_string(), QueueState::new(generation, offset, store_ms));
+        }
+        let state = queues.get_mut(queue).expect("inserted above");
+        state.next_offset = state.next_offset.max(offset + 1);
+        state.visible_offset = state.next_offset;
+        state.last_append_ms = state.last_append_ms.max(store_ms);
+    }
 }
 
 fn meta_of(queue: &QueueState, next_offset: u64) -> QueueMeta {

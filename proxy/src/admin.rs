@@ -87,14 +87,14 @@ impl Admin for AdminService {
             } else {
                 r.max_delivery_attempts
             };
-            self.state.groups.create(&self.state.brokers, &name, attempts).await
+            self.state.groups.create(&self.state.brokers, &name, attempts, r.fifo).await
         }
         .await;
         Ok(Response::new(match result {
             Ok((created, g)) => CreateGroupResponse {
                 status: Some(ok_status()),
                 created,
-                group: Some(GroupInfo { name: g.name, max_delivery_attempts: g.max_delivery_attempts }),
+                group: Some(GroupInfo { name: g.name, max_delivery_attempts: g.max_delivery_attempts, fifo: g.fifo }),
             },
             Err(e) => CreateGroupResponse { status: Some(e.status()), created: false, group: None },
         }))
@@ -111,7 +111,7 @@ impl Admin for AdminService {
                 status: Some(ok_status()),
                 groups: groups
                     .into_iter()
-                    .map(|g| GroupInfo { name: g.name, max_delivery_attempts: g.max_delivery_attempts })
+                    .map(|g| GroupInfo { name: g.name, max_delivery_attempts: g.max_delivery_attempts, fifo: g.fifo })
                     .collect(),
             },
             Err(e) => ListGroupsResponse { status: Some(e.status()), groups: Vec::new() },

@@ -1,31 +1,42 @@
-//! Pop consumption through the proxy: receive (with long polling and tag filtering), ack,
-//! change invisible duration, dead-lettering, and offsets.
+//! Pop consumption through the proxy: receive, ack, change invisible duration, dead-lettering,
+//! and offsets. The proxy decides nothing about what a group gets next: the brokers do.
 //!
-//! A receive names one queue of the topic, but waiting on it alone would leave messages on
-//! the others unseen for the whole poll. So it first takes what any queue has (starting with
-//! the named one), and only then long-polls the named queue, in slices of at most
-//! `SWEEP_SLICE` so the others are looked at again.
+//! A receive sends one pop per broker shard holding queues of the topic, all at once, each
+//! long-polling at the (group, topic) level. The first answer with messages is returned; the
+//! other polls are cancelled, and whatever they had already taken is released at once, so it is
+//! neither lost nor hidden for an invisible time. This runs in its own task: a client that goes
+//! away mid-poll cancels the polls the same way. An empty long poll answers MESSAGE_NOT_FOUND a
+//! little before the caller's gRPC deadline, never after it.
 
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use sluice_transport::cluster::{ClusterError, Owner};
 use sluice_transport::messages::{
     AckRequest, AckResponse, AppendEntry, AppendRequest, ChangeInvisibleRequest, ChangeInvisibleResponse,
-    CommitOffsetRequest, PopRequest, PopResponse, QueryOffsetRequest as BrokerQueryOffset,
-    QueryOffsetResponse as BrokerQueryOffsetReply, ReadRequest, ReadResponse,
+    CommitOffsetRequest, EntryAttributes, FilterSpec, GroupPolicy, PopCancelRequest, PopRequest, PopResponse,
+    QueryOffsetRequest as BrokerQueryOffset, QueryOffsetResponse as BrokerQueryOffsetReply, ReadRequest, ReadResponse,
+    ReleaseRequest,
 };
+use sluice_transport::model::{message_type, RecordView};
+use sluice_transport::Frame;
 
 use crate::convert::{self, ClientHandle, Delivery};
 use crate::error::{ok_status, status, ProxyError, Result};
 use crate::pb::apache::rocketmq::v2::*;
 use crate::renew::Renewal;
 use crate::service::{duration_of, timestamp_now, Messaging};
-use crate::state::Counters;
+use crate::state::{Counters, ProxyState};
 use crate::topics::{queue_name, TopicMeta};
 
-/// Longest wait on one queue before the others of the topic are looked at again.
-const SWEEP_SLICE: Duration = Duration::from_millis(1000);
 /// Prefix of a group's dead-letter topic (RocketMQ's naming).
 pub const DLQ_PREFIX: &str = "%DLQ%";
+/// An empty long poll answers this long before the caller's gRPC deadline, so the answer
+/// arrives before the client gives up on the call.
+pub const DEADLINE_RESERVE: Duration = Duration::from_millis(200);
 
 /// Longest consumer group name: its dead-letter topic `%DLQ%group` must be a valid topic name.
 pub const GROUP_NAME_MAX_BYTES: usize = crate::topics::TOPIC_NAME_MAX_BYTES - DLQ_PREFIX.len();
@@ -45,126 +56,250 @@ pub fn group_name(group: Option<&Resource>) -> Result<String> {
 
 struct Received {
     message: Message,
-    /// (client handle, broker receipt) when the delivery is auto-renewed.
-    renew: Option<(String, String)>,
+    /// (client handle, queue, broker receipt) when the delivery is auto-renewed.
+    renew: Option<(String, String, String)>,
 }
 
-/// Pops from one queue without waiting longer than `wait`.
-#[allow(clippy::too_many_arguments)]
-async fn pop_queue(
-    this: &Messaging,
-    meta: &TopicMeta,
-    index: u32,
-    group: &str,
-    max_count: u32,
-    invisible: Duration,
-    wait: Duration,
-    tags: Option<&[String]>,
-    auto_renew: bool,
-    max_attempts: u32,
-) -> Result<Vec<Received>> {
-    let queue = meta.queue(index);
-    let request = PopRequest {
-        queue: queue.clone(),
-        group: group.to_string(),
-        max_count,
-        max_bytes: this.state.settings.receive_bytes_max,
-        invisible_ms: invisible.as_millis() as u64,
-        long_poll_ms: wait.as_millis() as u64,
-    };
-    let frame = this.state.brokers.call_for(&queue, &request).await?;
-    let popped = frame.access::<PopResponse>()?;
-    let owner = this.state.brokers.owner(&queue);
-    let store_host = this.state.brokers.shard_endpoint(owner).to_string();
-    let mut out = Vec::with_capacity(popped.messages.len());
-    let mut filtered = Vec::new();
-    for m in popped.messages.iter() {
-        let record: &[u8] = &m.record;
-        if m.delivery_attempt.to_native() > max_attempts {
-            // Consumers that never forward (non-FIFO) rely on the server to dead-letter.
-            let handle = ClientHandle {
-                queue: queue.clone(),
-                offset: m.offset.to_native(),
-                receipt: m.receipt.as_str().to_string(),
-            };
-            if let Err(e) = dead_letter_record(this, group, &handle, record, m.receipt.as_str()).await {
-                tracing::warn!(error = %e, queue, "moving a message to the dead-letter queue failed; it will be retried");
-            }
-            continue;
-        }
-        if let Some(tags) = tags {
-            let tag = convert::record_tag(record).unwrap_or_default();
-            if !tags.contains(&tag) {
-                // Not for this subscription: consumed as filtered for the group.
-                filtered.push(m.receipt.as_str().to_string());
+/// A shard's pop reply and how many of its messages (from the first) this receive keeps.
+struct Kept {
+    owner: Owner,
+    frame: Frame,
+    keep: usize,
+}
+
+fn popped_count(frame: &Frame) -> usize {
+    frame.access::<PopResponse>().map_or(0, |r| r.messages.len())
+}
+
+/// Pops `request` from every shard in `owners` at once; see the module comment.
+async fn pop_across(
+    state: &Arc<ProxyState>,
+    owners: BTreeSet<Owner>,
+    request: PopRequest,
+    max_count: usize,
+) -> Result<Vec<Kept>> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    tokio::spawn(coordinate(state.clone(), owners, request, max_count, reply));
+    tokio::select! {
+        got = answer => got.unwrap_or_else(|_| Err(ProxyError::ShuttingDown)),
+        _ = state.shutdown_started() => Ok(Vec::new()),
+    }
+}
+
+async fn coordinate(
+    state: Arc<ProxyState>,
+    owners: BTreeSet<Owner>,
+    request: PopRequest,
+    max_count: usize,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<Kept>>>,
+) {
+    let request = Arc::new(request);
+    let total = owners.len();
+    let mut pending: FuturesUnordered<_> = owners
+        .iter()
+        .map(|&owner| {
+            let (state, request) = (state.clone(), request.clone());
+            async move { (owner, state.brokers.call(owner, &*request).await) }
+        })
+        .collect();
+    let mut waiting = owners;
+    let mut reply = Some(reply);
+    let mut kept: Vec<Kept> = Vec::new();
+    let mut count = 0usize;
+    let mut failures: Vec<ClusterError> = Vec::new();
+    loop {
+        let next = tokio::select! {
+            next = pending.next() => next,
+            _ = client_gone(&mut reply) => {
+                // The client went away: end the polls; what they took is released below.
+                reply = None;
+                cancel_polls(&state, &waiting, request.poll_id);
                 continue;
             }
-        }
-        let handle = ClientHandle {
-            queue: queue.clone(),
-            offset: m.offset.to_native(),
-            receipt: m.receipt.as_str().to_string(),
-        }
-        .encode();
-        let delivery = Delivery {
-            queue_id: index as i32,
-            offset: m.offset.to_native(),
-            attempt: m.delivery_attempt.to_native(),
-            receipt_handle: handle.clone(),
-            invisible,
-            store_host: &store_host,
         };
-        let message = match convert::incoming(record, &delivery) {
-            Ok(message) => message,
+        let Some((owner, result)) = next else { break };
+        waiting.remove(&owner);
+        let frame = match result {
+            Ok(frame) => frame,
             Err(e) => {
-                // Not a message this proxy can decode (written some other way): park it in the
-                // dead-letter topic rather than fail the whole batch.
-                let offset = m.offset.to_native();
-                tracing::warn!(error = %e, queue, offset, "undecodable message goes to the dead-letter queue");
-                let handle = ClientHandle { queue: queue.clone(), offset, receipt: m.receipt.as_str().to_string() };
-                if let Err(e) = dead_letter_record(this, group, &handle, record, m.receipt.as_str()).await {
-                    tracing::warn!(error = %e, queue, "dead-lettering failed; the message comes back after its invisible time");
+                failures.push(e);
+                continue;
+            }
+        };
+        if reply.is_none() {
+            release_popped(&state, &request.group, &frame, 0);
+            continue;
+        }
+        take(&mut kept, &mut count, max_count, owner, frame);
+        if count == 0 {
+            continue;
+        }
+        // Merge what the other shards have already answered, then answer the client.
+        while let Some(Some((owner, result))) = pending.next().now_or_never() {
+            waiting.remove(&owner);
+            if let Ok(frame) = result {
+                take(&mut kept, &mut count, max_count, owner, frame);
+            }
+        }
+        cancel_polls(&state, &waiting, request.poll_id);
+        for k in &kept {
+            release_popped(&state, &request.group, &k.frame, k.keep);
+        }
+        let tx = reply.take().expect("checked above");
+        if let Err(Ok(unwanted)) = tx.send(Ok(std::mem::take(&mut kept))) {
+            for k in unwanted {
+                release_popped(&state, &request.group, &k.frame, 0);
+            }
+        }
+        // Keep going: cancelled polls may still bring messages, which are released.
+    }
+    if let Some(tx) = reply {
+        // The receive fails only when every shard failed; otherwise it is just empty.
+        let all_failed = failures.len() == total;
+        let answer = match failures.into_iter().next() {
+            Some(e) if all_failed => Err(e.into()),
+            _ => Ok(kept),
+        };
+        let _ = tx.send(answer);
+    }
+}
+
+/// Completes when the receiver of `reply` is dropped; never when there is no `reply`.
+async fn client_gone(reply: &mut Option<tokio::sync::oneshot::Sender<Result<Vec<Kept>>>>) {
+    match reply {
+        Some(tx) => tx.closed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Keeps as many of `frame`'s messages as there is room for.
+fn take(kept: &mut Vec<Kept>, count: &mut usize, max_count: usize, owner: Owner, frame: Frame) {
+    let n = popped_count(&frame);
+    if n == 0 {
+        return;
+    }
+    let keep = n.min(max_count - *count);
+    *count += keep;
+    kept.push(Kept { owner, frame, keep });
+}
+
+fn cancel_polls(state: &Arc<ProxyState>, owners: &BTreeSet<Owner>, poll_id: u64) {
+    for &owner in owners {
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = state.brokers.call(owner, &PopCancelRequest { poll_id }).await {
+                tracing::debug!(error = %e, "cancelling a long poll failed; it ends at its own deadline");
+            }
+        });
+    }
+}
+
+/// Gives back, unconsumed, the messages of a pop reply after the first `keep`.
+fn release_popped(state: &Arc<ProxyState>, group: &str, frame: &Frame, keep: usize) {
+    let Ok(popped) = frame.access::<PopResponse>() else { return };
+    let mut by_queue: HashMap<String, Vec<String>> = HashMap::new();
+    for m in popped.messages.iter().skip(keep) {
+        by_queue.entry(m.queue.as_str().to_string()).or_default().push(m.receipt.as_str().to_string());
+    }
+    for (queue, receipts) in by_queue {
+        let state = state.clone();
+        let request = ReleaseRequest { queue: queue.clone(), group: group.to_string(), receipts };
+        tokio::spawn(async move {
+            Counters::add(&state.counters.released, request.receipts.len() as u64);
+            if let Err(e) = state.brokers.call_for(&queue, &request).await {
+                tracing::warn!(error = %e, queue, "releasing popped messages failed; they come back after their invisible time");
+            }
+        });
+    }
+}
+
+/// The retry delays a group announces to its clients (Telemetry settings) and the brokers apply
+/// when a delivery expires: the proxy's initial delay × 1, 5, 10, 30, 60, 120, … capped at its
+/// maximum, one per attempt up to the group's max.
+pub fn retry_delays_ms(state: &ProxyState, max_attempts: u32) -> Vec<u32> {
+    const STEPS: [u64; 16] = [1, 5, 10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1200, 1800];
+    let s = &state.settings;
+    let initial = s.retry_initial_ms.max(1);
+    STEPS
+        .iter()
+        .take(max_attempts.max(1) as usize)
+        .map(|k| (initial * k).min(s.retry_max_ms.max(initial)).min(u64::from(u32::MAX)) as u32)
+        .collect()
+}
+
+/// Builds the client's messages from kept pop replies; dead-letters what has used up its
+/// attempts (and what this proxy cannot decode).
+async fn deliver(
+    this: &Messaging,
+    meta: &TopicMeta,
+    group: &str,
+    kept: Vec<Kept>,
+    invisible: Duration,
+    auto_renew: bool,
+    max_attempts: u32,
+) -> Vec<Received> {
+    let mut out = Vec::new();
+    for k in &kept {
+        let Ok(popped) = k.frame.access::<PopResponse>() else { continue };
+        let store_host = this.state.brokers.shard_endpoint(k.owner).to_string();
+        for m in popped.messages.iter().take(k.keep) {
+            let (queue, offset, receipt) = (m.queue.as_str(), m.offset.to_native(), m.receipt.as_str());
+            let record: &[u8] = &m.record;
+            let handle = ClientHandle { queue: queue.to_string(), offset, receipt: receipt.to_string() };
+            if m.delivery_attempt.to_native() > max_attempts {
+                // Consumers that never forward (non-FIFO) rely on the server to dead-letter.
+                if let Err(e) = dead_letter_record(this, group, &handle, record, receipt).await {
+                    tracing::warn!(error = %e, queue, "moving a message to the dead-letter queue failed; it will be retried");
                 }
                 continue;
             }
-        };
-        out.push(Received { message, renew: auto_renew.then(|| (handle, m.receipt.as_str().to_string())) });
-    }
-    if !filtered.is_empty() {
-        Counters::add(&this.state.counters.filtered, filtered.len() as u64);
-        let ack = AckRequest { queue: queue.clone(), group: group.to_string(), receipts: filtered };
-        if let Err(e) = this.state.brokers.call_for(&queue, &ack).await {
-            tracing::warn!(error = %e, queue, "acking filtered messages failed; they are filtered again when they come back");
+            let queue_id = sluice_transport::model::placement::split_topic_queue(queue).map_or(0, |(_, i)| i as i32);
+            let client_handle = handle.encode();
+            let delivery = Delivery {
+                queue_id,
+                offset,
+                attempt: m.delivery_attempt.to_native(),
+                receipt_handle: client_handle.clone(),
+                invisible,
+                store_host: &store_host,
+            };
+            match convert::incoming(record, &delivery) {
+                Ok(message) => out.push(Received {
+                    message,
+                    renew: auto_renew.then(|| (client_handle, queue.to_string(), receipt.to_string())),
+                }),
+                Err(e) => {
+                    // Not a message this proxy can decode (written some other way): park it in
+                    // the dead-letter topic rather than fail the whole batch.
+                    tracing::warn!(error = %e, queue, offset, topic = meta.name, "undecodable message goes to the dead-letter queue");
+                    if let Err(e) = dead_letter_record(this, group, &handle, record, receipt).await {
+                        tracing::warn!(error = %e, queue, "dead-lettering failed; the message comes back after its invisible time");
+                    }
+                }
+            }
         }
     }
-    // Renewals start only for a batch that is returned whole.
-    let now = Instant::now();
-    for received in &out {
-        if let Some((handle, receipt)) = &received.renew {
-            this.state.renewals.track(
-                handle.clone(),
-                Renewal {
-                    queue: queue.clone(),
-                    group: group.to_string(),
-                    receipt: receipt.clone(),
-                    invisible_ms: invisible.as_millis() as u64,
-                    renew_at: now + invisible / 2,
-                    until: now + Duration::from_millis(this.state.settings.renew_max_ms),
-                },
-            );
-        }
-    }
-    Ok(out)
+    out
 }
 
-async fn receive_messages(this: &Messaging, request: &ReceiveMessageRequest) -> Result<Vec<Received>> {
-    let group = group_name(request.group.as_ref())?;
-    let max_attempts = this.group(&group).await?.max_delivery_attempts;
-    let mq =
-        request.message_queue.as_ref().ok_or_else(|| ProxyError::BadRequest("message_queue is required".into()))?;
-    let topic = mq.topic.as_ref().ok_or_else(|| ProxyError::BadRequest("message_queue.topic is required".into()))?;
-    let meta = this.topic(&topic.name).await?;
-    let tags = convert::tag_filter(request.filter_expression.as_ref())?;
+/// The parts of a receive the request states.
+struct ReceiveAsk {
+    group: String,
+    meta: TopicMeta,
+    filter: FilterSpec,
+    max_count: u32,
+    invisible: Duration,
+    wait: Duration,
+}
+
+fn receive_ask(
+    this: &Messaging,
+    request: &ReceiveMessageRequest,
+    group: String,
+    meta: TopicMeta,
+    remaining: Option<Duration>,
+) -> Result<ReceiveAsk> {
+    let filter = convert::filter_spec(request.filter_expression.as_ref())?;
     let s = &this.state.settings;
     let max_count = u32::try_from(request.batch_size).unwrap_or(1).clamp(1, s.receive_batch_max);
     let in_range =
@@ -179,63 +314,78 @@ async fn receive_messages(this: &Messaging, request: &ReceiveMessageRequest) -> 
         }
         None => Duration::from_millis(s.invisible_default_ms),
     };
-    let wait = this.state.long_poll(request.long_polling_timeout.as_ref().map(duration_of));
-    let deadline = Instant::now() + wait;
-    let first = u32::try_from(mq.id).ok().filter(|id| *id < meta.queue_count).unwrap_or(0);
-    let order: Vec<u32> = (0..meta.queue_count).map(|i| (first + i) % meta.queue_count).collect();
-    loop {
-        // A queue whose broker is down is skipped; the receive fails only if all of them do.
-        let mut last_error = None;
-        let mut failures = 0;
-        for &index in &order {
-            let got = pop_queue(
-                this,
-                &meta,
-                index,
-                &group,
-                max_count,
-                invisible,
-                Duration::ZERO,
-                tags.as_deref(),
-                request.auto_renew,
-                max_attempts,
-            )
+    let asked = this.state.long_poll(request.long_polling_timeout.as_ref().map(duration_of));
+    // Answer before the caller's deadline: an empty answer beats a deadline error.
+    let wait = remaining.map_or(asked, |r| asked.min(r.saturating_sub(DEADLINE_RESERVE)));
+    Ok(ReceiveAsk { group, meta, filter, max_count, invisible, wait })
+}
+
+async fn receive_messages(
+    this: &Messaging,
+    request: &ReceiveMessageRequest,
+    remaining: Option<Duration>,
+) -> Result<Vec<Received>> {
+    let group = group_name(request.group.as_ref())?;
+    let group_meta = this.group(&group).await?;
+    let mq =
+        request.message_queue.as_ref().ok_or_else(|| ProxyError::BadRequest("message_queue is required".into()))?;
+    let topic = mq.topic.as_ref().ok_or_else(|| ProxyError::BadRequest("message_queue.topic is required".into()))?;
+    let meta = this.topic(&topic.name).await?;
+    let ask = receive_ask(this, request, group, meta, remaining)?;
+    let owners: BTreeSet<Owner> =
+        (0..ask.meta.queue_count).map(|i| this.state.brokers.owner(&ask.meta.queue(i))).collect();
+    let pop = PopRequest {
+        group: ask.group.clone(),
+        topic: ask.meta.name.clone(),
+        queue: String::new(),
+        max_count: ask.max_count,
+        max_bytes: this.state.settings.receive_bytes_max,
+        invisible_ms: ask.invisible.as_millis() as u64,
+        long_poll_ms: ask.wait.as_millis() as u64,
+        poll_id: rand::random::<u64>().max(1),
+        filter: ask.filter.clone(),
+        policy: GroupPolicy {
+            fifo: group_meta.fifo,
+            retry_delays_ms: retry_delays_ms(&this.state, group_meta.max_delivery_attempts),
+        },
+    };
+    let kept = pop_across(&this.state, owners, pop, ask.max_count as usize).await?;
+    let received =
+        deliver(this, &ask.meta, &ask.group, kept, ask.invisible, request.auto_renew, group_meta.max_delivery_attempts)
             .await;
-            match got {
-                Ok(got) if !got.is_empty() => return Ok(got),
-                Ok(_) => {}
-                Err(e) => {
-                    failures += 1;
-                    last_error = Some(e);
-                }
-            }
-        }
-        if let Some(e) = last_error.filter(|_| failures == order.len()) {
-            return Err(e);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || this.state.is_shutting_down() {
-            return Ok(Vec::new());
-        }
-        let slice = if meta.queue_count == 1 { left } else { left.min(SWEEP_SLICE) };
-        let waited = tokio::select! {
-            got = pop_queue(this, &meta, first, &group, max_count, invisible, slice, tags.as_deref(), request.auto_renew, max_attempts) => got?,
-            _ = this.state.shutdown_started() => Vec::new(),
-        };
-        if !waited.is_empty() {
-            return Ok(waited);
+    track_renewals(this, &ask.group, ask.invisible, &received);
+    Ok(received)
+}
+
+/// Auto-renewal starts only for a batch handed to the client whole.
+fn track_renewals(this: &Messaging, group: &str, invisible: Duration, received: &[Received]) {
+    let now = Instant::now();
+    for r in received {
+        if let Some((handle, queue, receipt)) = &r.renew {
+            this.state.renewals.track(
+                handle.clone(),
+                Renewal {
+                    queue: queue.clone(),
+                    group: group.to_string(),
+                    receipt: receipt.clone(),
+                    invisible_ms: invisible.as_millis() as u64,
+                    renew_at: now + invisible / 2,
+                    until: now + Duration::from_millis(this.state.settings.renew_max_ms),
+                },
+            );
         }
     }
 }
 
 /// The responses of one ReceiveMessage: a status, one message each, then the delivery time.
+/// `remaining` is the time left before the caller's gRPC deadline, if it set one.
 pub async fn receive(
     this: &Messaging,
     request: ReceiveMessageRequest,
-    _access: Endpoints,
+    remaining: Option<Duration>,
 ) -> Vec<ReceiveMessageResponse> {
     use receive_message_response::Content;
-    match receive_messages(this, &request).await {
+    match receive_messages(this, &request, remaining).await {
         Ok(received) if received.is_empty() => {
             vec![ReceiveMessageResponse {
                 content: Some(Content::Status(status(Code::MessageNotFound, "no new message"))),
@@ -338,7 +488,8 @@ pub async fn change_invisible(this: &Messaging, request: ChangeInvisibleDuration
     Ok(ClientHandle { receipt: changed.receipt.as_str().to_string(), ..handle }.encode())
 }
 
-/// Copies the message into the group's dead-letter topic, then acks it.
+/// Copies the message into the group's dead-letter topic, then acks it. Clients treat this as
+/// the end of the message (they do not ack after it).
 pub async fn dead_letter(this: &Messaging, request: ForwardMessageToDeadLetterQueueRequest) -> Result<()> {
     let group = group_name(request.group.as_ref())?;
     let handle = ClientHandle::decode(&request.receipt_handle)?;
@@ -369,7 +520,8 @@ pub async fn dead_letter(this: &Messaging, request: ForwardMessageToDeadLetterQu
     dead_letter_record(this, &group, &handle, &record.record, &held).await
 }
 
-/// Appends a stored record to the group's dead-letter topic, then acks its delivery.
+/// Appends a stored record to the group's dead-letter topic, then acks its delivery. The copy
+/// is a normal message (a DLQ is a normal topic) that keeps its group, tag, keys and properties.
 async fn dead_letter_record(
     this: &Messaging,
     group: &str,
@@ -377,14 +529,23 @@ async fn dead_letter_record(
     record: &[u8],
     receipt: &str,
 ) -> Result<()> {
-    let view = sluice_engine::RecordView::parse(record)
+    let view = RecordView::parse(record)
         .map_err(|e| ProxyError::Broker { code: 0, message: format!("stored record is corrupt: {e}") })?;
     let dlq = ensure_dead_letter_topic(this, &format!("{DLQ_PREFIX}{group}")).await?;
+    let a = view.attributes;
     let entry = AppendEntry {
         queues: vec![dlq.queue(0)],
         message_id: view.message_id.to_string(),
         tag: view.tag.to_string(),
         keys: view.keys().map(str::to_string).collect(),
+        attributes: EntryAttributes {
+            message_type: message_type::NORMAL,
+            priority: a.priority,
+            delivery_ms: 0,
+            message_group: a.message_group.to_string(),
+            lite_topic: a.lite_topic.to_string(),
+            user_properties: a.user_properties().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        },
         properties: view.properties,
         body: view.body,
     };
@@ -399,16 +560,14 @@ async fn ensure_dead_letter_topic(this: &Messaging, topic: &str) -> Result<Topic
     match this.state.topics.get(&this.state.brokers, topic).await {
         Ok(meta) => Ok(meta),
         Err(ProxyError::TopicNotFound(_)) => {
-            let normal = sluice_engine::broker::queues::message_type::NORMAL;
-            let (_, meta) = this.state.topics.create(&this.state.brokers, topic, normal, 1).await?;
+            let (_, meta) = this.state.topics.create(&this.state.brokers, topic, message_type::NORMAL, 1).await?;
             Ok(meta)
         }
         Err(e) => Err(e),
     }
 }
 
-fn queue_of(this: &Messaging, mq: Option<&MessageQueue>) -> Result<(String, String)> {
-    let _ = this;
+fn queue_of(mq: Option<&MessageQueue>) -> Result<(String, String)> {
     let mq = mq.ok_or_else(|| ProxyError::BadRequest("message_queue is required".into()))?;
     let topic = mq.topic.as_ref().ok_or_else(|| ProxyError::BadRequest("message_queue.topic is required".into()))?;
     let index = u32::try_from(mq.id).map_err(|_| ProxyError::BadRequest("message_queue.id must be >= 0".into()))?;
@@ -416,7 +575,7 @@ fn queue_of(this: &Messaging, mq: Option<&MessageQueue>) -> Result<(String, Stri
 }
 
 async fn checked_queue(this: &Messaging, mq: Option<&MessageQueue>) -> Result<String> {
-    let (topic, queue) = queue_of(this, mq)?;
+    let (topic, queue) = queue_of(mq)?;
     let meta = this.topic(&topic).await?;
     let index = mq.map_or(0, |m| m.id) as u32;
     if index >= meta.queue_count {

@@ -1,7 +1,8 @@
 //! Proxy errors and their RocketMQ status codes. Errors reach clients inside the response's
 //! `Status{code, message}` (the v2 API's convention), never as bare gRPC errors.
 
-use sluice_engine::broker::error::code as broker_code;
+use sluice_transport::cluster::ClusterError;
+use sluice_transport::model::codes as broker_code;
 use sluice_transport::{FrameError, TransportError};
 
 use crate::pb::apache::rocketmq::v2::{Code, Status};
@@ -38,6 +39,32 @@ pub enum ProxyError {
     OffsetNotFound,
     #[error("the proxy is shutting down; reconnect to another proxy")]
     ShuttingDown,
+    #[error("illegal filter expression: {0}")]
+    IllegalFilter(String),
+    #[error("illegal delivery time: {0}")]
+    IllegalDeliveryTime(String),
+    #[error("illegal message group: {0}")]
+    IllegalMessageGroup(String),
+    #[error("invalid transaction id: {0}")]
+    InvalidTransactionId(String),
+    #[error("invalid recall handle: {0}")]
+    InvalidRecallHandle(String),
+    #[error(
+        "message properties of {size} bytes exceed the {max}-byte limit (keys, values, tag and message keys together)"
+    )]
+    PropertiesTooLarge { size: usize, max: usize },
+}
+
+impl From<ClusterError> for ProxyError {
+    fn from(e: ClusterError) -> ProxyError {
+        match e {
+            ClusterError::Config(message) => ProxyError::Config(message),
+            ClusterError::Unavailable { endpoint, source } => ProxyError::BrokerUnavailable { endpoint, source },
+            ClusterError::Timeout { endpoint, source } => ProxyError::BrokerTimeout { endpoint, source },
+            ClusterError::Remote { code, message } => ProxyError::Broker { code, message },
+            ClusterError::Frame(e) => e.into(),
+        }
+    }
 }
 
 /// A broker reply that does not validate as the expected kind.
@@ -72,6 +99,12 @@ impl ProxyError {
             ProxyError::BrokerTimeout { .. } => Code::ProxyTimeout,
             ProxyError::ShuttingDown => Code::InternalServerError,
             ProxyError::OffsetNotFound => Code::OffsetNotFound,
+            ProxyError::IllegalFilter(_) => Code::IllegalFilterExpression,
+            ProxyError::IllegalDeliveryTime(_) => Code::IllegalDeliveryTime,
+            ProxyError::IllegalMessageGroup(_) => Code::IllegalMessageGroup,
+            ProxyError::InvalidTransactionId(_) => Code::InvalidTransactionId,
+            ProxyError::InvalidRecallHandle(_) => Code::BadRequest,
+            ProxyError::PropertiesTooLarge { .. } => Code::MessagePropertiesTooLarge,
             ProxyError::Broker { code, .. } => match *code {
                 broker_code::QUEUE_NOT_FOUND => Code::TopicNotFound,
                 broker_code::INVALID_RECEIPT | broker_code::RECEIPT_EXPIRED => Code::InvalidReceiptHandle,
@@ -79,6 +112,11 @@ impl ProxyError {
                 broker_code::INVALID_REQUEST => Code::BadRequest,
                 broker_code::TOO_MANY_GROUPS => Code::TooManyRequests,
                 broker_code::NOT_SUPPORTED => Code::NotImplemented,
+                broker_code::INVALID_FILTER => Code::IllegalFilterExpression,
+                broker_code::INVALID_DELIVERY_TIME => Code::IllegalDeliveryTime,
+                broker_code::HELD_MESSAGE_NOT_FOUND => Code::NotFound,
+                broker_code::TOO_MANY_HELD => Code::TooManyRequests,
+                broker_code::MESSAGE_TYPE_MISMATCH => Code::MessagePropertyConflictWithType,
                 _ => Code::InternalServerError,
             },
         }

@@ -1,18 +1,19 @@
 //! Consumer groups as records on the brokers. Group `G` is stored as the queue configuration
 //! `%GROUP%G` (no messages are ever appended to it) on the shard that name hashes to, with its
-//! settings as attributes. With `auto_create_groups` off, a group must be created first and an
-//! unknown one gets CONSUMER_GROUP_NOT_FOUND; with it on (the default, like RocketMQ's
-//! autoCreateSubscriptionGroup) a group is recorded on first use.
+//! settings as attributes (`max_delivery_attempts`, `fifo`). With `auto_create_groups` off, a
+//! group must be created first and an unknown one gets CONSUMER_GROUP_NOT_FOUND; with it on (the
+//! default, like RocketMQ's autoCreateSubscriptionGroup) a group is recorded on first use, as a
+//! non-FIFO group.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sluice_engine::broker::queues::message_type;
 use sluice_transport::messages::{CreateQueueRequest, DeleteQueueRequest};
+use sluice_transport::model::message_type;
 
 use crate::error::{ProxyError, Result};
-use crate::routing::{BrokerPool, QueueRecord};
+use sluice_transport::cluster::{BrokerPool, QueueRecord};
 
 /// Prefix of the queue name that records a group.
 pub const GROUP_RECORD_PREFIX: &str = "%GROUP%";
@@ -27,6 +28,8 @@ const CACHE_ENTRIES_MAX: usize = 100_000;
 pub struct GroupMeta {
     pub name: String,
     pub max_delivery_attempts: u32,
+    /// A FIFO group: each message group is consumed in order, one message at a time.
+    pub fifo: bool,
 }
 
 fn record_name(group: &str) -> String {
@@ -35,7 +38,8 @@ fn record_name(group: &str) -> String {
 
 fn meta_of(name: &str, record: &QueueRecord, default_attempts: u32) -> GroupMeta {
     let attempts = record.attribute("max_delivery_attempts").and_then(|v| v.parse().ok()).unwrap_or(default_attempts);
-    GroupMeta { name: name.to_string(), max_delivery_attempts: attempts }
+    let fifo = record.attribute("fifo") == Some("true");
+    GroupMeta { name: name.to_string(), max_delivery_attempts: attempts, fifo }
 }
 
 #[derive(Default)]
@@ -70,6 +74,7 @@ impl Groups {
         brokers: &BrokerPool,
         group: &str,
         max_delivery_attempts: u32,
+        fifo: bool,
     ) -> Result<(bool, GroupMeta)> {
         if !(1..=MAX_DELIVERY_ATTEMPTS_MAX).contains(&max_delivery_attempts) {
             return Err(ProxyError::BadRequest(format!(
@@ -80,11 +85,14 @@ impl Groups {
             return Ok((false, existing));
         }
         let record = record_name(group);
-        let attributes = vec![("max_delivery_attempts".to_string(), max_delivery_attempts.to_string())];
+        let attributes = vec![
+            ("max_delivery_attempts".to_string(), max_delivery_attempts.to_string()),
+            ("fifo".to_string(), fifo.to_string()),
+        ];
         let request = CreateQueueRequest { queue: record.clone(), message_type: message_type::NORMAL, attributes };
         brokers.call_for(&record, &request).await?;
         self.cache.lock().expect("cache lock").remove(group);
-        Ok((true, GroupMeta { name: group.to_string(), max_delivery_attempts }))
+        Ok((true, GroupMeta { name: group.to_string(), max_delivery_attempts, fifo }))
     }
 
     /// Removes the group's record. Returns false when there was none.
@@ -93,8 +101,8 @@ impl Groups {
         let record = record_name(group);
         match brokers.call_for(&record, &DeleteQueueRequest { queue: record.clone() }).await {
             Ok(_) => Ok(true),
-            Err(e) if e.code() == crate::pb::apache::rocketmq::v2::Code::TopicNotFound => Ok(false),
-            Err(e) => Err(e),
+            Err(e) if e.code() == sluice_transport::model::codes::QUEUE_NOT_FOUND => Ok(false),
+            Err(e) => Err(e.into()),
         }
     }
 

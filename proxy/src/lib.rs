@@ -3,30 +3,7 @@
 //! API, and reaches the brokers over the transport. It holds no durable state.
 #![forbid(unsafe_code)]
 
-pub mod pb {
-    pub mod apache {
-        pub mod rocketmq {
-            pub mod v2 {
-                #![allow(clippy::all, missing_docs)]
-                tonic::include_proto!("apache.rocketmq.v2");
-            }
-        }
-    }
-    pub mod sluice {
-        pub mod admin {
-            pub mod v1 {
-                #![allow(clippy::all, missing_docs)]
-                tonic::include_proto!("sluice.admin.v1");
-            }
-        }
-        pub mod store {
-            pub mod v1 {
-                #![allow(clippy::all, missing_docs)]
-                tonic::include_proto!("sluice.store.v1");
-            }
-        }
-    }
-}
+pub use sluice_proto as pb;
 
 pub mod admin;
 pub mod auth;
@@ -36,8 +13,8 @@ pub mod error;
 pub mod groups;
 pub mod produce;
 pub mod renew;
-pub mod routing;
 pub mod server;
 pub mod service;
 pub mod state;
 pub mod topics;
+pub mod transactions;

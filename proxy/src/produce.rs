@@ -1,20 +1,28 @@
 //! SendMessage: validate, pick each message's queue, one append per owning shard (sent
-//! concurrently), answer per message.
+//! concurrently), answer per message. A FIFO message goes to the queue its message group hashes
+//! to, so a group stays in one queue; a delay message due later comes back with a recall
+//! handle, and a transactional one with its transaction id.
 
 use std::collections::HashMap;
 
-use sluice_engine::broker::queues::message_type;
+use sluice_transport::cluster::Owner;
 use sluice_transport::messages::{AppendEntry, AppendRequest, AppendResponse};
+use sluice_transport::model::message_type;
+use sluice_transport::model::record::OFFSET_HELD;
 
-use crate::convert::{self, Outgoing};
+use crate::convert::{self, Outgoing, RecallHandle, TransactionId};
 use crate::error::{ok_status, status, ProxyError};
 use crate::pb::apache::rocketmq::v2::{
     Code, Message, SendMessageRequest, SendMessageResponse, SendResultEntry, Status as PbStatus,
 };
-use crate::routing::Owner;
 use crate::service::Messaging;
 use crate::state::Counters;
-use crate::topics::message_type_name;
+
+/// A topic takes messages of its own type (RocketMQ refuses any other); a message that names
+/// no type is taken as the topic's.
+fn accepts(topic_type: u8, given: u8) -> bool {
+    given == topic_type || given == 0
+}
 
 struct Prepared<'a> {
     index: usize,
@@ -23,19 +31,28 @@ struct Prepared<'a> {
     body: &'a [u8],
 }
 
-fn check_message(this: &Messaging, message: &Message, meta: &crate::topics::TopicMeta) -> Result<(), ProxyError> {
+/// A message the broker stored, and what the client is told about it.
+struct Sent {
+    offset: u64,
+    position: u64,
+    queue: String,
+    kind: u8,
+    due_ms: u64,
+}
+
+fn check_message(this: &Messaging, message: &Message, meta: &crate::topics::TopicMeta) -> Result<u8, ProxyError> {
     let given = message.system_properties.as_ref().map_or(0, |s| s.message_type);
     let given = u8::try_from(given).unwrap_or(0);
-    if meta.message_type != message_type::NORMAL {
+    if matches!(meta.message_type, message_type::LITE | message_type::PRIORITY) {
         return Err(ProxyError::NotImplemented {
-            what: format!("sending to a {} topic", message_type_name(meta.message_type)),
+            what: format!("sending to a {} topic", message_type::name(meta.message_type)),
         });
     }
-    if given != 0 && given != meta.message_type {
+    if !accepts(meta.message_type, given) {
         return Err(ProxyError::MessageTypeMismatch {
             topic: meta.name.clone(),
-            expected: message_type_name(meta.message_type).into(),
-            given: message_type_name(given).into(),
+            expected: message_type::name(meta.message_type).into(),
+            given: message_type::name(given).into(),
         });
     }
     if message.body.is_empty() {
@@ -45,17 +62,23 @@ fn check_message(this: &Messaging, message: &Message, meta: &crate::topics::Topi
     if message.body.len() > max {
         return Err(ProxyError::BodyTooLarge { size: message.body.len(), max });
     }
-    Ok(())
+    Ok(meta.message_type)
 }
 
-async fn prepare<'a>(this: &Messaging, index: usize, message: &'a Message) -> Result<Prepared<'a>, ProxyError> {
+async fn prepare<'a>(
+    this: &Messaging,
+    index: usize,
+    message: &'a Message,
+    now_ms: u64,
+) -> Result<Prepared<'a>, ProxyError> {
     let topic = message.topic.as_ref().ok_or_else(|| ProxyError::BadRequest("message has no topic".into()))?;
     let meta = this.topic(&topic.name).await?;
-    check_message(this, message, &meta)?;
-    let outgoing = convert::outgoing(message, &meta.name)?;
-    // Clients leave queue_id at 0 whichever queue they picked, so the proxy spreads
-    // messages by their id instead.
-    let queue_index = crc32c::crc32c(outgoing.message_id.as_bytes()) % meta.queue_count;
+    let kind = check_message(this, message, &meta)?;
+    let outgoing = convert::outgoing(message, &meta.name, kind, now_ms)?;
+    // Clients leave queue_id at 0 whichever queue they picked, so the proxy chooses: a FIFO
+    // message by its group (one group, one queue, one order), others by message id.
+    let spread = if kind == message_type::FIFO { &outgoing.attributes.message_group } else { &outgoing.message_id };
+    let queue_index = crc32c::crc32c(spread.as_bytes()) % meta.queue_count;
     Ok(Prepared { index, queue: meta.queue(queue_index), outgoing, body: &message.body })
 }
 
@@ -65,10 +88,11 @@ pub async fn send(this: &Messaging, request: SendMessageRequest) -> SendMessageR
         let why = format!("a send carries 1..={} messages", this.state.settings.send_batch_max);
         return SendMessageResponse { status: Some(status(Code::BadRequest, why)), entries: Vec::new() };
     }
-    let mut results: Vec<Option<Result<u64, PbStatus>>> = (0..messages.len()).map(|_| None).collect();
+    let now_ms = crate::service::now_ms();
+    let mut results: Vec<Option<Result<Sent, PbStatus>>> = (0..messages.len()).map(|_| None).collect();
     let mut per_shard: HashMap<Owner, Vec<Prepared<'_>>> = HashMap::new();
     for (index, message) in messages.iter().enumerate() {
-        match prepare(this, index, message).await {
+        match prepare(this, index, message, now_ms).await {
             Ok(prepared) => per_shard.entry(this.state.brokers.owner(&prepared.queue)).or_default().push(prepared),
             Err(e) => results[index] = Some(Err(e.status())),
         }
@@ -82,25 +106,40 @@ pub async fn send(this: &Messaging, request: SendMessageRequest) -> SendMessageR
                     message_id: p.outgoing.message_id.clone(),
                     tag: p.outgoing.tag.clone(),
                     keys: p.outgoing.keys.clone(),
+                    attributes: p.outgoing.attributes.clone(),
                     properties: &p.outgoing.properties,
                     body: p.body,
                 })
                 .collect(),
         };
-        let reply = this.state.brokers.call(owner, &request).await;
-        let offsets: Result<Vec<u64>, ProxyError> = reply.and_then(|frame| {
-            let acks = frame
-                .access::<AppendResponse>()
-                .map_err(|e| ProxyError::Broker { code: e.code(), message: e.to_string() })?;
-            Ok(acks.acks.iter().map(|a| a.offsets.first().map_or(0, |o| o.to_native())).collect())
+        let reply = this.state.brokers.call(owner, &request).await.map_err(ProxyError::from);
+        let acks: Result<Vec<(u64, u64)>, ProxyError> = reply.and_then(|frame| {
+            let acks = frame.access::<AppendResponse>()?;
+            Ok(acks
+                .acks
+                .iter()
+                .map(|a| (a.offsets.first().map_or(0, |o| o.to_native()), a.position.to_native()))
+                .collect())
         });
-        (batch.into_iter().map(|p| p.index).collect::<Vec<_>>(), offsets)
+        let sent = acks.map(|acks| {
+            batch
+                .iter()
+                .zip(acks)
+                .map(|(p, (offset, position))| {
+                    let a = &p.outgoing.attributes;
+                    let sent =
+                        Sent { offset, position, queue: p.queue.clone(), kind: a.message_type, due_ms: a.delivery_ms };
+                    (p.index, sent)
+                })
+                .collect::<Vec<_>>()
+        });
+        (batch.iter().map(|p| p.index).collect::<Vec<_>>(), sent)
     });
     for (indexes, outcome) in futures::future::join_all(calls).await {
         match outcome {
-            Ok(offsets) => {
-                for (index, offset) in indexes.into_iter().zip(offsets) {
-                    results[index] = Some(Ok(offset));
+            Ok(sent) => {
+                for (index, sent) in sent {
+                    results[index] = Some(Ok(sent));
                 }
             }
             Err(e) => {
@@ -112,33 +151,51 @@ pub async fn send(this: &Messaging, request: SendMessageRequest) -> SendMessageR
         }
     }
     let mut entries = Vec::with_capacity(messages.len());
-    let mut codes = Vec::with_capacity(messages.len());
     for (message, result) in messages.iter().zip(results) {
         let message_id = message.system_properties.as_ref().map(|s| s.message_id.clone()).unwrap_or_default();
-        let (entry_status, offset) =
-            match result.unwrap_or_else(|| Err(status(Code::InternalServerError, "message was not sent"))) {
-                Ok(offset) => {
-                    Counters::add(&this.state.counters.sent, 1);
-                    (ok_status(), offset as i64)
-                }
-                Err(failed) => {
-                    Counters::add(&this.state.counters.errors, 1);
-                    (failed, 0)
-                }
-            };
-        codes.push(entry_status.code);
-        entries.push(SendResultEntry {
-            status: Some(entry_status),
-            message_id,
-            transaction_id: String::new(),
-            offset,
-            recall_handle: String::new(),
-        });
+        let result = result.unwrap_or_else(|| Err(status(Code::InternalServerError, "message was not sent")));
+        entries.push(result_entry(this, message_id, result));
     }
-    let overall = if codes.iter().all(|c| *c == codes[0]) {
+    let overall = if entries.iter().all(|e| e.status == entries[0].status) {
         entries[0].status.clone()
     } else {
         Some(status(Code::MultipleResults, "messages of this batch had different outcomes; see each entry"))
     };
     SendMessageResponse { status: overall, entries }
+}
+
+fn result_entry(this: &Messaging, message_id: String, result: Result<Sent, PbStatus>) -> SendResultEntry {
+    match result {
+        Ok(Sent { offset, position, queue, kind, due_ms }) => {
+            Counters::add(&this.state.counters.sent, 1);
+            let held = offset == OFFSET_HELD;
+            let transaction_id = if kind == message_type::TRANSACTION {
+                TransactionId { queue: queue.clone(), position }.encode()
+            } else {
+                String::new()
+            };
+            let recall_handle = if kind == message_type::DELAY && held {
+                RecallHandle { queue, position, due_ms, message_id: message_id.clone() }.encode()
+            } else {
+                String::new()
+            };
+            SendResultEntry {
+                status: Some(ok_status()),
+                message_id,
+                transaction_id,
+                offset: if held { 0 } else { offset as i64 },
+                recall_handle,
+            }
+        }
+        Err(failed) => {
+            Counters::add(&this.state.counters.errors, 1);
+            SendResultEntry {
+                status: Some(failed),
+                message_id,
+                transaction_id: String::new(),
+                offset: 0,
+                recall_handle: String::new(),
+            }
+        }
+    }
 }

@@ -16,9 +16,9 @@ use crate::auth::Auth;
 use crate::error::ProxyError;
 use crate::pb::apache::rocketmq::v2::messaging_service_server::MessagingServiceServer;
 use crate::pb::sluice::admin::v1::admin_server::AdminServer;
-use crate::routing::{BrokerAddress, BrokerPool};
 use crate::service::Messaging;
 use crate::state::{ProxySettings, ProxyState};
+use sluice_transport::cluster::{BrokerAddress, BrokerPool};
 
 /// Concurrent calls (streams) one client connection may have open.
 const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
@@ -52,6 +52,7 @@ pub struct RunningProxy {
     grpc_task: JoinHandle<Result<(), ProxyError>>,
     http_task: Option<JoinHandle<()>>,
     renew_task: JoinHandle<()>,
+    check_task: JoinHandle<()>,
 }
 
 /// The transport settings a proxy needs: requests must outlive the longest long poll.
@@ -102,7 +103,8 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         None => (None, None),
     };
     let renew_task = tokio::spawn(crate::renew::run(state.clone()));
-    Ok(RunningProxy { grpc_addr, http_addr, state, stop, grpc_task, http_task, renew_task })
+    let check_task = tokio::spawn(crate::transactions::run_checks(state.clone()));
+    Ok(RunningProxy { grpc_addr, http_addr, state, stop, grpc_task, http_task, renew_task, check_task })
 }
 
 async fn start_http(
@@ -150,6 +152,7 @@ impl RunningProxy {
             let _ = tokio::time::timeout(Duration::from_secs(1), http).await;
         }
         self.renew_task.abort();
+        self.check_task.abort();
         match grpc {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(ProxyError::Config(format!("gRPC task failed: {join}"))),

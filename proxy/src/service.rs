@@ -16,6 +16,7 @@ use crate::pb::apache::rocketmq::v2::*;
 use crate::produce;
 use crate::state::ProxyState;
 use crate::topics::TopicMeta;
+use crate::transactions;
 
 type GrpcResult<T> = Result<Response<T>, GrpcStatus>;
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, GrpcStatus>> + Send>>;
@@ -91,7 +92,7 @@ impl Messaging {
     pub async fn topic(&self, name: &str) -> Result<TopicMeta, ProxyError> {
         match self.state.topics.get(&self.state.brokers, name).await {
             Err(ProxyError::TopicNotFound(_)) if self.state.settings.auto_create_topics => {
-                let normal = sluice_engine::broker::queues::message_type::NORMAL;
+                let normal = sluice_transport::model::message_type::NORMAL;
                 let (_, meta) = self.state.topics.create(&self.state.brokers, name, normal, 0).await?;
                 tracing::info!(topic = name, "created topic on first use (auto_create_topics)");
                 Ok(meta)
@@ -105,7 +106,7 @@ impl Messaging {
         let default_attempts = self.state.settings.max_delivery_attempts;
         match self.state.groups.get(&self.state.brokers, name, default_attempts).await {
             Err(ProxyError::GroupNotFound(_)) if self.state.settings.auto_create_groups => {
-                let (_, meta) = self.state.groups.create(&self.state.brokers, name, default_attempts).await?;
+                let (_, meta) = self.state.groups.create(&self.state.brokers, name, default_attempts, false).await?;
                 Ok(meta)
             }
             other => other,
@@ -116,22 +117,35 @@ impl Messaging {
         self.state.auth.check(request.metadata())
     }
 
-    fn settings_reply(&self, client: &Settings) -> Settings {
+    /// The client's settings merged with the server's: what a consumer group's delivery
+    /// follows (FIFO, retry delays, attempts) comes from the group's record.
+    async fn settings_reply(&self, client: &Settings) -> Settings {
         let s = &self.state.settings;
         let mut reply = client.clone();
+        let group = match &client.pub_sub {
+            Some(settings::PubSub::Subscription(sub)) => match sub.group.as_ref() {
+                Some(g) => match self.group(&g.name).await {
+                    Ok(meta) => Some(meta),
+                    Err(e) => {
+                        tracing::debug!(error = %e, group = g.name, "settings for an unknown group");
+                        None
+                    }
+                },
+                None => None,
+            },
+            _ => None,
+        };
         let consumer = matches!(client.pub_sub, Some(settings::PubSub::Subscription(_)));
         reply.backoff_policy = Some(if consumer {
-            // Explicit steps (the official clients read these): initial, then x5, x2, x3, then
-            // whole minutes, capped at retry_max_ms.
-            let initial = s.retry_initial_ms.max(1);
-            let steps = [1, 5, 10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1200, 1800];
-            let next = steps
-                .iter()
-                .take(s.max_delivery_attempts as usize)
-                .map(|k| proto_duration(Duration::from_millis((initial * k).min(s.retry_max_ms.max(initial)))))
+            // Explicit steps (the official clients read these), the same ones the brokers
+            // apply when a delivery expires.
+            let attempts = group.as_ref().map_or(s.max_delivery_attempts, |g| g.max_delivery_attempts);
+            let next = consume::retry_delays_ms(&self.state, attempts)
+                .into_iter()
+                .map(|ms| proto_duration(Duration::from_millis(u64::from(ms))))
                 .collect();
             RetryPolicy {
-                max_attempts: s.max_delivery_attempts as i32,
+                max_attempts: attempts as i32,
                 strategy: Some(retry_policy::Strategy::CustomizedBackoff(CustomizedBackoff { next })),
             }
         } else {
@@ -152,7 +166,7 @@ impl Messaging {
                 publishing.validate_message_type = true;
             }
             Some(settings::PubSub::Subscription(subscription)) => {
-                subscription.fifo = Some(false);
+                subscription.fifo = Some(group.as_ref().is_some_and(|g| g.fifo));
                 subscription.receive_batch_size = Some(s.receive_batch_max as i32);
                 subscription.long_polling_timeout = Some(proto_duration(Duration::from_millis(s.long_poll_default_ms)));
             }
@@ -160,6 +174,30 @@ impl Messaging {
         }
         reply
     }
+}
+
+/// Time left before the caller's deadline, from the `grpc-timeout` header (`<digits><unit>`,
+/// units H M S m u n, at most 8 digits, as gRPC over HTTP/2 defines it).
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if text.len() < 2 || text.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value.checked_mul(3600)?),
+        "M" => Duration::from_secs(value.checked_mul(60)?),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[tonic::async_trait]
@@ -202,7 +240,11 @@ impl MessagingService for Messaging {
                 request.get_ref().topic.clone().ok_or_else(|| ProxyError::BadRequest("topic is required".into()))?;
             let meta = self.topic(&topic.name).await?;
             let access = access_point(&self.state, &request, request.get_ref().endpoints.as_ref());
-            Ok::<_, ProxyError>(message_queues(&self.state, &meta, &topic, &access))
+            // One assignment serves the whole topic: a receive takes from every queue, so one
+            // long-poll loop per topic is all a push consumer needs.
+            let mut queues = message_queues(&self.state, &meta, &topic, &access);
+            queues.truncate(1);
+            Ok::<_, ProxyError>(queues)
         }
         .await;
         Ok(Response::new(match answer {
@@ -219,8 +261,8 @@ impl MessagingService for Messaging {
     async fn receive_message(&self, request: Request<ReceiveMessageRequest>) -> GrpcResult<Self::ReceiveMessageStream> {
         let responses = match self.authorize(&request) {
             Ok(()) => {
-                let access = access_point(&self.state, &request, None);
-                consume::receive(self, request.into_inner(), access).await
+                let remaining = grpc_timeout(request.metadata());
+                consume::receive(self, request.into_inner(), remaining).await
             }
             Err(e) => {
                 vec![ReceiveMessageResponse { content: Some(receive_message_response::Content::Status(e.status())) }]
@@ -287,10 +329,12 @@ impl MessagingService for Messaging {
         }))
     }
 
-    async fn end_transaction(&self, _request: Request<EndTransactionRequest>) -> GrpcResult<EndTransactionResponse> {
-        Ok(Response::new(EndTransactionResponse {
-            status: Some(not_implemented("EndTransaction (transactional messages)")),
-        }))
+    async fn end_transaction(&self, request: Request<EndTransactionRequest>) -> GrpcResult<EndTransactionResponse> {
+        let result = match self.authorize(&request) {
+            Ok(()) => transactions::end_transaction(self, request.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        Ok(Response::new(EndTransactionResponse { status: Some(result.map_or_else(|e| e.status(), |()| ok_status())) }))
     }
 
     type TelemetryStream = ResponseStream<TelemetryCommand>;
@@ -305,6 +349,8 @@ impl MessagingService for Messaging {
                 let _ = tx.send(Ok(TelemetryCommand { status: Some(e.status()), command: None })).await;
                 return;
             }
+            // A producer's stream is where its transaction checks go; forgotten when it ends.
+            let mut producer = ProducerStream { state: this.state.clone(), id: None };
             loop {
                 let next = tokio::select! {
                     next = inbound.message() => next,
@@ -316,10 +362,15 @@ impl MessagingService for Messaging {
                     Ok(None) | Err(_) => return,
                 };
                 let reply = match command.command {
-                    Some(telemetry_command::Command::Settings(settings)) => TelemetryCommand {
-                        status: Some(ok_status()),
-                        command: Some(telemetry_command::Command::Settings(this.settings_reply(&settings))),
-                    },
+                    Some(telemetry_command::Command::Settings(settings)) => {
+                        if let Some(settings::PubSub::Publishing(publishing)) = &settings.pub_sub {
+                            producer.id = this.state.producers.register(producer.id, &publishing.topics, &tx);
+                        }
+                        TelemetryCommand {
+                            status: Some(ok_status()),
+                            command: Some(telemetry_command::Command::Settings(this.settings_reply(&settings).await)),
+                        }
+                    }
                     // Results of commands this proxy never sends: nothing to answer.
                     _ => continue,
                 };
@@ -355,10 +406,14 @@ impl MessagingService for Messaging {
         }))
     }
 
-    async fn recall_message(&self, _request: Request<RecallMessageRequest>) -> GrpcResult<RecallMessageResponse> {
-        Ok(Response::new(RecallMessageResponse {
-            status: Some(not_implemented("RecallMessage (delay messages)")),
-            message_id: String::new(),
+    async fn recall_message(&self, request: Request<RecallMessageRequest>) -> GrpcResult<RecallMessageResponse> {
+        let result = match self.authorize(&request) {
+            Ok(()) => transactions::recall(self, request.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        Ok(Response::new(match result {
+            Ok(message_id) => RecallMessageResponse { status: Some(ok_status()), message_id },
+            Err(e) => RecallMessageResponse { status: Some(e.status()), message_id: String::new() },
         }))
     }
 
@@ -369,6 +424,20 @@ impl MessagingService for Messaging {
         Ok(Response::new(SyncLiteSubscriptionResponse {
             status: Some(not_implemented("SyncLiteSubscription (lite topics)")),
         }))
+    }
+}
+
+/// Forgets a producer's stream when its Telemetry task ends.
+struct ProducerStream {
+    state: Arc<ProxyState>,
+    id: Option<u64>,
+}
+
+impl Drop for ProducerStream {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.state.producers.unregister(id);
+        }
     }
 }
 

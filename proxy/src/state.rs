@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::auth::Auth;
 use crate::renew::Renewals;
-use crate::routing::BrokerPool;
 use crate::topics::Topics;
+use sluice_transport::cluster::BrokerPool;
 
 /// Tunables a deployment sets in the `[proxy]` section; every one is a named limit.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -110,9 +110,12 @@ pub struct Counters {
     pub sent: AtomicU64,
     pub received: AtomicU64,
     pub acked: AtomicU64,
-    pub filtered: AtomicU64,
+    /// Popped but given back unconsumed (a concurrent poll answered first, or the client left).
+    pub released: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub renewed: AtomicU64,
+    pub transactions_ended: AtomicU64,
+    pub transaction_checks_sent: AtomicU64,
     pub errors: AtomicU64,
 }
 
@@ -126,9 +129,11 @@ impl Counters {
             ("messages_sent", &self.sent),
             ("messages_received", &self.received),
             ("messages_acked", &self.acked),
-            ("messages_filtered", &self.filtered),
+            ("messages_released", &self.released),
             ("messages_dead_lettered", &self.dead_lettered),
             ("deliveries_renewed", &self.renewed),
+            ("transactions_ended", &self.transactions_ended),
+            ("transaction_checks_sent", &self.transaction_checks_sent),
             ("errors", &self.errors),
         ]
         .into_iter()
@@ -144,6 +149,8 @@ pub struct ProxyState {
     pub auth: Auth,
     pub settings: ProxySettings,
     pub renewals: Renewals,
+    /// Producer Telemetry streams, for transaction check-backs.
+    pub producers: crate::transactions::Producers,
     pub counters: Counters,
     shutting_down: AtomicBool,
     shutdown_signal: tokio::sync::Notify,
@@ -157,6 +164,7 @@ impl ProxyState {
             groups: crate::groups::Groups::default(),
             auth,
             renewals: Renewals::new(settings.renewals_max),
+            producers: crate::transactions::Producers::default(),
             settings,
             counters: Counters::default(),
             shutting_down: AtomicBool::new(false),

@@ -7,11 +7,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sluice_engine::broker::queues::message_type;
 use sluice_transport::messages::{CreateQueueRequest, DeleteQueueRequest};
+use sluice_transport::model::message_type;
 
 use crate::error::{ProxyError, Result};
-use crate::routing::BrokerPool;
+use sluice_transport::cluster::BrokerPool;
 
 /// Queues a topic gets when none is asked for.
 pub const DEFAULT_QUEUE_COUNT: u32 = 8;
@@ -153,8 +153,8 @@ impl Topics {
             let queue = meta.queue(index);
             match brokers.call_for(&queue, &DeleteQueueRequest { queue: queue.clone() }).await {
                 Ok(_) => {}
-                Err(e) if e.code() == crate::pb::apache::rocketmq::v2::Code::TopicNotFound => {}
-                Err(e) => return Err(e),
+                Err(e) if e.code() == sluice_transport::model::codes::QUEUE_NOT_FOUND => {}
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(true)

@@ -71,6 +71,16 @@ pub fn validate_declared_kind(frame: &Frame) -> bool {
         FrameKind::StatsResponse => frame.access::<StatsResponse>().is_ok(),
         FrameKind::ListQueuesRequest => frame.access::<ListQueuesRequest>().is_ok(),
         FrameKind::ListQueuesResponse => frame.access::<ListQueuesResponse>().is_ok(),
+        FrameKind::PopCancelRequest => frame.access::<PopCancelRequest>().is_ok(),
+        FrameKind::PopCancelResponse => frame.access::<PopCancelResponse>().is_ok(),
+        FrameKind::ReleaseRequest => frame.access::<ReleaseRequest>().is_ok(),
+        FrameKind::ReleaseResponse => frame.access::<ReleaseResponse>().is_ok(),
+        FrameKind::EndTransactionRequest => frame.access::<EndTransactionRequest>().is_ok(),
+        FrameKind::EndTransactionResponse => frame.access::<EndTransactionResponse>().is_ok(),
+        FrameKind::RecallRequest => frame.access::<RecallRequest>().is_ok(),
+        FrameKind::RecallResponse => frame.access::<RecallResponse>().is_ok(),
+        FrameKind::TransactionCheckRequest => frame.access::<TransactionCheckRequest>().is_ok(),
+        FrameKind::TransactionCheckResponse => frame.access::<TransactionCheckResponse>().is_ok(),
     }
 }
 

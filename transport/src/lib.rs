@@ -2,8 +2,10 @@
 //!
 //! - `frame`: the fixed header, CRC, encode and in-place validated access.
 //! - `messages`: every frame kind and its body.
+//! - `model`: the vocabulary broker and proxy share (message types, records, placement, codes).
 //! - `error`: typed errors with stable codes.
 //! - `config`: every limit, named and validated.
+//! - `cluster`: the client side of many brokers: queue placement and one connection per shard.
 //! - `link`: the seam between the request–response layer and an I/O driver.
 //! - `rdma`: the RDMA verbs driver (rdma-sys): RC queue pairs, credits, zero-copy receive.
 //!
@@ -12,6 +14,7 @@
 
 pub mod blocking;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod endpoint;
 pub mod error;
@@ -19,6 +22,7 @@ pub mod frame;
 pub mod fuzzing;
 pub mod link;
 pub mod messages;
+pub mod model;
 pub mod rdma;
 pub mod reader;
 pub mod server;

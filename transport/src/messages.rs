@@ -2,8 +2,9 @@
 //! (`InlineAsBox`), so encoding copies a body once, into the frame, and the receiver reads
 //! the archived slice in place.
 //!
-//! Kind numbers are part of the wire format: never reuse or renumber one. Broker operations
-//! come in pairs from 10 up: an even request kind, then its odd reply kind.
+//! Kind numbers are part of the wire format: never reuse or renumber one (`RETIRED_KINDS` lists
+//! the retired ones). Broker operations come in pairs from 10 up: an even request kind, then its
+//! odd reply kind.
 
 use rkyv::with::InlineAsBox;
 use rkyv::{Archive, Serialize};
@@ -48,8 +49,6 @@ frame_kinds! {
     AppendResponse = 11,
     ReadRequest = 12,
     ReadResponse = 13,
-    PopRequest = 14,
-    PopResponse = 15,
     AckRequest = 16,
     AckResponse = 17,
     ChangeInvisibleRequest = 18,
@@ -68,7 +67,23 @@ frame_kinds! {
     StatsResponse = 31,
     ListQueuesRequest = 32,
     ListQueuesResponse = 33,
+    PopRequest = 34,
+    PopResponse = 35,
+    PopCancelRequest = 36,
+    PopCancelResponse = 37,
+    ReleaseRequest = 38,
+    ReleaseResponse = 39,
+    EndTransactionRequest = 40,
+    EndTransactionResponse = 41,
+    RecallRequest = 42,
+    RecallResponse = 43,
+    TransactionCheckRequest = 44,
+    TransactionCheckResponse = 45,
 }
+
+/// Kind numbers that are retired and must never be used again: 14 and 15 (the single-queue
+/// pop of frame version 1, replaced by the topic-wide pop at 34 and 35).
+pub const RETIRED_KINDS: &[u16] = &[14, 15];
 
 macro_rules! message {
     ($ty:ident $(<$lt:lifetime>)?, $kind:ident $(, hint = |$s:ident| $hint:expr)?) => {
@@ -191,6 +206,21 @@ pub struct RdmaAccept {
 }
 message!(RdmaAccept, RdmaAccept);
 
+/// What the broker reads about a message to schedule and filter it (see
+/// `model::record::Attributes`).
+#[derive(Archive, Serialize, Debug, Clone, PartialEq, Default)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct EntryAttributes {
+    /// `model::message_type::*`.
+    pub message_type: u8,
+    pub priority: i32,
+    /// Not delivered before this wall-clock time (ms since the epoch); 0 means at once.
+    pub delivery_ms: u64,
+    pub message_group: String,
+    pub lite_topic: String,
+    pub user_properties: Vec<(String, String)>,
+}
+
 /// One message to append; `queues` lists every queue that indexes it (multi-dispatch).
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
 pub struct AppendEntry<'a> {
@@ -198,6 +228,8 @@ pub struct AppendEntry<'a> {
     pub message_id: String,
     pub tag: String,
     pub keys: Vec<String>,
+    pub attributes: EntryAttributes,
+    /// Message metadata the broker does not read, stored as given.
     #[rkyv(with = InlineAsBox)]
     pub properties: &'a [u8],
     #[rkyv(with = InlineAsBox)]
@@ -221,7 +253,8 @@ request!(AppendRequest<'a> => AppendResponse);
 pub struct AppendAck {
     /// Where the record sits in its shard's CommitLog.
     pub position: u64,
-    /// The record's offset in each of its queues, in request order.
+    /// The record's offset in each of its queues, in request order; `OFFSET_HELD` while a
+    /// delay message waits for its time or a half message for its transaction's end.
     pub offsets: Vec<u64>,
 }
 
@@ -261,23 +294,56 @@ pub struct ReadResponse<'a> {
 }
 message!(ReadResponse<'a>, ReadResponse, hint = |m| m.records.iter().map(|r| r.record.len() + 32).sum::<usize>() + 32);
 
-/// Pop consumption: take up to `max_count` visible messages and hide them for `invisible_ms`.
+/// How a consumer group narrows what it receives (RocketMQ's `FilterExpression`).
+#[derive(Archive, Serialize, Debug, Clone, PartialEq, Default)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct FilterSpec {
+    /// `FILTER_ALL`, `FILTER_TAG` or `FILTER_SQL`.
+    pub kind: u8,
+    pub expression: String,
+}
+
+pub const FILTER_ALL: u8 = 0;
+pub const FILTER_TAG: u8 = 1;
+pub const FILTER_SQL: u8 = 2;
+
+/// The consumer group's delivery policy, from its record (the proxy reads it, the broker
+/// applies it).
+#[derive(Archive, Serialize, Debug, Clone, PartialEq, Default)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct GroupPolicy {
+    /// A FIFO group: a message group's next message waits until the previous one is acked.
+    pub fifo: bool,
+    /// Delay before an expired delivery comes back, per attempt (the last one repeats);
+    /// empty means at once.
+    pub retry_delays_ms: Vec<u32>,
+}
+
+/// Pop consumption of a topic: take up to `max_count` deliverable messages of the topic's
+/// queues on this shard (or of `queue` alone) and hide them for `invisible_ms`.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
 #[rkyv(compare(PartialEq), derive(Debug))]
 pub struct PopRequest {
-    pub queue: String,
     pub group: String,
+    pub topic: String,
+    /// One queue of the topic, or empty for all of them.
+    pub queue: String,
     pub max_count: u32,
     pub max_bytes: u32,
     pub invisible_ms: u64,
-    /// How long the broker may hold the request open when nothing is visible.
+    /// How long the broker may hold the request open when nothing is deliverable.
     pub long_poll_ms: u64,
+    /// Names this poll for `PopCancelRequest`; 0 when it is never cancelled.
+    pub poll_id: u64,
+    pub filter: FilterSpec,
+    pub policy: GroupPolicy,
 }
 message!(PopRequest, PopRequest);
 request!(PopRequest => PopResponse<'static>);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
 pub struct PoppedMessage<'a> {
+    pub queue: String,
     pub offset: u64,
     pub delivery_attempt: u32,
     /// Opaque, tamper-evident handle for ack and change-invisible.
@@ -293,7 +359,119 @@ pub struct PopResponse<'a> {
 message!(
     PopResponse<'a>,
     PopResponse,
-    hint = |m| m.messages.iter().map(|r| r.record.len() + r.receipt.len() + 32).sum::<usize>() + 16
+    hint = |m| m.messages.iter().map(|r| r.record.len() + r.receipt.len() + r.queue.len() + 40).sum::<usize>() + 16
+);
+
+/// Ends the long poll named `poll_id` at once (its reply carries what it has, usually nothing).
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct PopCancelRequest {
+    pub poll_id: u64,
+}
+message!(PopCancelRequest, PopCancelRequest);
+request!(PopCancelRequest => PopCancelResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct PopCancelResponse {
+    /// False when no such poll was waiting (it had answered already).
+    pub cancelled: bool,
+}
+message!(PopCancelResponse, PopCancelResponse);
+
+/// Gives deliveries back unconsumed: each becomes deliverable at once and the attempt it used
+/// is not counted (a proxy that popped more than it could hand to its client).
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct ReleaseRequest {
+    pub queue: String,
+    pub group: String,
+    pub receipts: Vec<String>,
+}
+message!(ReleaseRequest, ReleaseRequest);
+request!(ReleaseRequest => ReleaseResponse);
+
+/// One status per receipt, in request order (0 is success).
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct ReleaseResponse {
+    pub statuses: Vec<u32>,
+}
+message!(ReleaseResponse, ReleaseResponse);
+
+/// Commits or rolls back the half message stored at `position` (its transaction id says where).
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct EndTransactionRequest {
+    pub queue: String,
+    pub position: u64,
+    /// Must match the half message's id.
+    pub message_id: String,
+    pub commit: bool,
+}
+message!(EndTransactionRequest, EndTransactionRequest);
+request!(EndTransactionRequest => EndTransactionResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct EndTransactionResponse {
+    /// The committed message's offset in its first queue; `None` after a rollback.
+    pub offset: Option<u64>,
+}
+message!(EndTransactionResponse, EndTransactionResponse);
+
+/// Cancels the delay message stored at `position` if it has not been delivered.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct RecallRequest {
+    pub queue: String,
+    pub position: u64,
+    /// The delay message's delivery time (its timer is keyed by it).
+    pub due_ms: u64,
+    /// Must match the delay message's id.
+    pub message_id: String,
+}
+message!(RecallRequest, RecallRequest);
+request!(RecallRequest => RecallResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct RecallResponse {
+    pub message_id: String,
+}
+message!(RecallResponse, RecallResponse);
+
+/// Asks for half messages of `topics` whose transaction is due to be checked with its
+/// producer. Each is handed to one asker at a time: its next check is scheduled as it is
+/// handed out.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct TransactionCheckRequest {
+    pub topics: Vec<String>,
+    pub max_count: u32,
+    pub long_poll_ms: u64,
+}
+message!(TransactionCheckRequest, TransactionCheckRequest);
+request!(TransactionCheckRequest => TransactionCheckResponse<'static>);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct HalfMessage<'a> {
+    pub queue: String,
+    pub position: u64,
+    /// How many checks came before this one.
+    pub checks: u32,
+    #[rkyv(with = InlineAsBox)]
+    pub record: &'a [u8],
+}
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct TransactionCheckResponse<'a> {
+    pub messages: Vec<HalfMessage<'a>>,
+}
+message!(
+    TransactionCheckResponse<'a>,
+    TransactionCheckResponse,
+    hint = |m| m.messages.iter().map(|r| r.record.len() + r.queue.len() + 32).sum::<usize>() + 16
 );
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]

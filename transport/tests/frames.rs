@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use sluice_transport::frame::{Frame, Message, OutFrame, FRAME_HEADER_BYTES};
+use sluice_transport::frame::{Frame, Message, OutFrame, FRAME_HEADER_BYTES, FRAME_VERSION};
 use sluice_transport::fuzzing::{decode_untrusted, validate_as_every_kind, validate_declared_kind};
 use sluice_transport::messages::*;
 use sluice_transport::FrameError;
@@ -63,13 +63,26 @@ fn every_kind_round_trips_and_reads_in_place() {
         AppendResponse { acks: vec![AppendAck { position: 4096, offsets: vec![3, 9] }] },
         ReadRequest { queue: "t/0".into(), from_offset: 5, max_count: 32, max_bytes: 1 << 16 },
         PopRequest {
-            queue: "t/0".into(),
             group: "g".into(),
+            topic: "t".into(),
+            queue: String::new(),
             max_count: 16,
             max_bytes: 1 << 20,
             invisible_ms: 30_000,
-            long_poll_ms: 20_000
+            long_poll_ms: 20_000,
+            poll_id: 77,
+            filter: FilterSpec { kind: FILTER_SQL, expression: "a > 1".into() },
+            policy: GroupPolicy { fifo: true, retry_delays_ms: vec![1000, 5000] },
         },
+        PopCancelRequest { poll_id: 77 },
+        PopCancelResponse { cancelled: true },
+        ReleaseRequest { queue: "t#0".into(), group: "g".into(), receipts: vec!["r".into()] },
+        ReleaseResponse { statuses: vec![0] },
+        EndTransactionRequest { queue: "t#0".into(), position: 4096, message_id: "m".into(), commit: true },
+        EndTransactionResponse { offset: Some(3) },
+        RecallRequest { queue: "t#0".into(), position: 4096, due_ms: 9, message_id: "m".into() },
+        RecallResponse { message_id: "m".into() },
+        TransactionCheckRequest { topics: vec!["t".into()], max_count: 8, long_poll_ms: 1000 },
         AckRequest { queue: "t/0".into(), group: "g".into(), receipts: vec!["r1".into(), "r2".into()] },
         AckResponse { statuses: vec![0, 2401] },
         ChangeInvisibleRequest {
@@ -122,6 +135,14 @@ fn every_kind_round_trips_and_reads_in_place() {
             message_id: "id-1".into(),
             tag: "tagA".into(),
             keys: vec!["k1".into()],
+            attributes: EntryAttributes {
+                message_type: 2,
+                priority: 3,
+                delivery_ms: 0,
+                message_group: "order-1".into(),
+                lite_topic: String::new(),
+                user_properties: vec![("region".into(), "eu".into())],
+            },
             properties: b"a=b",
             body: &body,
         }],
@@ -131,6 +152,7 @@ fn every_kind_round_trips_and_reads_in_place() {
     let entry = &archived.entries[0];
     assert_eq!((entry.queues.len(), entry.message_id.as_str(), entry.tag.as_str()), (2, "id-1", "tagA"));
     assert_eq!((&entry.keys[0][..], &entry.properties[..], &entry.body[..]), ("k1", &b"a=b"[..], &body[..]));
+    assert_eq!((entry.attributes.message_group.as_str(), entry.attributes.priority.to_native()), ("order-1", 3));
     // The handle a broker passes to the engine shares the receive buffer: no copy.
     let shared = frame.share(&entry.body);
     assert_in_place(&frame, &shared);
@@ -148,14 +170,33 @@ fn every_kind_round_trips_and_reads_in_place() {
     kinds.push(FrameKind::ReadResponse);
 
     let frame = round_trip(&PopResponse {
-        messages: vec![PoppedMessage { offset: 9, delivery_attempt: 2, receipt: "r".into(), record: &body }],
+        messages: vec![PoppedMessage {
+            queue: "t#1".into(),
+            offset: 9,
+            delivery_attempt: 2,
+            receipt: "r".into(),
+            record: &body,
+        }],
     });
     let archived = frame.access::<PopResponse>().unwrap();
     assert_eq!((archived.messages[0].delivery_attempt.to_native(), &archived.messages[0].record[..]), (2, &body[..]));
+    assert_eq!(archived.messages[0].queue.as_str(), "t#1");
     kinds.push(FrameKind::PopResponse);
 
+    let frame = round_trip(&TransactionCheckResponse {
+        messages: vec![HalfMessage { queue: "t#0".into(), position: 4096, checks: 1, record: &body }],
+    });
+    let archived = frame.access::<TransactionCheckResponse>().unwrap();
+    assert_eq!((archived.messages[0].position.to_native(), &archived.messages[0].record[..]), (4096, &body[..]));
+    kinds.push(FrameKind::TransactionCheckResponse);
+
     kinds.sort_by_key(|k| *k as u16);
-    assert_eq!(kinds, FrameKind::ALL, "every frame kind is covered");
+    let mut all = FrameKind::ALL.to_vec();
+    all.sort_by_key(|k| *k as u16);
+    assert_eq!(kinds, all, "every frame kind is covered");
+    for retired in RETIRED_KINDS {
+        assert!(FrameKind::try_from(*retired).is_err(), "kind {retired} is retired and must stay unused");
+    }
 }
 
 fn assert_in_place(frame: &Frame, inner: &[u8]) {
@@ -211,7 +252,7 @@ fn each_broken_frame_gets_its_typed_error() {
     version[4] = 9;
     assert!(matches!(
         Frame::parse(version.into(), MAX),
-        Err(FrameError::UnsupportedVersion { found: 9, supported: 1 })
+        Err(FrameError::UnsupportedVersion { found: 9, supported: FRAME_VERSION })
     ));
 
     // An unknown kind still frames (so it can be answered), then fails with UnknownKind.
@@ -230,7 +271,7 @@ fn each_broken_frame_gets_its_typed_error() {
 
     let codes: Vec<u32> = [
         FrameError::BadMagic { found: 0 },
-        FrameError::UnsupportedVersion { found: 0, supported: 1 },
+        FrameError::UnsupportedVersion { found: 0, supported: FRAME_VERSION },
         FrameError::UnknownKind { kind: 0 },
         FrameError::Oversize { body_len: 0, max_frame_bytes: 0 },
         FrameError::Truncated { have: 0, need: 0 },

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_transport::frame::{Frame, OutFrame};
+use sluice_transport::frame::{Frame, OutFrame, FRAME_VERSION};
 use sluice_transport::messages::*;
 use sluice_transport::{Client, FrameError, Handler, ServerInfo, ServerThread, TransportConfig, TransportError};
 
@@ -60,6 +60,7 @@ async fn append(client: &Client, id: u64, body: &[u8]) -> Result<(u64, u64), Tra
             message_id: id.to_string(),
             tag: String::new(),
             keys: vec![],
+            attributes: EntryAttributes::default(),
             properties: b"",
             body,
         }],
@@ -205,7 +206,8 @@ fn garbage_and_wrong_versions_get_an_error_frame_then_a_disconnect() {
     assert!(closed);
 
     let mut wrong_version = OutFrame::encode(3, &Heartbeat { sent_at_us: 1 }, 4096).unwrap().as_bytes().to_vec();
-    wrong_version[4] = 2;
+    // A peer of the previous protocol version.
+    wrong_version[4] = (FRAME_VERSION - 1) as u8;
     let (reply, closed) = raw_exchange(server.addr, &wrong_version);
     assert_eq!(error_code(&reply), 2002);
     assert!(closed);

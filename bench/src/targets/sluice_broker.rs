@@ -5,13 +5,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use sluice_engine::broker::queues::message_type;
-use sluice_engine::record::RecordView;
-use sluice_proxy::routing::{BrokerAddress, BrokerPool};
+use sluice_transport::cluster::{BrokerAddress, BrokerPool};
 use sluice_transport::messages::{
     AckRequest, AckResponse, AppendEntry, AppendRequest, AppendResponse, CreateQueueRequest, DeleteQueueRequest,
-    PopRequest, PopResponse, StatsRequest, StatsResponse,
+    EntryAttributes, FilterSpec, GroupPolicy, PopRequest, PopResponse, StatsRequest, StatsResponse,
 };
+use sluice_transport::model::{message_type, RecordView};
 use sluice_transport::{Client, TransportConfig};
 
 use super::{
@@ -91,10 +90,13 @@ pub async fn open(
     let durability = broker_durability(&admin).await?;
     check_level(spec, &durability, level)?;
     let topic_queues: Vec<Vec<String>> = (0..workload.topics as usize).map(|t| queues(names, workload, t)).collect();
-    for queue in topic_queues.iter().flatten() {
-        let create =
-            CreateQueueRequest { queue: queue.clone(), message_type: message_type::NORMAL, attributes: vec![] };
-        admin.call_for(queue, &create).await.map_err(error)?;
+    for (topic, queues) in topic_queues.iter().enumerate() {
+        for queue in queues {
+            let attributes =
+                vec![("topic".to_string(), names.topic(topic)), ("queue_count".to_string(), queues.len().to_string())];
+            let create = CreateQueueRequest { queue: queue.clone(), message_type: message_type::NORMAL, attributes };
+            admin.call_for(queue, &create).await.map_err(error)?;
+        }
     }
     let topic_queues = Arc::new(topic_queues);
     let mut producers: Vec<Arc<dyn Producer>> = Vec::new();
@@ -107,6 +109,7 @@ pub async fn open(
         let queue = topic_queues[c / per_topic][c % per_topic].clone();
         consumers.push(Box::new(BrokerConsumer {
             pool: pool(spec).await?,
+            topic: names.topic(c / per_topic),
             queue,
             group: names.group(),
             receipts: vec![],
@@ -150,6 +153,7 @@ impl Producer for BrokerProducer {
                 message_id: format!("{sequence:016X}"),
                 tag: String::new(),
                 keys: vec![],
+                attributes: EntryAttributes::default(),
                 properties: &[],
                 body: &body,
             };
@@ -163,8 +167,11 @@ impl Producer for BrokerProducer {
     }
 }
 
+/// Pops its own queue of the topic (each consumer of a topic has one), so no two consumers
+/// contend and each pop is one request to one shard.
 struct BrokerConsumer {
     pool: Arc<BrokerPool>,
+    topic: String,
     queue: String,
     group: String,
     receipts: Vec<String>,
@@ -174,12 +181,16 @@ impl Consumer for BrokerConsumer {
     fn receive(&mut self) -> BoxFuture<'_, Result<Vec<Option<Delivered>>, BenchError>> {
         Box::pin(async move {
             let pop = PopRequest {
-                queue: self.queue.clone(),
                 group: self.group.clone(),
+                topic: self.topic.clone(),
+                queue: self.queue.clone(),
                 max_count: RECEIVE_BATCH_MAX,
                 max_bytes: POP_MAX_BYTES,
                 invisible_ms: INVISIBLE_MS,
                 long_poll_ms: RECEIVE_WAIT_MS,
+                poll_id: 0,
+                filter: FilterSpec::default(),
+                policy: GroupPolicy::default(),
             };
             let frame = self.pool.call_for(&self.queue, &pop).await.map_err(error)?;
             let popped = frame.access::<PopResponse>().map_err(error)?;

@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use sluice_proxy::pb::apache::rocketmq::v2;
-use sluice_proxy::pb::apache::rocketmq::v2::messaging_service_client::MessagingServiceClient;
-use sluice_proxy::pb::sluice::admin::v1 as admin;
-use sluice_proxy::pb::sluice::admin::v1::admin_client::AdminClient;
+use sluice_proto::apache::rocketmq::v2;
+use sluice_proto::apache::rocketmq::v2::messaging_service_client::MessagingServiceClient;
+use sluice_proto::sluice::admin::v1 as admin;
+use sluice_proto::sluice::admin::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
 
 use super::sluice_broker::{check_level, durability_from_counters};

@@ -1,7 +1,8 @@
-//! Errors the broker sends back in error frames. Codes 3001+ are the broker's; engine errors
-//! keep their own codes (1001+). Never renumber or reuse a code.
+//! Errors the broker sends back in error frames. Codes (`sluice_transport::model::codes`) 3001+
+//! are the broker's; engine errors keep their own (1001+). Never renumber or reuse a code.
 
 use sluice_transport::messages::ErrorReply;
+use sluice_transport::model::codes;
 
 use crate::error::EngineError;
 
@@ -30,41 +31,39 @@ pub enum BrokerError {
     #[error("not supported by this broker yet: {0}")]
     NotSupported(&'static str),
     #[error(transparent)]
+    InvalidFilter(#[from] sluice_transport::model::filter::FilterError),
+    #[error("delivery time {delivery_ms} is {ahead_ms} ms ahead; at most {max_ms} ms (40 days) is allowed")]
+    DeliveryTooFar { delivery_ms: u64, ahead_ms: u64, max_ms: u64 },
+    #[error("{what} at log position {position} of {queue:?} is not held by this broker: it was delivered, ended, or never existed")]
+    HeldNotFound { what: &'static str, queue: String, position: u64 },
+    #[error("this shard already holds {max} half messages of open transactions (broker.half_messages_max); end some transactions first")]
+    TooManyHeld { max: usize },
+    #[error("queue {queue:?} takes {expected} messages, not {given}")]
+    MessageTypeMismatch { queue: String, expected: &'static str, given: &'static str },
+    #[error(transparent)]
     Engine(#[from] EngineError),
 }
 
 impl BrokerError {
     pub fn code(&self) -> u32 {
         match self {
-            BrokerError::QueueNotFound(_) => 3001,
-            BrokerError::WrongShard { .. } => 3002,
-            BrokerError::InvalidReceipt => 3003,
-            BrokerError::ReceiptExpired => 3004,
-            BrokerError::QueueTypeConflict { .. } => 3005,
-            BrokerError::InvalidRequest(_) => 3006,
-            BrokerError::TooManyGroups { .. } => 3007,
-            BrokerError::ShuttingDown => 3008,
-            BrokerError::NotSupported(_) => 3009,
+            BrokerError::QueueNotFound(_) => codes::QUEUE_NOT_FOUND,
+            BrokerError::WrongShard { .. } => codes::WRONG_SHARD,
+            BrokerError::InvalidReceipt => codes::INVALID_RECEIPT,
+            BrokerError::ReceiptExpired => codes::RECEIPT_EXPIRED,
+            BrokerError::QueueTypeConflict { .. } => codes::QUEUE_TYPE_CONFLICT,
+            BrokerError::InvalidRequest(_) => codes::INVALID_REQUEST,
+            BrokerError::TooManyGroups { .. } => codes::TOO_MANY_GROUPS,
+            BrokerError::ShuttingDown => codes::SHUTTING_DOWN,
+            BrokerError::NotSupported(_) => codes::NOT_SUPPORTED,
+            BrokerError::InvalidFilter(_) => codes::INVALID_FILTER,
+            BrokerError::DeliveryTooFar { .. } => codes::INVALID_DELIVERY_TIME,
+            BrokerError::HeldNotFound { .. } => codes::HELD_MESSAGE_NOT_FOUND,
+            BrokerError::TooManyHeld { .. } => codes::TOO_MANY_HELD,
+            BrokerError::MessageTypeMismatch { .. } => codes::MESSAGE_TYPE_MISMATCH,
             BrokerError::Engine(e) => e.code(),
         }
     }
-}
-
-/// Codes the proxy maps to client statuses.
-pub mod code {
-    pub const QUEUE_NOT_FOUND: u32 = 3001;
-    pub const WRONG_SHARD: u32 = 3002;
-    pub const INVALID_RECEIPT: u32 = 3003;
-    pub const RECEIPT_EXPIRED: u32 = 3004;
-    pub const QUEUE_TYPE_CONFLICT: u32 = 3005;
-    pub const INVALID_REQUEST: u32 = 3006;
-    pub const TOO_MANY_GROUPS: u32 = 3007;
-    pub const SHUTTING_DOWN: u32 = 3008;
-    pub const NOT_SUPPORTED: u32 = 3009;
-    /// Engine: a record larger than the engine accepts.
-    pub const RECORD_TOO_LARGE: u32 = 1010;
-    /// An ack status meaning success.
-    pub const OK: u32 = 0;
 }
 
 /// A request that does not validate as its kind.
@@ -87,18 +86,32 @@ mod tests {
     #[test]
     fn codes_are_unique_and_match_the_table() {
         let samples = [
-            (BrokerError::QueueNotFound(String::new()), code::QUEUE_NOT_FOUND),
-            (BrokerError::WrongShard { queue: String::new(), owner: 0, here: 1 }, code::WRONG_SHARD),
-            (BrokerError::InvalidReceipt, code::INVALID_RECEIPT),
-            (BrokerError::ReceiptExpired, code::RECEIPT_EXPIRED),
+            (BrokerError::QueueNotFound(String::new()), codes::QUEUE_NOT_FOUND),
+            (BrokerError::WrongShard { queue: String::new(), owner: 0, here: 1 }, codes::WRONG_SHARD),
+            (BrokerError::InvalidReceipt, codes::INVALID_RECEIPT),
+            (BrokerError::ReceiptExpired, codes::RECEIPT_EXPIRED),
             (
                 BrokerError::QueueTypeConflict { queue: String::new(), existing: 1, requested: 2 },
-                code::QUEUE_TYPE_CONFLICT,
+                codes::QUEUE_TYPE_CONFLICT,
             ),
-            (BrokerError::InvalidRequest(String::new()), code::INVALID_REQUEST),
-            (BrokerError::TooManyGroups { max: 1 }, code::TOO_MANY_GROUPS),
-            (BrokerError::ShuttingDown, code::SHUTTING_DOWN),
-            (BrokerError::NotSupported(""), code::NOT_SUPPORTED),
+            (BrokerError::InvalidRequest(String::new()), codes::INVALID_REQUEST),
+            (BrokerError::TooManyGroups { max: 1 }, codes::TOO_MANY_GROUPS),
+            (BrokerError::ShuttingDown, codes::SHUTTING_DOWN),
+            (BrokerError::NotSupported(""), codes::NOT_SUPPORTED),
+            (
+                BrokerError::InvalidFilter(sluice_transport::model::filter::FilterError {
+                    expression: String::new(),
+                    reason: String::new(),
+                }),
+                codes::INVALID_FILTER,
+            ),
+            (BrokerError::DeliveryTooFar { delivery_ms: 0, ahead_ms: 0, max_ms: 0 }, codes::INVALID_DELIVERY_TIME),
+            (BrokerError::HeldNotFound { what: "", queue: String::new(), position: 0 }, codes::HELD_MESSAGE_NOT_FOUND),
+            (BrokerError::TooManyHeld { max: 0 }, codes::TOO_MANY_HELD),
+            (
+                BrokerError::MessageTypeMismatch { queue: String::new(), expected: "", given: "" },
+                codes::MESSAGE_TYPE_MISMATCH,
+            ),
         ];
         let mut seen = std::collections::HashSet::new();
         for (error, expected) in samples {

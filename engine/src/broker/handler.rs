@@ -1,20 +1,24 @@
-//! One shard's broker service: answers transport requests on the shard's own executor, so a
-//! request never crosses a thread inside the broker. Holds the shard's pop state (leases),
-//! its queue configurations, and long-poll wake-ups; none of it is shared with other shards.
+//! One shard's broker service: decodes transport requests on the shard's own executor (so a
+//! request never crosses a thread inside the broker) and hands them to the part that owns the
+//! answer: appends and queue administration here, consumption in `delivery`, delay timers and
+//! transactions in `held`. Nothing here is shared with other shards.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use sluice_transport::messages::*;
+use sluice_transport::model::record::{txn_state, Attributes, OFFSET_HELD};
+use sluice_transport::model::{codes, message_type};
 use sluice_transport::{Frame, Handler, OutFrame};
 
-use crate::broker::error::{code, BrokerError};
-use crate::broker::pop::{GroupQueue, Lease, LeaseError};
+use crate::broker::error::BrokerError;
+use crate::broker::held::{HalfChecks, TimerWake};
+use crate::broker::pop::QueueLimits;
 use crate::broker::queues::{QueueConfig, QueueConfigs};
 use crate::broker::receipt::ReceiptKey;
+use crate::broker::scheduler::Scheduler;
 use crate::broker::BrokerLimits;
 use crate::config::Durability;
 use crate::index::StateTable;
@@ -22,7 +26,7 @@ use crate::queue::{shard_for_queue, validate_queue_name};
 use crate::record::NewRecord;
 use crate::shard::Shard;
 
-type Result<T> = std::result::Result<T, BrokerError>;
+pub(crate) type Result<T> = std::result::Result<T, BrokerError>;
 
 /// Longest consumer group name, in bytes.
 pub const GROUP_NAME_MAX_BYTES: usize = 255;
@@ -30,44 +34,64 @@ pub const GROUP_NAME_MAX_BYTES: usize = 255;
 const OFFSET_SCAN_CHUNK: usize = 1024;
 
 pub struct ShardHandler {
-    shard: Rc<Shard>,
-    shard_id: usize,
+    pub(super) shard: Rc<Shard>,
+    pub(super) shard_id: usize,
     shard_count: usize,
-    key: ReceiptKey,
-    limits: BrokerLimits,
+    pub(super) key: ReceiptKey,
+    pub(super) limits: BrokerLimits,
     configs: RefCell<QueueConfigs>,
-    groups: RefCell<HashMap<(String, String), GroupQueue>>,
+    pub(super) scheduler: RefCell<Scheduler>,
     /// (group, queue) whose floor moved since it was last persisted.
-    dirty_offsets: RefCell<HashSet<(String, String)>>,
-    /// Wakes long polls on a queue when it is appended to.
-    signals: RefCell<HashMap<String, Rc<tokio::sync::Notify>>>,
-    closing: Cell<bool>,
-    closing_signal: tokio::sync::Notify,
+    pub(super) dirty_offsets: RefCell<HashSet<(Rc<str>, Rc<str>)>>,
+    /// Long polls that can be cancelled, by poll id.
+    pub(super) polls: RefCell<HashMap<u64, Rc<tokio::sync::Notify>>>,
+    pub(super) closing: Cell<bool>,
+    pub(super) closing_signal: tokio::sync::Notify,
     create_lock: glommio::sync::Semaphore,
+    /// Orders changes to held messages (see `held`).
+    pub(super) held_lock: glommio::sync::Semaphore,
     next_lease_id: Cell<u64>,
-    counters: Counters,
+    pub(super) timers: TimerWake,
+    pub(super) halves: RefCell<HalfChecks>,
+    pub(super) counters: Counters,
 }
 
 #[derive(Default)]
-struct Counters {
-    appended: Cell<u64>,
-    popped: Cell<u64>,
-    redelivered: Cell<u64>,
-    acked: Cell<u64>,
-    receipts_refused: Cell<u64>,
-    long_polls: Cell<u64>,
+pub(super) struct Counters {
+    pub appended: Cell<u64>,
+    pub popped: Cell<u64>,
+    pub redelivered: Cell<u64>,
+    pub acked: Cell<u64>,
+    pub released: Cell<u64>,
+    pub filtered: Cell<u64>,
+    pub receipts_refused: Cell<u64>,
+    pub long_polls: Cell<u64>,
+    pub polls_cancelled: Cell<u64>,
+    pub timers_dispatched: Cell<u64>,
+    pub timers_recalled: Cell<u64>,
+    pub held_lost: Cell<u64>,
+    pub transactions_committed: Cell<u64>,
+    pub transactions_rolled_back: Cell<u64>,
+    pub transaction_checks: Cell<u64>,
+    pub transactions_discarded: Cell<u64>,
 }
 
-fn now_ms() -> u64 {
+impl Counters {
+    pub fn add(counter: &Cell<u64>, n: u64) {
+        counter.set(counter.get() + n);
+    }
+}
+
+pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn bounded(value: u32, max: u32) -> u32 {
+pub(super) fn bounded(value: u32, max: u32) -> u32 {
     value.clamp(1, max)
 }
 
 impl ShardHandler {
-    /// Loads the shard's queue configurations and builds its handler.
+    /// Loads the shard's queue configurations and open transactions and builds its handler.
     pub async fn open(
         shard: Rc<Shard>,
         shard_id: usize,
@@ -76,6 +100,11 @@ impl ShardHandler {
         limits: BrokerLimits,
     ) -> Result<ShardHandler> {
         let configs = QueueConfigs::load(&shard, limits.queue_configs_max).await?;
+        let mut scheduler = Scheduler::default();
+        for (name, _) in configs.range_from("", "") {
+            scheduler.add_queue(name);
+        }
+        let halves = HalfChecks::load(&shard, &limits).await?;
         Ok(ShardHandler {
             shard,
             shard_id,
@@ -83,13 +112,16 @@ impl ShardHandler {
             key,
             limits,
             configs: RefCell::new(configs),
-            groups: RefCell::new(HashMap::new()),
+            scheduler: RefCell::new(scheduler),
             dirty_offsets: RefCell::new(HashSet::new()),
-            signals: RefCell::new(HashMap::new()),
+            polls: RefCell::new(HashMap::new()),
             closing: Cell::new(false),
             closing_signal: tokio::sync::Notify::new(),
             create_lock: glommio::sync::Semaphore::new(1),
+            held_lock: glommio::sync::Semaphore::new(1),
             next_lease_id: Cell::new(1),
+            timers: TimerWake::default(),
+            halves: RefCell::new(halves),
             counters: Counters::default(),
         })
     }
@@ -98,62 +130,21 @@ impl ShardHandler {
     pub fn begin_close(&self) {
         self.closing.set(true);
         self.closing_signal.notify_waiters();
+        self.scheduler.borrow().wake_all();
+        self.timers.wake();
     }
 
-    /// Writes every consumer offset that moved since it was last written. One that fails (or
-    /// is cancelled) stays marked, so the next round writes it.
-    pub async fn persist_offsets(&self) -> Result<usize> {
-        let dirty: Vec<(String, String)> = self.dirty_offsets.borrow().iter().cloned().collect();
-        let mut written = 0;
-        for key in dirty {
-            let floor = self.groups.borrow().get(&key).map(GroupQueue::floor);
-            if let Some(floor) = floor {
-                self.store_offset(&key.0, &key.1, floor).await?;
-                written += 1;
-            }
-            // Only if nothing moved it again while it was written.
-            if self.groups.borrow().get(&key).map(GroupQueue::floor) == floor {
-                self.dirty_offsets.borrow_mut().remove(&key);
-            }
+    pub(super) fn queue_limits(&self) -> QueueLimits {
+        QueueLimits {
+            leases_max: self.limits.leases_per_group_queue_max,
+            waiting_max: self.limits.fifo_waiting_per_group_queue_max,
         }
-        Ok(written)
     }
 
-    /// Offsets are kept per queue (`queue \0 group` in the pop-state table), so deleting a
-    /// queue forgets every group's position on it and a re-created queue starts afresh.
-    fn offset_key(queue: &str, group: &str) -> Vec<u8> {
-        let mut key = Vec::with_capacity(queue.len() + 1 + group.len());
-        key.extend_from_slice(queue.as_bytes());
-        key.push(0);
-        key.extend_from_slice(group.as_bytes());
-        key
-    }
-
-    async fn store_offset(&self, group: &str, queue: &str, offset: u64) -> Result<()> {
-        let key = Self::offset_key(queue, group);
-        Ok(self.shard.put_state(StateTable::PopState, key, offset.to_le_bytes().to_vec()).await?)
-    }
-
-    async fn load_offset(&self, group: &str, queue: &str) -> Result<Option<u64>> {
-        let value = self.shard.state(StateTable::PopState, Self::offset_key(queue, group)).await?;
-        Ok(value.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map(u64::from_le_bytes))
-    }
-
-    /// Removes every group's stored offset on `queue`.
-    async fn forget_offsets(&self, queue: &str) -> Result<()> {
-        let mut prefix = queue.as_bytes().to_vec();
-        prefix.push(0);
-        loop {
-            let entries = self.shard.state_scan(StateTable::PopState, prefix.clone(), OFFSET_SCAN_CHUNK).await?;
-            let mine: Vec<Vec<u8>> =
-                entries.into_iter().map(|(k, _)| k).take_while(|k| k.starts_with(&prefix)).collect();
-            if mine.is_empty() {
-                return Ok(());
-            }
-            for key in mine {
-                self.shard.delete_state(StateTable::PopState, key).await?;
-            }
-        }
+    pub(super) fn lease_id(&self) -> u64 {
+        let id = self.next_lease_id.get();
+        self.next_lease_id.set(id + 1);
+        id
     }
 
     async fn dispatch(&self, request: &Frame) -> Result<OutFrame> {
@@ -163,7 +154,9 @@ impl ShardHandler {
             FrameKind::AppendRequest => OutFrame::encode(id, &self.append(request).await?, max),
             FrameKind::ReadRequest => return self.read(request).await,
             FrameKind::PopRequest => return self.pop(request).await,
-            FrameKind::AckRequest => OutFrame::encode(id, &self.ack(request).await?, max),
+            FrameKind::PopCancelRequest => OutFrame::encode(id, &self.cancel_pop(request)?, max),
+            FrameKind::AckRequest => OutFrame::encode(id, &self.ack(request)?, max),
+            FrameKind::ReleaseRequest => OutFrame::encode(id, &self.release(request)?, max),
             FrameKind::ChangeInvisibleRequest => OutFrame::encode(id, &self.change_invisible(request)?, max),
             FrameKind::CommitOffsetRequest => OutFrame::encode(id, &self.commit_offset(request).await?, max),
             FrameKind::QueryOffsetRequest => OutFrame::encode(id, &self.query_offset(request).await?, max),
@@ -171,18 +164,21 @@ impl ShardHandler {
             FrameKind::DeleteQueueRequest => OutFrame::encode(id, &self.delete_queue(request).await?, max),
             FrameKind::ListQueuesRequest => OutFrame::encode(id, &self.list_queues(request)?, max),
             FrameKind::StatsRequest => OutFrame::encode(id, &self.stats(), max),
+            FrameKind::EndTransactionRequest => OutFrame::encode(id, &self.end_transaction(request).await?, max),
+            FrameKind::RecallRequest => OutFrame::encode(id, &self.recall(request).await?, max),
+            FrameKind::TransactionCheckRequest => return self.transaction_checks(request).await,
             FrameKind::LiteSubscriptionRequest => return Err(BrokerError::NotSupported("lite subscriptions")),
             other => return Err(BrokerError::InvalidRequest(format!("{other:?} is not a request a broker serves"))),
         };
         encoded.map_err(Self::unencodable)
     }
 
-    fn unencodable(e: sluice_transport::FrameError) -> BrokerError {
+    pub(super) fn unencodable(e: sluice_transport::FrameError) -> BrokerError {
         BrokerError::InvalidRequest(format!("reply does not fit in a frame: {e}"))
     }
 
     /// The queue must be valid, on this shard and configured.
-    fn check_queue(&self, queue: &str) -> Result<()> {
+    pub(super) fn check_queue(&self, queue: &str) -> Result<()> {
         validate_queue_name(queue)?;
         let owner = shard_for_queue(queue, self.shard_count);
         if owner != self.shard_id {
@@ -194,7 +190,7 @@ impl ShardHandler {
         Ok(())
     }
 
-    fn check_group(group: &str) -> Result<()> {
+    pub(super) fn check_group(group: &str) -> Result<()> {
         if group.is_empty() || group.len() > GROUP_NAME_MAX_BYTES || group.bytes().any(|b| b.is_ascii_control()) {
             return Err(BrokerError::InvalidRequest(format!(
                 "consumer group name must be 1..={GROUP_NAME_MAX_BYTES} bytes without control characters"
@@ -203,8 +199,46 @@ impl ShardHandler {
         Ok(())
     }
 
-    fn signal(&self, queue: &str) -> Rc<tokio::sync::Notify> {
-        self.signals.borrow_mut().entry(queue.to_string()).or_default().clone()
+    /// The message type a queue takes (normal for a queue configured without one).
+    pub(super) fn queue_type(&self, queue: &str) -> u8 {
+        self.configs.borrow().get(queue).map_or(message_type::NORMAL, |c| c.message_type.max(message_type::NORMAL))
+    }
+
+    /// The broker-visible attributes of an entry, checked against its queues and the limits.
+    fn attributes_of(&self, entry: &ArchivedAppendEntry<'_>, now_ms: u64) -> Result<Attributes> {
+        let a = &entry.attributes;
+        let given = a.message_type;
+        for queue in entry.queues.iter() {
+            let expected = self.queue_type(queue.as_str());
+            if given != 0 && given != expected {
+                return Err(BrokerError::MessageTypeMismatch {
+                    queue: queue.as_str().to_string(),
+                    expected: message_type::name(expected),
+                    given: message_type::name(given),
+                });
+            }
+        }
+        let delivery_ms = a.delivery_ms.to_native();
+        if given == message_type::DELAY && delivery_ms > now_ms + self.limits.delay_max_ms {
+            return Err(BrokerError::DeliveryTooFar {
+                delivery_ms,
+                ahead_ms: delivery_ms - now_ms,
+                max_ms: self.limits.delay_max_ms,
+            });
+        }
+        Ok(Attributes {
+            message_type: given,
+            txn_state: if given == message_type::TRANSACTION { txn_state::HALF } else { txn_state::NONE },
+            priority: a.priority.to_native(),
+            delivery_ms,
+            message_group: a.message_group.as_str().to_string(),
+            lite_topic: a.lite_topic.as_str().to_string(),
+            user_properties: a
+                .user_properties
+                .iter()
+                .map(|p| (p.0.as_str().to_string(), p.1.as_str().to_string()))
+                .collect(),
+        })
     }
 
     async fn append(&self, request: &Frame) -> Result<AppendResponse> {
@@ -216,6 +250,7 @@ impl ShardHandler {
                 self.limits.append_entries_max
             )));
         }
+        let now = now_ms();
         let mut records = Vec::with_capacity(append.entries.len());
         for entry in append.entries.iter() {
             for queue in entry.queues.iter() {
@@ -226,29 +261,51 @@ impl ShardHandler {
                 message_id: entry.message_id.as_str().to_string(),
                 tag: entry.tag.as_str().to_string(),
                 keys: entry.keys.iter().map(|k| k.as_str().to_string()).collect(),
+                attributes: self.attributes_of(entry, now)?,
                 properties: Bytes::copy_from_slice(&entry.properties),
                 // Zero copy: the body stays in the received frame until the log write.
                 body: request.share(&entry.body),
             });
         }
-        let acks = self.shard.append(&records).await?;
-        self.counters.appended.set(self.counters.appended.get() + records.len() as u64);
-        let mut woken = HashSet::new();
-        for record in &records {
-            for queue in &record.queues {
-                if woken.insert(queue.as_str()) {
-                    if let Some(signal) = self.signals.borrow().get(queue) {
-                        signal.notify_waiters();
-                    }
-                }
-            }
+        let halves = records.iter().filter(|r| r.attributes.txn_state == txn_state::HALF).count();
+        if halves > 0 && self.halves.borrow().len() + halves > self.limits.half_messages_max {
+            return Err(BrokerError::TooManyHeld { max: self.limits.half_messages_max });
         }
+        let acks = self.shard.append(&records).await?;
+        Counters::add(&self.counters.appended, records.len() as u64);
+        self.after_append(&records, &acks);
         Ok(AppendResponse {
             acks: acks
                 .into_iter()
                 .map(|a| sluice_transport::messages::AppendAck { position: a.position, offsets: a.offsets })
                 .collect(),
         })
+    }
+
+    /// Wakes the groups of queues that got messages, the timer loop for new delay messages,
+    /// and schedules the first check of new half messages.
+    fn after_append(&self, records: &[NewRecord], acks: &[crate::shard::AppendAck]) {
+        let mut woken = HashSet::new();
+        let now = now_ms();
+        for (record, ack) in records.iter().zip(acks) {
+            let held = ack.offsets.first() == Some(&OFFSET_HELD);
+            if held && record.attributes.txn_state == txn_state::HALF {
+                self.halves.borrow_mut().add(ack.position, &record.queues[0], now, &self.limits);
+            } else if held {
+                self.timers.wake();
+            } else {
+                woken.extend(record.queues.iter().map(String::as_str));
+            }
+        }
+        for queue in woken {
+            self.queue_grew(queue);
+        }
+    }
+
+    /// A queue got new readable messages: its groups may have work.
+    pub(super) fn queue_grew(&self, queue: &str) {
+        let end = self.shard.queue_info(queue).map_or(0, |q| q.max_offset);
+        self.scheduler.borrow_mut().on_append(queue, end, now_ms(), self.queue_limits());
     }
 
     async fn read(&self, request: &Frame) -> Result<OutFrame> {
@@ -287,279 +344,41 @@ impl ShardHandler {
         }
     }
 
-    /// The group's state for a queue, loaded from its committed offset on first use.
-    async fn ensure_group(&self, group: &str, queue: &str) -> Result<()> {
-        let key = (group.to_string(), queue.to_string());
-        if self.groups.borrow().contains_key(&key) {
-            return Ok(());
-        }
-        if self.groups.borrow().len() >= self.limits.group_queues_max {
-            return Err(BrokerError::TooManyGroups { max: self.limits.group_queues_max });
-        }
-        let committed = self.load_offset(group, queue).await?;
-        // The queue may have been deleted while the offset was read.
-        self.check_queue(queue)?;
-        // A new group starts at the oldest retained message: nothing sent before it is skipped.
-        let info = self.shard.queue_info(queue);
-        let (min, max) = info.map_or((0, 0), |q| (q.min_offset, q.max_offset));
-        let start = committed.unwrap_or(min).clamp(min, max.max(min));
-        self.groups.borrow_mut().entry(key).or_insert_with(|| GroupQueue::new(start));
-        Ok(())
+    /// Offsets are kept per queue (`queue \0 group` in the pop-state table), so deleting a
+    /// queue forgets every group's position on it and a re-created queue starts afresh.
+    fn offset_key(queue: &str, group: &str) -> Vec<u8> {
+        let mut key = Vec::with_capacity(queue.len() + 1 + group.len());
+        key.extend_from_slice(queue.as_bytes());
+        key.push(0);
+        key.extend_from_slice(group.as_bytes());
+        key
     }
 
-    fn lease_id(&self) -> u64 {
-        let id = self.next_lease_id.get();
-        self.next_lease_id.set(id + 1);
-        id
+    pub(super) async fn store_offset(&self, group: &str, queue: &str, offset: u64) -> Result<()> {
+        let key = Self::offset_key(queue, group);
+        Ok(self.shard.put_state(StateTable::PopState, key, offset.to_le_bytes().to_vec()).await?)
     }
 
-    async fn pop(&self, request: &Frame) -> Result<OutFrame> {
-        let pop = request.access::<PopRequest>()?;
-        let (queue, group) = (pop.queue.as_str(), pop.group.as_str());
-        self.check_queue(queue)?;
-        Self::check_group(group)?;
-        let max_count = bounded(pop.max_count.to_native(), self.limits.pop_records_max) as usize;
-        let max_bytes = bounded(pop.max_bytes.to_native(), self.limits.read_bytes_max) as usize;
-        let invisible_ms =
-            pop.invisible_ms.to_native().clamp(self.limits.invisible_min_ms, self.limits.invisible_max_ms);
-        let wait_until_ms = now_ms() + pop.long_poll_ms.to_native().min(self.limits.long_poll_max_ms);
-        self.ensure_group(group, queue).await?;
-        let signal = self.signal(queue);
+    pub(super) async fn load_offset(&self, group: &str, queue: &str) -> Result<Option<u64>> {
+        let value = self.shard.state(StateTable::PopState, Self::offset_key(queue, group)).await?;
+        Ok(value.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map(u64::from_le_bytes))
+    }
+
+    /// Removes every group's stored offset on `queue`.
+    async fn forget_offsets(&self, queue: &str) -> Result<()> {
+        let mut prefix = queue.as_bytes().to_vec();
+        prefix.push(0);
         loop {
-            let notified = signal.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            let delivered = self.pop_once(queue, group, max_count, max_bytes, invisible_ms).await?;
-            let now = now_ms();
-            if !delivered.is_empty() || now >= wait_until_ms || self.closing.get() {
-                return self.pop_reply(request.request_id(), queue, group, delivered);
+            let entries = self.shard.state_scan(StateTable::PopState, prefix.clone(), OFFSET_SCAN_CHUNK).await?;
+            let mine: Vec<Vec<u8>> =
+                entries.into_iter().map(|(k, _)| k).take_while(|k| k.starts_with(&prefix)).collect();
+            if mine.is_empty() {
+                return Ok(());
             }
-            self.counters.long_polls.set(self.counters.long_polls.get() + 1);
-            let lease_due = self
-                .groups
-                .borrow()
-                .get(&(group.to_string(), queue.to_string()))
-                .and_then(GroupQueue::earliest_deadline_ms);
-            let wake_ms = lease_due.map_or(wait_until_ms, |due| due.min(wait_until_ms)).max(now + 1);
-            let sleep = std::pin::pin!(glommio::timer::sleep(Duration::from_millis(wake_ms - now)));
-            let closing = std::pin::pin!(self.closing_signal.notified());
-            let woken = std::pin::pin!(futures::future::select(notified, closing));
-            futures::future::select(woken, sleep).await;
-        }
-    }
-
-    fn pop_reply(
-        &self,
-        id: u64,
-        queue: &str,
-        group: &str,
-        delivered: Vec<(Lease, crate::shard::StoredRecord)>,
-    ) -> Result<OutFrame> {
-        let receipts: Vec<String> = delivered.iter().map(|(lease, _)| self.key.issue(queue, group, lease)).collect();
-        let reply = PopResponse {
-            messages: delivered
-                .iter()
-                .zip(&receipts)
-                .map(|((lease, record), receipt)| PoppedMessage {
-                    offset: lease.offset,
-                    delivery_attempt: lease.attempt,
-                    receipt: receipt.clone(),
-                    record: record.bytes(),
-                })
-                .collect(),
-        };
-        OutFrame::encode(id, &reply, self.limits.max_frame_bytes).map_err(Self::unencodable)
-    }
-
-    /// Delivers expired leases again, then messages never delivered, without waiting.
-    /// Other pops of the same group may run while this one reads, so every lease is
-    /// re-checked after each read.
-    async fn pop_once(
-        &self,
-        queue: &str,
-        group: &str,
-        max_count: usize,
-        max_bytes: usize,
-        invisible_ms: u64,
-    ) -> Result<Vec<(Lease, crate::shard::StoredRecord)>> {
-        let key = (group.to_string(), queue.to_string());
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        let expired = match self.groups.borrow().get(&key) {
-            Some(gq) => gq.expired(now_ms(), max_count),
-            None => return Ok(out),
-        };
-        for old in expired {
-            let batch = self.read_queue(queue, old.offset, 1, max_bytes).await?;
-            let mut groups = self.groups.borrow_mut();
-            let Some(gq) = groups.get_mut(&key) else { return Ok(out) };
-            match batch.records.into_iter().next() {
-                Some(record) if record.offset == old.offset => {
-                    let now = now_ms();
-                    if gq.check(old.offset, old.lease_id, now) != Err(LeaseError::Expired) {
-                        continue; // acked, extended or redelivered meanwhile
-                    }
-                    let lease =
-                        gq.redeliver(old.offset, now + invisible_ms, self.lease_id()).expect("lease checked above");
-                    bytes += record.bytes().len();
-                    out.push((lease, record));
-                    self.counters.redelivered.set(self.counters.redelivered.get() + 1);
-                }
-                // Retention removed it: nothing left to deliver below the queue's start.
-                _ => gq.skip_to(batch.min_offset.max(old.offset + 1)),
-            }
-            if bytes >= max_bytes {
-                return Ok(out);
+            for key in mine {
+                self.shard.delete_state(StateTable::PopState, key).await?;
             }
         }
-        let (next, leased, epoch) = match self.groups.borrow().get(&key) {
-            Some(gq) => (gq.next(), gq.leased(), gq.epoch()),
-            None => return Ok(out),
-        };
-        let room =
-            max_count.saturating_sub(out.len()).min(self.limits.leases_per_group_queue_max.saturating_sub(leased));
-        if room == 0 || bytes >= max_bytes {
-            return Ok(out);
-        }
-        let batch = self.read_queue(queue, next, room, max_bytes - bytes).await?;
-        let mut groups = self.groups.borrow_mut();
-        let Some(gq) = groups.get_mut(&key) else { return Ok(out) };
-        if gq.epoch() != epoch {
-            return Ok(out); // the offset was reset while this pop read: deliver nothing from before
-        }
-        if batch.min_offset > gq.next() {
-            gq.skip_to(batch.min_offset);
-        }
-        let now = now_ms();
-        for record in batch.records {
-            if record.offset < gq.next() {
-                continue; // delivered by a concurrent pop while this one read
-            }
-            let lease = gq.deliver(record.offset, now + invisible_ms, self.lease_id());
-            out.push((lease, record));
-            self.counters.popped.set(self.counters.popped.get() + 1);
-        }
-        Ok(out)
-    }
-
-    /// Authenticates a receipt and returns the lease it names.
-    fn open_receipt(&self, queue: &str, group: &str, receipt: &str) -> Result<Lease> {
-        self.key.open(queue, group, receipt).ok_or_else(|| {
-            self.counters.receipts_refused.set(self.counters.receipts_refused.get() + 1);
-            BrokerError::InvalidReceipt
-        })
-    }
-
-    fn lease_error(&self, e: LeaseError) -> BrokerError {
-        self.counters.receipts_refused.set(self.counters.receipts_refused.get() + 1);
-        match e {
-            LeaseError::Stale | LeaseError::Expired => BrokerError::ReceiptExpired,
-        }
-    }
-
-    async fn ack(&self, request: &Frame) -> Result<AckResponse> {
-        let ack = request.access::<AckRequest>()?;
-        let (queue, group) = (ack.queue.as_str(), ack.group.as_str());
-        self.check_queue(queue)?;
-        Self::check_group(group)?;
-        if ack.receipts.len() > self.limits.pop_records_max as usize {
-            return Err(BrokerError::InvalidRequest(format!(
-                "at most {} receipts per ack",
-                self.limits.pop_records_max
-            )));
-        }
-        let key = (group.to_string(), queue.to_string());
-        let now = now_ms();
-        let mut statuses = Vec::with_capacity(ack.receipts.len());
-        for receipt in ack.receipts.iter() {
-            let status = match self.open_receipt(queue, group, receipt.as_str()) {
-                Err(e) => e.code(),
-                Ok(lease) => match self.groups.borrow_mut().get_mut(&key) {
-                    // No state: it was issued before this broker started.
-                    None => BrokerError::ReceiptExpired.code(),
-                    Some(gq) => match gq.ack(lease.offset, lease.lease_id, now) {
-                        Ok(floor_moved) => {
-                            if floor_moved {
-                                self.dirty_offsets.borrow_mut().insert(key.clone());
-                            }
-                            self.counters.acked.set(self.counters.acked.get() + 1);
-                            code::OK
-                        }
-                        Err(e) => self.lease_error(e).code(),
-                    },
-                },
-            };
-            statuses.push(status);
-        }
-        Ok(AckResponse { statuses })
-    }
-
-    fn change_invisible(&self, request: &Frame) -> Result<ChangeInvisibleResponse> {
-        let change = request.access::<ChangeInvisibleRequest>()?;
-        let (queue, group) = (change.queue.as_str(), change.group.as_str());
-        self.check_queue(queue)?;
-        Self::check_group(group)?;
-        let lease = self.open_receipt(queue, group, change.receipt.as_str())?;
-        let invisible_ms =
-            change.invisible_ms.to_native().clamp(self.limits.invisible_min_ms, self.limits.invisible_max_ms);
-        let now = now_ms();
-        let mut groups = self.groups.borrow_mut();
-        let gq = groups.get_mut(&(group.to_string(), queue.to_string())).ok_or(BrokerError::ReceiptExpired)?;
-        let renewed = if change.renew {
-            gq.renew(lease.offset, lease.lease_id, now, now + invisible_ms)
-        } else {
-            gq.extend(lease.offset, lease.lease_id, now, now + invisible_ms, self.lease_id())
-        }
-        .map_err(|e| self.lease_error(e))?;
-        Ok(ChangeInvisibleResponse { receipt: self.key.issue(queue, group, &renewed), offset: renewed.offset })
-    }
-
-    async fn commit_offset(&self, request: &Frame) -> Result<CommitOffsetResponse> {
-        let commit = request.access::<CommitOffsetRequest>()?;
-        let (queue, group) = (commit.queue.as_str(), commit.group.as_str());
-        self.check_queue(queue)?;
-        Self::check_group(group)?;
-        let max = self.shard.queue_info(queue).map_or(0, |q| q.max_offset);
-        let offset = commit.offset.to_native();
-        if offset > max {
-            return Err(BrokerError::InvalidRequest(format!("offset {offset} is past the end of {queue} ({max})")));
-        }
-        let key = (group.to_string(), queue.to_string());
-        {
-            let mut groups = self.groups.borrow_mut();
-            if !groups.contains_key(&key) && groups.len() >= self.limits.group_queues_max {
-                return Err(BrokerError::TooManyGroups { max: self.limits.group_queues_max });
-            }
-            // An explicit offset restarts delivery there; outstanding receipts become stale.
-            groups.entry(key.clone()).or_insert_with(|| GroupQueue::new(offset)).reset(offset);
-        }
-        // Written through the same path as acks, so a timed write cannot land after it with
-        // an older floor.
-        self.dirty_offsets.borrow_mut().insert(key);
-        self.persist_offsets().await?;
-        Ok(CommitOffsetResponse {})
-    }
-
-    async fn query_offset(&self, request: &Frame) -> Result<QueryOffsetResponse> {
-        let query = request.access::<QueryOffsetRequest>()?;
-        let (queue, group) = (query.queue.as_str(), query.group.as_str());
-        self.check_queue(queue)?;
-        let info = self.shard.queue_info(queue);
-        let committed = if group.is_empty() {
-            None
-        } else {
-            Self::check_group(group)?;
-            let live = self.groups.borrow().get(&(group.to_string(), queue.to_string())).map(GroupQueue::floor);
-            match live {
-                Some(floor) => Some(floor),
-                None => self.load_offset(group, queue).await?,
-            }
-        };
-        Ok(QueryOffsetResponse {
-            committed,
-            min_offset: info.map_or(0, |i| i.min_offset),
-            max_offset: info.map_or(0, |i| i.max_offset),
-        })
     }
 
     async fn create_queue(&self, request: &Frame) -> Result<CreateQueueResponse> {
@@ -600,6 +419,7 @@ impl ShardHandler {
         }
         self.shard.put_state(StateTable::QueueConfig, queue.as_bytes().to_vec(), config.encode()).await?;
         let created = self.configs.borrow_mut().insert(queue.to_string(), config);
+        self.scheduler.borrow_mut().add_queue(queue);
         Ok(CreateQueueResponse { created })
     }
 
@@ -609,12 +429,9 @@ impl ShardHandler {
         self.check_queue(queue)?;
         self.shard.delete_state(StateTable::QueueConfig, queue.as_bytes().to_vec()).await?;
         self.configs.borrow_mut().remove(queue);
+        self.scheduler.borrow_mut().remove_queue(queue);
+        self.dirty_offsets.borrow_mut().retain(|(_, q)| &**q != queue);
         self.forget_offsets(queue).await?;
-        self.groups.borrow_mut().retain(|(_, q), _| q != queue);
-        self.dirty_offsets.borrow_mut().retain(|(_, q)| q != queue);
-        if let Some(signal) = self.signals.borrow_mut().remove(queue) {
-            signal.notify_waiters();
-        }
         match self.shard.delete_queue(queue).await {
             Ok(()) | Err(crate::error::EngineError::QueueNotFound(_)) => Ok(DeleteQueueResponse { deleted: true }),
             Err(e) => Err(e.into()),
@@ -644,6 +461,7 @@ impl ShardHandler {
     fn stats(&self) -> StatsResponse {
         let s = self.shard.stats();
         let c = &self.counters;
+        let scheduler = self.scheduler.borrow();
         let mut counters = vec![
             ("queues".to_string(), self.configs.borrow().len() as u64),
             ("log_end".to_string(), s.log_end),
@@ -653,10 +471,21 @@ impl ShardHandler {
             ("messages_popped".to_string(), c.popped.get()),
             ("messages_redelivered".to_string(), c.redelivered.get()),
             ("messages_acked".to_string(), c.acked.get()),
+            ("messages_released".to_string(), c.released.get()),
+            ("messages_filtered".to_string(), c.filtered.get()),
             ("receipts_refused".to_string(), c.receipts_refused.get()),
             ("long_poll_waits".to_string(), c.long_polls.get()),
-            ("group_queues".to_string(), self.groups.borrow().len() as u64),
-            ("leases".to_string(), self.groups.borrow().values().map(|g| g.leased() as u64).sum()),
+            ("polls_cancelled".to_string(), c.polls_cancelled.get()),
+            ("group_queues".to_string(), scheduler.group_queue_count() as u64),
+            ("leases".to_string(), scheduler.leases() as u64),
+            ("timers_dispatched".to_string(), c.timers_dispatched.get()),
+            ("timers_recalled".to_string(), c.timers_recalled.get()),
+            ("held_lost_to_retention".to_string(), c.held_lost.get()),
+            ("half_messages".to_string(), self.halves.borrow().len() as u64),
+            ("transactions_committed".to_string(), c.transactions_committed.get()),
+            ("transactions_rolled_back".to_string(), c.transactions_rolled_back.get()),
+            ("transaction_checks".to_string(), c.transaction_checks.get()),
+            ("transactions_discarded".to_string(), c.transactions_discarded.get()),
         ];
         // How appends are acknowledged, so a benchmark can print (and check) what it measured.
         let (sync, flush_interval_ms) = match self.shard.durability() {
@@ -667,6 +496,25 @@ impl ShardHandler {
         counters.push(("flush_interval_ms".to_string(), flush_interval_ms));
         StatsResponse { shard: self.shard_id as u32, counters }
     }
+
+    /// Writes every consumer offset that moved since it was last written. One that fails (or
+    /// is cancelled) stays marked, so the next round writes it.
+    pub async fn persist_offsets(&self) -> Result<usize> {
+        let dirty: Vec<(Rc<str>, Rc<str>)> = self.dirty_offsets.borrow().iter().cloned().collect();
+        let mut written = 0;
+        for key in dirty {
+            let floor = self.floor_of(&key.0, &key.1);
+            if let Some(floor) = floor {
+                self.store_offset(&key.0, &key.1, floor).await?;
+                written += 1;
+            }
+            // Only if nothing moved it again while it was written.
+            if self.floor_of(&key.0, &key.1) == floor {
+                self.dirty_offsets.borrow_mut().remove(&key);
+            }
+        }
+        Ok(written)
+    }
 }
 
 impl Handler for ShardHandler {
@@ -676,4 +524,9 @@ impl Handler for ShardHandler {
         }
         self.dispatch(&request).await.map_err(ErrorReply::from)
     }
+}
+
+/// A status per receipt: `codes::OK` or the error's code.
+pub(super) fn status_of(result: Result<()>) -> u32 {
+    result.map_or_else(|e| e.code(), |()| codes::OK)
 }

@@ -6,11 +6,14 @@
 //! broker. Shutdown stops reading, lets in-flight requests finish, writes consumer offsets,
 //! syncs the log and closes.
 
+mod delivery;
 pub mod error;
 pub mod handler;
+mod held;
 pub mod pop;
 pub mod queues;
 pub mod receipt;
+pub mod scheduler;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -28,7 +31,8 @@ use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::shard::Shard;
 
-/// Bounds on what one request may ask of a shard; every count from outside is clamped to these.
+/// Bounds on what one request may ask of a shard, and the shard's delivery policies; every
+/// count from outside is clamped to these.
 #[derive(Debug, Clone)]
 pub struct BrokerLimits {
     pub max_frame_bytes: u64,
@@ -41,14 +45,36 @@ pub struct BrokerLimits {
     pub long_poll_max_ms: u64,
     /// Unacked deliveries one group may hold on one queue; beyond it pops return nothing.
     pub leases_per_group_queue_max: usize,
+    /// FIFO messages one group may have waiting on one queue behind an earlier message of
+    /// their message group; beyond it the queue is not scanned further until an ack.
+    pub fifo_waiting_per_group_queue_max: usize,
     /// (group, queue) pairs with pop state on one shard.
     pub group_queues_max: usize,
+    /// Queue entries one pop reads ahead per queue to find deliverable messages.
+    pub scan_entries_max: usize,
+    /// Retry delays a pop's group policy may list.
+    pub retry_delays_max: usize,
     pub queue_configs_max: usize,
     pub list_queues_max: u32,
     /// How often moved consumer offsets are written (also at shutdown). A crash redelivers
     /// what was acked in the last interval: at least once, never lost.
     pub offset_persist_interval_ms: u64,
+    /// How far ahead a delay message may be due (RocketMQ's 40 days).
+    pub delay_max_ms: u64,
+    /// Delay timers moved into their queues per step.
+    pub timer_dispatch_batch: usize,
+    /// Half messages of open transactions one shard holds; more are refused.
+    pub half_messages_max: usize,
+    /// A half message is first checked with its producer this long after it was stored.
+    pub transaction_check_first_ms: u64,
+    /// Checks then repeat with doubling intervals up to this one.
+    pub transaction_check_interval_max_ms: u64,
+    /// After this many checks without an answer the half message is discarded (and counted).
+    pub transaction_checks_max: u32,
 }
+
+/// RocketMQ's longest delay: 40 days.
+pub const DELAY_MAX_MS_DEFAULT: u64 = 40 * 24 * 3600 * 1000;
 
 impl Default for BrokerLimits {
     fn default() -> Self {
@@ -62,10 +88,19 @@ impl Default for BrokerLimits {
             invisible_max_ms: 12 * 3600 * 1000,
             long_poll_max_ms: 60_000,
             leases_per_group_queue_max: 20_000,
+            fifo_waiting_per_group_queue_max: 10_000,
             group_queues_max: 100_000,
+            scan_entries_max: 1024,
+            retry_delays_max: 64,
             queue_configs_max: 1_000_000,
             list_queues_max: 10_000,
             offset_persist_interval_ms: 1_000,
+            delay_max_ms: DELAY_MAX_MS_DEFAULT,
+            timer_dispatch_batch: 256,
+            half_messages_max: 100_000,
+            transaction_check_first_ms: 6_000,
+            transaction_check_interval_max_ms: 60_000,
+            transaction_checks_max: 15,
         }
     }
 }
@@ -232,12 +267,15 @@ async fn serve_shard(
             }
         }
     });
+    let timer_server = server.clone();
+    let timer_task = glommio::spawn_local(async move { timer_server.handler().run_timers().await });
     glommio::spawn_local(async move {
         let _ = stop.recv_async().await;
         server.handler().begin_close();
         server.shutdown();
         local.serving.await;
         let _ = persist_task.cancel().await;
+        let _ = timer_task.cancel().await;
         if let Err(e) = server.handler().persist_offsets().await {
             tracing::error!(error = %e, shard = shard_id, "writing consumer offsets at shutdown failed");
         }

@@ -1,16 +1,25 @@
-//! Pop consumption state of one (consumer group, queue): which offsets are leased to a
-//! consumer (invisible until a deadline), which are acked, and which were never delivered.
+//! Delivery state of one (consumer group, queue): which offsets are leased to a consumer
+//! (invisible until a deadline), which wait behind an earlier message of their FIFO message
+//! group, and how far the queue has been scanned.
 //!
-//! Invariant: every offset in `[floor, next)` is either leased (in `leases`) or acked; every
-//! offset below `floor` is acked; no offset at or above `next` was delivered. So `floor` is the
-//! smallest leased offset (or `next`) and is what gets persisted as the group's offset: after a
-//! restart everything from it on is delivered again (at least once, never lost).
+//! Invariants:
+//! - every offset in `[floor, next)` is leased, waiting (FIFO), or consumed (acked, or filtered
+//!   out); every offset below `floor` is consumed; no offset at or after `next` was looked at.
+//!   So `floor` is what gets persisted: after a restart everything from it on is delivered
+//!   again (at least once, never lost);
+//! - in FIFO mode a message group has at most one message leased at a time, and a group's
+//!   messages are delivered in offset order;
+//! - an expired lease comes back after the group's retry delay for the attempt it used, unless
+//!   the consumer chose the delay itself (a nack) or gave it back (a release).
 //!
 //! Pure logic with the clock passed in, so it is tested without a broker.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
-/// One delivery of one message, alive until acked or until `deadline_ms` passes.
+use crate::index::QueueEntry;
+
+/// One delivery of one message, alive until acked or until `deadline_ms` passes. A receipt
+/// names exactly these fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
     pub offset: u64,
@@ -19,6 +28,13 @@ pub struct Lease {
     pub deadline_ms: u64,
     /// Unique per delivery, so a receipt of an earlier delivery of the same offset is stale.
     pub lease_id: u64,
+}
+
+/// A lease just granted and where its record is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub lease: Lease,
+    pub entry: QueueEntry,
 }
 
 /// Why a receipt was refused.
@@ -30,33 +46,93 @@ pub enum LeaseError {
     Expired,
 }
 
+/// What one delivery may take: how long it stays invisible and the retry delays.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTerms<'a> {
+    pub now_ms: u64,
+    pub invisible_ms: u64,
+    /// Delay before an expired delivery of attempt n comes back: `retry_delays_ms[n - 1]`,
+    /// the last one repeating; empty means at once.
+    pub retry_delays_ms: &'a [u32],
+}
+
+impl LeaseTerms<'_> {
+    fn retry_delay_ms(&self, attempt: u32) -> u64 {
+        match self.retry_delays_ms.len() {
+            0 => 0,
+            n => u64::from(self.retry_delays_ms[(attempt.max(1) as usize - 1).min(n - 1)]),
+        }
+    }
+}
+
+/// Bounds on what one (group, queue) holds.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub leases_max: usize,
+    /// FIFO messages waiting behind an earlier message of their group; when full, scanning
+    /// stops until one is delivered.
+    pub waiting_max: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Leased {
+    lease: Lease,
+    entry: QueueEntry,
+    /// When an expired lease may be delivered again.
+    retry_at_ms: u64,
+    /// Given back unconsumed: the next delivery keeps the attempt.
+    released: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct GroupQueue {
-    floor: u64,
     next: u64,
-    leases: BTreeMap<u64, Lease>,
-    /// (deadline, offset) of every lease, to find expired ones without a scan.
-    by_deadline: BTreeSet<(u64, u64)>,
+    leases: BTreeMap<u64, Leased>,
+    /// (retry_at, offset) of every lease, to find the ones due again without a scan.
+    by_retry: BTreeSet<(u64, u64)>,
+    /// FIFO: message group → the offset it has leased.
+    blocked: HashMap<u64, u64>,
+    /// FIFO: per message group, scanned messages waiting behind its leased one, in order.
+    waiting: HashMap<u64, VecDeque<QueueEntry>>,
+    waiting_offsets: BTreeSet<u64>,
+    /// FIFO: (offset, group) of each group's first waiting message once its group is free.
+    ready_heads: BTreeSet<(u64, u64)>,
+    fifo: bool,
     /// Bumped by `reset`, so a pop that read before a reset does not deliver after it.
     epoch: u64,
+    /// A pop is reading entries to scan; others leave the scan to it.
+    pub scanning: bool,
 }
 
 impl GroupQueue {
     /// Starts delivering at `start` (the committed offset, or the queue's first offset).
     pub fn new(start: u64) -> GroupQueue {
-        GroupQueue { floor: start, next: start, leases: BTreeMap::new(), by_deadline: BTreeSet::new(), epoch: 0 }
+        GroupQueue {
+            next: start,
+            leases: BTreeMap::new(),
+            by_retry: BTreeSet::new(),
+            blocked: HashMap::new(),
+            waiting: HashMap::new(),
+            waiting_offsets: BTreeSet::new(),
+            ready_heads: BTreeSet::new(),
+            fifo: false,
+            epoch: 0,
+            scanning: false,
+        }
     }
 
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
 
-    /// Every offset below this is acked; the offset to persist.
+    /// Every offset below this is consumed; the offset to persist.
     pub fn floor(&self) -> u64 {
-        self.floor
+        let lease = self.leases.keys().next().copied().unwrap_or(u64::MAX);
+        let waiting = self.waiting_offsets.first().copied().unwrap_or(u64::MAX);
+        lease.min(waiting).min(self.next)
     }
 
-    /// The next offset never delivered.
+    /// The next offset never scanned.
     pub fn next(&self) -> u64 {
         self.next
     }
@@ -65,46 +141,141 @@ impl GroupQueue {
         self.leases.len()
     }
 
-    /// Earliest lease deadline, for a long poll to wake at.
-    pub fn earliest_deadline_ms(&self) -> Option<u64> {
-        self.by_deadline.first().map(|(deadline, _)| *deadline)
+    pub fn waiting(&self) -> usize {
+        self.waiting_offsets.len()
     }
 
-    /// Leases whose deadline has passed, oldest deadline first, at most `max`: to deliver again.
-    pub fn expired(&self, now_ms: u64, max: usize) -> Vec<Lease> {
-        self.by_deadline
-            .iter()
-            .take_while(|(deadline, _)| *deadline <= now_ms)
-            .take(max)
-            .map(|(_, offset)| self.leases[offset])
-            .collect()
-    }
-
-    /// Leases `offset` again (a redelivery of an expired lease) with attempt + 1.
-    pub fn redeliver(&mut self, offset: u64, deadline_ms: u64, lease_id: u64) -> Option<Lease> {
-        let old = self.leases.get(&offset).copied()?;
-        self.by_deadline.remove(&(old.deadline_ms, offset));
-        let lease = Lease { offset, attempt: old.attempt.saturating_add(1), deadline_ms, lease_id };
-        self.leases.insert(offset, lease);
-        self.by_deadline.insert((deadline_ms, offset));
-        Some(lease)
-    }
-
-    /// Leases `offset` for the first time. Offsets must come in increasing order, at or
-    /// after `next`; skipped offsets (removed by retention) count as acked.
-    pub fn deliver(&mut self, offset: u64, deadline_ms: u64, lease_id: u64) -> Lease {
-        assert!(offset >= self.next, "offset {offset} delivered before, next is {}", self.next);
-        if self.leases.is_empty() {
-            self.floor = offset;
+    /// Switches FIFO on or off (the group's policy, sent with each pop). Off frees every
+    /// waiting group's head at once; waiting messages still go out in order.
+    pub fn set_fifo(&mut self, fifo: bool) {
+        if self.fifo && !fifo {
+            let heads: Vec<(u64, u64)> =
+                self.waiting.iter().filter_map(|(g, q)| q.front().map(|e| (e.offset, *g))).collect();
+            self.ready_heads.extend(heads);
+            self.blocked.clear();
         }
-        self.next = offset + 1;
-        let lease = Lease { offset, attempt: 1, deadline_ms, lease_id };
-        self.leases.insert(offset, lease);
-        self.by_deadline.insert((deadline_ms, offset));
-        lease
+        self.fifo = fifo;
     }
 
-    /// Skips to `offset` when nothing below it can be read any more (retention removed it).
+    /// True when a pop now would find something: a lease due again, a freed FIFO group, or
+    /// unscanned messages below `end` (the queue's end) that there is room to take.
+    pub fn has_work(&self, end: u64, now_ms: u64, limits: QueueLimits) -> bool {
+        !self.ready_heads.is_empty()
+            || self.next_retry_ms().is_some_and(|at| at <= now_ms)
+            || (self.next < end && !self.stalled(limits))
+    }
+
+    /// Scanning cannot go on until something is acked.
+    fn stalled(&self, limits: QueueLimits) -> bool {
+        self.leases.len() >= limits.leases_max || self.waiting_offsets.len() >= limits.waiting_max
+    }
+
+    /// When the earliest expired lease may be delivered again.
+    pub fn next_retry_ms(&self) -> Option<u64> {
+        self.by_retry.first().map(|(at, _)| *at)
+    }
+
+    /// Offsets of leases due to be delivered again, earliest first, at most `max`.
+    pub fn due(&self, now_ms: u64, max: usize) -> Vec<u64> {
+        self.by_retry.iter().take_while(|(at, _)| *at <= now_ms).take(max).map(|(_, offset)| *offset).collect()
+    }
+
+    /// Delivers an expired (or released) lease again. `None` if it is no longer due.
+    pub fn redeliver(&mut self, offset: u64, terms: LeaseTerms<'_>, lease_id: u64) -> Option<Delivery> {
+        let old = self.leases.get(&offset).copied().filter(|l| l.retry_at_ms <= terms.now_ms)?;
+        let attempt = if old.released { old.lease.attempt } else { old.lease.attempt.saturating_add(1) };
+        Some(self.lease_again(old, attempt, terms, lease_id))
+    }
+
+    fn lease_again(&mut self, old: Leased, attempt: u32, terms: LeaseTerms<'_>, lease_id: u64) -> Delivery {
+        let offset = old.lease.offset;
+        self.by_retry.remove(&(old.retry_at_ms, offset));
+        let deadline_ms = terms.now_ms + terms.invisible_ms;
+        let lease = Lease { offset, attempt, deadline_ms, lease_id };
+        let retry_at_ms = deadline_ms + terms.retry_delay_ms(attempt);
+        self.leases.insert(offset, Leased { lease, entry: old.entry, retry_at_ms, released: false });
+        self.by_retry.insert((retry_at_ms, offset));
+        Delivery { lease, entry: old.entry }
+    }
+
+    /// Offsets of FIFO messages whose group is free, oldest first, at most `max`.
+    pub fn ready_heads(&self, max: usize) -> Vec<u64> {
+        self.ready_heads.iter().take(max).map(|(offset, _)| *offset).collect()
+    }
+
+    /// Delivers the first waiting message of a freed group.
+    pub fn deliver_head(&mut self, offset: u64, terms: LeaseTerms<'_>, lease_id: u64) -> Option<Delivery> {
+        let group = self.ready_heads.iter().find(|(o, _)| *o == offset).map(|(_, g)| *g)?;
+        self.ready_heads.remove(&(offset, group));
+        let queue = self.waiting.get_mut(&group).expect("a ready head has a waiting queue");
+        let entry = queue.pop_front().expect("a ready head is waiting");
+        assert_eq!(entry.offset, offset, "a group's head is its oldest waiting message");
+        if queue.is_empty() {
+            self.waiting.remove(&group);
+        }
+        self.waiting_offsets.remove(&offset);
+        Some(self.lease_new(entry, terms, lease_id))
+    }
+
+    fn lease_new(&mut self, entry: QueueEntry, terms: LeaseTerms<'_>, lease_id: u64) -> Delivery {
+        let offset = entry.offset;
+        let deadline_ms = terms.now_ms + terms.invisible_ms;
+        let lease = Lease { offset, attempt: 1, deadline_ms, lease_id };
+        let retry_at_ms = deadline_ms + terms.retry_delay_ms(1);
+        let previous = self.leases.insert(offset, Leased { lease, entry, retry_at_ms, released: false });
+        assert!(previous.is_none(), "offset {offset} leased twice");
+        self.by_retry.insert((retry_at_ms, offset));
+        if self.fifo && entry.group_hash != 0 {
+            let was = self.blocked.insert(entry.group_hash, offset);
+            assert!(was.is_none(), "a FIFO group never has two messages leased at once");
+        }
+        Delivery { lease, entry }
+    }
+
+    /// Takes scanned entries in offset order (from `next` on; gaps are offsets retention
+    /// removed) and leases up to `room` of them. An entry `deliver` refuses (filtered out) is
+    /// consumed without ever being leased. A FIFO entry whose group is busy waits. Stops,
+    /// without consuming, at the first entry there is no room for.
+    pub fn scan(
+        &mut self,
+        entries: &[QueueEntry],
+        deliver: impl Fn(&QueueEntry) -> bool,
+        room: usize,
+        terms: LeaseTerms<'_>,
+        limits: QueueLimits,
+        mut lease_id: impl FnMut() -> u64,
+    ) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        let start = self.next;
+        for entry in entries.iter().filter(|e| e.offset >= start) {
+            if out.len() >= room {
+                break;
+            }
+            if !deliver(entry) {
+                self.next = entry.offset + 1;
+                continue;
+            }
+            let group = entry.group_hash;
+            if self.fifo && group != 0 && (self.blocked.contains_key(&group) || self.waiting.contains_key(&group)) {
+                if self.waiting_offsets.len() >= limits.waiting_max {
+                    break;
+                }
+                self.waiting.entry(group).or_default().push_back(*entry);
+                self.waiting_offsets.insert(entry.offset);
+                self.next = entry.offset + 1;
+                continue;
+            }
+            if self.leases.len() >= limits.leases_max {
+                break;
+            }
+            self.next = entry.offset + 1;
+            out.push(self.lease_new(*entry, terms, lease_id()));
+        }
+        out
+    }
+
+    /// Moves `next` forward over offsets that can no longer be read (retention removed them)
+    /// and forgets leases and waiting messages below it.
     pub fn skip_to(&mut self, offset: u64) {
         if offset > self.next {
             self.next = offset;
@@ -113,14 +284,35 @@ impl GroupQueue {
         for o in gone {
             self.remove(o);
         }
-        self.recompute_floor();
+        let waiting: Vec<u64> = self.waiting_offsets.range(..offset).copied().collect();
+        for o in waiting {
+            self.forget_waiting(o);
+        }
+    }
+
+    fn forget_waiting(&mut self, offset: u64) {
+        self.waiting_offsets.remove(&offset);
+        let Some(group) = self.waiting.iter().find(|(_, q)| q.iter().any(|e| e.offset == offset)).map(|(g, _)| *g)
+        else {
+            return;
+        };
+        let queue = self.waiting.get_mut(&group).expect("found above");
+        let was_head = queue.front().is_some_and(|e| e.offset == offset);
+        queue.retain(|e| e.offset != offset);
+        if was_head {
+            self.ready_heads.remove(&(offset, group));
+            self.free_group(group);
+        }
+        if self.waiting.get(&group).is_some_and(VecDeque::is_empty) {
+            self.waiting.remove(&group);
+        }
     }
 
     /// Checks that `lease_id` is the live delivery of `offset`.
     pub fn check(&self, offset: u64, lease_id: u64, now_ms: u64) -> Result<Lease, LeaseError> {
         match self.leases.get(&offset) {
-            Some(lease) if lease.lease_id == lease_id && lease.deadline_ms > now_ms => Ok(*lease),
-            Some(lease) if lease.lease_id == lease_id => Err(LeaseError::Expired),
+            Some(l) if l.lease.lease_id == lease_id && l.lease.deadline_ms > now_ms => Ok(l.lease),
+            Some(l) if l.lease.lease_id == lease_id => Err(LeaseError::Expired),
             _ => Err(LeaseError::Stale),
         }
     }
@@ -128,57 +320,96 @@ impl GroupQueue {
     /// Acks a delivery. Returns true when the floor moved (the offset to persist changed).
     pub fn ack(&mut self, offset: u64, lease_id: u64, now_ms: u64) -> Result<bool, LeaseError> {
         self.check(offset, lease_id, now_ms)?;
-        let floor_before = self.floor;
+        let floor_before = self.floor();
         self.remove(offset);
-        self.recompute_floor();
-        Ok(self.floor != floor_before)
+        Ok(self.floor() != floor_before)
+    }
+
+    /// Consumes a leased offset without a receipt (its record is gone, or the broker filtered
+    /// it out after reading it). Returns true when the floor moved.
+    pub fn forget(&mut self, offset: u64) -> bool {
+        let floor_before = self.floor();
+        self.remove(offset);
+        self.floor() != floor_before
     }
 
     /// Moves a live delivery's deadline and keeps its lease id (an auto-renew: receipts
     /// already handed out stay valid).
-    pub fn renew(&mut self, offset: u64, lease_id: u64, now_ms: u64, deadline_ms: u64) -> Result<Lease, LeaseError> {
-        let old = self.check(offset, lease_id, now_ms)?;
-        self.by_deadline.remove(&(old.deadline_ms, offset));
-        let lease = Lease { deadline_ms, ..old };
-        self.leases.insert(offset, lease);
-        self.by_deadline.insert((deadline_ms, offset));
-        Ok(lease)
+    pub fn renew(&mut self, offset: u64, lease_id: u64, terms: LeaseTerms<'_>) -> Result<Lease, LeaseError> {
+        let old = self.check(offset, lease_id, terms.now_ms)?;
+        let deadline_ms = terms.now_ms + terms.invisible_ms;
+        let retry_at_ms = deadline_ms + terms.retry_delay_ms(old.attempt);
+        Ok(self.replace(offset, Lease { deadline_ms, ..old }, retry_at_ms, false))
     }
 
-    /// Moves a live delivery's deadline; the new lease id makes the old receipt stale.
+    /// A consumer's own new deadline (a nack with its chosen delay, or more time): the new
+    /// lease id makes the old receipt stale, and at the deadline the message comes back at
+    /// once, since the consumer already chose when.
     pub fn extend(
         &mut self,
         offset: u64,
         lease_id: u64,
-        now_ms: u64,
-        deadline_ms: u64,
+        terms: LeaseTerms<'_>,
         new_lease_id: u64,
     ) -> Result<Lease, LeaseError> {
-        let old = self.check(offset, lease_id, now_ms)?;
-        self.by_deadline.remove(&(old.deadline_ms, offset));
-        let lease = Lease { deadline_ms, lease_id: new_lease_id, ..old };
-        self.leases.insert(offset, lease);
-        self.by_deadline.insert((deadline_ms, offset));
-        Ok(lease)
+        let old = self.check(offset, lease_id, terms.now_ms)?;
+        let deadline_ms = terms.now_ms + terms.invisible_ms;
+        Ok(self.replace(offset, Lease { deadline_ms, lease_id: new_lease_id, ..old }, deadline_ms, false))
     }
 
-    /// Forgets all leases and restarts delivery at `offset` (an explicit offset reset).
+    /// Gives a delivery back unconsumed: deliverable at once, and the attempt is not counted.
+    pub fn release(&mut self, offset: u64, lease_id: u64, now_ms: u64) -> Result<(), LeaseError> {
+        let old = self.check(offset, lease_id, now_ms)?;
+        self.replace(offset, Lease { deadline_ms: now_ms, ..old }, now_ms, true);
+        Ok(())
+    }
+
+    fn replace(&mut self, offset: u64, lease: Lease, retry_at_ms: u64, released: bool) -> Lease {
+        let old = self.leases.get(&offset).copied().expect("checked by the caller");
+        self.by_retry.remove(&(old.retry_at_ms, offset));
+        self.leases.insert(offset, Leased { lease, entry: old.entry, retry_at_ms, released });
+        self.by_retry.insert((retry_at_ms, offset));
+        lease
+    }
+
+    /// Live leases, in offset order.
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> + '_ {
+        self.leases.values().map(|l| &l.lease)
+    }
+
+    /// The stored location of a leased offset.
+    pub fn leased_entry(&self, offset: u64) -> Option<QueueEntry> {
+        self.leases.get(&offset).map(|l| l.entry)
+    }
+
+    /// Forgets every lease and restarts delivery at `offset` (an explicit offset reset).
     pub fn reset(&mut self, offset: u64) {
-        let epoch = self.epoch + 1;
+        let (epoch, fifo) = (self.epoch + 1, self.fifo);
         *self = GroupQueue::new(offset);
         self.epoch = epoch;
+        self.fifo = fifo;
     }
 
     fn remove(&mut self, offset: u64) {
-        if let Some(lease) = self.leases.remove(&offset) {
-            self.by_deadline.remove(&(lease.deadline_ms, offset));
+        if let Some(leased) = self.leases.remove(&offset) {
+            self.by_retry.remove(&(leased.retry_at_ms, offset));
+            let group = leased.entry.group_hash;
+            if self.blocked.get(&group) == Some(&offset) {
+                self.blocked.remove(&group);
+                self.free_group(group);
+            }
         }
+        debug_assert_eq!(self.leases.len(), self.by_retry.len());
     }
 
-    fn recompute_floor(&mut self) {
-        self.floor = self.leases.keys().next().copied().unwrap_or(self.next);
-        debug_assert!(self.floor <= self.next);
-        debug_assert_eq!(self.leases.len(), self.by_deadline.len());
+    /// A group's leased message is gone: its first waiting message may go out.
+    fn free_group(&mut self, group: u64) {
+        if self.blocked.contains_key(&group) {
+            return;
+        }
+        if let Some(head) = self.waiting.get(&group).and_then(VecDeque::front) {
+            self.ready_heads.insert((head.offset, group));
+        }
     }
 }
 
@@ -187,108 +418,242 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const LIMITS: QueueLimits = QueueLimits { leases_max: 1000, waiting_max: 1000 };
+
+    fn terms(now_ms: u64) -> LeaseTerms<'static> {
+        LeaseTerms { now_ms, invisible_ms: 100, retry_delays_ms: &[] }
+    }
+
+    fn entry(offset: u64, group_hash: u64) -> QueueEntry {
+        QueueEntry { offset, position: offset * 64, size_bytes: 64, group_hash, ..Default::default() }
+    }
+
+    fn ids() -> impl FnMut() -> u64 {
+        let mut next = 0;
+        move || {
+            next += 1;
+            next
+        }
+    }
+
+    fn scan_all(q: &mut GroupQueue, entries: &[QueueEntry], now: u64) -> Vec<Delivery> {
+        q.scan(entries, |_| true, usize::MAX, terms(now), LIMITS, ids())
+    }
+
     #[test]
     fn ack_in_order_moves_the_floor() {
         let mut q = GroupQueue::new(10);
-        let a = q.deliver(10, 100, 1);
-        let b = q.deliver(11, 100, 2);
+        let got = scan_all(&mut q, &[entry(10, 0), entry(11, 0)], 0);
         assert_eq!(q.floor(), 10);
-        assert_eq!(q.ack(b.offset, b.lease_id, 50), Ok(false), "acking 11 first leaves 10 leased");
-        assert_eq!(q.floor(), 10);
-        assert_eq!(q.ack(a.offset, a.lease_id, 50), Ok(true));
+        assert_eq!(q.ack(11, got[1].lease.lease_id, 50), Ok(false), "acking 11 first leaves 10 leased");
+        assert_eq!(q.ack(10, got[0].lease.lease_id, 50), Ok(true));
         assert_eq!(q.floor(), 12);
     }
 
     #[test]
-    fn expired_lease_is_redelivered_with_attempt_two_and_old_receipt_is_refused() {
+    fn filtered_entries_are_consumed_without_a_lease() {
         let mut q = GroupQueue::new(0);
-        let first = q.deliver(0, 100, 1);
-        assert!(q.expired(99, 10).is_empty());
-        assert_eq!(q.expired(100, 10), vec![first]);
-        assert_eq!(q.ack(0, 1, 100), Err(LeaseError::Expired));
-        let second = q.redeliver(0, 300, 2).unwrap();
-        assert_eq!(second.attempt, 2);
-        assert_eq!(q.ack(0, 1, 150), Err(LeaseError::Stale), "receipt of the first delivery");
-        assert_eq!(q.ack(0, 2, 150), Ok(true));
-        assert_eq!(q.ack(0, 2, 150), Err(LeaseError::Stale), "acked twice");
+        let got = q.scan(&[entry(0, 0), entry(1, 0), entry(2, 0)], |e| e.offset != 1, 10, terms(0), LIMITS, ids());
+        assert_eq!(got.iter().map(|d| d.lease.offset).collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(q.leased(), 2);
+        q.ack(0, got[0].lease.lease_id, 1).unwrap();
+        q.ack(2, got[1].lease.lease_id, 1).unwrap();
+        assert_eq!(q.floor(), 3, "the filtered offset counts as consumed");
     }
 
     #[test]
-    fn extend_moves_the_deadline_and_renews_the_receipt() {
+    fn expired_lease_comes_back_after_the_retry_delay_with_attempt_two() {
         let mut q = GroupQueue::new(0);
-        q.deliver(0, 100, 1);
-        let extended = q.extend(0, 1, 50, 500, 7).unwrap();
-        assert_eq!(extended.deadline_ms, 500);
-        assert!(q.expired(200, 10).is_empty(), "not visible at the old deadline");
-        assert_eq!(q.check(0, 1, 60), Err(LeaseError::Stale));
-        assert_eq!(q.ack(0, 7, 400), Ok(true));
+        let delays = [1000, 5000];
+        let t = |now| LeaseTerms { now_ms: now, invisible_ms: 100, retry_delays_ms: &delays };
+        let first = q.scan(&[entry(0, 0)], |_| true, 1, t(0), LIMITS, ids())[0].lease;
+        assert_eq!(q.ack(0, first.lease_id, 100), Err(LeaseError::Expired));
+        assert!(q.due(1099, 10).is_empty(), "waits the first retry delay after the deadline");
+        assert_eq!(q.due(1100, 10), vec![0]);
+        let second = q.redeliver(0, t(1100), 2).unwrap().lease;
+        assert_eq!(second.attempt, 2);
+        assert_eq!(q.next_retry_ms(), Some(1200 + 5000), "the second attempt waits the second delay");
+        assert_eq!(q.ack(0, first.lease_id, 1150), Err(LeaseError::Stale), "receipt of the first delivery");
+        assert_eq!(q.ack(0, 2, 1150), Ok(true));
+        assert_eq!(q.ack(0, 2, 1150), Err(LeaseError::Stale), "acked twice");
+    }
+
+    #[test]
+    fn a_nack_comes_back_at_the_consumers_deadline_without_extra_delay() {
+        let mut q = GroupQueue::new(0);
+        let delays = [60_000];
+        let t = |now| LeaseTerms { now_ms: now, invisible_ms: 500, retry_delays_ms: &delays };
+        let first = q.scan(&[entry(0, 0)], |_| true, 1, t(0), LIMITS, ids())[0].lease;
+        let nacked = q.extend(0, first.lease_id, t(10), 9).unwrap();
+        assert_eq!(nacked.deadline_ms, 510);
+        assert_eq!(q.due(510, 10), vec![0]);
     }
 
     #[test]
     fn renew_keeps_the_receipt_valid() {
         let mut q = GroupQueue::new(0);
-        q.deliver(0, 100, 1);
-        let renewed = q.renew(0, 1, 50, 500).unwrap();
-        assert_eq!((renewed.lease_id, renewed.deadline_ms), (1, 500));
-        assert!(q.expired(200, 10).is_empty());
-        assert_eq!(q.ack(0, 1, 400), Ok(true), "the first receipt still acks");
+        let first = scan_all(&mut q, &[entry(0, 0)], 0)[0].lease;
+        let renewed = q.renew(0, first.lease_id, LeaseTerms { now_ms: 50, invisible_ms: 450, retry_delays_ms: &[] });
+        assert_eq!(renewed.unwrap().deadline_ms, 500);
+        assert!(q.due(200, 10).is_empty());
+        assert_eq!(q.ack(0, first.lease_id, 400), Ok(true), "the first receipt still acks");
     }
 
     #[test]
-    fn reset_bumps_the_epoch() {
+    fn a_released_delivery_comes_back_at_once_with_the_same_attempt() {
         let mut q = GroupQueue::new(0);
-        q.deliver(0, 100, 1);
+        let first = scan_all(&mut q, &[entry(0, 0)], 0)[0].lease;
+        q.release(0, first.lease_id, 10).unwrap();
+        assert_eq!(q.due(10, 10), vec![0]);
+        assert_eq!(q.redeliver(0, terms(10), 5).unwrap().lease.attempt, 1);
+    }
+
+    #[test]
+    fn fifo_holds_a_group_until_its_message_is_acked_and_groups_are_independent() {
+        let mut q = GroupQueue::new(0);
+        q.set_fifo(true);
+        let entries = [entry(0, 7), entry(1, 7), entry(2, 8), entry(3, 7), entry(4, 8)];
+        let got = scan_all(&mut q, &entries, 0);
+        assert_eq!(got.iter().map(|d| d.lease.offset).collect::<Vec<_>>(), vec![0, 2], "one per group");
+        assert_eq!(q.waiting(), 3);
+        assert_eq!(q.floor(), 0);
+        // Group 8 moves on while group 7 is still busy.
+        q.ack(2, got[1].lease.lease_id, 1).unwrap();
+        assert_eq!(q.ready_heads(10), vec![4]);
+        let four = q.deliver_head(4, terms(1), 10).unwrap();
+        assert!(q.ready_heads(10).is_empty());
+        // Group 7 in order: 1 only after 0, then 3.
+        q.ack(0, got[0].lease.lease_id, 2).unwrap();
+        assert_eq!(q.ready_heads(10), vec![1]);
+        let one = q.deliver_head(1, terms(2), 11).unwrap();
+        assert!(q.ready_heads(10).is_empty(), "3 waits for 1");
+        q.ack(1, one.lease.lease_id, 3).unwrap();
+        let three = q.deliver_head(3, terms(3), 12).unwrap();
+        q.ack(3, three.lease.lease_id, 4).unwrap();
+        q.ack(4, four.lease.lease_id, 4).unwrap();
+        assert_eq!((q.floor(), q.leased(), q.waiting()), (5, 0, 0));
+    }
+
+    #[test]
+    fn an_expired_fifo_message_is_redelivered_before_its_group_moves_on() {
+        let mut q = GroupQueue::new(0);
+        q.set_fifo(true);
+        let got = scan_all(&mut q, &[entry(0, 7), entry(1, 7)], 0);
+        assert_eq!(got.len(), 1);
+        assert!(q.ready_heads(10).is_empty());
+        let again = q.redeliver(0, terms(100), 9).unwrap();
+        assert_eq!(again.lease.attempt, 2);
+        assert!(q.ready_heads(10).is_empty(), "1 still waits");
+    }
+
+    #[test]
+    fn scanning_stops_when_the_waiting_room_is_full() {
+        let mut q = GroupQueue::new(0);
+        q.set_fifo(true);
+        let limits = QueueLimits { leases_max: 100, waiting_max: 2 };
+        let entries: Vec<QueueEntry> = (0..6).map(|o| entry(o, 7)).collect();
+        let got = q.scan(&entries, |_| true, 100, terms(0), limits, ids());
+        assert_eq!(got.len(), 1);
+        assert_eq!((q.waiting(), q.next()), (2, 3), "stopped at the first message with no room");
+        assert!(!q.has_work(6, 0, limits), "stalled until an ack");
+        q.ack(0, got[0].lease.lease_id, 1).unwrap();
+        assert!(q.has_work(6, 1, limits));
+    }
+
+    #[test]
+    fn reset_bumps_the_epoch_and_keeps_the_mode() {
+        let mut q = GroupQueue::new(0);
+        q.set_fifo(true);
+        scan_all(&mut q, &[entry(0, 1)], 0);
         q.reset(5);
         assert_eq!((q.epoch(), q.floor(), q.next(), q.leased()), (1, 5, 5, 0));
+        assert!(q.fifo);
     }
 
     #[test]
-    fn retention_skip_drops_leases_below() {
+    fn retention_skip_drops_leases_and_waiting_messages_below() {
         let mut q = GroupQueue::new(0);
-        q.deliver(0, 100, 1);
-        q.deliver(1, 100, 2);
+        q.set_fifo(true);
+        scan_all(&mut q, &[entry(0, 1), entry(1, 1), entry(2, 2)], 0);
         q.skip_to(5);
-        assert_eq!(q.leased(), 0);
+        assert_eq!((q.leased(), q.waiting()), (0, 0));
         assert_eq!((q.floor(), q.next()), (5, 5));
     }
 
     proptest! {
-        /// Random deliver/ack/expire/extend sequences keep the invariant: floor is the lowest
-        /// leased offset (or next), and every offset is acked at most once.
+        /// Random scans, acks, expiries, renewals and releases keep the invariants: the floor
+        /// is the lowest unconsumed offset, every offset is consumed at most once, a FIFO group
+        /// never has two leases, and each group's messages are first delivered in order.
         #[test]
-        fn floor_is_lowest_unacked(ops in proptest::collection::vec((0u8..4, 0u64..32, 1u64..50), 1..200)) {
+        fn invariants_hold(ops in proptest::collection::vec((0u8..6, 0u64..32, 1u64..50), 1..300), fifo in any::<bool>()) {
             let mut q = GroupQueue::new(0);
+            q.set_fifo(fifo);
+            let limits = QueueLimits { leases_max: 8, waiting_max: 6 };
             let mut now = 0u64;
             let mut next_id = 1u64;
-            let mut acked = std::collections::BTreeSet::new();
+            let mut consumed = std::collections::BTreeSet::new();
+            let mut first_delivered: Vec<u64> = Vec::new();
+            let mut end = 0u64;
+            let group_of = |o: u64| o % 3 + 1;
             for (op, pick, step) in ops {
                 now += step;
+                let t = LeaseTerms { now_ms: now, invisible_ms: 40, retry_delays_ms: &[10, 20] };
                 match op {
-                    0 => { q.deliver(q.next(), now + 40, next_id); next_id += 1; }
+                    0 => {
+                        end += pick % 4;
+                        let entries: Vec<QueueEntry> = (q.next()..end).map(|o| entry(o, group_of(o))).collect();
+                        let got = q.scan(&entries, |e| e.offset % 7 != 3, 1 + pick as usize % 5, t, limits, || { next_id += 1; next_id });
+                        first_delivered.extend(got.iter().map(|d| d.lease.offset));
+                        for skipped in (0..q.next()).filter(|o| o % 7 == 3) {
+                            consumed.insert(skipped);
+                        }
+                    }
                     1 => {
-                        if let Some(l) = q.leases.values().nth(pick as usize % q.leased().max(1)).copied() {
+                        if let Some(l) = q.leases.values().nth(pick as usize % q.leased().max(1)).map(|l| l.lease) {
                             if q.ack(l.offset, l.lease_id, now).is_ok() {
-                                prop_assert!(acked.insert(l.offset), "offset acked twice");
+                                prop_assert!(consumed.insert(l.offset), "offset acked twice");
                             }
                         }
                     }
                     2 => {
-                        for l in q.expired(now, 4) {
-                            q.redeliver(l.offset, now + 40, next_id).unwrap();
+                        for offset in q.due(now, 4) {
                             next_id += 1;
+                            q.redeliver(offset, t, next_id).unwrap();
+                        }
+                    }
+                    3 => {
+                        for offset in q.ready_heads(2) {
+                            next_id += 1;
+                            first_delivered.push(q.deliver_head(offset, t, next_id).unwrap().lease.offset);
+                        }
+                    }
+                    4 => {
+                        if let Some(l) = q.leases.values().next().map(|l| l.lease) {
+                            let _ = q.release(l.offset, l.lease_id, now);
                         }
                     }
                     _ => {
-                        if let Some(l) = q.leases.values().next().copied() {
-                            let _ = q.extend(l.offset, l.lease_id, now, now + 80, next_id);
+                        if let Some(l) = q.leases.values().next().map(|l| l.lease) {
                             next_id += 1;
+                            let _ = q.extend(l.offset, l.lease_id, t, next_id);
                         }
                     }
                 }
-                let lowest = q.leases.keys().next().copied().unwrap_or(q.next());
+                let lowest = q.leases.keys().chain(q.waiting_offsets.iter()).min().copied().unwrap_or(q.next());
                 prop_assert_eq!(q.floor(), lowest);
                 for o in 0..q.floor() {
-                    prop_assert!(acked.contains(&o), "offset {} below floor but not acked", o);
+                    prop_assert!(consumed.contains(&o), "offset {} below the floor but not consumed", o);
+                }
+                prop_assert_eq!(q.leases.len(), q.by_retry.len());
+                if fifo {
+                    let mut groups = std::collections::HashSet::new();
+                    for l in q.leases.values() {
+                        prop_assert!(groups.insert(group_of(l.lease.offset)), "two leases in one FIFO group");
+                    }
+                    for g in 1..=3 {
+                        let order: Vec<u64> = first_delivered.iter().copied().filter(|o| group_of(*o) == g).collect();
+                        prop_assert!(order.windows(2).all(|w| w[0] < w[1]), "group {} out of order: {:?}", g, order);
+                    }
                 }
             }
         }

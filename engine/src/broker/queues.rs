@@ -14,15 +14,7 @@ pub const QUEUE_ATTRIBUTE_MAX_BYTES: usize = 255;
 /// Entries read from the index per scan step at start-up.
 const LOAD_CHUNK: usize = 4096;
 
-/// Message types, numbered as RocketMQ's `MessageType` enum (v2 API).
-pub mod message_type {
-    pub const NORMAL: u8 = 1;
-    pub const FIFO: u8 = 2;
-    pub const DELAY: u8 = 3;
-    pub const TRANSACTION: u8 = 4;
-    pub const LITE: u8 = 5;
-    pub const PRIORITY: u8 = 6;
-}
+pub use sluice_transport::model::message_type;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueConfig {
@@ -32,7 +24,7 @@ pub struct QueueConfig {
 
 impl QueueConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if !(message_type::NORMAL..=message_type::PRIORITY).contains(&self.message_type) {
+        if !message_type::is_known(self.message_type) {
             return Err(format!("message type {} is not one of 1..=6", self.message_type));
         }
         if self.attributes.len() > QUEUE_ATTRIBUTES_MAX {

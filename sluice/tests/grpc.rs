@@ -414,7 +414,7 @@ async fn vanished_clients_leak_no_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn unimplemented_rpcs_answer_not_implemented() {
+async fn unknown_transaction_ids_and_recall_handles_get_typed_errors() {
     let local = Local::start().await;
     create_topic(local.grpc, "plain", 1).await;
     let mut client = messaging(local.grpc).await;
@@ -433,7 +433,7 @@ async fn unimplemented_rpcs_answer_not_implemented() {
     .await
     .expect("EndTransaction transport")
     .into_inner();
-    assert_eq!(code(end.status.as_ref()), NOT_IMPLEMENTED, "{:?}", end.status);
+    assert_eq!(code(end.status.as_ref()), v2::Code::InvalidTransactionId as i32, "{:?}", end.status);
 
     let recall = bounded(
         "RecallMessage",
@@ -445,7 +445,7 @@ async fn unimplemented_rpcs_answer_not_implemented() {
     .await
     .expect("RecallMessage transport")
     .into_inner();
-    assert_eq!(code(recall.status.as_ref()), NOT_IMPLEMENTED, "{:?}", recall.status);
+    assert_eq!(code(recall.status.as_ref()), v2::Code::BadRequest as i32, "{:?}", recall.status);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -569,15 +569,16 @@ async fn consumer_groups_are_recorded_and_enforced() {
     let (ok, out, err) = cli(&["--json", "group", "list", "--endpoint", &endpoint]).await;
     assert!(ok, "group list: {err}");
     let listed: serde_json::Value = serde_json::from_str(&out).expect("group list --json");
-    assert_eq!(listed, serde_json::json!([{ "name": "workers", "max_delivery_attempts": 2 }]));
+    assert_eq!(listed, serde_json::json!([{ "name": "workers", "max_delivery_attempts": 2, "fifo": false }]));
 
     // Two deliveries left un-acked; the third would exceed the group's limit: dead-lettered.
     for attempt in 1..=2 {
         let m = receive_one(&mut client, "jobs", "workers", SECS(1)).await;
         assert_eq!(system(&m).delivery_attempt, Some(attempt));
     }
-    tokio::time::sleep(SECS(2)).await;
-    let after = receive(&mut client, "jobs", "workers", 1, SECS(1), SECS(1)).await;
+    // The third delivery comes after the retry delays (1 s after the first expiry, 5 s after
+    // the second); the long poll wakes for it, and the proxy dead-letters it instead.
+    let after = receive(&mut client, "jobs", "workers", 1, SECS(1), SECS(15)).await;
     assert_eq!(after.code(), MESSAGE_NOT_FOUND, "moved to the dead-letter topic after 2 attempts: {after:?}");
     let (ok, _, err) = cli(&["group", "create", "inspect", "--endpoint", &endpoint]).await;
     assert!(ok, "{err}");

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sluice_engine::broker::{BrokerConfig, BrokerLimits};
 use sluice_engine::{Durability, EngineConfig};
-use sluice_proxy::routing::BrokerAddress;
 use sluice_proxy::server::ProxyConfig;
 use sluice_proxy::state::ProxySettings;
+use sluice_transport::cluster::BrokerAddress;
 use sluice_transport::TransportConfig;
 
 /// Transport limits a deployment may change; everything else keeps the transport's defaults.

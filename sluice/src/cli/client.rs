@@ -6,11 +6,11 @@ use std::io::BufRead;
 use std::time::Duration;
 
 use base64::Engine as _;
-use sluice_proxy::pb::apache::rocketmq::v2;
-use sluice_proxy::pb::apache::rocketmq::v2::messaging_service_client::MessagingServiceClient;
-use sluice_proxy::pb::sluice::admin::v1 as admin;
-use sluice_proxy::pb::sluice::admin::v1::admin_client::AdminClient;
-use sluice_proxy::topics::message_type_name;
+use sluice_proto::apache::rocketmq::v2;
+use sluice_proto::apache::rocketmq::v2::messaging_service_client::MessagingServiceClient;
+use sluice_proto::sluice::admin::v1 as admin;
+use sluice_proto::sluice::admin::v1::admin_client::AdminClient;
+use sluice_transport::model::message_type::name as message_type_name;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -197,27 +197,30 @@ pub async fn topic_delete(c: &Connection, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub async fn group_create(c: &Connection, name: &str, max_delivery_attempts: u32) -> Result<(), String> {
+pub async fn group_create(c: &Connection, name: &str, max_delivery_attempts: u32, fifo: bool) -> Result<(), String> {
     let mut client = admin(c).await?;
     let reply = client
-        .create_group(admin::CreateGroupRequest { name: name.into(), max_delivery_attempts })
+        .create_group(admin::CreateGroupRequest { name: name.into(), max_delivery_attempts, fifo })
         .await
         .map_err(grpc)?
         .into_inner();
     check(reply.status.as_ref())?;
     let group = reply.group.unwrap_or_default();
+    let kind = if group.fifo { "FIFO consumer group" } else { "consumer group" };
     if c.json {
         println!(
             "{}",
-            serde_json::json!({ "name": group.name, "max_delivery_attempts": group.max_delivery_attempts, "created": reply.created })
+            serde_json::json!({
+                "name": group.name,
+                "max_delivery_attempts": group.max_delivery_attempts,
+                "fifo": group.fifo,
+                "created": reply.created,
+            })
         );
     } else if reply.created {
-        println!("created consumer group {} (max {} delivery attempts)", group.name, group.max_delivery_attempts);
+        println!("created {kind} {} (max {} delivery attempts)", group.name, group.max_delivery_attempts);
     } else {
-        println!(
-            "consumer group {} already exists (max {} delivery attempts)",
-            group.name, group.max_delivery_attempts
-        );
+        println!("{kind} {} already exists (max {} delivery attempts)", group.name, group.max_delivery_attempts);
     }
     Ok(())
 }
@@ -230,7 +233,7 @@ pub async fn group_list(c: &Connection) -> Result<(), String> {
         let groups: Vec<serde_json::Value> = reply
             .groups
             .iter()
-            .map(|g| serde_json::json!({ "name": g.name, "max_delivery_attempts": g.max_delivery_attempts }))
+            .map(|g| serde_json::json!({ "name": g.name, "max_delivery_attempts": g.max_delivery_attempts, "fifo": g.fifo }))
             .collect();
         println!("{}", serde_json::Value::Array(groups));
         return Ok(());
@@ -239,9 +242,9 @@ pub async fn group_list(c: &Connection) -> Result<(), String> {
         println!("no consumer groups; create one with `sluice group create NAME`");
         return Ok(());
     }
-    println!("{:<40} {:>14}", "GROUP", "MAX ATTEMPTS");
+    println!("{:<40} {:>14} {:>5}", "GROUP", "MAX ATTEMPTS", "FIFO");
     for g in &reply.groups {
-        println!("{:<40} {:>14}", g.name, g.max_delivery_attempts);
+        println!("{:<40} {:>14} {:>5}", g.name, g.max_delivery_attempts, if g.fifo { "yes" } else { "no" });
     }
     Ok(())
 }
@@ -294,6 +297,10 @@ pub struct SendOptions {
     pub tag: Option<String>,
     pub keys: Vec<String>,
     pub properties: Vec<(String, String)>,
+    /// A FIFO message of this message group.
+    pub message_group: Option<String>,
+    /// A delay message, due this long after it is sent.
+    pub delay: Option<Duration>,
 }
 
 fn new_message_id() -> String {
@@ -302,6 +309,14 @@ fn new_message_id() -> String {
 }
 
 fn build_message(o: &SendOptions, body: Vec<u8>) -> v2::Message {
+    // Unspecified: the topic's own type.
+    let (message_type, delivery_timestamp) = match (&o.message_group, o.delay) {
+        (Some(_), _) => (v2::MessageType::Fifo as i32, None),
+        (None, Some(delay)) => {
+            (v2::MessageType::Delay as i32, Some(prost_types::Timestamp::from(std::time::SystemTime::now() + delay)))
+        }
+        (None, None) => (v2::MessageType::Unspecified as i32, None),
+    };
     v2::Message {
         topic: Some(v2::Resource { resource_namespace: String::new(), name: o.topic.clone() }),
         user_properties: o.properties.iter().cloned().collect::<HashMap<_, _>>(),
@@ -310,7 +325,9 @@ fn build_message(o: &SendOptions, body: Vec<u8>) -> v2::Message {
             keys: o.keys.clone(),
             message_id: new_message_id(),
             body_encoding: v2::Encoding::Identity as i32,
-            message_type: v2::MessageType::Normal as i32,
+            message_type,
+            message_group: o.message_group.clone(),
+            delivery_timestamp,
             born_timestamp: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
             born_host: "sluice-cli".into(),
             ..Default::default()
@@ -325,7 +342,16 @@ async fn send_batch(client: &mut Messaging, c: &Connection, messages: Vec<v2::Me
     for entry in &reply.entries {
         check(entry.status.as_ref())?;
         if c.json {
-            println!("{}", serde_json::json!({ "message_id": entry.message_id, "offset": entry.offset }));
+            println!(
+                "{}",
+                serde_json::json!({
+                    "message_id": entry.message_id,
+                    "offset": entry.offset,
+                    "recall_handle": (!entry.recall_handle.is_empty()).then_some(&entry.recall_handle),
+                })
+            );
+        } else if !entry.recall_handle.is_empty() {
+            println!("sent {} (delayed; recall handle {})", entry.message_id, entry.recall_handle);
         } else {
             println!("sent {} (offset {})", entry.message_id, entry.offset);
         }
@@ -364,6 +390,8 @@ pub struct ConsumeOptions {
     pub topic: String,
     pub group: String,
     pub tag: String,
+    /// An SQL92 filter over user properties, instead of the tag filter.
+    pub sql: Option<String>,
     pub count: Option<usize>,
     pub follow: bool,
     pub wait: Duration,
@@ -419,9 +447,9 @@ pub async fn consume(c: &Connection, o: ConsumeOptions) -> Result<(), String> {
         let request = v2::ReceiveMessageRequest {
             group: Some(group.clone()),
             message_queue: Some(v2::MessageQueue { topic: Some(topic.clone()), id: 0, ..Default::default() }),
-            filter_expression: Some(v2::FilterExpression {
-                r#type: v2::FilterType::Tag as i32,
-                expression: o.tag.clone(),
+            filter_expression: Some(match &o.sql {
+                Some(sql) => v2::FilterExpression { r#type: v2::FilterType::Sql as i32, expression: sql.clone() },
+                None => v2::FilterExpression { r#type: v2::FilterType::Tag as i32, expression: o.tag.clone() },
             }),
             batch_size: want,
             invisible_duration: Some(prost_types::Duration { seconds: o.invisible.as_secs() as i64, nanos: 0 }),
@@ -469,6 +497,9 @@ pub async fn consume(c: &Connection, o: ConsumeOptions) -> Result<(), String> {
                 .await
                 .map_err(grpc)?
                 .into_inner();
+            for entry in &reply.entries {
+                check(entry.status.as_ref()).map_err(|e| format!("acking {}: {e}", entry.message_id))?;
+            }
             check(reply.status.as_ref())?;
         }
     }

@@ -71,7 +71,7 @@ pub async fn local(broker_config: BrokerConfig, mut proxy_config: ProxyConfig, j
     let shards = broker_config.engine.shard_count;
     let broker =
         tokio::task::spawn_blocking(move || start_broker(broker_config)).await.map_err(|e| e.to_string())??;
-    proxy_config.brokers = vec![sluice_proxy::routing::BrokerAddress::Shards(
+    proxy_config.brokers = vec![sluice_transport::cluster::BrokerAddress::Shards(
         broker.endpoints().iter().map(|e| e.tcp.to_string()).collect(),
     )];
     let proxy = match server::start(proxy_config).await {

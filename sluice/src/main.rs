@@ -107,6 +107,12 @@ enum Command {
         /// A user property NAME=VALUE (repeatable).
         #[arg(long = "property", value_parser = parse_property)]
         properties: Vec<(String, String)>,
+        /// Send FIFO messages of this message group (to a fifo topic).
+        #[arg(long)]
+        message_group: Option<String>,
+        /// Send delay messages, delivered this many milliseconds from now (to a delay topic).
+        #[arg(long, conflicts_with = "message_group")]
+        delay_ms: Option<u64>,
         bodies: Vec<String>,
     },
     /// Receive and ack messages of a topic as a consumer group.
@@ -120,6 +126,9 @@ enum Command {
         /// Tag filter: * or a || b.
         #[arg(long, default_value = "*")]
         tag: String,
+        /// SQL92 filter over user properties, e.g. "region = 'eu' AND amount > 10" (instead of --tag).
+        #[arg(long)]
+        sql: Option<String>,
         /// Stop after this many messages.
         #[arg(long)]
         count: Option<usize>,
@@ -172,6 +181,9 @@ enum GroupAction {
         /// Deliveries before a message moves to the group's %DLQ% topic (0: the proxy's default, 16).
         #[arg(long, default_value_t = 0)]
         max_delivery_attempts: u32,
+        /// A FIFO group: each message group is consumed in send order, one message at a time.
+        #[arg(long)]
+        fifo: bool,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -260,22 +272,25 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
         },
         Command::Group { action } => match action {
-            GroupAction::Create { name, max_delivery_attempts, endpoint } => {
-                cli::client::group_create(&connection(&endpoint, json), &name, max_delivery_attempts).await
+            GroupAction::Create { name, max_delivery_attempts, fifo, endpoint } => {
+                cli::client::group_create(&connection(&endpoint, json), &name, max_delivery_attempts, fifo).await
             }
             GroupAction::List { endpoint } => cli::client::group_list(&connection(&endpoint, json)).await,
             GroupAction::Delete { name, endpoint } => {
                 cli::client::group_delete(&connection(&endpoint, json), &name).await
             }
         },
-        Command::Send { endpoint, topic, tag, keys, properties, bodies } => {
-            cli::client::send(&connection(&endpoint, json), SendOptions { topic, tag, keys, properties }, bodies).await
+        Command::Send { endpoint, topic, tag, keys, properties, message_group, delay_ms, bodies } => {
+            let delay = delay_ms.map(Duration::from_millis);
+            let options = SendOptions { topic, tag, keys, properties, message_group, delay };
+            cli::client::send(&connection(&endpoint, json), options, bodies).await
         }
-        Command::Consume { endpoint, topic, group, tag, count, follow, wait_secs, invisible_secs, no_ack } => {
+        Command::Consume { endpoint, topic, group, tag, sql, count, follow, wait_secs, invisible_secs, no_ack } => {
             let options = ConsumeOptions {
                 topic,
                 group,
                 tag,
+                sql,
                 count,
                 follow,
                 wait: Duration::from_secs(wait_secs),

@@ -1,20 +1,54 @@
-//! Which broker and shard owns a queue, and the connections to them.
+//! The client side of a set of brokers: which broker and shard owns a queue, and one
+//! connection per shard, opened lazily and reopened after it breaks.
 //!
-//! Queues are placed on brokers by a hash of their name (CRC32C, fixed forever), then on a
-//! broker's shard by the engine's own placement hash. The proxy connects to every shard of
-//! every broker (learnt from the first shard's HelloAck) and reconnects on demand. It holds no
-//! durable state: any number of proxies with the same broker list route identically.
+//! Queues are placed with `model::placement` (CRC32C picks the broker, FNV-1a the shard), so
+//! any number of clients with the same broker list route identically. The pool learns each
+//! broker's shard count from shard 0's `HelloAck`. It holds no durable state.
 
 use std::sync::Arc;
 
-use sluice_engine::queue::shard_for_queue;
-use sluice_transport::messages::{ListQueuesRequest, ListQueuesResponse};
-use sluice_transport::{Client, Frame, Request, TransportConfig};
 use tokio::sync::Mutex;
 
-use crate::error::ProxyError;
+use crate::messages::{ListQueuesRequest, ListQueuesResponse};
+use crate::model::placement::{broker_for_queue, shard_for_queue};
+use crate::{Client, Frame, FrameError, Request, TransportConfig, TransportError};
 
-/// How the proxy reaches one broker.
+/// Why a cluster call failed. Codes 2301+ (never reused); a broker's own error keeps its code.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("broker {endpoint} is unavailable: {source}")]
+    Unavailable { endpoint: String, source: TransportError },
+    #[error("broker {endpoint} timed out: {source}")]
+    Timeout { endpoint: String, source: TransportError },
+    #[error("broker error {code}: {message}")]
+    Remote { code: u32, message: String },
+    #[error("broker reply: {0}")]
+    Frame(#[from] FrameError),
+}
+
+impl ClusterError {
+    pub fn code(&self) -> u32 {
+        match self {
+            ClusterError::Config(_) => 2301,
+            ClusterError::Unavailable { .. } => 2302,
+            ClusterError::Timeout { .. } => 2303,
+            ClusterError::Remote { code, .. } => *code,
+            ClusterError::Frame(e) => e.code(),
+        }
+    }
+
+    fn from_transport(endpoint: &str, e: TransportError) -> ClusterError {
+        match e {
+            TransportError::Remote { code, message } => ClusterError::Remote { code, message },
+            e @ TransportError::Timeout { .. } => ClusterError::Timeout { endpoint: endpoint.into(), source: e },
+            e => ClusterError::Unavailable { endpoint: endpoint.into(), source: e },
+        }
+    }
+}
+
+/// How a client reaches one broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BrokerAddress {
     /// `host:port` of shard 0; shard i is at port + i.
@@ -43,25 +77,17 @@ pub struct BrokerPool {
 }
 
 /// A queue's owner: broker index and shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Owner {
     pub broker: usize,
     pub shard: usize,
 }
 
-/// Stable broker for a queue. Not the engine's shard hash, so brokers and shards are chosen
-/// independently (the same hash for both would leave shards idle).
-pub fn broker_for_queue(queue: &str, broker_count: usize) -> usize {
-    assert!(broker_count > 0);
-    let placement = sluice_engine::queue::placement_key(queue);
-    (crc32c::crc32c(placement.as_bytes()) as usize) % broker_count
-}
-
-fn split_host_port(address: &str) -> Result<(String, u16), ProxyError> {
+fn split_host_port(address: &str) -> Result<(String, u16), ClusterError> {
     let (host, port) = address
         .rsplit_once(':')
-        .ok_or_else(|| ProxyError::Config(format!("broker address {address:?} is not host:port")))?;
-    let port = port.parse().map_err(|_| ProxyError::Config(format!("broker address {address:?} has a bad port")))?;
+        .ok_or_else(|| ClusterError::Config(format!("broker address {address:?} is not host:port")))?;
+    let port = port.parse().map_err(|_| ClusterError::Config(format!("broker address {address:?} has a bad port")))?;
     Ok((host.to_string(), port))
 }
 
@@ -73,67 +99,70 @@ impl BrokerPool {
         scheme: &str,
         transport: TransportConfig,
         client_name: &str,
-    ) -> Result<BrokerPool, ProxyError> {
+    ) -> Result<BrokerPool, ClusterError> {
         if addresses.is_empty() {
-            return Err(ProxyError::Config("the proxy needs at least one broker address".into()));
+            return Err(ClusterError::Config("at least one broker address is needed".into()));
         }
         if !matches!(scheme, "tcp" | "rdma" | "auto") {
-            return Err(ProxyError::Config(format!("transport {scheme:?} is not tcp, rdma or auto")));
+            return Err(ClusterError::Config(format!("transport {scheme:?} is not tcp, rdma or auto")));
         }
         let mut pool =
             BrokerPool { scheme: scheme.to_string(), transport, brokers: Vec::new(), client_name: client_name.into() };
         for address in addresses {
-            let first = match &address {
-                BrokerAddress::Base(base) => base.clone(),
-                BrokerAddress::Shards(list) => list
-                    .first()
-                    .cloned()
-                    .ok_or_else(|| ProxyError::Config("a broker with no shard addresses".into()))?,
-            };
-            let client = pool.open(&first).await?;
-            let hello =
-                client.server().ok_or_else(|| ProxyError::Config(format!("broker {first} sent no HelloAck")))?;
-            let shard_count = hello.shard_count.max(1) as usize;
-            let endpoints = match &address {
-                BrokerAddress::Shards(list) if list.len() == shard_count => list.clone(),
-                BrokerAddress::Shards(list) => {
-                    return Err(ProxyError::Config(format!(
-                        "broker {first} has {shard_count} shards but {} addresses were given",
-                        list.len()
-                    )))
-                }
-                BrokerAddress::Base(base) => {
-                    let (host, port) = split_host_port(base)?;
-                    (0..shard_count)
-                        .map(|i| {
-                            u16::try_from(usize::from(port) + i)
-                                .map(|p| format!("{host}:{p}"))
-                                .map_err(|_| ProxyError::Config(format!("broker {base}: shard ports run past 65535")))
-                        })
-                        .collect::<Result<Vec<_>, _>>()?
-                }
-            };
-            if hello.shard != 0 {
-                return Err(ProxyError::Config(format!(
-                    "{first} is shard {} of broker {:?}; give the address of shard 0",
-                    hello.shard, hello.server_name
-                )));
-            }
-            let shards = endpoints
-                .into_iter()
-                .enumerate()
-                .map(|(i, endpoint)| ShardLink { endpoint, client: Mutex::new((i == 0).then(|| client.clone())) })
-                .collect();
-            pool.brokers.push(BrokerLinks { name: hello.server_name.clone(), address, shards });
+            let links = pool.connect_broker(address).await?;
+            pool.brokers.push(links);
         }
         Ok(pool)
     }
 
-    async fn open(&self, endpoint: &str) -> Result<Client, ProxyError> {
+    async fn connect_broker(&self, address: BrokerAddress) -> Result<BrokerLinks, ClusterError> {
+        let first = match &address {
+            BrokerAddress::Base(base) => base.clone(),
+            BrokerAddress::Shards(list) => {
+                list.first().cloned().ok_or_else(|| ClusterError::Config("a broker with no shard addresses".into()))?
+            }
+        };
+        let client = self.open(&first).await?;
+        let hello = client.server().ok_or_else(|| ClusterError::Config(format!("broker {first} sent no HelloAck")))?;
+        let shard_count = hello.shard_count.max(1) as usize;
+        let endpoints = match &address {
+            BrokerAddress::Shards(list) if list.len() == shard_count => list.clone(),
+            BrokerAddress::Shards(list) => {
+                return Err(ClusterError::Config(format!(
+                    "broker {first} has {shard_count} shards but {} addresses were given",
+                    list.len()
+                )))
+            }
+            BrokerAddress::Base(base) => {
+                let (host, port) = split_host_port(base)?;
+                (0..shard_count)
+                    .map(|i| {
+                        u16::try_from(usize::from(port) + i)
+                            .map(|p| format!("{host}:{p}"))
+                            .map_err(|_| ClusterError::Config(format!("broker {base}: shard ports run past 65535")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        if hello.shard != 0 {
+            return Err(ClusterError::Config(format!(
+                "{first} is shard {} of broker {:?}; give the address of shard 0",
+                hello.shard, hello.server_name
+            )));
+        }
+        let shards = endpoints
+            .into_iter()
+            .enumerate()
+            .map(|(i, endpoint)| ShardLink { endpoint, client: Mutex::new((i == 0).then(|| client.clone())) })
+            .collect();
+        Ok(BrokerLinks { name: hello.server_name.clone(), address, shards })
+    }
+
+    async fn open(&self, endpoint: &str) -> Result<Client, ClusterError> {
         let url = format!("{}://{endpoint}", self.scheme);
         Client::connect(&url, self.transport.clone(), &self.client_name)
             .await
-            .map_err(|e| ProxyError::BrokerUnavailable { endpoint: endpoint.to_string(), source: e })
+            .map_err(|e| ClusterError::Unavailable { endpoint: endpoint.to_string(), source: e })
     }
 
     pub fn broker_count(&self) -> usize {
@@ -168,7 +197,7 @@ impl BrokerPool {
     }
 
     /// The live connection to a shard, reconnecting if the last one closed.
-    async fn client(&self, owner: Owner) -> Result<Client, ProxyError> {
+    async fn client(&self, owner: Owner) -> Result<Client, ClusterError> {
         let link = &self.brokers[owner.broker].shards[owner.shard];
         let mut slot = link.client.lock().await;
         if let Some(client) = slot.as_ref() {
@@ -182,13 +211,13 @@ impl BrokerPool {
     }
 
     /// Sends a request to a shard and returns the reply frame (validated by `access`).
-    pub async fn call<R: Request>(&self, owner: Owner, request: &R) -> Result<Frame, ProxyError> {
+    pub async fn call<R: Request>(&self, owner: Owner, request: &R) -> Result<Frame, ClusterError> {
         let client = self.client(owner).await?;
-        client.call(request).await.map_err(|e| ProxyError::from_transport(self.shard_endpoint(owner), e))
+        client.call(request).await.map_err(|e| ClusterError::from_transport(self.shard_endpoint(owner), e))
     }
 
     /// `call` to the queue's owner.
-    pub async fn call_for<R: Request>(&self, queue: &str, request: &R) -> Result<Frame, ProxyError> {
+    pub async fn call_for<R: Request>(&self, queue: &str, request: &R) -> Result<Frame, ClusterError> {
         self.call(self.owner(queue), request).await
     }
 }
@@ -211,7 +240,7 @@ impl QueueRecord {
 /// Queue records asked for per ListQueues page.
 const LIST_PAGE: u32 = 1000;
 
-fn records(reply: &<ListQueuesResponse as sluice_transport::Message>::ArchivedBody) -> Vec<QueueRecord> {
+fn records(reply: &<ListQueuesResponse as crate::Message>::ArchivedBody) -> Vec<QueueRecord> {
     reply
         .queues
         .iter()
@@ -226,14 +255,14 @@ fn records(reply: &<ListQueuesResponse as sluice_transport::Message>::ArchivedBo
 
 impl BrokerPool {
     /// The configuration of exactly `queue`, from its owner.
-    pub async fn queue_record(&self, queue: &str) -> Result<Option<QueueRecord>, ProxyError> {
+    pub async fn queue_record(&self, queue: &str) -> Result<Option<QueueRecord>, ClusterError> {
         let request = ListQueuesRequest { prefix: queue.to_string(), after: String::new(), max_count: 1 };
         let frame = self.call_for(queue, &request).await?;
         Ok(records(frame.access::<ListQueuesResponse>()?).into_iter().find(|r| r.name == queue))
     }
 
     /// Every queue configuration whose name starts with `prefix`, on every shard of every broker.
-    pub async fn queue_records(&self, prefix: &str) -> Result<Vec<QueueRecord>, ProxyError> {
+    pub async fn queue_records(&self, prefix: &str) -> Result<Vec<QueueRecord>, ClusterError> {
         let mut all = Vec::new();
         for owner in self.all_shards() {
             let mut after = String::new();
@@ -263,20 +292,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn brokers_and_shards_are_chosen_independently() {
-        // With 2 brokers and 2 shards each, every (broker, shard) pair must get queues.
-        let mut seen = std::collections::HashSet::new();
-        for i in 0..64 {
-            let queue = format!("orders#{i}");
-            seen.insert((broker_for_queue(&queue, 2), shard_for_queue(&queue, 2)));
-        }
-        assert_eq!(seen.len(), 4, "{seen:?}");
-    }
-
-    #[test]
     fn host_port_parsing() {
         assert_eq!(split_host_port("127.0.0.1:7400").unwrap(), ("127.0.0.1".into(), 7400));
         assert!(split_host_port("nohost").is_err());
         assert!(split_host_port("h:99999").is_err());
+    }
+
+    #[test]
+    fn codes_are_stable_and_remote_codes_pass_through() {
+        assert_eq!(ClusterError::Config(String::new()).code(), 2301);
+        assert_eq!(ClusterError::Remote { code: 3001, message: String::new() }.code(), 3001);
     }
 }

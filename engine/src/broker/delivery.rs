@@ -1,0 +1,650 @@
+//! Consumption on one shard: a pop takes what the scheduler says is deliverable for a
+//! (group, topic) from the topic's local queues, in one batched reply, and long-polls at the
+//! (group, topic) level until something is ready; acks, releases and invisible-time changes
+//! update the leases and the ready set.
+//!
+//! A pop serves each ready queue in turn: leases due again first, then FIFO messages whose
+//! group was freed, then new messages, read ahead from the queue index and passed through the
+//! group's filter before anything is leased. Other pops and acks may run while one waits for
+//! I/O, so state is re-checked after every await (the queue's epoch, and a per-queue scanning
+//! flag that keeps two pops from scanning one queue at once).
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use sluice_transport::messages::*;
+use sluice_transport::{Frame, OutFrame};
+
+use crate::broker::error::BrokerError;
+use crate::broker::handler::{bounded, now_ms, status_of, Counters, Result, ShardHandler};
+use crate::broker::pop::{Delivery, GroupQueue, LeaseError, LeaseTerms};
+use crate::index::QueueEntry;
+use crate::shard::StoredRecord;
+
+/// A lease granted by this pop and its record.
+struct Popped {
+    queue: Rc<str>,
+    delivery: Delivery,
+    record: StoredRecord,
+}
+
+/// What one pop asks for.
+struct PopAsk<'a> {
+    group: &'a str,
+    topic: &'a str,
+    max_count: usize,
+    max_bytes: usize,
+    invisible_ms: u64,
+    retry_delays_ms: Vec<u32>,
+}
+
+impl PopAsk<'_> {
+    fn terms(&self, now_ms: u64) -> LeaseTerms<'_> {
+        LeaseTerms { now_ms, invisible_ms: self.invisible_ms, retry_delays_ms: &self.retry_delays_ms }
+    }
+}
+
+/// Leaves a queue's scan to others again when the scanning pop is done (or cancelled).
+struct ScanGuard<'a> {
+    handler: &'a ShardHandler,
+    group: &'a str,
+    topic: &'a str,
+    index: u32,
+}
+
+impl Drop for ScanGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(gq) = self
+            .handler
+            .scheduler
+            .borrow_mut()
+            .group_mut(self.group, self.topic)
+            .and_then(|gt| gt.queues.get_mut(&self.index))
+        {
+            gq.scanning = false;
+        }
+    }
+}
+
+impl ShardHandler {
+    pub(super) async fn pop(&self, request: &Frame) -> Result<OutFrame> {
+        let pop = request.access::<PopRequest>()?;
+        let (group, topic) = (pop.group.as_str(), pop.topic.as_str());
+        Self::check_group(group)?;
+        let policy = GroupPolicy {
+            fifo: pop.policy.fifo,
+            retry_delays_ms: pop.policy.retry_delays_ms.iter().map(|d| d.to_native()).collect(),
+        };
+        if policy.retry_delays_ms.len() > self.limits.retry_delays_max {
+            return Err(BrokerError::InvalidRequest(format!("at most {} retry delays", self.limits.retry_delays_max)));
+        }
+        let filter = FilterSpec { kind: pop.filter.kind, expression: pop.filter.expression.as_str().to_string() };
+        let only = match pop.queue.as_str() {
+            "" => None,
+            queue => {
+                self.check_queue(queue)?;
+                Some(sluice_transport::model::placement::split_topic_queue(queue).map(|(_, i)| i).ok_or_else(|| {
+                    BrokerError::InvalidRequest(format!("{queue:?} is not a topic queue (topic#index)"))
+                })?)
+            }
+        };
+        if self.scheduler.borrow().topic_queues(topic).is_none() {
+            return Err(BrokerError::QueueNotFound(format!("{topic}#*")));
+        }
+        self.ensure_group(group, topic, &filter, &policy).await?;
+        let ask = PopAsk {
+            group,
+            topic,
+            max_count: bounded(pop.max_count.to_native(), self.limits.pop_records_max) as usize,
+            max_bytes: bounded(pop.max_bytes.to_native(), self.limits.read_bytes_max) as usize,
+            invisible_ms: pop
+                .invisible_ms
+                .to_native()
+                .clamp(self.limits.invisible_min_ms, self.limits.invisible_max_ms),
+            retry_delays_ms: policy.retry_delays_ms,
+        };
+        let wait_until_ms = now_ms() + pop.long_poll_ms.to_native().min(self.limits.long_poll_max_ms);
+        let poll_id = pop.poll_id.to_native();
+        let cancel = Rc::new(tokio::sync::Notify::new());
+        if poll_id != 0 {
+            self.polls.borrow_mut().insert(poll_id, cancel.clone());
+        }
+        let _unregister = PollGuard { handler: self, poll_id };
+        let waiters = self.scheduler.borrow_mut().group_entry(group, topic).waiters.clone();
+        loop {
+            let woken = waiters.notified();
+            let mut woken = std::pin::pin!(woken);
+            woken.as_mut().enable();
+            let cancelled = cancel.notified();
+            let mut cancelled = std::pin::pin!(cancelled);
+            cancelled.as_mut().enable();
+            let popped = self.pop_once(&ask, only).await?;
+            let now = now_ms();
+            if !popped.is_empty() || now >= wait_until_ms || self.closing.get() || self.poll_cancelled(poll_id) {
+                return self.pop_reply(request.request_id(), group, popped);
+            }
+            Counters::add(&self.counters.long_polls, 1);
+            let retry_ms = self.scheduler.borrow().group(group, topic).and_then(|gt| gt.next_retry_ms());
+            let wake_ms = retry_ms.map_or(wait_until_ms, |at| at.min(wait_until_ms)).max(now + 1);
+            let sleep = std::pin::pin!(glommio::timer::sleep(Duration::from_millis(wake_ms - now)));
+            let closing = std::pin::pin!(self.closing_signal.notified());
+            let events = futures::future::select(futures::future::select(woken, cancelled), closing);
+            futures::future::select(events, sleep).await;
+        }
+    }
+
+    /// True once `cancel_pop` named this poll (the entry is removed when it is cancelled).
+    fn poll_cancelled(&self, poll_id: u64) -> bool {
+        poll_id != 0 && !self.polls.borrow().contains_key(&poll_id)
+    }
+
+    pub(super) fn cancel_pop(&self, request: &Frame) -> Result<PopCancelResponse> {
+        let cancel = request.access::<PopCancelRequest>()?;
+        let waiting = self.polls.borrow_mut().remove(&cancel.poll_id.to_native());
+        if let Some(notify) = &waiting {
+            notify.notify_waiters();
+            Counters::add(&self.counters.polls_cancelled, 1);
+        }
+        Ok(PopCancelResponse { cancelled: waiting.is_some() })
+    }
+
+    fn pop_reply(&self, id: u64, group: &str, popped: Vec<Popped>) -> Result<OutFrame> {
+        let receipts: Vec<String> = popped.iter().map(|p| self.key.issue(&p.queue, group, &p.delivery.lease)).collect();
+        let reply = PopResponse {
+            messages: popped
+                .iter()
+                .zip(&receipts)
+                .map(|(p, receipt)| PoppedMessage {
+                    queue: p.queue.to_string(),
+                    offset: p.delivery.lease.offset,
+                    delivery_attempt: p.delivery.lease.attempt,
+                    receipt: receipt.clone(),
+                    record: p.record.bytes(),
+                })
+                .collect(),
+        };
+        OutFrame::encode(id, &reply, self.limits.max_frame_bytes).map_err(Self::unencodable)
+    }
+
+    /// The group's state on the topic, with every local queue's position loaded (from its
+    /// committed offset, or the queue's first message for a new group), and its filter and
+    /// policy as this pop states them.
+    async fn ensure_group(&self, group: &str, topic: &str, filter: &FilterSpec, policy: &GroupPolicy) -> Result<()> {
+        let missing: Vec<(u32, Rc<str>)> = {
+            let mut scheduler = self.scheduler.borrow_mut();
+            let gt = scheduler.group_entry(group, topic);
+            gt.set_filter(filter)?;
+            gt.set_policy(policy);
+            let known: Vec<u32> = gt.queues.keys().copied().collect();
+            match scheduler.topic_queues(topic) {
+                Some(queues) => {
+                    queues.iter().filter(|(i, _)| !known.contains(i)).map(|(i, q)| (*i, q.clone())).collect()
+                }
+                None => Vec::new(),
+            }
+        };
+        for (index, queue) in missing {
+            let committed = self.load_offset(group, &queue).await?;
+            // A new group starts at the oldest retained message: nothing sent before it is skipped.
+            let (min, max) = self.shard.queue_info(&queue).map_or((0, 0), |q| (q.min_offset, q.max_offset));
+            let start = committed.unwrap_or(min).clamp(min, max.max(min));
+            let inserted = self.scheduler.borrow_mut().insert_group_queue(
+                group,
+                topic,
+                index,
+                GroupQueue::new(start),
+                self.limits.group_queues_max,
+            );
+            if !inserted {
+                return Err(BrokerError::TooManyGroups { max: self.limits.group_queues_max });
+            }
+            self.refresh(group, topic, index);
+        }
+        Ok(())
+    }
+
+    /// Recomputes a queue's readiness for a group after its state changed; wakes the group's
+    /// long polls when it became ready.
+    pub(super) fn refresh(&self, group: &str, topic: &str, index: u32) {
+        let Some(queue) = self.queue_name(topic, index) else { return };
+        let end = self.shard.queue_info(&queue).map_or(0, |q| q.max_offset);
+        let limits = self.queue_limits();
+        let mut scheduler = self.scheduler.borrow_mut();
+        if let Some(gt) = scheduler.group_mut(group, topic) {
+            if gt.refresh(index, end, now_ms(), limits) {
+                gt.waiters.notify_waiters();
+            }
+        }
+    }
+
+    fn queue_name(&self, topic: &str, index: u32) -> Option<Rc<str>> {
+        self.scheduler.borrow().topic_queues(topic).and_then(|q| q.get(&index)).cloned()
+    }
+
+    /// One pass over the group's ready queues, without waiting for new messages.
+    async fn pop_once(&self, ask: &PopAsk<'_>, only: Option<u32>) -> Result<Vec<Popped>> {
+        let order: Vec<u32> = {
+            let mut scheduler = self.scheduler.borrow_mut();
+            let Some(gt) = scheduler.group_mut(ask.group, ask.topic) else { return Ok(Vec::new()) };
+            gt.promote_due(now_ms());
+            gt.ready_in_turn().into_iter().filter(|i| only.is_none_or(|o| o == *i)).collect()
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for index in order {
+            if out.len() >= ask.max_count || bytes >= ask.max_bytes {
+                break;
+            }
+            let Some(queue) = self.queue_name(ask.topic, index) else { continue };
+            let got = self.pop_queue(ask, index, &queue, ask.max_count - out.len(), ask.max_bytes - bytes).await;
+            self.refresh(ask.group, ask.topic, index);
+            if let Some(gt) = self.scheduler.borrow_mut().group_mut(ask.group, ask.topic) {
+                gt.served(index);
+            }
+            let got = got?;
+            bytes += got.iter().map(|p| p.record.bytes().len()).sum::<usize>();
+            out.extend(got);
+        }
+        Ok(out)
+    }
+
+    /// What one queue gives: leases due again, freed FIFO groups, then new messages.
+    async fn pop_queue(
+        &self,
+        ask: &PopAsk<'_>,
+        index: u32,
+        queue: &Rc<str>,
+        room: usize,
+        bytes_room: usize,
+    ) -> Result<Vec<Popped>> {
+        let mut deliveries = self.take_waiting(ask, index, room, bytes_room);
+        let taken_bytes: usize = deliveries.iter().map(|d| d.entry.size_bytes as usize).sum();
+        let mut out = self.read_deliveries(ask, index, queue, std::mem::take(&mut deliveries)).await?;
+        let room = room - out.len().min(room);
+        if room > 0 && taken_bytes < bytes_room {
+            out.extend(self.scan(ask, index, queue, room, bytes_room - taken_bytes).await?);
+        }
+        Ok(out)
+    }
+
+    /// Leases due again and heads of freed FIFO groups; no I/O.
+    fn take_waiting(&self, ask: &PopAsk<'_>, index: u32, room: usize, bytes_room: usize) -> Vec<Delivery> {
+        let mut scheduler = self.scheduler.borrow_mut();
+        let Some(gq) = scheduler.group_mut(ask.group, ask.topic).and_then(|gt| gt.queues.get_mut(&index)) else {
+            return Vec::new();
+        };
+        let now = now_ms();
+        let mut out: Vec<Delivery> = Vec::new();
+        let mut bytes = 0usize;
+        for offset in gq.due(now, room) {
+            if bytes >= bytes_room {
+                break;
+            }
+            if let Some(d) = gq.redeliver(offset, ask.terms(now), self.lease_id()) {
+                bytes += d.entry.size_bytes as usize;
+                Counters::add(&self.counters.redelivered, 1);
+                out.push(d);
+            }
+        }
+        for offset in gq.ready_heads(room - out.len()) {
+            if bytes >= bytes_room {
+                break;
+            }
+            if let Some(d) = gq.deliver_head(offset, ask.terms(now), self.lease_id()) {
+                bytes += d.entry.size_bytes as usize;
+                Counters::add(&self.counters.popped, 1);
+                out.push(d);
+            }
+        }
+        out
+    }
+
+    /// Reads the records of leases granted without reading them (redeliveries, FIFO heads).
+    /// A record retention deleted is consumed instead of delivered.
+    async fn read_deliveries(
+        &self,
+        ask: &PopAsk<'_>,
+        index: u32,
+        queue: &Rc<str>,
+        deliveries: Vec<Delivery>,
+    ) -> Result<Vec<Popped>> {
+        if deliveries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let log_start = self.shard.log_start();
+        let (stored, gone): (Vec<Delivery>, Vec<Delivery>) =
+            deliveries.into_iter().partition(|d| d.entry.position >= log_start);
+        for d in gone {
+            self.consume_without_delivery(ask.group, ask.topic, index, d.lease.offset);
+        }
+        let entries: Vec<QueueEntry> = stored.iter().map(|d| d.entry).collect();
+        let records = self.shard.read_entries(&entries, usize::MAX).await?;
+        Ok(stored
+            .into_iter()
+            .zip(records)
+            .map(|(delivery, record)| Popped { queue: queue.clone(), delivery, record })
+            .collect())
+    }
+
+    /// Reads the queue index ahead of the group's position, reads the records the filter may
+    /// want, then leases what passes (at most `room`).
+    async fn scan(
+        &self,
+        ask: &PopAsk<'_>,
+        index: u32,
+        queue: &Rc<str>,
+        room: usize,
+        bytes_room: usize,
+    ) -> Result<Vec<Popped>> {
+        let (next, epoch, filter) = {
+            let mut scheduler = self.scheduler.borrow_mut();
+            let Some(gt) = scheduler.group_mut(ask.group, ask.topic) else { return Ok(Vec::new()) };
+            let filter = gt.filter.clone();
+            let Some(gq) = gt.queues.get_mut(&index) else { return Ok(Vec::new()) };
+            if gq.scanning {
+                return Ok(Vec::new());
+            }
+            gq.scanning = true;
+            (gq.next(), gq.epoch(), filter)
+        };
+        let _guard = ScanGuard { handler: self, group: ask.group, topic: ask.topic, index };
+        let Some(info) = self.shard.queue_info(queue) else { return Ok(Vec::new()) };
+        if next < info.min_offset {
+            // Retention removed messages this group never got to: nothing left to deliver there.
+            let moved = self.with_queue(ask, index, epoch, |gq| {
+                let before = gq.floor();
+                gq.skip_to(info.min_offset);
+                gq.floor() != before
+            });
+            if moved == Some(true) {
+                self.mark_dirty(ask.group, ask.topic, index);
+            }
+        }
+        let start = next.max(info.min_offset);
+        let end = info.max_offset.min(start + self.limits.scan_entries_max as u64);
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let entries = self.shard.entries(queue, start, end).await?;
+        let log_start = self.shard.log_start();
+        // Candidates: stored, and not ruled out by the tag hash. Read at most `room` of them
+        // (and about `bytes_room`); entries after the last one read wait for the next pop.
+        let mut candidates = Vec::new();
+        let mut candidate_bytes = 0usize;
+        let mut decided_end = end;
+        for e in entries.iter().filter(|e| e.position >= log_start && filter.may_pass(e.tag_hash)) {
+            if candidates.len() >= room || (!candidates.is_empty() && candidate_bytes >= bytes_room) {
+                decided_end = e.offset;
+                break;
+            }
+            candidate_bytes += e.size_bytes as usize;
+            candidates.push(*e);
+        }
+        let records = self.shard.read_entries(&candidates, usize::MAX).await?;
+        let mut passed: std::collections::HashMap<u64, StoredRecord> = std::collections::HashMap::new();
+        for record in records {
+            if !filter.needs_record() || filter.matches(&record.view()) {
+                passed.insert(record.offset, record);
+            }
+        }
+        let decided: Vec<QueueEntry> = entries.into_iter().filter(|e| e.offset < decided_end).collect();
+        let now = now_ms();
+        let limits = self.queue_limits();
+        let leased = self.with_queue(ask, index, epoch, |gq| {
+            let floor_before = gq.floor();
+            let next_before = gq.next();
+            let leased =
+                gq.scan(&decided, |e| passed.contains_key(&e.offset), room, ask.terms(now), limits, || self.lease_id());
+            let scanned = decided.iter().filter(|e| e.offset >= next_before && e.offset < gq.next());
+            let refused = scanned.filter(|e| !passed.contains_key(&e.offset)).count();
+            (leased, refused, gq.floor() != floor_before)
+        });
+        let Some((leased, refused, floor_moved)) = leased else { return Ok(Vec::new()) };
+        if floor_moved {
+            self.mark_dirty(ask.group, ask.topic, index);
+        }
+        Counters::add(&self.counters.popped, leased.len() as u64);
+        Counters::add(&self.counters.filtered, refused as u64);
+        Ok(leased
+            .into_iter()
+            .filter_map(|delivery| {
+                let record = passed.remove(&delivery.lease.offset)?;
+                Some(Popped { queue: queue.clone(), delivery, record })
+            })
+            .collect())
+    }
+
+    /// Runs `f` on the group's queue state if no offset reset happened since `epoch`.
+    fn with_queue<T>(
+        &self,
+        ask: &PopAsk<'_>,
+        index: u32,
+        epoch: u64,
+        f: impl FnOnce(&mut GroupQueue) -> T,
+    ) -> Option<T> {
+        let mut scheduler = self.scheduler.borrow_mut();
+        let gq = scheduler.group_mut(ask.group, ask.topic)?.queues.get_mut(&index)?;
+        (gq.epoch() == epoch).then(|| f(gq))
+    }
+
+    /// A leased offset whose record is gone: consumed, and the floor may move.
+    fn consume_without_delivery(&self, group: &str, topic: &str, index: u32, offset: u64) {
+        let moved = self
+            .scheduler
+            .borrow_mut()
+            .group_mut(group, topic)
+            .and_then(|gt| gt.queues.get_mut(&index))
+            .map(|gq| gq.forget(offset));
+        if moved == Some(true) {
+            self.mark_dirty(group, topic, index);
+        }
+    }
+
+    fn mark_dirty(&self, group: &str, topic: &str, index: u32) {
+        if let Some(queue) = self.queue_name(topic, index) {
+            self.dirty_offsets.borrow_mut().insert((group.into(), queue));
+        }
+    }
+
+    /// The group's floor on a queue, if it has delivery state there.
+    pub(super) fn floor_of(&self, group: &str, queue: &str) -> Option<u64> {
+        let (topic, index) = sluice_transport::model::placement::split_topic_queue(queue)?;
+        self.scheduler.borrow().group(group, topic)?.queues.get(&index).map(GroupQueue::floor)
+    }
+
+    /// Authenticates a receipt and returns the (topic, index, lease) it names.
+    fn open_receipt(
+        &self,
+        queue: &str,
+        group: &str,
+        receipt: &str,
+    ) -> Result<(String, u32, crate::broker::pop::Lease)> {
+        let lease = self.key.open(queue, group, receipt).ok_or_else(|| {
+            Counters::add(&self.counters.receipts_refused, 1);
+            BrokerError::InvalidReceipt
+        })?;
+        let (topic, index) = sluice_transport::model::placement::split_topic_queue(queue)
+            .ok_or_else(|| BrokerError::InvalidRequest(format!("{queue:?} is not a topic queue")))?;
+        Ok((topic.to_string(), index, lease))
+    }
+
+    fn lease_error(&self, e: LeaseError) -> BrokerError {
+        Counters::add(&self.counters.receipts_refused, 1);
+        match e {
+            LeaseError::Stale | LeaseError::Expired => BrokerError::ReceiptExpired,
+        }
+    }
+
+    /// Applies `f` to the live lease a receipt names; no state means it was issued before
+    /// this broker started.
+    fn on_lease<T>(
+        &self,
+        queue: &str,
+        group: &str,
+        receipt: &str,
+        f: impl FnOnce(&mut GroupQueue, crate::broker::pop::Lease) -> std::result::Result<T, LeaseError>,
+    ) -> Result<T> {
+        let (topic, index, lease) = self.open_receipt(queue, group, receipt)?;
+        let result = {
+            let mut scheduler = self.scheduler.borrow_mut();
+            let gq = scheduler
+                .group_mut(group, &topic)
+                .and_then(|gt| gt.queues.get_mut(&index))
+                .ok_or(BrokerError::ReceiptExpired)?;
+            f(gq, lease).map_err(|e| self.lease_error(e))
+        };
+        self.refresh(group, &topic, index);
+        result
+    }
+
+    pub(super) fn ack(&self, request: &Frame) -> Result<AckResponse> {
+        let ack = request.access::<AckRequest>()?;
+        let (queue, group) = (ack.queue.as_str(), ack.group.as_str());
+        self.check_queue(queue)?;
+        Self::check_group(group)?;
+        self.check_receipt_count(ack.receipts.len())?;
+        let now = now_ms();
+        let statuses = ack
+            .receipts
+            .iter()
+            .map(|receipt| {
+                let acked = self
+                    .on_lease(queue, group, receipt.as_str(), |gq, lease| gq.ack(lease.offset, lease.lease_id, now));
+                status_of(acked.map(|floor_moved| {
+                    if floor_moved {
+                        self.dirty_offsets.borrow_mut().insert((group.into(), queue.into()));
+                    }
+                    Counters::add(&self.counters.acked, 1);
+                }))
+            })
+            .collect();
+        Ok(AckResponse { statuses })
+    }
+
+    pub(super) fn release(&self, request: &Frame) -> Result<ReleaseResponse> {
+        let release = request.access::<ReleaseRequest>()?;
+        let (queue, group) = (release.queue.as_str(), release.group.as_str());
+        self.check_queue(queue)?;
+        Self::check_group(group)?;
+        self.check_receipt_count(release.receipts.len())?;
+        let now = now_ms();
+        let statuses = release
+            .receipts
+            .iter()
+            .map(|receipt| {
+                let released =
+                    self.on_lease(queue, group, receipt.as_str(), |gq, l| gq.release(l.offset, l.lease_id, now));
+                status_of(released.map(|()| Counters::add(&self.counters.released, 1)))
+            })
+            .collect();
+        Ok(ReleaseResponse { statuses })
+    }
+
+    fn check_receipt_count(&self, count: usize) -> Result<()> {
+        if count > self.limits.pop_records_max as usize {
+            return Err(BrokerError::InvalidRequest(format!(
+                "at most {} receipts per call",
+                self.limits.pop_records_max
+            )));
+        }
+        Ok(())
+    }
+
+    pub(super) fn change_invisible(&self, request: &Frame) -> Result<ChangeInvisibleResponse> {
+        let change = request.access::<ChangeInvisibleRequest>()?;
+        let (queue, group) = (change.queue.as_str(), change.group.as_str());
+        self.check_queue(queue)?;
+        Self::check_group(group)?;
+        let invisible_ms =
+            change.invisible_ms.to_native().clamp(self.limits.invisible_min_ms, self.limits.invisible_max_ms);
+        let new_id = self.lease_id();
+        let (topic, _, _) = self.open_receipt(queue, group, change.receipt.as_str())?;
+        let delays = self
+            .scheduler
+            .borrow()
+            .group(group, &topic)
+            .map(|gt| gt.policy.retry_delays_ms.clone())
+            .unwrap_or_default();
+        let terms = LeaseTerms { now_ms: now_ms(), invisible_ms, retry_delays_ms: &delays };
+        let renewed = self.on_lease(queue, group, change.receipt.as_str(), |gq, lease| {
+            if change.renew {
+                gq.renew(lease.offset, lease.lease_id, terms)
+            } else {
+                gq.extend(lease.offset, lease.lease_id, terms, new_id)
+            }
+        })?;
+        Ok(ChangeInvisibleResponse { receipt: self.key.issue(queue, group, &renewed), offset: renewed.offset })
+    }
+
+    pub(super) async fn commit_offset(&self, request: &Frame) -> Result<CommitOffsetResponse> {
+        let commit = request.access::<CommitOffsetRequest>()?;
+        let (queue, group) = (commit.queue.as_str(), commit.group.as_str());
+        self.check_queue(queue)?;
+        Self::check_group(group)?;
+        let max = self.shard.queue_info(queue).map_or(0, |q| q.max_offset);
+        let offset = commit.offset.to_native();
+        if offset > max {
+            return Err(BrokerError::InvalidRequest(format!("offset {offset} is past the end of {queue} ({max})")));
+        }
+        let (topic, index) = sluice_transport::model::placement::split_topic_queue(queue)
+            .ok_or_else(|| BrokerError::InvalidRequest(format!("{queue:?} is not a topic queue")))?;
+        {
+            let mut scheduler = self.scheduler.borrow_mut();
+            let exists = scheduler.group(group, topic).is_some_and(|gt| gt.queues.contains_key(&index));
+            if exists {
+                // An explicit offset restarts delivery there; outstanding receipts become stale.
+                let gt = scheduler.group_mut(group, topic).expect("checked above");
+                gt.queues.get_mut(&index).expect("checked above").reset(offset);
+            } else if !scheduler.insert_group_queue(
+                group,
+                topic,
+                index,
+                GroupQueue::new(offset),
+                self.limits.group_queues_max,
+            ) {
+                return Err(BrokerError::TooManyGroups { max: self.limits.group_queues_max });
+            }
+        }
+        self.refresh(group, topic, index);
+        // Written through the same path as acks, so a timed write cannot land after it with
+        // an older floor.
+        self.dirty_offsets.borrow_mut().insert((group.into(), queue.into()));
+        self.persist_offsets().await?;
+        Ok(CommitOffsetResponse {})
+    }
+
+    pub(super) async fn query_offset(&self, request: &Frame) -> Result<QueryOffsetResponse> {
+        let query = request.access::<QueryOffsetRequest>()?;
+        let (queue, group) = (query.queue.as_str(), query.group.as_str());
+        self.check_queue(queue)?;
+        let info = self.shard.queue_info(queue);
+        let committed = if group.is_empty() {
+            None
+        } else {
+            Self::check_group(group)?;
+            match self.floor_of(group, queue) {
+                Some(floor) => Some(floor),
+                None => self.load_offset(group, queue).await?,
+            }
+        };
+        Ok(QueryOffsetResponse {
+            committed,
+            min_offset: info.map_or(0, |i| i.min_offset),
+            max_offset: info.map_or(0, |i| i.max_offset),
+        })
+    }
+}
+
+/// Forgets a cancellable poll when its pop ends.
+struct PollGuard<'a> {
+    handler: &'a ShardHandler,
+    poll_id: u64,
+}
+
+impl Drop for PollGuard<'_> {
+    fn drop(&mut self) {
+        if self.poll_id != 0 {
+            self.handler.polls.borrow_mut().remove(&self.poll_id);
+        }
+    }
+}
