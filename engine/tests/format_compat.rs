@@ -39,7 +39,7 @@ fn a_log_in_batch_format_two_opens_and_reads_as_written() {
             assert_eq!(record.offset, offset as u64);
             assert_eq!(view.body, format!("body-{i}").as_bytes());
             assert_eq!(view.message_id, format!("MSG{i:04}"));
-            assert_eq!(view.tag, if i % 3 == 0 { "paid" } else { "new" });
+            assert_eq!(view.tag, if i.is_multiple_of(3) { "paid" } else { "new" });
             assert_eq!(view.keys().collect::<Vec<_>>(), vec![format!("k{i}")]);
             assert_eq!(view.properties, &[i as u8; 5]);
             assert_eq!(view.attributes.message_type, message_type::NORMAL);

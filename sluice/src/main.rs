@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use cli::client::{Connection, ConsumeOptions, SendOptions};
-use cli::config::{read_toml, BrokerFile, BrokerSection, ProxyFile, ProxySection, TransportSection};
+use cli::config::{read_toml, BrokerFile, BrokerSection, LocalFile, ProxyFile, ProxySection};
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Sluice: an AI-native message engine speaking the RocketMQ 5 API")]
@@ -60,6 +60,10 @@ enum Command {
         /// Log segment size (smaller for tests).
         #[arg(long)]
         segment_size_bytes: Option<u64>,
+        /// A TOML file with [broker], [proxy] and [transport] sections (as `sluice broker` and
+        /// `sluice proxy` take) for everything the flags above do not set; the flags win.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// A broker of a split deployment.
     Broker {
@@ -225,21 +229,25 @@ async fn run(cli: Cli) -> Result<(), String> {
             auto_create_topics,
             require_groups,
             segment_size_bytes,
+            config,
         } => {
+            let file: LocalFile = match &config {
+                Some(path) => read_toml(path)?,
+                None => LocalFile::default(),
+            };
             let broker = BrokerSection {
                 name: "local".into(),
                 listen: "127.0.0.1:0".parse().expect("literal address"),
                 data_dir,
                 shards,
                 durability,
-                segment_size_bytes,
-                ..BrokerSection::default()
+                segment_size_bytes: segment_size_bytes.or(file.broker.segment_size_bytes),
+                ..file.broker
             };
-            let transport = TransportSection::default();
-            let mut proxy =
-                ProxySection { name: "local-proxy".into(), grpc, http: Some(http), ..ProxySection::default() };
-            proxy.settings.auto_create_topics = auto_create_topics;
-            proxy.settings.auto_create_groups = !require_groups;
+            let mut proxy = ProxySection { name: "local-proxy".into(), grpc, http: Some(http), ..file.proxy };
+            proxy.settings.auto_create_topics |= auto_create_topics;
+            proxy.settings.auto_create_groups &= !require_groups;
+            let transport = file.transport;
             cli::run::local(broker.to_config(&transport)?, proxy.to_config(&transport)?, json).await
         }
         Command::Broker { config, listen, data_dir } => {

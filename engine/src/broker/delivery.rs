@@ -118,10 +118,16 @@ impl ShardHandler {
             let cancelled = cancel.notified();
             let mut cancelled = std::pin::pin!(cancelled);
             cancelled.as_mut().enable();
-            let popped = self.pop_once(&ask, only).await?;
+            let (popped, progressed) = self.pop_once(&ask, only).await?;
             let now = now_ms();
             if !popped.is_empty() || now >= wait_until_ms || self.closing.get() || self.poll_cancelled(poll_id) {
                 return self.pop_reply(request.request_id(), group, popped);
+            }
+            if progressed {
+                // Scanned past messages without leasing any (filtered out, or waiting behind
+                // their FIFO group): look again, after letting other tasks run.
+                yield_now().await;
+                continue;
             }
             Counters::add(&self.counters.long_polls, 1);
             let retry_ms = self.scheduler.borrow().group(group, topic).and_then(|gt| gt.next_retry_ms());
@@ -204,16 +210,24 @@ impl ShardHandler {
     }
 
     /// Recomputes a queue's readiness for a group after its state changed; wakes the group's
-    /// long polls when it became ready.
-    pub(super) fn refresh(&self, group: &str, topic: &str, index: u32) {
-        let Some(queue) = self.queue_name(topic, index) else { return };
+    /// long polls when it became ready. Returns whether it is ready.
+    pub(super) fn refresh(&self, group: &str, topic: &str, index: u32) -> bool {
+        let Some(queue) = self.queue_name(topic, index) else { return false };
         let end = self.shard.queue_info(&queue).map_or(0, |q| q.max_offset);
         let limits = self.queue_limits();
         let mut scheduler = self.scheduler.borrow_mut();
-        if let Some(gt) = scheduler.group_mut(group, topic) {
-            if gt.refresh(index, end, now_ms(), limits) {
-                gt.waiters.notify_waiters();
-            }
+        let Some(gt) = scheduler.group_mut(group, topic) else { return false };
+        let readiness = gt.refresh(index, end, now_ms(), limits);
+        if readiness.became_ready {
+            gt.waiters.notify_waiters();
+        }
+        readiness.ready
+    }
+
+    /// Wakes the group's long polls (work is left that this pop had no room for).
+    fn hand_off(&self, group: &str, topic: &str) {
+        if let Some(gt) = self.scheduler.borrow().group(group, topic) {
+            gt.waiters.notify_waiters();
         }
     }
 
@@ -221,31 +235,41 @@ impl ShardHandler {
         self.scheduler.borrow().topic_queues(topic).and_then(|q| q.get(&index)).cloned()
     }
 
-    /// One pass over the group's ready queues, without waiting for new messages.
-    async fn pop_once(&self, ask: &PopAsk<'_>, only: Option<u32>) -> Result<Vec<Popped>> {
+    /// One pass over the group's ready queues, without waiting for new messages. Also says
+    /// whether it got anywhere without delivering (scanned past filtered or FIFO-waiting
+    /// messages), in which case another pass may find more.
+    async fn pop_once(&self, ask: &PopAsk<'_>, only: Option<u32>) -> Result<(Vec<Popped>, bool)> {
         let order: Vec<u32> = {
             let mut scheduler = self.scheduler.borrow_mut();
-            let Some(gt) = scheduler.group_mut(ask.group, ask.topic) else { return Ok(Vec::new()) };
+            let Some(gt) = scheduler.group_mut(ask.group, ask.topic) else { return Ok((Vec::new(), false)) };
             gt.promote_due(now_ms());
             gt.ready_in_turn().into_iter().filter(|i| only.is_none_or(|o| o == *i)).collect()
         };
         let mut out = Vec::new();
         let mut bytes = 0usize;
+        let mut progressed = false;
         for index in order {
-            if out.len() >= ask.max_count || bytes >= ask.max_bytes {
+            let full = out.len() >= ask.max_count || bytes >= ask.max_bytes;
+            if full {
+                // Work is left that this pop has no room for: another poll may take it.
+                self.hand_off(ask.group, ask.topic);
                 break;
             }
             let Some(queue) = self.queue_name(ask.topic, index) else { continue };
             let got = self.pop_queue(ask, index, &queue, ask.max_count - out.len(), ask.max_bytes - bytes).await;
-            self.refresh(ask.group, ask.topic, index);
+            let still_ready = self.refresh(ask.group, ask.topic, index);
             if let Some(gt) = self.scheduler.borrow_mut().group_mut(ask.group, ask.topic) {
                 gt.served(index);
             }
-            let got = got?;
+            let (got, scanned) = got?;
+            progressed |= scanned;
             bytes += got.iter().map(|p| p.record.bytes().len()).sum::<usize>();
             out.extend(got);
+            if still_ready && (out.len() >= ask.max_count || bytes >= ask.max_bytes) {
+                self.hand_off(ask.group, ask.topic);
+            }
         }
-        Ok(out)
+        Ok((out, progressed))
     }
 
     /// What one queue gives: leases due again, freed FIFO groups, then new messages.
@@ -256,15 +280,18 @@ impl ShardHandler {
         queue: &Rc<str>,
         room: usize,
         bytes_room: usize,
-    ) -> Result<Vec<Popped>> {
+    ) -> Result<(Vec<Popped>, bool)> {
         let mut deliveries = self.take_waiting(ask, index, room, bytes_room);
         let taken_bytes: usize = deliveries.iter().map(|d| d.entry.size_bytes as usize).sum();
         let mut out = self.read_deliveries(ask, index, queue, std::mem::take(&mut deliveries)).await?;
         let room = room - out.len().min(room);
+        let mut scanned = false;
         if room > 0 && taken_bytes < bytes_room {
-            out.extend(self.scan(ask, index, queue, room, bytes_room - taken_bytes).await?);
+            let (got, advanced) = self.scan(ask, index, queue, room, bytes_room - taken_bytes).await?;
+            scanned = advanced;
+            out.extend(got);
         }
-        Ok(out)
+        Ok((out, scanned))
     }
 
     /// Leases due again and heads of freed FIFO groups; no I/O.
@@ -335,20 +362,20 @@ impl ShardHandler {
         queue: &Rc<str>,
         room: usize,
         bytes_room: usize,
-    ) -> Result<Vec<Popped>> {
+    ) -> Result<(Vec<Popped>, bool)> {
         let (next, epoch, filter) = {
             let mut scheduler = self.scheduler.borrow_mut();
-            let Some(gt) = scheduler.group_mut(ask.group, ask.topic) else { return Ok(Vec::new()) };
+            let Some(gt) = scheduler.group_mut(ask.group, ask.topic) else { return Ok((Vec::new(), false)) };
             let filter = gt.filter.clone();
-            let Some(gq) = gt.queues.get_mut(&index) else { return Ok(Vec::new()) };
+            let Some(gq) = gt.queues.get_mut(&index) else { return Ok((Vec::new(), false)) };
             if gq.scanning {
-                return Ok(Vec::new());
+                return Ok((Vec::new(), false));
             }
             gq.scanning = true;
             (gq.next(), gq.epoch(), filter)
         };
         let _guard = ScanGuard { handler: self, group: ask.group, topic: ask.topic, index };
-        let Some(info) = self.shard.queue_info(queue) else { return Ok(Vec::new()) };
+        let Some(info) = self.shard.queue_info(queue) else { return Ok((Vec::new(), false)) };
         if next < info.min_offset {
             // Retention removed messages this group never got to: nothing left to deliver there.
             let moved = self.with_queue(ask, index, epoch, |gq| {
@@ -363,7 +390,7 @@ impl ShardHandler {
         let start = next.max(info.min_offset);
         let end = info.max_offset.min(start + self.limits.scan_entries_max as u64);
         if start >= end {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), false));
         }
         let entries = self.shard.entries(queue, start, end).await?;
         let log_start = self.shard.log_start();
@@ -397,21 +424,22 @@ impl ShardHandler {
                 gq.scan(&decided, |e| passed.contains_key(&e.offset), room, ask.terms(now), limits, || self.lease_id());
             let scanned = decided.iter().filter(|e| e.offset >= next_before && e.offset < gq.next());
             let refused = scanned.filter(|e| !passed.contains_key(&e.offset)).count();
-            (leased, refused, gq.floor() != floor_before)
+            (leased, refused, gq.floor() != floor_before, gq.next() > next_before)
         });
-        let Some((leased, refused, floor_moved)) = leased else { return Ok(Vec::new()) };
+        let Some((leased, refused, floor_moved, scanned_any)) = leased else { return Ok((Vec::new(), false)) };
         if floor_moved {
             self.mark_dirty(ask.group, ask.topic, index);
         }
         Counters::add(&self.counters.popped, leased.len() as u64);
         Counters::add(&self.counters.filtered, refused as u64);
-        Ok(leased
+        let popped = leased
             .into_iter()
             .filter_map(|delivery| {
                 let record = passed.remove(&delivery.lease.offset)?;
                 Some(Popped { queue: queue.clone(), delivery, record })
             })
-            .collect())
+            .collect();
+        Ok((popped, scanned_any))
     }
 
     /// Runs `f` on the group's queue state if no offset reset happened since `epoch`.
@@ -633,6 +661,20 @@ impl ShardHandler {
             max_offset: info.map_or(0, |i| i.max_offset),
         })
     }
+}
+
+/// Lets every other ready task on this executor run once before continuing.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Forgets a cancellable poll when its pop ends.

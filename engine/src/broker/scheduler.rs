@@ -17,6 +17,13 @@ use sluice_transport::model::placement::split_topic_queue;
 
 use crate::broker::pop::{GroupQueue, QueueLimits};
 
+/// What `GroupTopic::refresh` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    pub became_ready: bool,
+}
+
 /// A (group, topic) pair's delivery state on this shard.
 pub struct GroupTopic {
     pub queues: BTreeMap<u32, GroupQueue>,
@@ -79,20 +86,23 @@ impl GroupTopic {
         }
     }
 
-    /// Recomputes one queue's membership in the ready set and its retry time. Returns true if
-    /// it is ready now. Every change to the queue's `GroupQueue` is followed by this.
-    pub fn refresh(&mut self, queue: u32, end: u64, now_ms: u64, limits: QueueLimits) -> bool {
+    /// Recomputes one queue's membership in the ready set and its retry time. Every change to
+    /// the queue's `GroupQueue` is followed by this. Returns whether it is ready now and whether
+    /// it just became ready (long polls are woken on that transition, not on every refresh, so
+    /// a poll that finds nothing does not wake itself).
+    pub fn refresh(&mut self, queue: u32, end: u64, now_ms: u64, limits: QueueLimits) -> Readiness {
         let Some(gq) = self.queues.get(&queue) else {
             self.ready.remove(&queue);
-            return false;
+            return Readiness { ready: false, became_ready: false };
         };
         let ready = gq.has_work(end, now_ms, limits);
         let retry = gq.next_retry_ms().filter(|at| *at > now_ms);
-        if ready {
-            self.ready.insert(queue);
+        let became_ready = if ready {
+            self.ready.insert(queue)
         } else {
             self.ready.remove(&queue);
-        }
+            false
+        };
         if let Some(old) = self.retry_at.remove(&queue) {
             self.retry_due.remove(&(old, queue));
         }
@@ -100,7 +110,7 @@ impl GroupTopic {
             self.retry_at.insert(queue, at);
             self.retry_due.insert((at, queue));
         }
-        ready
+        Readiness { ready, became_ready }
     }
 
     /// Replaces the filter when the group subscribes with another expression.
@@ -234,7 +244,8 @@ impl Scheduler {
         let Some(groups) = self.consumers.get(topic) else { return };
         for group in groups {
             if let Some(gt) = self.groups.get_mut(&(group.clone(), topic.into())) {
-                if gt.refresh(index, end, now_ms, limits) {
+                // New messages: wake the polls even if the queue was ready already.
+                if gt.refresh(index, end, now_ms, limits).ready {
                     gt.waiters.notify_waiters();
                 }
             }

@@ -61,6 +61,16 @@ pub struct BrokerSection {
     pub durability: String,
     pub flush_interval_ms: u64,
     pub segment_size_bytes: Option<u64>,
+    /// A half message is first checked with its producer this long after it was stored.
+    pub transaction_check_first_ms: Option<u64>,
+    /// Transaction checks then repeat at doubling intervals up to this one.
+    pub transaction_check_interval_max_ms: Option<u64>,
+    /// Unanswered checks after which a half message is discarded.
+    pub transaction_checks_max: Option<u32>,
+    /// Unacked deliveries one group may hold on one queue.
+    pub leases_per_group_queue_max: Option<usize>,
+    /// FIFO messages one group may have waiting behind their message group on one queue.
+    pub fifo_waiting_per_group_queue_max: Option<usize>,
 }
 
 impl Default for BrokerSection {
@@ -75,6 +85,11 @@ impl Default for BrokerSection {
             durability: "sync".into(),
             flush_interval_ms: 10,
             segment_size_bytes: None,
+            transaction_check_first_ms: None,
+            transaction_check_interval_max_ms: None,
+            transaction_checks_max: None,
+            leases_per_group_queue_max: None,
+            fifo_waiting_per_group_queue_max: None,
         }
     }
 }
@@ -158,7 +173,7 @@ impl BrokerSection {
         engine.validate().map_err(|e| format!("engine settings: {e}"))?;
         let transport = transport.apply();
         transport.validate().map_err(|e| format!("transport settings: {e}"))?;
-        let limits = BrokerLimits { max_frame_bytes: transport.max_frame_bytes, ..BrokerLimits::default() };
+        let limits = self.limits(transport.max_frame_bytes)?;
         Ok(BrokerConfig {
             name: self.name.clone(),
             engine,
@@ -168,6 +183,48 @@ impl BrokerSection {
             limits,
         })
     }
+}
+
+impl BrokerSection {
+    fn limits(&self, max_frame_bytes: u64) -> Result<BrokerLimits, String> {
+        let d = BrokerLimits::default();
+        let limits = BrokerLimits {
+            max_frame_bytes,
+            transaction_check_first_ms: self.transaction_check_first_ms.unwrap_or(d.transaction_check_first_ms),
+            transaction_check_interval_max_ms: self
+                .transaction_check_interval_max_ms
+                .unwrap_or(d.transaction_check_interval_max_ms),
+            transaction_checks_max: self.transaction_checks_max.unwrap_or(d.transaction_checks_max),
+            leases_per_group_queue_max: self.leases_per_group_queue_max.unwrap_or(d.leases_per_group_queue_max),
+            fifo_waiting_per_group_queue_max: self
+                .fifo_waiting_per_group_queue_max
+                .unwrap_or(d.fifo_waiting_per_group_queue_max),
+            ..d
+        };
+        let checks = [
+            (limits.transaction_check_first_ms >= 100, "transaction_check_first_ms must be at least 100"),
+            (
+                limits.transaction_check_interval_max_ms >= limits.transaction_check_first_ms,
+                "transaction_check_interval_max_ms must be at least transaction_check_first_ms",
+            ),
+            (limits.transaction_checks_max >= 1, "transaction_checks_max must be at least 1"),
+            (limits.leases_per_group_queue_max >= 1, "leases_per_group_queue_max must be at least 1"),
+            (limits.fifo_waiting_per_group_queue_max >= 1, "fifo_waiting_per_group_queue_max must be at least 1"),
+        ];
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, why)) => Err(format!("broker settings: {why}")),
+            None => Ok(limits),
+        }
+    }
+}
+
+/// `sluice local --config FILE`: both roles' sections in one file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalFile {
+    pub broker: BrokerSection,
+    pub proxy: ProxySection,
+    pub transport: TransportSection,
 }
 
 impl ProxySection {

@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-pub use sluice_proxy::pb::sluice::admin::v1 as admin;
-use sluice_proxy::pb::sluice::admin::v1::admin_client::AdminClient;
+pub use sluice_proto::sluice::admin::v1 as admin;
+use sluice_proto::sluice::admin::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
 
-pub use sluice_proxy::pb::apache::rocketmq::v2;
+pub use sluice_proto::apache::rocketmq::v2;
 pub use v2::messaging_service_client::MessagingServiceClient;
 
 pub type Messaging = MessagingServiceClient<Channel>;
@@ -120,6 +120,12 @@ impl SluiceProcess {
 
     pub fn is_alive(&mut self) -> bool {
         self.try_exit().is_none()
+    }
+
+    /// SIGKILL: no shutdown of any kind, as in a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        self.exited = self.child.wait().ok();
     }
 
     /// Sends SIGTERM (the graceful stop).
@@ -273,6 +279,8 @@ pub struct Local {
     pub grpc: SocketAddr,
     /// Data and logs; removed after the process is stopped (fields drop in order).
     pub dir: tempfile::TempDir,
+    /// The extra flags it was started with.
+    args: Vec<String>,
 }
 
 impl Local {
@@ -282,7 +290,30 @@ impl Local {
 
     /// With extra `local` flags.
     pub async fn start_with(extra: &[&str]) -> Local {
+        Self::start_in(tempfile::tempdir().expect("tempdir"), extra).await
+    }
+
+    /// With a `--config` file holding `toml` (and extra flags).
+    pub async fn start_with_config(toml: &str, extra: &[&str]) -> Local {
         let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("local.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let mut args = vec!["--config".to_string(), path.to_str().expect("utf-8 path").to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start_in(dir, &args).await
+    }
+
+    /// SIGKILLs the process and starts `sluice local` again on the same data directory, with
+    /// the same flags; the gRPC port may change.
+    pub async fn crash_and_restart(mut self) -> Local {
+        self.process.kill();
+        let Local { dir, args, .. } = self;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start_in(dir, &args).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Local {
         let data = dir.path().join("data");
         let mut args: Vec<String> = [
             "--json",
@@ -305,7 +336,7 @@ impl Local {
         let mut process = SluiceProcess::spawn("local", &args, dir.path());
         let grpc = process.wait_json_line(START_TIMEOUT, proxy_grpc_line).await;
         process.wait_tcp(grpc, START_TIMEOUT).await;
-        Local { process, grpc, dir }
+        Local { process, grpc, dir, args: extra.iter().map(|s| s.to_string()).collect() }
     }
 
     pub fn endpoint(&self) -> String {
@@ -472,12 +503,17 @@ pub async fn admin_client(addr: SocketAddr) -> AdminClient<Channel> {
 
 /// Creates a normal topic through the admin API.
 pub async fn create_topic(addr: SocketAddr, name: &str, queues: u32) {
+    create_typed_topic(addr, name, v2::MessageType::Normal, queues).await
+}
+
+/// Creates a topic of a given message type through the admin API.
+pub async fn create_typed_topic(addr: SocketAddr, name: &str, kind: v2::MessageType, queues: u32) {
     let mut client = admin_client(addr).await;
     let reply = bounded(
         "CreateTopic",
         client.create_topic(admin::CreateTopicRequest {
             name: name.into(),
-            message_type: v2::MessageType::Normal as i32,
+            message_type: kind as i32,
             queue_count: queues,
         }),
     )
@@ -527,6 +563,32 @@ pub fn message(topic: &str, body: Vec<u8>) -> v2::Message {
         }),
         body,
     }
+}
+
+/// Creates a consumer group through the admin API.
+pub async fn create_group(addr: SocketAddr, name: &str, max_delivery_attempts: u32, fifo: bool) {
+    let mut client = admin_client(addr).await;
+    let reply = bounded(
+        "CreateGroup",
+        client.create_group(admin::CreateGroupRequest { name: name.into(), max_delivery_attempts, fifo }),
+    )
+    .await
+    .expect("CreateGroup transport")
+    .into_inner();
+    assert_eq!(code(reply.status.as_ref()), v2::Code::Ok as i32, "CreateGroup {name}: {:?}", reply.status);
+}
+
+/// The counters of every broker shard, summed by name.
+pub async fn broker_counters(addr: SocketAddr) -> HashMap<String, u64> {
+    let mut client = admin_client(addr).await;
+    let reply = bounded("GetStats", client.get_stats(admin::GetStatsRequest {})).await.expect("GetStats").into_inner();
+    let mut sums = HashMap::new();
+    for broker in reply.brokers {
+        for c in broker.counters {
+            *sums.entry(c.name).or_insert(0) += c.value;
+        }
+    }
+    sums
 }
 
 pub fn message_id(m: &v2::Message) -> String {
