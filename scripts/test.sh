@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: format check, build everything, lint with warnings denied, run every test,
-# the official RocketMQ Python client against `sluice local`, the benchmark suite in short mode,
+# the official RocketMQ Python and Node.js clients against `sluice local`, the benchmark suite in
+# short mode,
 # then the RDMA tests for real
 # inside a soft-RoCE QEMU guest (scripts/hw-tests.sh --vm).
 # The crash test's rounds can be raised with SLUICE_CRASH_ROUNDS (default 20).
@@ -20,6 +21,9 @@ cargo test --workspace --locked 2>&1 | tee "$log"
 # The official RocketMQ 5 Python client (rocketmq-python-client==5.1.2 from PyPI, in a venv)
 # against a `sluice local` each run starts itself.
 bash scripts/python-client-tests.sh 2>&1 | tee -a "$log"
+# The official RocketMQ 5 Node.js client (rocketmq-client-nodejs 1.0.8 from npm, pinned in
+# proxy/tests/node/package-lock.json) against a `sluice local` of its own.
+bash scripts/node-client-tests.sh 2>&1 | tee -a "$log"
 # The benchmark suite in its short mode on every system (Sluice, NATS, Redis, the floors): a few
 # seconds per workload, then sluice-bench checks the JSON results are valid and complete. It
 # asserts no timings.
