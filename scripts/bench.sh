@@ -31,9 +31,12 @@ done
 for tool in nats-server redis-server; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is missing; running scripts/setup.sh"; bash scripts/setup.sh; break; }
 done
-cargo build --release --locked -p sluice --bin sluice -p sluice-bench --bin sluice-bench
-sluice=target/release/sluice
-bench=target/release/sluice-bench
+# SLUICE_CARGO_PROFILE=ci (the test command) reuses the tests' optimised build instead of
+# compiling everything again for release.
+profile="${SLUICE_CARGO_PROFILE:-release}"
+cargo build --profile "$profile" --locked -p sluice --bin sluice -p sluice-bench --bin sluice-bench
+sluice=target/$profile/sluice
+bench=target/$profile/sluice-bench
 
 work="$(mktemp -d /tmp/sluice-bench.XXXXXX)"
 pids=()

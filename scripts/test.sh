@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # The test command: format check, build everything, lint with warnings denied, run every test,
 # the official RocketMQ Python and Node.js clients against `sluice local`, the benchmark suite in
-# short mode,
-# then the RDMA tests for real
-# inside a soft-RoCE QEMU guest (scripts/hw-tests.sh --vm).
+# short mode, then the RDMA tests for real inside a soft-RoCE QEMU guest (scripts/hw-tests.sh --vm).
 # The crash test's rounds can be raised with SLUICE_CRASH_ROUNDS (default 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LIBCLANG_PATH="${LIBCLANG_PATH:-/usr/lib/llvm-14/lib}"
+# One build for everything below: the `ci` profile (optimised, with debug assertions and
+# overflow checks; see Cargo.toml), so RocksDB is compiled once.
+export SLUICE_CARGO_PROFILE=ci
+export SLUICE_BIN="$PWD/target/ci/sluice"
 started=$(date +%s)
 cargo fmt --all --check
-cargo build --workspace --all-targets --locked
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo build --workspace --all-targets --locked --profile ci
+cargo clippy --workspace --all-targets --locked --profile ci -- -D warnings
 # The cargo-fuzz target lives outside the workspace (libFuzzer instruments on nightly); make
 # sure it still builds against the decoder.
 cargo check --manifest-path transport/fuzz/Cargo.toml --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+cargo test --workspace --locked --profile ci 2>&1 | tee "$log"
 # The official RocketMQ 5 Python client (rocketmq-python-client==5.1.2 from PyPI, in a venv)
 # against a `sluice local` each run starts itself.
 bash scripts/python-client-tests.sh 2>&1 | tee -a "$log"

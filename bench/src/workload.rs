@@ -12,6 +12,8 @@ pub const RATE_MAX_PER_SEC: u64 = 1_000_000;
 pub const RUN_MESSAGES_MAX: u64 = 100_000_000;
 pub const CLIENTS_MAX: u32 = 256;
 pub const TOPICS_MAX: u32 = 1024;
+/// Most queues per topic a workload asks for (a Sluice topic's own limit).
+pub const QUEUES_PER_TOPIC_MAX: u32 = 256;
 pub const DURATION_MAX_SECS: u64 = 24 * 3600;
 pub const INFLIGHT_MAX: usize = 65_536;
 /// Short mode (CI): each workload runs this long after this much warm-up.
@@ -45,6 +47,9 @@ pub struct Workload {
     pub consumers: u32,
     #[serde(default = "defaults::one")]
     pub topics: u32,
+    /// Queues per topic on systems that have them (Sluice); 0: one per consumer of the topic.
+    #[serde(default)]
+    pub queues_per_topic: u32,
     #[serde(default = "defaults::duration_secs")]
     pub duration_secs: u64,
     /// Sent first and not recorded (connections, caches and the disk settle).
@@ -84,6 +89,15 @@ impl Workload {
         self.rate_per_sec.saturating_mul(self.duration_secs.saturating_add(self.warmup_secs))
     }
 
+    /// Queues each topic gets (at least one).
+    pub fn queues_per_topic(&self) -> u32 {
+        if self.queues_per_topic > 0 {
+            self.queues_per_topic
+        } else {
+            self.consumers_per_topic().max(1)
+        }
+    }
+
     pub fn consumers_per_topic(&self) -> u32 {
         if self.topics == 0 {
             return 0;
@@ -119,6 +133,9 @@ impl Workload {
                 "{} consumers cannot share {} topics evenly; use a multiple of the topic count",
                 self.consumers, self.topics
             ));
+        }
+        if self.queues_per_topic > QUEUES_PER_TOPIC_MAX {
+            return bad(format!("queues_per_topic must be at most {QUEUES_PER_TOPIC_MAX}"));
         }
         if !(1..=DURATION_MAX_SECS).contains(&self.duration_secs) || self.warmup_secs > DURATION_MAX_SECS {
             return bad(format!("duration_secs must be 1..={DURATION_MAX_SECS} and warmup_secs at most that"));
@@ -249,6 +266,7 @@ mod tests {
             Workload { topic_kind: TopicKind::Lite, ..base.clone() },
             Workload { name: "a b".into(), ..base.clone() },
             Workload { inflight_max: 0, ..base.clone() },
+            Workload { queues_per_topic: QUEUES_PER_TOPIC_MAX + 1, ..base.clone() },
         ];
         for w in cases {
             let err = w.validate().unwrap_err();

@@ -1,11 +1,12 @@
 //! Pop consumption through the proxy: receive, ack, change invisible duration, dead-lettering,
 //! and offsets. The proxy decides nothing about what a group gets next: the brokers do.
 //!
-//! A receive sends one pop per broker shard holding queues of the topic, all at once, each
-//! long-polling at the (group, topic) level. The first answer with messages is returned; the
-//! other polls are cancelled, and whatever they had already taken is released at once, so it is
-//! neither lost nor hidden for an invisible time. This runs in its own task: a client that goes
-//! away mid-poll cancels the polls the same way. An empty long poll answers MESSAGE_NOT_FOUND a
+//! A receive sends one pop per broker shard holding queues of the topic, all at once, and takes
+//! what they have now. Only if that is nothing does it long-poll every shard at the (group,
+//! topic) level: the first answer with messages is returned, the other polls are cancelled, and
+//! whatever they had already taken is released at once, so it is neither lost nor hidden for an
+//! invisible time. This runs in its own task: a client that goes away mid-poll cancels the polls
+//! the same way. An empty long poll answers MESSAGE_NOT_FOUND a
 //! little before the caller's gRPC deadline, never after it.
 
 use std::collections::{BTreeSet, HashMap};
@@ -86,7 +87,60 @@ async fn pop_across(
     }
 }
 
+/// First what every shard has now (pops that do not wait, all at once, merged); only if that
+/// is nothing, long polls on every shard with the first answer winning. Taking everything
+/// available at once keeps busy topics from bouncing messages through cancelled polls; waiting
+/// on every shard keeps an idle topic's wake-up one hop.
 async fn coordinate(
+    state: Arc<ProxyState>,
+    owners: BTreeSet<Owner>,
+    request: PopRequest,
+    max_count: usize,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<Kept>>>,
+) {
+    if owners.len() > 1 && request.long_poll_ms > 0 {
+        let quick = PopRequest { long_poll_ms: 0, poll_id: 0, ..request.clone() };
+        let (kept, failures) = pop_now(&state, &owners, &quick, max_count).await;
+        if !kept.is_empty() || failures.len() == owners.len() {
+            let answer = match failures.into_iter().next() {
+                Some(e) if kept.is_empty() => Err(e.into()),
+                _ => Ok(kept),
+            };
+            if let Err(Ok(unwanted)) = reply.send(answer) {
+                for k in unwanted {
+                    release_popped(&state, &request.group, &k.frame, 0);
+                }
+            }
+            return;
+        }
+    }
+    long_poll(state, owners, request, max_count, reply).await
+}
+
+/// Pops every shard without waiting; keeps up to `max_count` and gives the rest back.
+async fn pop_now(
+    state: &Arc<ProxyState>,
+    owners: &BTreeSet<Owner>,
+    request: &PopRequest,
+    max_count: usize,
+) -> (Vec<Kept>, Vec<ClusterError>) {
+    let calls = owners.iter().map(|&owner| async move { (owner, state.brokers.call(owner, request).await) });
+    let mut kept = Vec::new();
+    let mut count = 0;
+    let mut failures = Vec::new();
+    for (owner, result) in futures::future::join_all(calls).await {
+        match result {
+            Ok(frame) => take(&mut kept, &mut count, max_count, owner, frame),
+            Err(e) => failures.push(e),
+        }
+    }
+    for k in &kept {
+        release_popped(state, &request.group, &k.frame, k.keep);
+    }
+    (kept, failures)
+}
+
+async fn long_poll(
     state: Arc<ProxyState>,
     owners: BTreeSet<Owner>,
     request: PopRequest,

@@ -77,6 +77,9 @@ struct WorkloadFlags {
     consumers: u32,
     #[arg(long, default_value_t = 1)]
     topics: u32,
+    /// Queues per topic on Sluice (0: one per consumer of the topic).
+    #[arg(long, default_value_t = 0)]
+    queues_per_topic: u32,
     #[arg(long, default_value_t = 20)]
     duration_secs: u64,
     #[arg(long, default_value_t = 3)]
@@ -165,6 +168,7 @@ async fn main_async(cli: Cli) -> Result<bool, BenchError> {
                 producers: w.producers,
                 consumers: w.consumers,
                 topics: w.topics,
+                queues_per_topic: w.queues_per_topic,
                 duration_secs: w.duration_secs,
                 warmup_secs: w.warmup_secs,
                 inflight_max: w.inflight_max,

@@ -35,6 +35,22 @@ fn queues(names: &RunNames, workload: &Workload, topic: usize) -> Vec<String> {
     (0..count).map(|q| format!("{}#{q}", names.topic(topic))).collect()
 }
 
+/// Each broker-direct consumer pops its own queue, so the topic has one queue per consumer.
+fn check_shape(spec: &TargetSpec, workload: &Workload) -> Result<(), BenchError> {
+    if workload.queues_per_topic != 0 && workload.queues_per_topic != workload.consumers_per_topic().max(1) {
+        return Err(BenchError::target(
+            &spec.label,
+            format!(
+                "workload {:?}: the broker-direct target gives each consumer one queue, so it needs \
+                 queues_per_topic = consumers per topic ({}); leave it out of this workload's targets",
+                workload.name,
+                workload.consumers_per_topic()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 async fn pool(spec: &TargetSpec) -> Result<Arc<BrokerPool>, BenchError> {
     let url = super::pingpong::transport_url(&spec.endpoint);
     let (scheme, address) = url.split_once("://").unwrap_or(("tcp", &url));
@@ -86,6 +102,7 @@ pub async fn open(
     names: &RunNames,
     level: DurabilityLevel,
 ) -> Result<Session, BenchError> {
+    check_shape(spec, workload)?;
     let admin = pool(spec).await?;
     let durability = broker_durability(&admin).await?;
     check_level(spec, &durability, level)?;

@@ -63,7 +63,7 @@ pub async fn open(
     let mut admin = AdminClient::new(admin_channel);
     let durability = proxy_durability(&mut admin).await?;
     check_level(spec, &durability, level)?;
-    let queue_count = workload.consumers_per_topic().max(1);
+    let queue_count = workload.queues_per_topic();
     let topics: Vec<String> = (0..workload.topics as usize).map(|t| names.topic(t)).collect();
     for topic in &topics {
         let request = admin::CreateTopicRequest {
