@@ -15,7 +15,7 @@ use futures::channel::oneshot;
 use glommio::io::ReadResult;
 use rustc_hash::FxHashMap as HashMap;
 
-use crate::commitlog::{batch_records, CommitLog, LogLimits, RecoveryReport, SealedBatch};
+use crate::commitlog::{batch_records, CommitLog, LogLimits, RecoveryReport, SealedBatch, READ_RANGES_MAX};
 use crate::config::{Durability, EngineConfig};
 use crate::control::{ControlOp, STATE_KEY_MAX_BYTES, STATE_VALUE_MAX_BYTES};
 use crate::error::{EngineError, Result};
@@ -615,38 +615,25 @@ impl Shard {
     }
 
     /// Reads the records of `entries` in order, as many as fit in about `max_bytes` (at least
-    /// one); records that sit back to back in the log are read with one I/O. Entries whose
+    /// one, at most `READ_RANGES_MAX`); records close together in the log share one I/O, and
+    /// the I/Os run at once (`CommitLog::read_ranges`). Entries whose
     /// record was deleted by retention must be left out by the caller (see `log_start`).
     pub async fn read_entries(&self, entries: &[QueueEntry], max_bytes: usize) -> Result<Vec<StoredRecord>> {
-        let mut records = Vec::with_capacity(entries.len());
+        let mut chosen = Vec::with_capacity(entries.len().min(READ_RANGES_MAX));
         let mut bytes_read = 0usize;
-        let mut pending = entries.iter().peekable();
-        while let Some(first) = pending.next() {
-            if !records.is_empty() && bytes_read + first.size_bytes as usize > max_bytes {
+        for entry in entries.iter().take(READ_RANGES_MAX) {
+            if !chosen.is_empty() && bytes_read + entry.size_bytes as usize > max_bytes {
                 break;
             }
-            // Coalesce records that sit back to back in the log into one read.
-            let mut run = vec![*first];
-            let mut run_bytes = first.size_bytes as usize;
-            while let Some(next) = pending.peek() {
-                let last = run.last().expect("run is not empty");
-                let contiguous = next.position == last.position + u64::from(last.size_bytes);
-                if !contiguous || bytes_read + run_bytes + next.size_bytes as usize > max_bytes {
-                    break;
-                }
-                run_bytes += next.size_bytes as usize;
-                run.push(*pending.next().expect("peeked"));
-            }
-            let bytes = self.log.read(first.position, run_bytes).await?;
-            let mut at = 0usize;
-            for entry in run {
-                let record = ReadResult::slice(&bytes, at, entry.size_bytes as usize)
-                    .ok_or(EngineError::PositionNotStored { position: entry.position })?;
-                self.verify_read(entry.position, &record)?;
-                at += entry.size_bytes as usize;
-                records.push(StoredRecord { offset: entry.offset, position: entry.position, bytes: record });
-            }
-            bytes_read += run_bytes;
+            bytes_read += entry.size_bytes as usize;
+            chosen.push(*entry);
+        }
+        let ranges: Vec<(u64, usize)> = chosen.iter().map(|e| (e.position, e.size_bytes as usize)).collect();
+        let reads = self.log.read_ranges(&ranges).await?;
+        let mut records = Vec::with_capacity(chosen.len());
+        for (entry, record) in chosen.into_iter().zip(reads) {
+            self.verify_read(entry.position, &record)?;
+            records.push(StoredRecord { offset: entry.offset, position: entry.position, bytes: record });
         }
         Ok(records)
     }

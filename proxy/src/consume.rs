@@ -474,16 +474,16 @@ pub async fn ack(this: &Messaging, request: AckMessageRequest) -> AckMessageResp
         let e = ProxyError::BadRequest("too many entries in one ack".into());
         return AckMessageResponse { status: Some(e.status()), entries: Vec::new() };
     }
+    let outcomes = ack_all(this, &group, &request.entries).await;
     let mut entries = Vec::with_capacity(request.entries.len());
-    for entry in &request.entries {
-        let outcome = ack_one(this, &group, &entry.receipt_handle).await;
+    for (entry, outcome) in request.entries.iter().zip(outcomes) {
         if outcome.is_ok() {
             Counters::add(&this.state.counters.acked, 1);
         }
         entries.push(AckMessageResultEntry {
             message_id: entry.message_id.clone(),
             receipt_handle: entry.receipt_handle.clone(),
-            status: Some(outcome.map_or_else(|e| e.status(), |()| ok_status())),
+            status: Some(outcome.err().unwrap_or_else(ok_status)),
         });
     }
     let overall = match entries.iter().map(|e| e.status.as_ref().map_or(0, |s| s.code)).collect::<Vec<_>>() {
@@ -494,21 +494,68 @@ pub async fn ack(this: &Messaging, request: AckMessageRequest) -> AckMessageResp
     AckMessageResponse { status: Some(overall), entries }
 }
 
-async fn ack_one(this: &Messaging, group: &str, handle_text: &str) -> Result<()> {
-    let handle = ClientHandle::decode(handle_text)?;
-    this.state.renewals.stop(handle_text);
-    let request =
-        AckRequest { queue: handle.queue.clone(), group: group.to_string(), receipts: vec![handle.receipt.clone()] };
-    let frame = this.state.brokers.call_for(&handle.queue, &request).await?;
-    let reply = frame.access::<AckResponse>()?;
-    match reply.statuses.first().map(|s| s.to_native()) {
-        Some(0) => Ok(()),
-        Some(code) => Err(ProxyError::Broker {
-            code,
-            message: "the broker refused this receipt handle: it expired, was acked already, or is forged".into(),
-        }),
-        None => Err(ProxyError::Broker { code: 0, message: "the broker sent no ack status".into() }),
+/// One entry's ack outcome: `Err` holds the status to answer.
+type AckOutcome = std::result::Result<(), Status>;
+
+/// Acks every entry with one broker call per queue (in chunks of a receive batch), all at once:
+/// a batch's ack costs one round trip, not one per message. Outcomes are in entry order.
+async fn ack_all(this: &Messaging, group: &str, entries: &[AckMessageEntry]) -> Vec<AckOutcome> {
+    let mut outcomes: Vec<AckOutcome> = Vec::with_capacity(entries.len());
+    let mut by_queue: HashMap<String, Vec<(usize, String)>> = HashMap::new();
+    for (i, entry) in entries.iter().enumerate() {
+        match ClientHandle::decode(&entry.receipt_handle) {
+            Ok(handle) => {
+                this.state.renewals.stop(&entry.receipt_handle);
+                by_queue.entry(handle.queue).or_default().push((i, handle.receipt));
+                outcomes.push(Ok(()));
+            }
+            Err(e) => outcomes.push(Err(e.status())),
+        }
     }
+    let chunk = this.state.settings.receive_batch_max.max(1) as usize;
+    let calls = by_queue.iter().flat_map(|(queue, receipts)| {
+        receipts.chunks(chunk).map(move |part| async move { (part, ack_on_broker(this, group, queue, part).await) })
+    });
+    for (part, result) in futures::future::join_all(calls).await {
+        for ((i, _), outcome) in part.iter().zip(result) {
+            outcomes[*i] = outcome;
+        }
+    }
+    outcomes
+}
+
+/// One broker ack call for receipts of one queue; one outcome per receipt.
+async fn ack_on_broker(this: &Messaging, group: &str, queue: &str, receipts: &[(usize, String)]) -> Vec<AckOutcome> {
+    let request = AckRequest {
+        queue: queue.to_string(),
+        group: group.to_string(),
+        receipts: receipts.iter().map(|(_, r)| r.clone()).collect(),
+    };
+    let codes: Result<Vec<u32>> = async {
+        let frame = this.state.brokers.call_for(queue, &request).await?;
+        let reply = frame.access::<AckResponse>()?;
+        Ok(reply.statuses.iter().map(|s| s.to_native()).collect())
+    }
+    .await;
+    let codes = match codes {
+        Ok(codes) if codes.len() == receipts.len() => codes,
+        Ok(_) => {
+            let e = ProxyError::Broker { code: 0, message: "the broker sent the wrong number of ack statuses".into() };
+            return vec![Err(e.status()); receipts.len()];
+        }
+        Err(e) => return vec![Err(e.status()); receipts.len()],
+    };
+    codes
+        .into_iter()
+        .map(|code| match code {
+            0 => Ok(()),
+            code => Err(ProxyError::Broker {
+                code,
+                message: "the broker refused this receipt handle: it expired, was acked already, or is forged".into(),
+            }
+            .status()),
+        })
+        .collect()
 }
 
 pub async fn change_invisible(this: &Messaging, request: ChangeInvisibleDurationRequest) -> Result<String> {

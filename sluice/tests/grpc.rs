@@ -193,6 +193,52 @@ async fn change_invisible_duration_extends_and_rotates_the_handle() {
     assert_eq!(accepted.code, OK, "ack with the new handle: {accepted:?}");
 }
 
+/// One AckMessage for a batch from several queues: the proxy acks per queue, and still answers
+/// each entry on its own, in request order (a forged handle or a second ack fails alone).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_ack_answers_every_entry_in_order() {
+    let local = Local::start().await;
+    create_topic(local.grpc, "batched", 4).await;
+    let mut client = messaging(local.grpc).await;
+    let batch: Vec<v2::Message> = (0..12).map(|i| message("batched", format!("m{i}").into_bytes())).collect();
+    send_ok(&mut client, batch).await;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + SECS(30);
+    while got.len() < 12 {
+        assert!(Instant::now() < deadline, "received {} of 12 within 30 s", got.len());
+        got.extend(receive(&mut client, "batched", "acks", 16, SECS(30), SECS(1)).await.messages);
+    }
+    let queues: std::collections::HashSet<i32> = got.iter().map(|m| system(m).queue_id).collect();
+    assert!(queues.len() > 1, "the batch spans several queues: {queues:?}");
+
+    let entry = |m: &v2::Message| v2::AckMessageEntry {
+        message_id: message_id(m),
+        receipt_handle: receipt_handle(m),
+        lite_topic: None,
+    };
+    let mut entries: Vec<v2::AckMessageEntry> = got.iter().map(entry).collect();
+    entries.insert(3, v2::AckMessageEntry { receipt_handle: random_text(40), ..entry(&got[0]) });
+    entries.push(entry(&got[5]));
+    let reply = client
+        .ack_message(v2::AckMessageRequest {
+            group: Some(resource("acks")),
+            topic: Some(resource("batched")),
+            entries: entries.clone(),
+        })
+        .await
+        .expect("AckMessage")
+        .into_inner();
+    assert_eq!(code(reply.status.as_ref()), v2::Code::MultipleResults as i32, "{:?}", reply.status);
+    assert_eq!(reply.entries.len(), entries.len());
+    for (i, (answer, asked)) in reply.entries.iter().zip(&entries).enumerate() {
+        assert_eq!(answer.receipt_handle, asked.receipt_handle, "entry {i} answers in request order");
+        let expected = if i == 3 || i == entries.len() - 1 { INVALID_RECEIPT_HANDLE } else { OK };
+        assert_eq!(code(answer.status.as_ref()), expected, "entry {i}: {:?}", answer.status);
+    }
+    let rest = receive(&mut client, "batched", "acks", 16, SECS(30), SECS(1)).await;
+    assert_eq!(rest.code(), MESSAGE_NOT_FOUND, "all twelve were acked: {rest:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_topic_is_topic_not_found() {
     let local = Local::start().await;

@@ -18,8 +18,9 @@ pub mod sluice_grpc;
 
 /// Longest a consumer's receive waits for a message before returning empty.
 pub const RECEIVE_WAIT_MS: u64 = 1000;
-/// Most messages one receive asks for.
-pub const RECEIVE_BATCH_MAX: u32 = 64;
+/// Most messages one receive asks for, the same for every target: 32 is what the proxy hands
+/// out per receive by default (`receive_batch_max`), as RocketMQ's clients ask for.
+pub const RECEIVE_BATCH_MAX: u32 = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

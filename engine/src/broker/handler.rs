@@ -99,6 +99,12 @@ impl ShardHandler {
         key: ReceiptKey,
         limits: BrokerLimits,
     ) -> Result<ShardHandler> {
+        // A pop or read reads all its records in one `read_ranges` call.
+        assert!(
+            limits.pop_records_max as usize <= crate::commitlog::READ_RANGES_MAX
+                && limits.read_records_max as usize <= crate::commitlog::READ_RANGES_MAX,
+            "pop_records_max and read_records_max must not exceed READ_RANGES_MAX"
+        );
         let configs = QueueConfigs::load(&shard, limits.queue_configs_max).await?;
         let mut scheduler = Scheduler::default();
         for (name, _) in configs.range_from("", "") {

@@ -198,7 +198,7 @@ impl ShardHandler {
         }
         let floor = still.iter().map(|h| h.due_ms).max().unwrap_or(0);
         let dispatched = self.dispatch_into_queues(still).await?;
-        Counters::add(&self.counters.timers_dispatched, dispatched as u64);
+        Counters::add(&self.counters.timers_dispatched, dispatched.len() as u64);
         self.timers.floor_ms.set(self.timers.floor_ms.get().max(floor));
         Ok(0)
     }
@@ -209,8 +209,8 @@ impl ShardHandler {
     }
 
     /// Moves held messages into their queues; drops those whose record retention deleted or
-    /// whose queue no longer exists. Returns how many were dispatched.
-    async fn dispatch_into_queues(&self, held: Vec<HeldMessage>) -> Result<usize> {
+    /// whose queue no longer exists. Returns the offsets of those dispatched (in order).
+    async fn dispatch_into_queues(&self, held: Vec<HeldMessage>) -> Result<Vec<crate::shard::AppendAck>> {
         let log_start = self.shard.log_start();
         let (live, lost): (Vec<HeldMessage>, Vec<HeldMessage>) = held
             .into_iter()
@@ -221,13 +221,13 @@ impl ShardHandler {
             Counters::add(&self.counters.held_lost, 1);
         }
         if live.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        self.shard.dispatch_held(&live).await?;
+        let acks = self.shard.dispatch_held(&live).await?;
         for queue in live.iter().flat_map(|h| h.queues.iter()).collect::<std::collections::HashSet<_>>() {
             self.queue_grew(queue);
         }
-        Ok(live.len())
+        Ok(acks)
     }
 
     pub(super) async fn recall(&self, request: &Frame) -> Result<RecallResponse> {
@@ -261,11 +261,9 @@ impl ShardHandler {
             Counters::add(&self.counters.transactions_rolled_back, 1);
             return Ok(EndTransactionResponse { offset: None });
         }
-        let first_queue = held.queues[0].clone();
-        self.dispatch_into_queues(vec![held]).await?;
+        let dispatched = self.dispatch_into_queues(vec![held]).await?;
         Counters::add(&self.counters.transactions_committed, 1);
-        let offset = self.shard.queue_info(&first_queue).map(|q| q.max_offset.saturating_sub(1));
-        Ok(EndTransactionResponse { offset })
+        Ok(EndTransactionResponse { offset: dispatched.first().and_then(|a| a.offsets.first().copied()) })
     }
 
     /// Hands out half messages due for a check, waiting up to the request's long poll for one.
