@@ -528,44 +528,44 @@ impl ShardHandler {
     pub(super) fn ack(&self, request: &Frame) -> Result<AckResponse> {
         let ack = request.access::<AckRequest>()?;
         let (queue, group) = (ack.queue.as_str(), ack.group.as_str());
-        self.check_queue(queue)?;
-        Self::check_group(group)?;
-        self.check_receipt_count(ack.receipts.len())?;
-        let now = now_ms();
-        let statuses = ack
-            .receipts
-            .iter()
-            .map(|receipt| {
-                let acked = self
-                    .on_lease(queue, group, receipt.as_str(), |gq, lease| gq.ack(lease.offset, lease.lease_id, now));
-                status_of(acked.map(|floor_moved| {
-                    if floor_moved {
-                        self.dirty_offsets.borrow_mut().insert((group.into(), queue.into()));
-                    }
-                    Counters::add(&self.counters.acked, 1);
-                }))
-            })
-            .collect();
+        let statuses = self.settle(queue, group, ack.receipts.iter().map(|r| r.as_str()), |gq, lease, now| {
+            let floor_moved = gq.ack(lease.offset, lease.lease_id, now)?;
+            if floor_moved {
+                self.dirty_offsets.borrow_mut().insert((group.into(), queue.into()));
+            }
+            Counters::add(&self.counters.acked, 1);
+            Ok(())
+        })?;
         Ok(AckResponse { statuses })
     }
 
     pub(super) fn release(&self, request: &Frame) -> Result<ReleaseResponse> {
         let release = request.access::<ReleaseRequest>()?;
         let (queue, group) = (release.queue.as_str(), release.group.as_str());
+        let statuses = self.settle(queue, group, release.receipts.iter().map(|r| r.as_str()), |gq, lease, now| {
+            gq.release(lease.offset, lease.lease_id, now)?;
+            Counters::add(&self.counters.released, 1);
+            Ok(())
+        })?;
+        Ok(ReleaseResponse { statuses })
+    }
+
+    /// Applies `settle` to the lease of each receipt (an ack or a release); one status per
+    /// receipt, in order.
+    fn settle<'a>(
+        &self,
+        queue: &str,
+        group: &str,
+        receipts: impl ExactSizeIterator<Item = &'a str>,
+        settle: impl Fn(&mut GroupQueue, crate::broker::pop::Lease, u64) -> std::result::Result<(), LeaseError>,
+    ) -> Result<Vec<u32>> {
         self.check_queue(queue)?;
         Self::check_group(group)?;
-        self.check_receipt_count(release.receipts.len())?;
+        self.check_receipt_count(receipts.len())?;
         let now = now_ms();
-        let statuses = release
-            .receipts
-            .iter()
-            .map(|receipt| {
-                let released =
-                    self.on_lease(queue, group, receipt.as_str(), |gq, l| gq.release(l.offset, l.lease_id, now));
-                status_of(released.map(|()| Counters::add(&self.counters.released, 1)))
-            })
-            .collect();
-        Ok(ReleaseResponse { statuses })
+        Ok(receipts
+            .map(|receipt| status_of(self.on_lease(queue, group, receipt, |gq, l| settle(gq, l, now))))
+            .collect())
     }
 
     fn check_receipt_count(&self, count: usize) -> Result<()> {
