@@ -39,6 +39,7 @@ const logger = {
 
 let server;
 let endpoint;
+let dataDir;
 
 function unique(prefix) {
   return `${prefix}_${crypto.randomBytes(5).toString('hex')}`;
@@ -49,7 +50,9 @@ function sluice(...args) {
 }
 
 before(async () => {
-  const data = fs.mkdtempSync(path.join(os.tmpdir(), 'sluice-node-data-'));
+  // The broker preallocates its segments (GiBs): the directory goes when the tests end.
+  dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'sluice-node-data-'));
+  const data = dataDir;
   const stderr = fs.openSync(path.join(ARTIFACTS, 'sluice-local.stderr.log'), 'a');
   server = spawn(SLUICE, ['--json', 'local', '--data-dir', data, '--grpc', '127.0.0.1:0', '--http', '127.0.0.1:0'],
     { stdio: ['ignore', 'pipe', stderr] });
@@ -68,9 +71,14 @@ before(async () => {
   });
 });
 
-after(() => {
+after(async () => {
   if (server && server.exitCode === null) {
+    const exited = new Promise(resolve => server.once('exit', resolve));
     server.kill('SIGTERM');
+    await exited;
+  }
+  if (dataDir) {
+    fs.rmSync(dataDir, { recursive: true, force: true });
   }
 });
 

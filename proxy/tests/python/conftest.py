@@ -13,6 +13,7 @@ import atexit
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -261,6 +262,8 @@ def sluice(tmp_path_factory, artifact_dir):
     finally:
         _server = None
         server.stop()
+        # The broker preallocates its segments (GiBs); pytest would keep three runs of them.
+        shutil.rmtree(server.data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
