@@ -619,6 +619,13 @@ impl Shard {
     /// the I/Os run at once (`CommitLog::read_ranges`). Entries whose
     /// record was deleted by retention must be left out by the caller (see `log_start`).
     pub async fn read_entries(&self, entries: &[QueueEntry], max_bytes: usize) -> Result<Vec<StoredRecord>> {
+        self.read_each(entries, max_bytes).await?.into_iter().collect()
+    }
+
+    /// Like `read_entries`, but a record that fails verification is an error of its own
+    /// (the others still come back), so one damaged record cannot stop a queue's delivery.
+    /// The outer error is the read itself failing.
+    pub async fn read_each(&self, entries: &[QueueEntry], max_bytes: usize) -> Result<Vec<Result<StoredRecord>>> {
         let mut chosen = Vec::with_capacity(entries.len().min(READ_RANGES_MAX));
         let mut bytes_read = 0usize;
         for entry in entries.iter().take(READ_RANGES_MAX) {
@@ -630,11 +637,14 @@ impl Shard {
         }
         let ranges: Vec<(u64, usize)> = chosen.iter().map(|e| (e.position, e.size_bytes as usize)).collect();
         let reads = self.log.read_ranges(&ranges).await?;
-        let mut records = Vec::with_capacity(chosen.len());
-        for (entry, record) in chosen.into_iter().zip(reads) {
-            self.verify_read(entry.position, &record)?;
-            records.push(StoredRecord { offset: entry.offset, position: entry.position, bytes: record });
-        }
+        let records = chosen
+            .into_iter()
+            .zip(reads)
+            .map(|(entry, record)| {
+                self.verify_read(entry.position, &record)?;
+                Ok(StoredRecord { offset: entry.offset, position: entry.position, bytes: record })
+            })
+            .collect();
         Ok(records)
     }
 

@@ -514,3 +514,57 @@ async fn delay_timers_and_half_messages_survive_a_broker_sigkill() {
     assert!(SystemTime::now() >= due, "delivered before its time");
     assert_eq!(delayed.iter().map(body_text).collect::<Vec<_>>(), vec!["after the crash"]);
 }
+
+/// Every CommitLog segment file under `dir` (named by its 20-digit base position; RocksDB's
+/// files are not).
+fn segment_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read data dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            segment_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "log")
+            && path.file_stem().and_then(|s| s.to_str()).is_some_and(|s| s.len() == 20)
+        {
+            out.push(path);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_record_is_skipped_and_its_queue_still_delivers() {
+    let local = Local::start().await;
+    create_topic(local.grpc, "hurt", 2).await;
+    let mut client = messaging(local.grpc).await;
+    let marker = "damage-me-0123456789abcdef";
+    let mut bodies: Vec<String> = (0..30).map(|i| format!("fine-{i:02}")).collect();
+    bodies.insert(10, marker.to_string());
+    for body in &bodies {
+        send_ok(&mut client, vec![message("hurt", body.clone().into_bytes())]).await;
+    }
+    let local = local
+        .stop_and_restart(|data| {
+            let mut files = Vec::new();
+            segment_files(data, &mut files);
+            let mut flipped = 0;
+            for file in files {
+                let mut bytes = std::fs::read(&file).expect("read segment");
+                if let Some(at) = bytes.windows(marker.len()).position(|w| w == marker.as_bytes()) {
+                    bytes[at + 3] ^= 0x20;
+                    std::fs::write(&file, bytes).expect("write segment");
+                    flipped += 1;
+                }
+            }
+            assert_eq!(flipped, 1, "the marked record is stored once");
+        })
+        .await;
+    let mut client = messaging(local.grpc).await;
+    // A group that starts now gets every other message, from both queues, in spite of it.
+    let got = drain_all(&mut client, "hurt", "g", bodies.len() - 1, SECS(20)).await;
+    let mut got: Vec<String> = got.iter().map(body_text).collect();
+    got.sort();
+    let want: Vec<String> = bodies.iter().filter(|b| *b != marker).cloned().collect();
+    assert_eq!(got, want);
+    let r = receive(&mut client, "hurt", "g", 8, SECS(30), SECS(1)).await;
+    assert_eq!(r.code(), MESSAGE_NOT_FOUND, "the damaged record is never delivered: {:?}", r.messages);
+    assert_eq!(broker_counters(local.grpc).await.get("damaged_records_skipped"), Some(&1));
+}

@@ -24,8 +24,18 @@ use crate::shard::StoredRecord;
 /// A lease granted by this pop and its record.
 struct Popped {
     queue: Rc<str>,
+    index: u32,
     delivery: Delivery,
     record: StoredRecord,
+}
+
+/// Why a scan consumed offsets without leasing them.
+#[derive(Default)]
+struct Skipped {
+    filtered: u64,
+    damaged: u64,
+    /// Retention deleted the record first (a delay message dispatched late in the log's life).
+    gone: u64,
 }
 
 /// What one pop asks for.
@@ -121,7 +131,7 @@ impl ShardHandler {
             let (popped, progressed) = self.pop_once(&ask, only).await?;
             let now = now_ms();
             if !popped.is_empty() || now >= wait_until_ms || self.closing.get() || self.poll_cancelled(poll_id) {
-                return self.pop_reply(request.request_id(), group, popped);
+                return self.pop_reply(request.request_id(), &ask, popped);
             }
             if progressed {
                 // Scanned past messages without leasing any (filtered out, or waiting behind
@@ -154,7 +164,8 @@ impl ShardHandler {
         Ok(PopCancelResponse { cancelled: waiting.is_some() })
     }
 
-    fn pop_reply(&self, id: u64, group: &str, popped: Vec<Popped>) -> Result<OutFrame> {
+    fn pop_reply(&self, id: u64, ask: &PopAsk<'_>, popped: Vec<Popped>) -> Result<OutFrame> {
+        let group = ask.group;
         let receipts: Vec<String> = popped.iter().map(|p| self.key.issue(&p.queue, group, &p.delivery.lease)).collect();
         let reply = PopResponse {
             messages: popped
@@ -169,26 +180,40 @@ impl ShardHandler {
                 })
                 .collect(),
         };
-        OutFrame::encode(id, &reply, self.limits.max_frame_bytes).map_err(Self::unencodable)
+        OutFrame::encode(id, &reply, self.limits.max_frame_bytes).map_err(|e| {
+            // Leased but never handed out: given back rather than hidden for the invisible time.
+            for p in &popped {
+                self.give_back(ask, p.index, std::slice::from_ref(&p.delivery));
+            }
+            Self::unencodable(e)
+        })
     }
 
     /// The group's state on the topic, with every local queue's position loaded (from its
     /// committed offset, or the queue's first message for a new group), and its filter and
     /// policy as this pop states them.
     async fn ensure_group(&self, group: &str, topic: &str, filter: &FilterSpec, policy: &GroupPolicy) -> Result<()> {
-        let missing: Vec<(u32, Rc<str>)> = {
+        let (missing, switched): (Vec<(u32, Rc<str>)>, Vec<u32>) = {
             let mut scheduler = self.scheduler.borrow_mut();
+            if let Err(e) = scheduler.group_entry(group, topic).set_filter(filter) {
+                scheduler.forget_if_empty(group, topic);
+                return Err(e.into());
+            }
             let gt = scheduler.group_entry(group, topic);
-            gt.set_filter(filter)?;
-            gt.set_policy(policy);
             let known: Vec<u32> = gt.queues.keys().copied().collect();
-            match scheduler.topic_queues(topic) {
+            // A FIFO switch frees or holds message groups: every queue's readiness is recomputed.
+            let switched = if gt.set_policy(policy) { known.clone() } else { Vec::new() };
+            let missing = match scheduler.topic_queues(topic) {
                 Some(queues) => {
                     queues.iter().filter(|(i, _)| !known.contains(i)).map(|(i, q)| (*i, q.clone())).collect()
                 }
                 None => Vec::new(),
-            }
+            };
+            (missing, switched)
         };
+        for index in switched {
+            self.refresh(group, topic, index);
+        }
         for (index, queue) in missing {
             let committed = self.load_offset(group, &queue).await?;
             // A new group starts at the oldest retained message: nothing sent before it is skipped.
@@ -202,6 +227,7 @@ impl ShardHandler {
                 self.limits.group_queues_max,
             );
             if !inserted {
+                self.scheduler.borrow_mut().forget_if_empty(group, topic);
                 return Err(BrokerError::TooManyGroups { max: self.limits.group_queues_max });
             }
             self.refresh(group, topic, index);
@@ -248,6 +274,7 @@ impl ShardHandler {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut progressed = false;
+        let mut failure = None;
         for index in order {
             let full = out.len() >= ask.max_count || bytes >= ask.max_bytes;
             if full {
@@ -261,7 +288,16 @@ impl ShardHandler {
             if let Some(gt) = self.scheduler.borrow_mut().group_mut(ask.group, ask.topic) {
                 gt.served(index);
             }
-            let (got, scanned) = got?;
+            // One queue failing (a read error) costs only its own messages: what the others
+            // leased still goes out. The pop fails only when it has nothing else to give.
+            let (got, scanned) = match got {
+                Ok(got) => got,
+                Err(e) => {
+                    tracing::warn!(error = %e, queue = &*queue, group = ask.group, "a queue failed during a pop; the others still deliver");
+                    failure.get_or_insert(e);
+                    continue;
+                }
+            };
             progressed |= scanned;
             bytes += got.iter().map(|p| p.record.bytes().len()).sum::<usize>();
             out.extend(got);
@@ -269,7 +305,10 @@ impl ShardHandler {
                 self.hand_off(ask.group, ask.topic);
             }
         }
-        Ok((out, progressed))
+        match failure {
+            Some(e) if out.is_empty() => Err(e),
+            _ => Ok((out, progressed)),
+        }
     }
 
     /// What one queue gives: leases due again, freed FIFO groups, then new messages.
@@ -341,16 +380,43 @@ impl ShardHandler {
         let log_start = self.shard.log_start();
         let (stored, gone): (Vec<Delivery>, Vec<Delivery>) =
             deliveries.into_iter().partition(|d| d.entry.position >= log_start);
+        Counters::add(&self.counters.gone_unread, gone.len() as u64);
         for d in gone {
             self.consume_without_delivery(ask.group, ask.topic, index, d.lease.offset);
         }
         let entries: Vec<QueueEntry> = stored.iter().map(|d| d.entry).collect();
-        let records = self.shard.read_entries(&entries, usize::MAX).await?;
-        Ok(stored
-            .into_iter()
-            .zip(records)
-            .map(|(delivery, record)| Popped { queue: queue.clone(), delivery, record })
-            .collect())
+        let records = match self.shard.read_each(&entries, usize::MAX).await {
+            Ok(records) => records,
+            Err(e) => {
+                // Leased but never handed out: given back, deliverable at once, attempt kept.
+                self.give_back(ask, index, &stored);
+                return Err(e.into());
+            }
+        };
+        let mut out = Vec::with_capacity(stored.len());
+        for (delivery, record) in stored.into_iter().zip(records) {
+            match record {
+                Ok(record) => out.push(Popped { queue: queue.clone(), index, delivery, record }),
+                Err(e) => {
+                    log_damaged(queue, &delivery.entry, &e);
+                    Counters::add(&self.counters.damaged_skipped, 1);
+                    self.consume_without_delivery(ask.group, ask.topic, index, delivery.lease.offset);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn give_back(&self, ask: &PopAsk<'_>, index: u32, deliveries: &[Delivery]) {
+        let now = now_ms();
+        let mut scheduler = self.scheduler.borrow_mut();
+        let Some(gq) = scheduler.group_mut(ask.group, ask.topic).and_then(|gt| gt.queues.get_mut(&index)) else {
+            return;
+        };
+        for d in deliveries {
+            // Fails only if the lease is no longer this delivery's: nothing to give back then.
+            let _ = gq.release(d.lease.offset, d.lease.lease_id, now);
+        }
     }
 
     /// Reads the queue index ahead of the group's position, reads the records the filter may
@@ -400,18 +466,27 @@ impl ShardHandler {
         let mut candidate_bytes = 0usize;
         let mut decided_end = end;
         for e in entries.iter().filter(|e| e.position >= log_start && filter.may_pass(e.tag_hash)) {
-            if candidates.len() >= room || (!candidates.is_empty() && candidate_bytes >= bytes_room) {
+            let over_budget = candidate_bytes + e.size_bytes as usize > bytes_room;
+            if candidates.len() >= room || (!candidates.is_empty() && over_budget) {
                 decided_end = e.offset;
                 break;
             }
             candidate_bytes += e.size_bytes as usize;
             candidates.push(*e);
         }
-        let records = self.shard.read_entries(&candidates, usize::MAX).await?;
+        let records = self.shard.read_each(&candidates, usize::MAX).await?;
         let mut passed: std::collections::HashMap<u64, StoredRecord> = std::collections::HashMap::new();
-        for record in records {
-            if !filter.needs_record() || filter.matches(&record.view()) {
-                passed.insert(record.offset, record);
+        let mut damaged = std::collections::HashSet::new();
+        for (entry, record) in candidates.iter().zip(records) {
+            match record {
+                Ok(record) if !filter.needs_record() || filter.matches(&record.view()) => {
+                    passed.insert(record.offset, record);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    damaged.insert(entry.offset);
+                    log_damaged(queue, entry, &e);
+                }
             }
         }
         let decided: Vec<QueueEntry> = entries.into_iter().filter(|e| e.offset < decided_end).collect();
@@ -423,20 +498,33 @@ impl ShardHandler {
             let leased =
                 gq.scan(&decided, |e| passed.contains_key(&e.offset), room, ask.terms(now), limits, || self.lease_id());
             let scanned = decided.iter().filter(|e| e.offset >= next_before && e.offset < gq.next());
-            let refused = scanned.filter(|e| !passed.contains_key(&e.offset)).count();
-            (leased, refused, gq.floor() != floor_before, gq.next() > next_before)
+            let mut skipped = Skipped::default();
+            for e in scanned.filter(|e| !passed.contains_key(&e.offset)) {
+                if damaged.contains(&e.offset) {
+                    skipped.damaged += 1;
+                } else if e.position < log_start {
+                    skipped.gone += 1;
+                } else {
+                    skipped.filtered += 1;
+                }
+            }
+            (leased, skipped, gq.floor() != floor_before, gq.next() > next_before)
         });
-        let Some((leased, refused, floor_moved, scanned_any)) = leased else { return Ok((Vec::new(), false)) };
+        let Some((leased, skipped, floor_moved, scanned_any)) = leased else {
+            return Ok((Vec::new(), false));
+        };
         if floor_moved {
             self.mark_dirty(ask.group, ask.topic, index);
         }
         Counters::add(&self.counters.popped, leased.len() as u64);
-        Counters::add(&self.counters.filtered, refused as u64);
+        Counters::add(&self.counters.filtered, skipped.filtered);
+        Counters::add(&self.counters.damaged_skipped, skipped.damaged);
+        Counters::add(&self.counters.gone_unread, skipped.gone);
         let popped = leased
             .into_iter()
             .filter_map(|delivery| {
                 let record = passed.remove(&delivery.lease.offset)?;
-                Some(Popped { queue: queue.clone(), delivery, record })
+                Some(Popped { queue: queue.clone(), index, delivery, record })
             })
             .collect();
         Ok((popped, scanned_any))
@@ -689,4 +777,10 @@ impl Drop for PollGuard<'_> {
             self.handler.polls.borrow_mut().remove(&self.poll_id);
         }
     }
+}
+
+/// A record that fails verification is never delivered: it is consumed (counted as
+/// `damaged_records_skipped`) and logged with its position, so it cannot stop its queue.
+fn log_damaged(queue: &str, entry: &QueueEntry, error: &crate::error::EngineError) {
+    tracing::error!(queue, offset = entry.offset, position = entry.position, %error, "a damaged record is skipped, never delivered");
 }

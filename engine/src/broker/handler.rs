@@ -64,6 +64,10 @@ pub(super) struct Counters {
     pub acked: Cell<u64>,
     pub released: Cell<u64>,
     pub filtered: Cell<u64>,
+    /// Records that failed verification on the delivery path: consumed, never delivered.
+    pub damaged_skipped: Cell<u64>,
+    /// Index entries whose record retention deleted before the group read it.
+    pub gone_unread: Cell<u64>,
     pub receipts_refused: Cell<u64>,
     pub long_polls: Cell<u64>,
     pub polls_cancelled: Cell<u64>,
@@ -479,6 +483,8 @@ impl ShardHandler {
             ("messages_acked".to_string(), c.acked.get()),
             ("messages_released".to_string(), c.released.get()),
             ("messages_filtered".to_string(), c.filtered.get()),
+            ("damaged_records_skipped".to_string(), c.damaged_skipped.get()),
+            ("records_gone_unread".to_string(), c.gone_unread.get()),
             ("receipts_refused".to_string(), c.receipts_refused.get()),
             ("long_poll_waits".to_string(), c.long_polls.get()),
             ("polls_cancelled".to_string(), c.polls_cancelled.get()),

@@ -98,6 +98,10 @@ pub struct GroupQueue {
     /// FIFO: (offset, group) of each group's first waiting message once its group is free.
     ready_heads: BTreeSet<(u64, u64)>,
     fifo: bool,
+    /// FIFO was switched on while a message group held several leases: how many of those
+    /// leases `blocked` does not record. While non-zero, settling a group's recorded lease
+    /// looks for another of its leases before the group moves on.
+    unrecorded_leases: usize,
     /// Bumped by `reset`, so a pop that read before a reset does not deliver after it.
     epoch: u64,
     /// A pop is reading entries to scan; others leave the scan to it.
@@ -116,6 +120,7 @@ impl GroupQueue {
             waiting_offsets: BTreeSet::new(),
             ready_heads: BTreeSet::new(),
             fifo: false,
+            unrecorded_leases: 0,
             epoch: 0,
             scanning: false,
         }
@@ -146,13 +151,33 @@ impl GroupQueue {
     }
 
     /// Switches FIFO on or off (the group's policy, sent with each pop). Off frees every
-    /// waiting group's head at once; waiting messages still go out in order.
+    /// waiting group's head at once, and each delivered head frees the next: waiting messages
+    /// drain in order. On records each group's leases, so no group gets another message until
+    /// all it had leased before the switch are settled.
     pub fn set_fifo(&mut self, fifo: bool) {
         if self.fifo && !fifo {
             let heads: Vec<(u64, u64)> =
                 self.waiting.iter().filter_map(|(g, q)| q.front().map(|e| (e.offset, *g))).collect();
             self.ready_heads.extend(heads);
             self.blocked.clear();
+            self.unrecorded_leases = 0;
+        } else if !self.fifo && fifo {
+            self.blocked.clear();
+            self.unrecorded_leases = 0;
+            for (&offset, leased) in &self.leases {
+                let group = leased.entry.group_hash;
+                if group == 0 {
+                    continue;
+                }
+                match self.blocked.entry(group) {
+                    std::collections::hash_map::Entry::Occupied(_) => self.unrecorded_leases += 1,
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(offset);
+                    }
+                }
+            }
+            let blocked = &self.blocked;
+            self.ready_heads.retain(|(_, group)| !blocked.contains_key(group));
         }
         self.fifo = fifo;
     }
@@ -214,6 +239,12 @@ impl GroupQueue {
             self.waiting.remove(&group);
         }
         self.waiting_offsets.remove(&offset);
+        if !self.fifo {
+            // FIFO was switched off: the group's next waiting message may go too.
+            if let Some(next) = self.waiting.get(&group).and_then(VecDeque::front) {
+                self.ready_heads.insert((next.offset, group));
+            }
+        }
         Some(self.lease_new(entry, terms, lease_id))
     }
 
@@ -396,10 +427,25 @@ impl GroupQueue {
             let group = leased.entry.group_hash;
             if self.blocked.get(&group) == Some(&offset) {
                 self.blocked.remove(&group);
+                self.block_on_unrecorded(group);
                 self.free_group(group);
+            } else if self.fifo && group != 0 && self.unrecorded_leases > 0 {
+                self.unrecorded_leases -= 1;
             }
         }
         debug_assert_eq!(self.leases.len(), self.by_retry.len());
+    }
+
+    /// After FIFO was switched on: records another lease the group still holds, if any.
+    fn block_on_unrecorded(&mut self, group: u64) {
+        if self.unrecorded_leases == 0 {
+            return;
+        }
+        let other = self.leases.iter().find(|(_, l)| l.entry.group_hash == group).map(|(o, _)| *o);
+        if let Some(other) = other {
+            self.blocked.insert(group, other);
+            self.unrecorded_leases -= 1;
+        }
     }
 
     /// A group's leased message is gone: its first waiting message may go out.
@@ -561,6 +607,40 @@ mod tests {
     }
 
     #[test]
+    fn switching_fifo_off_drains_every_waiting_message_in_order() {
+        let mut q = GroupQueue::new(0);
+        q.set_fifo(true);
+        let got = scan_all(&mut q, &(0..4).map(|o| entry(o, 7)).collect::<Vec<_>>(), 0);
+        assert_eq!((got.len(), q.waiting()), (1, 3));
+        q.set_fifo(false);
+        let mut delivered = Vec::new();
+        let mut id = 100;
+        while let Some(&head) = q.ready_heads(1).first() {
+            id += 1;
+            delivered.push(q.deliver_head(head, terms(1), id).unwrap().lease);
+        }
+        assert_eq!(delivered.iter().map(|l| l.offset).collect::<Vec<_>>(), vec![1, 2, 3]);
+        q.ack(0, got[0].lease.lease_id, 2).unwrap();
+        for l in delivered {
+            q.ack(l.offset, l.lease_id, 2).unwrap();
+        }
+        assert_eq!((q.floor(), q.leased(), q.waiting()), (4, 0, 0));
+    }
+
+    #[test]
+    fn switching_fifo_on_holds_a_group_until_all_its_earlier_leases_settle() {
+        let mut q = GroupQueue::new(0);
+        let got = scan_all(&mut q, &[entry(0, 7), entry(1, 7)], 0);
+        q.set_fifo(true);
+        let more = scan_all(&mut q, &[entry(2, 7)], 1);
+        assert!(more.is_empty(), "group 7 still has 0 and 1 leased");
+        q.ack(0, got[0].lease.lease_id, 2).unwrap();
+        assert!(q.ready_heads(10).is_empty(), "1 is still leased");
+        q.ack(1, got[1].lease.lease_id, 2).unwrap();
+        assert_eq!(q.ready_heads(10), vec![2]);
+    }
+
+    #[test]
     fn reset_bumps_the_epoch_and_keeps_the_mode() {
         let mut q = GroupQueue::new(0);
         q.set_fifo(true);
@@ -581,13 +661,21 @@ mod tests {
     }
 
     proptest! {
-        /// Random scans, acks, expiries, renewals and releases keep the invariants: the floor
-        /// is the lowest unconsumed offset, every offset is consumed at most once, a FIFO group
-        /// never has two leases, and each group's messages are first delivered in order.
+        /// Random scans, acks, expiries, renewals, releases and FIFO switches keep the
+        /// invariants: the floor is the lowest unconsumed offset, every offset is consumed at
+        /// most once, no waiting message is stranded, a FIFO group never has two leases (but
+        /// for those it held when FIFO was switched on), and without switches each group's
+        /// messages are first delivered in order.
         #[test]
-        fn invariants_hold(ops in proptest::collection::vec((0u8..6, 0u64..32, 1u64..50), 1..300), fifo in any::<bool>()) {
+        fn invariants_hold(
+            ops in proptest::collection::vec((0u8..7, 0u64..32, 1u64..50), 1..300),
+            fifo in any::<bool>(),
+            switches in any::<bool>(),
+        ) {
             let mut q = GroupQueue::new(0);
             q.set_fifo(fifo);
+            let mut fifo = fifo;
+            let mut held_at_switch = std::collections::BTreeSet::new();
             let limits = QueueLimits { leases_max: 8, waiting_max: 6 };
             let mut now = 0u64;
             let mut next_id = 1u64;
@@ -632,12 +720,25 @@ mod tests {
                             let _ = q.release(l.offset, l.lease_id, now);
                         }
                     }
-                    _ => {
+                    5 => {
                         if let Some(l) = q.leases.values().next().map(|l| l.lease) {
                             next_id += 1;
                             let _ = q.extend(l.offset, l.lease_id, t, next_id);
                         }
                     }
+                    _ => {
+                        if switches {
+                            fifo = !fifo;
+                            q.set_fifo(fifo);
+                            held_at_switch = q.leases.keys().copied().collect();
+                        }
+                    }
+                }
+                for (group, waiting) in &q.waiting {
+                    let head = waiting.front().map(|e| e.offset);
+                    prop_assert!(head.is_some(), "group {} waits with nothing", group);
+                    let freed = head.is_some_and(|h| q.ready_heads.contains(&(h, *group)));
+                    prop_assert!(freed || (fifo && q.blocked.contains_key(group)), "group {} stranded", group);
                 }
                 let lowest = q.leases.keys().chain(q.waiting_offsets.iter()).min().copied().unwrap_or(q.next());
                 prop_assert_eq!(q.floor(), lowest);
@@ -646,10 +747,15 @@ mod tests {
                 }
                 prop_assert_eq!(q.leases.len(), q.by_retry.len());
                 if fifo {
-                    let mut groups = std::collections::HashSet::new();
-                    for l in q.leases.values() {
-                        prop_assert!(groups.insert(group_of(l.lease.offset)), "two leases in one FIFO group");
+                    for g in 1..=3 {
+                        let held: Vec<u64> = q.leases.keys().copied().filter(|o| group_of(*o) == g).collect();
+                        prop_assert!(
+                            held.len() <= 1 || held.iter().all(|o| held_at_switch.contains(o)),
+                            "two leases in FIFO group {}: {:?}", g, held
+                        );
                     }
+                }
+                if fifo && !switches {
                     for g in 1..=3 {
                         let order: Vec<u64> = first_delivered.iter().copied().filter(|o| group_of(*o) == g).collect();
                         prop_assert!(order.windows(2).all(|w| w[0] < w[1]), "group {} out of order: {:?}", g, order);

@@ -122,13 +122,17 @@ impl GroupTopic {
         Ok(())
     }
 
-    pub fn set_policy(&mut self, policy: &GroupPolicy) {
-        if self.policy != *policy {
-            for gq in self.queues.values_mut() {
-                gq.set_fifo(policy.fifo);
-            }
-            self.policy = policy.clone();
+    /// Takes the policy a pop states; true when FIFO was switched (readiness may change).
+    pub fn set_policy(&mut self, policy: &GroupPolicy) -> bool {
+        if self.policy == *policy {
+            return false;
         }
+        let switched = self.policy.fifo != policy.fifo;
+        for gq in self.queues.values_mut() {
+            gq.set_fifo(policy.fifo);
+        }
+        self.policy = policy.clone();
+        switched
     }
 
     /// Leases held across the topic's queues.
@@ -219,6 +223,21 @@ impl Scheduler {
         self.groups.entry(key).or_insert_with(GroupTopic::new)
     }
 
+    /// Forgets a group's state on a topic that holds no queue state (a group refused for want
+    /// of room), so refused groups leave nothing behind.
+    pub fn forget_if_empty(&mut self, group: &str, topic: &str) {
+        let key: GroupKey = (group.into(), topic.into());
+        if self.groups.get(&key).is_some_and(|gt| gt.queues.is_empty()) {
+            self.groups.remove(&key);
+            if let Some(groups) = self.consumers.get_mut(&key.1) {
+                groups.remove(&key.0);
+                if groups.is_empty() {
+                    self.consumers.remove(&key.1);
+                }
+            }
+        }
+    }
+
     /// Adds a queue's delivery state for a group; false when the shard holds its maximum.
     pub fn insert_group_queue(&mut self, group: &str, topic: &str, index: u32, gq: GroupQueue, max: usize) -> bool {
         let group_queues = self.group_queues;
@@ -302,6 +321,12 @@ mod tests {
         assert!(s.group("g", "a").unwrap().is_ready());
         assert!(!s.group("g", "b").unwrap().is_ready(), "an idle queue is not ready");
         assert!(!s.insert_group_queue("h", "a", 0, GroupQueue::new(0), 2), "the shard's maximum holds");
+        s.forget_if_empty("h", "a");
+        assert!(s.group("h", "a").is_none(), "a refused group leaves nothing behind");
+        s.forget_if_empty("g", "a");
+        assert!(s.group("g", "a").is_some(), "a group with queue state stays");
+        s.on_append("a#0", 2, 0, LIMITS);
+        assert!(s.group("g", "a").unwrap().is_ready(), "and is still woken by appends");
     }
 
     #[test]

@@ -313,6 +313,18 @@ impl Local {
         Self::start_in(dir, &args).await
     }
 
+    /// Stops the process gracefully (SIGTERM), runs `between` on the data directory, then
+    /// starts `sluice local` on it again with the same flags.
+    pub async fn stop_and_restart(mut self, between: impl FnOnce(&Path)) -> Local {
+        self.process.terminate();
+        let status = self.process.wait_exit(START_TIMEOUT).await;
+        assert!(status.is_some_and(|s| s.success()), "graceful stop: {status:?}\n{}", self.process.logs());
+        let Local { dir, args, .. } = self;
+        between(&dir.path().join("data"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start_in(dir, &args).await
+    }
+
     async fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Local {
         let data = dir.path().join("data");
         let mut args: Vec<String> = [
