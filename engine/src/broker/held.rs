@@ -9,9 +9,11 @@
 //! Transaction checks: every half message is due for a check `transaction_check_first_ms`
 //! after it was stored, then at doubling intervals up to `transaction_check_interval_max_ms`.
 //! A proxy asks for due checks of the topics its producers publish to and forwards each to one
-//! producer; the producer answers with EndTransaction. After `transaction_checks_max` checks
-//! with no answer the half message is discarded and counted. Check times are soft state: after
-//! a restart the first check comes again, which only asks a producer once more.
+//! producer; the producer answers with EndTransaction. A half message still open when that
+//! schedule's `transaction_checks_max` checks have passed (counted from its store time, so
+//! whether or not a producer was there to ask, and across restarts) is discarded and counted.
+//! Check times are soft state: after a restart the first check comes again, which only asks a
+//! producer once more.
 
 use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
@@ -37,12 +39,19 @@ const TIMER_RETRY_MS: u64 = 200;
 /// wall clock stepped back.
 const TIMER_SCAN_SLACK_MS: u64 = 60_000;
 
+/// How often the timer loop looks for half messages past their give-up time.
+const HALF_EXPIRY_SCAN_MS: u64 = 1_000;
+/// Half messages given up per scan.
+const HALF_EXPIRY_BATCH: usize = 1_024;
+
 /// Wakes the timer loop early (a delay message was stored, or shutdown began).
 #[derive(Default)]
 pub struct TimerWake {
     notify: tokio::sync::Notify,
     /// Due time of the last dispatched timer: scans start near it, past the deleted ones.
     floor_ms: std::cell::Cell<u64>,
+    /// When the timer loop last looked for half messages to give up.
+    half_scan_ms: std::cell::Cell<u64>,
 }
 
 impl TimerWake {
@@ -56,6 +65,24 @@ struct HalfState {
     queue: Rc<str>,
     checks: u32,
     next_check_ms: u64,
+    /// Store time plus the whole check schedule: still open then, it is discarded.
+    give_up_ms: u64,
+}
+
+/// The time from a half message's store to the end of its check schedule: the first check,
+/// then one backed-off interval after each of the `transaction_checks_max` checks.
+fn check_schedule_ms(limits: &BrokerLimits) -> u64 {
+    (0..limits.transaction_checks_max).fold(limits.transaction_check_first_ms, |total, checks| {
+        total.saturating_add(check_interval_ms(checks, limits))
+    })
+}
+
+/// The wait after a half message's check number `checks` (0-based) before the next.
+fn check_interval_ms(checks: u32, limits: &BrokerLimits) -> u64 {
+    limits
+        .transaction_check_first_ms
+        .saturating_mul(1u64 << checks.min(20))
+        .min(limits.transaction_check_interval_max_ms)
 }
 
 /// A half message due for a check: its position, queue, and the checks made before.
@@ -93,8 +120,9 @@ impl HalfChecks {
 
     pub fn add(&mut self, position: u64, queue: &str, stored_ms: u64, limits: &BrokerLimits) {
         let next_check_ms = stored_ms + limits.transaction_check_first_ms;
+        let give_up_ms = stored_ms.saturating_add(check_schedule_ms(limits));
         self.remove(position);
-        self.by_position.insert(position, HalfState { queue: queue.into(), checks: 0, next_check_ms });
+        self.by_position.insert(position, HalfState { queue: queue.into(), checks: 0, next_check_ms, give_up_ms });
         self.due.insert((next_check_ms, position));
     }
 
@@ -105,8 +133,8 @@ impl HalfChecks {
     }
 
     /// Half messages of `topics` due for a check, at most `max`, each with the checks made
-    /// before; their next check is scheduled now (so one asker gets each). Those past the
-    /// check limit come back in the second list, to be discarded.
+    /// before; their next check is scheduled now (so one asker gets each). Those past their
+    /// give-up time (of any topic) come back in the second list, to be discarded.
     fn take_due(
         &mut self,
         now_ms: u64,
@@ -122,7 +150,7 @@ impl HalfChecks {
                 break;
             }
             let state = self.by_position.get_mut(&position).expect("due entries are tracked");
-            if state.checks >= limits.transaction_checks_max {
+            if now_ms >= state.give_up_ms {
                 expired.push(position);
                 continue;
             }
@@ -130,10 +158,7 @@ impl HalfChecks {
             if !topics.contains(&topic) {
                 continue;
             }
-            let interval = limits
-                .transaction_check_first_ms
-                .saturating_mul(1u64 << state.checks.min(20))
-                .min(limits.transaction_check_interval_max_ms);
+            let interval = check_interval_ms(state.checks, limits);
             self.due.remove(&(at, position));
             checks.push((position, state.queue.clone(), state.checks));
             state.checks += 1;
@@ -141,6 +166,11 @@ impl HalfChecks {
             self.due.insert((state.next_check_ms, position));
         }
         (checks, expired)
+    }
+
+    /// Half messages past their give-up time, at most `max`: asked for or not, they go.
+    fn take_expired(&self, now_ms: u64, max: usize) -> Vec<u64> {
+        self.by_position.iter().filter(|(_, s)| now_ms >= s.give_up_ms).map(|(p, _)| *p).take(max).collect()
     }
 
     /// Earliest next check among `topics`.
@@ -160,6 +190,9 @@ impl ShardHandler {
     /// Moves due delay messages into their queues until shutdown.
     pub async fn run_timers(&self) {
         while !self.closing.get() {
+            if let Err(e) = self.give_up_expired_halves().await {
+                tracing::warn!(shard = self.shard_id, error = %e, "discarding unresolved half messages failed; will retry");
+            }
             let wait_ms = match self.dispatch_due_timers().await {
                 Ok(wait_ms) => wait_ms,
                 Err(e) => {
@@ -170,10 +203,23 @@ impl ShardHandler {
             if wait_ms == 0 {
                 continue;
             }
+            let wait_ms = if self.halves.borrow().len() > 0 { wait_ms.min(HALF_EXPIRY_SCAN_MS) } else { wait_ms };
             let woken = std::pin::pin!(self.timers.notify.notified());
             let sleep = std::pin::pin!(glommio::timer::sleep(Duration::from_millis(wait_ms)));
             futures::future::select(woken, sleep).await;
         }
+    }
+
+    /// Discards half messages past their give-up time, at most once per `HALF_EXPIRY_SCAN_MS`,
+    /// so they go even when no producer of their topic is connected to ask.
+    async fn give_up_expired_halves(&self) -> Result<()> {
+        let now = now_ms();
+        if now < self.timers.half_scan_ms.get().saturating_add(HALF_EXPIRY_SCAN_MS) {
+            return Ok(());
+        }
+        self.timers.half_scan_ms.set(now);
+        let expired = self.halves.borrow().take_expired(now, HALF_EXPIRY_BATCH);
+        self.discard_expired(expired).await
     }
 
     /// Dispatches one batch of due timers; returns how long to wait before the next step
@@ -339,7 +385,7 @@ impl ShardHandler {
                     position,
                     queues = ?held.queues,
                     message_id = held.message_id,
-                    "transaction never resolved after the maximum number of checks; its half message is discarded"
+                    "transaction never resolved within its check schedule; its half message is discarded"
                 );
                 Counters::add(&self.counters.transactions_discarded, 1);
             }
@@ -378,14 +424,32 @@ mod tests {
                 times.push(now);
             }
             if !expired.is_empty() {
-                assert_eq!(expired, vec![10]);
+                let mut expired = expired;
+                expired.sort();
+                assert_eq!(expired, vec![10, 20], "the unasked topic's too");
                 break;
             }
             assert!(now < 10_000);
         }
         // First at 100, then intervals of 100, 200, then 400 capped at 350.
         assert_eq!(times, vec![100, 200, 400, 750]);
+        assert_eq!(now, 1100, "given up one interval after the last check");
         assert_eq!(halves.next_due_ms(&["other"]), Some(100));
+    }
+
+    #[test]
+    fn a_half_message_nobody_asks_about_is_given_up_at_the_end_of_its_schedule() {
+        let limits = limits();
+        let mut halves = HalfChecks::default();
+        halves.add(10, "t#0", 50, &limits);
+        halves.add(20, "t#0", 500, &limits);
+        assert!(halves.take_expired(1149, 10).is_empty());
+        assert_eq!(halves.take_expired(1150, 10), vec![10], "store time 50 + 1100");
+        // A restart reloads it with no checks made, but its give-up time stays put.
+        halves.add(10, "t#0", 50, &limits);
+        let (checks, expired) = halves.take_due(1150, &["t"], 10, &limits);
+        assert_eq!(checks.iter().map(|(p, _, _)| *p).collect::<Vec<_>>(), vec![20], "only the younger one is checked");
+        assert_eq!(expired, vec![10]);
     }
 
     #[test]
