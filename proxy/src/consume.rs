@@ -68,6 +68,37 @@ struct Kept {
     keep: usize,
 }
 
+/// What a receive keeps, on its way to the client. Dropped before it gets there (the client
+/// went away, the task was cancelled, the answer was never read), its messages are released at
+/// once rather than staying hidden, and holding their FIFO groups, for the invisible time.
+struct KeptBatch {
+    state: Arc<ProxyState>,
+    group: String,
+    kept: Vec<Kept>,
+}
+
+impl KeptBatch {
+    fn new(state: &Arc<ProxyState>, group: &str, kept: Vec<Kept>) -> KeptBatch {
+        KeptBatch { state: state.clone(), group: group.to_string(), kept }
+    }
+
+    /// The messages reached the client's answer: nothing to release any more.
+    fn handed_over(mut self) {
+        self.kept.clear();
+    }
+}
+
+impl Drop for KeptBatch {
+    fn drop(&mut self) {
+        if self.kept.is_empty() || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        for k in self.kept.drain(..) {
+            release_messages(&self.state, &self.group, &k.frame, 0..k.keep);
+        }
+    }
+}
+
 fn popped_count(frame: &Frame) -> usize {
     frame.access::<PopResponse>().map_or(0, |r| r.messages.len())
 }
@@ -78,14 +109,16 @@ async fn pop_across(
     owners: BTreeSet<Owner>,
     request: PopRequest,
     max_count: usize,
-) -> Result<Vec<Kept>> {
+) -> Result<KeptBatch> {
     let (reply, answer) = tokio::sync::oneshot::channel();
     tokio::spawn(coordinate(state.clone(), owners, request, max_count, reply));
     tokio::select! {
         got = answer => got.unwrap_or_else(|_| Err(ProxyError::ShuttingDown)),
-        _ = state.shutdown_started() => Ok(Vec::new()),
+        _ = state.shutdown_started() => Ok(KeptBatch::new(state, "", Vec::new())),
     }
 }
+
+type Reply = tokio::sync::oneshot::Sender<Result<KeptBatch>>;
 
 /// First what every shard has now (pops that do not wait, all at once, merged); only if that
 /// is nothing, long polls on every shard with the first answer winning. Taking everything
@@ -96,7 +129,7 @@ async fn coordinate(
     owners: BTreeSet<Owner>,
     request: PopRequest,
     max_count: usize,
-    reply: tokio::sync::oneshot::Sender<Result<Vec<Kept>>>,
+    reply: Reply,
 ) {
     if owners.len() > 1 && request.long_poll_ms > 0 {
         let quick = PopRequest { long_poll_ms: 0, poll_id: 0, ..request.clone() };
@@ -104,13 +137,10 @@ async fn coordinate(
         if !kept.is_empty() || failures.len() == owners.len() {
             let answer = match failures.into_iter().next() {
                 Some(e) if kept.is_empty() => Err(e.into()),
-                _ => Ok(kept),
+                _ => Ok(KeptBatch::new(&state, &request.group, kept)),
             };
-            if let Err(Ok(unwanted)) = reply.send(answer) {
-                for k in unwanted {
-                    release_popped(&state, &request.group, &k.frame, 0);
-                }
-            }
+            // Unread, the batch is dropped and so released.
+            let _ = reply.send(answer);
             return;
         }
     }
@@ -145,7 +175,7 @@ async fn long_poll(
     owners: BTreeSet<Owner>,
     request: PopRequest,
     max_count: usize,
-    reply: tokio::sync::oneshot::Sender<Result<Vec<Kept>>>,
+    reply: Reply,
 ) {
     let request = Arc::new(request);
     let total = owners.len();
@@ -200,11 +230,8 @@ async fn long_poll(
             release_popped(&state, &request.group, &k.frame, k.keep);
         }
         let tx = reply.take().expect("checked above");
-        if let Err(Ok(unwanted)) = tx.send(Ok(std::mem::take(&mut kept))) {
-            for k in unwanted {
-                release_popped(&state, &request.group, &k.frame, 0);
-            }
-        }
+        // Unread, the batch is dropped and so released.
+        let _ = tx.send(Ok(KeptBatch::new(&state, &request.group, std::mem::take(&mut kept))));
         // Keep going: cancelled polls may still bring messages, which are released.
     }
     if let Some(tx) = reply {
@@ -212,14 +239,14 @@ async fn long_poll(
         let all_failed = failures.len() == total;
         let answer = match failures.into_iter().next() {
             Some(e) if all_failed => Err(e.into()),
-            _ => Ok(kept),
+            _ => Ok(KeptBatch::new(&state, &request.group, kept)),
         };
         let _ = tx.send(answer);
     }
 }
 
 /// Completes when the receiver of `reply` is dropped; never when there is no `reply`.
-async fn client_gone(reply: &mut Option<tokio::sync::oneshot::Sender<Result<Vec<Kept>>>>) {
+async fn client_gone(reply: &mut Option<Reply>) {
     match reply {
         Some(tx) => tx.closed().await,
         None => std::future::pending().await,
@@ -250,9 +277,14 @@ fn cancel_polls(state: &Arc<ProxyState>, owners: &BTreeSet<Owner>, poll_id: u64)
 
 /// Gives back, unconsumed, the messages of a pop reply after the first `keep`.
 fn release_popped(state: &Arc<ProxyState>, group: &str, frame: &Frame, keep: usize) {
+    release_messages(state, group, frame, keep..usize::MAX);
+}
+
+/// Gives back, unconsumed, the messages of a pop reply in `range` (by position).
+fn release_messages(state: &Arc<ProxyState>, group: &str, frame: &Frame, range: std::ops::Range<usize>) {
     let Ok(popped) = frame.access::<PopResponse>() else { return };
     let mut by_queue: HashMap<String, Vec<String>> = HashMap::new();
-    for m in popped.messages.iter().skip(keep) {
+    for m in popped.messages.iter().skip(range.start).take(range.end.saturating_sub(range.start)) {
         by_queue.entry(m.queue.as_str().to_string()).or_default().push(m.receipt.as_str().to_string());
     }
     for (queue, receipts) in by_queue {
@@ -287,13 +319,13 @@ async fn deliver(
     this: &Messaging,
     meta: &TopicMeta,
     group: &str,
-    kept: Vec<Kept>,
+    kept: &[Kept],
     invisible: Duration,
     auto_renew: bool,
     max_attempts: u32,
 ) -> Vec<Received> {
     let mut out = Vec::new();
-    for k in &kept {
+    for k in kept {
         let Ok(popped) = k.frame.access::<PopResponse>() else { continue };
         let store_host = this.state.brokers.shard_endpoint(k.owner).to_string();
         for m in popped.messages.iter().take(k.keep) {
@@ -403,10 +435,11 @@ async fn receive_messages(
             retry_delays_ms: retry_delays_ms(&this.state, group_meta.max_delivery_attempts),
         },
     };
-    let kept = pop_across(&this.state, owners, pop, ask.max_count as usize).await?;
+    let batch = pop_across(&this.state, owners, pop, ask.max_count as usize).await?;
+    let attempts_max = group_meta.max_delivery_attempts;
     let received =
-        deliver(this, &ask.meta, &ask.group, kept, ask.invisible, request.auto_renew, group_meta.max_delivery_attempts)
-            .await;
+        deliver(this, &ask.meta, &ask.group, &batch.kept, ask.invisible, request.auto_renew, attempts_max).await;
+    batch.handed_over();
     track_renewals(this, &ask.group, ask.invisible, &received);
     Ok(received)
 }

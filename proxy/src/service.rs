@@ -364,7 +364,8 @@ impl MessagingService for Messaging {
                 let reply = match command.command {
                     Some(telemetry_command::Command::Settings(settings)) => {
                         if let Some(settings::PubSub::Publishing(publishing)) = &settings.pub_sub {
-                            producer.id = this.state.producers.register(producer.id, &publishing.topics, &tx);
+                            let topics = crate::transactions::transaction_topics(&this, &publishing.topics).await;
+                            producer.id = this.state.producers.register(producer.id, topics, &tx);
                         }
                         TelemetryCommand {
                             status: Some(ok_status()),

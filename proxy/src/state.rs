@@ -30,7 +30,8 @@ pub struct ProxySettings {
     pub invisible_max_ms: u64,
     /// Deliveries before a PushConsumer sends a message to the dead-letter queue.
     pub max_delivery_attempts: u32,
-    /// First retry delay of the consumer backoff policy sent to clients; doubles up to the max.
+    /// First retry delay of the consumer backoff policy sent to clients; later attempts wait
+    /// 5, 10, 30, 60, 120 … times it, capped at `retry_max_ms` (see `consume::retry_delays_ms`).
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
     /// Create a topic (normal, default queue count) the first time it is used.

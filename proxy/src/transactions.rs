@@ -49,15 +49,16 @@ pub struct Producers {
 }
 
 impl Producers {
-    /// A stream announced (or re-announced) its topics; returns the stream's id.
-    pub fn register(&self, id: Option<u64>, topics: &[Resource], tx: &TelemetrySender) -> Option<u64> {
+    /// A stream announced (or re-announced) its transaction topics (see `transaction_topics`);
+    /// returns the stream's id.
+    pub fn register(&self, id: Option<u64>, topics: Vec<String>, tx: &TelemetrySender) -> Option<u64> {
         let mut streams = self.streams.lock().expect("producers lock");
         if id.is_none() && streams.len() >= PRODUCER_STREAMS_MAX {
             tracing::warn!("{PRODUCER_STREAMS_MAX} producer streams tracked; this one gets no transaction checks");
             return None;
         }
         let id = id.unwrap_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed));
-        let topics = topics.iter().take(TOPICS_PER_PRODUCER_MAX).map(|t| t.name.clone()).collect();
+        debug_assert!(topics.len() <= TOPICS_PER_PRODUCER_MAX);
         streams.insert(id, (topics, tx.clone()));
         Some(id)
     }
@@ -219,21 +220,32 @@ fn forward_checks(state: &ProxyState, owner: Owner, frame: &sluice_transport::Fr
     }
 }
 
+/// Of the topics a producer announces, the existing transaction topics (the only ones with
+/// checks), at most `TOPICS_PER_PRODUCER_MAX`: names a client makes up are neither created nor
+/// sent to the brokers with every check request.
+pub async fn transaction_topics(this: &Messaging, announced: &[Resource]) -> Vec<String> {
+    let mut topics = Vec::new();
+    for resource in announced.iter().take(TOPICS_PER_PRODUCER_MAX) {
+        if let Ok(meta) = this.state.topics.get(&this.state.brokers, &resource.name).await {
+            if meta.message_type == sluice_transport::model::message_type::TRANSACTION {
+                topics.push(meta.name);
+            }
+        }
+    }
+    topics
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn topic(name: &str) -> Resource {
-        Resource { resource_namespace: String::new(), name: name.into() }
-    }
 
     #[test]
     fn producers_take_turns_and_leave_when_their_stream_ends() {
         let producers = Producers::default();
         let (a, _ra) = mpsc::channel(1);
         let (b, _rb) = mpsc::channel(1);
-        let ida = producers.register(None, &[topic("t")], &a).unwrap();
-        let idb = producers.register(None, &[topic("t"), topic("u")], &b).unwrap();
+        let ida = producers.register(None, vec!["t".into()], &a).unwrap();
+        let idb = producers.register(None, vec!["t".into(), "u".into()], &b).unwrap();
         assert_eq!(producers.topics(), vec!["t".to_string(), "u".to_string()]);
         let first = producers.pick("t").unwrap();
         let second = producers.pick("t").unwrap();
