@@ -195,14 +195,20 @@ impl ShardHandler {
     async fn ensure_group(&self, group: &str, topic: &str, filter: &FilterSpec, policy: &GroupPolicy) -> Result<()> {
         let (missing, switched): (Vec<(u32, Rc<str>)>, Vec<u32>) = {
             let mut scheduler = self.scheduler.borrow_mut();
-            if let Err(e) = scheduler.group_entry(group, topic).set_filter(filter) {
-                scheduler.forget_if_empty(group, topic);
-                return Err(e.into());
-            }
             let gt = scheduler.group_entry(group, topic);
-            let known: Vec<u32> = gt.queues.keys().copied().collect();
-            // A FIFO switch frees or holds message groups: every queue's readiness is recomputed.
-            let switched = if gt.set_policy(policy) { known.clone() } else { Vec::new() };
+            let (known, switched) = match gt.set_filter(filter) {
+                Ok(()) => {
+                    let known: Vec<u32> = gt.queues.keys().copied().collect();
+                    // A FIFO switch frees or holds message groups: every queue's readiness is
+                    // recomputed.
+                    let switched = if gt.set_policy(policy) { known.clone() } else { Vec::new() };
+                    (known, switched)
+                }
+                Err(e) => {
+                    scheduler.forget_if_empty(group, topic);
+                    return Err(e.into());
+                }
+            };
             let missing = match scheduler.topic_queues(topic) {
                 Some(queues) => {
                     queues.iter().filter(|(i, _)| !known.contains(i)).map(|(i, q)| (*i, q.clone())).collect()

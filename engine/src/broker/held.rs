@@ -39,9 +39,7 @@ const TIMER_RETRY_MS: u64 = 200;
 /// wall clock stepped back.
 const TIMER_SCAN_SLACK_MS: u64 = 60_000;
 
-/// How often the timer loop looks for half messages past their give-up time.
-const HALF_EXPIRY_SCAN_MS: u64 = 1_000;
-/// Half messages given up per scan.
+/// Half messages given up per step of the timer loop.
 const HALF_EXPIRY_BATCH: usize = 1_024;
 
 /// Wakes the timer loop early (a delay message was stored, or shutdown began).
@@ -50,8 +48,6 @@ pub struct TimerWake {
     notify: tokio::sync::Notify,
     /// Due time of the last dispatched timer: scans start near it, past the deleted ones.
     floor_ms: std::cell::Cell<u64>,
-    /// When the timer loop last looked for half messages to give up.
-    half_scan_ms: std::cell::Cell<u64>,
 }
 
 impl TimerWake {
@@ -93,6 +89,8 @@ type DueCheck = (u64, Rc<str>, u32);
 pub struct HalfChecks {
     by_position: HashMap<u64, HalfState>,
     due: BTreeSet<(u64, u64)>,
+    /// (give_up, position) of every half message, so expired ones are found without a scan.
+    by_give_up: BTreeSet<(u64, u64)>,
 }
 
 impl HalfChecks {
@@ -124,11 +122,13 @@ impl HalfChecks {
         self.remove(position);
         self.by_position.insert(position, HalfState { queue: queue.into(), checks: 0, next_check_ms, give_up_ms });
         self.due.insert((next_check_ms, position));
+        self.by_give_up.insert((give_up_ms, position));
     }
 
     pub fn remove(&mut self, position: u64) {
         if let Some(state) = self.by_position.remove(&position) {
             self.due.remove(&(state.next_check_ms, position));
+            self.by_give_up.remove(&(state.give_up_ms, position));
         }
     }
 
@@ -170,7 +170,12 @@ impl HalfChecks {
 
     /// Half messages past their give-up time, at most `max`: asked for or not, they go.
     fn take_expired(&self, now_ms: u64, max: usize) -> Vec<u64> {
-        self.by_position.iter().filter(|(_, s)| now_ms >= s.give_up_ms).map(|(p, _)| *p).take(max).collect()
+        self.by_give_up.iter().take_while(|(at, _)| *at <= now_ms).take(max).map(|(_, p)| *p).collect()
+    }
+
+    /// The earliest give-up time of any half message.
+    fn next_give_up_ms(&self) -> Option<u64> {
+        self.by_give_up.first().map(|(at, _)| *at)
     }
 
     /// Earliest next check among `topics`.
@@ -190,9 +195,13 @@ impl ShardHandler {
     /// Moves due delay messages into their queues until shutdown.
     pub async fn run_timers(&self) {
         while !self.closing.get() {
-            if let Err(e) = self.give_up_expired_halves().await {
-                tracing::warn!(shard = self.shard_id, error = %e, "discarding unresolved half messages failed; will retry");
-            }
+            let give_up_wait_ms = match self.give_up_expired_halves().await {
+                Ok(wait_ms) => wait_ms,
+                Err(e) => {
+                    tracing::warn!(shard = self.shard_id, error = %e, "discarding unresolved half messages failed; will retry");
+                    TIMER_RETRY_MS
+                }
+            };
             let wait_ms = match self.dispatch_due_timers().await {
                 Ok(wait_ms) => wait_ms,
                 Err(e) => {
@@ -200,26 +209,24 @@ impl ShardHandler {
                     TIMER_RETRY_MS
                 }
             };
+            let wait_ms = wait_ms.min(give_up_wait_ms);
             if wait_ms == 0 {
                 continue;
             }
-            let wait_ms = if self.halves.borrow().len() > 0 { wait_ms.min(HALF_EXPIRY_SCAN_MS) } else { wait_ms };
             let woken = std::pin::pin!(self.timers.notify.notified());
             let sleep = std::pin::pin!(glommio::timer::sleep(Duration::from_millis(wait_ms)));
             futures::future::select(woken, sleep).await;
         }
     }
 
-    /// Discards half messages past their give-up time, at most once per `HALF_EXPIRY_SCAN_MS`,
-    /// so they go even when no producer of their topic is connected to ask.
-    async fn give_up_expired_halves(&self) -> Result<()> {
-        let now = now_ms();
-        if now < self.timers.half_scan_ms.get().saturating_add(HALF_EXPIRY_SCAN_MS) {
-            return Ok(());
-        }
-        self.timers.half_scan_ms.set(now);
-        let expired = self.halves.borrow().take_expired(now, HALF_EXPIRY_BATCH);
-        self.discard_expired(expired).await
+    /// Discards a batch of half messages past their give-up time, so they go even when no
+    /// producer of their topic is connected to ask. Returns how long until the next give-up
+    /// (0: more are due now).
+    async fn give_up_expired_halves(&self) -> Result<u64> {
+        let expired = self.halves.borrow().take_expired(now_ms(), HALF_EXPIRY_BATCH);
+        self.discard_expired(expired).await?;
+        let next = self.halves.borrow().next_give_up_ms();
+        Ok(next.map_or(TIMER_IDLE_MS, |at| at.saturating_sub(now_ms())))
     }
 
     /// Dispatches one batch of due timers; returns how long to wait before the next step

@@ -169,11 +169,8 @@ impl GroupQueue {
                 if group == 0 {
                     continue;
                 }
-                match self.blocked.entry(group) {
-                    std::collections::hash_map::Entry::Occupied(_) => self.unrecorded_leases += 1,
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(offset);
-                    }
+                if *self.blocked.entry(group).or_insert(offset) != offset {
+                    self.unrecorded_leases += 1;
                 }
             }
             let blocked = &self.blocked;
