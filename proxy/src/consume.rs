@@ -27,6 +27,7 @@ use sluice_transport::Frame;
 
 use crate::convert::{self, ClientHandle, Delivery};
 use crate::error::{ok_status, status, ProxyError, Result};
+use crate::lite::Caller;
 use crate::pb::apache::rocketmq::v2::*;
 use crate::renew::Renewal;
 use crate::service::{duration_of, timestamp_now, Messaging};
@@ -410,6 +411,7 @@ async fn receive_messages(
     this: &Messaging,
     request: &ReceiveMessageRequest,
     remaining: Option<Duration>,
+    caller: &Caller,
 ) -> Result<Vec<Received>> {
     let group = group_name(request.group.as_ref())?;
     let group_meta = this.group(&group).await?;
@@ -417,6 +419,9 @@ async fn receive_messages(
         request.message_queue.as_ref().ok_or_else(|| ProxyError::BadRequest("message_queue is required".into()))?;
     let topic = mq.topic.as_ref().ok_or_else(|| ProxyError::BadRequest("message_queue.topic is required".into()))?;
     let meta = this.topic(&topic.name).await?;
+    // A LITE topic is received from by lite consumers: each gets its own subscriptions.
+    let client_id =
+        if meta.message_type == message_type::LITE { caller.require_id()?.to_string() } else { String::new() };
     let ask = receive_ask(this, request, group, meta, remaining)?;
     let owners: BTreeSet<Owner> =
         (0..ask.meta.queue_count).map(|i| this.state.brokers.owner(&ask.meta.queue(i))).collect();
@@ -434,6 +439,7 @@ async fn receive_messages(
             fifo: group_meta.fifo,
             retry_delays_ms: retry_delays_ms(&this.state, group_meta.max_delivery_attempts),
         },
+        client_id,
     };
     let batch = pop_across(&this.state, owners, pop, ask.max_count as usize).await?;
     let attempts_max = group_meta.max_delivery_attempts;
@@ -470,9 +476,10 @@ pub async fn receive(
     this: &Messaging,
     request: ReceiveMessageRequest,
     remaining: Option<Duration>,
+    caller: &Caller,
 ) -> Vec<ReceiveMessageResponse> {
     use receive_message_response::Content;
-    match receive_messages(this, &request, remaining).await {
+    match receive_messages(this, &request, remaining, caller).await {
         Ok(received) if received.is_empty() => {
             vec![ReceiveMessageResponse {
                 content: Some(Content::Status(status(Code::MessageNotFound, "no new message"))),

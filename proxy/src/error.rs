@@ -49,6 +49,10 @@ pub enum ProxyError {
     InvalidTransactionId(String),
     #[error("invalid recall handle: {0}")]
     InvalidRecallHandle(String),
+    #[error("illegal lite topic: {0}")]
+    IllegalLiteTopic(String),
+    #[error("lite subscription quota exceeded: {0}")]
+    LiteSubscriptionQuota(String),
     #[error(
         "message properties of {size} bytes exceed the {max}-byte limit (keys, values, tag and message keys together)"
     )]
@@ -105,6 +109,8 @@ impl ProxyError {
             ProxyError::InvalidTransactionId(_) => Code::InvalidTransactionId,
             ProxyError::InvalidRecallHandle(_) => Code::BadRequest,
             ProxyError::PropertiesTooLarge { .. } => Code::MessagePropertiesTooLarge,
+            ProxyError::IllegalLiteTopic(_) => Code::IllegalLiteTopic,
+            ProxyError::LiteSubscriptionQuota(_) => Code::LiteSubscriptionQuotaExceeded,
             ProxyError::Broker { code, .. } => match *code {
                 broker_code::QUEUE_NOT_FOUND => Code::TopicNotFound,
                 broker_code::INVALID_RECEIPT | broker_code::RECEIPT_EXPIRED => Code::InvalidReceiptHandle,
@@ -117,6 +123,10 @@ impl ProxyError {
                 broker_code::HELD_MESSAGE_NOT_FOUND => Code::NotFound,
                 broker_code::TOO_MANY_HELD => Code::TooManyRequests,
                 broker_code::MESSAGE_TYPE_MISMATCH => Code::MessagePropertyConflictWithType,
+                broker_code::LITE_SUBSCRIPTION_QUOTA => Code::LiteSubscriptionQuotaExceeded,
+                broker_code::ILLEGAL_LITE_TOPIC => Code::IllegalLiteTopic,
+                // Only sends to lite topics create queues, so a full shard is the lite-topic quota.
+                broker_code::TOO_MANY_QUEUES => Code::LiteTopicQuotaExceeded,
                 _ => Code::InternalServerError,
             },
         }

@@ -11,6 +11,7 @@ pub mod consume;
 pub mod convert;
 pub mod error;
 pub mod groups;
+pub mod lite;
 pub mod produce;
 pub mod renew;
 pub mod server;

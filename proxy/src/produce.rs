@@ -1,13 +1,15 @@
 //! SendMessage: validate, pick each message's queue, one append per owning shard (sent
 //! concurrently), answer per message. A FIFO message goes to the queue its message group hashes
 //! to, so a group stays in one queue; a delay message due later comes back with a recall
-//! handle, and a transactional one with its transaction id.
+//! handle, and a transactional one with its transaction id. A LITE message goes to its lite
+//! topic's own queue, created by the append.
 
 use std::collections::HashMap;
 
 use sluice_transport::cluster::Owner;
 use sluice_transport::messages::{AppendEntry, AppendRequest, AppendResponse};
 use sluice_transport::model::message_type;
+use sluice_transport::model::placement::{check_lite_topic_name, lite_queue};
 use sluice_transport::model::record::OFFSET_HELD;
 
 use crate::convert::{self, Outgoing, RecallHandle, TransactionId};
@@ -43,7 +45,7 @@ struct Sent {
 fn check_message(this: &Messaging, message: &Message, meta: &crate::topics::TopicMeta) -> Result<u8, ProxyError> {
     let given = message.system_properties.as_ref().map_or(0, |s| s.message_type);
     let given = u8::try_from(given).unwrap_or(0);
-    if matches!(meta.message_type, message_type::LITE | message_type::PRIORITY) {
+    if meta.message_type == message_type::PRIORITY {
         return Err(ProxyError::NotImplemented {
             what: format!("sending to a {} topic", message_type::name(meta.message_type)),
         });
@@ -54,6 +56,21 @@ fn check_message(this: &Messaging, message: &Message, meta: &crate::topics::Topi
             expected: message_type::name(meta.message_type).into(),
             given: message_type::name(given).into(),
         });
+    }
+    let lite = message.system_properties.as_ref().and_then(|s| s.lite_topic.as_deref()).unwrap_or("");
+    if meta.message_type == message_type::LITE {
+        check_lite_topic_name(lite).map_err(|why| {
+            ProxyError::IllegalLiteTopic(format!(
+                "a message to LITE topic {} needs a lite_topic: {lite:?} is {why}",
+                meta.name
+            ))
+        })?;
+    } else if !lite.is_empty() {
+        return Err(ProxyError::IllegalLiteTopic(format!(
+            "{} is a {} topic; only LITE topics take a lite_topic",
+            meta.name,
+            message_type::name(meta.message_type)
+        )));
     }
     if message.body.is_empty() {
         return Err(ProxyError::BodyEmpty);
@@ -75,6 +92,12 @@ async fn prepare<'a>(
     let meta = this.topic(&topic.name).await?;
     let kind = check_message(this, message, &meta)?;
     let outgoing = convert::outgoing(message, &meta.name, kind, now_ms)?;
+    if kind == message_type::LITE {
+        // A lite topic is one queue (created by this first append), placed under the topic
+        // queue its name hashes to: one lite topic, one order.
+        let queue = lite_queue(&meta.name, meta.queue_count, &outgoing.attributes.lite_topic);
+        return Ok(Prepared { index, queue, outgoing, body: &message.body });
+    }
     // Clients leave queue_id at 0 whichever queue they picked, so the proxy chooses: a FIFO
     // message by its group (one group, one queue, one order), others by message id.
     let spread = if kind == message_type::FIFO { &outgoing.attributes.message_group } else { &outgoing.message_id };

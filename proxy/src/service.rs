@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status as GrpcStatus, Streaming};
 
 use crate::consume;
 use crate::error::{ok_status, status, ProxyError};
+use crate::lite::Caller;
 use crate::pb::apache::rocketmq::v2::messaging_service_server::MessagingService;
 use crate::pb::apache::rocketmq::v2::*;
 use crate::produce;
@@ -169,6 +170,10 @@ impl Messaging {
                 subscription.fifo = Some(group.as_ref().is_some_and(|g| g.fifo));
                 subscription.receive_batch_size = Some(s.receive_batch_max as i32);
                 subscription.long_polling_timeout = Some(proto_duration(Duration::from_millis(s.long_poll_default_ms)));
+                // Lite consumers refuse to subscribe without both (they read a missing one as 0).
+                subscription.lite_subscription_quota = Some(s.lite_subscription_quota as i32);
+                subscription.max_lite_topic_size =
+                    Some(sluice_transport::model::placement::LITE_TOPIC_MAX_BYTES as i32);
             }
             None => {}
         }
@@ -262,7 +267,8 @@ impl MessagingService for Messaging {
         let responses = match self.authorize(&request) {
             Ok(()) => {
                 let remaining = grpc_timeout(request.metadata());
-                consume::receive(self, request.into_inner(), remaining).await
+                let caller = Caller::of(request.metadata());
+                consume::receive(self, request.into_inner(), remaining, &caller).await
             }
             Err(e) => {
                 vec![ReceiveMessageResponse { content: Some(receive_message_response::Content::Status(e.status())) }]
@@ -388,6 +394,12 @@ impl MessagingService for Messaging {
         request: Request<NotifyClientTerminationRequest>,
     ) -> GrpcResult<NotifyClientTerminationResponse> {
         let status = self.authorize(&request).map_or_else(|e| e.status(), |()| ok_status());
+        let caller = Caller::of(request.metadata());
+        let group = request.get_ref().group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
+        if status.code == Code::Ok as i32 && !group.is_empty() && caller.require_id().is_ok() {
+            // A lite consumer's subscriptions go with it; for other clients this finds nothing.
+            crate::lite::forget_client(self, &group, &caller.client_id).await;
+        }
         Ok(Response::new(NotifyClientTerminationResponse { status: Some(status) }))
     }
 
@@ -420,10 +432,15 @@ impl MessagingService for Messaging {
 
     async fn sync_lite_subscription(
         &self,
-        _request: Request<SyncLiteSubscriptionRequest>,
+        request: Request<SyncLiteSubscriptionRequest>,
     ) -> GrpcResult<SyncLiteSubscriptionResponse> {
+        let caller = Caller::of(request.metadata());
+        let result = match self.authorize(&request) {
+            Ok(()) => crate::lite::sync(self, request.into_inner(), &caller).await,
+            Err(e) => Err(e),
+        };
         Ok(Response::new(SyncLiteSubscriptionResponse {
-            status: Some(not_implemented("SyncLiteSubscription (lite topics)")),
+            status: Some(result.map_or_else(|e| e.status(), |()| ok_status())),
         }))
     }
 }

@@ -52,6 +52,9 @@ pub struct ProxySettings {
     pub connections_max: usize,
     /// A new connection must send the HTTP/2 preface within this, or it is closed.
     pub handshake_timeout_ms: u64,
+    /// Lite topics one lite consumer (client id) may subscribe to; sent to clients in the
+    /// Telemetry settings. Brokers also cap it per shard (`lite_subscriptions_per_client_max`).
+    pub lite_subscription_quota: u32,
 }
 
 impl Default for ProxySettings {
@@ -78,6 +81,7 @@ impl Default for ProxySettings {
             grpc_max_request_bytes: 64 << 20,
             connections_max: 10_000,
             handshake_timeout_ms: 10_000,
+            lite_subscription_quota: 100_000,
         }
     }
 }
@@ -98,6 +102,10 @@ impl ProxySettings {
             (self.renewals_max <= 10_000_000, "renewals_max must be at most 10,000,000"),
             (self.connections_max >= 1, "connections_max must be at least 1"),
             (self.handshake_timeout_ms >= 100, "handshake_timeout_ms must be at least 100"),
+            (
+                self.lite_subscription_quota >= 1 && self.lite_subscription_quota <= 1_000_000,
+                "lite_subscription_quota must be 1..=1,000,000",
+            ),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, why)) => Err(why.to_string()),

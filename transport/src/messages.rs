@@ -337,6 +337,9 @@ pub struct PopRequest {
     pub poll_id: u64,
     pub filter: FilterSpec,
     pub policy: GroupPolicy,
+    /// A lite consumer: pops only the lite topics of `topic` this client subscribed to.
+    /// Empty for ordinary consumers.
+    pub client_id: String,
 }
 message!(PopRequest, PopRequest);
 request!(PopRequest => PopResponse<'static>);
@@ -550,22 +553,45 @@ pub struct QueryOffsetResponse {
 }
 message!(QueryOffsetResponse, QueryOffsetResponse);
 
-/// Lite-topic subscription change for one consumer of a group.
+/// Lite-topic subscription change for one consumer (`client_id`) of a group, on one shard.
+/// `queues` are the lite queues (`topic#index/lite`, see `model::placement::lite_queue`) of
+/// `topic` that this shard holds.
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
 #[rkyv(compare(PartialEq), derive(Debug))]
 pub struct LiteSubscriptionRequest {
     pub group: String,
     pub client_id: String,
-    /// 0 = add, 1 = remove, 2 = replace the whole set.
+    /// The LITE parent topic; empty with `LITE_REMOVE_ALL` means every topic.
+    pub topic: String,
+    /// `LITE_ADD`, `LITE_REMOVE`, `LITE_REPLACE` or `LITE_REMOVE_ALL`.
     pub action: u8,
-    pub topics: Vec<String>,
+    pub queues: Vec<String>,
+    /// Where newly added lite topics start for the group: `LITE_START_*`.
+    pub start: u8,
+    /// The offset for `LITE_START_OFFSET`, or n for `LITE_START_TAIL`.
+    pub start_value: u64,
 }
+
+pub const LITE_ADD: u8 = 0;
+pub const LITE_REMOVE: u8 = 1;
+/// The client's whole set on this shard becomes `lite_topics`.
+pub const LITE_REPLACE: u8 = 2;
+pub const LITE_REMOVE_ALL: u8 = 3;
+
+/// The group's committed position, else the lite topic's first retained message.
+pub const LITE_START_LAST: u8 = 0;
+pub const LITE_START_MIN: u8 = 1;
+pub const LITE_START_MAX: u8 = 2;
+pub const LITE_START_OFFSET: u8 = 3;
+pub const LITE_START_TAIL: u8 = 4;
+
 message!(LiteSubscriptionRequest, LiteSubscriptionRequest);
 request!(LiteSubscriptionRequest => LiteSubscriptionResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
 #[rkyv(compare(PartialEq), derive(Debug))]
 pub struct LiteSubscriptionResponse {
+    /// Lite topics the client is subscribed to on this shard after the change.
     pub subscribed: u32,
 }
 message!(LiteSubscriptionResponse, LiteSubscriptionResponse);

@@ -208,6 +208,7 @@ impl Consumer for BrokerConsumer {
                 poll_id: 0,
                 filter: FilterSpec::default(),
                 policy: GroupPolicy::default(),
+                client_id: String::new(),
             };
             let frame = self.pool.call_for(&self.queue, &pop).await.map_err(error)?;
             let popped = frame.access::<PopResponse>().map_err(error)?;

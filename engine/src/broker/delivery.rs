@@ -42,6 +42,8 @@ struct Skipped {
 struct PopAsk<'a> {
     group: &'a str,
     topic: &'a str,
+    /// A lite consumer's client id (it pops its own lite subscriptions); empty otherwise.
+    client: &'a str,
     max_count: usize,
     max_bytes: usize,
     invisible_ms: u64,
@@ -98,13 +100,25 @@ impl ShardHandler {
                 })?)
             }
         };
-        if self.scheduler.borrow().topic_queues(topic).is_none() {
+        let client = pop.client_id.as_str();
+        let first_queue = self.scheduler.borrow().topic_queues(topic).and_then(|q| q.values().next().cloned());
+        let Some(first_queue) = first_queue else {
             return Err(BrokerError::QueueNotFound(format!("{topic}#*")));
+        };
+        let lite = !client.is_empty();
+        if lite {
+            Self::check_lite_client(client)?;
+            if self.queue_type(&first_queue) != sluice_transport::model::message_type::LITE {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "{topic} is not a LITE topic: only ordinary consumers receive from it"
+                )));
+            }
         }
-        self.ensure_group(group, topic, &filter, &policy).await?;
+        self.ensure_group(group, topic, &filter, &policy, lite).await?;
         let ask = PopAsk {
             group,
             topic,
+            client,
             max_count: bounded(pop.max_count.to_native(), self.limits.pop_records_max) as usize,
             max_bytes: bounded(pop.max_bytes.to_native(), self.limits.read_bytes_max) as usize,
             invisible_ms: pop
@@ -120,7 +134,15 @@ impl ShardHandler {
             self.polls.borrow_mut().insert(poll_id, cancel.clone());
         }
         let _unregister = PollGuard { handler: self, poll_id };
-        let waiters = self.scheduler.borrow_mut().group_entry(group, topic).waiters.clone();
+        let waiters = {
+            let mut scheduler = self.scheduler.borrow_mut();
+            let gt = scheduler.group_entry(group, topic);
+            if lite {
+                gt.lite.client(client, now_ms()).waiters.clone()
+            } else {
+                gt.waiters.clone()
+            }
+        };
         loop {
             let woken = waiters.notified();
             let mut woken = std::pin::pin!(woken);
@@ -192,7 +214,14 @@ impl ShardHandler {
     /// The group's state on the topic, with every local queue's position loaded (from its
     /// committed offset, or the queue's first message for a new group), and its filter and
     /// policy as this pop states them.
-    async fn ensure_group(&self, group: &str, topic: &str, filter: &FilterSpec, policy: &GroupPolicy) -> Result<()> {
+    async fn ensure_group(
+        &self,
+        group: &str,
+        topic: &str,
+        filter: &FilterSpec,
+        policy: &GroupPolicy,
+        lite: bool,
+    ) -> Result<()> {
         let (missing, switched): (Vec<(u32, Rc<str>)>, Vec<u32>) = {
             let mut scheduler = self.scheduler.borrow_mut();
             let gt = scheduler.group_entry(group, topic);
@@ -210,6 +239,8 @@ impl ShardHandler {
                 }
             };
             let missing = match scheduler.topic_queues(topic) {
+                // A lite consumer's queues come with its subscriptions.
+                Some(_) if lite => Vec::new(),
                 Some(queues) => {
                     queues.iter().filter(|(i, _)| !known.contains(i)).map(|(i, q)| (*i, q.clone())).collect()
                 }
@@ -256,15 +287,20 @@ impl ShardHandler {
         readiness.ready
     }
 
-    /// Wakes the group's long polls (work is left that this pop had no room for).
-    fn hand_off(&self, group: &str, topic: &str) {
-        if let Some(gt) = self.scheduler.borrow().group(group, topic) {
-            gt.waiters.notify_waiters();
+    /// Wakes the group's (or the lite client's) long polls: work is left that this pop had
+    /// no room for.
+    fn hand_off(&self, ask: &PopAsk<'_>) {
+        if let Some(gt) = self.scheduler.borrow().group(ask.group, ask.topic) {
+            if ask.client.is_empty() {
+                gt.waiters.notify_waiters();
+            } else if let Some(c) = gt.lite.clients.get(ask.client) {
+                c.waiters.notify_waiters();
+            }
         }
     }
 
-    fn queue_name(&self, topic: &str, index: u32) -> Option<Rc<str>> {
-        self.scheduler.borrow().topic_queues(topic).and_then(|q| q.get(&index)).cloned()
+    pub(super) fn queue_name(&self, topic: &str, index: u32) -> Option<Rc<str>> {
+        self.scheduler.borrow().queue_name(topic, index)
     }
 
     /// One pass over the group's ready queues, without waiting for new messages. Also says
@@ -275,7 +311,8 @@ impl ShardHandler {
             let mut scheduler = self.scheduler.borrow_mut();
             let Some(gt) = scheduler.group_mut(ask.group, ask.topic) else { return Ok((Vec::new(), false)) };
             gt.promote_due(now_ms());
-            gt.ready_in_turn().into_iter().filter(|i| only.is_none_or(|o| o == *i)).collect()
+            let ready = if ask.client.is_empty() { gt.ready_in_turn() } else { gt.lite.ready_in_turn(ask.client) };
+            ready.into_iter().filter(|i| only.is_none_or(|o| o == *i)).collect()
         };
         let mut out = Vec::new();
         let mut bytes = 0usize;
@@ -285,14 +322,18 @@ impl ShardHandler {
             let full = out.len() >= ask.max_count || bytes >= ask.max_bytes;
             if full {
                 // Work is left that this pop has no room for: another poll may take it.
-                self.hand_off(ask.group, ask.topic);
+                self.hand_off(ask);
                 break;
             }
             let Some(queue) = self.queue_name(ask.topic, index) else { continue };
             let got = self.pop_queue(ask, index, &queue, ask.max_count - out.len(), ask.max_bytes - bytes).await;
             let still_ready = self.refresh(ask.group, ask.topic, index);
             if let Some(gt) = self.scheduler.borrow_mut().group_mut(ask.group, ask.topic) {
-                gt.served(index);
+                if ask.client.is_empty() {
+                    gt.served(index);
+                } else {
+                    gt.lite.served(ask.client, index);
+                }
             }
             // One queue failing (a read error) costs only its own messages: what the others
             // leased still goes out. The pop fails only when it has nothing else to give.
@@ -308,7 +349,7 @@ impl ShardHandler {
             bytes += got.iter().map(|p| p.record.bytes().len()).sum::<usize>();
             out.extend(got);
             if still_ready && (out.len() >= ask.max_count || bytes >= ask.max_bytes) {
-                self.hand_off(ask.group, ask.topic);
+                self.hand_off(ask);
             }
         }
         match failure {
@@ -570,8 +611,9 @@ impl ShardHandler {
 
     /// The group's floor on a queue, if it has delivery state there.
     pub(super) fn floor_of(&self, group: &str, queue: &str) -> Option<u64> {
-        let (topic, index) = sluice_transport::model::placement::split_topic_queue(queue)?;
-        self.scheduler.borrow().group(group, topic)?.queues.get(&index).map(GroupQueue::floor)
+        let scheduler = self.scheduler.borrow();
+        let (topic, index) = scheduler.locate(queue)?;
+        scheduler.group(group, topic)?.queues.get(&index).map(GroupQueue::floor)
     }
 
     /// Authenticates a receipt and returns the (topic, index, lease) it names.
@@ -585,9 +627,16 @@ impl ShardHandler {
             Counters::add(&self.counters.receipts_refused, 1);
             BrokerError::InvalidReceipt
         })?;
-        let (topic, index) = sluice_transport::model::placement::split_topic_queue(queue)
-            .ok_or_else(|| BrokerError::InvalidRequest(format!("{queue:?} is not a topic queue")))?;
-        Ok((topic.to_string(), index, lease))
+        let located = self.scheduler.borrow().locate(queue).map(|(t, i)| (t.to_string(), i));
+        let (topic, index) = match located {
+            Some(found) => found,
+            // A lite queue whose delivery state is gone (its subscribers left): no live lease.
+            None if sluice_transport::model::placement::split_lite_queue(queue).is_some() => {
+                return Err(BrokerError::ReceiptExpired)
+            }
+            None => return Err(BrokerError::InvalidRequest(format!("{queue:?} is not a topic queue"))),
+        };
+        Ok((topic, index, lease))
     }
 
     fn lease_error(&self, e: LeaseError) -> BrokerError {
@@ -708,8 +757,8 @@ impl ShardHandler {
         if offset > max {
             return Err(BrokerError::InvalidRequest(format!("offset {offset} is past the end of {queue} ({max})")));
         }
-        let (topic, index) = sluice_transport::model::placement::split_topic_queue(queue)
-            .ok_or_else(|| BrokerError::InvalidRequest(format!("{queue:?} is not a topic queue")))?;
+        let (topic, index) = self.index_for_commit(queue)?;
+        let (topic, index) = (topic.as_str(), index);
         {
             let mut scheduler = self.scheduler.borrow_mut();
             let exists = scheduler.group(group, topic).is_some_and(|gt| gt.queues.contains_key(&index));
@@ -733,6 +782,21 @@ impl ShardHandler {
         self.dirty_offsets.borrow_mut().insert((group.into(), queue.into()));
         self.persist_offsets().await?;
         Ok(CommitOffsetResponse {})
+    }
+
+    /// (topic, index) of a queue an offset is committed on; a lite queue gets an index.
+    fn index_for_commit(&self, queue: &str) -> Result<(String, u32)> {
+        if let Some((topic, index)) = sluice_transport::model::placement::split_topic_queue(queue) {
+            return Ok((topic.to_string(), index));
+        }
+        let (topic, _, _) = sluice_transport::model::placement::split_lite_queue(queue)
+            .ok_or_else(|| BrokerError::InvalidRequest(format!("{queue:?} is not a topic or lite queue")))?;
+        let index = self
+            .scheduler
+            .borrow_mut()
+            .lite_index(topic, queue)
+            .ok_or(BrokerError::TooManyGroups { max: self.limits.group_queues_max })?;
+        Ok((topic.to_string(), index))
     }
 
     pub(super) async fn query_offset(&self, request: &Frame) -> Result<QueryOffsetResponse> {

@@ -40,6 +40,10 @@ pub enum BrokerError {
     TooManyHeld { max: usize },
     #[error("queue {queue:?} takes {expected} messages, not {given}")]
     MessageTypeMismatch { queue: String, expected: &'static str, given: &'static str },
+    #[error("this client is subscribed to {max} lite topics on one shard (broker.lite_subscriptions_per_client_max); unsubscribe some first")]
+    LiteSubscriptionQuota { max: usize },
+    #[error("illegal lite topic {name:?}: {reason}")]
+    IllegalLiteTopic { name: String, reason: String },
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -61,6 +65,8 @@ impl BrokerError {
             BrokerError::HeldNotFound { .. } => codes::HELD_MESSAGE_NOT_FOUND,
             BrokerError::TooManyHeld { .. } => codes::TOO_MANY_HELD,
             BrokerError::MessageTypeMismatch { .. } => codes::MESSAGE_TYPE_MISMATCH,
+            BrokerError::LiteSubscriptionQuota { .. } => codes::LITE_SUBSCRIPTION_QUOTA,
+            BrokerError::IllegalLiteTopic { .. } => codes::ILLEGAL_LITE_TOPIC,
             BrokerError::Engine(e) => e.code(),
         }
     }

@@ -25,8 +25,12 @@ use crate::index::StateTable;
 use crate::queue::{shard_for_queue, validate_queue_name};
 use crate::record::NewRecord;
 use crate::shard::Shard;
+use sluice_transport::model::placement::{check_lite_topic_name, split_lite_queue, topic_queue};
 
 pub(crate) type Result<T> = std::result::Result<T, BrokerError>;
+
+/// (group, topic, lite queue index).
+pub(super) type LiteQueueKey = (Rc<str>, Rc<str>, u32);
 
 /// Longest consumer group name, in bytes.
 pub const GROUP_NAME_MAX_BYTES: usize = 255;
@@ -39,8 +43,11 @@ pub struct ShardHandler {
     shard_count: usize,
     pub(super) key: ReceiptKey,
     pub(super) limits: BrokerLimits,
-    configs: RefCell<QueueConfigs>,
+    pub(super) configs: RefCell<QueueConfigs>,
     pub(super) scheduler: RefCell<Scheduler>,
+    /// Lite queues whose last subscriber of a group left while messages were still leased:
+    /// the group's state there is dropped once they are settled (`sweep_lite`).
+    pub(super) lite_unsubscribed: RefCell<HashSet<LiteQueueKey>>,
     /// (group, queue) whose floor moved since it was last persisted.
     pub(super) dirty_offsets: RefCell<HashSet<(Rc<str>, Rc<str>)>>,
     /// Long polls that can be cancelled, by poll id.
@@ -69,6 +76,8 @@ pub(super) struct Counters {
     /// Index entries whose record retention deleted before the group read it.
     pub gone_unread: Cell<u64>,
     pub receipts_refused: Cell<u64>,
+    pub lite_clients_expired: Cell<u64>,
+    pub lite_topics_reclaimed: Cell<u64>,
     pub long_polls: Cell<u64>,
     pub polls_cancelled: Cell<u64>,
     pub timers_dispatched: Cell<u64>,
@@ -88,6 +97,12 @@ impl Counters {
 
 pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A lite topic name as the broker accepts it.
+pub(super) fn check_lite_name(name: &str) -> Result<()> {
+    check_lite_topic_name(name)
+        .map_err(|reason| BrokerError::IllegalLiteTopic { name: name.to_string(), reason: reason.to_string() })
 }
 
 pub(super) fn bounded(value: u32, max: u32) -> u32 {
@@ -124,6 +139,7 @@ impl ShardHandler {
             configs: RefCell::new(configs),
             scheduler: RefCell::new(scheduler),
             dirty_offsets: RefCell::new(HashSet::new()),
+            lite_unsubscribed: RefCell::new(HashSet::new()),
             polls: RefCell::new(HashMap::new()),
             closing: Cell::new(false),
             closing_signal: tokio::sync::Notify::new(),
@@ -177,7 +193,7 @@ impl ShardHandler {
             FrameKind::EndTransactionRequest => OutFrame::encode(id, &self.end_transaction(request).await?, max),
             FrameKind::RecallRequest => OutFrame::encode(id, &self.recall(request).await?, max),
             FrameKind::TransactionCheckRequest => return self.transaction_checks(request).await,
-            FrameKind::LiteSubscriptionRequest => return Err(BrokerError::NotSupported("lite subscriptions")),
+            FrameKind::LiteSubscriptionRequest => OutFrame::encode(id, &self.lite_subscription(request).await?, max),
             other => return Err(BrokerError::InvalidRequest(format!("{other:?} is not a request a broker serves"))),
         };
         encoded.map_err(Self::unencodable)
@@ -187,12 +203,25 @@ impl ShardHandler {
         BrokerError::InvalidRequest(format!("reply does not fit in a frame: {e}"))
     }
 
-    /// The queue must be valid, on this shard and configured.
+    /// The queue must be valid, on this shard and configured. A lite queue (`topic#i/lite`)
+    /// needs no configuration of its own: its parent queue must be a configured LITE queue.
     pub(super) fn check_queue(&self, queue: &str) -> Result<()> {
         validate_queue_name(queue)?;
         let owner = shard_for_queue(queue, self.shard_count);
         if owner != self.shard_id {
             return Err(BrokerError::WrongShard { queue: queue.to_string(), owner, here: self.shard_id });
+        }
+        if let Some((topic, index, lite)) = split_lite_queue(queue) {
+            check_lite_name(lite)?;
+            let parent = topic_queue(topic, index);
+            return match self.configs.borrow().get(&parent) {
+                None => Err(BrokerError::QueueNotFound(parent)),
+                Some(c) if c.message_type != message_type::LITE => Err(BrokerError::InvalidRequest(format!(
+                    "{topic} is a {} topic; only LITE topics have lite topics",
+                    message_type::name(c.message_type)
+                ))),
+                Some(_) => Ok(()),
+            };
         }
         if !self.configs.borrow().contains(queue) {
             return Err(BrokerError::QueueNotFound(queue.to_string()));
@@ -211,7 +240,11 @@ impl ShardHandler {
 
     /// The message type a queue takes (normal for a queue configured without one).
     pub(super) fn queue_type(&self, queue: &str) -> u8 {
-        self.configs.borrow().get(queue).map_or(message_type::NORMAL, |c| c.message_type.max(message_type::NORMAL))
+        let parent = split_lite_queue(queue).map(|(topic, index, _)| topic_queue(topic, index));
+        let configs = self.configs.borrow();
+        configs
+            .get(parent.as_deref().unwrap_or(queue))
+            .map_or(message_type::NORMAL, |c| c.message_type.max(message_type::NORMAL))
     }
 
     /// The broker-visible attributes of an entry, checked against its queues and the limits.
@@ -220,6 +253,14 @@ impl ShardHandler {
         let given = a.message_type;
         for queue in entry.queues.iter() {
             let expected = self.queue_type(queue.as_str());
+            let lite = split_lite_queue(queue.as_str()).map(|(_, _, lite)| lite);
+            if given == message_type::LITE && lite != Some(a.lite_topic.as_str()) {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "a LITE message goes to the queue of its own lite topic ({:?}), not {:?}",
+                    a.lite_topic.as_str(),
+                    queue.as_str()
+                )));
+            }
             if given != 0 && given != expected {
                 return Err(BrokerError::MessageTypeMismatch {
                     queue: queue.as_str().to_string(),
@@ -489,6 +530,9 @@ impl ShardHandler {
             ("long_poll_waits".to_string(), c.long_polls.get()),
             ("polls_cancelled".to_string(), c.polls_cancelled.get()),
             ("group_queues".to_string(), scheduler.group_queue_count() as u64),
+            ("lite_clients".to_string(), scheduler.lite_client_count() as u64),
+            ("lite_clients_expired".to_string(), c.lite_clients_expired.get()),
+            ("lite_topics_reclaimed".to_string(), c.lite_topics_reclaimed.get()),
             ("leases".to_string(), scheduler.leases() as u64),
             ("timers_dispatched".to_string(), c.timers_dispatched.get()),
             ("timers_recalled".to_string(), c.timers_recalled.get()),

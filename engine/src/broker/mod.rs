@@ -10,6 +10,7 @@ mod delivery;
 pub mod error;
 pub mod handler;
 mod held;
+mod lite;
 pub mod pop;
 pub mod queues;
 pub mod receipt;
@@ -71,6 +72,13 @@ pub struct BrokerLimits {
     pub transaction_check_interval_max_ms: u64,
     /// After this many checks without an answer the half message is discarded (and counted).
     pub transaction_checks_max: u32,
+    /// Lite topics one client may subscribe to on one shard.
+    pub lite_subscriptions_per_client_max: usize,
+    /// A lite consumer that neither polled nor synced its subscriptions for this long is
+    /// forgotten (its group's positions stay). Clients sync every 30 s and poll all the time.
+    pub lite_client_idle_ms: u64,
+    /// Clients or lite queues the periodic sweep handles per round.
+    pub lite_sweep_batch: usize,
 }
 
 /// RocketMQ's longest delay: 40 days.
@@ -101,6 +109,9 @@ impl Default for BrokerLimits {
             transaction_check_first_ms: 6_000,
             transaction_check_interval_max_ms: 60_000,
             transaction_checks_max: 15,
+            lite_subscriptions_per_client_max: 100_000,
+            lite_client_idle_ms: 120_000,
+            lite_sweep_batch: 1024,
         }
     }
 }
@@ -264,6 +275,9 @@ async fn serve_shard(
             glommio::timer::sleep(persist_every).await;
             if let Err(e) = persister.handler().persist_offsets().await {
                 tracing::warn!(error = %e, "writing consumer offsets failed; will retry");
+            }
+            if let Err(e) = persister.handler().sweep_lite().await {
+                tracing::warn!(error = %e, "lite subscription upkeep failed; will retry");
             }
         }
     });

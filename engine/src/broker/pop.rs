@@ -18,6 +18,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use crate::index::QueueEntry;
 
+/// The FIFO key of every entry of an ordered queue (any non-zero value: 0 means "no group").
+const ORDERED_QUEUE_KEY: u64 = 1;
+
 /// One delivery of one message, alive until acked or until `deadline_ms` passes. A receipt
 /// names exactly these fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +101,9 @@ pub struct GroupQueue {
     /// FIFO: (offset, group) of each group's first waiting message once its group is free.
     ready_heads: BTreeSet<(u64, u64)>,
     fifo: bool,
+    /// The whole queue is one FIFO message group (a lite topic): one message leased at a
+    /// time, in offset order, whatever the group's policy says.
+    ordered: bool,
     /// FIFO was switched on while a message group held several leases: how many of those
     /// leases `blocked` does not record. While non-zero, settling a group's recorded lease
     /// looks for another of its leases before the group moves on.
@@ -120,9 +126,25 @@ impl GroupQueue {
             waiting_offsets: BTreeSet::new(),
             ready_heads: BTreeSet::new(),
             fifo: false,
+            ordered: false,
             unrecorded_leases: 0,
             epoch: 0,
             scanning: false,
+        }
+    }
+
+    /// Makes the whole queue one ordered stream (see `ordered`). Set before the first scan.
+    pub fn set_ordered(&mut self) {
+        self.set_fifo(true);
+        self.ordered = true;
+    }
+
+    /// The FIFO message group of an entry: the whole queue when it is ordered.
+    fn fifo_key(&self, entry: &QueueEntry) -> u64 {
+        if self.ordered {
+            ORDERED_QUEUE_KEY
+        } else {
+            entry.group_hash
         }
     }
 
@@ -155,6 +177,9 @@ impl GroupQueue {
     /// drain in order. On records each group's leases, so no group gets another message until
     /// all it had leased before the switch are settled.
     pub fn set_fifo(&mut self, fifo: bool) {
+        if self.ordered {
+            return;
+        }
         if self.fifo && !fifo {
             let heads: Vec<(u64, u64)> =
                 self.waiting.iter().filter_map(|(g, q)| q.front().map(|e| (e.offset, *g))).collect();
@@ -253,8 +278,9 @@ impl GroupQueue {
         let previous = self.leases.insert(offset, Leased { lease, entry, retry_at_ms, released: false });
         assert!(previous.is_none(), "offset {offset} leased twice");
         self.by_retry.insert((retry_at_ms, offset));
-        if self.fifo && entry.group_hash != 0 {
-            let was = self.blocked.insert(entry.group_hash, offset);
+        let key = self.fifo_key(&entry);
+        if self.fifo && key != 0 {
+            let was = self.blocked.insert(key, offset);
             assert!(was.is_none(), "a FIFO group never has two messages leased at once");
         }
         Delivery { lease, entry }
@@ -283,7 +309,7 @@ impl GroupQueue {
                 self.next = entry.offset + 1;
                 continue;
             }
-            let group = entry.group_hash;
+            let group = self.fifo_key(entry);
             if self.fifo && group != 0 && (self.blocked.contains_key(&group) || self.waiting.contains_key(&group)) {
                 if self.waiting_offsets.len() >= limits.waiting_max {
                     break;
@@ -412,16 +438,17 @@ impl GroupQueue {
 
     /// Forgets every lease and restarts delivery at `offset` (an explicit offset reset).
     pub fn reset(&mut self, offset: u64) {
-        let (epoch, fifo) = (self.epoch + 1, self.fifo);
+        let (epoch, fifo, ordered) = (self.epoch + 1, self.fifo, self.ordered);
         *self = GroupQueue::new(offset);
         self.epoch = epoch;
         self.fifo = fifo;
+        self.ordered = ordered;
     }
 
     fn remove(&mut self, offset: u64) {
         if let Some(leased) = self.leases.remove(&offset) {
             self.by_retry.remove(&(leased.retry_at_ms, offset));
-            let group = leased.entry.group_hash;
+            let group = self.fifo_key(&leased.entry);
             if self.blocked.get(&group) == Some(&offset) {
                 self.blocked.remove(&group);
                 self.block_on_unrecorded(group);
@@ -481,6 +508,25 @@ mod tests {
 
     fn scan_all(q: &mut GroupQueue, entries: &[QueueEntry], now: u64) -> Vec<Delivery> {
         q.scan(entries, |_| true, usize::MAX, terms(now), LIMITS, ids())
+    }
+
+    #[test]
+    fn an_ordered_queue_leases_one_message_at_a_time_in_offset_order() {
+        let mut q = GroupQueue::new(0);
+        q.set_ordered();
+        q.set_fifo(false);
+        let got = scan_all(&mut q, &[entry(0, 0), entry(1, 0), entry(2, 5)], 0);
+        assert_eq!(got.iter().map(|d| d.lease.offset).collect::<Vec<_>>(), vec![0], "message groups do not matter");
+        assert_eq!(q.waiting(), 2);
+        assert!(q.ready_heads(10).is_empty(), "nothing goes while 0 is leased");
+        q.ack(0, got[0].lease.lease_id, 1).unwrap();
+        assert_eq!(q.ready_heads(10), vec![1]);
+        let next = q.deliver_head(1, terms(2), 99).unwrap();
+        assert_eq!(next.lease.offset, 1);
+        assert!(q.ready_heads(10).is_empty(), "2 waits for 1");
+        q.reset(0);
+        let again = scan_all(&mut q, &[entry(0, 0), entry(1, 0)], 3);
+        assert_eq!(again.len(), 1, "an offset reset keeps the queue ordered");
     }
 
     #[test]

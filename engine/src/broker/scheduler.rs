@@ -13,7 +13,7 @@ use std::rc::Rc;
 
 use sluice_transport::messages::{FilterSpec, GroupPolicy};
 use sluice_transport::model::filter::{Filter, FilterError};
-use sluice_transport::model::placement::split_topic_queue;
+use sluice_transport::model::placement::{split_lite_queue, split_topic_queue};
 
 use crate::broker::pop::{GroupQueue, QueueLimits};
 
@@ -38,6 +38,139 @@ pub struct GroupTopic {
     pub filter: Rc<Filter>,
     filter_spec: FilterSpec,
     pub policy: GroupPolicy,
+    /// Lite consumers of the group on this topic: what each subscribed to, and its own
+    /// ready set and long polls (lite queues are never in `ready`).
+    pub lite: LiteClients,
+}
+
+/// Lite queue indexes start here, so they never meet a topic queue's index.
+pub const LITE_INDEX_BASE: u32 = 1 << 31;
+
+pub fn is_lite(index: u32) -> bool {
+    index >= LITE_INDEX_BASE
+}
+
+/// One lite consumer (a client id) of a group on one topic.
+pub struct LiteClient {
+    pub subscribed: HashSet<u32>,
+    /// Subscribed lite queues with something deliverable now.
+    ready: BTreeSet<u32>,
+    cursor: u32,
+    pub waiters: Rc<tokio::sync::Notify>,
+    /// Last pop or subscription change, to forget clients that went away silently.
+    pub seen_ms: u64,
+}
+
+/// The lite consumers of one (group, topic) and, per lite queue, who subscribed to it. On an
+/// append or any other readiness change of a lite queue, exactly its subscribers' ready sets
+/// change and exactly their polls wake: an idle subscription costs nothing.
+#[derive(Default)]
+pub struct LiteClients {
+    pub clients: HashMap<Rc<str>, LiteClient>,
+    subscribers: HashMap<u32, Vec<Rc<str>>>,
+}
+
+impl LiteClients {
+    /// The client, created on first use.
+    pub fn client(&mut self, client: &str, now_ms: u64) -> &mut LiteClient {
+        let c = self.clients.entry(client.into()).or_insert_with(|| LiteClient {
+            subscribed: HashSet::new(),
+            ready: BTreeSet::new(),
+            cursor: LITE_INDEX_BASE,
+            waiters: Rc::new(tokio::sync::Notify::new()),
+            seen_ms: now_ms,
+        });
+        c.seen_ms = c.seen_ms.max(now_ms);
+        c
+    }
+
+    /// True when the client newly subscribed to the queue.
+    pub fn subscribe(&mut self, client: &str, index: u32, now_ms: u64) -> bool {
+        let added = self.client(client, now_ms).subscribed.insert(index);
+        if added {
+            let key = self.clients.get_key_value(client).map(|(k, _)| k.clone()).expect("created above");
+            self.subscribers.entry(index).or_default().push(key);
+        }
+        added
+    }
+
+    /// True when the client was subscribed to the queue.
+    pub fn unsubscribe(&mut self, client: &str, index: u32) -> bool {
+        let Some(c) = self.clients.get_mut(client) else { return false };
+        if !c.subscribed.remove(&index) {
+            return false;
+        }
+        c.ready.remove(&index);
+        if let Some(subs) = self.subscribers.get_mut(&index) {
+            subs.retain(|s| &**s != client);
+            if subs.is_empty() {
+                self.subscribers.remove(&index);
+            }
+        }
+        true
+    }
+
+    /// Forgets a client and returns the queues it was subscribed to.
+    pub fn remove_client(&mut self, client: &str) -> Vec<u32> {
+        let indexes: Vec<u32> =
+            self.clients.get(client).map(|c| c.subscribed.iter().copied().collect()).unwrap_or_default();
+        for index in &indexes {
+            self.unsubscribe(client, *index);
+        }
+        if let Some(c) = self.clients.remove(client) {
+            // Its polls answer now rather than at their deadline.
+            c.waiters.notify_waiters();
+        }
+        indexes
+    }
+
+    pub fn has_subscribers(&self, index: u32) -> bool {
+        self.subscribers.contains_key(&index)
+    }
+
+    /// Puts the queue in (or takes it out of) each subscriber's ready set; wakes those it
+    /// newly became ready for. True if it became ready for any.
+    fn set_ready(&mut self, index: u32, ready: bool) -> bool {
+        let Some(subs) = self.subscribers.get(&index) else { return false };
+        let mut became = false;
+        for sub in subs {
+            let Some(c) = self.clients.get_mut(sub) else { continue };
+            if !ready {
+                c.ready.remove(&index);
+            } else if c.ready.insert(index) {
+                became = true;
+                c.waiters.notify_waiters();
+            }
+        }
+        became
+    }
+
+    /// Wakes the polls of every subscriber the queue is ready for (new messages).
+    fn wake(&self, index: u32) {
+        for sub in self.subscribers.get(&index).into_iter().flatten() {
+            if let Some(c) = self.clients.get(sub).filter(|c| c.ready.contains(&index)) {
+                c.waiters.notify_waiters();
+            }
+        }
+    }
+
+    /// The client's ready queues, starting after the last one served.
+    pub fn ready_in_turn(&self, client: &str) -> Vec<u32> {
+        let Some(c) = self.clients.get(client) else { return Vec::new() };
+        let after = c.ready.range(c.cursor..).copied();
+        after.chain(c.ready.range(..c.cursor).copied()).collect()
+    }
+
+    pub fn served(&mut self, client: &str, index: u32) {
+        if let Some(c) = self.clients.get_mut(client) {
+            c.cursor = index.wrapping_add(1).max(LITE_INDEX_BASE);
+        }
+    }
+
+    /// Clients not seen since `before_ms`, at most `max`.
+    pub fn idle_clients(&self, before_ms: u64, max: usize) -> Vec<Rc<str>> {
+        self.clients.iter().filter(|(_, c)| c.seen_ms < before_ms).take(max).map(|(k, _)| k.clone()).collect()
+    }
 }
 
 impl GroupTopic {
@@ -52,6 +185,7 @@ impl GroupTopic {
             filter: Rc::new(Filter::All),
             filter_spec: FilterSpec::default(),
             policy: GroupPolicy::default(),
+            lite: LiteClients::default(),
         }
     }
 
@@ -82,7 +216,11 @@ impl GroupTopic {
             }
             self.retry_due.remove(&(at, queue));
             self.retry_at.remove(&queue);
-            self.ready.insert(queue);
+            if is_lite(queue) {
+                self.lite.set_ready(queue, true);
+            } else {
+                self.ready.insert(queue);
+            }
         }
     }
 
@@ -93,11 +231,14 @@ impl GroupTopic {
     pub fn refresh(&mut self, queue: u32, end: u64, now_ms: u64, limits: QueueLimits) -> Readiness {
         let Some(gq) = self.queues.get(&queue) else {
             self.ready.remove(&queue);
+            self.lite.set_ready(queue, false);
             return Readiness { ready: false, became_ready: false };
         };
         let ready = gq.has_work(end, now_ms, limits);
         let retry = gq.next_retry_ms().filter(|at| *at > now_ms);
-        let became_ready = if ready {
+        let became_ready = if is_lite(queue) {
+            self.lite.set_ready(queue, ready)
+        } else if ready {
             self.ready.insert(queue)
         } else {
             self.ready.remove(&queue);
@@ -129,6 +270,7 @@ impl GroupTopic {
         }
         let switched = self.policy.fifo != policy.fifo;
         for gq in self.queues.values_mut() {
+            // Lite queues are ordered whatever the policy (`set_fifo` leaves them so).
             gq.set_fifo(policy.fifo);
         }
         self.policy = policy.clone();
@@ -144,6 +286,15 @@ impl GroupTopic {
     fn check_consistent(&self, now_ms: u64, end_of: impl Fn(u32) -> u64, limits: QueueLimits) -> Result<(), String> {
         for (queue, gq) in &self.queues {
             let want = gq.has_work(end_of(*queue), now_ms, limits);
+            if is_lite(*queue) {
+                for (name, c) in &self.lite.clients {
+                    let subscribed = c.subscribed.contains(queue);
+                    if c.ready.contains(queue) != (want && subscribed) {
+                        return Err(format!("lite queue {queue}: client {name} ready set disagrees"));
+                    }
+                }
+                continue;
+            }
             if self.ready.contains(queue) != want {
                 return Err(format!("queue {queue}: ready {} but has_work {want}", self.ready.contains(queue)));
             }
@@ -170,9 +321,34 @@ pub struct Scheduler {
     consumers: HashMap<Rc<str>, HashSet<Rc<str>>>,
     /// `GroupQueue`s held in all, bounded by the broker's `group_queues_max`.
     group_queues: usize,
+    /// Lite queues some group has delivery state for, by topic: name ↔ index.
+    lite: HashMap<Rc<str>, LiteNames>,
+    next_lite_index: u32,
+}
+
+#[derive(Default)]
+struct LiteNames {
+    index_of: HashMap<Rc<str>, u32>,
+    name_of: HashMap<u32, Rc<str>>,
 }
 
 impl Scheduler {
+    /// Forgets a lite queue: every group's state on it and every subscription to it.
+    fn remove_lite_queue(&mut self, queue: &str) {
+        let Some((topic, index)) = self.locate(queue) else { return };
+        let topic: Rc<str> = topic.into();
+        for group in self.consumers.get(&topic).cloned().unwrap_or_default() {
+            if let Some(gt) = self.groups.get_mut(&(group.clone(), topic.clone())) {
+                let subscribers: Vec<Rc<str>> = gt.lite.subscribers.get(&index).cloned().unwrap_or_default();
+                for client in subscribers {
+                    gt.lite.unsubscribe(&client, index);
+                }
+            }
+            self.remove_group_queue(&group, &topic, index);
+        }
+        self.forget_lite_index(&topic, index);
+    }
+
     /// Records a topic queue (`topic#index`) served by this shard. Other names are ignored.
     pub fn add_queue(&mut self, queue: &str) {
         if let Some((topic, index)) = split_topic_queue(queue) {
@@ -182,6 +358,10 @@ impl Scheduler {
 
     /// Forgets a queue and every group's state on it.
     pub fn remove_queue(&mut self, queue: &str) {
+        if split_lite_queue(queue).is_some() {
+            self.remove_lite_queue(queue);
+            return;
+        }
         let Some((topic, index)) = split_topic_queue(queue) else { return };
         if let Some(queues) = self.topics.get_mut(topic) {
             queues.remove(&index);
@@ -206,6 +386,105 @@ impl Scheduler {
     /// The topic's local queues, by index.
     pub fn topic_queues(&self, topic: &str) -> Option<&BTreeMap<u32, Rc<str>>> {
         self.topics.get(topic)
+    }
+
+    /// The name of a topic queue or lite queue by its index.
+    pub fn queue_name(&self, topic: &str, index: u32) -> Option<Rc<str>> {
+        if is_lite(index) {
+            self.lite.get(topic)?.name_of.get(&index).cloned()
+        } else {
+            self.topics.get(topic)?.get(&index).cloned()
+        }
+    }
+
+    /// (topic, index) of a topic queue or of a lite queue that has an index.
+    pub fn locate<'q>(&self, queue: &'q str) -> Option<(&'q str, u32)> {
+        if let Some((topic, index)) = split_topic_queue(queue) {
+            return Some((topic, index));
+        }
+        let (topic, _, _) = split_lite_queue(queue)?;
+        Some((topic, *self.lite.get(topic)?.index_of.get(queue)?))
+    }
+
+    /// The index of a lite queue, assigned on first use; `None` once indexes ran out.
+    pub fn lite_index(&mut self, topic: &str, queue: &str) -> Option<u32> {
+        if let Some(index) = self.lite.get(topic).and_then(|l| l.index_of.get(queue)) {
+            return Some(*index);
+        }
+        let index = self.next_lite_index.max(LITE_INDEX_BASE);
+        if index == u32::MAX {
+            return None;
+        }
+        self.next_lite_index = index + 1;
+        let names = self.lite.entry(topic.into()).or_default();
+        let name: Rc<str> = queue.into();
+        names.index_of.insert(name.clone(), index);
+        names.name_of.insert(index, name);
+        Some(index)
+    }
+
+    /// Forgets a lite queue's index once no group holds state for it.
+    pub fn forget_lite_index(&mut self, topic: &str, index: u32) {
+        let held = self.consumers.get(topic).is_some_and(|groups| {
+            groups
+                .iter()
+                .any(|g| self.groups.get(&(g.clone(), topic.into())).is_some_and(|gt| gt.queues.contains_key(&index)))
+        });
+        if held {
+            return;
+        }
+        if let Some(names) = self.lite.get_mut(topic) {
+            if let Some(name) = names.name_of.remove(&index) {
+                names.index_of.remove(&name);
+            }
+            if names.name_of.is_empty() {
+                self.lite.remove(topic);
+            }
+        }
+    }
+
+    /// Drops a group's state on a lite queue (no leases left, nobody subscribed).
+    pub fn remove_group_queue(&mut self, group: &str, topic: &str, index: u32) {
+        if let Some(gt) = self.groups.get_mut(&(group.into(), topic.into())) {
+            if gt.queues.remove(&index).is_some() {
+                self.group_queues -= 1;
+            }
+            gt.ready.remove(&index);
+            gt.lite.set_ready(index, false);
+            if let Some(at) = gt.retry_at.remove(&index) {
+                gt.retry_due.remove(&(at, index));
+            }
+        }
+        self.forget_lite_index(topic, index);
+    }
+
+    /// True when some group has a subscriber or a lease on the lite queue.
+    pub fn lite_in_use(&self, queue: &str) -> bool {
+        let Some((topic, index)) = self.locate(queue) else { return false };
+        let Some(groups) = self.consumers.get(topic) else { return false };
+        groups.iter().any(|g| {
+            self.groups.get(&(g.clone(), topic.into())).is_some_and(|gt| {
+                gt.lite.has_subscribers(index) || gt.queues.get(&index).is_some_and(|gq| gq.leased() > 0)
+            })
+        })
+    }
+
+    /// Topics on which the client is a lite consumer of the group.
+    pub fn lite_topics_of(&self, group: &str, client: &str) -> Vec<Rc<str>> {
+        self.groups
+            .iter()
+            .filter(|((g, _), gt)| &**g == group && gt.lite.clients.contains_key(client))
+            .map(|((_, t), _)| t.clone())
+            .collect()
+    }
+
+    pub fn lite_client_count(&self) -> usize {
+        self.groups.values().map(|gt| gt.lite.clients.len()).sum()
+    }
+
+    /// Every (group, topic) key with lite clients, for the idle-client sweep.
+    pub fn lite_group_keys(&self) -> Vec<GroupKey> {
+        self.groups.iter().filter(|(_, gt)| !gt.lite.clients.is_empty()).map(|(k, _)| k.clone()).collect()
     }
 
     pub fn group(&self, group: &str, topic: &str) -> Option<&GroupTopic> {
@@ -250,7 +529,12 @@ impl Scheduler {
         }
         let fifo = gt.policy.fifo;
         let mut gq = gq;
-        gq.set_fifo(fifo);
+        if is_lite(index) {
+            // A lite topic is one ordered stream.
+            gq.set_ordered();
+        } else {
+            gq.set_fifo(fifo);
+        }
         self.group_entry(group, topic).queues.insert(index, gq);
         self.group_queues += 1;
         true
@@ -259,13 +543,21 @@ impl Scheduler {
     /// A queue got new messages: mark it ready for every group consuming its topic and wake
     /// their long polls. `end` is the queue's readable end.
     pub fn on_append(&mut self, queue: &str, end: u64, now_ms: u64, limits: QueueLimits) {
-        let Some((topic, index)) = split_topic_queue(queue) else { return };
+        // A lite queue no group has state for has no index, and nobody to wake.
+        let Some((topic, index)) = self.locate(queue) else { return };
         let Some(groups) = self.consumers.get(topic) else { return };
         for group in groups {
             if let Some(gt) = self.groups.get_mut(&(group.clone(), topic.into())) {
+                if !gt.queues.contains_key(&index) {
+                    continue;
+                }
                 // New messages: wake the polls even if the queue was ready already.
                 if gt.refresh(index, end, now_ms, limits).ready {
-                    gt.waiters.notify_waiters();
+                    if is_lite(index) {
+                        gt.lite.wake(index);
+                    } else {
+                        gt.waiters.notify_waiters();
+                    }
                 }
             }
         }
@@ -274,9 +566,8 @@ impl Scheduler {
     /// Every (group, queue name) with delivery state, with its floor.
     pub fn floors(&self) -> impl Iterator<Item = (Rc<str>, Rc<str>, u64)> + '_ {
         self.groups.iter().flat_map(move |((group, topic), gt)| {
-            let names = self.topics.get(topic);
             gt.queues.iter().filter_map(move |(index, gq)| {
-                names.and_then(|n| n.get(index)).map(|name| (group.clone(), name.clone(), gq.floor()))
+                self.queue_name(topic, *index).map(|name| (group.clone(), name, gq.floor()))
             })
         })
     }
@@ -293,6 +584,9 @@ impl Scheduler {
     pub fn wake_all(&self) {
         for gt in self.groups.values() {
             gt.waiters.notify_waiters();
+            for c in gt.lite.clients.values() {
+                c.waiters.notify_waiters();
+            }
         }
     }
 }
@@ -327,6 +621,44 @@ mod tests {
         assert!(s.group("g", "a").is_some(), "a group with queue state stays");
         s.on_append("a#0", 2, 0, LIMITS);
         assert!(s.group("g", "a").unwrap().is_ready(), "and is still woken by appends");
+    }
+
+    #[test]
+    fn a_lite_append_readies_and_wakes_only_its_subscribers() {
+        let mut s = Scheduler::default();
+        s.add_queue("chat#0");
+        let (one, two) = ("chat#0/session-1", "chat#0/session-2");
+        let i1 = s.lite_index("chat", one).unwrap();
+        let i2 = s.lite_index("chat", two).unwrap();
+        assert!(is_lite(i1) && is_lite(i2) && i1 != i2);
+        assert_eq!(s.lite_index("chat", one), Some(i1), "an index is stable while in use");
+        s.on_append(one, 1, 0, LIMITS);
+        assert!(s.group("g", "chat").is_none(), "an append nobody consumes creates nothing");
+        for index in [i1, i2] {
+            assert!(s.insert_group_queue("g", "chat", index, GroupQueue::new(0), 10));
+        }
+        let gt = s.group_mut("g", "chat").unwrap();
+        gt.lite.subscribe("a", i1, 0);
+        gt.lite.subscribe("b", i2, 0);
+        let wake_a = gt.lite.client("a", 0).waiters.clone();
+        let woken = wake_a.notified();
+        let mut woken = std::pin::pin!(woken);
+        woken.as_mut().enable();
+        s.on_append(one, 1, 0, LIMITS);
+        let gt = s.group("g", "chat").unwrap();
+        assert_eq!(gt.lite.ready_in_turn("a"), vec![i1]);
+        assert!(gt.lite.ready_in_turn("b").is_empty(), "b did not subscribe to session-1");
+        assert!(!gt.is_ready(), "lite queues stay out of the group-wide ready set");
+        assert!(futures::FutureExt::now_or_never(woken).is_some(), "a's poll was woken");
+        assert!(gt.check_consistent(0, |i| if i == i1 { 1 } else { 0 }, LIMITS).is_ok());
+        let gt = s.group_mut("g", "chat").unwrap();
+        assert_eq!(gt.lite.remove_client("a"), vec![i1]);
+        assert!(!gt.lite.has_subscribers(i1));
+        s.remove_group_queue("g", "chat", i1);
+        assert_eq!(s.locate(one), None, "an unused lite queue's index is forgotten");
+        assert_eq!(s.locate(two), Some(("chat", i2)));
+        assert_eq!(s.queue_name("chat", i2).as_deref(), Some(two));
+        assert_eq!(s.floors().count(), 1);
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub struct BrokerSection {
     pub leases_per_group_queue_max: Option<usize>,
     /// FIFO messages one group may have waiting behind their message group on one queue.
     pub fifo_waiting_per_group_queue_max: Option<usize>,
+    /// Lite topics one lite consumer may subscribe to on one shard.
+    pub lite_subscriptions_per_client_max: Option<usize>,
+    /// A lite consumer silent (no poll, no subscription sync) this long is forgotten.
+    pub lite_client_idle_ms: Option<u64>,
 }
 
 impl Default for BrokerSection {
@@ -90,6 +94,8 @@ impl Default for BrokerSection {
             transaction_checks_max: None,
             leases_per_group_queue_max: None,
             fifo_waiting_per_group_queue_max: None,
+            lite_subscriptions_per_client_max: None,
+            lite_client_idle_ms: None,
         }
     }
 }
@@ -199,6 +205,10 @@ impl BrokerSection {
             fifo_waiting_per_group_queue_max: self
                 .fifo_waiting_per_group_queue_max
                 .unwrap_or(d.fifo_waiting_per_group_queue_max),
+            lite_subscriptions_per_client_max: self
+                .lite_subscriptions_per_client_max
+                .unwrap_or(d.lite_subscriptions_per_client_max),
+            lite_client_idle_ms: self.lite_client_idle_ms.unwrap_or(d.lite_client_idle_ms),
             ..d
         };
         let checks = [
@@ -210,6 +220,8 @@ impl BrokerSection {
             (limits.transaction_checks_max >= 1, "transaction_checks_max must be at least 1"),
             (limits.leases_per_group_queue_max >= 1, "leases_per_group_queue_max must be at least 1"),
             (limits.fifo_waiting_per_group_queue_max >= 1, "fifo_waiting_per_group_queue_max must be at least 1"),
+            (limits.lite_subscriptions_per_client_max >= 1, "lite_subscriptions_per_client_max must be at least 1"),
+            (limits.lite_client_idle_ms >= 1_000, "lite_client_idle_ms must be at least 1000"),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, why)) => Err(format!("broker settings: {why}")),

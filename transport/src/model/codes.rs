@@ -41,3 +41,7 @@ pub const HELD_MESSAGE_NOT_FOUND: u32 = 3012;
 pub const TOO_MANY_HELD: u32 = 3013;
 /// A message whose type the queue does not take.
 pub const MESSAGE_TYPE_MISMATCH: u32 = 3014;
+/// A lite consumer subscribed to more lite topics than allowed.
+pub const LITE_SUBSCRIPTION_QUOTA: u32 = 3015;
+/// A lite topic name that is empty, too long or has characters it may not.
+pub const ILLEGAL_LITE_TOPIC: u32 = 3016;

@@ -51,10 +51,54 @@ pub fn topic_queue(topic: &str, index: u32) -> String {
     format!("{topic}#{index}")
 }
 
-/// The topic and index of a topic queue name (`topic#index`).
+/// The topic and index of a topic queue name (`topic#index`); `None` for other queues,
+/// lite queues included.
 pub fn split_topic_queue(queue: &str) -> Option<(&str, u32)> {
+    if queue.contains('/') {
+        return None;
+    }
     let (topic, index) = queue.rsplit_once('#')?;
     Some((topic, index.parse().ok()?))
+}
+
+/// Longest lite topic name, in bytes: room for a 36-character UUID with a prefix, and the
+/// lite queue name (`topic#index/lite`) stays within `QUEUE_NAME_MAX_BYTES`.
+pub const LITE_TOPIC_MAX_BYTES: usize = 96;
+
+/// Why a lite topic name is refused, or `Ok`: 1..=96 bytes of visible ASCII, not starting or
+/// ending with '/'.
+pub fn check_lite_topic_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        Err("empty")
+    } else if name.len() > LITE_TOPIC_MAX_BYTES {
+        Err("longer than 96 bytes")
+    } else if !name.bytes().all(|b| b.is_ascii_graphic()) {
+        Err("only visible ASCII characters are allowed (no spaces or control characters)")
+    } else if name.starts_with('/') || name.ends_with('/') {
+        Err("starts or ends with '/'")
+    } else {
+        Ok(())
+    }
+}
+
+/// The queue of lite topic `lite` of `topic`: a child of the topic queue its name hashes to
+/// (`topic#index/lite`), so it lives on that queue's shard and keeps the parent's placement.
+pub fn lite_queue(topic: &str, queue_count: u32, lite: &str) -> String {
+    format!("{}/{lite}", topic_queue(topic, lite_queue_index(lite, queue_count)))
+}
+
+/// Which of the parent's queues a lite topic is placed under (FNV-1a 64 of its name; fixed
+/// forever, like the other placement hashes).
+pub fn lite_queue_index(lite: &str, queue_count: u32) -> u32 {
+    assert!(queue_count > 0);
+    (super::record::name_hash(lite) % u64::from(queue_count)) as u32
+}
+
+/// (topic, index, lite topic) of a lite queue name (`topic#index/lite`).
+pub fn split_lite_queue(queue: &str) -> Option<(&str, u32, &str)> {
+    let (parent, lite) = queue.split_once('/')?;
+    let (topic, index) = split_topic_queue(parent)?;
+    (!lite.is_empty()).then_some((topic, index, lite))
 }
 
 #[cfg(test)]
@@ -71,6 +115,18 @@ mod tests {
                 assert_eq!(broker_for_queue(&parent, shards), broker_for_queue(&child, shards));
             }
         }
+    }
+
+    #[test]
+    fn lite_queues_are_children_of_a_topic_queue() {
+        let queue = lite_queue("chat", 8, "a2a/task-7#3");
+        let (topic, index, lite) = split_lite_queue(&queue).unwrap();
+        assert_eq!((topic, lite), ("chat", "a2a/task-7#3"));
+        assert_eq!(index, lite_queue_index("a2a/task-7#3", 8));
+        assert!(queue.starts_with(&format!("chat#{index}/")));
+        assert_eq!(split_topic_queue(&queue), None, "a lite queue is not a topic queue, whatever its name holds");
+        assert_eq!(split_lite_queue("chat#1"), None);
+        assert_eq!(split_lite_queue("chat/x"), None);
     }
 
     #[test]
