@@ -422,6 +422,17 @@ impl Index {
         Ok(out)
     }
 
+    /// Up to `limit` queue names in name order, from the first one >= `from`.
+    pub fn queue_names_from(&self, from: &[u8], limit: usize) -> Result<Vec<String>> {
+        let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_QUEUE_META), mode).take(limit) {
+            let (key, _) = item.map_err(|e| EngineError::index("queue names", e))?;
+            out.push(String::from_utf8(key.into_vec()).map_err(|_| corrupt("queue name"))?);
+        }
+        Ok(out)
+    }
+
     pub fn batch(&self) -> IndexBatch<'_> {
         IndexBatch { index: self, batch: WriteBatch::default() }
     }

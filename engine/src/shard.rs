@@ -789,6 +789,13 @@ impl Shard {
         glommio::executor().spawn_blocking(move || index.state_scan(table, &from, limit)).await
     }
 
+    /// Up to `limit` names of indexed queues in name order, from the first one >= `from`:
+    /// a cursor for walking every queue in bounded steps.
+    pub async fn queue_names_from(&self, from: Vec<u8>, limit: usize) -> Result<Vec<String>> {
+        let index = self.index.clone();
+        glommio::executor().spawn_blocking(move || index.queue_names_from(&from, limit)).await
+    }
+
     /// Deletes a queue and its index entries. Its records stay in the log until retention.
     /// The queue disappears when the deletion is indexed; appends meanwhile are refused.
     pub async fn delete_queue(&self, queue: &str) -> Result<()> {

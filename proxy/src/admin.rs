@@ -25,6 +25,7 @@ fn info(meta: &TopicMeta, messages: u64) -> TopicInfo {
         message_type: i32::from(meta.message_type),
         queue_count: meta.queue_count,
         messages,
+        lite_ttl_minutes: meta.lite_ttl_minutes,
     }
 }
 
@@ -36,7 +37,10 @@ impl Admin for AdminService {
             let r = request.get_ref();
             let message_type =
                 u8::try_from(r.message_type).map_err(|_| ProxyError::BadRequest("bad message type".into()))?;
-            self.state.topics.create(&self.state.brokers, &r.name, message_type, r.queue_count).await
+            self.state
+                .topics
+                .create(&self.state.brokers, &r.name, message_type, r.queue_count, r.lite_ttl_minutes)
+                .await
         }
         .await;
         Ok(Response::new(match result {

@@ -701,7 +701,7 @@ async fn ensure_dead_letter_topic(this: &Messaging, topic: &str) -> Result<Topic
     match this.state.topics.get(&this.state.brokers, topic).await {
         Ok(meta) => Ok(meta),
         Err(ProxyError::TopicNotFound(_)) => {
-            let (_, meta) = this.state.topics.create(&this.state.brokers, topic, message_type::NORMAL, 1).await?;
+            let (_, meta) = this.state.topics.create(&this.state.brokers, topic, message_type::NORMAL, 1, 0).await?;
             Ok(meta)
         }
         Err(e) => Err(e),

@@ -50,13 +50,6 @@ fn check_message(this: &Messaging, message: &Message, meta: &crate::topics::Topi
             what: format!("sending to a {} topic", message_type::name(meta.message_type)),
         });
     }
-    if !accepts(meta.message_type, given) {
-        return Err(ProxyError::MessageTypeMismatch {
-            topic: meta.name.clone(),
-            expected: message_type::name(meta.message_type).into(),
-            given: message_type::name(given).into(),
-        });
-    }
     let lite = message.system_properties.as_ref().and_then(|s| s.lite_topic.as_deref()).unwrap_or("");
     if meta.message_type == message_type::LITE {
         check_lite_topic_name(lite).map_err(|why| {
@@ -71,6 +64,13 @@ fn check_message(this: &Messaging, message: &Message, meta: &crate::topics::Topi
             meta.name,
             message_type::name(meta.message_type)
         )));
+    }
+    if !accepts(meta.message_type, given) {
+        return Err(ProxyError::MessageTypeMismatch {
+            topic: meta.name.clone(),
+            expected: message_type::name(meta.message_type).into(),
+            given: message_type::name(given).into(),
+        });
     }
     if message.body.is_empty() {
         return Err(ProxyError::BodyEmpty);

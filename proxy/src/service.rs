@@ -94,7 +94,7 @@ impl Messaging {
         match self.state.topics.get(&self.state.brokers, name).await {
             Err(ProxyError::TopicNotFound(_)) if self.state.settings.auto_create_topics => {
                 let normal = sluice_transport::model::message_type::NORMAL;
-                let (_, meta) = self.state.topics.create(&self.state.brokers, name, normal, 0).await?;
+                let (_, meta) = self.state.topics.create(&self.state.brokers, name, normal, 0, 0).await?;
                 tracing::info!(topic = name, "created topic on first use (auto_create_topics)");
                 Ok(meta)
             }

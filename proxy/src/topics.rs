@@ -17,6 +17,11 @@ use sluice_transport::cluster::BrokerPool;
 pub const DEFAULT_QUEUE_COUNT: u32 = 8;
 /// Most queues one topic may have.
 pub const QUEUE_COUNT_MAX: u32 = 256;
+/// How long a lite topic lives without writes and subscribers unless the topic says otherwise.
+pub const DEFAULT_LITE_TTL_MINUTES: u32 = 1440;
+/// Longest lite-topic TTL: 365 days.
+pub const LITE_TTL_MINUTES_MAX: u32 = 365 * 24 * 60;
+pub use sluice_transport::model::placement::LITE_TTL_ATTRIBUTE;
 /// Longest topic name (RocketMQ's limit), leaving room for `#index` in the queue name.
 pub const TOPIC_NAME_MAX_BYTES: usize = 127;
 /// How long a topic lookup is trusted before asking the broker again.
@@ -29,6 +34,8 @@ pub struct TopicMeta {
     pub name: String,
     pub message_type: u8,
     pub queue_count: u32,
+    /// LITE topics: minutes without writes (and subscribers) before a lite topic is reclaimed.
+    pub lite_ttl_minutes: u32,
 }
 
 impl TopicMeta {
@@ -53,6 +60,10 @@ pub fn validate_topic_name(name: &str) -> Result<()> {
             "topic name {name:?} must be 1..={TOPIC_NAME_MAX_BYTES} characters of a-z A-Z 0-9 % | _ -"
         )))
     }
+}
+
+fn lite_ttl_of(record: &sluice_transport::cluster::QueueRecord) -> u32 {
+    record.attribute(LITE_TTL_ATTRIBUTE).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 pub fn message_type_name(t: u8) -> &'static str {
@@ -92,7 +103,12 @@ impl Topics {
         };
         let queue_count =
             record.attribute("queue_count").and_then(|v| v.parse().ok()).unwrap_or(1).clamp(1, QUEUE_COUNT_MAX);
-        let meta = TopicMeta { name: topic.to_string(), message_type: record.message_type, queue_count };
+        let meta = TopicMeta {
+            name: topic.to_string(),
+            message_type: record.message_type,
+            queue_count,
+            lite_ttl_minutes: lite_ttl_of(&record),
+        };
         let mut cache = self.cache.lock().expect("cache lock");
         if cache.len() >= CACHE_ENTRIES_MAX {
             cache.clear();
@@ -109,8 +125,15 @@ impl Topics {
         topic: &str,
         message_type: u8,
         queue_count: u32,
+        lite_ttl_minutes: u32,
     ) -> Result<(bool, TopicMeta)> {
         validate_topic_name(topic)?;
+        if lite_ttl_minutes != 0 && message_type != message_type::LITE {
+            return Err(ProxyError::BadRequest("only LITE topics have a lite TTL".into()));
+        }
+        if lite_ttl_minutes > LITE_TTL_MINUTES_MAX {
+            return Err(ProxyError::BadRequest(format!("the lite TTL is at most {LITE_TTL_MINUTES_MAX} minutes")));
+        }
         if !(message_type::NORMAL..=message_type::PRIORITY).contains(&message_type) {
             return Err(ProxyError::BadRequest(
                 "message type must be normal, fifo, delay, transaction, lite or priority".into(),
@@ -129,8 +152,12 @@ impl Topics {
             }
             return Ok((false, existing));
         }
-        let attributes =
+        let mut attributes =
             vec![("topic".to_string(), topic.to_string()), ("queue_count".to_string(), queue_count.to_string())];
+        if message_type == message_type::LITE {
+            let ttl = if lite_ttl_minutes == 0 { DEFAULT_LITE_TTL_MINUTES } else { lite_ttl_minutes };
+            attributes.push((LITE_TTL_ATTRIBUTE.to_string(), ttl.to_string()));
+        }
         // Queue 0 last: the topic becomes visible only once every queue exists.
         for index in (0..queue_count).rev() {
             let queue = queue_name(topic, index);
@@ -138,7 +165,9 @@ impl Topics {
             brokers.call_for(&queue, &request).await?;
         }
         self.cache.lock().expect("cache lock").remove(topic);
-        Ok((true, TopicMeta { name: topic.to_string(), message_type, queue_count }))
+        let lite_ttl_minutes =
+            attributes.iter().find(|(k, _)| k == LITE_TTL_ATTRIBUTE).map_or(0, |(_, v)| v.parse().unwrap_or(0));
+        Ok((true, TopicMeta { name: topic.to_string(), message_type, queue_count, lite_ttl_minutes }))
     }
 
     /// Deletes the topic's queues, queue 0 first. Returns false when it did not exist.
@@ -167,7 +196,16 @@ impl Topics {
             let Some(topic) = record.attribute("topic") else { continue };
             let queue_count = record.attribute("queue_count").and_then(|v| v.parse().ok()).unwrap_or(1);
             let entry = topics.entry(topic.to_string()).or_insert_with(|| {
-                (TopicMeta { name: topic.to_string(), message_type: record.message_type, queue_count }, 0)
+                let lite_ttl_minutes = lite_ttl_of(&record);
+                (
+                    TopicMeta {
+                        name: topic.to_string(),
+                        message_type: record.message_type,
+                        queue_count,
+                        lite_ttl_minutes,
+                    },
+                    0,
+                )
             });
             entry.1 += record.messages;
         }

@@ -164,6 +164,10 @@ enum TopicAction {
         /// Queues of the topic (spread over brokers and shards).
         #[arg(long, default_value_t = sluice_proxy::topics::DEFAULT_QUEUE_COUNT)]
         queues: u32,
+        /// LITE topics: reclaim a lite topic after this many minutes without writes, once no
+        /// consumer subscribes to it (0: a day).
+        #[arg(long, default_value_t = 0)]
+        lite_ttl_minutes: u32,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -271,8 +275,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             cli::run::proxy(file.proxy.to_config(&file.transport)?, json).await
         }
         Command::Topic { action } => match action {
-            TopicAction::Create { name, kind, queues, endpoint } => {
-                cli::client::topic_create(&connection(&endpoint, json), &name, &kind, queues).await
+            TopicAction::Create { name, kind, queues, lite_ttl_minutes, endpoint } => {
+                cli::client::topic_create(&connection(&endpoint, json), &name, &kind, queues, lite_ttl_minutes).await
             }
             TopicAction::List { endpoint } => cli::client::topic_list(&connection(&endpoint, json)).await,
             TopicAction::Delete { name, endpoint } => {

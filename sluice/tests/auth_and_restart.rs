@@ -364,8 +364,12 @@ async fn query_route(
 
 async fn create_topic(port: u16, name: &str) {
     let mut client = AdminClient::new(channel(port).await);
-    let create =
-        admin::CreateTopicRequest { name: name.into(), message_type: pb::MessageType::Normal as i32, queue_count: 0 };
+    let create = admin::CreateTopicRequest {
+        name: name.into(),
+        message_type: pb::MessageType::Normal as i32,
+        queue_count: 0,
+        lite_ttl_minutes: 0,
+    };
     let reply = bounded("CreateTopic", client.create_topic(create)).await.expect("CreateTopic gRPC").into_inner();
     assert_eq!(code(&reply.status), OK, "create topic {name}: {}", describe(&reply.status));
 }

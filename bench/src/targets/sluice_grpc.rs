@@ -70,6 +70,7 @@ pub async fn open(
             name: topic.clone(),
             message_type: v2::MessageType::Normal as i32,
             queue_count,
+            lite_ttl_minutes: 0,
         };
         let reply = admin.create_topic(request).await.map_err(error)?.into_inner();
         check_status(reply.status.as_ref(), &format!("creating topic {topic}"))?;

@@ -134,6 +134,7 @@ impl ShardHandler {
             self.polls.borrow_mut().insert(poll_id, cancel.clone());
         }
         let _unregister = PollGuard { handler: self, poll_id };
+        let _polling = LitePollGuard::enter(self, group, topic, client);
         let waiters = {
             let mut scheduler = self.scheduler.borrow_mut();
             let gt = scheduler.group_entry(group, topic);
@@ -833,6 +834,37 @@ async fn yield_now() {
         std::task::Poll::Pending
     })
     .await
+}
+
+/// Counts a lite client's pop as under way, so the idle sweep leaves a waiting client alone;
+/// marks it seen again when the pop ends.
+struct LitePollGuard<'a> {
+    handler: &'a ShardHandler,
+    group: &'a str,
+    topic: &'a str,
+    client: &'a str,
+}
+
+impl<'a> LitePollGuard<'a> {
+    fn enter(handler: &'a ShardHandler, group: &'a str, topic: &'a str, client: &'a str) -> Option<Self> {
+        if client.is_empty() {
+            return None;
+        }
+        handler.scheduler.borrow_mut().group_entry(group, topic).lite.client(client, now_ms()).polls += 1;
+        Some(LitePollGuard { handler, group, topic, client })
+    }
+}
+
+impl Drop for LitePollGuard<'_> {
+    fn drop(&mut self) {
+        let mut scheduler = self.handler.scheduler.borrow_mut();
+        // Gone already if the client was removed meanwhile (its termination).
+        if let Some(c) = scheduler.group_mut(self.group, self.topic).and_then(|gt| gt.lite.clients.get_mut(self.client))
+        {
+            c.polls = c.polls.saturating_sub(1);
+            c.seen_ms = c.seen_ms.max(now_ms());
+        }
+    }
 }
 
 /// Forgets a cancellable poll when its pop ends.

@@ -48,6 +48,11 @@ pub struct ShardHandler {
     /// Lite queues whose last subscriber of a group left while messages were still leased:
     /// the group's state there is dropped once they are settled (`sweep_lite`).
     pub(super) lite_unsubscribed: RefCell<HashSet<LiteQueueKey>>,
+    /// Where the lite-topic reclaim walk goes on (a queue name; empty: from the start).
+    pub(super) lite_reclaim_from: RefCell<Vec<u8>>,
+    /// When this handler started: subscriptions are in memory, so none are reclaimed until
+    /// clients had the time to sync theirs again.
+    pub(super) started_ms: u64,
     /// (group, queue) whose floor moved since it was last persisted.
     pub(super) dirty_offsets: RefCell<HashSet<(Rc<str>, Rc<str>)>>,
     /// Long polls that can be cancelled, by poll id.
@@ -140,6 +145,8 @@ impl ShardHandler {
             scheduler: RefCell::new(scheduler),
             dirty_offsets: RefCell::new(HashSet::new()),
             lite_unsubscribed: RefCell::new(HashSet::new()),
+            lite_reclaim_from: RefCell::new(Vec::new()),
+            started_ms: now_ms(),
             polls: RefCell::new(HashMap::new()),
             closing: Cell::new(false),
             closing_signal: tokio::sync::Notify::new(),
@@ -416,7 +423,7 @@ impl ShardHandler {
     }
 
     /// Removes every group's stored offset on `queue`.
-    async fn forget_offsets(&self, queue: &str) -> Result<()> {
+    pub(super) async fn forget_offsets(&self, queue: &str) -> Result<()> {
         let mut prefix = queue.as_bytes().to_vec();
         prefix.push(0);
         loop {

@@ -13,12 +13,13 @@ use std::rc::Rc;
 
 use sluice_transport::messages::*;
 use sluice_transport::model::message_type;
-use sluice_transport::model::placement::split_lite_queue;
+use sluice_transport::model::placement::{split_lite_queue, LITE_TTL_ATTRIBUTE};
 use sluice_transport::Frame;
 
 use crate::broker::error::BrokerError;
 use crate::broker::handler::{now_ms, Counters, Result, ShardHandler};
 use crate::broker::pop::GroupQueue;
+use crate::error::EngineError;
 
 /// Longest client id, in bytes (RocketMQ clients send `host@pid#…`, well under this).
 pub const CLIENT_ID_MAX_BYTES: usize = 255;
@@ -218,14 +219,15 @@ impl ShardHandler {
     }
 
     /// Drops the group's state on a lite queue nobody of the group subscribes to and nothing
-    /// is leased from, after writing its position. Otherwise keeps it for later (the sweep
-    /// looks again once the leases are settled).
+    /// is out with a consumer, after writing its position (its lowest unacked offset, so an
+    /// expired delivery comes again to the next subscriber). Otherwise keeps it for later
+    /// (the sweep looks again once the leases are settled or expired).
     async fn drop_if_unused(&self, group: &str, topic: &str, index: u32) -> Result<()> {
         let (unused, queue) = {
             let scheduler = self.scheduler.borrow();
             let Some(gt) = scheduler.group(group, topic) else { return Ok(()) };
-            let unused = !gt.lite.has_subscribers(index)
-                && gt.queues.get(&index).is_none_or(|gq| gq.leased() == 0 && gq.waiting() == 0);
+            let unused =
+                !gt.lite.has_subscribers(index) && gt.queues.get(&index).is_none_or(|gq| !gq.has_live_lease(now_ms()));
             (unused, scheduler.queue_name(topic, index))
         };
         let Some(queue) = queue else { return Ok(()) };
@@ -241,8 +243,7 @@ impl ShardHandler {
         }
         // Looked at again after the write: a pop or subscribe may have come in meanwhile.
         let still_unused = self.scheduler.borrow().group(group, topic).is_some_and(|gt| {
-            !gt.lite.has_subscribers(index)
-                && gt.queues.get(&index).is_none_or(|gq| gq.leased() == 0 && gq.waiting() == 0)
+            !gt.lite.has_subscribers(index) && gt.queues.get(&index).is_none_or(|gq| !gq.has_live_lease(now_ms()))
         });
         if still_unused {
             self.dirty_offsets.borrow_mut().remove(&key);
@@ -289,6 +290,71 @@ impl ShardHandler {
             self.lite_unsubscribed.borrow_mut().remove(&(group.clone(), topic.clone(), index));
             self.drop_if_unused(&group, &topic, index).await?;
         }
+        self.reclaim_lite_topics(now).await
+    }
+
+    /// One step of the walk over this shard's queues (`lite_sweep_batch` names): reclaims lite
+    /// topics that had no write for their topic's TTL and that no client subscribes to or
+    /// holds a lease on, and lite topics whose parent topic is gone. Reclaiming deletes the
+    /// queue's index entries, its meta row and every group's offset there; its records go with
+    /// the log's retention like any other.
+    async fn reclaim_lite_topics(&self, now: u64) -> Result<()> {
+        if now < self.started_ms + self.limits.lite_client_idle_ms {
+            return Ok(());
+        }
+        let from = self.lite_reclaim_from.borrow().clone();
+        let batch = self.limits.lite_sweep_batch;
+        let names = self.shard.queue_names_from(from, batch).await?;
+        *self.lite_reclaim_from.borrow_mut() = match names.last() {
+            Some(last) if names.len() == batch => {
+                let mut next = last.as_bytes().to_vec();
+                next.push(0);
+                next
+            }
+            _ => Vec::new(),
+        };
+        for name in names {
+            if self.lite_reclaimable(&name, now) {
+                self.reclaim_lite_topic(&name).await?;
+            }
+        }
         Ok(())
+    }
+
+    fn lite_reclaimable(&self, queue: &str, now: u64) -> bool {
+        let Some((topic, index, _)) = split_lite_queue(queue) else { return false };
+        if self.scheduler.borrow().lite_in_use(queue, now) {
+            return false;
+        }
+        let parent = sluice_transport::model::placement::topic_queue(topic, index);
+        let ttl_minutes = {
+            let configs = self.configs.borrow();
+            match configs.get(&parent) {
+                // Its topic was deleted (or re-created as another type): nobody can use it.
+                None => return true,
+                Some(c) if c.message_type != message_type::LITE => return true,
+                Some(c) => {
+                    c.attributes.iter().find(|(k, _)| k == LITE_TTL_ATTRIBUTE).and_then(|(_, v)| v.parse::<u64>().ok())
+                }
+            }
+        };
+        let Some(ttl_ms) = ttl_minutes.filter(|m| *m > 0).map(|m| m.saturating_mul(60_000)) else { return false };
+        let Some(info) = self.shard.queue_info(queue) else { return false };
+        now.saturating_sub(info.last_append_ms.max(info.created_ms)) >= ttl_ms
+    }
+
+    async fn reclaim_lite_topic(&self, queue: &str) -> Result<()> {
+        self.scheduler.borrow_mut().remove_queue(queue);
+        self.dirty_offsets.borrow_mut().retain(|(_, q)| &**q != queue);
+        self.forget_offsets(queue).await?;
+        match self.shard.delete_queue(queue).await {
+            Ok(()) => {
+                Counters::add(&self.counters.lite_topics_reclaimed, 1);
+                tracing::debug!(queue, "lite topic reclaimed");
+                Ok(())
+            }
+            Err(EngineError::QueueNotFound(_) | EngineError::QueueBeingDeleted(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 }

@@ -168,6 +168,11 @@ impl GroupQueue {
         self.leases.len()
     }
 
+    /// True while some delivery is out with a consumer (leased, deadline not yet passed).
+    pub fn has_live_lease(&self, now_ms: u64) -> bool {
+        self.leases.values().any(|l| l.lease.deadline_ms > now_ms)
+    }
+
     pub fn waiting(&self) -> usize {
         self.waiting_offsets.len()
     }

@@ -59,6 +59,8 @@ pub struct LiteClient {
     pub waiters: Rc<tokio::sync::Notify>,
     /// Last pop or subscription change, to forget clients that went away silently.
     pub seen_ms: u64,
+    /// Pops of this client under way (a client waiting in a long poll is not idle).
+    pub polls: u32,
 }
 
 /// The lite consumers of one (group, topic) and, per lite queue, who subscribed to it. On an
@@ -79,6 +81,7 @@ impl LiteClients {
             cursor: LITE_INDEX_BASE,
             waiters: Rc::new(tokio::sync::Notify::new()),
             seen_ms: now_ms,
+            polls: 0,
         });
         c.seen_ms = c.seen_ms.max(now_ms);
         c
@@ -169,7 +172,12 @@ impl LiteClients {
 
     /// Clients not seen since `before_ms`, at most `max`.
     pub fn idle_clients(&self, before_ms: u64, max: usize) -> Vec<Rc<str>> {
-        self.clients.iter().filter(|(_, c)| c.seen_ms < before_ms).take(max).map(|(k, _)| k.clone()).collect()
+        self.clients
+            .iter()
+            .filter(|(_, c)| c.polls == 0 && c.seen_ms < before_ms)
+            .take(max)
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 }
 
@@ -458,13 +466,13 @@ impl Scheduler {
         self.forget_lite_index(topic, index);
     }
 
-    /// True when some group has a subscriber or a lease on the lite queue.
-    pub fn lite_in_use(&self, queue: &str) -> bool {
+    /// True when some group has a subscriber or a live lease on the lite queue.
+    pub fn lite_in_use(&self, queue: &str, now_ms: u64) -> bool {
         let Some((topic, index)) = self.locate(queue) else { return false };
         let Some(groups) = self.consumers.get(topic) else { return false };
         groups.iter().any(|g| {
             self.groups.get(&(g.clone(), topic.into())).is_some_and(|gt| {
-                gt.lite.has_subscribers(index) || gt.queues.get(&index).is_some_and(|gq| gq.leased() > 0)
+                gt.lite.has_subscribers(index) || gt.queues.get(&index).is_some_and(|gq| gq.has_live_lease(now_ms))
             })
         })
     }

@@ -122,7 +122,13 @@ fn topic_json(t: &admin::TopicInfo) -> serde_json::Value {
     })
 }
 
-pub async fn topic_create(c: &Connection, name: &str, kind: &str, queues: u32) -> Result<(), String> {
+pub async fn topic_create(
+    c: &Connection,
+    name: &str,
+    kind: &str,
+    queues: u32,
+    lite_ttl_minutes: u32,
+) -> Result<(), String> {
     let message_type = parse_type(kind)?;
     let mut client = admin(c).await?;
     let reply = client
@@ -130,6 +136,7 @@ pub async fn topic_create(c: &Connection, name: &str, kind: &str, queues: u32) -
             name: name.into(),
             message_type: message_type as i32,
             queue_count: queues,
+            lite_ttl_minutes,
         })
         .await
         .map_err(grpc)?

@@ -520,18 +520,23 @@ pub async fn create_topic(addr: SocketAddr, name: &str, queues: u32) {
 
 /// Creates a topic of a given message type through the admin API.
 pub async fn create_typed_topic(addr: SocketAddr, name: &str, kind: v2::MessageType, queues: u32) {
-    let mut client = admin_client(addr).await;
-    let reply = bounded(
-        "CreateTopic",
-        client.create_topic(admin::CreateTopicRequest {
+    create_topic_with(
+        addr,
+        admin::CreateTopicRequest {
             name: name.into(),
             message_type: kind as i32,
             queue_count: queues,
-        }),
+            lite_ttl_minutes: 0,
+        },
     )
     .await
-    .expect("CreateTopic transport")
-    .into_inner();
+}
+
+/// Creates a topic as `request` says, through the admin API.
+pub async fn create_topic_with(addr: SocketAddr, request: admin::CreateTopicRequest) {
+    let mut client = admin_client(addr).await;
+    let name = request.name.clone();
+    let reply = bounded("CreateTopic", client.create_topic(request)).await.expect("CreateTopic transport").into_inner();
     assert_eq!(code(reply.status.as_ref()), v2::Code::Ok as i32, "CreateTopic {name}: {:?}", reply.status);
 }
 

@@ -61,6 +61,10 @@ pub fn split_topic_queue(queue: &str) -> Option<(&str, u32)> {
     Some((topic, index.parse().ok()?))
 }
 
+/// The queue attribute of a LITE topic's queues holding its lite TTL in minutes: a lite topic
+/// with no writes for that long and no subscriber is reclaimed by its broker.
+pub const LITE_TTL_ATTRIBUTE: &str = "lite_ttl_minutes";
+
 /// Longest lite topic name, in bytes: room for a 36-character UUID with a prefix, and the
 /// lite queue name (`topic#index/lite`) stays within `QUEUE_NAME_MAX_BYTES`.
 pub const LITE_TOPIC_MAX_BYTES: usize = 96;
