@@ -145,7 +145,15 @@ async fn a_client_subscribed_to_ten_thousand_lite_topics_receives_only_its_own()
     let theirs: Vec<String> = (0..10).map(|i| format!("session-b-{i}")).collect();
     sync_ok(&mut client, "client-a", v2::LiteSubscriptionAction::CompleteAdd, topic, group, &mine).await;
     for name in &theirs {
-        sync_ok(&mut client, "client-b", v2::LiteSubscriptionAction::PartialAdd, topic, group, &[name.clone()]).await;
+        sync_ok(
+            &mut client,
+            "client-b",
+            v2::LiteSubscriptionAction::PartialAdd,
+            topic,
+            group,
+            std::slice::from_ref(name),
+        )
+        .await;
     }
     let written_a: Vec<String> = mine.iter().step_by(50).cloned().collect(); // 200 of A's
     let nobody: Vec<String> = (0..50).map(|i| format!("session-x-{i}")).collect();
@@ -252,7 +260,9 @@ async fn quotas_names_and_topic_types_are_checked() {
     let over = sync(&mut client, "c", v2::LiteSubscriptionAction::CompleteAdd, topic, group, &four).await;
     assert_eq!(over.code, v2::Code::LiteSubscriptionQuotaExceeded as i32, "{over:?}");
     let long = "x".repeat(97);
-    let bad = sync(&mut client, "c2", v2::LiteSubscriptionAction::PartialAdd, topic, group, &[long.clone()]).await;
+    let bad =
+        sync(&mut client, "c2", v2::LiteSubscriptionAction::PartialAdd, topic, group, std::slice::from_ref(&long))
+            .await;
     assert_eq!(bad.code, v2::Code::IllegalLiteTopic as i32, "{bad:?}");
     let bad =
         sync(&mut client, "c2", v2::LiteSubscriptionAction::PartialAdd, topic, group, &["has space".into()]).await;
@@ -289,7 +299,8 @@ async fn lite_topics_are_reclaimed_after_the_ttl_only_once_nobody_subscribes() {
     lite_topic(local.grpc, topic, 2, 1).await;
     let mut client = messaging(local.grpc).await;
     let (kept, idle) = ("a2a/task-kept".to_string(), "a2a/task-idle".to_string());
-    sync_ok(&mut client, "agent", v2::LiteSubscriptionAction::PartialAdd, topic, group, &[kept.clone()]).await;
+    sync_ok(&mut client, "agent", v2::LiteSubscriptionAction::PartialAdd, topic, group, std::slice::from_ref(&kept))
+        .await;
     send_lite(&mut client, topic, vec![(kept.clone(), "reply 1".into()), (idle.clone(), "nobody reads this".into())])
         .await;
     // The subscriber keeps polling (leaving its message unacked), as a live client does.
@@ -305,11 +316,27 @@ async fn lite_topics_are_reclaimed_after_the_ttl_only_once_nobody_subscribes() {
     let counters = wait_reclaimed(local.grpc, 1, SECS(150)).await;
     assert_eq!(counters.get("lite_topics_reclaimed"), Some(&1), "only the idle one after its TTL: {counters:?}");
     // The idle lite topic is gone: a group that never read it finds nothing there now.
-    sync_ok(&mut client, "late", v2::LiteSubscriptionAction::PartialAdd, topic, "late-group", &[idle.clone()]).await;
+    sync_ok(
+        &mut client,
+        "late",
+        v2::LiteSubscriptionAction::PartialAdd,
+        topic,
+        "late-group",
+        std::slice::from_ref(&idle),
+    )
+    .await;
     let late = lite_receive(&mut client, "late", topic, "late-group", SECS(2)).await;
     assert!(late.messages.is_empty(), "a reclaimed lite topic has no messages left");
     // The subscribed one is still there for another group.
-    sync_ok(&mut client, "other", v2::LiteSubscriptionAction::PartialAdd, topic, "other-group", &[kept.clone()]).await;
+    sync_ok(
+        &mut client,
+        "other",
+        v2::LiteSubscriptionAction::PartialAdd,
+        topic,
+        "other-group",
+        std::slice::from_ref(&kept),
+    )
+    .await;
     let other = drain(&mut client, "other", topic, "other-group", 1, SECS(30)).await;
     assert_eq!(other.iter().map(body_text).collect::<Vec<_>>(), ["reply 1"], "kept while subscribed");
     // Once every subscriber is gone (and the TTL has long passed) it goes too.
