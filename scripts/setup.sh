@@ -12,6 +12,7 @@ packages=(
   ibverbs-utils ibverbs-providers # ibv_devices, ibv_rc_pingpong; the rxe provider (a Recommends)
   python3 python3-venv        # the official RocketMQ Python client tests (scripts/python-client-tests.sh)
   nats-server redis-server    # the peers scripts/bench.sh measures Sluice against
+  chromium                    # the browser test of lite-topic SSE (proxy/tests/python/test_sse.py)
 )
 
 missing=()

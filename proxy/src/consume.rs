@@ -650,7 +650,8 @@ pub async fn dead_letter(this: &Messaging, request: ForwardMessageToDeadLetterQu
         return Err(ProxyError::InvalidReceipt("the handle's offset does not match its receipt".into()));
     }
     let held = reply.receipt.as_str().to_string();
-    let read = ReadRequest { queue: handle.queue.clone(), from_offset: handle.offset, max_count: 1, max_bytes: 1 };
+    let read =
+        ReadRequest { queue: handle.queue.clone(), from_offset: handle.offset, max_count: 1, max_bytes: 1, wait_ms: 0 };
     let frame = this.state.brokers.call_for(&handle.queue, &read).await?;
     let records = frame.access::<ReadResponse>()?;
     let record = records

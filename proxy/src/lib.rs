@@ -17,5 +17,6 @@ pub mod renew;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod stream;
 pub mod topics;
 pub mod transactions;

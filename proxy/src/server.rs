@@ -1,5 +1,5 @@
-//! Runs a proxy: the gRPC port (RocketMQ messaging + Sluice admin), the HTTP port (health and
-//! stats), the auto-renew task, and a graceful drain: on shutdown, HTTP/2 GOAWAY goes out,
+//! Runs a proxy: the gRPC port (RocketMQ messaging + Sluice admin), the HTTP port (health,
+//! stats, and lite topics over SSE), the auto-renew task, and a graceful drain: on shutdown, HTTP/2 GOAWAY goes out,
 //! long polls answer at once, and in-flight calls get `drain_timeout_ms` to finish.
 
 use std::collections::HashMap;
@@ -130,6 +130,7 @@ async fn start_http(
             }
         }),
     );
+    let app = app.merge(crate::stream::routes(state.clone()));
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = stopped.wait_for(|s| *s).await;

@@ -55,6 +55,8 @@ pub struct ProxySettings {
     /// Lite topics one lite consumer (client id) may subscribe to; sent to clients in the
     /// Telemetry settings. Brokers also cap it per shard (`lite_subscriptions_per_client_max`).
     pub lite_subscription_quota: u32,
+    /// Server-Sent Event streams (`/v1/lite/.../events`) open at once; more get 503.
+    pub sse_streams_max: usize,
 }
 
 impl Default for ProxySettings {
@@ -82,6 +84,7 @@ impl Default for ProxySettings {
             connections_max: 10_000,
             handshake_timeout_ms: 10_000,
             lite_subscription_quota: 100_000,
+            sse_streams_max: 10_000,
         }
     }
 }
@@ -106,6 +109,7 @@ impl ProxySettings {
                 self.lite_subscription_quota >= 1 && self.lite_subscription_quota <= 1_000_000,
                 "lite_subscription_quota must be 1..=1,000,000",
             ),
+            (self.sse_streams_max >= 1 && self.sse_streams_max <= 1_000_000, "sse_streams_max must be 1..=1,000,000"),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, why)) => Err(why.to_string()),
@@ -161,6 +165,8 @@ pub struct ProxyState {
     /// Producer Telemetry streams, for transaction check-backs.
     pub producers: crate::transactions::Producers,
     pub counters: Counters,
+    /// One permit per open Server-Sent Event stream.
+    pub sse_streams: Arc<tokio::sync::Semaphore>,
     shutting_down: AtomicBool,
     shutdown_signal: tokio::sync::Notify,
 }
@@ -174,6 +180,7 @@ impl ProxyState {
             auth,
             renewals: Renewals::new(settings.renewals_max),
             producers: crate::transactions::Producers::default(),
+            sse_streams: Arc::new(tokio::sync::Semaphore::new(settings.sse_streams_max)),
             settings,
             counters: Counters::default(),
             shutting_down: AtomicBool::new(false),

@@ -272,6 +272,9 @@ pub struct ReadRequest {
     pub from_offset: u64,
     pub max_count: u32,
     pub max_bytes: u32,
+    /// When nothing is readable from `from_offset`, the broker may hold the request this long
+    /// for the queue to grow (0: answer at once).
+    pub wait_ms: u64,
 }
 message!(ReadRequest, ReadRequest);
 request!(ReadRequest => ReadResponse<'static>);

@@ -61,7 +61,7 @@ fn every_kind_round_trips_and_reads_in_place() {
         RdmaConnect { info: peer_info() },
         RdmaAccept { info: peer_info() },
         AppendResponse { acks: vec![AppendAck { position: 4096, offsets: vec![3, 9] }] },
-        ReadRequest { queue: "t/0".into(), from_offset: 5, max_count: 32, max_bytes: 1 << 16 },
+        ReadRequest { queue: "t/0".into(), from_offset: 5, max_count: 32, max_bytes: 1 << 16, wait_ms: 250 },
         PopRequest {
             group: "g".into(),
             topic: "t".into(),

@@ -55,6 +55,8 @@ pub struct ShardHandler {
     pub(super) started_ms: u64,
     /// (group, queue) whose floor moved since it was last persisted.
     pub(super) dirty_offsets: RefCell<HashSet<(Rc<str>, Rc<str>)>>,
+    /// Reads waiting for a queue to grow, by queue (with how many wait).
+    pub(super) readers: RefCell<HashMap<Rc<str>, (Rc<tokio::sync::Notify>, usize)>>,
     /// Long polls that can be cancelled, by poll id.
     pub(super) polls: RefCell<HashMap<u64, Rc<tokio::sync::Notify>>>,
     pub(super) closing: Cell<bool>,
@@ -148,6 +150,7 @@ impl ShardHandler {
             lite_reclaim_from: RefCell::new(Vec::new()),
             started_ms: now_ms(),
             polls: RefCell::new(HashMap::new()),
+            readers: RefCell::new(HashMap::new()),
             closing: Cell::new(false),
             closing_signal: tokio::sync::Notify::new(),
             create_lock: glommio::sync::Semaphore::new(1),
@@ -364,6 +367,9 @@ impl ShardHandler {
     pub(super) fn queue_grew(&self, queue: &str) {
         let end = self.shard.queue_info(queue).map_or(0, |q| q.max_offset);
         self.scheduler.borrow_mut().on_append(queue, end, now_ms(), self.queue_limits());
+        if let Some((readers, _)) = self.readers.borrow().get(queue) {
+            readers.notify_waiters();
+        }
     }
 
     async fn read(&self, request: &Frame) -> Result<OutFrame> {
@@ -372,7 +378,14 @@ impl ShardHandler {
         self.check_queue(queue)?;
         let max_count = bounded(read.max_count.to_native(), self.limits.read_records_max) as usize;
         let max_bytes = bounded(read.max_bytes.to_native(), self.limits.read_bytes_max) as usize;
-        let batch = self.read_queue(queue, read.from_offset.to_native(), max_count, max_bytes).await?;
+        let from = read.from_offset.to_native();
+        let wait_ms = read.wait_ms.to_native().min(self.limits.long_poll_max_ms);
+        let wait_until_ms = now_ms() + wait_ms;
+        let batch = if wait_ms == 0 {
+            self.read_queue(queue, from, max_count, max_bytes).await?
+        } else {
+            self.read_waiting(queue, from, max_count, max_bytes, wait_until_ms).await?
+        };
         let reply = ReadResponse {
             records: batch
                 .records
@@ -384,6 +397,31 @@ impl ShardHandler {
             max_offset: batch.max_offset,
         };
         OutFrame::encode(request.request_id(), &reply, self.limits.max_frame_bytes).map_err(Self::unencodable)
+    }
+
+    /// Reads, and if nothing is there yet, waits for the queue to grow (or the deadline).
+    async fn read_waiting(
+        &self,
+        queue: &str,
+        from: u64,
+        max_count: usize,
+        max_bytes: usize,
+        wait_until_ms: u64,
+    ) -> Result<crate::shard::ReadBatch> {
+        let watch = ReadWatch::new(self, queue);
+        loop {
+            let grew = watch.notify.notified();
+            let mut grew = std::pin::pin!(grew);
+            grew.as_mut().enable();
+            let batch = self.read_queue(queue, from, max_count, max_bytes).await?;
+            let now = now_ms();
+            if !batch.records.is_empty() || now >= wait_until_ms || self.closing.get() {
+                return Ok(batch);
+            }
+            let sleep = std::pin::pin!(glommio::timer::sleep(std::time::Duration::from_millis(wait_until_ms - now)));
+            let closing = std::pin::pin!(self.closing_signal.notified());
+            futures::future::select(futures::future::select(grew, closing), sleep).await;
+        }
     }
 
     /// Reads a configured queue; one that has no records yet reads as empty.
@@ -586,6 +624,35 @@ impl Handler for ShardHandler {
             return Err(BrokerError::ShuttingDown.into());
         }
         self.dispatch(&request).await.map_err(ErrorReply::from)
+    }
+}
+
+/// A read's place among those waiting for its queue to grow; removed when the read ends.
+struct ReadWatch<'a> {
+    handler: &'a ShardHandler,
+    queue: Rc<str>,
+    notify: Rc<tokio::sync::Notify>,
+}
+
+impl<'a> ReadWatch<'a> {
+    fn new(handler: &'a ShardHandler, queue: &str) -> ReadWatch<'a> {
+        let queue: Rc<str> = queue.into();
+        let mut readers = handler.readers.borrow_mut();
+        let entry = readers.entry(queue.clone()).or_insert_with(|| (Rc::new(tokio::sync::Notify::new()), 0));
+        entry.1 += 1;
+        ReadWatch { handler, queue, notify: entry.0.clone() }
+    }
+}
+
+impl Drop for ReadWatch<'_> {
+    fn drop(&mut self) {
+        let mut readers = self.handler.readers.borrow_mut();
+        if let Some(entry) = readers.get_mut(&self.queue) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                readers.remove(&self.queue);
+            }
+        }
     }
 }
 
