@@ -29,6 +29,9 @@ use sluice_transport::model::placement::{check_lite_topic_name, split_lite_queue
 
 pub(crate) type Result<T> = std::result::Result<T, BrokerError>;
 
+/// Reads waiting on one queue: woken together, and how many there are.
+pub(super) type Readers = (Rc<tokio::sync::Notify>, usize);
+
 /// (group, topic, lite queue index).
 pub(super) type LiteQueueKey = (Rc<str>, Rc<str>, u32);
 
@@ -56,7 +59,7 @@ pub struct ShardHandler {
     /// (group, queue) whose floor moved since it was last persisted.
     pub(super) dirty_offsets: RefCell<HashSet<(Rc<str>, Rc<str>)>>,
     /// Reads waiting for a queue to grow, by queue (with how many wait).
-    pub(super) readers: RefCell<HashMap<Rc<str>, (Rc<tokio::sync::Notify>, usize)>>,
+    pub(super) readers: RefCell<HashMap<Rc<str>, Readers>>,
     /// Long polls that can be cancelled, by poll id.
     pub(super) polls: RefCell<HashMap<u64, Rc<tokio::sync::Notify>>>,
     pub(super) closing: Cell<bool>,
