@@ -8,6 +8,10 @@
 //!   event again at once.
 //! - `POST /v1/lite/{topic}/{lite}/messages` appends the request body as one message
 //!   (`?done=true` marks the stream done; `?tag=` and `?keys=a,b` as in RocketMQ).
+//! - `POST /v1/request/{topic}?reply_topic=R&timeout_ms=N` is request–reply for agents: the
+//!   body goes to `topic` with `reply_topic=R` and `reply_to=a2a/{taskId}` (a lite topic of R),
+//!   and the answer is the first message there, or 504 after the timeout. It reads the reply
+//!   by offset and subscribes nothing, so the reply topic is reclaimed after R's TTL.
 //!
 //! Reading is by offset, with no consumer group: a stream holds no state on the brokers, and the
 //! proxy keeps only the open connection. The brokers hold each read open until the lite topic
@@ -51,6 +55,19 @@ pub struct EventsQuery {
 }
 
 #[derive(serde::Deserialize)]
+pub struct RequestQuery {
+    reply_topic: String,
+    timeout_ms: Option<u64>,
+}
+
+/// Longest wait for a reply over HTTP.
+const REPLY_TIMEOUT_MAX_MS: u64 = 300_000;
+const REPLY_TIMEOUT_DEFAULT_MS: u64 = 30_000;
+/// User properties of a request: where its reply goes (the same as `sluice request`).
+pub const REPLY_TOPIC_PROPERTY: &str = "reply_topic";
+pub const REPLY_TO_PROPERTY: &str = "reply_to";
+
+#[derive(serde::Deserialize)]
 pub struct AppendQuery {
     #[serde(default)]
     done: bool,
@@ -89,6 +106,7 @@ pub fn routes(state: Arc<ProxyState>) -> axum::Router {
     axum::Router::new()
         .route("/v1/lite/{topic}/{lite}/events", get(events))
         .route("/v1/lite/{topic}/{lite}/messages", post(append).layer(axum::extract::DefaultBodyLimit::max(body_max)))
+        .route("/v1/request/{topic}", post(request_reply).layer(axum::extract::DefaultBodyLimit::max(body_max)))
         .with_state(state)
 }
 
@@ -238,6 +256,14 @@ async fn stream_lite(
 
 /// One message as an SSE event (`data` is JSON), and whether it ends the stream.
 fn message_event(record: &[u8], offset: u64, store_host: &str) -> (Event, bool) {
+    let (done, data) = message_json(record, offset, store_host);
+    let kind = if data.get("error").is_some() { "undecodable" } else { "message" };
+    (Event::default().event(kind).id(offset.to_string()).data(data.to_string()), done)
+}
+
+/// One stored message as JSON (body as text, or base64 when it is not UTF-8), and whether it
+/// ends its stream.
+fn message_json(record: &[u8], offset: u64, store_host: &str) -> (bool, serde_json::Value) {
     let delivery = Delivery {
         queue_id: 0,
         offset,
@@ -248,10 +274,7 @@ fn message_event(record: &[u8], offset: u64, store_host: &str) -> (Event, bool) 
     };
     let message = match convert::incoming(record, &delivery) {
         Ok(message) => message,
-        Err(e) => {
-            let data = serde_json::json!({ "offset": offset, "error": e.to_string() });
-            return (Event::default().event("undecodable").id(offset.to_string()).data(data.to_string()), false);
-        }
+        Err(e) => return (false, serde_json::json!({ "offset": offset, "error": e.to_string() })),
     };
     let done = message.user_properties.get(STREAM_DONE_PROPERTY).is_some_and(|v| v == "true");
     let system = message.system_properties.clone().unwrap_or_default();
@@ -270,7 +293,7 @@ fn message_event(record: &[u8], offset: u64, store_host: &str) -> (Event, bool) 
             data["body_base64"] = base64::engine::general_purpose::STANDARD.encode(e.into_bytes()).into();
         }
     }
-    (Event::default().event("message").id(offset.to_string()).data(data.to_string()), done)
+    (done, data)
 }
 
 async fn append(
@@ -303,6 +326,12 @@ async fn append(
         system_properties: Some(system),
         body: body.to_vec(),
     };
+    let offset = send_one(&state, message).await?;
+    Ok(cross_origin(axum::Json(serde_json::json!({ "message_id": message_id, "offset": offset })).into_response()))
+}
+
+/// Sends one message through the proxy's own send path; its offset, or the error as HTTP.
+async fn send_one(state: &Arc<ProxyState>, message: v2::Message) -> Result<i64, HttpError> {
     let this = Messaging { state: state.clone() };
     let reply = crate::produce::send(&this, v2::SendMessageRequest { messages: vec![message] }).await;
     let entry = reply.entries.into_iter().next();
@@ -312,10 +341,65 @@ async fn append(
         let http = match code {
             Code::TooManyRequests | Code::LiteTopicQuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             Code::InternalServerError | Code::ProxyTimeout => StatusCode::SERVICE_UNAVAILABLE,
+            Code::TopicNotFound => StatusCode::NOT_FOUND,
             _ => StatusCode::BAD_REQUEST,
         };
         return Err(HttpError(http, code, status.message));
     }
-    let offset = entry.map_or(0, |e| e.offset);
-    Ok(cross_origin(axum::Json(serde_json::json!({ "message_id": message_id, "offset": offset })).into_response()))
+    Ok(entry.map_or(0, |e| e.offset))
+}
+
+async fn request_reply(
+    State(state): State<Arc<ProxyState>>,
+    Path(topic): Path<String>,
+    Query(query): Query<RequestQuery>,
+    body: axum::body::Bytes,
+) -> Result<Response, HttpError> {
+    let timeout_ms = query.timeout_ms.unwrap_or(REPLY_TIMEOUT_DEFAULT_MS).min(REPLY_TIMEOUT_MAX_MS);
+    let task_id = hex::encode_upper(rand::random::<[u8; 16]>());
+    let reply_to = format!("a2a/{task_id}");
+    let (_meta, reply_queue) = lite_target(&state, &query.reply_topic, &reply_to).await?;
+    let user_properties = [
+        (REPLY_TOPIC_PROPERTY.to_string(), query.reply_topic.clone()),
+        (REPLY_TO_PROPERTY.to_string(), reply_to.clone()),
+    ]
+    .into_iter()
+    .collect();
+    let request = v2::Message {
+        topic: Some(v2::Resource { resource_namespace: String::new(), name: topic }),
+        user_properties,
+        system_properties: Some(v2::SystemProperties {
+            message_id: task_id.clone(),
+            born_timestamp: Some(crate::service::timestamp_now()),
+            ..Default::default()
+        }),
+        body: body.to_vec(),
+    };
+    send_one(&state, request).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() || state.is_shutting_down() {
+            return Err(HttpError(
+                StatusCode::GATEWAY_TIMEOUT,
+                Code::ProxyTimeout,
+                format!("no reply on {} / {reply_to} within {timeout_ms} ms", query.reply_topic),
+            ));
+        }
+        let read = ReadRequest {
+            queue: reply_queue.clone(),
+            from_offset: 0,
+            max_count: 1,
+            max_bytes: READ_BYTES_MAX,
+            wait_ms: (left.as_millis() as u64).min(READ_WAIT_MS),
+        };
+        let frame = state.brokers.call_for(&reply_queue, &read).await.map_err(ProxyError::from)?;
+        let reply = frame.access::<ReadResponse>().map_err(ProxyError::from)?;
+        if let Some(r) = reply.records.iter().next() {
+            let endpoint = state.brokers.shard_endpoint(state.brokers.owner(&reply_queue)).to_string();
+            let (_, data) = message_json(&r.record, r.offset.to_native(), &endpoint);
+            let answer = serde_json::json!({ "task_id": task_id, "reply_to": reply_to, "reply": data });
+            return Ok(cross_origin(axum::Json(answer).into_response()));
+        }
+    }
 }

@@ -119,6 +119,41 @@ enum Command {
         delay_ms: Option<u64>,
         bodies: Vec<String>,
     },
+    /// Send a request and wait for its reply on a lite topic of its own (`a2a/{taskId}` under
+    /// --reply-topic, a LITE topic); prints the reply.
+    Request {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        /// Where the request goes.
+        #[arg(long)]
+        topic: String,
+        /// The LITE topic the reply comes back on.
+        #[arg(long)]
+        reply_topic: String,
+        /// The consumer group the requester reads replies as.
+        #[arg(long, default_value = "sluice-requesters")]
+        group: String,
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+        body: String,
+    },
+    /// Answer requests of a topic: each reply goes to the request's `reply_to` lite topic.
+    Reply {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        group: String,
+        /// Requests to answer, then exit (default: until Ctrl-C).
+        #[arg(long)]
+        count: Option<usize>,
+        /// The reply body (default: the request's body, echoed).
+        #[arg(long)]
+        body: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        wait_secs: u64,
+    },
     /// Receive and ack messages of a topic as a consumer group.
     Consume {
         #[command(flatten)]
@@ -312,6 +347,20 @@ async fn run(cli: Cli) -> Result<(), String> {
             cli::client::consume(&connection(&endpoint, json), options).await
         }
         Command::Stats { endpoint } => cli::client::stats(&connection(&endpoint, json)).await,
+        Command::Request { endpoint, topic, reply_topic, group, timeout_secs, body } => {
+            let options = cli::agent::RequestOptions {
+                topic,
+                reply_topic,
+                group,
+                timeout: Duration::from_secs(timeout_secs),
+                body: body.into_bytes(),
+            };
+            cli::agent::request(&connection(&endpoint, json), options).await
+        }
+        Command::Reply { endpoint, topic, group, count, body, wait_secs } => {
+            let options = cli::agent::ReplyOptions { topic, group, count, body, wait: Duration::from_secs(wait_secs) };
+            cli::agent::reply(&connection(&endpoint, json), options).await
+        }
     }
 }
 

@@ -50,7 +50,7 @@ impl tonic::service::Interceptor for Signer {
     }
 }
 
-type Messaging = MessagingServiceClient<InterceptedService<Channel, Signer>>;
+pub(super) type Messaging = MessagingServiceClient<InterceptedService<Channel, Signer>>;
 type Admin = AdminClient<InterceptedService<Channel, Signer>>;
 
 async fn channel(c: &Connection) -> Result<(Channel, Signer), String> {
@@ -73,7 +73,7 @@ async fn channel(c: &Connection) -> Result<(Channel, Signer), String> {
     Ok((channel, Signer { keys }))
 }
 
-async fn messaging(c: &Connection) -> Result<Messaging, String> {
+pub(super) async fn messaging(c: &Connection) -> Result<Messaging, String> {
     let (channel, signer) = channel(c).await?;
     Ok(MessagingServiceClient::with_interceptor(channel, signer)
         .max_decoding_message_size(GRPC_MESSAGE_MAX_BYTES)
@@ -86,7 +86,7 @@ async fn admin(c: &Connection) -> Result<Admin, String> {
 }
 
 /// Turns a non-OK status into an error message that names the code.
-fn check(status: Option<&v2::Status>) -> Result<(), String> {
+pub(super) fn check(status: Option<&v2::Status>) -> Result<(), String> {
     let status = status.ok_or("the server sent no status")?;
     if status.code == v2::Code::Ok as i32 {
         return Ok(());
@@ -95,7 +95,7 @@ fn check(status: Option<&v2::Status>) -> Result<(), String> {
     Err(format!("{} (code {} {name})", status.message, status.code))
 }
 
-fn grpc(e: tonic::Status) -> String {
+pub(super) fn grpc(e: tonic::Status) -> String {
     format!("gRPC call failed: {} ({:?})", e.message(), e.code())
 }
 
@@ -310,7 +310,7 @@ pub struct SendOptions {
     pub delay: Option<Duration>,
 }
 
-fn new_message_id() -> String {
+pub(super) fn new_message_id() -> String {
     let bytes: [u8; 16] = rand::random();
     hex::encode_upper(bytes)
 }
@@ -406,7 +406,7 @@ pub struct ConsumeOptions {
     pub ack: bool,
 }
 
-fn print_message(c: &Connection, m: &v2::Message) {
+pub(super) fn print_message(c: &Connection, m: &v2::Message) {
     let system = m.system_properties.clone().unwrap_or_default();
     if c.json {
         let mut value = serde_json::json!({
@@ -416,6 +416,7 @@ fn print_message(c: &Connection, m: &v2::Message) {
             "keys": system.keys,
             "properties": m.user_properties,
             "delivery_attempt": system.delivery_attempt,
+            "lite_topic": system.lite_topic,
             "queue_id": system.queue_id,
             "offset": system.queue_offset,
         });
