@@ -1,6 +1,7 @@
 'use strict';
 // The unchanged official Apache RocketMQ 5 Node.js client (rocketmq-client-nodejs 1.0.8 from
-// npm) against a `sluice local` this file starts: FIFO, delay and transactional messages.
+// npm) against a `sluice local` this file starts: FIFO, delay and transactional messages, and
+// lite topics (LitePushConsumer).
 //
 // Every wait is bounded. The only time-based assertion checks that a delay message is *not*
 // handed out before its time. Run by scripts/node-client-tests.sh (node --test).
@@ -17,7 +18,7 @@ const path = require('node:path');
 const readline = require('node:readline');
 const crypto = require('node:crypto');
 
-const { Producer, SimpleConsumer } = require('rocketmq-client-nodejs');
+const { ConsumeResult, LitePushConsumerBuilder, Producer, SimpleConsumer } = require('rocketmq-client-nodejs');
 // Not re-exported from the package root in 1.0.8.
 const { TransactionResolution } = require('rocketmq-client-nodejs/proto/apache/rocketmq/v2/definition_pb');
 
@@ -80,6 +81,10 @@ after(async () => {
   if (dataDir) {
     fs.rmSync(dataDir, { recursive: true, force: true });
   }
+  // The 1.0.8 lite consume services open a default file logger (egg-logger) whatever logger
+  // they are given, and nothing closes it: its flush interval would keep this file's process
+  // alive for ever. Every test has finished and reported by now.
+  setTimeout(() => process.exit(), 2_000).unref();
 });
 
 async function started(client) {
@@ -206,6 +211,58 @@ test('transactions: commit, rollback, and a check-back the checker commits', asy
     assert.deepEqual(bodies, [ 'checked back', 'committed' ]);
     assert.ok(checked.includes(orphanReceipt.messageId), `checked: ${checked}`);
     assert.deepEqual(await consumer.receive(16, INVISIBLE_MS), [], 'the rolled-back message never comes');
+  } finally {
+    await shutdown(consumer, producer);
+  }
+});
+
+test('lite: a LitePushConsumer gets only its own lite topics, each in send order', async () => {
+  const topic = unique('lite');
+  sluice('topic', 'create', topic, '--type', 'lite', '--queues', '4');
+  const group = unique('g');
+  const sessions = [ 0, 1, 2 ].map(i => `${crypto.randomUUID()}-${i}`);
+  const other = crypto.randomUUID(); // written to, never subscribed
+  const perSession = 15;
+  const expected = sessions.length * perSession;
+  const got = {};
+  let total = 0;
+  let finished;
+  const done = new Promise(resolve => { finished = resolve; });
+  const consumer = await new LitePushConsumerBuilder()
+    .setClientConfiguration({ endpoints: endpoint, namespace: '', logger })
+    .setConsumerGroup(group)
+    .bindTopic(topic)
+    .setMessageListener({
+      consume(mv) {
+        (got[mv.liteTopic] = got[mv.liteTopic] || []).push(mv.body.toString());
+        total += 1;
+        if (total >= expected) finished();
+        return ConsumeResult.SUCCESS;
+      },
+    })
+    .build();
+  const producer = await started(new Producer({ endpoints: endpoint, namespace: '', topic, logger }));
+  try {
+    for (const s of sessions) {
+      await consumer.subscribeLite(s);
+    }
+    const sent = {};
+    for (let i = 0; i < perSession; i++) {
+      for (const s of [ ...sessions, other ]) {
+        const body = `token-${i}`;
+        await producer.send({ topic, liteTopic: s, body: Buffer.from(body) });
+        (sent[s] = sent[s] || []).push(body);
+      }
+    }
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`consumed ${total} of ${expected}`)), 120_000);
+    });
+    await Promise.race([ done, timeout ]).finally(() => clearTimeout(timer));
+    assert.deepEqual(Object.keys(got).sort(), [ ...sessions ].sort(), 'only subscribed lite topics are delivered');
+    for (const s of sessions) {
+      assert.deepEqual(got[s], sent[s], 'a token stream stays a stream');
+    }
   } finally {
     await shutdown(consumer, producer);
   }
