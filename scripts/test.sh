@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: format check, build everything, lint with warnings denied, run every test,
-# the official RocketMQ Python and Node.js clients against `sluice local`, the benchmark suite in
-# short mode, then the RDMA tests for real inside a soft-RoCE QEMU guest (scripts/hw-tests.sh --vm).
+# the official RocketMQ Python and Node.js clients against `sluice local`, the benchmark suite and
+# the lite-topic scale benchmark in short mode, then the RDMA tests for real inside a soft-RoCE
+# QEMU guest (scripts/hw-tests.sh --vm).
 # The crash test's rounds can be raised with SLUICE_CRASH_ROUNDS (default 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,9 @@ bash scripts/node-client-tests.sh 2>&1 | tee -a "$log"
 # seconds per workload, then sluice-bench checks the JSON results are valid and complete. It
 # asserts no timings.
 bash scripts/bench.sh --short 2>&1 | tee -a "$log"
+# The lite-topic scale benchmark, small (20,000 lite topics): it runs end to end against a
+# broker and Redis; no timings are asserted.
+bash scripts/lite-bench.sh --short 2>&1 | tee -a "$log"
 # The RDMA path for real: the RDMA tests and hw-tests inside the soft-RoCE QEMU guest (or on
 # this host if it has a device). SLUICE_SKIP_RDMA_VM=1 skips it for quick local runs.
 if [[ "${SLUICE_SKIP_RDMA_VM:-0}" == 1 ]]; then

@@ -21,6 +21,9 @@ use crate::broker::pop::{Delivery, GroupQueue, LeaseError, LeaseTerms};
 use crate::index::QueueEntry;
 use crate::shard::StoredRecord;
 
+/// Lite queues a pop serves at once (each gives one message, usually one disk read).
+const LITE_POP_CONCURRENCY: usize = 16;
+
 /// A lease granted by this pop and its record.
 struct Popped {
     queue: Rc<str>,
@@ -319,38 +322,64 @@ impl ShardHandler {
         let mut bytes = 0usize;
         let mut progressed = false;
         let mut failure = None;
-        for index in order {
+        // A lite client's ready queues each give at most one message (a lite topic is one
+        // ordered stream), often a record read from disk: several are popped at once so their
+        // reads overlap. Topic queues are served one after another, each as far as room allows.
+        let lite = !ask.client.is_empty();
+        let concurrency = if lite { LITE_POP_CONCURRENCY } else { 1 };
+        let mut order = order.into_iter().peekable();
+        while order.peek().is_some() {
             let full = out.len() >= ask.max_count || bytes >= ask.max_bytes;
             if full {
                 // Work is left that this pop has no room for: another poll may take it.
                 self.hand_off(ask);
                 break;
             }
-            let Some(queue) = self.queue_name(ask.topic, index) else { continue };
-            let got = self.pop_queue(ask, index, &queue, ask.max_count - out.len(), ask.max_bytes - bytes).await;
-            let still_ready = self.refresh(ask.group, ask.topic, index);
-            if let Some(gt) = self.scheduler.borrow_mut().group_mut(ask.group, ask.topic) {
-                if ask.client.is_empty() {
-                    gt.served(index);
+            let room = ask.max_count - out.len();
+            let bytes_left = ask.max_bytes - bytes;
+            let chunk: Vec<(u32, Rc<str>)> = order
+                .by_ref()
+                .take(concurrency.min(room))
+                .filter_map(|index| self.queue_name(ask.topic, index).map(|queue| (index, queue)))
+                .collect();
+            let (queue_room, queue_bytes) =
+                if lite { (1, (bytes_left / chunk.len().max(1)).max(1)) } else { (room, bytes_left) };
+            let results = futures::future::join_all(
+                chunk.iter().map(|(index, queue)| self.pop_queue(ask, *index, queue, queue_room, queue_bytes)),
+            )
+            .await;
+            for ((index, queue), got) in chunk.iter().zip(results) {
+                let index = *index;
+                // One queue failing (a read error) costs only its own messages: what the others
+                // leased still goes out. The pop fails only when it has nothing else to give.
+                let (got, scanned) = match got {
+                    Ok(got) => got,
+                    Err(e) => {
+                        tracing::warn!(error = %e, queue = &**queue, group = ask.group, "a queue failed during a pop; the others still deliver");
+                        failure.get_or_insert(e);
+                        (Vec::new(), false)
+                    }
+                };
+                progressed |= scanned;
+                if !out.is_empty() && (out.len() >= ask.max_count || bytes >= ask.max_bytes) && !got.is_empty() {
+                    // Popped at once with others that filled the reply: given back, attempt kept.
+                    let deliveries: Vec<Delivery> = got.iter().map(|p| p.delivery).collect();
+                    self.give_back(ask, index, &deliveries);
                 } else {
-                    gt.lite.served(ask.client, index);
+                    bytes += got.iter().map(|p| p.record.bytes().len()).sum::<usize>();
+                    out.extend(got);
                 }
-            }
-            // One queue failing (a read error) costs only its own messages: what the others
-            // leased still goes out. The pop fails only when it has nothing else to give.
-            let (got, scanned) = match got {
-                Ok(got) => got,
-                Err(e) => {
-                    tracing::warn!(error = %e, queue = &*queue, group = ask.group, "a queue failed during a pop; the others still deliver");
-                    failure.get_or_insert(e);
-                    continue;
+                let still_ready = self.refresh(ask.group, ask.topic, index);
+                if let Some(gt) = self.scheduler.borrow_mut().group_mut(ask.group, ask.topic) {
+                    if lite {
+                        gt.lite.served(ask.client, index);
+                    } else {
+                        gt.served(index);
+                    }
                 }
-            };
-            progressed |= scanned;
-            bytes += got.iter().map(|p| p.record.bytes().len()).sum::<usize>();
-            out.extend(got);
-            if still_ready && (out.len() >= ask.max_count || bytes >= ask.max_bytes) {
-                self.hand_off(ask);
+                if still_ready && (out.len() >= ask.max_count || bytes >= ask.max_bytes) {
+                    self.hand_off(ask);
+                }
             }
         }
         match failure {

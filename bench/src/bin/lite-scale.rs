@@ -1,0 +1,588 @@
+//! The lite-topic scale benchmark: many lite topics on one broker, one message each, against
+//! Redis Streams doing the same (one stream per session) in the same run.
+//!
+//! 1. Creation: `--lite-topics` lite topics, one message each (appends of 256, 16 in flight).
+//!    Reported: lite topics created per second, and the server's RSS and disk growth per lite
+//!    topic (RSS from /proc/PID/status; Sluice's index directories and log bytes, Redis's AOF).
+//! 2. Delivery: one consumer subscribes to `--subscribed` of them; a producer sends `--rate`
+//!    msg/s spread over them, open loop (each message due at its time; latency counts from it).
+//!    Reported: send→receive p50/p99/p99.9/max and messages lost. Redis has no subscription sets,
+//!    so its consumer reads with one XREAD over every subscribed stream, which is what a Redis
+//!    client has to do for the same workload.
+//!
+//! Talks to the broker over the transport (no proxy), like the `sluice-broker` target.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use futures::stream::{self, StreamExt};
+use hdrhistogram::Histogram;
+use sluice_bench::targets::{message_body, Delivered};
+use sluice_transport::cluster::{BrokerAddress, BrokerPool, Owner};
+use sluice_transport::messages::*;
+use sluice_transport::model::message_type;
+use sluice_transport::model::placement::{lite_queue, topic_queue, LITE_TTL_ATTRIBUTE};
+use sluice_transport::model::RecordView;
+use sluice_transport::TransportConfig;
+
+/// Lite topics per append request while creating them.
+const CREATE_BATCH: usize = 256;
+/// Append requests in flight while creating.
+const CREATE_INFLIGHT: usize = 16;
+/// Queue names per subscription request.
+const SUBSCRIBE_BATCH: usize = 4096;
+const QUEUES: u32 = 8;
+const GROUP: &str = "lite-scale";
+const CLIENT: &str = "lite-scale-consumer";
+const POP_BATCH: u32 = 64;
+const LONG_POLL_MS: u64 = 1000;
+/// Latency histogram bound: 60 s in µs.
+const LATENCY_MAX_US: u64 = 60_000_000;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Shard 0 of the broker, host:port.
+    #[arg(long)]
+    broker: String,
+    #[arg(long)]
+    broker_pid: u32,
+    /// The broker's data directory (its disk use is measured).
+    #[arg(long)]
+    broker_data: PathBuf,
+    /// Redis, host:port; leave out to measure Sluice alone.
+    #[arg(long)]
+    redis: Option<String>,
+    #[arg(long)]
+    redis_pid: Option<u32>,
+    #[arg(long, default_value_t = 1_000_000)]
+    lite_topics: usize,
+    #[arg(long, default_value_t = 100_000)]
+    subscribed: usize,
+    /// Messages per second during the delivery phase, spread over the subscribed lite topics.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    #[arg(long, default_value_t = 20)]
+    duration_secs: u64,
+    #[arg(long, default_value_t = 3)]
+    warmup_secs: u64,
+    #[arg(long, default_value_t = 128)]
+    body_bytes: usize,
+    #[arg(long, default_value = "results/lite-scale.json")]
+    out: PathBuf,
+}
+
+/// Distinguishes this run's names from earlier runs' on the same servers.
+fn run_nonce() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A lite topic name shaped like a session id (36 characters).
+fn session(i: usize) -> String {
+    format!("{:08x}-0000-4000-8000-{:012x}", i, i)
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Bytes of files under `dir` whose path contains `part` (e.g. the index directories).
+fn dir_bytes(dir: &Path, part: &str) -> u64 {
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match entry.metadata() {
+            Ok(m) if m.is_dir() => total += dir_bytes(&path, part),
+            Ok(m) if path.to_string_lossy().contains(part) => total += m.len(),
+            _ => {}
+        }
+    }
+    total
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct Phase {
+    lite_topics: usize,
+    create_secs: f64,
+    created_per_sec: f64,
+    rss_per_topic_bytes: f64,
+    disk_per_topic_bytes: f64,
+    disk_what: String,
+    subscribe_secs: f64,
+    sent: u64,
+    received: u64,
+    /// Acked sends the consumer had not received 5 s after the last send.
+    not_received: u64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    max_us: u64,
+    note: String,
+}
+
+fn percentiles(h: &Histogram<u64>, phase: &mut Phase) {
+    phase.p50_us = h.value_at_quantile(0.5);
+    phase.p99_us = h.value_at_quantile(0.99);
+    phase.p999_us = h.value_at_quantile(0.999);
+    phase.max_us = h.max();
+}
+
+async fn sluice(args: &Args) -> Result<Phase, String> {
+    let pool = BrokerPool::connect(
+        vec![BrokerAddress::Base(args.broker.clone())],
+        "tcp",
+        TransportConfig::default(),
+        "lite-scale",
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let pool = Arc::new(pool);
+    let topic = format!("litescale{}", run_nonce());
+    for index in 0..QUEUES {
+        let queue = topic_queue(&topic, index);
+        let attributes = vec![
+            ("topic".to_string(), topic.clone()),
+            ("queue_count".to_string(), QUEUES.to_string()),
+            (LITE_TTL_ATTRIBUTE.to_string(), "1440".to_string()),
+        ];
+        let create = CreateQueueRequest { queue: queue.clone(), message_type: message_type::LITE, attributes };
+        pool.call_for(&queue, &create).await.map_err(|e| e.to_string())?;
+    }
+    let log_end = |pool: Arc<BrokerPool>| async move {
+        let mut total = 0;
+        for owner in pool.all_shards() {
+            if let Ok(frame) = pool.call(owner, &StatsRequest {}).await {
+                if let Ok(stats) = frame.access::<StatsResponse>() {
+                    total += stats.counters.iter().find(|c| c.0.as_str() == "log_end").map_or(0, |c| c.1.to_native());
+                }
+            }
+        }
+        total
+    };
+    let (rss0, index0, log0) =
+        (rss_bytes(args.broker_pid), dir_bytes(&args.broker_data, "index"), log_end(pool.clone()).await);
+    let body = Bytes::from(vec![b'c'; args.body_bytes]);
+    let started = Instant::now();
+    let mut by_owner: std::collections::HashMap<Owner, Vec<String>> = std::collections::HashMap::new();
+    for i in 0..args.lite_topics {
+        let name = session(i);
+        by_owner.entry(pool.owner(&lite_queue(&topic, QUEUES, &name))).or_default().push(name);
+    }
+    let batches: Vec<(Owner, Vec<String>)> = by_owner
+        .into_iter()
+        .flat_map(|(owner, names)| names.chunks(CREATE_BATCH).map(|c| (owner, c.to_vec())).collect::<Vec<_>>())
+        .collect();
+    let results: Vec<Result<(), String>> = stream::iter(batches)
+        .map(|(owner, names)| {
+            let (pool, topic, body) = (pool.clone(), topic.clone(), body.clone());
+            async move {
+                let entries = names
+                    .iter()
+                    .map(|name| AppendEntry {
+                        queues: vec![lite_queue(&topic, QUEUES, name)],
+                        message_id: name.clone(),
+                        tag: String::new(),
+                        keys: Vec::new(),
+                        attributes: EntryAttributes {
+                            message_type: message_type::LITE,
+                            lite_topic: name.clone(),
+                            ..Default::default()
+                        },
+                        properties: &[],
+                        body: &body,
+                    })
+                    .collect();
+                pool.call(owner, &AppendRequest { entries }).await.map(|_| ()).map_err(|e| e.to_string())
+            }
+        })
+        .buffer_unordered(CREATE_INFLIGHT)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>, String>>()?;
+    let create_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let n = args.lite_topics as f64;
+    let (rss1, index1, log1) =
+        (rss_bytes(args.broker_pid), dir_bytes(&args.broker_data, "index"), log_end(pool.clone()).await);
+    let mut phase = Phase {
+        lite_topics: args.lite_topics,
+        create_secs,
+        created_per_sec: n / create_secs,
+        rss_per_topic_bytes: rss1.saturating_sub(rss0) as f64 / n,
+        disk_per_topic_bytes: (index1.saturating_sub(index0) + log1.saturating_sub(log0)) as f64 / n,
+        disk_what: format!(
+            "index {:.0} B + log {:.0} B per lite topic",
+            index1.saturating_sub(index0) as f64 / n,
+            log1.saturating_sub(log0) as f64 / n
+        ),
+        ..Default::default()
+    };
+    sluice_delivery(args, &pool, &topic, &mut phase).await?;
+    Ok(phase)
+}
+
+async fn sluice_delivery(args: &Args, pool: &Arc<BrokerPool>, topic: &str, phase: &mut Phase) -> Result<(), String> {
+    let subscribed: Vec<String> = (0..args.subscribed.min(args.lite_topics)).map(session).collect();
+    let started = Instant::now();
+    let mut by_owner: std::collections::HashMap<Owner, Vec<String>> = std::collections::HashMap::new();
+    for name in &subscribed {
+        let queue = lite_queue(topic, QUEUES, name);
+        by_owner.entry(pool.owner(&queue)).or_default().push(queue);
+    }
+    for owner in pool.all_shards() {
+        let queues = by_owner.remove(&owner).unwrap_or_default();
+        for chunk in queues.chunks(SUBSCRIBE_BATCH).chain(std::iter::once(&[][..])) {
+            let request = LiteSubscriptionRequest {
+                group: GROUP.into(),
+                client_id: CLIENT.into(),
+                topic: topic.into(),
+                action: LITE_ADD,
+                queues: chunk.to_vec(),
+                // Only what is sent from now on: the creation message is not part of this phase.
+                start: LITE_START_MAX,
+                start_value: 0,
+            };
+            pool.call(owner, &request).await.map_err(|e| e.to_string())?;
+        }
+    }
+    phase.subscribe_secs = started.elapsed().as_secs_f64();
+    let epoch = Instant::now();
+    let histogram =
+        Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, LATENCY_MAX_US, 3).expect("bounds")));
+    let received = Arc::new(AtomicU64::new(0));
+    let warmup_ns = args.warmup_secs * 1_000_000_000;
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut consumers = Vec::new();
+    for owner in pool.all_shards() {
+        let (pool, topic, histogram, received, stop) =
+            (pool.clone(), topic.to_string(), histogram.clone(), received.clone(), stop.clone());
+        consumers.push(tokio::spawn(async move {
+            loop {
+                let pop = PopRequest {
+                    group: GROUP.into(),
+                    topic: topic.clone(),
+                    queue: String::new(),
+                    max_count: POP_BATCH,
+                    max_bytes: 16 << 20,
+                    invisible_ms: 30_000,
+                    long_poll_ms: LONG_POLL_MS,
+                    poll_id: 0,
+                    filter: FilterSpec::default(),
+                    policy: GroupPolicy::default(),
+                    client_id: CLIENT.into(),
+                };
+                let call = pool.call(owner, &pop);
+                let frame = tokio::select! {
+                    frame = call => frame,
+                    () = stop.notified() => return,
+                };
+                let Ok(frame) = frame else { continue };
+                let Ok(popped) = frame.access::<PopResponse>() else { continue };
+                let now_ns = epoch.elapsed().as_nanos() as u64;
+                for m in popped.messages.iter() {
+                    let Ok(view) = RecordView::parse(&m.record) else { continue };
+                    let Some(d) = Delivered::parse(view.body) else { continue };
+                    received.fetch_add(1, Ordering::Relaxed);
+                    if d.due_ns >= warmup_ns {
+                        let us = (now_ns.saturating_sub(d.due_ns) / 1000).clamp(1, LATENCY_MAX_US);
+                        histogram.lock().expect("histogram").record(us).expect("bounded value");
+                    }
+                    let ack = AckRequest {
+                        queue: m.queue.as_str().to_string(),
+                        group: GROUP.into(),
+                        receipts: vec![m.receipt.as_str().to_string()],
+                    };
+                    let pool = pool.clone();
+                    tokio::spawn(async move { pool.call(owner, &ack).await });
+                }
+            }
+        }));
+    }
+    let total = args.rate * (args.warmup_secs + args.duration_secs);
+    let sent = send_open_loop(args, pool, topic, &subscribed, epoch, total).await?;
+    // What is still in flight has a few seconds to arrive.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while received.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.notify_waiters();
+    for c in consumers {
+        let _ = c.await;
+    }
+    phase.sent = sent;
+    phase.received = received.load(Ordering::Relaxed);
+    phase.not_received = sent.saturating_sub(phase.received);
+    percentiles(&histogram.lock().expect("histogram"), phase);
+    Ok(())
+}
+
+/// Sends `total` messages at `rate`, message g due at g / rate s after `epoch`, each to the
+/// next subscribed lite topic in turn; returns how many were acked.
+async fn send_open_loop(
+    args: &Args,
+    pool: &Arc<BrokerPool>,
+    topic: &str,
+    subscribed: &[String],
+    epoch: Instant,
+    total: u64,
+) -> Result<u64, String> {
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut next = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut inflight = tokio::task::JoinSet::new();
+    while next < total {
+        tick.tick().await;
+        let now_ns = epoch.elapsed().as_nanos() as u64;
+        let due_until = ((now_ns as u128 * args.rate as u128) / 1_000_000_000) as u64;
+        let mut by_owner: std::collections::HashMap<Owner, Vec<(String, Bytes)>> = std::collections::HashMap::new();
+        while next < total && next <= due_until {
+            let due_ns = (next as u128 * 1_000_000_000 / args.rate as u128) as u64;
+            let name = &subscribed[next as usize % subscribed.len()];
+            let queue = lite_queue(topic, QUEUES, name);
+            let body = message_body(args.body_bytes, due_ns, next);
+            by_owner.entry(pool.owner(&queue)).or_default().push((name.clone(), body));
+            next += 1;
+        }
+        for (owner, messages) in by_owner {
+            let (pool, topic, acked) = (pool.clone(), topic.to_string(), acked.clone());
+            inflight.spawn(async move {
+                let entries = messages
+                    .iter()
+                    .map(|(name, body)| AppendEntry {
+                        queues: vec![lite_queue(&topic, QUEUES, name)],
+                        message_id: String::new(),
+                        tag: String::new(),
+                        keys: Vec::new(),
+                        attributes: EntryAttributes {
+                            message_type: message_type::LITE,
+                            lite_topic: name.clone(),
+                            ..Default::default()
+                        },
+                        properties: &[],
+                        body,
+                    })
+                    .collect();
+                if pool.call(owner, &AppendRequest { entries }).await.is_ok() {
+                    acked.fetch_add(messages.len() as u64, Ordering::Relaxed);
+                }
+            });
+        }
+        while let Some(done) = inflight.try_join_next() {
+            done.map_err(|e| e.to_string())?;
+        }
+    }
+    while let Some(done) = inflight.join_next().await {
+        done.map_err(|e| e.to_string())?;
+    }
+    Ok(acked.load(Ordering::Relaxed))
+}
+
+async fn redis_run(args: &Args, address: &str, pid: u32) -> Result<Phase, String> {
+    let client = redis::Client::open(format!("redis://{address}/")).map_err(|e| e.to_string())?;
+    let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+    let prefix = format!("litescale{}:", run_nonce());
+    let aof = |info: String| {
+        info.lines()
+            .find_map(|l| l.strip_prefix("aof_current_size:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let info0: String =
+        redis::cmd("INFO").arg("persistence").query_async(&mut conn).await.map_err(|e| e.to_string())?;
+    let rss0 = rss_bytes(pid);
+    let body = vec![b'c'; args.body_bytes];
+    let started = Instant::now();
+    let chunks: Vec<Vec<usize>> =
+        (0..args.lite_topics).collect::<Vec<_>>().chunks(CREATE_BATCH).map(<[usize]>::to_vec).collect();
+    let results: Vec<Result<(), String>> = stream::iter(chunks)
+        .map(|chunk| {
+            let (mut conn, prefix, body) = (conn.clone(), prefix.clone(), body.clone());
+            async move {
+                let mut pipe = redis::pipe();
+                for i in chunk {
+                    pipe.cmd("XADD").arg(format!("{prefix}{}", session(i))).arg("*").arg("b").arg(&body[..]).ignore();
+                }
+                pipe.query_async::<()>(&mut conn).await.map_err(|e| e.to_string())
+            }
+        })
+        .buffer_unordered(CREATE_INFLIGHT)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>, String>>()?;
+    let create_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let info1: String =
+        redis::cmd("INFO").arg("persistence").query_async(&mut conn).await.map_err(|e| e.to_string())?;
+    let n = args.lite_topics as f64;
+    let mut phase = Phase {
+        lite_topics: args.lite_topics,
+        create_secs,
+        created_per_sec: n / create_secs,
+        rss_per_topic_bytes: rss_bytes(pid).saturating_sub(rss0) as f64 / n,
+        disk_per_topic_bytes: aof(info1).saturating_sub(aof(info0)) as f64 / n,
+        disk_what: "AOF growth per stream".into(),
+        note: "the consumer reads with XREAD over every subscribed stream (Redis keeps no subscription sets)".into(),
+        ..Default::default()
+    };
+    redis_delivery(args, &client, &prefix, &mut phase).await?;
+    Ok(phase)
+}
+
+async fn redis_delivery(args: &Args, client: &redis::Client, prefix: &str, phase: &mut Phase) -> Result<(), String> {
+    let keys: Vec<String> =
+        (0..args.subscribed.min(args.lite_topics)).map(|i| format!("{prefix}{}", session(i))).collect();
+    let mut reader = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+    let mut writer = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+    let epoch = Instant::now();
+    let warmup_ns = args.warmup_secs * 1_000_000_000;
+    let total = args.rate * (args.warmup_secs + args.duration_secs);
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, LATENCY_MAX_US, 3).expect("bounds");
+    // Only what is sent from now on: every stream is read from its current end.
+    let mut last: Vec<String> = vec!["$".to_string(); keys.len()];
+    let index_of: std::collections::HashMap<String, usize> =
+        keys.iter().cloned().enumerate().map(|(i, k)| (k, i)).collect();
+    let consumer = {
+        let (received, stop) = (received.clone(), stop.clone());
+        let keys = keys.clone();
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                let mut cmd = redis::cmd("XREAD");
+                cmd.arg("COUNT").arg(POP_BATCH).arg("BLOCK").arg(LONG_POLL_MS).arg("STREAMS").arg(&keys).arg(&last);
+                let reply: Option<redis::streams::StreamReadReply> = match cmd.query_async(&mut reader).await {
+                    Ok(reply) => reply,
+                    Err(_) => continue,
+                };
+                let now_ns = epoch.elapsed().as_nanos() as u64;
+                for stream in reply.map(|r| r.keys).unwrap_or_default() {
+                    let Some(&i) = index_of.get(&stream.key) else { continue };
+                    for id in stream.ids {
+                        last[i] = id.id.clone();
+                        let Some(redis::Value::BulkString(body)) = id.map.get("b") else { continue };
+                        let Some(d) = Delivered::parse(body) else { continue };
+                        received.fetch_add(1, Ordering::Relaxed);
+                        if d.due_ns >= warmup_ns {
+                            let us = (now_ns.saturating_sub(d.due_ns) / 1000).clamp(1, LATENCY_MAX_US);
+                            histogram.record(us).expect("bounded value");
+                        }
+                    }
+                }
+            }
+            histogram
+        }
+    };
+    let consumer = tokio::spawn(consumer);
+    // Let the first XREAD (with `$`) reach the server before anything is sent.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let epoch_send = epoch + Duration::from_millis(500);
+    let mut next = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sent = 0u64;
+    while next < total {
+        tick.tick().await;
+        let now_ns = epoch_send.elapsed().as_nanos() as u64;
+        let due_until = ((now_ns as u128 * args.rate as u128) / 1_000_000_000) as u64;
+        let mut pipe = redis::pipe();
+        let mut count = 0;
+        while next < total && next <= due_until {
+            let due_ns = (next as u128 * 1_000_000_000 / args.rate as u128) as u64 + 500_000_000;
+            let key = &keys[next as usize % keys.len()];
+            pipe.cmd("XADD").arg(key).arg("*").arg("b").arg(&message_body(args.body_bytes, due_ns, next)[..]).ignore();
+            next += 1;
+            count += 1;
+        }
+        if count > 0 && pipe.query_async::<()>(&mut writer).await.is_ok() {
+            sent += count;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while received.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let histogram = consumer.await.map_err(|e| e.to_string())?;
+    phase.sent = sent;
+    phase.received = received.load(Ordering::Relaxed);
+    phase.not_received = sent.saturating_sub(phase.received);
+    percentiles(&histogram, phase);
+    Ok(())
+}
+
+fn print(name: &str, p: &Phase) {
+    println!(
+        "{name:>7}: {} lite topics created in {:.1} s ({:.0}/s); RSS {:.0} B and disk {:.0} B per lite topic ({})",
+        p.lite_topics, p.create_secs, p.created_per_sec, p.rss_per_topic_bytes, p.disk_per_topic_bytes, p.disk_what
+    );
+    println!(
+        "{name:>7}: delivery: {} sent, {} received, {} not received by the end; p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs{}",
+        p.sent,
+        p.received,
+        p.not_received,
+        p.p50_us,
+        p.p99_us,
+        p.p999_us,
+        p.max_us,
+        if p.subscribe_secs > 0.0 { format!("; subscribing took {:.2} s", p.subscribe_secs) } else { String::new() }
+    );
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if args.lite_topics == 0 || args.subscribed == 0 || args.rate == 0 || args.body_bytes < 16 {
+        eprintln!("lite-scale: --lite-topics, --subscribed and --rate must be positive, --body-bytes at least 16");
+        return std::process::ExitCode::FAILURE;
+    }
+    let sluice = match sluice(&args).await {
+        Ok(phase) => phase,
+        Err(e) => {
+            eprintln!("lite-scale: sluice: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    print("sluice", &sluice);
+    let redis = match (&args.redis, args.redis_pid) {
+        (Some(address), Some(pid)) => match redis_run(&args, address, pid).await {
+            Ok(phase) => {
+                print("redis", &phase);
+                Some(phase)
+            }
+            Err(e) => {
+                eprintln!("lite-scale: redis: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    if let Some(r) = &redis {
+        println!(
+            "  ratio: creation {:.2}× Redis, RSS per topic {:.2}×, p50 {:.2}×, p99 {:.2}× (below 1 is better for all but creation)",
+            sluice.created_per_sec / r.created_per_sec,
+            sluice.rss_per_topic_bytes / r.rss_per_topic_bytes.max(1.0),
+            sluice.p50_us as f64 / r.p50_us.max(1) as f64,
+            sluice.p99_us as f64 / r.p99_us.max(1) as f64
+        );
+    }
+    let json = serde_json::json!({ "args": format!("{args:?}"), "sluice": sluice, "redis": redis });
+    if let Some(dir) = args.out.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = std::fs::write(&args.out, serde_json::to_string_pretty(&json).unwrap_or_default()) {
+        eprintln!("lite-scale: cannot write {}: {e}", args.out.display());
+        return std::process::ExitCode::FAILURE;
+    }
+    std::process::ExitCode::SUCCESS
+}
