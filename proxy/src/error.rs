@@ -125,6 +125,7 @@ impl ProxyError {
                 broker_code::MESSAGE_TYPE_MISMATCH => Code::MessagePropertyConflictWithType,
                 broker_code::LITE_SUBSCRIPTION_QUOTA => Code::LiteSubscriptionQuotaExceeded,
                 broker_code::ILLEGAL_LITE_TOPIC => Code::IllegalLiteTopic,
+                broker_code::TOO_MANY_LITE_CLIENTS => Code::TooManyRequests,
                 // Only sends to lite topics create queues, so a full shard is the lite-topic quota.
                 broker_code::TOO_MANY_QUEUES => Code::LiteTopicQuotaExceeded,
                 _ => Code::InternalServerError,

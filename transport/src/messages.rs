@@ -577,7 +577,7 @@ pub struct LiteSubscriptionRequest {
 
 pub const LITE_ADD: u8 = 0;
 pub const LITE_REMOVE: u8 = 1;
-/// The client's whole set on this shard becomes `lite_topics`.
+/// The client's whole set of the topic on this shard becomes `queues`.
 pub const LITE_REPLACE: u8 = 2;
 pub const LITE_REMOVE_ALL: u8 = 3;
 

@@ -118,6 +118,9 @@ impl ShardHandler {
             }
         }
         self.ensure_group(group, topic, &filter, &policy, lite).await?;
+        if lite {
+            self.check_lite_client_room(group, topic, client)?;
+        }
         let ask = PopAsk {
             group,
             topic,
@@ -137,7 +140,6 @@ impl ShardHandler {
             self.polls.borrow_mut().insert(poll_id, cancel.clone());
         }
         let _unregister = PollGuard { handler: self, poll_id };
-        let _polling = LitePollGuard::enter(self, group, topic, client);
         let waiters = {
             let mut scheduler = self.scheduler.borrow_mut();
             let gt = scheduler.group_entry(group, topic);
@@ -147,6 +149,7 @@ impl ShardHandler {
                 gt.waiters.clone()
             }
         };
+        let _polling = LitePollGuard::enter(self, group, topic, client, &waiters);
         loop {
             let woken = waiters.notified();
             let mut woken = std::pin::pin!(woken);
@@ -156,7 +159,10 @@ impl ShardHandler {
             cancelled.as_mut().enable();
             let (popped, progressed) = self.pop_once(&ask, only).await?;
             let now = now_ms();
-            if !popped.is_empty() || now >= wait_until_ms || self.closing.get() || self.poll_cancelled(poll_id) {
+            // A lite client removed meanwhile (it terminated, or went silent) is answered now.
+            let gone = lite && !self.lite_client_is(group, topic, client, &waiters);
+            if !popped.is_empty() || now >= wait_until_ms || self.closing.get() || self.poll_cancelled(poll_id) || gone
+            {
                 return self.pop_reply(request.request_id(), &ask, popped);
             }
             if progressed {
@@ -229,25 +235,25 @@ impl ShardHandler {
         let (missing, switched): (Vec<(u32, Rc<str>)>, Vec<u32>) = {
             let mut scheduler = self.scheduler.borrow_mut();
             let gt = scheduler.group_entry(group, topic);
-            let (known, switched) = match gt.set_filter(filter) {
-                Ok(()) => {
-                    let known: Vec<u32> = gt.queues.keys().copied().collect();
-                    // A FIFO switch frees or holds message groups: every queue's readiness is
-                    // recomputed.
-                    let switched = if gt.set_policy(policy) { known.clone() } else { Vec::new() };
-                    (known, switched)
-                }
+            let switched = match gt.set_filter(filter) {
+                // A FIFO switch frees or holds message groups: every queue's readiness is
+                // recomputed.
+                Ok(()) if gt.set_policy(policy) => gt.queues.keys().copied().collect(),
+                Ok(()) => Vec::new(),
                 Err(e) => {
                     scheduler.forget_if_empty(group, topic);
                     return Err(e.into());
                 }
             };
+            let known = scheduler.group(group, topic).map(|gt| &gt.queues);
             let missing = match scheduler.topic_queues(topic) {
                 // A lite consumer's queues come with its subscriptions.
                 Some(_) if lite => Vec::new(),
-                Some(queues) => {
-                    queues.iter().filter(|(i, _)| !known.contains(i)).map(|(i, q)| (*i, q.clone())).collect()
-                }
+                Some(queues) => queues
+                    .iter()
+                    .filter(|(i, _)| known.is_none_or(|k| !k.contains_key(i)))
+                    .map(|(i, q)| (*i, q.clone()))
+                    .collect(),
                 None => Vec::new(),
             };
             (missing, switched)
@@ -301,6 +307,15 @@ impl ShardHandler {
                 c.waiters.notify_waiters();
             }
         }
+    }
+
+    /// True while the lite client's entry is the one whose `waiters` this poll waits on.
+    fn lite_client_is(&self, group: &str, topic: &str, client: &str, waiters: &Rc<tokio::sync::Notify>) -> bool {
+        self.scheduler
+            .borrow()
+            .group(group, topic)
+            .and_then(|gt| gt.lite.clients.get(client))
+            .is_some_and(|c| Rc::ptr_eq(&c.waiters, waiters))
     }
 
     pub(super) fn queue_name(&self, topic: &str, index: u32) -> Option<Rc<str>> {
@@ -814,19 +829,16 @@ impl ShardHandler {
         Ok(CommitOffsetResponse {})
     }
 
-    /// (topic, index) of a queue an offset is committed on; a lite queue gets an index.
+    /// (topic, index) of a topic queue an offset is committed on. A lite topic's position
+    /// moves with its subscription's offset option instead (its state lives only while
+    /// subscribed).
     fn index_for_commit(&self, queue: &str) -> Result<(String, u32)> {
-        if let Some((topic, index)) = sluice_transport::model::placement::split_topic_queue(queue) {
-            return Ok((topic.to_string(), index));
+        match sluice_transport::model::placement::split_topic_queue(queue) {
+            Some((topic, index)) => Ok((topic.to_string(), index)),
+            None => Err(BrokerError::InvalidRequest(format!(
+                "{queue:?} is not a topic queue; a lite topic's start is set by its subscription's offset option"
+            ))),
         }
-        let (topic, _, _) = sluice_transport::model::placement::split_lite_queue(queue)
-            .ok_or_else(|| BrokerError::InvalidRequest(format!("{queue:?} is not a topic or lite queue")))?;
-        let index = self
-            .scheduler
-            .borrow_mut()
-            .lite_index(topic, queue)
-            .ok_or(BrokerError::TooManyGroups { max: self.limits.group_queues_max })?;
-        Ok((topic.to_string(), index))
     }
 
     pub(super) async fn query_offset(&self, request: &Frame) -> Result<QueryOffsetResponse> {
@@ -866,30 +878,37 @@ async fn yield_now() {
 }
 
 /// Counts a lite client's pop as under way, so the idle sweep leaves a waiting client alone;
-/// marks it seen again when the pop ends.
+/// marks it seen again when the pop ends. Tied to the client entry it counted in (by its
+/// waiters): a client removed and made again meanwhile is a new entry, left alone.
 struct LitePollGuard<'a> {
     handler: &'a ShardHandler,
     group: &'a str,
     topic: &'a str,
     client: &'a str,
+    waiters: Rc<tokio::sync::Notify>,
 }
 
 impl<'a> LitePollGuard<'a> {
-    fn enter(handler: &'a ShardHandler, group: &'a str, topic: &'a str, client: &'a str) -> Option<Self> {
+    fn enter(
+        handler: &'a ShardHandler,
+        group: &'a str,
+        topic: &'a str,
+        client: &'a str,
+        waiters: &Rc<tokio::sync::Notify>,
+    ) -> Option<Self> {
         if client.is_empty() {
             return None;
         }
         handler.scheduler.borrow_mut().group_entry(group, topic).lite.client(client, now_ms()).polls += 1;
-        Some(LitePollGuard { handler, group, topic, client })
+        Some(LitePollGuard { handler, group, topic, client, waiters: waiters.clone() })
     }
 }
 
 impl Drop for LitePollGuard<'_> {
     fn drop(&mut self) {
         let mut scheduler = self.handler.scheduler.borrow_mut();
-        // Gone already if the client was removed meanwhile (its termination).
-        if let Some(c) = scheduler.group_mut(self.group, self.topic).and_then(|gt| gt.lite.clients.get_mut(self.client))
-        {
+        let entry = scheduler.group_mut(self.group, self.topic).and_then(|gt| gt.lite.clients.get_mut(self.client));
+        if let Some(c) = entry.filter(|c| Rc::ptr_eq(&c.waiters, &self.waiters)) {
             c.polls = c.polls.saturating_sub(1);
             c.seen_ms = c.seen_ms.max(now_ms());
         }

@@ -42,6 +42,8 @@ pub enum BrokerError {
     MessageTypeMismatch { queue: String, expected: &'static str, given: &'static str },
     #[error("this client is subscribed to {max} lite topics on one shard (broker.lite_subscriptions_per_client_max); unsubscribe some first")]
     LiteSubscriptionQuota { max: usize },
+    #[error("this consumer group already has {max} lite consumers on this shard (broker.lite_clients_per_group_max); stop idle ones or use another group")]
+    TooManyLiteClients { max: usize },
     #[error("illegal lite topic {name:?}: {reason}")]
     IllegalLiteTopic { name: String, reason: String },
     #[error(transparent)]
@@ -67,6 +69,7 @@ impl BrokerError {
             BrokerError::MessageTypeMismatch { .. } => codes::MESSAGE_TYPE_MISMATCH,
             BrokerError::LiteSubscriptionQuota { .. } => codes::LITE_SUBSCRIPTION_QUOTA,
             BrokerError::IllegalLiteTopic { .. } => codes::ILLEGAL_LITE_TOPIC,
+            BrokerError::TooManyLiteClients { .. } => codes::TOO_MANY_LITE_CLIENTS,
             BrokerError::Engine(e) => e.code(),
         }
     }

@@ -58,6 +58,18 @@ impl ShardHandler {
         Ok(())
     }
 
+    /// A new lite consumer of the group is taken only while the group has room for it.
+    pub(super) fn check_lite_client_room(&self, group: &str, topic: &str, client: &str) -> Result<()> {
+        let scheduler = self.scheduler.borrow();
+        let clients = scheduler.group(group, topic).map(|gt| &gt.lite.clients);
+        let known = clients.is_some_and(|c| c.contains_key(client));
+        let max = self.limits.lite_clients_per_group_max;
+        if !known && clients.is_some_and(|c| c.len() >= max) {
+            return Err(BrokerError::TooManyLiteClients { max });
+        }
+        Ok(())
+    }
+
     /// The topic must have queues on this shard, and be a LITE topic.
     fn check_lite_topic(&self, topic: &str) -> Result<()> {
         let first = self.scheduler.borrow().topic_queues(topic).and_then(|q| q.values().next().cloned());
@@ -88,6 +100,7 @@ impl ShardHandler {
             return Ok(LiteSubscriptionResponse { subscribed: 0 });
         }
         self.check_lite_topic(topic)?;
+        self.check_lite_client_room(group, topic, client)?;
         let mut queues = Vec::with_capacity(req.queues.len());
         for queue in req.queues.iter() {
             let queue = queue.as_str();
@@ -103,7 +116,8 @@ impl ShardHandler {
             LITE_REMOVE => self.lite_remove(group, topic, client, &queues).await?,
             LITE_REPLACE => {
                 let current = self.subscribed_queues(group, topic, client);
-                let gone: Vec<&str> = current.iter().map(|q| &**q).filter(|q| !queues.contains(q)).collect();
+                let wanted: std::collections::HashSet<&str> = queues.iter().copied().collect();
+                let gone: Vec<&str> = current.iter().map(|q| &**q).filter(|q| !wanted.contains(q)).collect();
                 self.lite_remove(group, topic, client, &gone).await?;
                 self.lite_add(group, topic, client, &queues, start).await?;
             }
@@ -131,59 +145,69 @@ impl ShardHandler {
         let now = now_ms();
         let max = self.limits.lite_subscriptions_per_client_max;
         for queue in queues {
-            let index = self.ensure_lite_queue(group, topic, queue, start).await?;
+            // The quota first, so a refused subscription creates no state and moves no position.
             let over_quota = {
-                let mut scheduler = self.scheduler.borrow_mut();
-                let lite = &mut scheduler.group_entry(group, topic).lite;
-                let subscribed = &lite.client(client_id, now).subscribed;
-                let over = !subscribed.contains(&index) && subscribed.len() >= max;
-                if !over {
-                    lite.subscribe(client_id, index, now);
-                }
-                over
+                let scheduler = self.scheduler.borrow();
+                let index = scheduler.locate(queue).map(|(_, i)| i);
+                let client = scheduler.group(group, topic).and_then(|gt| gt.lite.clients.get(client_id));
+                let subscribed = client.map_or(0, |c| c.subscribed.len());
+                let already = client.zip(index).is_some_and(|(c, i)| c.subscribed.contains(&i));
+                !already && subscribed >= max
             };
             if over_quota {
-                self.drop_if_unused(group, topic, index).await?;
                 return Err(BrokerError::LiteSubscriptionQuota { max });
             }
+            let index = self.ensure_lite_queue(group, topic, queue, start).await?;
+            // No await since the group's state was made: nothing can drop it before this.
+            self.scheduler.borrow_mut().group_entry(group, topic).lite.subscribe(client_id, index, now);
             self.refresh(group, topic, index);
         }
         Ok(())
     }
 
-    /// The group's delivery state on a lite queue, created at `start` if it has none.
+    /// The group's delivery state on a lite queue, created at `start` if it has none. The
+    /// index is taken in the same step as the state is made, so no other request can forget
+    /// it in between.
     async fn ensure_lite_queue(&self, group: &str, topic: &str, queue: &str, start: Start) -> Result<u32> {
-        let index = self
-            .scheduler
-            .borrow_mut()
-            .lite_index(topic, queue)
-            .ok_or(BrokerError::TooManyGroups { max: self.limits.group_queues_max })?;
-        let known = self.scheduler.borrow().group(group, topic).is_some_and(|gt| gt.queues.contains_key(&index));
-        if known {
+        let known = {
+            let scheduler = self.scheduler.borrow();
+            scheduler
+                .locate(queue)
+                .map(|(_, i)| i)
+                .filter(|i| scheduler.group(group, topic).is_some_and(|gt| gt.queues.contains_key(i)))
+        };
+        if let Some(index) = known {
             return Ok(index);
         }
+        let committed = match start {
+            Start::Last => self.load_offset(group, queue).await?,
+            _ => None,
+        };
+        // Read after the await: the queue may have grown, or been reclaimed (then it is gone).
         let (min, max) = self.shard.queue_info(queue).map_or((0, 0), |q| (q.min_offset, q.max_offset));
         let offset = match start {
             // A lite topic the group never consumed starts at its first message, so a reply
             // sent just before the subscription is not lost.
-            Start::Last => self.load_offset(group, queue).await?.unwrap_or(min),
+            Start::Last => committed.unwrap_or(min),
             Start::Min => min,
             Start::Max => max,
             Start::Offset(offset) => offset,
             Start::Tail(n) => max.saturating_sub(n),
         };
-        // The lookup above awaited: another request may have created it meanwhile.
-        let inserted = self.scheduler.borrow_mut().insert_group_queue(
-            group,
-            topic,
-            index,
-            GroupQueue::new(offset.clamp(min, max.max(min))),
-            self.limits.group_queues_max,
-        );
-        if !inserted {
-            self.scheduler.borrow_mut().forget_lite_index(topic, index);
+        let mut scheduler = self.scheduler.borrow_mut();
+        let index = scheduler
+            .lite_index(topic, queue)
+            .ok_or(BrokerError::TooManyGroups { max: self.limits.group_queues_max })?;
+        if scheduler.group(group, topic).is_some_and(|gt| gt.queues.contains_key(&index)) {
+            // Another request made it while this one read the offset.
+            return Ok(index);
+        }
+        let gq = GroupQueue::new(offset.clamp(min, max.max(min)));
+        if !scheduler.insert_group_queue(group, topic, index, gq, self.limits.group_queues_max) {
+            scheduler.forget_lite_index(topic, index);
             return Err(BrokerError::TooManyGroups { max: self.limits.group_queues_max });
         }
+        drop(scheduler);
         if !matches!(start, Start::Last) {
             // An explicit start is a position the group chose: persisted like a commit.
             self.dirty_offsets.borrow_mut().insert((group.into(), queue.into()));
@@ -212,10 +236,15 @@ impl ShardHandler {
             Some(gt) => gt.lite.remove_client(client),
             None => return Ok(()),
         };
+        // Every index is looked at even if one fails (that one is left for the sweep).
+        let mut failure = Ok(());
         for index in indexes {
-            self.drop_if_unused(group, topic, index).await?;
+            if let Err(e) = self.drop_if_unused(group, topic, index).await {
+                self.lite_unsubscribed.borrow_mut().insert((group.into(), topic.into(), index));
+                failure = Err(e);
+            }
         }
-        Ok(())
+        failure
     }
 
     /// Drops the group's state on a lite queue nobody of the group subscribes to and nothing
@@ -288,14 +317,18 @@ impl ShardHandler {
             self.lite_unsubscribed.borrow().iter().take(batch).cloned().collect();
         for (group, topic, index) in pending {
             self.lite_unsubscribed.borrow_mut().remove(&(group.clone(), topic.clone(), index));
-            self.drop_if_unused(&group, &topic, index).await?;
+            if let Err(e) = self.drop_if_unused(&group, &topic, index).await {
+                // Kept for the next round.
+                self.lite_unsubscribed.borrow_mut().insert((group, topic, index));
+                return Err(e);
+            }
         }
         self.reclaim_lite_topics(now).await
     }
 
     /// One step of the walk over this shard's queues (`lite_sweep_batch` names): reclaims lite
-    /// topics that had no write for their topic's TTL and that no client subscribes to or
-    /// holds a lease on, and lite topics whose parent topic is gone. Reclaiming deletes the
+    /// topics that had no write for their topic's TTL, and those whose parent topic is gone,
+    /// once no client subscribes to them or holds a delivery of them. Reclaiming deletes the
     /// queue's index entries, its meta row and every group's offset there; its records go with
     /// the log's retention like any other.
     async fn reclaim_lite_topics(&self, now: u64) -> Result<()> {
@@ -314,9 +347,7 @@ impl ShardHandler {
             _ => Vec::new(),
         };
         for name in names {
-            if self.lite_reclaimable(&name, now) {
-                self.reclaim_lite_topic(&name).await?;
-            }
+            self.reclaim_lite_topic(&name, now_ms()).await?;
         }
         Ok(())
     }
@@ -343,18 +374,25 @@ impl ShardHandler {
         now.saturating_sub(info.last_append_ms.max(info.created_ms)) >= ttl_ms
     }
 
-    async fn reclaim_lite_topic(&self, queue: &str) -> Result<()> {
+    /// Reclaims the lite queue if it may be. The check and the start of the deletion run with
+    /// no await between them: from then on the shard refuses appends to the queue, so nothing
+    /// can be acked into it, and a subscription can no longer find it to resume at an offset.
+    async fn reclaim_lite_topic(&self, queue: &str, now: u64) -> Result<()> {
+        if !self.lite_reclaimable(queue, now) {
+            return Ok(());
+        }
         self.scheduler.borrow_mut().remove_queue(queue);
         self.dirty_offsets.borrow_mut().retain(|(_, q)| &**q != queue);
+        let deleted = match self.shard.delete_queue(queue).await {
+            Ok(()) => true,
+            Err(EngineError::QueueNotFound(_) | EngineError::QueueBeingDeleted(_)) => false,
+            Err(e) => return Err(e.into()),
+        };
         self.forget_offsets(queue).await?;
-        match self.shard.delete_queue(queue).await {
-            Ok(()) => {
-                Counters::add(&self.counters.lite_topics_reclaimed, 1);
-                tracing::debug!(queue, "lite topic reclaimed");
-                Ok(())
-            }
-            Err(EngineError::QueueNotFound(_) | EngineError::QueueBeingDeleted(_)) => Ok(()),
-            Err(e) => Err(e.into()),
+        if deleted {
+            Counters::add(&self.counters.lite_topics_reclaimed, 1);
+            tracing::debug!(queue, "lite topic reclaimed");
         }
+        Ok(())
     }
 }

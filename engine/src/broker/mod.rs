@@ -79,6 +79,8 @@ pub struct BrokerLimits {
     pub lite_client_idle_ms: u64,
     /// Clients or lite queues the periodic sweep handles per round.
     pub lite_sweep_batch: usize,
+    /// Lite consumers (client ids) one group may have on one shard.
+    pub lite_clients_per_group_max: usize,
 }
 
 /// RocketMQ's longest delay: 40 days.
@@ -112,6 +114,7 @@ impl Default for BrokerLimits {
             lite_subscriptions_per_client_max: 100_000,
             lite_client_idle_ms: 120_000,
             lite_sweep_batch: 1024,
+            lite_clients_per_group_max: 100_000,
         }
     }
 }

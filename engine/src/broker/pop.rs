@@ -217,9 +217,12 @@ impl GroupQueue {
             || (self.next < end && !self.stalled(limits))
     }
 
-    /// Scanning cannot go on until something is acked.
+    /// Scanning cannot go on until something is acked. An ordered queue does not read ahead
+    /// while its one message is out: nothing after it could go before it is settled.
     fn stalled(&self, limits: QueueLimits) -> bool {
-        self.leases.len() >= limits.leases_max || self.waiting_offsets.len() >= limits.waiting_max
+        self.leases.len() >= limits.leases_max
+            || self.waiting_offsets.len() >= limits.waiting_max
+            || (self.ordered && !self.blocked.is_empty())
     }
 
     /// When the earliest expired lease may be delivered again.
@@ -307,7 +310,9 @@ impl GroupQueue {
         let mut out = Vec::new();
         let start = self.next;
         for entry in entries.iter().filter(|e| e.offset >= start) {
-            if out.len() >= room {
+            // An ordered queue takes one message and scans no further while it is out.
+            let ordered_busy = self.ordered && !self.blocked.is_empty();
+            if out.len() >= room || ordered_busy {
                 break;
             }
             if !deliver(entry) {
@@ -522,13 +527,14 @@ mod tests {
         q.set_fifo(false);
         let got = scan_all(&mut q, &[entry(0, 0), entry(1, 0), entry(2, 5)], 0);
         assert_eq!(got.iter().map(|d| d.lease.offset).collect::<Vec<_>>(), vec![0], "message groups do not matter");
-        assert_eq!(q.waiting(), 2);
-        assert!(q.ready_heads(10).is_empty(), "nothing goes while 0 is leased");
+        assert_eq!(q.waiting(), 0, "nothing is read ahead while 0 is out");
+        assert_eq!(q.next(), 1);
+        assert!(!q.has_work(3, 1, LIMITS), "not ready while its one message is out");
         q.ack(0, got[0].lease.lease_id, 1).unwrap();
-        assert_eq!(q.ready_heads(10), vec![1]);
-        let next = q.deliver_head(1, terms(2), 99).unwrap();
-        assert_eq!(next.lease.offset, 1);
-        assert!(q.ready_heads(10).is_empty(), "2 waits for 1");
+        assert!(q.has_work(3, 1, LIMITS));
+        let next = scan_all(&mut q, &[entry(1, 0), entry(2, 5)], 2);
+        assert_eq!(next.iter().map(|d| d.lease.offset).collect::<Vec<_>>(), vec![1]);
+        assert!(!q.has_work(3, 2, LIMITS), "2 waits for 1");
         q.reset(0);
         let again = scan_all(&mut q, &[entry(0, 0), entry(1, 0)], 3);
         assert_eq!(again.len(), 1, "an offset reset keeps the queue ordered");

@@ -121,7 +121,7 @@ impl LiteClients {
             self.unsubscribe(client, *index);
         }
         if let Some(c) = self.clients.remove(client) {
-            // Its polls answer now rather than at their deadline.
+            // Its polls wake, find the entry gone, and answer now rather than at their deadline.
             c.waiters.notify_waiters();
         }
         indexes

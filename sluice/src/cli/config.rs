@@ -75,6 +75,8 @@ pub struct BrokerSection {
     pub lite_subscriptions_per_client_max: Option<usize>,
     /// A lite consumer silent (no poll, no subscription sync) this long is forgotten.
     pub lite_client_idle_ms: Option<u64>,
+    /// Lite consumers (client ids) one consumer group may have on one shard.
+    pub lite_clients_per_group_max: Option<usize>,
 }
 
 impl Default for BrokerSection {
@@ -96,6 +98,7 @@ impl Default for BrokerSection {
             fifo_waiting_per_group_queue_max: None,
             lite_subscriptions_per_client_max: None,
             lite_client_idle_ms: None,
+            lite_clients_per_group_max: None,
         }
     }
 }
@@ -209,6 +212,7 @@ impl BrokerSection {
                 .lite_subscriptions_per_client_max
                 .unwrap_or(d.lite_subscriptions_per_client_max),
             lite_client_idle_ms: self.lite_client_idle_ms.unwrap_or(d.lite_client_idle_ms),
+            lite_clients_per_group_max: self.lite_clients_per_group_max.unwrap_or(d.lite_clients_per_group_max),
             ..d
         };
         let checks = [
@@ -222,6 +226,7 @@ impl BrokerSection {
             (limits.fifo_waiting_per_group_queue_max >= 1, "fifo_waiting_per_group_queue_max must be at least 1"),
             (limits.lite_subscriptions_per_client_max >= 1, "lite_subscriptions_per_client_max must be at least 1"),
             (limits.lite_client_idle_ms >= 1_000, "lite_client_idle_ms must be at least 1000"),
+            (limits.lite_clients_per_group_max >= 1, "lite_clients_per_group_max must be at least 1"),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, why)) => Err(format!("broker settings: {why}")),

@@ -45,3 +45,5 @@ pub const MESSAGE_TYPE_MISMATCH: u32 = 3014;
 pub const LITE_SUBSCRIPTION_QUOTA: u32 = 3015;
 /// A lite topic name that is empty, too long or has characters it may not.
 pub const ILLEGAL_LITE_TOPIC: u32 = 3016;
+/// A consumer group has as many lite consumers on one shard as it may.
+pub const TOO_MANY_LITE_CLIENTS: u32 = 3017;
