@@ -90,22 +90,8 @@ async fn sync_ok(
 
 async fn lite_receive(client: &mut Messaging, client_id: &str, topic: &str, group: &str, wait: Duration) -> Received {
     let request = receive_request(topic, group, 0, 32, INVISIBLE, wait);
-    let run = async {
-        let mut stream = client.receive_message(with_client(client_id, request)).await?.into_inner();
-        let mut received = Received::default();
-        while let Some(item) = stream.message().await? {
-            match item.content {
-                Some(v2::receive_message_response::Content::Status(s)) => received.statuses.push(s),
-                Some(v2::receive_message_response::Content::Message(m)) => received.messages.push(m),
-                Some(v2::receive_message_response::Content::DeliveryTimestamp(_)) => received.delivery_timestamps += 1,
-                _ => {}
-            }
-        }
-        Ok::<_, tonic::Status>(received)
-    };
-    tokio::time::timeout(wait + SECS(30), run)
+    receive_with(client, with_client(client_id, request))
         .await
-        .expect("ReceiveMessage ended")
         .unwrap_or_else(|e| panic!("ReceiveMessage transport error: {e}"))
 }
 

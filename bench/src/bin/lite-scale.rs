@@ -85,6 +85,23 @@ fn session(i: usize) -> String {
     format!("{:08x}-0000-4000-8000-{:012x}", i, i)
 }
 
+/// One message to lite topic `name` of `topic`.
+fn lite_entry<'a>(topic: &str, name: &str, message_id: String, body: &'a [u8]) -> AppendEntry<'a> {
+    AppendEntry {
+        queues: vec![lite_queue(topic, QUEUES, name)],
+        message_id,
+        tag: String::new(),
+        keys: Vec::new(),
+        attributes: EntryAttributes {
+            message_type: message_type::LITE,
+            lite_topic: name.to_string(),
+            ..Default::default()
+        },
+        properties: &[],
+        body,
+    }
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -186,22 +203,7 @@ async fn sluice(args: &Args) -> Result<Phase, String> {
         .map(|(owner, names)| {
             let (pool, topic, body) = (pool.clone(), topic.clone(), body.clone());
             async move {
-                let entries = names
-                    .iter()
-                    .map(|name| AppendEntry {
-                        queues: vec![lite_queue(&topic, QUEUES, name)],
-                        message_id: name.clone(),
-                        tag: String::new(),
-                        keys: Vec::new(),
-                        attributes: EntryAttributes {
-                            message_type: message_type::LITE,
-                            lite_topic: name.clone(),
-                            ..Default::default()
-                        },
-                        properties: &[],
-                        body: &body,
-                    })
-                    .collect();
+                let entries = names.iter().map(|name| lite_entry(&topic, name, name.clone(), &body)).collect();
                 pool.call(owner, &AppendRequest { entries }).await.map(|_| ()).map_err(|e| e.to_string())
             }
         })
@@ -357,22 +359,8 @@ async fn send_open_loop(
         for (owner, messages) in by_owner {
             let (pool, topic, acked) = (pool.clone(), topic.to_string(), acked.clone());
             inflight.spawn(async move {
-                let entries = messages
-                    .iter()
-                    .map(|(name, body)| AppendEntry {
-                        queues: vec![lite_queue(&topic, QUEUES, name)],
-                        message_id: String::new(),
-                        tag: String::new(),
-                        keys: Vec::new(),
-                        attributes: EntryAttributes {
-                            message_type: message_type::LITE,
-                            lite_topic: name.clone(),
-                            ..Default::default()
-                        },
-                        properties: &[],
-                        body,
-                    })
-                    .collect();
+                let entries =
+                    messages.iter().map(|(name, body)| lite_entry(&topic, name, String::new(), body)).collect();
                 if pool.call(owner, &AppendRequest { entries }).await.is_ok() {
                     acked.fetch_add(messages.len() as u64, Ordering::Relaxed);
                 }

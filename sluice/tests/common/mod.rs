@@ -670,11 +670,13 @@ pub fn receive_request(
 }
 
 /// Runs one ReceiveMessage to the end of its stream (bounded by the wait plus a margin).
+/// `request` may be a `tonic::Request` carrying headers (a lite consumer's client id).
 pub async fn receive_with(
     client: &mut Messaging,
-    request: v2::ReceiveMessageRequest,
+    request: impl tonic::IntoRequest<v2::ReceiveMessageRequest>,
 ) -> Result<Received, tonic::Status> {
-    let wait = request.long_polling_timeout.as_ref().map_or(Duration::from_secs(20), |d| {
+    let request = request.into_request();
+    let wait = request.get_ref().long_polling_timeout.as_ref().map_or(Duration::from_secs(20), |d| {
         Duration::from_secs(d.seconds.max(0) as u64) + Duration::from_nanos(d.nanos.max(0) as u64)
     });
     let bound = wait + Duration::from_secs(30);
