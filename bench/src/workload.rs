@@ -19,10 +19,14 @@ pub const INFLIGHT_MAX: usize = 65_536;
 /// Short mode (CI): each workload runs this long after this much warm-up.
 pub const SHORT_DURATION_SECS: u64 = 2;
 pub const SHORT_WARMUP_SECS: u64 = 1;
+/// Most sessions streaming at once per topic in a lite workload.
+pub const SESSIONS_MAX: u32 = 10_000;
+/// Most messages in one session's answer (a consumer tracks them in one 64-bit mask).
+pub const ANSWER_MESSAGES_MAX: u32 = 64;
 
-/// What kind of topic the workload uses. Lite topics (one per session) join here when the
-/// broker has them.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+/// What kind of topic the workload uses. Lite: each topic is a LITE parent, and its messages
+/// go to sessions (lite topics, or a Redis stream each), each streaming a short answer.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum TopicKind {
     #[default]
@@ -58,6 +62,13 @@ pub struct Workload {
     /// Sends in flight per producer; beyond it the producer waits and the wait is measured.
     #[serde(default = "defaults::inflight_max")]
     pub inflight_max: usize,
+    /// Lite workloads: sessions streaming at once per topic. A session's answer is
+    /// `answer_messages` messages; when a generation of sessions has streamed its answers, the
+    /// next generation (new lite topics) starts.
+    #[serde(default)]
+    pub sessions: u32,
+    #[serde(default = "defaults::answer_messages")]
+    pub answer_messages: u32,
     /// Target kinds this workload runs on (empty: every target given).
     #[serde(default)]
     pub targets: Vec<String>,
@@ -81,6 +92,9 @@ mod defaults {
     }
     pub fn inflight_max() -> usize {
         1024
+    }
+    pub fn answer_messages() -> u32 {
+        16
     }
 }
 
@@ -110,11 +124,8 @@ impl Workload {
         if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return bad("the name must be non-empty letters, digits, '-' or '_'".into());
         }
-        if self.topic_kind == TopicKind::Lite {
-            return bad(
-                "lite-topic workloads need lite topics, which Sluice does not have yet; use topic_kind = \"normal\""
-                    .into(),
-            );
+        if let Err(why) = self.validate_sessions() {
+            return bad(why);
         }
         if !(MESSAGE_HEADER_BYTES..=MESSAGE_SIZE_MAX_BYTES).contains(&self.size_bytes) {
             return bad(format!("size_bytes must be {MESSAGE_HEADER_BYTES}..={MESSAGE_SIZE_MAX_BYTES}"));
@@ -150,6 +161,30 @@ impl Workload {
             ));
         }
         Ok(())
+    }
+
+    fn validate_sessions(&self) -> Result<(), String> {
+        match self.topic_kind {
+            TopicKind::Normal if self.sessions != 0 => {
+                Err("sessions is for topic_kind = \"lite\"; leave it out of a normal workload".into())
+            }
+            TopicKind::Normal => Ok(()),
+            TopicKind::Lite if self.consumers == 0 => {
+                Err("a lite workload needs consumers: they subscribe to the sessions".into())
+            }
+            TopicKind::Lite if !(1..=SESSIONS_MAX).contains(&self.sessions) => {
+                Err(format!("a lite workload needs sessions = 1..={SESSIONS_MAX} (sessions streaming at once)"))
+            }
+            TopicKind::Lite if self.sessions < self.consumers_per_topic() => Err(format!(
+                "{} sessions cannot give each of the {} consumers per topic one; use at least as many sessions",
+                self.sessions,
+                self.consumers_per_topic()
+            )),
+            TopicKind::Lite if !(1..=ANSWER_MESSAGES_MAX).contains(&self.answer_messages) => {
+                Err(format!("answer_messages must be 1..={ANSWER_MESSAGES_MAX}"))
+            }
+            TopicKind::Lite => Ok(()),
+        }
     }
 
     /// The CI form: same shape, a few seconds long.
@@ -264,6 +299,10 @@ mod tests {
             Workload { topics: 0, ..base.clone() },
             Workload { rate_per_sec: RATE_MAX_PER_SEC, duration_secs: 3600, ..base.clone() },
             Workload { topic_kind: TopicKind::Lite, ..base.clone() },
+            Workload { topic_kind: TopicKind::Lite, sessions: SESSIONS_MAX + 1, ..base.clone() },
+            Workload { topic_kind: TopicKind::Lite, sessions: 4, answer_messages: 65, ..base.clone() },
+            Workload { topic_kind: TopicKind::Lite, sessions: 1, consumers: 2, ..base.clone() },
+            Workload { sessions: 4, ..base.clone() },
             Workload { name: "a b".into(), ..base.clone() },
             Workload { inflight_max: 0, ..base.clone() },
             Workload { queues_per_topic: QUEUES_PER_TOPIC_MAX + 1, ..base.clone() },
@@ -274,5 +313,7 @@ mod tests {
         }
         assert!(Suite::parse("name = \"x\"\n[[workload]]\nname = \"w\"\nsize = 3\n", "x").is_err(), "unknown keys");
         assert!(Suite::parse("name = \"x\"\n", "x").is_err(), "no workloads");
+        let lite = Workload { topic_kind: TopicKind::Lite, sessions: 4, ..base.clone() };
+        assert!(lite.validate().is_ok(), "a lite workload with sessions is accepted");
     }
 }

@@ -87,7 +87,22 @@ fn bad_workloads_and_files_are_refused_before_anything_runs() {
     let stderr = String::from_utf8_lossy(&uneven.stderr);
     assert!(stderr.contains("6001") && stderr.contains("multiple of the topic count"), "{stderr}");
 
+    let sessionless = bench(&["run", "--topic-kind", "lite", "--target", "raw-tcp"]);
+    assert!(!sessionless.status.success());
+    let stderr = String::from_utf8_lossy(&sessionless.stderr);
+    assert!(stderr.contains("6001") && stderr.contains("needs sessions"), "{stderr}");
+
     let dir = tempfile::tempdir().unwrap();
+    // A lite workload on a target without lite topics fails with the targets that have them.
+    let out = dir.path().join("lite.json");
+    let lite = ["run", "--topic-kind", "lite", "--sessions", "4", "--duration-secs", "1", "--target", "raw-tcp"];
+    let run = bench(&[&lite[..], &["--out", out.to_str().unwrap()]].concat());
+    assert!(!run.status.success());
+    let failures = json(&out)["failures"].as_array().unwrap().clone();
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0]["code"], 6003);
+    assert!(failures[0]["error"].as_str().unwrap().contains("sluice-broker, sluice-grpc and redis"), "{failures:?}");
+
     let not_results = dir.path().join("x.json");
     std::fs::write(&not_results, "{\"hello\": 1}").unwrap();
     let summary = bench(&["summary", not_results.to_str().unwrap()]);

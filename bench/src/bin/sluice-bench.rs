@@ -80,6 +80,15 @@ struct WorkloadFlags {
     /// Queues per topic on Sluice (0: one per consumer of the topic).
     #[arg(long, default_value_t = 0)]
     queues_per_topic: u32,
+    /// normal, or lite: every topic is a LITE parent whose messages stream to sessions.
+    #[arg(long, value_enum, default_value_t = TopicKind::Normal)]
+    topic_kind: TopicKind,
+    /// Lite: sessions streaming at once per topic.
+    #[arg(long, default_value_t = 0)]
+    sessions: u32,
+    /// Lite: messages in each session's answer.
+    #[arg(long, default_value_t = 16)]
+    answer_messages: u32,
     #[arg(long, default_value_t = 20)]
     duration_secs: u64,
     #[arg(long, default_value_t = 3)]
@@ -162,7 +171,7 @@ async fn main_async(cli: Cli) -> Result<bool, BenchError> {
         Command::Run { workload: w, common } => {
             let workload = Workload {
                 name: w.name,
-                topic_kind: TopicKind::Normal,
+                topic_kind: w.topic_kind,
                 size_bytes: w.size_bytes,
                 rate_per_sec: w.rate,
                 producers: w.producers,
@@ -172,6 +181,8 @@ async fn main_async(cli: Cli) -> Result<bool, BenchError> {
                 duration_secs: w.duration_secs,
                 warmup_secs: w.warmup_secs,
                 inflight_max: w.inflight_max,
+                sessions: w.sessions,
+                answer_messages: w.answer_messages,
                 targets: Vec::new(),
             };
             workload.validate()?;

@@ -8,13 +8,16 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::error::BenchError;
-use crate::workload::{DurabilityLevel, Workload, MESSAGE_HEADER_BYTES};
+use crate::workload::{DurabilityLevel, TopicKind, Workload, MESSAGE_HEADER_BYTES};
 
 pub mod nats;
 pub mod pingpong;
 pub mod redis;
+mod redis_lite;
+pub mod sessions;
 pub mod sluice_broker;
 pub mod sluice_grpc;
+pub mod sluice_lite;
 
 /// Longest a consumer's receive waits for a message before returning empty.
 pub const RECEIVE_WAIT_MS: u64 = 1000;
@@ -67,6 +70,11 @@ impl TargetKind {
 
     pub fn is_sluice(self) -> bool {
         matches!(self, TargetKind::SluiceBroker | TargetKind::SluiceGrpc)
+    }
+
+    /// Runs lite workloads: Sluice's lite topics, or Redis with a stream per session.
+    pub fn has_lite_topics(self) -> bool {
+        matches!(self, TargetKind::SluiceBroker | TargetKind::SluiceGrpc | TargetKind::Redis)
     }
 
     /// The server processes (by the names given with --pid) whose CPU time a run charges.
@@ -204,6 +212,16 @@ pub async fn open(
     names: &RunNames,
     level: DurabilityLevel,
 ) -> Result<Session, BenchError> {
+    if workload.topic_kind == TopicKind::Lite && !spec.kind.has_lite_topics() {
+        return Err(BenchError::target(
+            &spec.label,
+            format!(
+                "workload {:?} uses lite topics (a topic per session), which this target cannot run; \
+                 lite workloads run on sluice-broker, sluice-grpc and redis (a stream per session)",
+                workload.name
+            ),
+        ));
+    }
     match spec.kind {
         TargetKind::RawTcp => pingpong::open_raw(spec, workload).await,
         TargetKind::Transport => pingpong::open_transport(spec, workload).await,

@@ -13,17 +13,17 @@ use redis::{AsyncConnectionConfig, Value};
 use super::{connect_error, durability_mismatch, Consumer, Delivered, DurabilityInfo, Producer, RunNames, Session};
 use super::{TargetSpec, RECEIVE_BATCH_MAX, RECEIVE_WAIT_MS};
 use crate::error::BenchError;
-use crate::workload::{DurabilityLevel, Workload};
+use crate::workload::{DurabilityLevel, TopicKind, Workload};
 
 const TARGET: &str = "redis";
-const BODY_FIELD: &str = "d";
+pub(super) const BODY_FIELD: &str = "d";
 
-fn error(e: impl std::fmt::Display) -> BenchError {
+pub(super) fn error(e: impl std::fmt::Display) -> BenchError {
     BenchError::target(TARGET, e)
 }
 
 /// One connection per client; no response timeout, because XREADGROUP blocks on purpose.
-async fn connect(spec: &TargetSpec) -> Result<MultiplexedConnection, BenchError> {
+pub(super) async fn connect(spec: &TargetSpec) -> Result<MultiplexedConnection, BenchError> {
     let url = if spec.endpoint.contains("://") { spec.endpoint.clone() } else { format!("redis://{}", spec.endpoint) };
     let client = redis::Client::open(url).map_err(|e| connect_error(spec, e))?;
     let config =
@@ -63,6 +63,9 @@ pub async fn open(
             &format!("{} (start it with --appendonly yes --appendfsync {want})", info.detail),
             &have,
         ));
+    }
+    if workload.topic_kind == TopicKind::Lite {
+        return super::redis_lite::open(spec, workload, names, info, admin).await;
     }
     let keys: Vec<String> = (0..workload.topics as usize).map(|t| names.topic(t)).collect();
     let group = names.group();

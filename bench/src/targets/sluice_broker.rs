@@ -18,7 +18,7 @@ use super::{
     RECEIVE_BATCH_MAX, RECEIVE_WAIT_MS,
 };
 use crate::error::BenchError;
-use crate::workload::{DurabilityLevel, Workload};
+use crate::workload::{DurabilityLevel, TopicKind, Workload};
 
 /// A popped message stays invisible this long; the run acks long before.
 const INVISIBLE_MS: u64 = 30_000;
@@ -51,7 +51,7 @@ fn check_shape(spec: &TargetSpec, workload: &Workload) -> Result<(), BenchError>
     Ok(())
 }
 
-async fn pool(spec: &TargetSpec) -> Result<Arc<BrokerPool>, BenchError> {
+pub(super) async fn pool(spec: &TargetSpec) -> Result<Arc<BrokerPool>, BenchError> {
     let url = super::pingpong::transport_url(&spec.endpoint);
     let (scheme, address) = url.split_once("://").unwrap_or(("tcp", &url));
     let pool = BrokerPool::connect(
@@ -102,10 +102,14 @@ pub async fn open(
     names: &RunNames,
     level: DurabilityLevel,
 ) -> Result<Session, BenchError> {
-    check_shape(spec, workload)?;
     let admin = pool(spec).await?;
     let durability = broker_durability(&admin).await?;
     check_level(spec, &durability, level)?;
+    let path = format!("transport over {}, straight to the broker", transport_name(spec).await?);
+    if workload.topic_kind == TopicKind::Lite {
+        return super::sluice_lite::open(spec, workload, names, durability, path).await;
+    }
+    check_shape(spec, workload)?;
     let topic_queues: Vec<Vec<String>> = (0..workload.topics as usize).map(|t| queues(names, workload, t)).collect();
     for (topic, queues) in topic_queues.iter().enumerate() {
         for queue in queues {
@@ -139,18 +143,15 @@ pub async fn open(
         }
         Ok(())
     });
-    // What `auto` chose: a probe connection says which transport this host gets.
+    Ok(Session { producers, consumers, durability, path, teardown: Some(teardown) })
+}
+
+/// What `auto` chose: a probe connection says which transport this host gets.
+async fn transport_name(spec: &TargetSpec) -> Result<String, BenchError> {
     let url = super::pingpong::transport_url(&spec.endpoint);
     let probe =
         Client::connect(&url, TransportConfig::default(), "sluice-bench").await.map_err(|e| connect_error(spec, e))?;
-    let scheme = format!("{:?}", probe.transport()).to_uppercase();
-    Ok(Session {
-        producers,
-        consumers,
-        durability,
-        path: format!("transport over {scheme}, straight to the broker"),
-        teardown: Some(teardown),
-    })
+    Ok(format!("{:?}", probe.transport()).to_uppercase())
 }
 
 struct BrokerProducer {
