@@ -12,6 +12,9 @@ use std::rc::Rc;
 
 use glommio::io::{DmaBuffer, ReadResult};
 
+pub use crate::tail_cache::LogBytes;
+use crate::tail_cache::TailCache;
+
 use crate::error::{EngineError, Result};
 use crate::record::{self, BatchHeader, BATCH_HEADER_BYTES};
 use crate::segment::{SegmentFile, SegmentStore};
@@ -40,6 +43,8 @@ pub struct LogLimits {
     pub group_commit_max_bytes: usize,
     pub group_commit_records_max: usize,
     pub record_size_max_bytes: u64,
+    /// Written batch buffers kept in memory for reads of the log's tail (0: none).
+    pub tail_cache_bytes: usize,
 }
 
 impl LogLimits {
@@ -57,6 +62,7 @@ pub struct SealedBatch {
     segment_base: u64,
     prefix_len: usize,
     buf: Rc<DmaBuffer>,
+    capacity_bytes: usize,
 }
 
 impl SealedBatch {
@@ -75,6 +81,8 @@ struct OpenBatch {
     segment_base: u64,
     prefix_len: usize,
     buf: DmaBuffer,
+    /// The buffer's allocation (it is trimmed to the written length when sealed).
+    capacity_bytes: usize,
     len: usize,
     records: u32,
 }
@@ -111,6 +119,7 @@ pub struct CommitLog {
     /// One fdatasync at a time: a caller must not see its data as durable while another
     /// caller's fdatasync of the same segment is still running.
     sync_lock: futures::lock::Mutex<()>,
+    tail_cache: RefCell<TailCache>,
 }
 
 /// One read of `read_ranges`: `[start, end)` in the segment at `base`, covering `members`.
@@ -182,6 +191,7 @@ impl CommitLog {
             alignment: 4096,
             state: RefCell::new(state),
             sync_lock: futures::lock::Mutex::new(()),
+            tail_cache: RefCell::new(TailCache::new(limits.tail_cache_bytes)),
         };
         let report = log.recover(replay_from.max(first_base), clean, &mut on_batch).await?;
         Ok((log, report))
@@ -359,7 +369,15 @@ impl CommitLog {
         let capacity = wanted.min(self.limits.group_commit_max_bytes).max(needed);
         let mut buf = glommio::allocate_dma_buffer(capacity);
         buf.as_bytes_mut()[..prefix_len].copy_from_slice(&state.tail);
-        state.open = Some(OpenBatch { position, segment_base, prefix_len, buf, len: BATCH_HEADER_BYTES, records: 0 });
+        state.open = Some(OpenBatch {
+            position,
+            segment_base,
+            prefix_len,
+            buf,
+            capacity_bytes: capacity,
+            len: BATCH_HEADER_BYTES,
+            records: 0,
+        });
         state.staged_end = position + BATCH_HEADER_BYTES as u64;
     }
 
@@ -389,6 +407,7 @@ impl CommitLog {
             segment_base: open.segment_base,
             prefix_len: open.prefix_len,
             buf: Rc::new(open.buf),
+            capacity_bytes: open.capacity_bytes,
         });
     }
 
@@ -438,6 +457,13 @@ impl CommitLog {
             state.written_end = batch.end();
             state.dirty.insert(batch.segment_base);
             state.last_written_base = Some(batch.segment_base);
+            self.tail_cache.borrow_mut().insert(
+                batch.position,
+                batch.len,
+                batch.prefix_len,
+                batch.buf.clone(),
+                batch.capacity_bytes,
+            );
         }
         Ok(())
     }
@@ -479,11 +505,20 @@ impl CommitLog {
         state.segments.keys().next().copied().unwrap_or(state.active_base)
     }
 
-    /// Reads `len` bytes of written log at `position`, zero-copy out of the DMA read buffer.
-    pub async fn read(&self, position: u64, len: usize) -> Result<ReadResult> {
+    /// Reads `len` bytes of written log at `position`: from the tail cache when it still holds
+    /// them, else zero-copy out of the DMA read buffer.
+    pub async fn read(&self, position: u64, len: usize) -> Result<LogBytes> {
         let base = self.stored_base(position, len)?;
+        if let Some(cached) = self.tail_cache.borrow_mut().get(position, len) {
+            return Ok(cached);
+        }
         let file = self.segment_file(base).await?;
-        self.read_segment(&*file, base, position - base, len).await
+        Ok(LogBytes::Read(self.read_segment(&*file, base, position - base, len).await?))
+    }
+
+    /// Tail cache (hits, misses, bytes held).
+    pub fn tail_cache_stats(&self) -> (u64, u64, usize) {
+        self.tail_cache.borrow().stats()
     }
 
     /// The base of the segment holding `[position, position + len)` of written log.
@@ -503,23 +538,30 @@ impl CommitLog {
     /// Reads several `(position, len)` ranges of written log, results in the order given.
     /// Ranges close together in one segment share one read, and the reads are all issued at
     /// once: a pop of records scattered among other queues' records costs about one I/O
-    /// latency, not one per record.
-    pub async fn read_ranges(&self, ranges: &[(u64, usize)]) -> Result<Vec<ReadResult>> {
+    /// latency, not one per record. Ranges the tail cache holds are not read at all.
+    pub async fn read_ranges(&self, ranges: &[(u64, usize)]) -> Result<Vec<LogBytes>> {
         assert!(ranges.len() <= READ_RANGES_MAX, "read_ranges takes at most {READ_RANGES_MAX} ranges");
-        let spans = self.plan_spans(ranges)?;
+        let mut out: Vec<Option<LogBytes>> = Vec::with_capacity(ranges.len());
+        {
+            let mut cache = self.tail_cache.borrow_mut();
+            for &(position, len) in ranges {
+                self.stored_base(position, len)?;
+                out.push(cache.get(position, len));
+            }
+        }
+        let spans = self.plan_spans(ranges, |index| out[index].is_none())?;
         let reads = spans.iter().map(|span| async move {
             let file = self.segment_file(span.base).await?;
             let len = (span.end - span.start) as usize;
             self.read_segment(&*file, span.base, span.start - span.base, len).await
         });
         let buffers = futures::future::try_join_all(reads).await?;
-        let mut out: Vec<Option<ReadResult>> = (0..ranges.len()).map(|_| None).collect();
         for (span, buffer) in spans.iter().zip(&buffers) {
             for &index in &span.members {
                 let (position, len) = ranges[index];
                 let sliced = ReadResult::slice(buffer, (position - span.start) as usize, len)
                     .ok_or(EngineError::PositionNotStored { position })?;
-                out[index] = Some(sliced);
+                out[index] = Some(LogBytes::Read(sliced));
             }
         }
         // Every range belongs to exactly one span.
@@ -528,8 +570,9 @@ impl CommitLog {
 
     /// Groups ranges (by position) into reads within one segment, each at most
     /// `READ_SPAN_MAX_BYTES` (or one range) with gaps of at most `READ_GAP_MAX_BYTES`.
-    fn plan_spans(&self, ranges: &[(u64, usize)]) -> Result<Vec<Span>> {
-        let mut order: Vec<usize> = (0..ranges.len()).collect();
+    /// Only ranges for which `wanted(index)` holds are planned.
+    fn plan_spans(&self, ranges: &[(u64, usize)], wanted: impl Fn(usize) -> bool) -> Result<Vec<Span>> {
+        let mut order: Vec<usize> = (0..ranges.len()).filter(|&i| wanted(i)).collect();
         order.sort_unstable_by_key(|&i| ranges[i].0);
         let mut spans: Vec<Span> = Vec::new();
         for index in order {
@@ -577,13 +620,19 @@ impl CommitLog {
             assert_eq!(state.segments.keys().next(), Some(&base), "only the oldest segment is deleted");
             assert!(base < state.active_base, "the active segment is never deleted");
         }
-        self.state.borrow_mut().segments.remove(&base);
+        let next_base = {
+            let mut state = self.state.borrow_mut();
+            state.segments.remove(&base);
+            state.segments.keys().next().copied().unwrap_or(state.active_base)
+        };
+        self.tail_cache.borrow_mut().forget_before(next_base);
         self.store.remove(base).await.map_err(|e| EngineError::io("deleting segment", self.store.describe(base), e))
     }
 }
 
 fn grow(open: &mut OpenBatch, needed: usize, alignment: usize, group_commit_max_bytes: usize) {
     let capacity = align_up(needed.max((open.buf.len() * 2).min(group_commit_max_bytes)), alignment);
+    open.capacity_bytes = capacity;
     let mut bigger = glommio::allocate_dma_buffer(capacity);
     let used = open.prefix_len + open.len;
     // One copy per doubling keeps small batches small; amortised O(1) per byte.

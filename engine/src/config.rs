@@ -23,6 +23,10 @@ pub const APPEND_INFLIGHT_MAX_BYTES_DEFAULT: u64 = 64 << 20;
 pub const SHARD_INBOX_MAX_DEFAULT: usize = 4096;
 /// Default number of log bytes after which the index is flushed, bounding recovery replay.
 pub const INDEX_FLUSH_INTERVAL_BYTES_DEFAULT: u64 = 256 << 20;
+/// Default memory per shard for written batch buffers kept to serve reads of the log's tail.
+pub const LOG_TAIL_CACHE_BYTES_DEFAULT: usize = 32 << 20;
+/// Most memory per shard the tail cache may be given.
+pub const LOG_TAIL_CACHE_MAX_BYTES: usize = 4 << 30;
 /// Smallest allowed segment: one maximal group-commit write has to fit in it.
 pub const SEGMENT_SIZE_MIN_BYTES: u64 = 64 << 10;
 // Record limits live with the record format.
@@ -76,6 +80,9 @@ pub struct EngineConfig {
     pub index_flush_interval_bytes: u64,
     /// RocksDB block cache per shard.
     pub index_block_cache_bytes: usize,
+    /// Written batch buffers kept per shard so records read right after their append (a
+    /// waiting consumer's) need no disk read; 0 turns it off.
+    pub log_tail_cache_bytes: usize,
     /// Memory glommio registers with io_uring per shard. Group-commit buffers come from it, so
     /// it is reused instead of freshly mapped (and page-faulted) for every batch; keep it above
     /// `append_inflight_max_bytes` (its allocator rounds blocks up to powers of two).
@@ -106,6 +113,7 @@ impl EngineConfig {
             shard_inbox_max: SHARD_INBOX_MAX_DEFAULT,
             index_flush_interval_bytes: INDEX_FLUSH_INTERVAL_BYTES_DEFAULT,
             index_block_cache_bytes: 64 << 20,
+            log_tail_cache_bytes: LOG_TAIL_CACHE_BYTES_DEFAULT,
             io_memory_bytes: 128 << 20,
         }
     }
@@ -119,6 +127,12 @@ impl EngineConfig {
             return fail(format!(
                 "segment_size_bytes must be a multiple of 4096 and at least {SEGMENT_SIZE_MIN_BYTES}, got {}",
                 self.segment_size_bytes
+            ));
+        }
+        if self.log_tail_cache_bytes > LOG_TAIL_CACHE_MAX_BYTES {
+            return fail(format!(
+                "log_tail_cache_bytes must be at most {LOG_TAIL_CACHE_MAX_BYTES}, got {}",
+                self.log_tail_cache_bytes
             ));
         }
         if self.group_commit_max_bytes < 4096 || self.group_commit_max_bytes as u64 > self.segment_size_bytes / 2 {

@@ -18,6 +18,7 @@ pub mod queue;
 pub mod record;
 pub mod segment;
 pub mod shard;
+mod tail_cache;
 
 pub use config::{Durability, EngineConfig, Retention};
 pub use engine::{Engine, OwnedReadBatch, OwnedRecord};

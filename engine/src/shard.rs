@@ -12,10 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::channel::oneshot;
 // FxHash: queue names are short and trusted to this shard; SipHash cost showed up in profiles.
-use glommio::io::ReadResult;
 use rustc_hash::FxHashMap as HashMap;
 
-use crate::commitlog::{batch_records, CommitLog, LogLimits, RecoveryReport, SealedBatch, READ_RANGES_MAX};
+use crate::commitlog::{batch_records, CommitLog, LogBytes, LogLimits, RecoveryReport, SealedBatch, READ_RANGES_MAX};
 use crate::config::{Durability, EngineConfig};
 use crate::control::{ControlOp, STATE_KEY_MAX_BYTES, STATE_VALUE_MAX_BYTES};
 use crate::error::{EngineError, Result};
@@ -40,7 +39,7 @@ pub struct AppendAck {
 pub struct StoredRecord {
     pub offset: u64,
     pub position: u64,
-    bytes: ReadResult,
+    bytes: LogBytes,
 }
 
 impl StoredRecord {
@@ -84,6 +83,10 @@ pub struct ShardStats {
     pub bytes_appended: u64,
     pub group_commits: u64,
     pub recovery: Option<RecoveryReport>,
+    /// Record reads the log's tail cache answered, and those it did not.
+    pub tail_cache_hits: u64,
+    pub tail_cache_misses: u64,
+    pub tail_cache_bytes: u64,
 }
 
 struct QueueState {
@@ -162,6 +165,7 @@ impl Shard {
             group_commit_max_bytes: config.group_commit_max_bytes,
             group_commit_records_max: config.group_commit_records_max,
             record_size_max_bytes: config.record_size_max_bytes,
+            tail_cache_bytes: config.log_tail_cache_bytes,
         };
         for attempt in 0..2 {
             std::fs::create_dir_all(&index_dir)
@@ -838,6 +842,8 @@ impl Shard {
         stats.log_start = self.log.start();
         stats.log_end = self.log.written_end();
         stats.durable_end = self.log.durable_end();
+        let (hits, misses, held_bytes) = self.log.tail_cache_stats();
+        (stats.tail_cache_hits, stats.tail_cache_misses, stats.tail_cache_bytes) = (hits, misses, held_bytes as u64);
         stats
     }
 

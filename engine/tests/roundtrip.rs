@@ -66,6 +66,75 @@ fn scattered_records_read_in_one_call_come_back_whole_and_in_order() {
     engine.close().unwrap();
 }
 
+fn tail_cache_counts(engine: &sluice_engine::Engine) -> (u64, u64, u64) {
+    let stats = block_on(engine.stats()).unwrap();
+    stats
+        .iter()
+        .fold((0, 0, 0), |(h, m, b), s| (h + s.tail_cache_hits, m + s.tail_cache_misses, b + s.tail_cache_bytes))
+}
+
+/// Records read right after their append come from the tail cache, byte for byte what the disk
+/// holds; what fell out of the cache (or a restarted engine) is read from disk, and the cache
+/// never holds more than it is given.
+#[test]
+fn fresh_records_are_read_from_the_tail_cache_and_match_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path(), 1);
+    config.log_tail_cache_bytes = 512 << 10;
+    let engine = open(&config);
+    for i in 0..400u64 {
+        block_on(engine.append(vec![record("fresh", i, 2000 + (i as usize * 37) % 3000)])).unwrap();
+        if i % 50 == 49 {
+            let batch = block_on(engine.read("fresh", i, 1, 1 << 20)).unwrap();
+            assert_eq!(batch.records[0].view().body, &body(0, i, 2000 + (i as usize * 37) % 3000)[..]);
+        }
+    }
+    let (hits, misses, held) = tail_cache_counts(&engine);
+    assert_eq!((hits, misses), (8, 0), "each read of the newest record was a cache hit");
+    assert!(held > 0 && held <= 512 << 10, "the cache holds {held} bytes, bounded by 512 KiB");
+    // The whole queue: ~2 MiB written, so the oldest records come from disk, the newest from memory.
+    let all = read_all(&engine, "fresh");
+    let (hits_after, misses_after, _) = tail_cache_counts(&engine);
+    assert!(misses_after > 0 && hits_after > hits, "both paths served: {hits_after} hits, {misses_after} misses");
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r.view().body, &body(0, i as u64, 2000 + (i * 37) % 3000)[..], "record {i}");
+    }
+    engine.close().unwrap();
+    let engine = open(&config);
+    let again = read_all(&engine, "fresh");
+    assert_eq!(again.len(), 400);
+    assert_eq!(tail_cache_counts(&engine).0, 0, "a restarted engine reads from disk");
+    for (a, b) in all.iter().zip(&again) {
+        assert_eq!(a.bytes, b.bytes);
+    }
+    engine.close().unwrap();
+}
+
+/// Retention deletes a segment the cache still holds batches of: reads below the new log start
+/// are answered as retention dictates, never from the cache.
+#[test]
+fn retention_forgets_cached_batches_of_deleted_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path(), 1);
+    config.log_tail_cache_bytes = 64 << 20;
+    config.retention.max_log_bytes_per_shard = Some(2 * SEGMENT_SIZE_BYTES);
+    config.retention.check_interval_ms = 3_600_000;
+    let engine = open(&config);
+    for i in 0..200u64 {
+        block_on(engine.append(vec![record("r#0", i, 8000)])).unwrap();
+    }
+    let held_before = tail_cache_counts(&engine).2;
+    assert!(block_on(engine.enforce_retention()).unwrap() > 0);
+    assert!(tail_cache_counts(&engine).2 < held_before, "deleted segments' batches left the cache");
+    let info = block_on(engine.queue_info("r#0")).unwrap().unwrap();
+    let records = read_all(&engine, "r#0");
+    assert_eq!(records.first().unwrap().offset, info.min_offset);
+    for r in &records {
+        assert_eq!(r.view().body, &body(0, r.offset, 8000)[..]);
+    }
+    engine.close().unwrap();
+}
+
 #[test]
 fn batch_append_keeps_order_and_reads_respect_limits() {
     let dir = tempfile::tempdir().unwrap();

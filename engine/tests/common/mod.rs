@@ -17,6 +17,8 @@ pub fn small_config(dir: &Path, shards: usize) -> EngineConfig {
     config.group_commit_max_bytes = 128 << 10;
     config.index_block_cache_bytes = 1 << 20;
     config.io_memory_bytes = 1 << 20;
+    // Reads go to disk, so the tests exercise the O_DIRECT read path; the tail cache has its own.
+    config.log_tail_cache_bytes = 0;
     config.durability = Durability::Sync;
     config
 }

@@ -77,6 +77,8 @@ pub struct BrokerSection {
     pub lite_client_idle_ms: Option<u64>,
     /// Lite consumers (client ids) one consumer group may have on one shard.
     pub lite_clients_per_group_max: Option<usize>,
+    /// Memory per shard for just-written log batches, so fresh records are read without I/O.
+    pub log_tail_cache_bytes: Option<usize>,
 }
 
 impl Default for BrokerSection {
@@ -99,6 +101,7 @@ impl Default for BrokerSection {
             lite_subscriptions_per_client_max: None,
             lite_client_idle_ms: None,
             lite_clients_per_group_max: None,
+            log_tail_cache_bytes: None,
         }
     }
 }
@@ -178,6 +181,9 @@ impl BrokerSection {
             engine.segment_size_bytes = bytes;
             // A record must fit in a segment with its framing.
             engine.record_size_max_bytes = engine.record_size_max_bytes.min(bytes / 2);
+        }
+        if let Some(bytes) = self.log_tail_cache_bytes {
+            engine.log_tail_cache_bytes = bytes;
         }
         engine.validate().map_err(|e| format!("engine settings: {e}"))?;
         let transport = transport.apply();
