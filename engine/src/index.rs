@@ -392,6 +392,17 @@ impl Index {
         Ok(Index { db: Arc::new(db) })
     }
 
+    /// Bytes the memtables of every column family hold (bounded by their write buffer sizes;
+    /// flushed to disk beyond them).
+    pub fn memtable_bytes(&self) -> u64 {
+        ALL_CFS
+            .iter()
+            .filter_map(|name| {
+                self.db.property_int_value_cf(self.cf(name), "rocksdb.cur-size-all-mem-tables").ok().flatten()
+            })
+            .sum()
+    }
+
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         self.db.cf_handle(name).expect("every column family is created at open")
     }

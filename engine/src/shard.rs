@@ -87,6 +87,7 @@ pub struct ShardStats {
     pub tail_cache_hits: u64,
     pub tail_cache_misses: u64,
     pub tail_cache_bytes: u64,
+    pub index_memtable_bytes: u64,
 }
 
 struct QueueState {
@@ -844,6 +845,7 @@ impl Shard {
         stats.durable_end = self.log.durable_end();
         let (hits, misses, held_bytes) = self.log.tail_cache_stats();
         (stats.tail_cache_hits, stats.tail_cache_misses, stats.tail_cache_bytes) = (hits, misses, held_bytes as u64);
+        stats.index_memtable_bytes = self.index.memtable_bytes();
         stats
     }
 

@@ -133,6 +133,10 @@ struct Phase {
     create_secs: f64,
     created_per_sec: f64,
     rss_per_topic_bytes: f64,
+    /// The same less what the broker's bounded caches grew by (RocksDB's memtables, flushed to
+    /// disk when full, and the log's tail cache), which any workload fills alike: what each
+    /// idle lite topic itself keeps in memory.
+    rss_per_topic_outside_caches_bytes: f64,
     disk_per_topic_bytes: f64,
     disk_what: String,
     subscribe_secs: f64,
@@ -178,19 +182,8 @@ async fn sluice(args: &Args) -> Result<Phase, String> {
         let create = CreateQueueRequest { queue: queue.clone(), message_type: message_type::LITE, attributes };
         pool.call_for(&queue, &create).await.map_err(|e| e.to_string())?;
     }
-    let log_end = |pool: Arc<BrokerPool>| async move {
-        let mut total = 0;
-        for owner in pool.all_shards() {
-            if let Ok(frame) = pool.call(owner, &StatsRequest {}).await {
-                if let Ok(stats) = frame.access::<StatsResponse>() {
-                    total += stats.counters.iter().find(|c| c.0.as_str() == "log_end").map_or(0, |c| c.1.to_native());
-                }
-            }
-        }
-        total
-    };
-    let (rss0, index0, log0) =
-        (rss_bytes(args.broker_pid), dir_bytes(&args.broker_data, "index"), log_end(pool.clone()).await);
+    let (rss0, index0) = (rss_bytes(args.broker_pid), dir_bytes(&args.broker_data, "index"));
+    let (log0, caches0) = (broker_counter(&pool, "log_end").await, bounded_caches_bytes(&pool).await);
     let body = Bytes::from(vec![b'c'; args.body_bytes]);
     let started = Instant::now();
     let mut by_owner: std::collections::HashMap<Owner, Vec<String>> = std::collections::HashMap::new();
@@ -217,13 +210,16 @@ async fn sluice(args: &Args) -> Result<Phase, String> {
     let create_secs = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let n = args.lite_topics as f64;
-    let (rss1, index1, log1) =
-        (rss_bytes(args.broker_pid), dir_bytes(&args.broker_data, "index"), log_end(pool.clone()).await);
+    let (rss1, index1) = (rss_bytes(args.broker_pid), dir_bytes(&args.broker_data, "index"));
+    let (log1, caches1) = (broker_counter(&pool, "log_end").await, bounded_caches_bytes(&pool).await);
     let mut phase = Phase {
         lite_topics: args.lite_topics,
         create_secs,
         created_per_sec: n / create_secs,
         rss_per_topic_bytes: rss1.saturating_sub(rss0) as f64 / n,
+        rss_per_topic_outside_caches_bytes: rss1.saturating_sub(rss0).saturating_sub(caches1.saturating_sub(caches0))
+            as f64
+            / n,
         disk_per_topic_bytes: (index1.saturating_sub(index0) + log1.saturating_sub(log0)) as f64 / n,
         disk_what: format!(
             "index {:.0} B + log {:.0} B per lite topic",
@@ -234,6 +230,24 @@ async fn sluice(args: &Args) -> Result<Phase, String> {
     };
     sluice_delivery(args, &pool, &topic, &mut phase).await?;
     Ok(phase)
+}
+
+/// A broker counter summed over its shards (0 where a shard does not answer).
+async fn broker_counter(pool: &BrokerPool, name: &str) -> u64 {
+    let mut total = 0;
+    for owner in pool.all_shards() {
+        if let Ok(frame) = pool.call(owner, &StatsRequest {}).await {
+            if let Ok(stats) = frame.access::<StatsResponse>() {
+                total += stats.counters.iter().find(|c| c.0.as_str() == name).map_or(0, |c| c.1.to_native());
+            }
+        }
+    }
+    total
+}
+
+/// Bytes held by the broker's bounded caches: RocksDB memtables and the log's tail cache.
+async fn bounded_caches_bytes(pool: &BrokerPool) -> u64 {
+    broker_counter(pool, "index_memtable_bytes").await + broker_counter(pool, "tail_cache_bytes").await
 }
 
 async fn sluice_delivery(args: &Args, pool: &Arc<BrokerPool>, topic: &str, phase: &mut Phase) -> Result<(), String> {
@@ -333,6 +347,11 @@ async fn sluice_delivery(args: &Args, pool: &Arc<BrokerPool>, topic: &str, phase
     Ok(())
 }
 
+/// When message `g` is due, from the start of sending.
+fn due_ns(g: u64, rate: u64) -> u64 {
+    (g as u128 * 1_000_000_000 / rate as u128) as u64
+}
+
 fn latency_histogram() -> Histogram<u64> {
     Histogram::<u64>::new_with_bounds(1, LATENCY_MAX_US, 3).expect("bounds")
 }
@@ -363,17 +382,15 @@ async fn send_open_loop(
     let warmup_ns = args.warmup_secs * 1_000_000_000;
     let acked = Arc::new(AtomicU64::new(0));
     let mut next = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut inflight = tokio::task::JoinSet::new();
     while next < total {
-        tick.tick().await;
+        sluice_bench::timer::sleep_until(epoch + Duration::from_nanos(due_ns(next, args.rate))).await;
         let now_ns = epoch.elapsed().as_nanos() as u64;
         let due_until = ((now_ns as u128 * args.rate as u128) / 1_000_000_000) as u64;
         let mut by_owner: std::collections::HashMap<Owner, Vec<(String, Bytes, u64)>> =
             std::collections::HashMap::new();
         while next < total && next <= due_until {
-            let due_ns = (next as u128 * 1_000_000_000 / args.rate as u128) as u64;
+            let due_ns = due_ns(next, args.rate);
             let name = &subscribed[next as usize % subscribed.len()];
             let queue = lite_queue(topic, QUEUES, name);
             let body = message_body(args.body_bytes, due_ns, next);
@@ -503,18 +520,16 @@ async fn redis_delivery(args: &Args, client: &redis::Client, prefix: &str, phase
     tokio::time::sleep(Duration::from_millis(500)).await;
     let epoch_send = epoch + Duration::from_millis(500);
     let mut next = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sent = 0u64;
     let mut acks = latency_histogram();
     while next < total {
-        tick.tick().await;
+        sluice_bench::timer::sleep_until(epoch_send + Duration::from_nanos(due_ns(next, args.rate))).await;
         let now_ns = epoch_send.elapsed().as_nanos() as u64;
         let due_until = ((now_ns as u128 * args.rate as u128) / 1_000_000_000) as u64;
         let mut pipe = redis::pipe();
         let mut due = Vec::new();
         while next < total && next <= due_until {
-            let due_ns = (next as u128 * 1_000_000_000 / args.rate as u128) as u64 + 500_000_000;
+            let due_ns = due_ns(next, args.rate) + 500_000_000;
             let key = &keys[next as usize % keys.len()];
             pipe.cmd("XADD").arg(key).arg("*").arg("b").arg(&message_body(args.body_bytes, due_ns, next)[..]).ignore();
             next += 1;
@@ -544,6 +559,12 @@ fn print(name: &str, p: &Phase) {
         "{name:>7}: {} lite topics created in {:.1} s ({:.0}/s); RSS {:.0} B and disk {:.0} B per lite topic ({})",
         p.lite_topics, p.create_secs, p.created_per_sec, p.rss_per_topic_bytes, p.disk_per_topic_bytes, p.disk_what
     );
+    if p.rss_per_topic_outside_caches_bytes > 0.0 {
+        println!(
+            "{name:>7}: RSS per lite topic outside the bounded caches (RocksDB memtables, log tail cache): {:.0} B",
+            p.rss_per_topic_outside_caches_bytes
+        );
+    }
     println!(
         "{name:>7}: delivery: {} sent, {} received, {} not received by the end; p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs (send→ack p50 {} µs, p99 {} µs){}",
         p.sent,
@@ -559,6 +580,34 @@ fn print(name: &str, p: &Phase) {
     );
 }
 
+/// Writes of the disk floor.
+const FLOOR_WRITES: usize = 2000;
+const FLOOR_WRITE_BYTES: usize = 4096;
+
+/// The floor under a durable append: 4 KiB written then fdatasync'd, one at a time, in `dir`
+/// (the broker's data directory, so the same device), while nothing else runs. (p50, p99) µs.
+fn disk_floor(dir: &Path) -> Result<(u64, u64), String> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("lite-scale-floor.tmp");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let block = vec![7u8; FLOOR_WRITE_BYTES];
+    let mut histogram = latency_histogram();
+    for i in 0..FLOOR_WRITES {
+        let started = Instant::now();
+        file.write_all_at(&block, (i * FLOOR_WRITE_BYTES) as u64).map_err(|e| e.to_string())?;
+        file.sync_data().map_err(|e| e.to_string())?;
+        histogram.record((started.elapsed().as_micros() as u64).clamp(1, LATENCY_MAX_US)).expect("bounded value");
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok((histogram.value_at_quantile(0.5), histogram.value_at_quantile(0.99)))
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -566,6 +615,17 @@ async fn main() -> std::process::ExitCode {
         eprintln!("lite-scale: --lite-topics, --subscribed and --rate must be positive, --body-bytes at least 16");
         return std::process::ExitCode::FAILURE;
     }
+    let floor = match disk_floor(&args.broker_data) {
+        Ok(floor) => floor,
+        Err(e) => {
+            eprintln!("lite-scale: measuring the disk floor: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "  floor: {FLOOR_WRITE_BYTES} B write + fdatasync in the broker's data directory: p50 {} µs, p99 {} µs",
+        floor.0, floor.1
+    );
     let sluice = match sluice(&args).await {
         Ok(phase) => phase,
         Err(e) => {
@@ -574,6 +634,11 @@ async fn main() -> std::process::ExitCode {
         }
     };
     print("sluice", &sluice);
+    println!(
+        "  ratio: sluice delivery p50 {:.2}×, p99 {:.2}× the disk floor's (write + fdatasync)",
+        sluice.p50_us as f64 / floor.0.max(1) as f64,
+        sluice.p99_us as f64 / floor.1.max(1) as f64
+    );
     let redis = match (&args.redis, args.redis_pid) {
         (Some(address), Some(pid)) => match redis_run(&args, address, pid).await {
             Ok(phase) => {
@@ -605,7 +670,12 @@ async fn main() -> std::process::ExitCode {
             println!("  ratio: delivery latency has no ratio: a side delivered under 99% of what it sent");
         }
     }
-    let json = serde_json::json!({ "args": format!("{args:?}"), "sluice": sluice, "redis": redis });
+    let json = serde_json::json!({
+        "args": format!("{args:?}"),
+        "disk_floor": { "write_bytes": FLOOR_WRITE_BYTES, "p50_us": floor.0, "p99_us": floor.1 },
+        "sluice": sluice,
+        "redis": redis,
+    });
     if let Some(dir) = args.out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }

@@ -569,6 +569,7 @@ impl ShardHandler {
             ("tail_cache_hits".to_string(), s.tail_cache_hits),
             ("tail_cache_misses".to_string(), s.tail_cache_misses),
             ("tail_cache_bytes".to_string(), s.tail_cache_bytes),
+            ("index_memtable_bytes".to_string(), s.index_memtable_bytes),
             ("messages_appended".to_string(), c.appended.get()),
             ("messages_popped".to_string(), c.popped.get()),
             ("messages_redelivered".to_string(), c.redelivered.get()),
