@@ -25,8 +25,6 @@ pub const SHARD_INBOX_MAX_DEFAULT: usize = 4096;
 pub const INDEX_FLUSH_INTERVAL_BYTES_DEFAULT: u64 = 256 << 20;
 /// Default memory per shard for written batch buffers kept to serve reads of the log's tail.
 pub const LOG_TAIL_CACHE_BYTES_DEFAULT: usize = 32 << 20;
-/// Most memory per shard the tail cache may be given.
-pub const LOG_TAIL_CACHE_MAX_BYTES: usize = 4 << 30;
 /// Smallest allowed segment: one maximal group-commit write has to fit in it.
 pub const SEGMENT_SIZE_MIN_BYTES: u64 = 64 << 10;
 // Record limits live with the record format.
@@ -81,7 +79,8 @@ pub struct EngineConfig {
     /// RocksDB block cache per shard.
     pub index_block_cache_bytes: usize,
     /// Written batch buffers kept per shard so records read right after their append (a
-    /// waiting consumer's) need no disk read; 0 turns it off.
+    /// waiting consumer's) need no disk read; 0 turns it off. At most half of
+    /// `io_memory_bytes`, whose blocks it holds (counted as the power-of-two blocks they are).
     pub log_tail_cache_bytes: usize,
     /// Memory glommio registers with io_uring per shard. Group-commit buffers come from it, so
     /// it is reused instead of freshly mapped (and page-faulted) for every batch; keep it above
@@ -129,9 +128,11 @@ impl EngineConfig {
                 self.segment_size_bytes
             ));
         }
-        if self.log_tail_cache_bytes > LOG_TAIL_CACHE_MAX_BYTES {
+        // The cache holds buffers of the I/O memory; the rest stays for writes in flight.
+        if self.log_tail_cache_bytes > self.io_memory_bytes / 2 {
             return fail(format!(
-                "log_tail_cache_bytes must be at most {LOG_TAIL_CACHE_MAX_BYTES}, got {}",
+                "log_tail_cache_bytes must be at most half of io_memory_bytes ({} bytes), got {}",
+                self.io_memory_bytes / 2,
                 self.log_tail_cache_bytes
             ));
         }
@@ -184,5 +185,21 @@ impl EngineConfig {
 
     pub fn shard_dir(&self, shard: usize) -> PathBuf {
         self.data_dir.join(format!("shard-{shard:03}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_validate_and_the_tail_cache_leaves_io_memory_for_writes() {
+        let mut config = EngineConfig::new("/tmp/unused");
+        assert!(config.validate().is_ok());
+        config.log_tail_cache_bytes = config.io_memory_bytes / 2 + 1;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("log_tail_cache_bytes must be at most half of io_memory_bytes"), "{err}");
+        config.log_tail_cache_bytes = 0;
+        assert!(config.validate().is_ok(), "0 turns the cache off");
     }
 }

@@ -38,8 +38,9 @@ struct CachedBatch {
     len: usize,
     prefix_len: usize,
     buf: Rc<DmaBuffer>,
-    /// What the buffer really holds of memory (its allocation, not its trimmed length).
-    capacity_bytes: usize,
+    /// What the buffer really holds of memory: its allocation rounded up to a power of two, as
+    /// glommio's buddy allocator hands out blocks of its I/O memory.
+    charged_bytes: usize,
 }
 
 pub struct TailCache {
@@ -60,18 +61,19 @@ impl TailCache {
     /// Remembers a batch just written; forgets the oldest ones beyond the bound. Batches come
     /// in log order.
     pub fn insert(&mut self, position: u64, len: usize, prefix_len: usize, buf: Rc<DmaBuffer>, capacity_bytes: usize) {
-        if capacity_bytes > self.capacity_bytes_max {
+        let charged_bytes = capacity_bytes.next_power_of_two();
+        if charged_bytes > self.capacity_bytes_max {
             return;
         }
         assert!(prefix_len + len <= buf.len(), "a cached batch lies inside its buffer");
         if let Some(last) = self.batches.back() {
             assert!(last.position + last.len as u64 <= position, "tail cache batches must come in log order");
         }
-        self.batches.push_back(CachedBatch { position, len, prefix_len, buf, capacity_bytes });
-        self.held_bytes += capacity_bytes;
+        self.batches.push_back(CachedBatch { position, len, prefix_len, buf, charged_bytes });
+        self.held_bytes += charged_bytes;
         while self.held_bytes > self.capacity_bytes_max {
             let Some(oldest) = self.batches.pop_front() else { break };
-            self.held_bytes -= oldest.capacity_bytes;
+            self.held_bytes -= oldest.charged_bytes;
         }
     }
 
@@ -99,7 +101,7 @@ impl TailCache {
     pub fn forget_before(&mut self, position: u64) {
         while self.batches.front().is_some_and(|b| b.position < position) {
             if let Some(oldest) = self.batches.pop_front() {
-                self.held_bytes -= oldest.capacity_bytes;
+                self.held_bytes -= oldest.charged_bytes;
             }
         }
     }

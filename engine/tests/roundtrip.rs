@@ -116,7 +116,8 @@ fn fresh_records_are_read_from_the_tail_cache_and_match_the_disk() {
 fn retention_forgets_cached_batches_of_deleted_segments() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = small_config(dir.path(), 1);
-    config.log_tail_cache_bytes = 64 << 20;
+    config.io_memory_bytes = 64 << 20;
+    config.log_tail_cache_bytes = 32 << 20;
     config.retention.max_log_bytes_per_shard = Some(2 * SEGMENT_SIZE_BYTES);
     config.retention.check_interval_ms = 3_600_000;
     let engine = open(&config);

@@ -3,7 +3,7 @@
 //! the stream's start, so nothing sent before is missed) and reads all of its open sessions
 //! with one XREADGROUP; a finished session is dropped from the read.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,7 +13,7 @@ use redis::streams::StreamReadReply;
 use redis::{AsyncCommands, Value};
 
 use super::redis::{connect, error, BODY_FIELD};
-use super::sessions::{SessionPlan, Subscriptions};
+use super::sessions::{Changes, SessionPlan, Subscriptions};
 use super::{Consumer, Delivered, DurabilityInfo, Producer, RunNames, Session, TargetSpec};
 use super::{RECEIVE_BATCH_MAX, RECEIVE_WAIT_MS};
 use crate::error::BenchError;
@@ -118,28 +118,48 @@ struct RedisLiteConsumer {
 }
 
 impl RedisLiteConsumer {
+    /// Applies the pending subscription changes; sessions whose group could not be created are
+    /// kept for the next try (an existing group, BUSYGROUP, counts as created).
     async fn apply_changes(&mut self) -> Result<(), BenchError> {
         let changes = self.subscriptions.take_changes();
         if !changes.remove.is_empty() {
-            let gone: Vec<String> = changes.remove.iter().map(|s| stream_key(&self.names, self.topic, s)).collect();
+            let gone: HashSet<String> = changes.remove.iter().map(|s| stream_key(&self.names, self.topic, s)).collect();
             self.keys.retain(|k| !gone.contains(k));
         }
         if changes.add.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        let added: Vec<String> = changes.add.iter().map(|s| stream_key(&self.names, self.topic, s)).collect();
-        for key in &added {
+        pipe.ignore_errors();
+        for session in &changes.add {
+            let key = stream_key(&self.names, self.topic, session);
             pipe.cmd("XGROUP").arg("CREATE").arg(key).arg(&self.group).arg("0").arg("MKSTREAM");
         }
-        let replies: Vec<Value> = pipe.query_async(&mut self.conn).await.map_err(error)?;
-        for (key, reply) in added.iter().zip(&replies) {
-            if let Value::ServerError(e) = reply {
-                return Err(error(format!("XGROUP CREATE {key}: {e:?}")));
+        let replies: Vec<redis::RedisResult<Value>> = match pipe.query_async(&mut self.conn).await {
+            Ok(replies) => replies,
+            Err(e) => {
+                self.subscriptions.restore(Changes { add: changes.add, remove: vec![] });
+                return Err(error(e));
+            }
+        };
+        let mut failed = Vec::new();
+        let mut first_error = None;
+        for (session, reply) in changes.add.into_iter().zip(replies) {
+            match reply {
+                Err(e) if e.code() != Some("BUSYGROUP") => {
+                    first_error.get_or_insert_with(|| format!("XGROUP CREATE for session {session}: {e}"));
+                    failed.push(session);
+                }
+                _ => self.keys.push(stream_key(&self.names, self.topic, &session)),
             }
         }
-        self.keys.extend(added);
-        Ok(())
+        match first_error {
+            Some(why) => {
+                self.subscriptions.restore(Changes { add: failed, remove: vec![] });
+                Err(error(why))
+            }
+            None => Ok(()),
+        }
     }
 }
 

@@ -143,6 +143,13 @@ impl Subscriptions {
         std::mem::take(&mut self.pending)
     }
 
+    /// Hands back changes that could not be applied, to be tried again before newer ones.
+    pub fn restore(&mut self, mut changes: Changes) {
+        changes.add.append(&mut self.pending.add);
+        changes.remove.append(&mut self.pending.remove);
+        self.pending = changes;
+    }
+
     /// Every session name this consumer subscribed to and has not dropped.
     pub fn open_sessions(&self) -> usize {
         self.received.len()
@@ -201,5 +208,12 @@ mod tests {
         subs.delivered(81);
         assert_eq!(subs.take_changes().add, names(&[13, 15, 17, 19]));
         assert_eq!(subs.open_sessions(), 9);
+        // Changes that failed to apply come back, ahead of newer ones.
+        let failed = Changes { add: names(&[3]), remove: vec![] };
+        subs.delivered(3);
+        subs.restore(failed);
+        let again = subs.take_changes();
+        assert_eq!(again.add, names(&[3]));
+        assert!(again.remove.is_empty());
     }
 }

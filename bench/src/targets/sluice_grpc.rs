@@ -10,7 +10,7 @@ use sluice_proto::sluice::admin::v1 as admin;
 use sluice_proto::sluice::admin::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
 
-use super::sessions::{SessionPlan, Subscriptions};
+use super::sessions::{Changes, SessionPlan, Subscriptions};
 use super::sluice_broker::{check_level, durability_from_counters};
 use super::{
     connect_error, Consumer, Delivered, DurabilityInfo, Producer, RunNames, Session, TargetSpec, RECEIVE_BATCH_MAX,
@@ -268,16 +268,29 @@ struct GrpcLiteConsumer {
 }
 
 impl GrpcLiteConsumer {
+    /// Applies the pending subscription changes; what fails is kept for the next try (adding
+    /// or removing a lite topic twice is harmless).
     async fn apply_changes(&mut self) -> Result<(), BenchError> {
         let changes = self.subscriptions.take_changes();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let applied = self.apply(&changes).await;
+        if applied.is_err() {
+            self.subscriptions.restore(changes);
+        }
+        applied
+    }
+
+    async fn apply(&mut self, changes: &Changes) -> Result<(), BenchError> {
         for (action, names) in [
-            (v2::LiteSubscriptionAction::PartialAdd, changes.add),
-            (v2::LiteSubscriptionAction::PartialRemove, changes.remove),
+            (v2::LiteSubscriptionAction::PartialAdd, &changes.add),
+            (v2::LiteSubscriptionAction::PartialRemove, &changes.remove),
         ] {
             if names.is_empty() {
                 continue;
             }
-            let request = lite_sync(&self.client_id, action, &self.topic, &self.group, names);
+            let request = lite_sync(&self.client_id, action, &self.topic, &self.group, names.clone());
             let reply = self.client.sync_lite_subscription(request).await.map_err(error)?.into_inner();
             check_status(reply.status.as_ref(), &format!("SyncLiteSubscription {action:?}"))?;
         }

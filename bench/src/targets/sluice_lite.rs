@@ -157,8 +157,10 @@ impl LiteBrokerConsumer {
         subscriptions: Subscriptions,
     ) -> LiteBrokerConsumer {
         let (sender, popped) = mpsc::channel(POPPED_BATCHES_MAX);
-        let pollers = pool
-            .all_shards()
+        // Only shards holding a queue of the topic have its lite queues (the proxy does the same).
+        let owners: std::collections::BTreeSet<Owner> =
+            (0..queue_count).map(|index| pool.owner(&topic_queue(&topic, index))).collect();
+        let pollers = owners
             .into_iter()
             .map(|owner| {
                 let pop = PopRequest {
@@ -190,11 +192,25 @@ impl LiteBrokerConsumer {
         }
     }
 
-    async fn apply(&mut self, changes: Changes) -> Result<(), BenchError> {
-        for (action, names) in [(LITE_ADD, changes.add), (LITE_REMOVE, changes.remove)] {
+    /// Applies the pending subscription changes; what fails is kept for the next try (adding
+    /// or removing a lite topic twice is harmless).
+    async fn apply_changes(&mut self) -> Result<(), BenchError> {
+        let changes = self.subscriptions.take_changes();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let applied = self.apply(&changes).await;
+        if applied.is_err() {
+            self.subscriptions.restore(changes);
+        }
+        applied
+    }
+
+    async fn apply(&self, changes: &Changes) -> Result<(), BenchError> {
+        for (action, names) in [(LITE_ADD, &changes.add), (LITE_REMOVE, &changes.remove)] {
             let mut by_owner: HashMap<Owner, Vec<String>> = HashMap::new();
             for name in names {
-                let queue = lite_queue(&self.topic, self.queue_count, &name);
+                let queue = lite_queue(&self.topic, self.queue_count, name);
                 by_owner.entry(self.pool.owner(&queue)).or_default().push(queue);
             }
             for (owner, queues) in by_owner {
@@ -259,10 +275,7 @@ async fn poll_shard(
 impl Consumer for LiteBrokerConsumer {
     fn receive(&mut self) -> BoxFuture<'_, Result<Vec<Option<Delivered>>, BenchError>> {
         Box::pin(async move {
-            let changes = self.subscriptions.take_changes();
-            if !changes.is_empty() {
-                self.apply(changes).await?;
-            }
+            self.apply_changes().await?;
             let wait = Duration::from_millis(RECEIVE_WAIT_MS);
             let batch = match tokio::time::timeout(wait, self.popped.recv()).await {
                 Ok(Some(batch)) => batch?,
@@ -302,11 +315,7 @@ impl Consumer for LiteBrokerConsumer {
                 }
             });
             futures::future::try_join_all(acks).await?;
-            let changes = self.subscriptions.take_changes();
-            if !changes.is_empty() {
-                self.apply(changes).await?;
-            }
-            Ok(())
+            self.apply_changes().await
         })
     }
 }
