@@ -221,7 +221,9 @@ class PageServer:
                 with outer.changed:
                     if self.path == "/result":
                         outer.result = data
-                    else:
+                    elif (data["opens"], data["n"]) >= (outer.progress["opens"], outer.progress["n"]):
+                        # The page's reports are fetches it does not await, so they can arrive
+                        # out of order: an older one must not overwrite a newer one.
                         outer.progress = data
                     outer.changed.notify_all()
                 self.send_response(204)
