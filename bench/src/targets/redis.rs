@@ -118,18 +118,15 @@ impl Producer for RedisProducer {
     fn send(&self, topic: usize, _sequence: u64, body: Bytes) -> BoxFuture<'static, Result<(), BenchError>> {
         let mut conn = self.conn.clone();
         let key = self.keys[topic].clone();
-        Box::pin(async move {
-            let _id: String = redis::cmd("XADD")
-                .arg(&key)
-                .arg("*")
-                .arg(BODY_FIELD)
-                .arg(body.as_ref())
-                .query_async(&mut conn)
-                .await
-                .map_err(error)?;
-            Ok(())
-        })
+        Box::pin(async move { xadd(&mut conn, &key, &body).await })
     }
+}
+
+/// Appends one message body to stream `key`; done when Redis answers (after its AOF write).
+pub(super) async fn xadd(conn: &mut MultiplexedConnection, key: &str, body: &[u8]) -> Result<(), BenchError> {
+    let _id: String =
+        redis::cmd("XADD").arg(key).arg("*").arg(BODY_FIELD).arg(body).query_async(conn).await.map_err(error)?;
+    Ok(())
 }
 
 struct RedisConsumer {

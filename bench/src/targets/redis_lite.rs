@@ -12,7 +12,7 @@ use redis::aio::MultiplexedConnection;
 use redis::streams::StreamReadReply;
 use redis::{AsyncCommands, Value};
 
-use super::redis::{connect, error, BODY_FIELD};
+use super::redis::{connect, error, xadd, BODY_FIELD};
 use super::sessions::{Changes, SessionPlan, Subscriptions};
 use super::{Consumer, Delivered, DurabilityInfo, Producer, RunNames, Session, TargetSpec};
 use super::{RECEIVE_BATCH_MAX, RECEIVE_WAIT_MS};
@@ -90,17 +90,7 @@ impl Producer for RedisLiteProducer {
         let slot = self.plan.slot(sequence);
         let key = stream_key(&self.names, slot.topic, &SessionPlan::name(slot.session));
         let mut conn = self.conn.clone();
-        Box::pin(async move {
-            let _id: String = redis::cmd("XADD")
-                .arg(&key)
-                .arg("*")
-                .arg(BODY_FIELD)
-                .arg(body.as_ref())
-                .query_async(&mut conn)
-                .await
-                .map_err(error)?;
-            Ok(())
-        })
+        Box::pin(async move { xadd(&mut conn, &key, &body).await })
     }
 }
 
