@@ -25,6 +25,9 @@ pub const SHARD_INBOX_MAX_DEFAULT: usize = 4096;
 pub const INDEX_FLUSH_INTERVAL_BYTES_DEFAULT: u64 = 256 << 20;
 /// Default memory per shard for written batch buffers kept to serve reads of the log's tail.
 pub const LOG_TAIL_CACHE_BYTES_DEFAULT: usize = 32 << 20;
+/// Default time a queue stays in the shard's memory after its last append; it is then read
+/// from the index when used, so a million idle lite topics cost no memory.
+pub const QUEUE_IDLE_EVICT_MS_DEFAULT: u64 = 10_000;
 /// Smallest allowed segment: one maximal group-commit write has to fit in it.
 pub const SEGMENT_SIZE_MIN_BYTES: u64 = 64 << 10;
 // Record limits live with the record format.
@@ -69,7 +72,11 @@ pub struct EngineConfig {
     pub segment_size_bytes: u64,
     pub record_size_max_bytes: u64,
     pub append_batch_records_max: usize,
+    /// Queues one shard holds, in memory or only in its index.
     pub queues_per_shard_max: usize,
+    /// A queue with no append for this long leaves the shard's memory (between one and two
+    /// times this after its last append); its state stays in the index. 0 keeps every queue.
+    pub queue_idle_evict_ms: u64,
     pub group_commit_max_bytes: usize,
     pub group_commit_records_max: usize,
     /// Appends beyond this many staged, not yet durable bytes wait (back-pressure).
@@ -106,6 +113,7 @@ impl EngineConfig {
             record_size_max_bytes: RECORD_SIZE_MAX_BYTES_DEFAULT,
             append_batch_records_max: APPEND_BATCH_RECORDS_MAX_DEFAULT,
             queues_per_shard_max: QUEUES_PER_SHARD_MAX_DEFAULT,
+            queue_idle_evict_ms: QUEUE_IDLE_EVICT_MS_DEFAULT,
             group_commit_max_bytes: GROUP_COMMIT_MAX_BYTES_DEFAULT,
             group_commit_records_max: GROUP_COMMIT_RECORDS_MAX_DEFAULT,
             append_inflight_max_bytes: APPEND_INFLIGHT_MAX_BYTES_DEFAULT,

@@ -423,12 +423,43 @@ impl Index {
         }
     }
 
-    pub fn load_queues(&self) -> Result<Vec<(String, QueueMeta)>> {
-        let mut out = Vec::new();
+    /// How many queues the index holds (one metadata key each).
+    pub fn count_queues(&self) -> Result<u64> {
+        let mut count = 0;
         for item in self.db.iterator_cf(self.cf(CF_QUEUE_META), rocksdb::IteratorMode::Start) {
-            let (key, value) = item.map_err(|e| EngineError::index("load queues", e))?;
-            let name = std::str::from_utf8(&key).map_err(|_| corrupt("queue name"))?;
-            out.push((name.to_string(), QueueMeta::decode(&value).ok_or_else(|| corrupt("queue meta"))?));
+            item.map_err(|e| EngineError::index("count queues", e))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// A queue's metadata, `None` if the queue does not exist. A point read: served by the
+    /// memtable or block cache for any recently used queue, and the bloom filter answers most
+    /// lookups of names that do not exist.
+    pub fn queue_meta(&self, queue: &str) -> Result<Option<QueueMeta>> {
+        let value = self
+            .db
+            .get_pinned_cf(self.cf(CF_QUEUE_META), queue.as_bytes())
+            .map_err(|e| EngineError::index("read queue meta", e))?;
+        value.map(|v| QueueMeta::decode(&v).ok_or_else(|| corrupt("queue meta"))).transpose()
+    }
+
+    /// Up to `limit` queues with their metadata in name order, from the first name > `after`
+    /// (all from the start when `after` is `None`).
+    pub fn queue_metas_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, QueueMeta)>> {
+        let from = after.map_or(&[][..], str::as_bytes);
+        let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_QUEUE_META), mode) {
+            let (key, value) = item.map_err(|e| EngineError::index("queue metas", e))?;
+            if after.is_some_and(|a| a.as_bytes() == &key[..]) {
+                continue;
+            }
+            let name = String::from_utf8(key.into_vec()).map_err(|_| corrupt("queue name"))?;
+            out.push((name, QueueMeta::decode(&value).ok_or_else(|| corrupt("queue meta"))?));
+            if out.len() == limit {
+                break;
+            }
         }
         Ok(out)
     }

@@ -4,6 +4,11 @@
 //! Append path: validate → assign queue offsets → encode straight into the open group-commit
 //! batch → the committer task writes every staged batch, fdatasyncs once (policy `sync`),
 //! indexes the round in log order, makes it visible, and only then releases the acks.
+//!
+//! Queue table: only queues appended to recently are in memory (`queues`). An idle one is
+//! evicted and read back from its index metadata when it is next used, so idle queues (a
+//! million lite topics) cost index space, not memory. A queue with staged appends or a staged
+//! deletion is never evicted, so the index metadata of an evicted queue is its whole state.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashSet, VecDeque};
@@ -88,6 +93,9 @@ pub struct ShardStats {
     pub tail_cache_misses: u64,
     pub tail_cache_bytes: u64,
     pub index_memtable_bytes: u64,
+    /// Of `queues`, those held in memory (appended to recently); the rest live in the index.
+    pub queues_resident: usize,
+    pub queues_evicted: u64,
 }
 
 struct QueueState {
@@ -104,6 +112,28 @@ struct QueueState {
     last_append_ms: u64,
 }
 
+/// The in-memory queue table: recently active queues only.
+type QueueTable = HashMap<Rc<str>, QueueState>;
+
+/// When to look at a resident queue again to evict it if it went idle.
+struct EvictionCheck {
+    check_after_ms: u64,
+    generation: u64,
+    name: Rc<str>,
+}
+
+/// Eviction checks one tick may do, bounding the time it holds the reactor.
+const EVICTION_CHECKS_PER_TICK_MAX: usize = 8192;
+/// Longest time between eviction ticks.
+const EVICTION_TICK_MAX_MS: u64 = 100;
+/// An evicted queue whose first entries point at deleted log: (name, metadata read, new minimum).
+type EvictedTrim = (String, QueueMeta, u64);
+
+/// Evicted queues one step of a retention pass looks at.
+const TRIM_PAGE_QUEUES: usize = 1024;
+/// A table or check queue this much bigger than its contents is shrunk.
+const SHRINK_FACTOR: usize = 4;
+
 struct Waiter {
     log_end: u64,
     done: oneshot::Sender<Result<()>>,
@@ -114,7 +144,11 @@ pub struct Shard {
     config: EngineConfig,
     log: CommitLog,
     index: Index,
-    queues: RefCell<HashMap<String, QueueState>>,
+    queues: RefCell<QueueTable>,
+    /// Every resident queue once, in the order its next eviction check is due.
+    eviction_checks: RefCell<VecDeque<EvictionCheck>>,
+    /// Queues the shard holds, resident or not.
+    queue_count: Cell<u64>,
     waiters: RefCell<VecDeque<Waiter>>,
     committer_wake: Notify,
     failed: RefCell<Option<String>>,
@@ -220,18 +254,10 @@ impl Shard {
         checkpoint: u64,
         clean: bool,
     ) -> Result<Option<Rc<Shard>>> {
-        let mut queues: HashMap<String, QueueState> = index
-            .load_queues()?
-            .into_iter()
-            .enumerate()
-            .map(|(generation, (name, meta))| {
-                let mut state = QueueState::new(generation as u64, meta.next_offset, meta.created_ms);
-                state.min_offset = meta.min_offset;
-                state.last_append_ms = meta.last_append_ms;
-                (name, state)
-            })
-            .collect();
-        let mut next_generation = queues.len() as u64;
+        // Only queues the replay touches become resident; the rest stay in the index.
+        let mut queues = QueueTable::default();
+        let mut deleted_in_replay = HashSet::new();
+        let mut next_generation = 0;
         let replay_index = index.clone();
         let mut pending: Option<IndexBatch<'_>> = None;
         let mut replayed_records = 0usize;
@@ -242,7 +268,11 @@ impl Shard {
                 let view =
                     record::parse_record(record_bytes).map_err(|e| replay_error(record_position, e.to_string()))?;
                 let size = record_bytes.len() as u32;
-                let replay = Replay::Rebuilding { next_generation: &mut next_generation };
+                let replay = Replay::Rebuilding {
+                    next_generation: &mut next_generation,
+                    index: &replay_index,
+                    deleted: &mut deleted_in_replay,
+                };
                 index_record(batch, &mut touched, record_position, size, &view, &mut queues, replay)?;
                 replayed_records += 1;
             }
@@ -265,12 +295,24 @@ impl Shard {
             tracing::info!(shard = id, ?report, "recovered shard from its log");
         }
         let end = log.written_end();
+        let queue_count = index.count_queues()?;
+        let now = now_ms();
+        let eviction_checks = queues
+            .iter()
+            .map(|(name, q)| EvictionCheck {
+                check_after_ms: now + config.queue_idle_evict_ms,
+                generation: q.generation,
+                name: name.clone(),
+            })
+            .collect();
         let shard = Rc::new(Shard {
             id,
             config: config.clone(),
             log,
             index,
             queues: RefCell::new(queues),
+            eviction_checks: RefCell::new(eviction_checks),
+            queue_count: Cell::new(queue_count),
             waiters: RefCell::new(VecDeque::new()),
             committer_wake: Notify::default(),
             failed: RefCell::new(None),
@@ -299,6 +341,9 @@ impl Shard {
         if self.config.retention.max_age.is_some() || self.config.retention.max_log_bytes_per_shard.is_some() {
             let interval = self.config.retention.check_interval_ms;
             glommio::spawn_local(Shard::run_retention(Rc::downgrade(self), interval)).detach();
+        }
+        if self.config.queue_idle_evict_ms > 0 {
+            glommio::spawn_local(Shard::run_eviction(Rc::downgrade(self))).detach();
         }
     }
 
@@ -330,7 +375,7 @@ impl Shard {
             if record.queues[..i].contains(queue) {
                 return Err(EngineError::InvalidRecord(format!("queue {queue:?} listed twice")));
             }
-            if self.queues.borrow().get(queue).is_some_and(|q| q.deleting) {
+            if self.queues.borrow().get(queue.as_str()).is_some_and(|q| q.deleting) {
                 return Err(EngineError::QueueBeingDeleted(queue.clone()));
             }
         }
@@ -396,21 +441,43 @@ impl Shard {
         Ok(acks)
     }
 
+    /// Makes every existing queue of `records` resident (so `assign_offsets` creates only new
+    /// ones) and checks that the new ones fit.
     fn check_queue_room(&self, records: &[NewRecord]) -> Result<()> {
-        let queues = self.queues.borrow();
-        if records.iter().flat_map(|r| r.queues.iter()).all(|q| queues.contains_key(q)) {
-            return Ok(());
+        let mut queues = self.queues.borrow_mut();
+        let mut new: HashSet<&str> = HashSet::new();
+        for name in records.iter().flat_map(|r| r.queues.iter()) {
+            if !self.make_resident(&mut queues, name)? {
+                new.insert(name);
+            }
         }
-        let new: HashSet<&str> = records
-            .iter()
-            .flat_map(|r| r.queues.iter())
-            .map(String::as_str)
-            .filter(|q| !queues.contains_key(*q))
-            .collect();
-        if queues.len() + new.len() > self.config.queues_per_shard_max {
+        if self.queue_count.get() + new.len() as u64 > self.config.queues_per_shard_max as u64 {
             return Err(EngineError::TooManyQueues { shard: self.id, max: self.config.queues_per_shard_max });
         }
         Ok(())
+    }
+
+    /// Loads an evicted queue back from the index; false if the queue does not exist.
+    fn make_resident(&self, queues: &mut QueueTable, name: &str) -> Result<bool> {
+        if queues.contains_key(name) {
+            return Ok(true);
+        }
+        let Some(meta) = self.index.queue_meta(name)? else { return Ok(false) };
+        let generation = self.next_generation.replace(self.next_generation.get() + 1);
+        self.insert_resident(queues, name, QueueState::from_meta(generation, &meta));
+        Ok(true)
+    }
+
+    fn insert_resident(&self, queues: &mut QueueTable, name: &str, state: QueueState) {
+        let name: Rc<str> = name.into();
+        if self.config.queue_idle_evict_ms > 0 {
+            self.eviction_checks.borrow_mut().push_back(EvictionCheck {
+                check_after_ms: now_ms() + self.config.queue_idle_evict_ms,
+                generation: state.generation,
+                name: name.clone(),
+            });
+        }
+        queues.insert(name, state);
     }
 
     fn assign_offsets(&self, names: &[String], store_ms: u64) -> Vec<u64> {
@@ -418,11 +485,13 @@ impl Shard {
         names
             .iter()
             .map(|name| {
-                if !queues.contains_key(name) {
+                if !queues.contains_key(name.as_str()) {
+                    // `check_queue_room` made every existing queue resident: this one is new.
                     let generation = self.next_generation.replace(self.next_generation.get() + 1);
-                    queues.insert(name.clone(), QueueState::new(generation, 0, store_ms));
+                    self.insert_resident(&mut queues, name, QueueState::new(generation, 0, store_ms));
+                    self.queue_count.set(self.queue_count.get() + 1);
                 }
-                let queue = queues.get_mut(name).expect("present or inserted above");
+                let queue = queues.get_mut(name.as_str()).expect("present or inserted above");
                 let offset = queue.next_offset;
                 queue.next_offset += 1;
                 queue.last_append_ms = store_ms;
@@ -535,6 +604,8 @@ impl Shard {
         let mut batch = self.index.batch();
         let mut touched = HashMap::default();
         let mut queues = self.queues.borrow_mut();
+        // Live indexing never adds to the table; a shrink is applied deletions.
+        let resident_before = queues.len();
         for sealed in round {
             for (position, bytes) in batch_records(sealed.bytes(), sealed.position) {
                 let view = RecordView::parse_unverified(bytes).map_err(|e| replay_error(position, e.to_string()))?;
@@ -546,8 +617,9 @@ impl Shard {
             batch.set_checkpoint(end, last.position);
         }
         self.index.write(batch)?;
+        self.queue_count.set(self.queue_count.get() - (resident_before - queues.len()) as u64);
         for (name, touch) in touched {
-            if let Some(queue) = queues.get_mut(&name) {
+            if let Some(queue) = queues.get_mut(name.as_str()) {
                 assert!(touch.next_offset <= queue.next_offset, "visible offset beyond assigned offset");
                 queue.visible_offset = queue.visible_offset.max(touch.next_offset);
             }
@@ -597,11 +669,8 @@ impl Shard {
     /// Reads up to `max_count` records (and about `max_bytes`, at least one record) of a queue
     /// from `from`. Offsets below the queue's minimum are skipped.
     pub async fn read(&self, queue: &str, from: u64, max_count: usize, max_bytes: usize) -> Result<ReadBatch> {
-        let (min_offset, max_offset) = {
-            let queues = self.queues.borrow();
-            let state = queues.get(queue).ok_or_else(|| EngineError::QueueNotFound(queue.to_string()))?;
-            (state.min_offset, state.visible_offset)
-        };
+        let info = self.queue_info(queue).ok_or_else(|| EngineError::QueueNotFound(queue.to_string()))?;
+        let (min_offset, max_offset) = (info.min_offset, info.max_offset);
         let start = from.max(min_offset);
         let end = max_offset.min(start.saturating_add(max_count as u64));
         let mut batch = ReadBatch { records: Vec::new(), next_offset: start, min_offset, max_offset };
@@ -805,11 +874,7 @@ impl Shard {
     /// The queue disappears when the deletion is indexed; appends meanwhile are refused.
     pub async fn delete_queue(&self, queue: &str) -> Result<()> {
         self.check_writable()?;
-        match self.queues.borrow_mut().get_mut(queue) {
-            Some(state) if state.deleting => return Err(EngineError::QueueBeingDeleted(queue.to_string())),
-            Some(state) => state.deleting = true,
-            None => return Err(EngineError::QueueNotFound(queue.to_string())),
-        }
+        self.mark_deleting(queue)?;
         let result = self.append_control(&ControlOp::DeleteQueue { queue: queue.into() }).await;
         if result.is_err() {
             if let Some(state) = self.queues.borrow_mut().get_mut(queue) {
@@ -819,17 +884,44 @@ impl Shard {
         result
     }
 
-    pub fn queue_info(&self, queue: &str) -> Option<QueueInfo> {
-        self.queues.borrow().get(queue).map(|q| QueueInfo {
-            min_offset: q.min_offset,
-            max_offset: q.visible_offset,
-            created_ms: q.created_ms,
-            last_append_ms: q.last_append_ms,
-        })
+    /// Makes the queue resident (a deletion in progress keeps it so) and marks it.
+    fn mark_deleting(&self, queue: &str) -> Result<()> {
+        let mut queues = self.queues.borrow_mut();
+        self.make_resident(&mut queues, queue)?;
+        match queues.get_mut(queue) {
+            Some(state) if state.deleting => Err(EngineError::QueueBeingDeleted(queue.to_string())),
+            Some(state) => {
+                state.deleting = true;
+                Ok(())
+            }
+            None => Err(EngineError::QueueNotFound(queue.to_string())),
+        }
     }
 
-    pub fn queue_names(&self) -> Vec<String> {
-        self.queues.borrow().keys().cloned().collect()
+    /// A queue's counters, from memory if it is resident, else from its index metadata (an
+    /// evicted queue has nothing unindexed). `None` if it does not exist, or the index could
+    /// not be read (logged).
+    pub fn queue_info(&self, queue: &str) -> Option<QueueInfo> {
+        if let Some(q) = self.queues.borrow().get(queue) {
+            return Some(QueueInfo {
+                min_offset: q.min_offset,
+                max_offset: q.visible_offset,
+                created_ms: q.created_ms,
+                last_append_ms: q.last_append_ms,
+            });
+        }
+        match self.index.queue_meta(queue) {
+            Ok(meta) => meta.map(|m| QueueInfo {
+                min_offset: m.min_offset,
+                max_offset: m.next_offset,
+                created_ms: m.created_ms,
+                last_append_ms: m.last_append_ms,
+            }),
+            Err(err) => {
+                tracing::warn!(shard = self.id, queue, error = %err, "reading queue metadata failed");
+                None
+            }
+        }
     }
 
     /// When this shard acknowledges appends (reported in the broker's stats).
@@ -839,7 +931,8 @@ impl Shard {
 
     pub fn stats(&self) -> ShardStats {
         let mut stats = self.stats.borrow().clone();
-        stats.queues = self.queues.borrow().len();
+        stats.queues = self.queue_count.get() as usize;
+        stats.queues_resident = self.queues.borrow().len();
         stats.log_start = self.log.start();
         stats.log_end = self.log.written_end();
         stats.durable_end = self.log.durable_end();
@@ -847,6 +940,55 @@ impl Shard {
         (stats.tail_cache_hits, stats.tail_cache_misses, stats.tail_cache_bytes) = (hits, misses, held_bytes as u64);
         stats.index_memtable_bytes = self.index.memtable_bytes();
         stats
+    }
+
+    async fn run_eviction(shard: Weak<Shard>) {
+        let Some(idle_ms) = shard.upgrade().map(|s| s.config.queue_idle_evict_ms) else { return };
+        let tick_ms = (idle_ms / 2).clamp(1, EVICTION_TICK_MAX_MS);
+        loop {
+            glommio::timer::sleep(Duration::from_millis(tick_ms)).await;
+            let Some(shard) = shard.upgrade() else { return };
+            if shard.closing.get() {
+                return;
+            }
+            shard.evict_idle(now_ms());
+        }
+    }
+
+    /// Evicts resident queues idle for `queue_idle_evict_ms`, looking at no more than
+    /// `EVICTION_CHECKS_PER_TICK_MAX` of them. Returns how many went.
+    fn evict_idle(&self, now_ms: u64) -> usize {
+        let idle_ms = self.config.queue_idle_evict_ms;
+        let mut queues = self.queues.borrow_mut();
+        let mut checks = self.eviction_checks.borrow_mut();
+        let mut evicted = 0;
+        for _ in 0..EVICTION_CHECKS_PER_TICK_MAX {
+            if checks.front().is_none_or(|c| c.check_after_ms > now_ms) {
+                break;
+            }
+            let check = checks.pop_front().expect("front exists");
+            // Gone (deleted) or re-created since: the new one has a check of its own.
+            let Some(queue) = queues.get(&*check.name).filter(|q| q.generation == check.generation) else {
+                continue;
+            };
+            let settled = queue.next_offset == queue.visible_offset && !queue.deleting;
+            if settled && now_ms.saturating_sub(queue.last_append_ms) >= idle_ms {
+                queues.remove(&*check.name);
+                evicted += 1;
+            } else {
+                checks.push_back(EvictionCheck { check_after_ms: now_ms + idle_ms, ..check });
+            }
+        }
+        if queues.capacity() > 1024 && queues.len() * SHRINK_FACTOR < queues.capacity() {
+            let keep = queues.len() * 2;
+            queues.shrink_to(keep);
+        }
+        if checks.capacity() > 1024 && checks.len() * SHRINK_FACTOR < checks.capacity() {
+            let keep = checks.len() * 2;
+            checks.shrink_to(keep);
+        }
+        self.stats.borrow_mut().queues_evicted += evicted as u64;
+        evicted
     }
 
     async fn run_retention(shard: Weak<Shard>, check_interval_ms: u64) {
@@ -911,14 +1053,15 @@ impl Shard {
         Ok(deleted)
     }
 
-    /// Advances queue minimum offsets past deleted log and removes their stale index entries.
+    /// Advances queue minimum offsets past deleted log and removes their stale index entries:
+    /// the resident queues', then the evicted ones', found by walking the index.
     async fn trim_queues(&self) -> Result<()> {
         let log_start = self.log.start();
         let queues: Vec<(String, u64, u64, u64)> = self
             .queues
             .borrow()
             .iter()
-            .map(|(n, q)| (n.clone(), q.generation, q.min_offset, q.visible_offset))
+            .map(|(n, q)| (n.to_string(), q.generation, q.min_offset, q.visible_offset))
             .collect();
         let index = self.index.clone();
         let found = glommio::executor()
@@ -933,18 +1076,64 @@ impl Shard {
                 Ok(out)
             })
             .await?;
+        self.apply_resident_trims(found)?;
+        self.trim_evicted_queues(log_start).await
+    }
+
+    fn apply_resident_trims(&self, found: Vec<(String, u64, u64)>) -> Result<()> {
         let mut queues = self.queues.borrow_mut();
         let mut batch = self.index.batch();
         for (name, generation, new_min) in found {
             // The queue may have been deleted and re-created while the search ran.
-            let Some(queue) = queues.get_mut(&name).filter(|q| q.generation == generation && !q.deleting) else {
+            let Some(queue) = queues.get_mut(name.as_str()).filter(|q| q.generation == generation && !q.deleting)
+            else {
                 continue;
             };
             queue.min_offset = queue.min_offset.max(new_min);
             batch.trim_queue(&name, queue.min_offset);
             batch.put_queue_meta(&name, &meta_of(queue, queue.visible_offset));
         }
-        drop(queues);
+        self.index.write(batch)
+    }
+
+    async fn trim_evicted_queues(&self, log_start: u64) -> Result<()> {
+        let mut after: Option<String> = None;
+        loop {
+            let index = self.index.clone();
+            let cursor = after.take();
+            let (last, found) = glommio::executor()
+                .spawn_blocking(move || -> Result<(Option<String>, Vec<EvictedTrim>)> {
+                    let metas = index.queue_metas_after(cursor.as_deref(), TRIM_PAGE_QUEUES)?;
+                    let mut found = Vec::new();
+                    for (name, meta) in &metas {
+                        let new_min =
+                            first_offset_at_or_after(&index, name, meta.min_offset, meta.next_offset, log_start)?;
+                        if new_min > meta.min_offset {
+                            found.push((name.clone(), *meta, new_min));
+                        }
+                    }
+                    let last = (metas.len() == TRIM_PAGE_QUEUES).then(|| metas.last().expect("full page").0.clone());
+                    Ok((last, found))
+                })
+                .await?;
+            self.apply_evicted_trims(found)?;
+            let Some(last) = last else { return Ok(()) };
+            after = Some(last);
+        }
+    }
+
+    fn apply_evicted_trims(&self, found: Vec<EvictedTrim>) -> Result<()> {
+        let queues = self.queues.borrow();
+        let mut batch = self.index.batch();
+        for (name, meta, new_min) in found {
+            // Resident ones were trimmed already (or are new); an evicted one is trimmed only
+            // if its metadata did not change while the search ran.
+            if queues.contains_key(name.as_str()) || self.index.queue_meta(&name)? != Some(meta) {
+                continue;
+            }
+            batch.trim_queue(&name, new_min);
+            batch.put_queue_meta(&name, &QueueMeta { min_offset: new_min, ..meta });
+        }
         self.index.write(batch)
     }
 
@@ -989,6 +1178,14 @@ impl QueueState {
             last_append_ms: now_ms,
         }
     }
+
+    /// An existing queue as its index metadata describes it (nothing staged, all visible).
+    fn from_meta(generation: u64, meta: &QueueMeta) -> Self {
+        let mut state = QueueState::new(generation, meta.next_offset, meta.created_ms);
+        state.min_offset = meta.min_offset;
+        state.last_append_ms = meta.last_append_ms;
+        state
+    }
 }
 
 fn check_state_sizes(key: &[u8], value: Option<&[u8]>) -> Result<()> {
@@ -1025,9 +1222,11 @@ struct Touch {
 }
 
 /// Whether `index_record` runs on the live append path or rebuilds the queue table in replay.
+/// Replay makes each queue it touches resident, from its index metadata if the queue existed
+/// before (and was not deleted earlier in the replay).
 enum Replay<'a> {
     Live,
-    Rebuilding { next_generation: &'a mut u64 },
+    Rebuilding { next_generation: &'a mut u64, index: &'a Index, deleted: &'a mut HashSet<String> },
 }
 
 /// Adds one record's index entries (or applies a control record) to `batch`. The same code
@@ -1038,7 +1237,7 @@ fn index_record(
     position: u64,
     size_bytes: u32,
     view: &RecordView<'_>,
-    queues: &mut HashMap<String, QueueState>,
+    queues: &mut QueueTable,
     mut replay: Replay<'_>,
 ) -> Result<()> {
     if view.is_control() {
@@ -1049,7 +1248,10 @@ fn index_record(
             ControlOp::DeleteQueue { queue } => {
                 batch.delete_queue(&queue);
                 touched.remove(&queue);
-                queues.remove(&queue);
+                queues.remove(queue.as_str());
+                if let Replay::Rebuilding { deleted, .. } = &mut replay {
+                    deleted.insert(queue);
+                }
             }
             ControlOp::PutState { table, key, value } => batch.put_state(table, &key, &value),
             ControlOp::DeleteState { table, key } => batch.delete_state(table, &key),
@@ -1057,7 +1259,7 @@ fn index_record(
                 // The held record enters the queues named by this control record, at the
                 // offsets this control record was given.
                 for (queue, offset) in view.queue_refs() {
-                    add_entry(batch, touched, queues, &mut replay, queue, entry.at(offset), view.store_ms);
+                    add_entry(batch, touched, queues, &mut replay, queue, entry.at(offset), view.store_ms)?;
                 }
                 batch.delete_held(kind, due_ms, entry.position);
             }
@@ -1079,7 +1281,7 @@ fn index_record(
         batch.put_held(&held);
     } else {
         for (queue, offset) in view.queue_refs() {
-            add_entry(batch, touched, queues, &mut replay, queue, entry.at(offset), view.store_ms);
+            add_entry(batch, touched, queues, &mut replay, queue, entry.at(offset), view.store_ms)?;
         }
     }
     if !view.message_id.is_empty() {
@@ -1095,12 +1297,12 @@ fn index_record(
 fn add_entry(
     batch: &mut IndexBatch<'_>,
     touched: &mut HashMap<String, Touch>,
-    queues: &mut HashMap<String, QueueState>,
+    queues: &mut QueueTable,
     replay: &mut Replay<'_>,
     queue: &str,
     entry: QueueEntry,
     store_ms: u64,
-) {
+) -> Result<()> {
     let offset = entry.offset;
     assert_ne!(offset, OFFSET_HELD, "a held offset is never indexed");
     batch.put_entry(queue, &entry);
@@ -1110,17 +1312,23 @@ fn add_entry(
     let touch = touched.get_mut(queue).expect("inserted above");
     touch.next_offset = touch.next_offset.max(offset + 1);
     touch.last_append_ms = touch.last_append_ms.max(store_ms);
-    if let Replay::Rebuilding { next_generation } = replay {
+    if let Replay::Rebuilding { next_generation, index, deleted } = replay {
         if !queues.contains_key(queue) {
             let generation = **next_generation;
             **next_generation += 1;
-            queues.insert(queue.to_string(), QueueState::new(generation, offset, store_ms));
+            let known = if deleted.contains(queue) { None } else { index.queue_meta(queue)? };
+            let state = match known {
+                Some(meta) => QueueState::from_meta(generation, &meta),
+                None => QueueState::new(generation, offset, store_ms),
+            };
+            queues.insert(queue.into(), state);
         }
         let state = queues.get_mut(queue).expect("inserted above");
         state.next_offset = state.next_offset.max(offset + 1);
         state.visible_offset = state.next_offset;
         state.last_append_ms = state.last_append_ms.max(store_ms);
     }
+    Ok(())
 }
 
 fn meta_of(queue: &QueueState, next_offset: u64) -> QueueMeta {
@@ -1132,13 +1340,9 @@ fn meta_of(queue: &QueueState, next_offset: u64) -> QueueMeta {
     }
 }
 
-fn write_queue_meta(
-    batch: &mut IndexBatch<'_>,
-    touched: &HashMap<String, Touch>,
-    queues: &HashMap<String, QueueState>,
-) {
+fn write_queue_meta(batch: &mut IndexBatch<'_>, touched: &HashMap<String, Touch>, queues: &QueueTable) {
     for (name, touch) in touched {
-        if let Some(queue) = queues.get(name) {
+        if let Some(queue) = queues.get(name.as_str()) {
             let mut meta = meta_of(queue, touch.next_offset);
             meta.last_append_ms = touch.last_append_ms;
             batch.put_queue_meta(name, &meta);

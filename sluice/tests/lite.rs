@@ -1,7 +1,8 @@
 //! Lite topics through the RocketMQ v2 API of a real `sluice local`: a consumer subscribed to
 //! 10,000 lite topics gets only its own messages, order within a lite topic while others are
 //! written, a group's position outliving its consumers, quotas and bad names, and reclaiming
-//! after the TTL (never while a client subscribes).
+//! after the TTL (never while a client subscribes). Two of them run with lite topics evicted from
+//! the broker's memory a millisecond after each append.
 
 mod common;
 
@@ -20,6 +21,19 @@ const QUICK: &str = r#"
 [broker]
 lite_client_idle_ms = 1000
 "#;
+
+/// Lite topics leave the broker's memory a millisecond after their last append, so every
+/// later use reads them back from the index.
+const EVICTING: &str = r#"
+[broker]
+queue_idle_evict_ms = 1
+"#;
+
+/// The broker evicted idle queues during the test (so it ran the read-back path).
+async fn assert_queues_were_evicted(addr: std::net::SocketAddr) {
+    let stats = broker_counters(addr).await;
+    assert!(stats.get("engine_queues_evicted").is_some_and(|n| *n > 0), "no queue was evicted: {stats:?}");
+}
 
 async fn lite_topic(addr: std::net::SocketAddr, name: &str, queues: u32, ttl_minutes: u32) {
     let request = admin::CreateTopicRequest {
@@ -123,7 +137,7 @@ async fn send_lite(client: &mut Messaging, topic: &str, messages: Vec<(String, S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_subscribed_to_ten_thousand_lite_topics_receives_only_its_own() {
-    let local = Local::start().await;
+    let local = Local::start_with_config(EVICTING, &[]).await;
     let (topic, group) = ("chat", "agents");
     lite_topic(local.grpc, topic, 4, 0).await;
     let mut client = messaging(local.grpc).await;
@@ -160,6 +174,7 @@ async fn a_client_subscribed_to_ten_thousand_lite_topics_receives_only_its_own()
     }
     let extra = lite_receive(&mut client, "client-a", topic, group, SECS(1)).await;
     assert!(extra.messages.is_empty(), "nothing of the unsubscribed lite topics: {:?}", extra.messages.len());
+    assert_queues_were_evicted(local.grpc).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +218,7 @@ async fn each_lite_topic_is_delivered_in_send_order_while_others_are_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_resumes_at_the_first_unacked_message_with_a_new_client() {
-    let local = Local::start().await;
+    let local = Local::start_with_config(EVICTING, &[]).await;
     let (topic, group) = ("sessions", "ui");
     lite_topic(local.grpc, topic, 2, 0).await;
     let mut client = messaging(local.grpc).await;
@@ -229,6 +244,7 @@ async fn a_group_resumes_at_the_first_unacked_message_with_a_new_client() {
     sync_ok(&mut client, "tab-2", v2::LiteSubscriptionAction::PartialAdd, topic, group, &session).await;
     let got = drain(&mut client, "tab-2", topic, group, 3, SECS(90)).await;
     assert_eq!(got.iter().map(body_text).collect::<Vec<_>>(), ["m3", "m4", "m5"], "from the first unacked, in order");
+    assert_queues_were_evicted(local.grpc).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

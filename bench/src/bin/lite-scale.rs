@@ -4,6 +4,9 @@
 //! 1. Creation: `--lite-topics` lite topics, one message each (appends of 256, 16 in flight).
 //!    Reported: lite topics created per second, and the server's RSS and disk growth per lite
 //!    topic (RSS from /proc/PID/status; Sluice's index directories and log bytes, Redis's AOF).
+//!    For Sluice, RSS is measured twice: 2 s after the last creation, while the broker still
+//!    holds every new lite topic in memory, and again once they went idle and it evicted them
+//!    (`queue_idle_evict_ms`; the wait is bounded by `IDLE_WAIT_MAX`).
 //! 2. Delivery: one consumer subscribes to `--subscribed` of them; a producer sends `--rate`
 //!    msg/s spread over them, open loop (each message due at its time; latency counts from it).
 //!    Reported: send→receive p50/p99/p99.9/max and messages lost. Redis has no subscription sets,
@@ -137,6 +140,12 @@ struct Phase {
     /// disk when full, and the log's tail cache), which any workload fills alike: what each
     /// idle lite topic itself keeps in memory.
     rss_per_topic_outside_caches_bytes: f64,
+    /// After the broker evicted the idle lite topics (Sluice only): the per idle lite topic cost.
+    rss_per_idle_topic_bytes: f64,
+    rss_per_idle_topic_outside_caches_bytes: f64,
+    /// Lite topics still held in memory when the idle figures were taken, and the wait for it.
+    resident_when_idle: u64,
+    idle_wait_secs: f64,
     disk_per_topic_bytes: f64,
     disk_what: String,
     subscribe_secs: f64,
@@ -228,6 +237,13 @@ async fn sluice(args: &Args) -> Result<Phase, String> {
         ),
         ..Default::default()
     };
+    let idle_started = Instant::now();
+    phase.resident_when_idle = wait_for_eviction(&pool).await;
+    phase.idle_wait_secs = idle_started.elapsed().as_secs_f64();
+    let (rss2, caches2) = (rss_bytes(args.broker_pid), bounded_caches_bytes(&pool).await);
+    phase.rss_per_idle_topic_bytes = rss2.saturating_sub(rss0) as f64 / n;
+    phase.rss_per_idle_topic_outside_caches_bytes =
+        rss2.saturating_sub(rss0).saturating_sub(caches2.saturating_sub(caches0)) as f64 / n;
     sluice_delivery(args, &pool, &topic, &mut phase).await?;
     Ok(phase)
 }
@@ -243,6 +259,22 @@ async fn broker_counter(pool: &BrokerPool, name: &str) -> u64 {
         }
     }
     total
+}
+
+/// Longest wait for the broker to evict the idle lite topics.
+const IDLE_WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// Waits until the broker's resident queues stop shrinking down to its topic queues (or
+/// `IDLE_WAIT_MAX`); returns how many are still resident.
+async fn wait_for_eviction(pool: &BrokerPool) -> u64 {
+    let started = Instant::now();
+    loop {
+        let resident = broker_counter(pool, "engine_queues_resident").await;
+        if resident <= QUEUES as u64 || started.elapsed() >= IDLE_WAIT_MAX {
+            return resident;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Bytes held by the broker's bounded caches: RocksDB memtables and the log's tail cache.
@@ -565,6 +597,12 @@ fn print(name: &str, p: &Phase) {
             p.rss_per_topic_outside_caches_bytes
         );
     }
+    if p.idle_wait_secs > 0.0 {
+        println!(
+            "{name:>7}: once idle ({:.0} s later, {} queues still in memory): RSS {:.0} B per lite topic, {:.0} B outside the bounded caches",
+            p.idle_wait_secs, p.resident_when_idle, p.rss_per_idle_topic_bytes, p.rss_per_idle_topic_outside_caches_bytes
+        );
+    }
     println!(
         "{name:>7}: delivery: {} sent, {} received, {} not received by the end; p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs (send→ack p50 {} µs, p99 {} µs){}",
         p.sent,
@@ -654,9 +692,10 @@ async fn main() -> std::process::ExitCode {
     };
     if let Some(r) = &redis {
         println!(
-            "  ratio: creation {:.2}× Redis's rate, RSS per lite topic {:.2}× Redis's",
+            "  ratio: creation {:.2}× Redis's rate, RSS per lite topic {:.2}× Redis's (once idle {:.2}×)",
             sluice.created_per_sec / r.created_per_sec,
-            sluice.rss_per_topic_bytes / r.rss_per_topic_bytes.max(1.0)
+            sluice.rss_per_topic_bytes / r.rss_per_topic_bytes.max(1.0),
+            sluice.rss_per_idle_topic_bytes / r.rss_per_topic_bytes.max(1.0)
         );
         // A side that delivered only part of what was sent has latencies of the part it managed.
         let delivered_most = |p: &Phase| p.sent > 0 && p.received * 100 >= p.sent * 99;

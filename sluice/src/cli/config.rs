@@ -79,6 +79,8 @@ pub struct BrokerSection {
     pub lite_clients_per_group_max: Option<usize>,
     /// Memory per shard for just-written log batches, so fresh records are read without I/O.
     pub log_tail_cache_bytes: Option<usize>,
+    /// A queue (a lite topic, say) not appended to for this long leaves memory; 0 keeps all.
+    pub queue_idle_evict_ms: Option<u64>,
 }
 
 impl Default for BrokerSection {
@@ -102,6 +104,7 @@ impl Default for BrokerSection {
             lite_client_idle_ms: None,
             lite_clients_per_group_max: None,
             log_tail_cache_bytes: None,
+            queue_idle_evict_ms: None,
         }
     }
 }
@@ -184,6 +187,9 @@ impl BrokerSection {
         }
         if let Some(bytes) = self.log_tail_cache_bytes {
             engine.log_tail_cache_bytes = bytes;
+        }
+        if let Some(ms) = self.queue_idle_evict_ms {
+            engine.queue_idle_evict_ms = ms;
         }
         engine.validate().map_err(|e| format!("engine settings: {e}"))?;
         let transport = transport.apply();
