@@ -362,6 +362,7 @@ fn corrupt(what: &'static str) -> EngineError {
 #[derive(Clone)]
 pub struct Index {
     db: Arc<DB>,
+    block_cache: Cache,
 }
 
 impl Index {
@@ -389,7 +390,7 @@ impl Index {
             ColumnFamilyDescriptor::new(*name, cf_opts)
         });
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| EngineError::index("open", e))?;
-        Ok(Index { db: Arc::new(db) })
+        Ok(Index { db: Arc::new(db), block_cache: cache })
     }
 
     /// Bytes the memtables of every column family hold (bounded by their write buffer sizes;
@@ -401,6 +402,11 @@ impl Index {
                 self.db.property_int_value_cf(self.cf(name), "rocksdb.cur-size-all-mem-tables").ok().flatten()
             })
             .sum()
+    }
+
+    /// Bytes the block cache holds (bounded by `index_block_cache_bytes`).
+    pub fn block_cache_bytes(&self) -> u64 {
+        self.block_cache.get_usage() as u64
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {

@@ -93,6 +93,7 @@ pub struct ShardStats {
     pub tail_cache_misses: u64,
     pub tail_cache_bytes: u64,
     pub index_memtable_bytes: u64,
+    pub index_block_cache_bytes: u64,
     /// Of `queues`, those held in memory (appended to recently); the rest live in the index.
     pub queues_resident: usize,
     pub queues_evicted: u64,
@@ -939,6 +940,7 @@ impl Shard {
         let (hits, misses, held_bytes) = self.log.tail_cache_stats();
         (stats.tail_cache_hits, stats.tail_cache_misses, stats.tail_cache_bytes) = (hits, misses, held_bytes as u64);
         stats.index_memtable_bytes = self.index.memtable_bytes();
+        stats.index_block_cache_bytes = self.index.block_cache_bytes();
         stats
     }
 

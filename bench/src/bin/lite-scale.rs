@@ -137,8 +137,8 @@ struct Phase {
     created_per_sec: f64,
     rss_per_topic_bytes: f64,
     /// The same less what the broker's bounded caches grew by (RocksDB's memtables, flushed to
-    /// disk when full, and the log's tail cache), which any workload fills alike: what each
-    /// idle lite topic itself keeps in memory.
+    /// disk when full, its block cache, and the log's tail cache), which any workload fills
+    /// alike: what each idle lite topic itself keeps in memory.
     rss_per_topic_outside_caches_bytes: f64,
     /// After the broker evicted the idle lite topics (Sluice only): the per idle lite topic cost.
     rss_per_idle_topic_bytes: f64,
@@ -277,9 +277,14 @@ async fn wait_for_eviction(pool: &BrokerPool) -> u64 {
     }
 }
 
-/// Bytes held by the broker's bounded caches: RocksDB memtables and the log's tail cache.
+/// Bytes held by the broker's bounded caches: RocksDB memtables and block cache, and the log's
+/// tail cache.
 async fn bounded_caches_bytes(pool: &BrokerPool) -> u64 {
-    broker_counter(pool, "index_memtable_bytes").await + broker_counter(pool, "tail_cache_bytes").await
+    let mut total = 0;
+    for counter in ["index_memtable_bytes", "index_block_cache_bytes", "tail_cache_bytes"] {
+        total += broker_counter(pool, counter).await;
+    }
+    total
 }
 
 async fn sluice_delivery(args: &Args, pool: &Arc<BrokerPool>, topic: &str, phase: &mut Phase) -> Result<(), String> {
@@ -593,7 +598,7 @@ fn print(name: &str, p: &Phase) {
     );
     if p.rss_per_topic_outside_caches_bytes > 0.0 {
         println!(
-            "{name:>7}: RSS per lite topic outside the bounded caches (RocksDB memtables, log tail cache): {:.0} B",
+            "{name:>7}: RSS per lite topic outside the bounded caches (RocksDB memtables and block cache, log tail cache): {:.0} B",
             p.rss_per_topic_outside_caches_bytes
         );
     }

@@ -570,6 +570,7 @@ impl ShardHandler {
             ("tail_cache_misses".to_string(), s.tail_cache_misses),
             ("tail_cache_bytes".to_string(), s.tail_cache_bytes),
             ("index_memtable_bytes".to_string(), s.index_memtable_bytes),
+            ("index_block_cache_bytes".to_string(), s.index_block_cache_bytes),
             ("engine_queues".to_string(), s.queues as u64),
             ("engine_queues_resident".to_string(), s.queues_resident as u64),
             ("engine_queues_evicted".to_string(), s.queues_evicted),
