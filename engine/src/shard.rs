@@ -11,13 +11,13 @@
 //! deletion is never evicted, so the index metadata of an evicted queue is its whole state.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::channel::oneshot;
 // FxHash: queue names are short and trusted to this shard; SipHash cost showed up in profiles.
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::commitlog::{batch_records, CommitLog, LogBytes, LogLimits, RecoveryReport, SealedBatch, READ_RANGES_MAX};
 use crate::config::{Durability, EngineConfig};
@@ -257,7 +257,7 @@ impl Shard {
     ) -> Result<Option<Rc<Shard>>> {
         // Only queues the replay touches become resident; the rest stay in the index.
         let mut queues = QueueTable::default();
-        let mut deleted_in_replay = HashSet::new();
+        let mut deleted_in_replay = HashSet::default();
         let mut next_generation = 0;
         let replay_index = index.clone();
         let mut pending: Option<IndexBatch<'_>> = None;
@@ -446,7 +446,7 @@ impl Shard {
     /// ones) and checks that the new ones fit.
     fn check_queue_room(&self, records: &[NewRecord]) -> Result<()> {
         let mut queues = self.queues.borrow_mut();
-        let mut new: HashSet<&str> = HashSet::new();
+        let mut new: HashSet<&str> = HashSet::default();
         for name in records.iter().flat_map(|r| r.queues.iter()) {
             if !self.make_resident(&mut queues, name)? {
                 new.insert(name);
@@ -620,7 +620,7 @@ impl Shard {
         self.index.write(batch)?;
         self.queue_count.set(self.queue_count.get() - (resident_before - queues.len()) as u64);
         for (name, touch) in touched {
-            if let Some(queue) = queues.get_mut(name.as_str()) {
+            if let Some(queue) = queues.get_mut(name) {
                 assert!(touch.next_offset <= queue.next_offset, "visible offset beyond assigned offset");
                 queue.visible_offset = queue.visible_offset.max(touch.next_offset);
             }
@@ -1233,12 +1233,12 @@ enum Replay<'a> {
 
 /// Adds one record's index entries (or applies a control record) to `batch`. The same code
 /// indexes live rounds and replays the log, so recovery rebuilds exactly what was there.
-fn index_record(
+fn index_record<'r>(
     batch: &mut IndexBatch<'_>,
-    touched: &mut HashMap<String, Touch>,
+    touched: &mut HashMap<&'r str, Touch>,
     position: u64,
     size_bytes: u32,
-    view: &RecordView<'_>,
+    view: &RecordView<'r>,
     queues: &mut QueueTable,
     mut replay: Replay<'_>,
 ) -> Result<()> {
@@ -1249,7 +1249,7 @@ fn index_record(
             ControlOp::SetConsumerOffset { group, queue, offset } => batch.set_consumer_offset(&group, &queue, offset),
             ControlOp::DeleteQueue { queue } => {
                 batch.delete_queue(&queue);
-                touched.remove(&queue);
+                touched.remove(queue.as_str());
                 queues.remove(queue.as_str());
                 if let Replay::Rebuilding { deleted, .. } = &mut replay {
                     deleted.insert(queue);
@@ -1296,22 +1296,20 @@ fn index_record(
 }
 
 /// Indexes one queue offset and records how far the queue got in this round.
-fn add_entry(
+fn add_entry<'r>(
     batch: &mut IndexBatch<'_>,
-    touched: &mut HashMap<String, Touch>,
+    touched: &mut HashMap<&'r str, Touch>,
     queues: &mut QueueTable,
     replay: &mut Replay<'_>,
-    queue: &str,
+    queue: &'r str,
     entry: QueueEntry,
     store_ms: u64,
 ) -> Result<()> {
     let offset = entry.offset;
     assert_ne!(offset, OFFSET_HELD, "a held offset is never indexed");
     batch.put_entry(queue, &entry);
-    if !touched.contains_key(queue) {
-        touched.insert(queue.to_string(), Touch { next_offset: 0, last_append_ms: 0 });
-    }
-    let touch = touched.get_mut(queue).expect("inserted above");
+    // Keyed by the name inside the round's own buffer: no allocation per queue.
+    let touch = touched.entry(queue).or_insert(Touch { next_offset: 0, last_append_ms: 0 });
     touch.next_offset = touch.next_offset.max(offset + 1);
     touch.last_append_ms = touch.last_append_ms.max(store_ms);
     if let Replay::Rebuilding { next_generation, index, deleted } = replay {
@@ -1342,9 +1340,9 @@ fn meta_of(queue: &QueueState, next_offset: u64) -> QueueMeta {
     }
 }
 
-fn write_queue_meta(batch: &mut IndexBatch<'_>, touched: &HashMap<String, Touch>, queues: &QueueTable) {
+fn write_queue_meta(batch: &mut IndexBatch<'_>, touched: &HashMap<&str, Touch>, queues: &QueueTable) {
     for (name, touch) in touched {
-        if let Some(queue) = queues.get(name.as_str()) {
+        if let Some(queue) = queues.get(*name) {
             let mut meta = meta_of(queue, touch.next_offset);
             meta.last_append_ms = touch.last_append_ms;
             batch.put_queue_meta(name, &meta);
