@@ -258,7 +258,7 @@ impl Engine {
 
     pub async fn queue_info(&self, queue: &str) -> Result<Option<QueueInfo>> {
         let q = queue.to_string();
-        self.on_shard(self.shard_of(queue), move |s| Box::pin(async move { Ok(s.queue_info(&q)) })).await
+        self.on_shard(self.shard_of(queue), move |s| Box::pin(async move { s.queue_info(&q) })).await
     }
 
     /// Runs a retention pass on every shard now; returns the number of segments deleted.

@@ -298,14 +298,17 @@ impl Shard {
         let end = log.written_end();
         let queue_count = index.count_queues()?;
         let now = now_ms();
-        let eviction_checks = queues
-            .iter()
-            .map(|(name, q)| EvictionCheck {
-                check_after_ms: now + config.queue_idle_evict_ms,
-                generation: q.generation,
-                name: name.clone(),
-            })
-            .collect();
+        let eviction_checks = match config.queue_idle_evict_ms {
+            0 => VecDeque::new(),
+            idle_ms => queues
+                .iter()
+                .map(|(name, q)| EvictionCheck {
+                    check_after_ms: now + idle_ms,
+                    generation: q.generation,
+                    name: name.clone(),
+                })
+                .collect(),
+        };
         let shard = Rc::new(Shard {
             id,
             config: config.clone(),
@@ -670,7 +673,7 @@ impl Shard {
     /// Reads up to `max_count` records (and about `max_bytes`, at least one record) of a queue
     /// from `from`. Offsets below the queue's minimum are skipped.
     pub async fn read(&self, queue: &str, from: u64, max_count: usize, max_bytes: usize) -> Result<ReadBatch> {
-        let info = self.queue_info(queue).ok_or_else(|| EngineError::QueueNotFound(queue.to_string()))?;
+        let info = self.queue_info(queue)?.ok_or_else(|| EngineError::QueueNotFound(queue.to_string()))?;
         let (min_offset, max_offset) = (info.min_offset, info.max_offset);
         let start = from.max(min_offset);
         let end = max_offset.min(start.saturating_add(max_count as u64));
@@ -900,29 +903,23 @@ impl Shard {
     }
 
     /// A queue's counters, from memory if it is resident, else from its index metadata (an
-    /// evicted queue has nothing unindexed). `None` if it does not exist, or the index could
-    /// not be read (logged).
-    pub fn queue_info(&self, queue: &str) -> Option<QueueInfo> {
+    /// evicted queue has nothing unindexed; a point read, normally from RocksDB's memtable or
+    /// block cache, else the OS page cache). `None` if it does not exist.
+    pub fn queue_info(&self, queue: &str) -> Result<Option<QueueInfo>> {
         if let Some(q) = self.queues.borrow().get(queue) {
-            return Some(QueueInfo {
+            return Ok(Some(QueueInfo {
                 min_offset: q.min_offset,
                 max_offset: q.visible_offset,
                 created_ms: q.created_ms,
                 last_append_ms: q.last_append_ms,
-            });
+            }));
         }
-        match self.index.queue_meta(queue) {
-            Ok(meta) => meta.map(|m| QueueInfo {
-                min_offset: m.min_offset,
-                max_offset: m.next_offset,
-                created_ms: m.created_ms,
-                last_append_ms: m.last_append_ms,
-            }),
-            Err(err) => {
-                tracing::warn!(shard = self.id, queue, error = %err, "reading queue metadata failed");
-                None
-            }
-        }
+        Ok(self.index.queue_meta(queue)?.map(|m| QueueInfo {
+            min_offset: m.min_offset,
+            max_offset: m.next_offset,
+            created_ms: m.created_ms,
+            last_append_ms: m.last_append_ms,
+        }))
     }
 
     /// When this shard acknowledges appends (reported in the broker's stats).
@@ -957,15 +954,18 @@ impl Shard {
         }
     }
 
-    /// Evicts resident queues idle for `queue_idle_evict_ms`, looking at no more than
-    /// `EVICTION_CHECKS_PER_TICK_MAX` of them. Returns how many went.
-    fn evict_idle(&self, now_ms: u64) -> usize {
+    /// Evicts resident queues idle for `queue_idle_evict_ms` as of `now_ms` (wall clock),
+    /// looking at no more than `EVICTION_CHECKS_PER_TICK_MAX` of them. Returns how many went.
+    /// The shard runs this itself; it is public so tests can run a pass at a chosen time.
+    pub fn evict_idle(&self, now_ms: u64) -> usize {
         let idle_ms = self.config.queue_idle_evict_ms;
         let mut queues = self.queues.borrow_mut();
         let mut checks = self.eviction_checks.borrow_mut();
         let mut evicted = 0;
         for _ in 0..EVICTION_CHECKS_PER_TICK_MAX {
-            if checks.front().is_none_or(|c| c.check_after_ms > now_ms) {
+            // A check further out than one idle period means the clock stepped back: due now,
+            // so one such step cannot stall eviction for as long as it went back.
+            if checks.front().is_none_or(|c| c.check_after_ms > now_ms && c.check_after_ms <= now_ms + idle_ms) {
                 break;
             }
             let check = checks.pop_front().expect("front exists");

@@ -3,10 +3,16 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::cell::Cell;
+use std::io;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use sluice_engine::{Engine, EngineConfig, EngineError, NewRecord, ShardStats};
+use futures::future::LocalBoxFuture;
+use glommio::io::{DmaBuffer, ReadResult};
+use sluice_engine::segment::{DmaSegmentStore, SegmentFile, SegmentStore};
+use sluice_engine::{Engine, EngineConfig, EngineError, NewRecord, Shard, ShardStats};
 
 const QUEUES: usize = 200;
 /// Bound on waiting for the eviction task, so a regression fails instead of hanging.
@@ -165,7 +171,7 @@ fn retention_trims_evicted_queues() {
     for i in 0..200u64 {
         block_on(engine.append(vec![record("old#0", i, 8000), record("old#1", i, 100)])).unwrap();
     }
-    wait_until_nothing_resident(&engine);
+    let evicted_before = wait_until_nothing_resident(&engine).queues_evicted;
     assert!(block_on(engine.enforce_retention()).unwrap() > 0);
     for queue in ["old#0", "old#1"] {
         let info = block_on(engine.queue_info(queue)).unwrap().unwrap();
@@ -174,10 +180,119 @@ fn retention_trims_evicted_queues() {
         assert_eq!(records.first().unwrap().offset, info.min_offset);
         assert_eq!(records.last().unwrap().offset, 199);
     }
-    assert_eq!(shard_stats(&engine).queues_resident, 0, "trimming does not load queues");
+    let evicted_after = shard_stats(&engine).queues_evicted;
+    assert_eq!(evicted_after, evicted_before, "trimming and reading load no queue (nothing was evicted again)");
     let trimmed = block_on(engine.queue_info("old#0")).unwrap().unwrap();
     engine.close().unwrap();
     let engine = open(&config);
     assert_eq!(block_on(engine.queue_info("old#0")).unwrap().unwrap(), trimmed, "the trim is in the index");
     engine.close().unwrap();
+}
+
+/// A segment store whose fdatasync waits while `closed` is set, so appends stay staged.
+struct GatedStore {
+    inner: DmaSegmentStore,
+    closed: Rc<Cell<bool>>,
+}
+
+struct GatedFile {
+    inner: Rc<dyn SegmentFile>,
+    closed: Rc<Cell<bool>>,
+}
+
+impl SegmentFile for GatedFile {
+    fn alignment(&self) -> u64 {
+        self.inner.alignment()
+    }
+
+    fn write_at(&self, buf: Rc<DmaBuffer>, offset: u64) -> LocalBoxFuture<'_, io::Result<()>> {
+        self.inner.write_at(buf, offset)
+    }
+
+    fn sync(&self) -> LocalBoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            while self.closed.get() {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+            self.inner.sync().await
+        })
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, io::Result<ReadResult>> {
+        self.inner.read_at(offset, len)
+    }
+}
+
+impl SegmentStore for GatedStore {
+    fn list(&self) -> io::Result<Vec<(u64, u64)>> {
+        self.inner.list()
+    }
+
+    fn open(&self, base: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
+        Box::pin(async move {
+            let inner = self.inner.open(base).await?;
+            Ok(Rc::new(GatedFile { inner, closed: self.closed.clone() }) as Rc<dyn SegmentFile>)
+        })
+    }
+
+    fn create(&self, base: u64, size_bytes: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
+        Box::pin(async move {
+            let inner = self.inner.create(base, size_bytes).await?;
+            Ok(Rc::new(GatedFile { inner, closed: self.closed.clone() }) as Rc<dyn SegmentFile>)
+        })
+    }
+
+    fn remove(&self, base: u64) -> LocalBoxFuture<'_, io::Result<()>> {
+        self.inner.remove(base)
+    }
+
+    fn modified(&self, base: u64) -> io::Result<SystemTime> {
+        self.inner.modified(base)
+    }
+
+    fn describe(&self, base: u64) -> String {
+        self.inner.describe(base)
+    }
+}
+
+/// The invariant that makes eviction safe: a queue with an append or a deletion staged but not
+/// yet durable and indexed stays in memory, however long it looks idle.
+#[test]
+fn a_queue_with_a_staged_append_or_deletion_is_never_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path(), 1);
+    config.queue_idle_evict_ms = 3_600_000; // only the passes this test runs
+    let executor = glommio::LocalExecutorBuilder::default().make().unwrap();
+    executor.run(async move {
+        let closed = Rc::new(Cell::new(false));
+        let inner = DmaSegmentStore::new(config.shard_dir(0).join("log")).await.unwrap();
+        let shard = Shard::open(config, 0, Rc::new(GatedStore { inner, closed: closed.clone() })).await.unwrap();
+        shard
+            .append(&[NewRecord::new("staged", b"0".to_vec()), NewRecord::new("doomed", b"0".to_vec())])
+            .await
+            .unwrap();
+        closed.set(true);
+        let append = {
+            let shard = shard.clone();
+            glommio::spawn_local(async move { shard.append(&[NewRecord::new("staged", b"1".to_vec())]).await })
+        };
+        let delete = {
+            let shard = shard.clone();
+            glommio::spawn_local(async move { shard.delete_queue("doomed").await })
+        };
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+        let a_day_later = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64 + 86_400_000;
+        assert_eq!(shard.evict_idle(a_day_later), 0, "nothing staged may leave memory");
+        assert_eq!(shard.stats().queues_resident, 2);
+        closed.set(false);
+        assert_eq!(append.await.unwrap()[0].offsets, vec![1]);
+        delete.await.unwrap();
+        assert_eq!((shard.stats().queues, shard.stats().queues_resident), (1, 1));
+        // A looked-at queue is looked at again one idle period (an hour here) later.
+        assert_eq!(shard.evict_idle(a_day_later + 7_200_000), 1, "settled, the queue goes");
+        assert_eq!(shard.stats().queues_resident, 0);
+        let ack = shard.append(&[NewRecord::new("staged", b"2".to_vec())]).await.unwrap();
+        assert_eq!(ack[0].offsets, vec![2], "and comes back where it was");
+        shard.close().await.unwrap();
+    });
 }

@@ -264,7 +264,7 @@ impl ShardHandler {
         for (index, queue) in missing {
             let committed = self.load_offset(group, &queue).await?;
             // A new group starts at the oldest retained message: nothing sent before it is skipped.
-            let (min, max) = self.shard.queue_info(&queue).map_or((0, 0), |q| (q.min_offset, q.max_offset));
+            let (min, max) = self.shard.queue_info(&queue)?.map_or((0, 0), |q| (q.min_offset, q.max_offset));
             let start = committed.unwrap_or(min).clamp(min, max.max(min));
             let inserted = self.scheduler.borrow_mut().insert_group_queue(
                 group,
@@ -286,7 +286,13 @@ impl ShardHandler {
     /// long polls when it became ready. Returns whether it is ready.
     pub(super) fn refresh(&self, group: &str, topic: &str, index: u32) -> bool {
         let Some(queue) = self.queue_name(topic, index) else { return false };
-        let end = self.shard.queue_info(&queue).map_or(0, |q| q.max_offset);
+        let end = match self.shard.queue_info(&queue) {
+            Ok(info) => info.map_or(0, |q| q.max_offset),
+            Err(err) => {
+                tracing::warn!(queue = %queue, error = %err, "queue metadata unreadable; readiness not refreshed");
+                return false;
+            }
+        };
         let limits = self.queue_limits();
         let mut scheduler = self.scheduler.borrow_mut();
         let Some(gt) = scheduler.group_mut(group, topic) else { return false };
@@ -533,7 +539,7 @@ impl ShardHandler {
             (gq.next(), gq.epoch(), filter)
         };
         let _guard = ScanGuard { handler: self, group: ask.group, topic: ask.topic, index };
-        let Some(info) = self.shard.queue_info(queue) else { return Ok((Vec::new(), false)) };
+        let Some(info) = self.shard.queue_info(queue)? else { return Ok((Vec::new(), false)) };
         if next < info.min_offset {
             // Retention removed messages this group never got to: nothing left to deliver there.
             let moved = self.with_queue(ask, index, epoch, |gq| {
@@ -797,7 +803,7 @@ impl ShardHandler {
         let (queue, group) = (commit.queue.as_str(), commit.group.as_str());
         self.check_queue(queue)?;
         Self::check_group(group)?;
-        let max = self.shard.queue_info(queue).map_or(0, |q| q.max_offset);
+        let max = self.shard.queue_info(queue)?.map_or(0, |q| q.max_offset);
         let offset = commit.offset.to_native();
         if offset > max {
             return Err(BrokerError::InvalidRequest(format!("offset {offset} is past the end of {queue} ({max})")));
@@ -845,7 +851,7 @@ impl ShardHandler {
         let query = request.access::<QueryOffsetRequest>()?;
         let (queue, group) = (query.queue.as_str(), query.group.as_str());
         self.check_queue(queue)?;
-        let info = self.shard.queue_info(queue);
+        let info = self.shard.queue_info(queue)?;
         let committed = if group.is_empty() {
             None
         } else {

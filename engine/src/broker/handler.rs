@@ -368,7 +368,13 @@ impl ShardHandler {
 
     /// A queue got new readable messages: its groups may have work.
     pub(super) fn queue_grew(&self, queue: &str) {
-        let end = self.shard.queue_info(queue).map_or(0, |q| q.max_offset);
+        let end = match self.shard.queue_info(queue) {
+            Ok(info) => info.map_or(0, |q| q.max_offset),
+            Err(err) => {
+                tracing::warn!(queue, error = %err, "queue metadata unreadable; consumers not woken");
+                0
+            }
+        };
         self.scheduler.borrow_mut().on_append(queue, end, now_ms(), self.queue_limits());
         if let Some((readers, _)) = self.readers.borrow().get(queue) {
             readers.notify_waiters();
@@ -545,7 +551,7 @@ impl ShardHandler {
         let mut matching = configs.range_from(prefix, after).take_while(|(name, _)| name.starts_with(prefix));
         let mut queues = Vec::new();
         for (name, config) in matching.by_ref().take(max) {
-            let info = self.shard.queue_info(name);
+            let info = self.shard.queue_info(name)?;
             queues.push(QueueSummary {
                 name: name.clone(),
                 message_type: config.message_type,

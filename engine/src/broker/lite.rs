@@ -184,7 +184,7 @@ impl ShardHandler {
             _ => None,
         };
         // Read after the await: the queue may have grown, or been reclaimed (then it is gone).
-        let (min, max) = self.shard.queue_info(queue).map_or((0, 0), |q| (q.min_offset, q.max_offset));
+        let (min, max) = self.shard.queue_info(queue)?.map_or((0, 0), |q| (q.min_offset, q.max_offset));
         let offset = match start {
             // A lite topic the group never consumed starts at its first message, so a reply
             // sent just before the subscription is not lost.
@@ -370,7 +370,8 @@ impl ShardHandler {
             }
         };
         let Some(ttl_ms) = ttl_minutes.filter(|m| *m > 0).map(|m| m.saturating_mul(60_000)) else { return false };
-        let Some(info) = self.shard.queue_info(queue) else { return false };
+        // Unreadable metadata: keep the lite topic rather than reclaim it blind.
+        let Ok(Some(info)) = self.shard.queue_info(queue) else { return false };
         now.saturating_sub(info.last_append_ms.max(info.created_ms)) >= ttl_ms
     }
 
