@@ -109,10 +109,10 @@ async fn pop_across(
     state: &Arc<ProxyState>,
     owners: BTreeSet<Owner>,
     request: PopRequest,
-    max_count: usize,
+    want: Want,
 ) -> Result<KeptBatch> {
     let (reply, answer) = tokio::sync::oneshot::channel();
-    tokio::spawn(coordinate(state.clone(), owners, request, max_count, reply));
+    tokio::spawn(coordinate(state.clone(), owners, request, want, reply));
     tokio::select! {
         got = answer => got.unwrap_or_else(|_| Err(ProxyError::ShuttingDown)),
         _ = state.shutdown_started() => Ok(KeptBatch::new(state, "", Vec::new())),
@@ -121,20 +121,64 @@ async fn pop_across(
 
 type Reply = tokio::sync::oneshot::Sender<Result<KeptBatch>>;
 
+/// How many messages a receive keeps, and which.
+#[derive(Clone, Copy)]
+struct Want {
+    max_count: usize,
+    /// A PRIORITY topic: each shard's reply is in priority order, and the receive keeps the
+    /// best `max_count` across the shards rather than the first to arrive.
+    by_priority: bool,
+}
+
+impl Want {
+    /// How many a frame may add before the final choice.
+    fn take_limit(&self) -> usize {
+        if self.by_priority {
+            usize::MAX
+        } else {
+            self.max_count
+        }
+    }
+
+    /// Settles what each shard's reply keeps (its first `keep` messages); the rest is
+    /// released by the caller.
+    fn settle(&self, kept: &mut [Kept]) {
+        if !self.by_priority {
+            return;
+        }
+        let priorities: Vec<Vec<i32>> = kept.iter().map(|k| priorities_of(&k.frame)).collect();
+        let mut taken = vec![0usize; kept.len()];
+        for _ in 0..self.max_count {
+            let best = (0..kept.len())
+                .filter(|&i| taken[i] < priorities[i].len())
+                .max_by_key(|&i| (priorities[i][taken[i]], std::cmp::Reverse(i)));
+            let Some(i) = best else { break };
+            taken[i] += 1;
+        }
+        for (k, keep) in kept.iter_mut().zip(taken) {
+            k.keep = keep;
+        }
+    }
+}
+
+/// The priority of each message of a pop reply, in reply order.
+fn priorities_of(frame: &Frame) -> Vec<i32> {
+    let Ok(popped) = frame.access::<PopResponse>() else { return Vec::new() };
+    popped
+        .messages
+        .iter()
+        .map(|m| RecordView::parse_unverified(&m.record).map_or(0, |r| r.attributes.priority))
+        .collect()
+}
+
 /// First what every shard has now (pops that do not wait, all at once, merged); only if that
 /// is nothing, long polls on every shard with the first answer winning. Taking everything
 /// available at once keeps busy topics from bouncing messages through cancelled polls; waiting
 /// on every shard keeps an idle topic's wake-up one hop.
-async fn coordinate(
-    state: Arc<ProxyState>,
-    owners: BTreeSet<Owner>,
-    request: PopRequest,
-    max_count: usize,
-    reply: Reply,
-) {
+async fn coordinate(state: Arc<ProxyState>, owners: BTreeSet<Owner>, request: PopRequest, want: Want, reply: Reply) {
     if owners.len() > 1 && request.long_poll_ms > 0 {
         let quick = PopRequest { long_poll_ms: 0, poll_id: 0, ..request.clone() };
-        let (kept, failures) = pop_now(&state, &owners, &quick, max_count).await;
+        let (kept, failures) = pop_now(&state, &owners, &quick, want).await;
         if !kept.is_empty() || failures.len() == owners.len() {
             let answer = match failures.into_iter().next() {
                 Some(e) if kept.is_empty() => Err(e.into()),
@@ -145,7 +189,7 @@ async fn coordinate(
             return;
         }
     }
-    long_poll(state, owners, request, max_count, reply).await
+    long_poll(state, owners, request, want, reply).await
 }
 
 /// Pops every shard without waiting; keeps up to `max_count` and gives the rest back.
@@ -153,7 +197,7 @@ async fn pop_now(
     state: &Arc<ProxyState>,
     owners: &BTreeSet<Owner>,
     request: &PopRequest,
-    max_count: usize,
+    want: Want,
 ) -> (Vec<Kept>, Vec<ClusterError>) {
     let calls = owners.iter().map(|&owner| async move { (owner, state.brokers.call(owner, request).await) });
     let mut kept = Vec::new();
@@ -161,23 +205,18 @@ async fn pop_now(
     let mut failures = Vec::new();
     for (owner, result) in futures::future::join_all(calls).await {
         match result {
-            Ok(frame) => take(&mut kept, &mut count, max_count, owner, frame),
+            Ok(frame) => take(&mut kept, &mut count, want.take_limit(), owner, frame),
             Err(e) => failures.push(e),
         }
     }
+    want.settle(&mut kept);
     for k in &kept {
         release_popped(state, &request.group, &k.frame, k.keep);
     }
     (kept, failures)
 }
 
-async fn long_poll(
-    state: Arc<ProxyState>,
-    owners: BTreeSet<Owner>,
-    request: PopRequest,
-    max_count: usize,
-    reply: Reply,
-) {
+async fn long_poll(state: Arc<ProxyState>, owners: BTreeSet<Owner>, request: PopRequest, want: Want, reply: Reply) {
     let request = Arc::new(request);
     let total = owners.len();
     let mut pending: FuturesUnordered<_> = owners
@@ -215,7 +254,7 @@ async fn long_poll(
             release_popped(&state, &request.group, &frame, 0);
             continue;
         }
-        take(&mut kept, &mut count, max_count, owner, frame);
+        take(&mut kept, &mut count, want.take_limit(), owner, frame);
         if count == 0 {
             continue;
         }
@@ -223,10 +262,11 @@ async fn long_poll(
         while let Some(Some((owner, result))) = pending.next().now_or_never() {
             waiting.remove(&owner);
             if let Ok(frame) = result {
-                take(&mut kept, &mut count, max_count, owner, frame);
+                take(&mut kept, &mut count, want.take_limit(), owner, frame);
             }
         }
         cancel_polls(&state, &waiting, request.poll_id);
+        want.settle(&mut kept);
         for k in &kept {
             release_popped(&state, &request.group, &k.frame, k.keep);
         }
@@ -441,10 +481,16 @@ async fn receive_messages(
         },
         client_id,
     };
-    let batch = pop_across(&this.state, owners, pop, ask.max_count as usize).await?;
+    let by_priority = ask.meta.message_type == message_type::PRIORITY;
+    let want = Want { max_count: ask.max_count as usize, by_priority };
+    let batch = pop_across(&this.state, owners, pop, want).await?;
     let attempts_max = group_meta.max_delivery_attempts;
-    let received =
+    let mut received =
         deliver(this, &ask.meta, &ask.group, &batch.kept, ask.invisible, request.auto_renew, attempts_max).await;
+    if by_priority {
+        // Shards' replies, each in priority order, merged into one.
+        received.sort_by_key(|r| std::cmp::Reverse(r.message.system_properties.as_ref().and_then(|s| s.priority)));
+    }
     batch.handed_over();
     track_renewals(this, &ask.group, ask.invisible, &received);
     Ok(received)

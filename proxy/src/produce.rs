@@ -21,9 +21,10 @@ use crate::service::Messaging;
 use crate::state::Counters;
 
 /// A topic takes messages of its own type (RocketMQ refuses any other); a message that names
-/// no type is taken as the topic's.
+/// no type is taken as the topic's. A PRIORITY topic also takes NORMAL messages (clients send
+/// a message without a priority as NORMAL): they have priority 0, the lowest.
 fn accepts(topic_type: u8, given: u8) -> bool {
-    given == topic_type || given == 0
+    given == topic_type || given == 0 || (topic_type == message_type::PRIORITY && given == message_type::NORMAL)
 }
 
 struct Prepared<'a> {
@@ -45,10 +46,17 @@ struct Sent {
 fn check_message(this: &Messaging, message: &Message, meta: &crate::topics::TopicMeta) -> Result<u8, ProxyError> {
     let given = message.system_properties.as_ref().map_or(0, |s| s.message_type);
     let given = u8::try_from(given).unwrap_or(0);
-    if meta.message_type == message_type::PRIORITY {
-        return Err(ProxyError::NotImplemented {
-            what: format!("sending to a {} topic", message_type::name(meta.message_type)),
-        });
+    if let Some(priority) = message.system_properties.as_ref().and_then(|s| s.priority) {
+        if meta.message_type != message_type::PRIORITY {
+            return Err(ProxyError::MessageTypeMismatch {
+                topic: meta.name.clone(),
+                expected: message_type::name(meta.message_type).into(),
+                given: format!("{} (it has a priority)", message_type::name(message_type::PRIORITY)),
+            });
+        }
+        if priority < 0 {
+            return Err(ProxyError::BadRequest(format!("priority {priority} is negative; priorities are 0 and up")));
+        }
     }
     let lite = message.system_properties.as_ref().and_then(|s| s.lite_topic.as_deref()).unwrap_or("");
     if meta.message_type == message_type::LITE {

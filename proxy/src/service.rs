@@ -82,10 +82,20 @@ pub fn message_queues(state: &ProxyState, meta: &TopicMeta, topic: &Resource, ac
                     id: 0,
                     endpoints: Some(access.clone()),
                 }),
-                accept_message_types: vec![i32::from(meta.message_type)],
+                accept_message_types: accepted_types(meta.message_type),
             }
         })
         .collect()
+}
+
+/// What a topic's queues take, as the route tells clients (they check before sending): a
+/// PRIORITY topic also takes NORMAL messages, at priority 0 (clients send priority 0 as NORMAL).
+fn accepted_types(topic_type: u8) -> Vec<i32> {
+    let mut types = vec![i32::from(topic_type)];
+    if topic_type == sluice_transport::model::message_type::PRIORITY {
+        types.push(i32::from(sluice_transport::model::message_type::NORMAL));
+    }
+    types
 }
 
 impl Messaging {

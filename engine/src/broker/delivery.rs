@@ -9,6 +9,8 @@
 //! I/O, so state is re-checked after every await (the queue's epoch, and a per-queue scanning
 //! flag that keeps two pops from scanning one queue at once).
 
+mod priority;
+
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -266,13 +268,12 @@ impl ShardHandler {
             // A new group starts at the oldest retained message: nothing sent before it is skipped.
             let (min, max) = self.shard.queue_info(&queue)?.map_or((0, 0), |q| (q.min_offset, q.max_offset));
             let start = committed.unwrap_or(min).clamp(min, max.max(min));
-            let inserted = self.scheduler.borrow_mut().insert_group_queue(
-                group,
-                topic,
-                index,
-                GroupQueue::new(start),
-                self.limits.group_queues_max,
-            );
+            let mut gq = GroupQueue::new(start);
+            if self.queue_type(&queue) == sluice_transport::model::message_type::PRIORITY {
+                gq.set_prioritized();
+            }
+            let inserted =
+                self.scheduler.borrow_mut().insert_group_queue(group, topic, index, gq, self.limits.group_queues_max);
             if !inserted {
                 self.scheduler.borrow_mut().forget_if_empty(group, topic);
                 return Err(BrokerError::TooManyGroups { max: self.limits.group_queues_max });
@@ -339,6 +340,9 @@ impl ShardHandler {
             let ready = if ask.client.is_empty() { gt.ready_in_turn() } else { gt.lite.ready_in_turn(ask.client) };
             ready.into_iter().filter(|i| only.is_none_or(|o| o == *i)).collect()
         };
+        if self.is_prioritized(ask) {
+            return self.pop_prioritized(ask, order).await;
+        }
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut progressed = false;
@@ -409,6 +413,13 @@ impl ShardHandler {
         }
     }
 
+    /// True for a PRIORITY topic (its group queues keep a backlog).
+    fn is_prioritized(&self, ask: &PopAsk<'_>) -> bool {
+        let scheduler = self.scheduler.borrow();
+        let gt = scheduler.group(ask.group, ask.topic);
+        gt.and_then(|gt| gt.queues.values().next()).is_some_and(GroupQueue::is_prioritized)
+    }
+
     /// What one queue gives: leases due again, freed FIFO groups, then new messages.
     async fn pop_queue(
         &self,
@@ -420,7 +431,7 @@ impl ShardHandler {
     ) -> Result<(Vec<Popped>, bool)> {
         let mut deliveries = self.take_waiting(ask, index, room, bytes_room);
         let taken_bytes: usize = deliveries.iter().map(|d| d.entry.size_bytes as usize).sum();
-        let mut out = self.read_deliveries(ask, index, queue, std::mem::take(&mut deliveries)).await?;
+        let mut out = self.read_deliveries(ask, index, queue, std::mem::take(&mut deliveries), None).await?;
         let room = room - out.len().min(room);
         let mut scanned = false;
         if room > 0 && taken_bytes < bytes_room {
@@ -463,14 +474,16 @@ impl ShardHandler {
         out
     }
 
-    /// Reads the records of leases granted without reading them (redeliveries, FIFO heads).
-    /// A record retention deleted is consumed instead of delivered.
+    /// Reads the records of leases granted without reading them (redeliveries, FIFO heads,
+    /// backlog messages). A record retention deleted, or one `filter` rules out, is consumed
+    /// instead of delivered.
     async fn read_deliveries(
         &self,
         ask: &PopAsk<'_>,
         index: u32,
         queue: &Rc<str>,
         deliveries: Vec<Delivery>,
+        filter: Option<&sluice_transport::model::filter::Filter>,
     ) -> Result<Vec<Popped>> {
         if deliveries.is_empty() {
             return Ok(Vec::new());
@@ -494,6 +507,10 @@ impl ShardHandler {
         let mut out = Vec::with_capacity(stored.len());
         for (delivery, record) in stored.into_iter().zip(records) {
             match record {
+                Ok(record) if filter.is_some_and(|f| f.needs_record() && !f.matches(&record.view())) => {
+                    Counters::add(&self.counters.filtered, 1);
+                    self.consume_without_delivery(ask.group, ask.topic, index, delivery.lease.offset);
+                }
                 Ok(record) => out.push(Popped { queue: queue.clone(), index, delivery, record }),
                 Err(e) => {
                     log_damaged(queue, &delivery.entry, &e);
@@ -541,15 +558,7 @@ impl ShardHandler {
         let _guard = ScanGuard { handler: self, group: ask.group, topic: ask.topic, index };
         let Some(info) = self.shard.queue_info(queue)? else { return Ok((Vec::new(), false)) };
         if next < info.min_offset {
-            // Retention removed messages this group never got to: nothing left to deliver there.
-            let moved = self.with_queue(ask, index, epoch, |gq| {
-                let before = gq.floor();
-                gq.skip_to(info.min_offset);
-                gq.floor() != before
-            });
-            if moved == Some(true) {
-                self.mark_dirty(ask.group, ask.topic, index);
-            }
+            self.skip_removed(ask, index, epoch, info.min_offset);
         }
         let start = next.max(info.min_offset);
         let end = info.max_offset.min(start + self.limits.scan_entries_max as u64);
@@ -626,6 +635,19 @@ impl ShardHandler {
             })
             .collect();
         Ok((popped, scanned_any))
+    }
+
+    /// Retention removed messages below `min_offset` that the group may never have got to:
+    /// nothing is left to deliver there.
+    fn skip_removed(&self, ask: &PopAsk<'_>, index: u32, epoch: u64, min_offset: u64) {
+        let moved = self.with_queue(ask, index, epoch, |gq| {
+            let before = gq.floor();
+            gq.skip_to(min_offset);
+            gq.floor() != before
+        });
+        if moved == Some(true) {
+            self.mark_dirty(ask.group, ask.topic, index);
+        }
     }
 
     /// Runs `f` on the group's queue state if no offset reset happened since `epoch`.

@@ -177,6 +177,7 @@ impl ShardHandler {
         QueueLimits {
             leases_max: self.limits.leases_per_group_queue_max,
             waiting_max: self.limits.fifo_waiting_per_group_queue_max,
+            backlog_max: self.limits.priority_backlog_per_group_queue_max,
         }
     }
 

@@ -6,6 +6,7 @@
 //! broker. Shutdown stops reading, lets in-flight requests finish, writes consumer offsets,
 //! syncs the log and closes.
 
+mod backlog;
 mod delivery;
 pub mod error;
 pub mod handler;
@@ -49,6 +50,9 @@ pub struct BrokerLimits {
     /// FIFO messages one group may have waiting on one queue behind an earlier message of
     /// their message group; beyond it the queue is not scanned further until an ack.
     pub fifo_waiting_per_group_queue_max: usize,
+    /// Messages of a PRIORITY queue one group reads ahead and orders by priority; a message
+    /// further back than this waits until delivery reaches it (see `backlog.rs`).
+    pub priority_backlog_per_group_queue_max: usize,
     /// (group, queue) pairs with pop state on one shard.
     pub group_queues_max: usize,
     /// Queue entries one pop reads ahead per queue to find deliverable messages.
@@ -99,6 +103,7 @@ impl Default for BrokerLimits {
             long_poll_max_ms: 60_000,
             leases_per_group_queue_max: 20_000,
             fifo_waiting_per_group_queue_max: 10_000,
+            priority_backlog_per_group_queue_max: 10_000,
             group_queues_max: 100_000,
             scan_entries_max: 1024,
             retry_delays_max: 64,

@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
+use crate::broker::backlog::Backlog;
 use crate::index::QueueEntry;
 
 /// The FIFO key of every entry of an ordered queue (any non-zero value: 0 means "no group").
@@ -75,6 +76,9 @@ pub struct QueueLimits {
     /// FIFO messages waiting behind an earlier message of their group; when full, scanning
     /// stops until one is delivered.
     pub waiting_max: usize,
+    /// A prioritized queue's read-ahead backlog; when full, scanning stops until one is
+    /// delivered. Priority decides among this many undelivered messages.
+    pub backlog_max: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -108,6 +112,9 @@ pub struct GroupQueue {
     /// leases `blocked` does not record. While non-zero, settling a group's recorded lease
     /// looks for another of its leases before the group moves on.
     unrecorded_leases: usize,
+    /// A PRIORITY queue: scanned messages wait in `backlog` and are leased best first.
+    prioritized: bool,
+    backlog: Backlog,
     /// Bumped by `reset`, so a pop that read before a reset does not deliver after it.
     epoch: u64,
     /// A pop is reading entries to scan; others leave the scan to it.
@@ -127,6 +134,8 @@ impl GroupQueue {
             ready_heads: BTreeSet::new(),
             fifo: false,
             ordered: false,
+            prioritized: false,
+            backlog: Backlog::default(),
             unrecorded_leases: 0,
             epoch: 0,
             scanning: false,
@@ -137,6 +146,16 @@ impl GroupQueue {
     pub fn set_ordered(&mut self) {
         self.set_fifo(true);
         self.ordered = true;
+    }
+
+    /// Makes scanned messages wait in the backlog and go highest priority first. Set before
+    /// the first scan.
+    pub fn set_prioritized(&mut self) {
+        self.prioritized = true;
+    }
+
+    pub fn is_prioritized(&self) -> bool {
+        self.prioritized
     }
 
     /// The FIFO message group of an entry: the whole queue when it is ordered.
@@ -156,7 +175,8 @@ impl GroupQueue {
     pub fn floor(&self) -> u64 {
         let lease = self.leases.keys().next().copied().unwrap_or(u64::MAX);
         let waiting = self.waiting_offsets.first().copied().unwrap_or(u64::MAX);
-        lease.min(waiting).min(self.next)
+        let backlog = self.backlog.min_offset().unwrap_or(u64::MAX);
+        lease.min(waiting).min(backlog).min(self.next)
     }
 
     /// The next offset never scanned.
@@ -175,6 +195,16 @@ impl GroupQueue {
 
     pub fn waiting(&self) -> usize {
         self.waiting_offsets.len()
+    }
+
+    /// Scanned messages of a prioritized queue not yet leased.
+    pub fn backlog(&self) -> usize {
+        self.backlog.len()
+    }
+
+    /// The message a prioritized queue gives next.
+    pub fn best_in_backlog(&self) -> Option<&QueueEntry> {
+        self.backlog.best()
     }
 
     /// Switches FIFO on or off (the group's policy, sent with each pop). Off frees every
@@ -214,6 +244,7 @@ impl GroupQueue {
     pub fn has_work(&self, end: u64, now_ms: u64, limits: QueueLimits) -> bool {
         !self.ready_heads.is_empty()
             || self.next_retry_ms().is_some_and(|at| at <= now_ms)
+            || (!self.backlog.is_empty() && self.leases.len() < limits.leases_max)
             || (self.next < end && !self.stalled(limits))
     }
 
@@ -222,6 +253,7 @@ impl GroupQueue {
     fn stalled(&self, limits: QueueLimits) -> bool {
         self.leases.len() >= limits.leases_max
             || self.waiting_offsets.len() >= limits.waiting_max
+            || self.backlog.len() >= limits.backlog_max
             || (self.ordered && !self.blocked.is_empty())
     }
 
@@ -338,6 +370,38 @@ impl GroupQueue {
         out
     }
 
+    /// Prioritized queues: takes scanned entries in offset order into the backlog, up to
+    /// `limits.backlog_max`. An entry `keep` refuses (filtered out, or gone) is consumed
+    /// without ever being leased. Returns whether `next` moved.
+    pub fn fill_backlog(
+        &mut self,
+        entries: &[QueueEntry],
+        keep: impl Fn(&QueueEntry) -> bool,
+        limits: QueueLimits,
+    ) -> bool {
+        assert!(self.prioritized, "only a prioritized queue has a backlog");
+        let start = self.next;
+        for entry in entries.iter().filter(|e| e.offset >= start) {
+            if self.backlog.len() >= limits.backlog_max {
+                break;
+            }
+            if keep(entry) {
+                self.backlog.push(*entry);
+            }
+            self.next = entry.offset + 1;
+        }
+        self.next != start
+    }
+
+    /// Leases the backlog's best message, if a lease is free.
+    pub fn lease_best(&mut self, terms: LeaseTerms<'_>, limits: QueueLimits, lease_id: u64) -> Option<Delivery> {
+        if self.leases.len() >= limits.leases_max {
+            return None;
+        }
+        let entry = self.backlog.take_best()?;
+        Some(self.lease_new(entry, terms, lease_id))
+    }
+
     /// Moves `next` forward over offsets that can no longer be read (retention removed them)
     /// and forgets leases and waiting messages below it.
     pub fn skip_to(&mut self, offset: u64) {
@@ -352,6 +416,7 @@ impl GroupQueue {
         for o in waiting {
             self.forget_waiting(o);
         }
+        self.backlog.forget_below(offset);
     }
 
     fn forget_waiting(&mut self, offset: u64) {
@@ -448,11 +513,12 @@ impl GroupQueue {
 
     /// Forgets every lease and restarts delivery at `offset` (an explicit offset reset).
     pub fn reset(&mut self, offset: u64) {
-        let (epoch, fifo, ordered) = (self.epoch + 1, self.fifo, self.ordered);
+        let (epoch, fifo, ordered, prioritized) = (self.epoch + 1, self.fifo, self.ordered, self.prioritized);
         *self = GroupQueue::new(offset);
         self.epoch = epoch;
         self.fifo = fifo;
         self.ordered = ordered;
+        self.prioritized = prioritized;
     }
 
     fn remove(&mut self, offset: u64) {
@@ -498,7 +564,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const LIMITS: QueueLimits = QueueLimits { leases_max: 1000, waiting_max: 1000 };
+    const LIMITS: QueueLimits = QueueLimits { leases_max: 1000, waiting_max: 1000, backlog_max: 1000 };
 
     fn terms(now_ms: u64) -> LeaseTerms<'static> {
         LeaseTerms { now_ms, invisible_ms: 100, retry_delays_ms: &[] }
@@ -518,6 +584,32 @@ mod tests {
 
     fn scan_all(q: &mut GroupQueue, entries: &[QueueEntry], now: u64) -> Vec<Delivery> {
         q.scan(entries, |_| true, usize::MAX, terms(now), LIMITS, ids())
+    }
+
+    #[test]
+    fn a_prioritized_queue_leases_its_backlog_best_first_and_its_floor_waits_for_the_backlog() {
+        let limits = QueueLimits { leases_max: 3, waiting_max: 1000, backlog_max: 4 };
+        let mut q = GroupQueue::new(10);
+        q.set_prioritized();
+        let with = |offset: u64, priority: i32, tag_hash: u32| QueueEntry { priority, tag_hash, ..entry(offset, 0) };
+        let entries = [with(10, 1, 0), with(11, 5, 0), with(12, 1, 7), with(13, 5, 0), with(14, 9, 0), with(15, 9, 0)];
+        // 12 is filtered out (consumed); the backlog holds 4, so 15 is not read yet.
+        assert!(q.fill_backlog(&entries, |e| e.tag_hash == 0, limits));
+        assert_eq!((q.backlog(), q.next()), (4, 15));
+        assert!(!q.has_work(16, 0, QueueLimits { leases_max: 0, ..limits }), "no lease free: nothing to do");
+        assert!(q.has_work(16, 0, limits));
+        let mut ids = ids();
+        let order: Vec<u64> =
+            std::iter::from_fn(|| q.lease_best(terms(0), limits, ids())).map(|d| d.lease.offset).collect();
+        assert_eq!(order, [14, 11, 13], "priority 9, then 5 in offset order; the fourth waits for a free lease");
+        assert_eq!(q.floor(), 10, "10 is still in the backlog");
+        q.ack(14, 1, 1).unwrap();
+        assert_eq!(q.lease_best(terms(1), limits, ids()).map(|d| d.lease.offset), Some(10));
+        assert!(q.fill_backlog(&entries, |_| true, limits), "room again: 15 is read");
+        q.skip_to(16);
+        assert_eq!((q.backlog(), q.leased(), q.floor()), (0, 0, 16), "retention took everything");
+        q.reset(3);
+        assert!(q.is_prioritized(), "a reset keeps the queue's kind");
     }
 
     #[test]
@@ -650,7 +742,7 @@ mod tests {
     fn scanning_stops_when_the_waiting_room_is_full() {
         let mut q = GroupQueue::new(0);
         q.set_fifo(true);
-        let limits = QueueLimits { leases_max: 100, waiting_max: 2 };
+        let limits = QueueLimits { leases_max: 100, waiting_max: 2, backlog_max: 100 };
         let entries: Vec<QueueEntry> = (0..6).map(|o| entry(o, 7)).collect();
         let got = q.scan(&entries, |_| true, 100, terms(0), limits, ids());
         assert_eq!(got.len(), 1);
@@ -730,7 +822,7 @@ mod tests {
             q.set_fifo(fifo);
             let mut fifo = fifo;
             let mut held_at_switch = std::collections::BTreeSet::new();
-            let limits = QueueLimits { leases_max: 8, waiting_max: 6 };
+            let limits = QueueLimits { leases_max: 8, waiting_max: 6, backlog_max: 6 };
             let mut now = 0u64;
             let mut next_id = 1u64;
             let mut consumed = std::collections::BTreeSet::new();

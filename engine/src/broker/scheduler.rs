@@ -606,7 +606,7 @@ mod tests {
     use crate::index::QueueEntry;
     use proptest::prelude::*;
 
-    const LIMITS: QueueLimits = QueueLimits { leases_max: 6, waiting_max: 4 };
+    const LIMITS: QueueLimits = QueueLimits { leases_max: 6, waiting_max: 4, backlog_max: 4 };
 
     fn entry(offset: u64, group_hash: u64) -> QueueEntry {
         QueueEntry { offset, position: offset, size_bytes: 1, group_hash, ..Default::default() }

@@ -159,6 +159,35 @@ test('FIFO: each message group arrives in send order, one in flight at a time', 
   }
 });
 
+test('priority: a backlog arrives highest priority first', async () => {
+  const topic = unique('prio');
+  const group = unique('g');
+  sluice('topic', 'create', topic, '--type', 'priority', '--queues', '4');
+  const producer = await started(new Producer({ endpoints: endpoint, namespace: '', topic, logger }));
+  try {
+    for (let i = 0; i < 40; i++) {
+      const priority = (i * 7) % 5;
+      await producer.send({ topic, priority, body: Buffer.from(`${priority}:${i}`) });
+    }
+  } finally {
+    await shutdown(producer);
+  }
+  // The backlog is complete before the group first receives: priority decides all of it.
+  const consumer = await started(consumerFor(topic, group));
+  try {
+    const batches = await drain(consumer, 40, 60_000, 1);
+    const got = batches.flat().map(mv => [ mv.getPriority() ?? 0, mv.body.toString() ]);
+    assert.equal(got.length, 40);
+    const priorities = got.map(([ p ]) => p);
+    assert.deepEqual(priorities, [ ...priorities ].sort((a, b) => b - a), 'highest priority first');
+    for (const [ p, body ] of got) {
+      assert.equal(body.split(':')[0], String(p), 'priority kept');
+    }
+  } finally {
+    await shutdown(consumer);
+  }
+});
+
 test('delay: not delivered before its time', async () => {
   const topic = unique('delay');
   const group = unique('g');

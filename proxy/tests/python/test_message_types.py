@@ -194,3 +194,28 @@ def test_sql92_filter_delivers_only_matching_messages(sluice, request, client_co
     got = drain(consumer, len(want), 30)
     assert {m.body.decode() for m in got} == want
     assert consumer.receive(16, LONG_INVISIBLE_S) == [], "nothing else may arrive"
+
+
+@pytest.mark.timeout(120)
+def test_priority_messages_to_a_backlogged_topic_arrive_highest_priority_first(
+        sluice, request, client_config, clients, group):
+    topic = typed_topic(sluice, request, "priority")
+    producer = start_producer(client_config, clients, topic)
+    sent = []
+    for i in range(60):
+        priority = (i * 7) % 5
+        producer.send(message(topic, f"{priority}:{i}".encode(), priority=priority))
+        sent.append((priority, i))
+    # The backlog is complete before the group first receives: priority decides all of it.
+    consumer = start_simple_consumer(client_config, clients, group, topic)
+    got = []
+    deadline = time.monotonic() + 60
+    while len(got) < len(sent) and time.monotonic() < deadline:
+        # One at a time: each receive is the best of what is left.
+        for m in consumer.receive(1, LONG_INVISIBLE_S):
+            got.append(m)
+            consumer.ack(m)
+    priorities = [m.priority or 0 for m in got]
+    assert len(got) == len(sent)
+    assert priorities == sorted(priorities, reverse=True), "highest priority first"
+    assert all(m.body.decode().split(":")[0] == str(m.priority or 0) for m in got), "priority kept"

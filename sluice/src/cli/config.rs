@@ -12,6 +12,9 @@ use sluice_proxy::state::ProxySettings;
 use sluice_transport::cluster::BrokerAddress;
 use sluice_transport::TransportConfig;
 
+/// Largest priority backlog a group may keep per queue (each message is about 100 bytes).
+const PRIORITY_BACKLOG_MAX: usize = 1_000_000;
+
 /// Transport limits a deployment may change; everything else keeps the transport's defaults.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -71,6 +74,7 @@ pub struct BrokerSection {
     pub leases_per_group_queue_max: Option<usize>,
     /// FIFO messages one group may have waiting behind their message group on one queue.
     pub fifo_waiting_per_group_queue_max: Option<usize>,
+    pub priority_backlog_per_group_queue_max: Option<usize>,
     /// Lite topics one lite consumer may subscribe to on one shard.
     pub lite_subscriptions_per_client_max: Option<usize>,
     /// A lite consumer silent (no poll, no subscription sync) this long is forgotten.
@@ -100,6 +104,7 @@ impl Default for BrokerSection {
             transaction_checks_max: None,
             leases_per_group_queue_max: None,
             fifo_waiting_per_group_queue_max: None,
+            priority_backlog_per_group_queue_max: None,
             lite_subscriptions_per_client_max: None,
             lite_client_idle_ms: None,
             lite_clients_per_group_max: None,
@@ -220,6 +225,9 @@ impl BrokerSection {
             fifo_waiting_per_group_queue_max: self
                 .fifo_waiting_per_group_queue_max
                 .unwrap_or(d.fifo_waiting_per_group_queue_max),
+            priority_backlog_per_group_queue_max: self
+                .priority_backlog_per_group_queue_max
+                .unwrap_or(d.priority_backlog_per_group_queue_max),
             lite_subscriptions_per_client_max: self
                 .lite_subscriptions_per_client_max
                 .unwrap_or(d.lite_subscriptions_per_client_max),
@@ -236,6 +244,10 @@ impl BrokerSection {
             (limits.transaction_checks_max >= 1, "transaction_checks_max must be at least 1"),
             (limits.leases_per_group_queue_max >= 1, "leases_per_group_queue_max must be at least 1"),
             (limits.fifo_waiting_per_group_queue_max >= 1, "fifo_waiting_per_group_queue_max must be at least 1"),
+            (
+                (1..=PRIORITY_BACKLOG_MAX).contains(&limits.priority_backlog_per_group_queue_max),
+                "priority_backlog_per_group_queue_max must be 1..=1000000",
+            ),
             (limits.lite_subscriptions_per_client_max >= 1, "lite_subscriptions_per_client_max must be at least 1"),
             (limits.lite_client_idle_ms >= 1_000, "lite_client_idle_ms must be at least 1000"),
             (limits.lite_clients_per_group_max >= 1, "lite_clients_per_group_max must be at least 1"),
