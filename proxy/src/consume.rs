@@ -669,6 +669,7 @@ pub async fn change_invisible(this: &Messaging, request: ChangeInvisibleDuration
         receipt: handle.receipt.clone(),
         invisible_ms: ms,
         renew: false,
+        suspend: request.suspend.unwrap_or(false),
     };
     let frame = this.state.brokers.call_for(&handle.queue, &broker_request).await?;
     let changed = frame.access::<ChangeInvisibleResponse>()?;
@@ -689,6 +690,7 @@ pub async fn dead_letter(this: &Messaging, request: ForwardMessageToDeadLetterQu
         receipt: handle.receipt.clone(),
         invisible_ms: 60_000,
         renew: false,
+        suspend: false,
     };
     let frame = this.state.brokers.call_for(&handle.queue, &hold).await?;
     let reply = frame.access::<ChangeInvisibleResponse>()?;

@@ -103,6 +103,7 @@ pub async fn run(state: Arc<ProxyState>) {
                 receipt: renewal.receipt.clone(),
                 invisible_ms: renewal.invisible_ms,
                 renew: true,
+                suspend: false,
             };
             let reply = state.brokers.call_for(&renewal.queue, &request).await;
             match reply.as_ref().map(|f| f.access::<ChangeInvisibleResponse>()) {

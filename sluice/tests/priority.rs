@@ -1,6 +1,7 @@
 //! Sharing scarce consumers, through the RocketMQ v2 API of a real `sluice local` (2 shards):
 //! PRIORITY topics deliver a backlog highest priority first and FIFO within a level, across
-//! every queue and shard of the topic.
+//! every queue and shard of the topic; a suspended message comes back without counting an
+//! attempt.
 
 mod common;
 
@@ -146,4 +147,37 @@ async fn priority_is_refused_where_it_has_no_meaning() {
     let reply = send(&mut client, vec![priority_message("jobs", -1, "x".into())]).await;
     let code = common::code(reply.entries.first().and_then(|e| e.status.as_ref()).or(reply.status.as_ref()));
     assert_eq!(code, v2::Code::BadRequest as i32, "{reply:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_suspended_message_comes_back_without_counting_an_attempt() {
+    let local = Local::start().await;
+    create_topic(local.grpc, "work", 1).await;
+    let mut client = messaging(local.grpc).await;
+    send_ok(&mut client, vec![message("work", b"job".to_vec())]).await;
+    let attempt = |m: &v2::Message| m.system_properties.as_ref().and_then(|s| s.delivery_attempt).unwrap_or(0);
+    let mut attempts = Vec::new();
+    // Suspended twice, then failed once (a plain change of invisible time), then received.
+    for suspend in [Some(true), Some(true), None] {
+        let r = receive(&mut client, "work", "workers", 1, SECS(30), SECS(5)).await;
+        let m = r.messages.first().unwrap_or_else(|| panic!("redelivered: {:?}", r.statuses));
+        attempts.push(attempt(m));
+        let reply = client
+            .change_invisible_duration(v2::ChangeInvisibleDurationRequest {
+                group: Some(resource("workers")),
+                topic: Some(resource("work")),
+                receipt_handle: receipt_handle(m),
+                invisible_duration: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+                message_id: message_id(m),
+                lite_topic: None,
+                suspend,
+            })
+            .await
+            .expect("ChangeInvisibleDuration")
+            .into_inner();
+        assert_eq!(code(reply.status.as_ref()), OK, "{reply:?}");
+    }
+    let last = receive(&mut client, "work", "workers", 1, SECS(30), SECS(5)).await;
+    attempts.push(attempt(last.messages.first().expect("redelivered after the nack")));
+    assert_eq!(attempts, [1, 1, 1, 2], "suspending does not count an attempt; a nack does");
 }

@@ -508,6 +508,9 @@ pub struct ChangeInvisibleRequest {
     /// An auto-renew: the receipt stays valid (any proxy can ack with it). Otherwise the old
     /// receipt becomes stale and only the returned one works.
     pub renew: bool,
+    /// The consumer suspends the message (RocketMQ's `suspend`): when it comes back, its
+    /// delivery attempt is not counted.
+    pub suspend: bool,
 }
 message!(ChangeInvisibleRequest, ChangeInvisibleRequest);
 request!(ChangeInvisibleRequest => ChangeInvisibleResponse);

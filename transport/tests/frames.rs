@@ -91,7 +91,8 @@ fn every_kind_round_trips_and_reads_in_place() {
             group: "g".into(),
             receipt: "r1".into(),
             invisible_ms: 5,
-            renew: true
+            renew: true,
+            suspend: false,
         },
         ChangeInvisibleResponse { receipt: "r1b".into(), offset: 7 },
         CommitOffsetRequest { queue: "t/0".into(), group: "g".into(), offset: 77 },

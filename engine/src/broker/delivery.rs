@@ -814,7 +814,7 @@ impl ShardHandler {
             if change.renew {
                 gq.renew(lease.offset, lease.lease_id, terms)
             } else {
-                gq.extend(lease.offset, lease.lease_id, terms, new_id)
+                gq.extend(lease.offset, lease.lease_id, terms, new_id, change.suspend)
             }
         })?;
         Ok(ChangeInvisibleResponse { receipt: self.key.issue(queue, group, &renewed), offset: renewed.offset })

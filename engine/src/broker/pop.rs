@@ -473,17 +473,20 @@ impl GroupQueue {
 
     /// A consumer's own new deadline (a nack with its chosen delay, or more time): the new
     /// lease id makes the old receipt stale, and at the deadline the message comes back at
-    /// once, since the consumer already chose when.
+    /// once, since the consumer already chose when. A suspended message (`keep_attempt`)
+    /// comes back with the same attempt: the consumer put it off, it did not fail it.
     pub fn extend(
         &mut self,
         offset: u64,
         lease_id: u64,
         terms: LeaseTerms<'_>,
         new_lease_id: u64,
+        keep_attempt: bool,
     ) -> Result<Lease, LeaseError> {
         let old = self.check(offset, lease_id, terms.now_ms)?;
         let deadline_ms = terms.now_ms + terms.invisible_ms;
-        Ok(self.replace(offset, Lease { deadline_ms, lease_id: new_lease_id, ..old }, deadline_ms, false))
+        let lease = Lease { deadline_ms, lease_id: new_lease_id, ..old };
+        Ok(self.replace(offset, lease, deadline_ms, keep_attempt))
     }
 
     /// Gives a delivery back unconsumed: deliverable at once, and the attempt is not counted.
@@ -676,9 +679,22 @@ mod tests {
         let delays = [60_000];
         let t = |now| LeaseTerms { now_ms: now, invisible_ms: 500, retry_delays_ms: &delays };
         let first = q.scan(&[entry(0, 0)], |_| true, 1, t(0), LIMITS, ids())[0].lease;
-        let nacked = q.extend(0, first.lease_id, t(10), 9).unwrap();
+        let nacked = q.extend(0, first.lease_id, t(10), 9, false).unwrap();
         assert_eq!(nacked.deadline_ms, 510);
         assert_eq!(q.due(510, 10), vec![0]);
+    }
+
+    #[test]
+    fn a_suspended_delivery_comes_back_with_the_same_attempt_and_a_nack_counts_one() {
+        let t = |now| LeaseTerms { now_ms: now, invisible_ms: 500, retry_delays_ms: &[] };
+        for (suspend, attempt) in [(true, 1), (false, 2)] {
+            let mut q = GroupQueue::new(0);
+            let first = q.scan(&[entry(0, 0)], |_| true, 1, t(0), LIMITS, ids())[0].lease;
+            q.extend(0, first.lease_id, t(10), 9, suspend).unwrap();
+            assert_eq!(q.due(509, 10), Vec::<u64>::new(), "hidden until the consumer's deadline");
+            let again = q.redeliver(0, t(510), 10).expect("due at 510");
+            assert_eq!(again.lease.attempt, attempt, "suspend = {suspend}");
+        }
     }
 
     #[test]
@@ -869,7 +885,7 @@ mod tests {
                     5 => {
                         if let Some(l) = q.leases.values().next().map(|l| l.lease) {
                             next_id += 1;
-                            let _ = q.extend(l.offset, l.lease_id, t, next_id);
+                            let _ = q.extend(l.offset, l.lease_id, t, next_id, false);
                         }
                     }
                     _ => {
