@@ -7,6 +7,7 @@ use sluice_transport::messages::{StatsRequest, StatsResponse};
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use crate::error::{ok_status, ProxyError};
+use crate::groups::{GroupChange, GroupMeta, Throttle};
 use crate::pb::sluice::admin::v1::admin_server::Admin;
 use crate::pb::sluice::admin::v1::*;
 use crate::state::ProxyState;
@@ -26,6 +27,8 @@ fn info(meta: &TopicMeta, messages: u64) -> TopicInfo {
         queue_count: meta.queue_count,
         messages,
         lite_ttl_minutes: meta.lite_ttl_minutes,
+        max_send_tps: meta.max_send_tps,
+        send_throttle: meta.send_throttle.name().to_string(),
     }
 }
 
@@ -47,6 +50,20 @@ impl Admin for AdminService {
             Ok((created, meta)) => {
                 CreateTopicResponse { status: Some(ok_status()), created, topic: Some(info(&meta, 0)) }
             }
+            Err(e) => CreateTopicResponse { status: Some(e.status()), created: false, topic: None },
+        }))
+    }
+
+    async fn update_topic(&self, request: Request<UpdateTopicRequest>) -> GrpcResult<CreateTopicResponse> {
+        let result = async {
+            self.state.auth.check(request.metadata())?;
+            let r = request.get_ref();
+            let throttle = r.send_throttle.as_deref().map(Throttle::parse).transpose()?;
+            self.state.topics.set_send_quota(&self.state.brokers, &r.name, r.max_send_tps, throttle).await
+        }
+        .await;
+        Ok(Response::new(match result {
+            Ok(meta) => CreateTopicResponse { status: Some(ok_status()), created: false, topic: Some(info(&meta, 0)) },
             Err(e) => CreateTopicResponse { status: Some(e.status()), created: false, topic: None },
         }))
     }
@@ -91,15 +108,38 @@ impl Admin for AdminService {
             } else {
                 r.max_delivery_attempts
             };
-            self.state.groups.create(&self.state.brokers, &name, attempts, r.fifo).await
+            let meta = GroupMeta {
+                name,
+                max_delivery_attempts: attempts,
+                fifo: r.fifo,
+                max_receive_tps: r.max_receive_tps,
+                throttle: Throttle::parse(&r.throttle)?,
+            };
+            self.state.groups.create(&self.state.brokers, meta).await
         }
         .await;
         Ok(Response::new(match result {
-            Ok((created, g)) => CreateGroupResponse {
-                status: Some(ok_status()),
-                created,
-                group: Some(GroupInfo { name: g.name, max_delivery_attempts: g.max_delivery_attempts, fifo: g.fifo }),
-            },
+            Ok((created, g)) => CreateGroupResponse { status: Some(ok_status()), created, group: Some(group_info(g)) },
+            Err(e) => CreateGroupResponse { status: Some(e.status()), created: false, group: None },
+        }))
+    }
+
+    async fn update_group(&self, request: Request<UpdateGroupRequest>) -> GrpcResult<CreateGroupResponse> {
+        let result = async {
+            self.state.auth.check(request.metadata())?;
+            let r = request.get_ref();
+            let change = GroupChange {
+                max_delivery_attempts: r.max_delivery_attempts,
+                fifo: r.fifo,
+                max_receive_tps: r.max_receive_tps,
+                throttle: r.throttle.as_deref().map(Throttle::parse).transpose()?,
+            };
+            let default_attempts = self.state.settings.max_delivery_attempts;
+            self.state.groups.update(&self.state.brokers, &r.name, change, default_attempts).await
+        }
+        .await;
+        Ok(Response::new(match result {
+            Ok(g) => CreateGroupResponse { status: Some(ok_status()), created: false, group: Some(group_info(g)) },
             Err(e) => CreateGroupResponse { status: Some(e.status()), created: false, group: None },
         }))
     }
@@ -111,13 +151,9 @@ impl Admin for AdminService {
         }
         .await;
         Ok(Response::new(match result {
-            Ok(groups) => ListGroupsResponse {
-                status: Some(ok_status()),
-                groups: groups
-                    .into_iter()
-                    .map(|g| GroupInfo { name: g.name, max_delivery_attempts: g.max_delivery_attempts, fifo: g.fifo })
-                    .collect(),
-            },
+            Ok(groups) => {
+                ListGroupsResponse { status: Some(ok_status()), groups: groups.into_iter().map(group_info).collect() }
+            }
             Err(e) => ListGroupsResponse { status: Some(e.status()), groups: Vec::new() },
         }))
     }
@@ -162,5 +198,15 @@ impl Admin for AdminService {
             self.state.counters.snapshot().into_iter().map(|(name, value)| Counter { name, value }).collect();
         proxy.push(Counter { name: "renewals_tracked".into(), value: self.state.renewals.len() as u64 });
         Ok(Response::new(GetStatsResponse { status: Some(ok_status()), brokers, proxy }))
+    }
+}
+
+fn group_info(g: GroupMeta) -> GroupInfo {
+    GroupInfo {
+        name: g.name,
+        max_delivery_attempts: g.max_delivery_attempts,
+        fifo: g.fifo,
+        max_receive_tps: g.max_receive_tps,
+        throttle: g.throttle.name().to_string(),
     }
 }

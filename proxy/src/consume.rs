@@ -463,6 +463,14 @@ async fn receive_messages(
     let client_id =
         if meta.message_type == message_type::LITE { caller.require_id()?.to_string() } else { String::new() };
     let ask = receive_ask(this, request, group, meta, remaining)?;
+    // The group's quota first: a receive pops at most the permits it got.
+    let asked_at = Instant::now();
+    let quota = crate::quota::Quota::receive(&group_meta);
+    let permits = crate::quota::acquire(&this.state, &quota, ask.max_count, ask.wait).await?;
+    if permits == 0 {
+        return Ok(Vec::new());
+    }
+    let ask = ReceiveAsk { max_count: permits, wait: ask.wait.saturating_sub(asked_at.elapsed()), ..ask };
     let owners: BTreeSet<Owner> =
         (0..ask.meta.queue_count).map(|i| this.state.brokers.owner(&ask.meta.queue(i))).collect();
     let pop = PopRequest {
@@ -483,7 +491,13 @@ async fn receive_messages(
     };
     let by_priority = ask.meta.message_type == message_type::PRIORITY;
     let want = Want { max_count: ask.max_count as usize, by_priority };
-    let batch = pop_across(&this.state, owners, pop, want).await?;
+    let batch = match pop_across(&this.state, owners, pop, want).await {
+        Ok(batch) => batch,
+        Err(e) => {
+            crate::quota::refund(&this.state, &quota, permits);
+            return Err(e);
+        }
+    };
     let attempts_max = group_meta.max_delivery_attempts;
     let mut received =
         deliver(this, &ask.meta, &ask.group, &batch.kept, ask.invisible, request.auto_renew, attempts_max).await;
@@ -492,6 +506,7 @@ async fn receive_messages(
         received.sort_by_key(|r| std::cmp::Reverse(r.message.system_properties.as_ref().and_then(|s| s.priority)));
     }
     batch.handed_over();
+    crate::quota::refund(&this.state, &quota, permits.saturating_sub(received.len() as u32));
     track_renewals(this, &ask.group, ask.invisible, &received);
     Ok(received)
 }

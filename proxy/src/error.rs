@@ -53,6 +53,8 @@ pub enum ProxyError {
     IllegalLiteTopic(String),
     #[error("lite subscription quota exceeded: {0}")]
     LiteSubscriptionQuota(String),
+    #[error("{0}")]
+    Throttled(String),
     #[error(
         "message properties of {size} bytes exceed the {max}-byte limit (keys, values, tag and message keys together)"
     )]
@@ -111,6 +113,7 @@ impl ProxyError {
             ProxyError::PropertiesTooLarge { .. } => Code::MessagePropertiesTooLarge,
             ProxyError::IllegalLiteTopic(_) => Code::IllegalLiteTopic,
             ProxyError::LiteSubscriptionQuota(_) => Code::LiteSubscriptionQuotaExceeded,
+            ProxyError::Throttled(_) => Code::TooManyRequests,
             ProxyError::Broker { code, .. } => match *code {
                 broker_code::QUEUE_NOT_FOUND => Code::TopicNotFound,
                 broker_code::INVALID_RECEIPT | broker_code::RECEIPT_EXPIRED => Code::InvalidReceiptHandle,

@@ -13,6 +13,7 @@ pub mod error;
 pub mod groups;
 pub mod lite;
 pub mod produce;
+pub mod quota;
 pub mod renew;
 pub mod server;
 pub mod service;

@@ -113,6 +113,49 @@ async fn prepare<'a>(
     Ok(Prepared { index, queue: meta.queue(queue_index), outgoing, body: &message.body })
 }
 
+/// Keeps the messages their topics' send quotas have permits for (one each, in batch order);
+/// the others get TOO_MANY_REQUESTS in `results`.
+async fn within_send_quotas<'a>(
+    this: &Messaging,
+    messages: &[Message],
+    ready: Vec<Prepared<'a>>,
+    results: &mut [Option<Result<Sent, PbStatus>>],
+) -> Vec<Prepared<'a>> {
+    let topic_of = |p: &Prepared<'_>| messages[p.index].topic.as_ref().map_or("", |t| t.name.as_str()).to_string();
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for p in &ready {
+        *counts.entry(topic_of(p)).or_default() += 1;
+    }
+    // Per topic with a quota: permits left, and what the messages beyond them are told.
+    let mut permits: HashMap<String, (u32, PbStatus)> = HashMap::new();
+    let until = std::time::Instant::now() + crate::quota::SEND_WAIT_MAX;
+    for (topic, count) in counts {
+        let Ok(meta) = this.topic(&topic).await else { continue };
+        if meta.max_send_tps == 0 {
+            continue;
+        }
+        let quota = crate::quota::Quota::send(&meta);
+        let wait = until.saturating_duration_since(std::time::Instant::now());
+        let left = match crate::quota::acquire_all(&this.state, &quota, count, wait).await {
+            Ok(granted) => (granted, crate::quota::over_quota(&quota, meta.max_send_tps, 0).status()),
+            Err(e) => (0, e.status()),
+        };
+        permits.insert(topic, left);
+    }
+    let mut kept = Vec::with_capacity(ready.len());
+    for p in ready {
+        match permits.get_mut(&topic_of(&p)) {
+            Some((0, refused)) => results[p.index] = Some(Err(refused.clone())),
+            Some((left, _)) => {
+                *left -= 1;
+                kept.push(p);
+            }
+            None => kept.push(p),
+        }
+    }
+    kept
+}
+
 pub async fn send(this: &Messaging, request: SendMessageRequest) -> SendMessageResponse {
     let messages = request.messages;
     if messages.is_empty() || messages.len() > this.state.settings.send_batch_max {
@@ -121,12 +164,16 @@ pub async fn send(this: &Messaging, request: SendMessageRequest) -> SendMessageR
     }
     let now_ms = crate::service::now_ms();
     let mut results: Vec<Option<Result<Sent, PbStatus>>> = (0..messages.len()).map(|_| None).collect();
-    let mut per_shard: HashMap<Owner, Vec<Prepared<'_>>> = HashMap::new();
+    let mut ready = Vec::with_capacity(messages.len());
     for (index, message) in messages.iter().enumerate() {
         match prepare(this, index, message, now_ms).await {
-            Ok(prepared) => per_shard.entry(this.state.brokers.owner(&prepared.queue)).or_default().push(prepared),
+            Ok(prepared) => ready.push(prepared),
             Err(e) => results[index] = Some(Err(e.status())),
         }
+    }
+    let mut per_shard: HashMap<Owner, Vec<Prepared<'_>>> = HashMap::new();
+    for prepared in within_send_quotas(this, &messages, ready, &mut results).await {
+        per_shard.entry(this.state.brokers.owner(&prepared.queue)).or_default().push(prepared);
     }
     let calls = per_shard.into_iter().map(|(owner, batch)| async move {
         let request = AppendRequest {

@@ -117,7 +117,14 @@ impl Messaging {
         let default_attempts = self.state.settings.max_delivery_attempts;
         match self.state.groups.get(&self.state.brokers, name, default_attempts).await {
             Err(ProxyError::GroupNotFound(_)) if self.state.settings.auto_create_groups => {
-                let (_, meta) = self.state.groups.create(&self.state.brokers, name, default_attempts, false).await?;
+                let meta = crate::groups::GroupMeta {
+                    name: name.to_string(),
+                    max_delivery_attempts: default_attempts,
+                    fifo: false,
+                    max_receive_tps: 0,
+                    throttle: crate::groups::Throttle::Wait,
+                };
+                let (_, meta) = self.state.groups.create(&self.state.brokers, meta).await?;
                 Ok(meta)
             }
             other => other,

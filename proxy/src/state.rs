@@ -129,6 +129,10 @@ pub struct Counters {
     pub renewed: AtomicU64,
     pub transactions_ended: AtomicU64,
     pub transaction_checks_sent: AtomicU64,
+    /// Receives that found their group's quota empty (and waited, or were refused).
+    pub receives_throttled: AtomicU64,
+    /// Sends that found their topic's quota empty (and waited, or were refused).
+    pub sends_throttled: AtomicU64,
     pub errors: AtomicU64,
 }
 
@@ -147,6 +151,8 @@ impl Counters {
             ("deliveries_renewed", &self.renewed),
             ("transactions_ended", &self.transactions_ended),
             ("transaction_checks_sent", &self.transaction_checks_sent),
+            ("receives_throttled", &self.receives_throttled),
+            ("sends_throttled", &self.sends_throttled),
             ("errors", &self.errors),
         ]
         .into_iter()

@@ -11,6 +11,7 @@ use sluice_transport::messages::{CreateQueueRequest, DeleteQueueRequest};
 use sluice_transport::model::message_type;
 
 use crate::error::{ProxyError, Result};
+use crate::groups::Throttle;
 use sluice_transport::cluster::BrokerPool;
 
 /// Queues a topic gets when none is asked for.
@@ -36,6 +37,10 @@ pub struct TopicMeta {
     pub queue_count: u32,
     /// LITE topics: minutes without writes (and subscribers) before a lite topic is reclaimed.
     pub lite_ttl_minutes: u32,
+    /// Send quota across all proxies in messages per second (kept by `T#0`'s shard); 0: none.
+    pub max_send_tps: u32,
+    /// What a send over the quota gets.
+    pub send_throttle: Throttle,
 }
 
 impl TopicMeta {
@@ -64,6 +69,26 @@ pub fn validate_topic_name(name: &str) -> Result<()> {
 
 fn lite_ttl_of(record: &sluice_transport::cluster::QueueRecord) -> u32 {
     record.attribute(LITE_TTL_ATTRIBUTE).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// The queue attributes holding a topic's send quota and throttle mode.
+const MAX_SEND_TPS_ATTRIBUTE: &str = "max_send_tps";
+const SEND_THROTTLE_ATTRIBUTE: &str = "send_throttle";
+
+fn meta_of(topic: &str, record: &sluice_transport::cluster::QueueRecord) -> TopicMeta {
+    let queue_count =
+        record.attribute("queue_count").and_then(|v| v.parse().ok()).unwrap_or(1).clamp(1, QUEUE_COUNT_MAX);
+    TopicMeta {
+        name: topic.to_string(),
+        message_type: record.message_type,
+        queue_count,
+        lite_ttl_minutes: lite_ttl_of(record),
+        max_send_tps: record.attribute(MAX_SEND_TPS_ATTRIBUTE).and_then(|v| v.parse().ok()).unwrap_or(0),
+        send_throttle: record
+            .attribute(SEND_THROTTLE_ATTRIBUTE)
+            .and_then(|v| Throttle::parse(v).ok())
+            .unwrap_or_default(),
+    }
 }
 
 pub fn message_type_name(t: u8) -> &'static str {
@@ -101,14 +126,7 @@ impl Topics {
             self.cache.lock().expect("cache lock").remove(topic);
             return Err(ProxyError::TopicNotFound(topic.to_string()));
         };
-        let queue_count =
-            record.attribute("queue_count").and_then(|v| v.parse().ok()).unwrap_or(1).clamp(1, QUEUE_COUNT_MAX);
-        let meta = TopicMeta {
-            name: topic.to_string(),
-            message_type: record.message_type,
-            queue_count,
-            lite_ttl_minutes: lite_ttl_of(&record),
-        };
+        let meta = meta_of(topic, &record);
         let mut cache = self.cache.lock().expect("cache lock");
         if cache.len() >= CACHE_ENTRIES_MAX {
             cache.clear();
@@ -161,13 +179,67 @@ impl Topics {
         // Queue 0 last: the topic becomes visible only once every queue exists.
         for index in (0..queue_count).rev() {
             let queue = queue_name(topic, index);
-            let request = CreateQueueRequest { queue: queue.clone(), message_type, attributes: attributes.clone() };
+            let request = CreateQueueRequest {
+                queue: queue.clone(),
+                message_type,
+                attributes: attributes.clone(),
+                update: false,
+            };
             brokers.call_for(&queue, &request).await?;
         }
         self.cache.lock().expect("cache lock").remove(topic);
         let lite_ttl_minutes =
             attributes.iter().find(|(k, _)| k == LITE_TTL_ATTRIBUTE).map_or(0, |(_, v)| v.parse().unwrap_or(0));
-        Ok((true, TopicMeta { name: topic.to_string(), message_type, queue_count, lite_ttl_minutes }))
+        let meta = TopicMeta {
+            name: topic.to_string(),
+            message_type,
+            queue_count,
+            lite_ttl_minutes,
+            max_send_tps: 0,
+            send_throttle: Throttle::Wait,
+        };
+        Ok((true, meta))
+    }
+
+    /// Sets the topic's send quota at run time, on every queue (queue 0's shard enforces it,
+    /// and listings read any queue). Other proxies see a new throttle mode within 2 s.
+    pub async fn set_send_quota(
+        &self,
+        brokers: &BrokerPool,
+        topic: &str,
+        max_send_tps: Option<u32>,
+        throttle: Option<Throttle>,
+    ) -> Result<TopicMeta> {
+        self.cache.lock().expect("cache lock").remove(topic);
+        let Some(record) = brokers.queue_record(&queue_name(topic, 0)).await? else {
+            return Err(ProxyError::TopicNotFound(topic.to_string()));
+        };
+        let old = meta_of(topic, &record);
+        let max_send_tps = max_send_tps.unwrap_or(old.max_send_tps);
+        if max_send_tps > crate::groups::QUOTA_TPS_MAX {
+            return Err(ProxyError::BadRequest(format!("max_send_tps must be 0..={}", crate::groups::QUOTA_TPS_MAX)));
+        }
+        let throttle = throttle.unwrap_or(old.send_throttle);
+        let mut attributes: Vec<(String, String)> = record
+            .attributes
+            .iter()
+            .filter(|(k, _)| k != MAX_SEND_TPS_ATTRIBUTE && k != SEND_THROTTLE_ATTRIBUTE)
+            .cloned()
+            .collect();
+        attributes.push((MAX_SEND_TPS_ATTRIBUTE.to_string(), max_send_tps.to_string()));
+        attributes.push((SEND_THROTTLE_ATTRIBUTE.to_string(), throttle.name().to_string()));
+        for index in 0..old.queue_count {
+            let queue = queue_name(topic, index);
+            let request = CreateQueueRequest {
+                queue: queue.clone(),
+                message_type: old.message_type,
+                attributes: attributes.clone(),
+                update: true,
+            };
+            brokers.call_for(&queue, &request).await?;
+        }
+        self.cache.lock().expect("cache lock").remove(topic);
+        Ok(TopicMeta { max_send_tps, send_throttle: throttle, ..old })
     }
 
     /// Deletes the topic's queues, queue 0 first. Returns false when it did not exist.
@@ -194,19 +266,7 @@ impl Topics {
         let mut topics: BTreeMap<String, (TopicMeta, u64)> = BTreeMap::new();
         for record in brokers.queue_records("").await? {
             let Some(topic) = record.attribute("topic") else { continue };
-            let queue_count = record.attribute("queue_count").and_then(|v| v.parse().ok()).unwrap_or(1);
-            let entry = topics.entry(topic.to_string()).or_insert_with(|| {
-                let lite_ttl_minutes = lite_ttl_of(&record);
-                (
-                    TopicMeta {
-                        name: topic.to_string(),
-                        message_type: record.message_type,
-                        queue_count,
-                        lite_ttl_minutes,
-                    },
-                    0,
-                )
-            });
+            let entry = topics.entry(topic.to_string()).or_insert_with(|| (meta_of(topic, &record), 0));
             entry.1 += record.messages;
         }
         Ok(topics.into_values().collect())

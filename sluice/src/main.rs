@@ -212,6 +212,18 @@ enum TopicAction {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Changes a topic's send quota at run time; options left out keep their value.
+    Update {
+        name: String,
+        /// Send quota in messages/s across all proxies (0 removes it).
+        #[arg(long)]
+        max_send_tps: Option<u32>,
+        /// A send over the quota: "wait" (up to 2 s) or "reject" (TOO_MANY_REQUESTS).
+        #[arg(long)]
+        send_throttle: Option<String>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     List {
         #[command(flatten)]
         endpoint: Endpoint,
@@ -233,6 +245,28 @@ enum GroupAction {
         /// A FIFO group: each message group is consumed in send order, one message at a time.
         #[arg(long)]
         fifo: bool,
+        /// Receive quota in messages/s across all proxies (0: none).
+        #[arg(long, default_value_t = 0)]
+        max_receive_tps: u32,
+        /// A receive over the quota: "wait" (inside its long poll) or "reject" (TOO_MANY_REQUESTS).
+        #[arg(long, default_value = "wait")]
+        throttle: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Changes a group's settings at run time; options left out keep their value.
+    Update {
+        name: String,
+        #[arg(long)]
+        max_delivery_attempts: Option<u32>,
+        #[arg(long)]
+        fifo: Option<bool>,
+        /// Receive quota in messages/s across all proxies (0 removes it).
+        #[arg(long)]
+        max_receive_tps: Option<u32>,
+        /// "wait" or "reject".
+        #[arg(long)]
+        throttle: Option<String>,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -319,14 +353,36 @@ async fn run(cli: Cli) -> Result<(), String> {
             TopicAction::Create { name, kind, queues, lite_ttl_minutes, endpoint } => {
                 cli::client::topic_create(&connection(&endpoint, json), &name, &kind, queues, lite_ttl_minutes).await
             }
+            TopicAction::Update { name, max_send_tps, send_throttle, endpoint } => {
+                let request =
+                    sluice_proxy::pb::sluice::admin::v1::UpdateTopicRequest { name, max_send_tps, send_throttle };
+                cli::client::topic_update(&connection(&endpoint, json), request).await
+            }
             TopicAction::List { endpoint } => cli::client::topic_list(&connection(&endpoint, json)).await,
             TopicAction::Delete { name, endpoint } => {
                 cli::client::topic_delete(&connection(&endpoint, json), &name).await
             }
         },
         Command::Group { action } => match action {
-            GroupAction::Create { name, max_delivery_attempts, fifo, endpoint } => {
-                cli::client::group_create(&connection(&endpoint, json), &name, max_delivery_attempts, fifo).await
+            GroupAction::Create { name, max_delivery_attempts, fifo, max_receive_tps, throttle, endpoint } => {
+                let request = sluice_proxy::pb::sluice::admin::v1::CreateGroupRequest {
+                    name,
+                    max_delivery_attempts,
+                    fifo,
+                    max_receive_tps,
+                    throttle,
+                };
+                cli::client::group_create(&connection(&endpoint, json), request).await
+            }
+            GroupAction::Update { name, max_delivery_attempts, fifo, max_receive_tps, throttle, endpoint } => {
+                let request = sluice_proxy::pb::sluice::admin::v1::UpdateGroupRequest {
+                    name,
+                    max_delivery_attempts,
+                    fifo,
+                    max_receive_tps,
+                    throttle,
+                };
+                cli::client::group_update(&connection(&endpoint, json), request).await
             }
             GroupAction::List { endpoint } => cli::client::group_list(&connection(&endpoint, json)).await,
             GroupAction::Delete { name, endpoint } => {

@@ -615,7 +615,12 @@ async fn consumer_groups_are_recorded_and_enforced() {
     let (ok, out, err) = cli(&["--json", "group", "list", "--endpoint", &endpoint]).await;
     assert!(ok, "group list: {err}");
     let listed: serde_json::Value = serde_json::from_str(&out).expect("group list --json");
-    assert_eq!(listed, serde_json::json!([{ "name": "workers", "max_delivery_attempts": 2, "fifo": false }]));
+    assert_eq!(
+        listed,
+        serde_json::json!([{
+            "name": "workers", "max_delivery_attempts": 2, "fifo": false, "max_receive_tps": 0, "throttle": "wait"
+        }])
+    );
 
     // Two deliveries left un-acked; the third would exceed the group's limit: dead-lettered.
     for attempt in 1..=2 {

@@ -81,6 +81,8 @@ pub fn validate_declared_kind(frame: &Frame) -> bool {
         FrameKind::RecallResponse => frame.access::<RecallResponse>().is_ok(),
         FrameKind::TransactionCheckRequest => frame.access::<TransactionCheckRequest>().is_ok(),
         FrameKind::TransactionCheckResponse => frame.access::<TransactionCheckResponse>().is_ok(),
+        FrameKind::QuotaRequest => frame.access::<QuotaRequest>().is_ok(),
+        FrameKind::QuotaResponse => frame.access::<QuotaResponse>().is_ok(),
     }
 }
 

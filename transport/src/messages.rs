@@ -79,6 +79,8 @@ frame_kinds! {
     RecallResponse = 43,
     TransactionCheckRequest = 44,
     TransactionCheckResponse = 45,
+    QuotaRequest = 46,
+    QuotaResponse = 47,
 }
 
 /// Kind numbers that are retired and must never be used again: 14 and 15 (the single-queue
@@ -609,9 +611,46 @@ pub struct CreateQueueRequest {
     /// normal, fifo, delay, transaction, lite, priority (the proxy's topic types).
     pub message_type: u8,
     pub attributes: Vec<(String, String)>,
+    /// When the queue exists with the same type, replace its attributes (a run-time change
+    /// of a group's or topic's settings) instead of leaving it unchanged.
+    pub update: bool,
 }
 message!(CreateQueueRequest, CreateQueueRequest);
 request!(CreateQueueRequest => CreateQueueResponse);
+
+/// Which rate quota a `QuotaRequest` draws on.
+pub mod quota_kind {
+    /// A consumer group's receive rate (`max_receive_tps` on its `%GROUP%` record).
+    pub const RECEIVE: u8 = 1;
+    /// A topic's send rate (`max_send_tps` on its queue 0, `T#0`).
+    pub const SEND: u8 = 2;
+}
+
+/// Takes up to `want` permits from a rate quota kept by the shard that owns `record` (a
+/// group's `%GROUP%` record, or a topic's queue 0), and first gives back `refund` unused ones.
+/// That shard is the one authority for the quota, whichever proxies serve the group or topic.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct QuotaRequest {
+    pub record: String,
+    pub kind: u8,
+    pub want: u32,
+    pub refund: u32,
+}
+message!(QuotaRequest, QuotaRequest);
+request!(QuotaRequest => QuotaResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct QuotaResponse {
+    /// Permits taken (`want` when the record has no quota).
+    pub granted: u32,
+    /// When none were granted: how long until one is free.
+    pub wait_ms: u64,
+    /// The quota in permits per second; 0 for none.
+    pub rate_per_s: u32,
+}
+message!(QuotaResponse, QuotaResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
 #[rkyv(compare(PartialEq), derive(Debug))]

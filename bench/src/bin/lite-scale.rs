@@ -188,7 +188,8 @@ async fn sluice(args: &Args) -> Result<Phase, String> {
             ("queue_count".to_string(), QUEUES.to_string()),
             (LITE_TTL_ATTRIBUTE.to_string(), "1440".to_string()),
         ];
-        let create = CreateQueueRequest { queue: queue.clone(), message_type: message_type::LITE, attributes };
+        let create =
+            CreateQueueRequest { queue: queue.clone(), message_type: message_type::LITE, attributes, update: false };
         pool.call_for(&queue, &create).await.map_err(|e| e.to_string())?;
     }
     let (rss0, index0) = (rss_bytes(args.broker_pid), dir_bytes(&args.broker_data, "index"));

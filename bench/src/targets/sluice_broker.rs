@@ -115,7 +115,12 @@ pub async fn open(
         for queue in queues {
             let attributes =
                 vec![("topic".to_string(), names.topic(topic)), ("queue_count".to_string(), queues.len().to_string())];
-            let create = CreateQueueRequest { queue: queue.clone(), message_type: message_type::NORMAL, attributes };
+            let create = CreateQueueRequest {
+                queue: queue.clone(),
+                message_type: message_type::NORMAL,
+                attributes,
+                update: false,
+            };
             admin.call_for(queue, &create).await.map_err(error)?;
         }
     }

@@ -54,7 +54,12 @@ pub async fn create_topics(
                 ("queue_count".to_string(), queue_count.to_string()),
                 (LITE_TTL_ATTRIBUTE.to_string(), LITE_TTL_MINUTES.to_string()),
             ];
-            let create = CreateQueueRequest { queue: queue.clone(), message_type: message_type::LITE, attributes };
+            let create = CreateQueueRequest {
+                queue: queue.clone(),
+                message_type: message_type::LITE,
+                attributes,
+                update: false,
+            };
             admin.call_for(&queue, &create).await.map_err(error)?;
         }
         topics.push(topic);

@@ -108,19 +108,21 @@ mod tests {
         #[test]
         fn leaves_in_rank_order(priorities in proptest::collection::vec(0i32..5, 1..200)) {
             let mut b = Backlog::default();
+            let mut held = BTreeSet::new();
             for (offset, p) in priorities.iter().enumerate() {
                 b.push(entry(offset as u64, *p));
+                held.insert(offset as u64);
             }
             let mut last: Option<(i32, u64)> = None;
-            while let Some(min) = b.min_offset() {
-                let e = b.take_best().unwrap();
-                prop_assert!(e.offset >= min);
+            while let Some(e) = b.take_best() {
+                prop_assert!(held.remove(&e.offset), "each entry leaves once");
+                prop_assert_eq!(b.min_offset(), held.first().copied(), "the lowest offset still held");
                 if let Some((p, o)) = last {
                     prop_assert!(e.priority < p || (e.priority == p && e.offset > o));
                 }
                 last = Some((e.priority, e.offset));
             }
-            prop_assert_eq!(b.len(), 0);
+            prop_assert!(held.is_empty());
         }
     }
 }

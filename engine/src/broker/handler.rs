@@ -70,6 +70,8 @@ pub struct ShardHandler {
     next_lease_id: Cell<u64>,
     pub(super) timers: TimerWake,
     pub(super) halves: RefCell<HalfChecks>,
+    /// Rate quotas of the group records this shard owns (see `quota`).
+    pub(super) quotas: RefCell<crate::broker::quota::Quotas>,
     pub(super) counters: Counters,
 }
 
@@ -97,6 +99,8 @@ pub(super) struct Counters {
     pub transactions_rolled_back: Cell<u64>,
     pub transaction_checks: Cell<u64>,
     pub transactions_discarded: Cell<u64>,
+    /// Quota requests granted less than they asked for.
+    pub quota_throttled: Cell<u64>,
 }
 
 impl Counters {
@@ -161,6 +165,7 @@ impl ShardHandler {
             next_lease_id: Cell::new(1),
             timers: TimerWake::default(),
             halves: RefCell::new(halves),
+            quotas: RefCell::default(),
             counters: Counters::default(),
         })
     }
@@ -208,6 +213,7 @@ impl ShardHandler {
             FrameKind::RecallRequest => OutFrame::encode(id, &self.recall(request).await?, max),
             FrameKind::TransactionCheckRequest => return self.transaction_checks(request).await,
             FrameKind::LiteSubscriptionRequest => OutFrame::encode(id, &self.lite_subscription(request).await?, max),
+            FrameKind::QuotaRequest => OutFrame::encode(id, &self.quota(request)?, max),
             other => return Err(BrokerError::InvalidRequest(format!("{other:?} is not a request a broker serves"))),
         };
         encoded.map_err(Self::unencodable)
@@ -515,9 +521,15 @@ impl ShardHandler {
                     requested: config.message_type,
                 });
             }
-            return Ok(CreateQueueResponse { created: false });
+            if !create.update || existing.attributes == config.attributes {
+                return Ok(CreateQueueResponse { created: false });
+            }
+        } else if create.update {
+            // A run-time change of something deleted meanwhile must not bring it back.
+            return Err(BrokerError::QueueNotFound(queue.to_string()));
         }
-        if self.configs.borrow().len() >= self.limits.queue_configs_max {
+        let exists = self.configs.borrow().contains(queue);
+        if !exists && self.configs.borrow().len() >= self.limits.queue_configs_max {
             return Err(BrokerError::InvalidRequest(format!(
                 "this shard already holds {} queues (broker.queue_configs_max)",
                 self.limits.queue_configs_max
@@ -525,7 +537,9 @@ impl ShardHandler {
         }
         self.shard.put_state(StateTable::QueueConfig, queue.as_bytes().to_vec(), config.encode()).await?;
         let created = self.configs.borrow_mut().insert(queue.to_string(), config);
-        self.scheduler.borrow_mut().add_queue(queue);
+        if created {
+            self.scheduler.borrow_mut().add_queue(queue);
+        }
         Ok(CreateQueueResponse { created })
     }
 
@@ -535,6 +549,7 @@ impl ShardHandler {
         self.check_queue(queue)?;
         self.shard.delete_state(StateTable::QueueConfig, queue.as_bytes().to_vec()).await?;
         self.configs.borrow_mut().remove(queue);
+        self.quotas.borrow_mut().forget_record(queue);
         self.scheduler.borrow_mut().remove_queue(queue);
         self.dirty_offsets.borrow_mut().retain(|(_, q)| &**q != queue);
         self.forget_offsets(queue).await?;
@@ -592,6 +607,7 @@ impl ShardHandler {
             ("receipts_refused".to_string(), c.receipts_refused.get()),
             ("long_poll_waits".to_string(), c.long_polls.get()),
             ("polls_cancelled".to_string(), c.polls_cancelled.get()),
+            ("quota_throttled".to_string(), c.quota_throttled.get()),
             ("group_queues".to_string(), scheduler.group_queue_count() as u64),
             ("lite_clients".to_string(), scheduler.lite_client_count() as u64),
             ("lite_clients_expired".to_string(), c.lite_clients_expired.get()),

@@ -14,6 +14,7 @@ mod held;
 mod lite;
 pub mod pop;
 pub mod queues;
+pub mod quota;
 pub mod receipt;
 pub mod scheduler;
 
@@ -103,7 +104,7 @@ impl Default for BrokerLimits {
             long_poll_max_ms: 60_000,
             leases_per_group_queue_max: 20_000,
             fifo_waiting_per_group_queue_max: 10_000,
-            priority_backlog_per_group_queue_max: 10_000,
+            priority_backlog_per_group_queue_max: 2_000,
             group_queues_max: 100_000,
             scan_entries_max: 1024,
             retry_delays_max: 64,

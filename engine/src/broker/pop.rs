@@ -158,9 +158,12 @@ impl GroupQueue {
         self.prioritized
     }
 
-    /// The FIFO message group of an entry: the whole queue when it is ordered.
+    /// The FIFO message group of an entry: the whole queue when it is ordered, none on a
+    /// prioritized queue (priority decides its order, whatever the group's FIFO policy).
     fn fifo_key(&self, entry: &QueueEntry) -> u64 {
-        if self.ordered {
+        if self.prioritized {
+            0
+        } else if self.ordered {
             ORDERED_QUEUE_KEY
         } else {
             entry.group_hash
@@ -212,7 +215,7 @@ impl GroupQueue {
     /// drain in order. On records each group's leases, so no group gets another message until
     /// all it had leased before the switch are settled.
     pub fn set_fifo(&mut self, fifo: bool) {
-        if self.ordered {
+        if self.ordered || self.prioritized {
             return;
         }
         if self.fifo && !fifo {
@@ -613,6 +616,23 @@ mod tests {
         assert_eq!((q.backlog(), q.leased(), q.floor()), (0, 0, 16), "retention took everything");
         q.reset(3);
         assert!(q.is_prioritized(), "a reset keeps the queue's kind");
+    }
+
+    #[test]
+    fn a_fifo_group_on_a_prioritized_queue_follows_priority_not_message_groups() {
+        let mut q = GroupQueue::new(0);
+        q.set_prioritized();
+        q.set_fifo(true);
+        // Same message group (a producer may set one on a priority message): both go out.
+        let entries = [QueueEntry { priority: 1, ..entry(0, 7) }, QueueEntry { priority: 2, ..entry(1, 7) }];
+        q.fill_backlog(&entries, |_| true, LIMITS);
+        let mut ids = ids();
+        let first = q.lease_best(terms(0), LIMITS, ids()).expect("first");
+        let second = q.lease_best(terms(0), LIMITS, ids()).expect("second: no FIFO block on a priority queue");
+        assert_eq!((first.lease.offset, second.lease.offset), (1, 0));
+        q.ack(1, first.lease.lease_id, 1).unwrap();
+        q.ack(0, second.lease.lease_id, 1).unwrap();
+        assert_eq!(q.floor(), 2);
     }
 
     #[test]

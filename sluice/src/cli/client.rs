@@ -119,7 +119,27 @@ fn topic_json(t: &admin::TopicInfo) -> serde_json::Value {
         "type": message_type_name(t.message_type as u8),
         "queues": t.queue_count,
         "messages": t.messages,
+        "max_send_tps": t.max_send_tps,
+        "send_throttle": t.send_throttle,
     })
+}
+
+pub async fn topic_update(c: &Connection, request: admin::UpdateTopicRequest) -> Result<(), String> {
+    let mut client = admin(c).await?;
+    let reply = client.update_topic(request).await.map_err(grpc)?.into_inner();
+    check(reply.status.as_ref())?;
+    let topic = reply.topic.unwrap_or_default();
+    if c.json {
+        println!("{}", topic_json(&topic));
+    } else if topic.max_send_tps == 0 {
+        println!("updated topic {}: no send quota", topic.name);
+    } else {
+        println!(
+            "updated topic {}: at most {} messages/s sent ({} when over)",
+            topic.name, topic.max_send_tps, topic.send_throttle
+        );
+    }
+    Ok(())
 }
 
 pub async fn topic_create(
@@ -204,32 +224,53 @@ pub async fn topic_delete(c: &Connection, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub async fn group_create(c: &Connection, name: &str, max_delivery_attempts: u32, fifo: bool) -> Result<(), String> {
+pub async fn group_create(c: &Connection, request: admin::CreateGroupRequest) -> Result<(), String> {
     let mut client = admin(c).await?;
-    let reply = client
-        .create_group(admin::CreateGroupRequest { name: name.into(), max_delivery_attempts, fifo })
-        .await
-        .map_err(grpc)?
-        .into_inner();
+    let reply = client.create_group(request).await.map_err(grpc)?.into_inner();
     check(reply.status.as_ref())?;
     let group = reply.group.unwrap_or_default();
-    let kind = if group.fifo { "FIFO consumer group" } else { "consumer group" };
     if c.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "name": group.name,
-                "max_delivery_attempts": group.max_delivery_attempts,
-                "fifo": group.fifo,
-                "created": reply.created,
-            })
-        );
+        let mut json = group_json(&group);
+        json["created"] = reply.created.into();
+        println!("{json}");
     } else if reply.created {
-        println!("created {kind} {} (max {} delivery attempts)", group.name, group.max_delivery_attempts);
+        println!("created {}", describe_group(&group));
     } else {
-        println!("{kind} {} already exists (max {} delivery attempts)", group.name, group.max_delivery_attempts);
+        println!("{} already exists", describe_group(&group));
     }
     Ok(())
+}
+
+pub async fn group_update(c: &Connection, request: admin::UpdateGroupRequest) -> Result<(), String> {
+    let mut client = admin(c).await?;
+    let reply = client.update_group(request).await.map_err(grpc)?.into_inner();
+    check(reply.status.as_ref())?;
+    let group = reply.group.unwrap_or_default();
+    if c.json {
+        println!("{}", group_json(&group));
+    } else {
+        println!("updated {}", describe_group(&group));
+    }
+    Ok(())
+}
+
+fn group_json(g: &admin::GroupInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": g.name,
+        "max_delivery_attempts": g.max_delivery_attempts,
+        "fifo": g.fifo,
+        "max_receive_tps": g.max_receive_tps,
+        "throttle": g.throttle,
+    })
+}
+
+fn describe_group(g: &admin::GroupInfo) -> String {
+    let kind = if g.fifo { "FIFO consumer group" } else { "consumer group" };
+    let quota = match g.max_receive_tps {
+        0 => String::new(),
+        tps => format!(", at most {tps} messages/s ({} when over)", g.throttle),
+    };
+    format!("{kind} {} (max {} delivery attempts{quota})", g.name, g.max_delivery_attempts)
 }
 
 pub async fn group_list(c: &Connection) -> Result<(), String> {
@@ -237,11 +278,7 @@ pub async fn group_list(c: &Connection) -> Result<(), String> {
     let reply = client.list_groups(admin::ListGroupsRequest {}).await.map_err(grpc)?.into_inner();
     check(reply.status.as_ref())?;
     if c.json {
-        let groups: Vec<serde_json::Value> = reply
-            .groups
-            .iter()
-            .map(|g| serde_json::json!({ "name": g.name, "max_delivery_attempts": g.max_delivery_attempts, "fifo": g.fifo }))
-            .collect();
+        let groups: Vec<serde_json::Value> = reply.groups.iter().map(group_json).collect();
         println!("{}", serde_json::Value::Array(groups));
         return Ok(());
     }
@@ -249,9 +286,14 @@ pub async fn group_list(c: &Connection) -> Result<(), String> {
         println!("no consumer groups; create one with `sluice group create NAME`");
         return Ok(());
     }
-    println!("{:<40} {:>14} {:>5}", "GROUP", "MAX ATTEMPTS", "FIFO");
+    println!("{:<40} {:>14} {:>5} {:>12} {:>8}", "GROUP", "MAX ATTEMPTS", "FIFO", "MAX RECV/S", "THROTTLE");
     for g in &reply.groups {
-        println!("{:<40} {:>14} {:>5}", g.name, g.max_delivery_attempts, if g.fifo { "yes" } else { "no" });
+        let (tps, throttle) = match g.max_receive_tps {
+            0 => ("-".to_string(), "-"),
+            tps => (tps.to_string(), g.throttle.as_str()),
+        };
+        let fifo = if g.fifo { "yes" } else { "no" };
+        println!("{:<40} {:>14} {:>5} {:>12} {:>8}", g.name, g.max_delivery_attempts, fifo, tps, throttle);
     }
     Ok(())
 }

@@ -587,7 +587,12 @@ pub async fn create_group(addr: SocketAddr, name: &str, max_delivery_attempts: u
     let mut client = admin_client(addr).await;
     let reply = bounded(
         "CreateGroup",
-        client.create_group(admin::CreateGroupRequest { name: name.into(), max_delivery_attempts, fifo }),
+        client.create_group(admin::CreateGroupRequest {
+            name: name.into(),
+            max_delivery_attempts,
+            fifo,
+            ..Default::default()
+        }),
     )
     .await
     .expect("CreateGroup transport")

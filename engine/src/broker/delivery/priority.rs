@@ -47,6 +47,7 @@ impl ShardHandler {
             }
         }
         let granted = self.lease_across(ask, &queues);
+        let granted_count = granted.len();
         let filter = self.scheduler.borrow().group(ask.group, ask.topic).map(|gt| gt.filter.clone());
         let reads = queues.iter().filter_map(|(index, queue)| {
             let mine: Vec<Delivery> = granted.iter().filter(|(i, _)| i == index).map(|(_, d)| *d).collect();
@@ -61,6 +62,9 @@ impl ShardHandler {
                 }
             }
         }
+        // Leases the filter (or retention) consumed instead of delivering: moving on, so another
+        // pass may find more in the backlog.
+        progressed |= out.len() < granted_count;
         // Redeliveries and the queues' bests, merged: the reply itself is in priority order.
         out.sort_by_key(|p| (Reverse(p.delivery.entry.priority), p.delivery.entry.store_ms));
         let full = out.len() >= ask.max_count;
@@ -166,7 +170,7 @@ impl ShardHandler {
             .iter()
             .filter_map(|(index, _)| gt.queues.get(index).map(|gq| (*index, gq)))
             .flat_map(|(index, gq)| {
-                gq.due(now, ask.max_count)
+                gq.due(now, limits.leases_max)
                     .into_iter()
                     .filter_map(move |offset| gq.leased_entry(offset).map(|e| (rank(&e, true), index, offset)))
             })
