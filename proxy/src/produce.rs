@@ -32,6 +32,8 @@ struct Prepared<'a> {
     queue: String,
     outgoing: Outgoing,
     body: &'a [u8],
+    /// Its topic has a send quota (as this proxy last read the topic).
+    send_quota: bool,
 }
 
 /// A message the broker stored, and what the client is told about it.
@@ -104,13 +106,14 @@ async fn prepare<'a>(
         // A lite topic is one queue (created by this first append), placed under the topic
         // queue its name hashes to: one lite topic, one order.
         let queue = lite_queue(&meta.name, meta.queue_count, &outgoing.attributes.lite_topic);
-        return Ok(Prepared { index, queue, outgoing, body: &message.body });
+        return Ok(Prepared { index, queue, outgoing, body: &message.body, send_quota: meta.max_send_tps > 0 });
     }
     // Clients leave queue_id at 0 whichever queue they picked, so the proxy chooses: a FIFO
     // message by its group (one group, one queue, one order), others by message id.
     let spread = if kind == message_type::FIFO { &outgoing.attributes.message_group } else { &outgoing.message_id };
     let queue_index = crc32c::crc32c(spread.as_bytes()) % meta.queue_count;
-    Ok(Prepared { index, queue: meta.queue(queue_index), outgoing, body: &message.body })
+    let send_quota = meta.max_send_tps > 0;
+    Ok(Prepared { index, queue: meta.queue(queue_index), outgoing, body: &message.body, send_quota })
 }
 
 /// Keeps the messages their topics' send quotas have permits for (one each, in batch order);
@@ -121,9 +124,13 @@ async fn within_send_quotas<'a>(
     ready: Vec<Prepared<'a>>,
     results: &mut [Option<Result<Sent, PbStatus>>],
 ) -> Vec<Prepared<'a>> {
+    if !ready.iter().any(|p| p.send_quota) {
+        // The usual send: no quota, nothing to look up or allocate.
+        return ready;
+    }
     let topic_of = |p: &Prepared<'_>| messages[p.index].topic.as_ref().map_or("", |t| t.name.as_str()).to_string();
     let mut counts: HashMap<String, u32> = HashMap::new();
-    for p in &ready {
+    for p in ready.iter().filter(|p| p.send_quota) {
         *counts.entry(topic_of(p)).or_default() += 1;
     }
     // Per topic with a quota: permits left, and what the messages beyond them are told.
@@ -131,9 +138,6 @@ async fn within_send_quotas<'a>(
     let until = std::time::Instant::now() + crate::quota::SEND_WAIT_MAX;
     for (topic, count) in counts {
         let Ok(meta) = this.topic(&topic).await else { continue };
-        if meta.max_send_tps == 0 {
-            continue;
-        }
         let quota = crate::quota::Quota::send(&meta);
         let wait = until.saturating_duration_since(std::time::Instant::now());
         let left = match crate::quota::acquire_all(&this.state, &quota, count, wait).await {
@@ -144,6 +148,10 @@ async fn within_send_quotas<'a>(
     }
     let mut kept = Vec::with_capacity(ready.len());
     for p in ready {
+        if !p.send_quota {
+            kept.push(p);
+            continue;
+        }
         match permits.get_mut(&topic_of(&p)) {
             Some((0, refused)) => results[p.index] = Some(Err(refused.clone())),
             Some((left, _)) => {
