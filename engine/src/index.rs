@@ -100,8 +100,9 @@ pub struct QueueEntry {
     pub priority: i32,
     /// `record::name_hash` of the message group; 0 for none.
     pub group_hash: u64,
-    /// `record::name_hash` of the lite topic; 0 for none.
-    pub lite_hash: u64,
+    /// `record::name_hash` of the entry's sub-stream key: the lite topic on a lite queue, the
+    /// fairness key (`fair_key`, the tenant) on a fair topic; 0 for none.
+    pub key_hash: u64,
     pub delivery_ms: u64,
 }
 
@@ -124,7 +125,7 @@ impl QueueEntry {
             txn_state: a.txn_state,
             priority: a.priority,
             group_hash: crate::record::name_hash(a.message_group),
-            lite_hash: crate::record::name_hash(a.lite_topic),
+            key_hash: crate::record::name_hash(if a.lite_topic.is_empty() { a.fair_key } else { a.lite_topic }),
             delivery_ms: a.delivery_ms,
         }
     }
@@ -143,7 +144,7 @@ impl QueueEntry {
         out[25] = self.txn_state;
         out[28..32].copy_from_slice(&self.priority.to_le_bytes());
         out[32..40].copy_from_slice(&self.group_hash.to_le_bytes());
-        out[40..48].copy_from_slice(&self.lite_hash.to_le_bytes());
+        out[40..48].copy_from_slice(&self.key_hash.to_le_bytes());
         out[48..56].copy_from_slice(&self.delivery_ms.to_le_bytes());
         out
     }
@@ -167,7 +168,7 @@ impl QueueEntry {
             entry.txn_state = value[25];
             entry.priority = i32::from_le_bytes([value[28], value[29], value[30], value[31]]);
             entry.group_hash = crate::record::le_u64(value, 32);
-            entry.lite_hash = crate::record::le_u64(value, 40);
+            entry.key_hash = crate::record::le_u64(value, 40);
             entry.delivery_ms = crate::record::le_u64(value, 48);
         }
         Some(entry)
@@ -727,7 +728,7 @@ mod tests {
             txn_state: 2,
             priority: -3,
             group_hash: 11,
-            lite_hash: 12,
+            key_hash: 12,
             delivery_ms: 13,
         };
         assert_eq!(QueueEntry::decode(9, &entry.encode()), Some(entry));

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use sluice_transport::messages::{StatsRequest, StatsResponse};
+use std::collections::{BTreeMap, HashMap};
+
+use sluice_transport::messages::{GroupStatsRequest, GroupStatsResponse, StatsRequest, StatsResponse};
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use crate::error::{ok_status, ProxyError};
@@ -11,9 +13,13 @@ use crate::groups::{GroupChange, GroupMeta, Throttle};
 use crate::pb::sluice::admin::v1::admin_server::Admin;
 use crate::pb::sluice::admin::v1::*;
 use crate::state::ProxyState;
-use crate::topics::TopicMeta;
+use crate::topics::{Fairness, TopicChange, TopicMeta};
 
 type GrpcResult<T> = Result<Response<T>, GrpcStatus>;
+
+/// (group, topic) pairs asked of each shard, and kept in all, for `GetStats`.
+const GROUP_STATS_PER_SHARD_MAX: u32 = 10_000;
+const GROUP_STATS_MAX: usize = 10_000;
 
 #[derive(Clone)]
 pub struct AdminService {
@@ -29,6 +35,9 @@ fn info(meta: &TopicMeta, messages: u64) -> TopicInfo {
         lite_ttl_minutes: meta.lite_ttl_minutes,
         max_send_tps: meta.max_send_tps,
         send_throttle: meta.send_throttle.name().to_string(),
+        fair_key: meta.fairness.key.clone(),
+        fair_weights: meta.fairness.weights.clone(),
+        fair_default_weight: meta.fairness.default_weight,
     }
 }
 
@@ -40,9 +49,14 @@ impl Admin for AdminService {
             let r = request.get_ref();
             let message_type =
                 u8::try_from(r.message_type).map_err(|_| ProxyError::BadRequest("bad message type".into()))?;
+            let fair = Fairness {
+                key: r.fair_key.clone(),
+                weights: r.fair_weights.clone(),
+                default_weight: r.fair_default_weight,
+            };
             self.state
                 .topics
-                .create(&self.state.brokers, &r.name, message_type, r.queue_count, r.lite_ttl_minutes)
+                .create_fair(&self.state.brokers, &r.name, message_type, r.queue_count, r.lite_ttl_minutes, &fair)
                 .await
         }
         .await;
@@ -59,7 +73,13 @@ impl Admin for AdminService {
             self.state.auth.check(request.metadata())?;
             let r = request.get_ref();
             let throttle = r.send_throttle.as_deref().map(Throttle::parse).transpose()?;
-            self.state.topics.set_send_quota(&self.state.brokers, &r.name, r.max_send_tps, throttle).await
+            let change = TopicChange {
+                max_send_tps: r.max_send_tps,
+                send_throttle: throttle,
+                fair_weights: r.fair_weights.clone(),
+                fair_default_weight: r.fair_default_weight,
+            };
+            self.state.topics.update(&self.state.brokers, &r.name, change).await
         }
         .await;
         Ok(Response::new(match result {
@@ -176,6 +196,8 @@ impl Admin for AdminService {
                 status: Some(e.status()),
                 brokers: Vec::new(),
                 proxy: Vec::new(),
+                groups: Vec::new(),
+                groups_truncated: false,
             }));
         }
         let mut brokers = Vec::new();
@@ -197,7 +219,50 @@ impl Admin for AdminService {
         let mut proxy: Vec<Counter> =
             self.state.counters.snapshot().into_iter().map(|(name, value)| Counter { name, value }).collect();
         proxy.push(Counter { name: "renewals_tracked".into(), value: self.state.renewals.len() as u64 });
-        Ok(Response::new(GetStatsResponse { status: Some(ok_status()), brokers, proxy }))
+        let (groups, groups_truncated) = self.group_stats().await;
+        Ok(Response::new(GetStatsResponse { status: Some(ok_status()), brokers, proxy, groups, groups_truncated }))
+    }
+}
+
+impl AdminService {
+    /// Every shard's per-(group, topic) figures, summed; throttle counts come from the shard
+    /// that keeps each group's receive quota. A shard that does not answer is left out.
+    async fn group_stats(&self) -> (Vec<GroupStats>, bool) {
+        let mut by_key: BTreeMap<(String, String), GroupStats> = BTreeMap::new();
+        let mut throttled: HashMap<String, u64> = HashMap::new();
+        let mut truncated = false;
+        let request = GroupStatsRequest { max_count: GROUP_STATS_PER_SHARD_MAX };
+        for owner in self.state.brokers.all_shards() {
+            let Ok(frame) = self.state.brokers.call(owner, &request).await else { continue };
+            let Ok(reply) = frame.access::<GroupStatsResponse>() else { continue };
+            truncated |= reply.truncated;
+            for g in reply.groups.iter() {
+                let key = (g.group.as_str().to_string(), g.topic.as_str().to_string());
+                if !by_key.contains_key(&key) && by_key.len() >= GROUP_STATS_MAX {
+                    truncated = true;
+                    continue;
+                }
+                let entry = by_key.entry(key.clone()).or_insert_with(|| GroupStats {
+                    group: key.0.clone(),
+                    topic: key.1.clone(),
+                    ..Default::default()
+                });
+                entry.ready += g.ready.to_native();
+                entry.inflight += g.inflight.to_native();
+                entry.delivered += g.delivered.to_native();
+                entry.rate_per_s += g.rate_milli_per_s.to_native() as f64 / 1000.0;
+            }
+            for t in reply.throttled.iter() {
+                if let Some(group) = t.0.as_str().strip_prefix(crate::groups::GROUP_RECORD_PREFIX) {
+                    *throttled.entry(group.to_string()).or_default() += t.1.to_native();
+                }
+            }
+        }
+        let mut groups: Vec<GroupStats> = by_key.into_values().collect();
+        for g in &mut groups {
+            g.throttled = throttled.get(&g.group).copied().unwrap_or(0);
+        }
+        (groups, truncated)
     }
 }
 

@@ -125,27 +125,65 @@ type Reply = tokio::sync::oneshot::Sender<Result<KeptBatch>>;
 #[derive(Clone, Copy)]
 struct Want {
     max_count: usize,
+    merge: Merge,
+}
+
+/// How the shards' replies to one receive are merged.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Merge {
+    /// In the order they arrive, up to `max_count`.
+    FirstArrived,
     /// A PRIORITY topic: each shard's reply is in priority order, and the receive keeps the
     /// best `max_count` across the shards rather than the first to arrive.
-    by_priority: bool,
+    ByPriority,
+    /// A fair topic: each shard's reply is in its fair clock's order, and the receive takes
+    /// from the shards in turn, so every shard's tenants progress (taking the first reply
+    /// whole would let one shard's tenants have every receive while it answers first).
+    InTurn,
 }
 
 impl Want {
     /// How many a frame may add before the final choice.
     fn take_limit(&self) -> usize {
-        if self.by_priority {
-            usize::MAX
-        } else {
+        if self.merge == Merge::FirstArrived {
             self.max_count
+        } else {
+            usize::MAX
         }
     }
 
     /// Settles what each shard's reply keeps (its first `keep` messages); the rest is
     /// released by the caller.
     fn settle(&self, kept: &mut [Kept]) {
-        if !self.by_priority {
-            return;
+        match self.merge {
+            Merge::FirstArrived => {}
+            Merge::ByPriority => self.settle_by_priority(kept),
+            Merge::InTurn => self.settle_in_turn(kept),
         }
+    }
+
+    fn settle_in_turn(&self, kept: &mut [Kept]) {
+        let available: Vec<usize> = kept.iter().map(|k| k.keep).collect();
+        let mut taken = vec![0usize; kept.len()];
+        let mut total = 0;
+        while total < self.max_count {
+            let before = total;
+            for (i, have) in available.iter().enumerate() {
+                if taken[i] < *have && total < self.max_count {
+                    taken[i] += 1;
+                    total += 1;
+                }
+            }
+            if total == before {
+                break;
+            }
+        }
+        for (k, keep) in kept.iter_mut().zip(taken) {
+            k.keep = keep;
+        }
+    }
+
+    fn settle_by_priority(&self, kept: &mut [Kept]) {
         let priorities: Vec<Vec<i32>> = kept.iter().map(|k| priorities_of(&k.frame)).collect();
         let mut taken = vec![0usize; kept.len()];
         for _ in 0..self.max_count {
@@ -490,7 +528,14 @@ async fn receive_messages(
         client_id,
     };
     let by_priority = ask.meta.message_type == message_type::PRIORITY;
-    let want = Want { max_count: ask.max_count as usize, by_priority };
+    let merge = if by_priority {
+        Merge::ByPriority
+    } else if !ask.meta.fairness.key.is_empty() {
+        Merge::InTurn
+    } else {
+        Merge::FirstArrived
+    };
+    let want = Want { max_count: ask.max_count as usize, merge };
     let batch = match pop_across(&this.state, owners, pop, want).await {
         Ok(batch) => batch,
         Err(e) => {

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sluice_transport::messages::{CreateQueueRequest, DeleteQueueRequest};
-use sluice_transport::model::message_type;
+use sluice_transport::model::{fairness, message_type};
 
 use crate::error::{ProxyError, Result};
 use crate::groups::Throttle;
@@ -41,6 +41,65 @@ pub struct TopicMeta {
     pub max_send_tps: u32,
     /// What a send over the quota gets.
     pub send_throttle: Throttle,
+    /// A fair topic shares deliveries among the values of this user property (tenants) by
+    /// weight; empty for a topic without fairness.
+    pub fairness: Fairness,
+}
+
+/// A fair topic's settings (`sluice_transport::model::fairness`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fairness {
+    /// The user property naming a message's tenant; empty: not a fair topic.
+    pub key: String,
+    /// `tenant=weight,…`.
+    pub weights: String,
+    /// The weight of tenants not listed (1 when unset).
+    pub default_weight: u32,
+}
+
+impl Fairness {
+    fn of(record: &sluice_transport::cluster::QueueRecord) -> Fairness {
+        Fairness::of_attributes(&record.attributes)
+    }
+
+    fn of_attributes(attributes: &[(String, String)]) -> Fairness {
+        let attribute = |key: &str| attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let key = attribute(fairness::KEY_ATTRIBUTE).unwrap_or_default().to_string();
+        let default_weight = attribute(fairness::DEFAULT_WEIGHT_ATTRIBUTE).and_then(|v| v.parse().ok());
+        Fairness {
+            weights: attribute(fairness::WEIGHTS_ATTRIBUTE).unwrap_or_default().to_string(),
+            default_weight: default_weight.unwrap_or(if key.is_empty() { 0 } else { 1 }),
+            key,
+        }
+    }
+
+    /// Checks the settings and writes them as queue attributes (none without a key).
+    fn attributes(&self) -> Result<Vec<(String, String)>> {
+        if self.key.is_empty() {
+            if !self.weights.is_empty() || self.default_weight != 0 {
+                return Err(ProxyError::BadRequest("weights need a fairness key (--fair-key PROPERTY)".into()));
+            }
+            return Ok(Vec::new());
+        }
+        fairness::check_name("the fairness key property", &self.key).map_err(ProxyError::BadRequest)?;
+        let default_weight = if self.default_weight == 0 { 1 } else { self.default_weight };
+        let weights = fairness::parse_list(&self.weights).map_err(ProxyError::BadRequest)?;
+        fairness::Weights::parse(&self.weights, Some(&default_weight.to_string())).map_err(ProxyError::BadRequest)?;
+        Ok(vec![
+            (fairness::KEY_ATTRIBUTE.to_string(), self.key.clone()),
+            (fairness::WEIGHTS_ATTRIBUTE.to_string(), fairness::format_list(&weights)),
+            (fairness::DEFAULT_WEIGHT_ATTRIBUTE.to_string(), default_weight.to_string()),
+        ])
+    }
+}
+
+/// What an update changes; `None` keeps the current value.
+#[derive(Debug, Clone, Default)]
+pub struct TopicChange {
+    pub max_send_tps: Option<u32>,
+    pub send_throttle: Option<Throttle>,
+    pub fair_weights: Option<String>,
+    pub fair_default_weight: Option<u32>,
 }
 
 impl TopicMeta {
@@ -88,6 +147,7 @@ fn meta_of(topic: &str, record: &sluice_transport::cluster::QueueRecord) -> Topi
             .attribute(SEND_THROTTLE_ATTRIBUTE)
             .and_then(|v| Throttle::parse(v).ok())
             .unwrap_or_default(),
+        fairness: Fairness::of(record),
     }
 }
 
@@ -145,6 +205,23 @@ impl Topics {
         queue_count: u32,
         lite_ttl_minutes: u32,
     ) -> Result<(bool, TopicMeta)> {
+        self.create_fair(brokers, topic, message_type, queue_count, lite_ttl_minutes, &Fairness::default()).await
+    }
+
+    /// `create`, for a topic that may share deliveries fairly among tenants.
+    pub async fn create_fair(
+        &self,
+        brokers: &BrokerPool,
+        topic: &str,
+        message_type: u8,
+        queue_count: u32,
+        lite_ttl_minutes: u32,
+        fair: &Fairness,
+    ) -> Result<(bool, TopicMeta)> {
+        let fair_attributes = fair.attributes()?;
+        if !fair_attributes.is_empty() && message_type != message_type::NORMAL {
+            return Err(ProxyError::BadRequest("only NORMAL topics share deliveries fairly among tenants".into()));
+        }
         validate_topic_name(topic)?;
         if lite_ttl_minutes != 0 && message_type != message_type::LITE {
             return Err(ProxyError::BadRequest("only LITE topics have a lite TTL".into()));
@@ -168,6 +245,12 @@ impl Topics {
                     message_type_name(existing.message_type)
                 )));
             }
+            if !fair.key.is_empty() && existing.fairness.key != fair.key {
+                return Err(ProxyError::BadRequest(format!(
+                    "topic {topic:?} already exists with fairness key {:?}; delete it first to change the key",
+                    existing.fairness.key
+                )));
+            }
             return Ok((false, existing));
         }
         let mut attributes =
@@ -176,6 +259,7 @@ impl Topics {
             let ttl = if lite_ttl_minutes == 0 { DEFAULT_LITE_TTL_MINUTES } else { lite_ttl_minutes };
             attributes.push((LITE_TTL_ATTRIBUTE.to_string(), ttl.to_string()));
         }
+        attributes.extend(fair_attributes);
         // Queue 0 last: the topic becomes visible only once every queue exists.
         for index in (0..queue_count).rev() {
             let queue = queue_name(topic, index);
@@ -197,19 +281,16 @@ impl Topics {
             lite_ttl_minutes,
             max_send_tps: 0,
             send_throttle: Throttle::Wait,
+            fairness: Fairness::of_attributes(&attributes),
         };
         Ok((true, meta))
     }
 
-    /// Sets the topic's send quota at run time, on every queue (queue 0's shard enforces it,
-    /// and listings read any queue). Other proxies see a new throttle mode within 2 s.
-    pub async fn set_send_quota(
-        &self,
-        brokers: &BrokerPool,
-        topic: &str,
-        max_send_tps: Option<u32>,
-        throttle: Option<Throttle>,
-    ) -> Result<TopicMeta> {
+    /// Changes the topic's send quota and fairness weights at run time, on every queue (queue
+    /// 0's shard enforces the quota, every shard reads the weights at its next pop, and
+    /// listings read any queue). Other proxies see a new throttle mode within 2 s.
+    pub async fn update(&self, brokers: &BrokerPool, topic: &str, change: TopicChange) -> Result<TopicMeta> {
+        let TopicChange { max_send_tps, send_throttle: throttle, fair_weights, fair_default_weight } = change;
         self.cache.lock().expect("cache lock").remove(topic);
         let Some(record) = brokers.queue_record(&queue_name(topic, 0)).await? else {
             return Err(ProxyError::TopicNotFound(topic.to_string()));
@@ -220,14 +301,23 @@ impl Topics {
             return Err(ProxyError::BadRequest(format!("max_send_tps must be 0..={}", crate::groups::QUOTA_TPS_MAX)));
         }
         let throttle = throttle.unwrap_or(old.send_throttle);
-        let mut attributes: Vec<(String, String)> = record
-            .attributes
-            .iter()
-            .filter(|(k, _)| k != MAX_SEND_TPS_ATTRIBUTE && k != SEND_THROTTLE_ATTRIBUTE)
-            .cloned()
-            .collect();
+        let fair = Fairness {
+            weights: fair_weights.unwrap_or(old.fairness.weights.clone()),
+            default_weight: fair_default_weight.unwrap_or(old.fairness.default_weight),
+            ..old.fairness.clone()
+        };
+        let replaced = [
+            MAX_SEND_TPS_ATTRIBUTE,
+            SEND_THROTTLE_ATTRIBUTE,
+            fairness::KEY_ATTRIBUTE,
+            fairness::WEIGHTS_ATTRIBUTE,
+            fairness::DEFAULT_WEIGHT_ATTRIBUTE,
+        ];
+        let mut attributes: Vec<(String, String)> =
+            record.attributes.iter().filter(|(k, _)| !replaced.contains(&k.as_str())).cloned().collect();
         attributes.push((MAX_SEND_TPS_ATTRIBUTE.to_string(), max_send_tps.to_string()));
         attributes.push((SEND_THROTTLE_ATTRIBUTE.to_string(), throttle.name().to_string()));
+        attributes.extend(fair.attributes()?);
         for index in 0..old.queue_count {
             let queue = queue_name(topic, index);
             let request = CreateQueueRequest {
@@ -239,7 +329,7 @@ impl Topics {
             brokers.call_for(&queue, &request).await?;
         }
         self.cache.lock().expect("cache lock").remove(topic);
-        Ok(TopicMeta { max_send_tps, send_throttle: throttle, ..old })
+        Ok(TopicMeta { max_send_tps, send_throttle: throttle, fairness: Fairness::of_attributes(&attributes), ..old })
     }
 
     /// Deletes the topic's queues, queue 0 first. Returns false when it did not exist.

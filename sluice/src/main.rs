@@ -189,7 +189,8 @@ enum Command {
         #[arg(long)]
         no_ack: bool,
     },
-    /// Counters of the proxy and every broker shard.
+    /// Per consumer group and topic: backlog, in flight, delivered, rate and throttled
+    /// receives; then the counters of the proxy and every broker shard.
     Stats {
         #[command(flatten)]
         endpoint: Endpoint,
@@ -209,10 +210,20 @@ enum TopicAction {
         /// consumer subscribes to it (0: a day).
         #[arg(long, default_value_t = 0)]
         lite_ttl_minutes: u32,
+        /// NORMAL topics: share deliveries among tenants, named by this user property, by weight.
+        #[arg(long)]
+        fair_key: Option<String>,
+        /// Weights of named tenants, "tenant=weight,..." (1..=1000; see README "Fairness").
+        #[arg(long)]
+        fair_weights: Option<String>,
+        /// The weight of tenants not listed (default 1).
+        #[arg(long)]
+        fair_default_weight: Option<u32>,
         #[command(flatten)]
         endpoint: Endpoint,
     },
-    /// Changes a topic's send quota at run time; options left out keep their value.
+    /// Changes a topic's send quota or fairness weights at run time; options left out keep
+    /// their value.
     Update {
         name: String,
         /// Send quota in messages/s across all proxies (0 removes it).
@@ -221,6 +232,12 @@ enum TopicAction {
         /// A send over the quota: "wait" (up to 2 s) or "reject" (TOO_MANY_REQUESTS).
         #[arg(long)]
         send_throttle: Option<String>,
+        /// Fair topics: the new weight list, replacing the old one ("" clears it).
+        #[arg(long)]
+        fair_weights: Option<String>,
+        /// Fair topics: the new weight of tenants not listed.
+        #[arg(long)]
+        fair_default_weight: Option<u32>,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -350,12 +367,35 @@ async fn run(cli: Cli) -> Result<(), String> {
             cli::run::proxy(file.proxy.to_config(&file.transport)?, json).await
         }
         Command::Topic { action } => match action {
-            TopicAction::Create { name, kind, queues, lite_ttl_minutes, endpoint } => {
-                cli::client::topic_create(&connection(&endpoint, json), &name, &kind, queues, lite_ttl_minutes).await
+            TopicAction::Create {
+                name,
+                kind,
+                queues,
+                lite_ttl_minutes,
+                fair_key,
+                fair_weights,
+                fair_default_weight,
+                endpoint,
+            } => {
+                let request = sluice_proxy::pb::sluice::admin::v1::CreateTopicRequest {
+                    name,
+                    message_type: 0,
+                    queue_count: queues,
+                    lite_ttl_minutes,
+                    fair_key: fair_key.unwrap_or_default(),
+                    fair_weights: fair_weights.unwrap_or_default(),
+                    fair_default_weight: fair_default_weight.unwrap_or(0),
+                };
+                cli::client::topic_create(&connection(&endpoint, json), &kind, request).await
             }
-            TopicAction::Update { name, max_send_tps, send_throttle, endpoint } => {
-                let request =
-                    sluice_proxy::pb::sluice::admin::v1::UpdateTopicRequest { name, max_send_tps, send_throttle };
+            TopicAction::Update { name, max_send_tps, send_throttle, fair_weights, fair_default_weight, endpoint } => {
+                let request = sluice_proxy::pb::sluice::admin::v1::UpdateTopicRequest {
+                    name,
+                    max_send_tps,
+                    send_throttle,
+                    fair_weights,
+                    fair_default_weight,
+                };
                 cli::client::topic_update(&connection(&endpoint, json), request).await
             }
             TopicAction::List { endpoint } => cli::client::topic_list(&connection(&endpoint, json)).await,

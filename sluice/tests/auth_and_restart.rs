@@ -369,6 +369,7 @@ async fn create_topic(port: u16, name: &str) {
         message_type: pb::MessageType::Normal as i32,
         queue_count: 0,
         lite_ttl_minutes: 0,
+        ..Default::default()
     };
     let reply = bounded("CreateTopic", client.create_topic(create)).await.expect("CreateTopic gRPC").into_inner();
     assert_eq!(code(&reply.status), OK, "create topic {name}: {}", describe(&reply.status));

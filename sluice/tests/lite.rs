@@ -41,6 +41,7 @@ async fn lite_topic(addr: std::net::SocketAddr, name: &str, queues: u32, ttl_min
         message_type: v2::MessageType::Lite as i32,
         queue_count: queues,
         lite_ttl_minutes: ttl_minutes,
+        ..Default::default()
     };
     create_topic_with(addr, request).await;
 }

@@ -107,6 +107,26 @@ async fn a_reject_group_over_its_quota_gets_too_many_requests_until_the_quota_is
     let groups: serde_json::Value = serde_json::from_str(&out).expect("json");
     let strict = groups.as_array().unwrap().iter().find(|g| g["name"] == "strict").expect("listed");
     assert_eq!(strict["max_receive_tps"], 0);
+
+    // `sluice stats` per group: after acking the 9 received, 11 are left (ready, or still
+    // leased by a pop whose surplus the proxy is giving back), the rejected receive was
+    // counted, and the delivery rate shows once a whole second has passed.
+    ack_all(&mut client, "jobs", "strict", &first.messages).await;
+    ack_all(&mut client, "jobs", "strict", &lifted.messages).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let stats = stats_cli(&endpoint).await;
+    let row = stats["groups"]
+        .as_array()
+        .and_then(|g| g.iter().find(|r| r["group"] == "strict" && r["topic"] == "jobs"))
+        .unwrap_or_else(|| panic!("no row for strict/jobs: {stats}"))
+        .clone();
+    let n = |k: &str| row[k].as_u64().unwrap_or_else(|| panic!("{k} in {row}"));
+    assert_eq!(n("ready") + n("inflight"), 11, "{row}");
+    assert!(n("throttled") >= 1, "the rejected receive: {row}");
+    assert!(n("delivered") >= 9, "{row}");
+    assert!(row["rate_per_s"].as_f64().is_some_and(|r| r > 0.0), "{row}");
+    let (ok, text, _) = cli(&["stats", "--endpoint", &endpoint]).await;
+    assert!(ok && text.contains("BACKLOG") && text.lines().any(|l| l.starts_with("strict ")), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -83,6 +83,8 @@ pub fn validate_declared_kind(frame: &Frame) -> bool {
         FrameKind::TransactionCheckResponse => frame.access::<TransactionCheckResponse>().is_ok(),
         FrameKind::QuotaRequest => frame.access::<QuotaRequest>().is_ok(),
         FrameKind::QuotaResponse => frame.access::<QuotaResponse>().is_ok(),
+        FrameKind::GroupStatsRequest => frame.access::<GroupStatsRequest>().is_ok(),
+        FrameKind::GroupStatsResponse => frame.access::<GroupStatsResponse>().is_ok(),
     }
 }
 

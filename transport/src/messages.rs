@@ -81,6 +81,8 @@ frame_kinds! {
     TransactionCheckResponse = 45,
     QuotaRequest = 46,
     QuotaResponse = 47,
+    GroupStatsRequest = 48,
+    GroupStatsResponse = 49,
 }
 
 /// Kind numbers that are retired and must never be used again: 14 and 15 (the single-queue
@@ -651,6 +653,45 @@ pub struct QuotaResponse {
     pub rate_per_s: u32,
 }
 message!(QuotaResponse, QuotaResponse);
+
+/// Per consumer group and topic, what a shard holds for it; and the receive and send
+/// quotas this shard keeps, with how often each throttled.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct GroupStatsRequest {
+    /// At most this many (group, topic) entries (the shard bounds it too).
+    pub max_count: u32,
+}
+message!(GroupStatsRequest, GroupStatsRequest);
+request!(GroupStatsRequest => GroupStatsResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct GroupStat {
+    pub group: String,
+    pub topic: String,
+    /// Stored after the group's position on this shard and not handed out yet.
+    pub ready: u64,
+    /// Handed out and not yet acked (leased).
+    pub inflight: u64,
+    /// Deliveries so far (first and repeated), since the broker started.
+    pub delivered: u64,
+    /// Deliveries per second over the last few seconds, in thousandths.
+    pub rate_milli_per_s: u64,
+}
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct GroupStatsResponse {
+    pub shard: u32,
+    pub groups: Vec<GroupStat>,
+    /// (quota record, times a request for it was throttled): `%GROUP%name` for receive
+    /// quotas, `topic#0` for send quotas.
+    pub throttled: Vec<(String, u64)>,
+    /// More (group, topic) entries were held than the reply carries.
+    pub truncated: bool,
+}
+message!(GroupStatsResponse, GroupStatsResponse);
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
 #[rkyv(compare(PartialEq), derive(Debug))]

@@ -117,6 +117,20 @@ fn every_kind_round_trips_and_reads_in_place() {
         },
         QuotaRequest { record: "%GROUP%g".into(), kind: 1, want: 32, refund: 3 },
         QuotaResponse { granted: 5, wait_ms: 20, rate_per_s: 100 },
+        GroupStatsRequest { max_count: 10 },
+        GroupStatsResponse {
+            shard: 1,
+            groups: vec![GroupStat {
+                group: "g".into(),
+                topic: "t".into(),
+                ready: 5,
+                inflight: 2,
+                delivered: 9,
+                rate_milli_per_s: 1500
+            }],
+            throttled: vec![("%GROUP%g".into(), 3)],
+            truncated: false,
+        },
         CreateQueueResponse { created: true },
         DeleteQueueRequest { queue: "t".into() },
         DeleteQueueResponse { deleted: true },

@@ -78,6 +78,7 @@ pub async fn open(
             message_type: message_type as i32,
             queue_count,
             lite_ttl_minutes,
+            ..Default::default()
         };
         let reply = admin.create_topic(request).await.map_err(error)?.into_inner();
         check_status(reply.status.as_ref(), &format!("creating topic {topic}"))?;

@@ -9,6 +9,7 @@
 //! I/O, so state is re-checked after every await (the queue's epoch, and a per-queue scanning
 //! flag that keeps two pops from scanning one queue at once).
 
+mod fair;
 mod priority;
 
 use std::rc::Rc;
@@ -200,6 +201,10 @@ impl ShardHandler {
 
     fn pop_reply(&self, id: u64, ask: &PopAsk<'_>, popped: Vec<Popped>) -> Result<OutFrame> {
         let group = ask.group;
+        if let Some(gt) = self.scheduler.borrow_mut().group_mut(group, ask.topic) {
+            gt.delivered += popped.len() as u64;
+            gt.rate.add(popped.len() as u64, now_ms());
+        }
         let receipts: Vec<String> = popped.iter().map(|p| self.key.issue(&p.queue, group, &p.delivery.lease)).collect();
         let reply = PopResponse {
             messages: popped
@@ -269,8 +274,12 @@ impl ShardHandler {
             let (min, max) = self.shard.queue_info(&queue)?.map_or((0, 0), |q| (q.min_offset, q.max_offset));
             let start = committed.unwrap_or(min).clamp(min, max.max(min));
             let mut gq = GroupQueue::new(start);
-            if self.queue_type(&queue) == sluice_transport::model::message_type::PRIORITY {
-                gq.set_prioritized();
+            match self.queue_type(&queue) {
+                sluice_transport::model::message_type::PRIORITY => gq.set_prioritized(),
+                sluice_transport::model::message_type::NORMAL if self.fair_key_property(&queue).is_some() => {
+                    gq.set_fair()
+                }
+                _ => {}
             }
             let inserted =
                 self.scheduler.borrow_mut().insert_group_queue(group, topic, index, gq, self.limits.group_queues_max);
@@ -343,6 +352,9 @@ impl ShardHandler {
         if self.is_prioritized(ask) {
             return self.pop_prioritized(ask, order).await;
         }
+        if self.is_fair(ask) {
+            return self.pop_fair(ask, order).await;
+        }
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut progressed = false;
@@ -411,6 +423,13 @@ impl ShardHandler {
             Some(e) if out.is_empty() => Err(e),
             _ => Ok((out, progressed)),
         }
+    }
+
+    /// True for a fair topic (its group queues hold messages per tenant).
+    fn is_fair(&self, ask: &PopAsk<'_>) -> bool {
+        let scheduler = self.scheduler.borrow();
+        let gt = scheduler.group(ask.group, ask.topic);
+        gt.and_then(|gt| gt.queues.values().next()).is_some_and(GroupQueue::is_fair)
     }
 
     /// True for a PRIORITY topic (its group queues keep a backlog).

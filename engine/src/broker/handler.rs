@@ -10,7 +10,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 use sluice_transport::messages::*;
 use sluice_transport::model::record::{txn_state, Attributes, OFFSET_HELD};
-use sluice_transport::model::{codes, message_type};
+use sluice_transport::model::{codes, fairness, message_type};
 use sluice_transport::{Frame, Handler, OutFrame};
 
 use crate::broker::error::BrokerError;
@@ -39,6 +39,8 @@ pub(super) type LiteQueueKey = (Rc<str>, Rc<str>, u32);
 pub const GROUP_NAME_MAX_BYTES: usize = 255;
 /// Stored offsets removed per step when a queue is deleted.
 const OFFSET_SCAN_CHUNK: usize = 1024;
+/// Most (group, topic) entries one GroupStats reply carries.
+const GROUP_STATS_MAX: u32 = 10_000;
 
 pub struct ShardHandler {
     pub(super) shard: Rc<Shard>,
@@ -214,6 +216,7 @@ impl ShardHandler {
             FrameKind::TransactionCheckRequest => return self.transaction_checks(request).await,
             FrameKind::LiteSubscriptionRequest => OutFrame::encode(id, &self.lite_subscription(request).await?, max),
             FrameKind::QuotaRequest => OutFrame::encode(id, &self.quota(request)?, max),
+            FrameKind::GroupStatsRequest => OutFrame::encode(id, &self.group_stats(request)?, max),
             other => return Err(BrokerError::InvalidRequest(format!("{other:?} is not a request a broker serves"))),
         };
         encoded.map_err(Self::unencodable)
@@ -297,6 +300,12 @@ impl ShardHandler {
                 max_ms: self.limits.delay_max_ms,
             });
         }
+        let user_properties: Vec<(String, String)> =
+            a.user_properties.iter().map(|p| (p.0.as_str().to_string(), p.1.as_str().to_string())).collect();
+        let fair_key = match entry.queues.first().and_then(|q| self.fair_key_property(q.as_str())) {
+            Some(property) => Self::tenant_of(&property, &user_properties)?,
+            None => String::new(),
+        };
         Ok(Attributes {
             message_type: given,
             txn_state: if given == message_type::TRANSACTION { txn_state::HALF } else { txn_state::NONE },
@@ -304,12 +313,29 @@ impl ShardHandler {
             delivery_ms,
             message_group: a.message_group.as_str().to_string(),
             lite_topic: a.lite_topic.as_str().to_string(),
-            user_properties: a
-                .user_properties
-                .iter()
-                .map(|p| (p.0.as_str().to_string(), p.1.as_str().to_string()))
-                .collect(),
+            user_properties,
+            fair_key,
         })
+    }
+
+    /// The user property that names a message's tenant on a fair queue (`fair_key`).
+    pub(super) fn fair_key_property(&self, queue: &str) -> Option<String> {
+        let configs = self.configs.borrow();
+        let config = configs.get(queue)?;
+        config.attributes.iter().find(|(k, _)| k == fairness::KEY_ATTRIBUTE).map(|(_, v)| v.clone())
+    }
+
+    /// A message's tenant: the value of the key property, or none (a tenant of its own).
+    fn tenant_of(property: &str, user_properties: &[(String, String)]) -> Result<String> {
+        let tenant = user_properties.iter().find(|(k, _)| k == property).map_or("", |(_, v)| v.as_str());
+        if tenant.len() > fairness::NAME_MAX_BYTES {
+            return Err(BrokerError::InvalidRequest(format!(
+                "the fairness key property {property:?} is {} bytes; at most {}",
+                tenant.len(),
+                fairness::NAME_MAX_BYTES
+            )));
+        }
+        Ok(tenant.to_string())
     }
 
     async fn append(&self, request: &Frame) -> Result<AppendResponse> {
@@ -577,6 +603,28 @@ impl ShardHandler {
             });
         }
         Ok(ListQueuesResponse { queues, truncated: matching.next().is_some() })
+    }
+
+    /// Per (group, topic): ready, in flight and delivered on this shard; and how often each
+    /// quota this shard keeps throttled.
+    fn group_stats(&self, request: &Frame) -> Result<GroupStatsResponse> {
+        let ask = request.access::<GroupStatsRequest>()?;
+        let max = bounded(ask.max_count.to_native(), GROUP_STATS_MAX) as usize;
+        let end_of = |queue: &str| self.shard.queue_info(queue).ok().flatten().map_or(0, |q| q.max_offset);
+        let (rows, truncated) = self.scheduler.borrow().group_stats(end_of, now_ms(), max);
+        let groups = rows
+            .into_iter()
+            .map(|r| GroupStat {
+                group: r.group.to_string(),
+                topic: r.topic.to_string(),
+                ready: r.ready,
+                inflight: r.inflight,
+                delivered: r.delivered,
+                rate_milli_per_s: (r.rate_per_s * 1000.0) as u64,
+            })
+            .collect();
+        let throttled = self.quotas.borrow().throttled().map(|(r, n)| (r.to_string(), n)).collect();
+        Ok(GroupStatsResponse { shard: self.shard_id as u32, groups, throttled, truncated })
     }
 
     fn stats(&self) -> StatsResponse {

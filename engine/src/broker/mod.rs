@@ -9,6 +9,7 @@
 mod backlog;
 mod delivery;
 pub mod error;
+mod fair;
 pub mod handler;
 mod held;
 mod lite;

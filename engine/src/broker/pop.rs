@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use crate::broker::backlog::Backlog;
+use crate::broker::fair::{FairBacklog, Scanned};
 use crate::index::QueueEntry;
 
 /// The FIFO key of every entry of an ordered queue (any non-zero value: 0 means "no group").
@@ -76,8 +77,8 @@ pub struct QueueLimits {
     /// FIFO messages waiting behind an earlier message of their group; when full, scanning
     /// stops until one is delivered.
     pub waiting_max: usize,
-    /// A prioritized queue's read-ahead backlog; when full, scanning stops until one is
-    /// delivered. Priority decides among this many undelivered messages.
+    /// A prioritized or fair queue's read-ahead backlog; when full, scanning stops until one
+    /// is delivered. Priority decides among this many undelivered messages.
     pub backlog_max: usize,
 }
 
@@ -115,6 +116,10 @@ pub struct GroupQueue {
     /// A PRIORITY queue: scanned messages wait in `backlog` and are leased best first.
     prioritized: bool,
     backlog: Backlog,
+    /// A queue of a fair topic: scanned messages wait in `fair_backlog`, per tenant, and the
+    /// group's `FairClock` picks whose goes next.
+    fair: bool,
+    fair_backlog: FairBacklog,
     /// Bumped by `reset`, so a pop that read before a reset does not deliver after it.
     epoch: u64,
     /// A pop is reading entries to scan; others leave the scan to it.
@@ -136,6 +141,8 @@ impl GroupQueue {
             ordered: false,
             prioritized: false,
             backlog: Backlog::default(),
+            fair: false,
+            fair_backlog: FairBacklog::default(),
             unrecorded_leases: 0,
             epoch: 0,
             scanning: false,
@@ -158,10 +165,20 @@ impl GroupQueue {
         self.prioritized
     }
 
+    /// Makes scanned messages wait per tenant for the group's fair clock. Set before the
+    /// first scan.
+    pub fn set_fair(&mut self) {
+        self.fair = true;
+    }
+
+    pub fn is_fair(&self) -> bool {
+        self.fair
+    }
+
     /// The FIFO message group of an entry: the whole queue when it is ordered, none on a
     /// prioritized queue (priority decides its order, whatever the group's FIFO policy).
     fn fifo_key(&self, entry: &QueueEntry) -> u64 {
-        if self.prioritized {
+        if self.prioritized || self.fair {
             0
         } else if self.ordered {
             ORDERED_QUEUE_KEY
@@ -179,7 +196,8 @@ impl GroupQueue {
         let lease = self.leases.keys().next().copied().unwrap_or(u64::MAX);
         let waiting = self.waiting_offsets.first().copied().unwrap_or(u64::MAX);
         let backlog = self.backlog.min_offset().unwrap_or(u64::MAX);
-        lease.min(waiting).min(backlog).min(self.next)
+        let fair = self.fair_backlog.min_offset().unwrap_or(u64::MAX);
+        lease.min(waiting).min(backlog).min(fair).min(self.next)
     }
 
     /// The next offset never scanned.
@@ -196,6 +214,11 @@ impl GroupQueue {
         self.leases.values().any(|l| l.lease.deadline_ms > now_ms)
     }
 
+    /// Deliveries out with a consumer now (leased, deadline not yet passed).
+    pub fn live_leases(&self, now_ms: u64) -> usize {
+        self.leases.values().filter(|l| l.lease.deadline_ms > now_ms).count()
+    }
+
     pub fn waiting(&self) -> usize {
         self.waiting_offsets.len()
     }
@@ -203,6 +226,18 @@ impl GroupQueue {
     /// Scanned messages of a prioritized queue not yet leased.
     pub fn backlog(&self) -> usize {
         self.backlog.len()
+    }
+
+    /// The read-ahead (priority or fair) cannot take more until something is leased.
+    pub fn read_ahead_full(&self, limits: QueueLimits) -> bool {
+        self.backlog.len() >= limits.backlog_max
+            || self.fair_backlog.len() >= limits.backlog_max
+            || self.fair_backlog.behind_count() >= limits.backlog_max
+    }
+
+    /// A fair queue's held messages, per tenant.
+    pub fn fair_backlog(&self) -> &FairBacklog {
+        &self.fair_backlog
     }
 
     /// The message a prioritized queue gives next.
@@ -215,7 +250,7 @@ impl GroupQueue {
     /// drain in order. On records each group's leases, so no group gets another message until
     /// all it had leased before the switch are settled.
     pub fn set_fifo(&mut self, fifo: bool) {
-        if self.ordered || self.prioritized {
+        if self.ordered || self.prioritized || self.fair {
             return;
         }
         if self.fifo && !fifo {
@@ -248,6 +283,8 @@ impl GroupQueue {
         !self.ready_heads.is_empty()
             || self.next_retry_ms().is_some_and(|at| at <= now_ms)
             || (!self.backlog.is_empty() && self.leases.len() < limits.leases_max)
+            || (!self.fair_backlog.is_empty() && self.leases.len() < limits.leases_max)
+            || self.fair_backlog.can_catch_up(limits.backlog_max)
             || (self.next < end && !self.stalled(limits))
     }
 
@@ -257,6 +294,8 @@ impl GroupQueue {
         self.leases.len() >= limits.leases_max
             || self.waiting_offsets.len() >= limits.waiting_max
             || self.backlog.len() >= limits.backlog_max
+            || self.fair_backlog.len() >= limits.backlog_max
+            || self.fair_backlog.behind_count() >= limits.backlog_max
             || (self.ordered && !self.blocked.is_empty())
     }
 
@@ -396,6 +435,54 @@ impl GroupQueue {
         self.next != start
     }
 
+    /// Fair queues: takes scanned entries in offset order, each into its tenant's share of
+    /// the backlog or passed over when that share is full (`FairBacklog::scan`), until the
+    /// backlog is full. Returns whether `next` moved.
+    pub fn fill_fair(
+        &mut self,
+        entries: &[QueueEntry],
+        keep: impl Fn(&QueueEntry) -> bool,
+        limits: QueueLimits,
+    ) -> bool {
+        assert!(self.fair, "only a fair queue holds messages per tenant");
+        let start = self.next;
+        for entry in entries.iter().filter(|e| e.offset >= start) {
+            if keep(entry) && self.fair_backlog.scan(entry, limits.backlog_max) == Scanned::Full {
+                break;
+            }
+            self.next = entry.offset + 1;
+        }
+        self.next != start
+    }
+
+    /// Fair queues: a tenant that fell behind takes its messages from `entries` (read from
+    /// its resume offset up to `read_end`). Returns whether anything changed.
+    pub fn catch_up_fair(
+        &mut self,
+        tenant: u64,
+        entries: &[QueueEntry],
+        read_end: u64,
+        keep: impl Fn(&QueueEntry) -> bool,
+        limits: QueueLimits,
+    ) -> bool {
+        self.fair_backlog.catch_up(tenant, entries, read_end, self.next, keep, limits.backlog_max)
+    }
+
+    /// Leases the tenant's oldest held message, if a lease is free.
+    pub fn lease_fair(
+        &mut self,
+        tenant: u64,
+        terms: LeaseTerms<'_>,
+        limits: QueueLimits,
+        lease_id: u64,
+    ) -> Option<Delivery> {
+        if self.leases.len() >= limits.leases_max {
+            return None;
+        }
+        let entry = self.fair_backlog.take(tenant)?;
+        Some(self.lease_new(entry, terms, lease_id))
+    }
+
     /// Leases the backlog's best message, if a lease is free.
     pub fn lease_best(&mut self, terms: LeaseTerms<'_>, limits: QueueLimits, lease_id: u64) -> Option<Delivery> {
         if self.leases.len() >= limits.leases_max {
@@ -420,6 +507,7 @@ impl GroupQueue {
             self.forget_waiting(o);
         }
         self.backlog.forget_below(offset);
+        self.fair_backlog.forget_below(offset, self.next);
     }
 
     fn forget_waiting(&mut self, offset: u64) {
@@ -512,6 +600,11 @@ impl GroupQueue {
         self.leases.values().map(|l| &l.lease)
     }
 
+    /// True when the lease was given back unconsumed (it never reached a consumer).
+    pub fn was_released(&self, offset: u64) -> bool {
+        self.leases.get(&offset).is_some_and(|l| l.released)
+    }
+
     /// The stored location of a leased offset.
     pub fn leased_entry(&self, offset: u64) -> Option<QueueEntry> {
         self.leases.get(&offset).map(|l| l.entry)
@@ -519,12 +612,14 @@ impl GroupQueue {
 
     /// Forgets every lease and restarts delivery at `offset` (an explicit offset reset).
     pub fn reset(&mut self, offset: u64) {
-        let (epoch, fifo, ordered, prioritized) = (self.epoch + 1, self.fifo, self.ordered, self.prioritized);
+        let (epoch, fifo, ordered, prioritized, fair) =
+            (self.epoch + 1, self.fifo, self.ordered, self.prioritized, self.fair);
         *self = GroupQueue::new(offset);
         self.epoch = epoch;
         self.fifo = fifo;
         self.ordered = ordered;
         self.prioritized = prioritized;
+        self.fair = fair;
     }
 
     fn remove(&mut self, offset: u64) {
@@ -616,6 +711,34 @@ mod tests {
         assert_eq!((q.backlog(), q.leased(), q.floor()), (0, 0, 16), "retention took everything");
         q.reset(3);
         assert!(q.is_prioritized(), "a reset keeps the queue's kind");
+    }
+
+    #[test]
+    fn a_fair_queue_passes_over_a_full_tenant_and_its_floor_waits_for_it() {
+        let (heavy, light) = (1, 2);
+        let tenant = |o: u64| if o == 299 { light } else { heavy };
+        let entries: Vec<QueueEntry> = (0..300).map(|o| QueueEntry { key_hash: tenant(o), ..entry(o, 0) }).collect();
+        let mut q = GroupQueue::new(0);
+        q.set_fair();
+        q.set_fifo(true);
+        assert!(q.fill_fair(&entries, |_| true, LIMITS));
+        assert_eq!(q.next(), 300, "the scan went past the heavy tenant's full share");
+        let first = q.lease_fair(light, terms(0), LIMITS, 1).expect("the light tenant's message is held");
+        assert_eq!(first.entry.offset, 299);
+        assert_eq!(q.floor(), 0, "the heavy tenant's messages still count");
+        let mut ids = ids();
+        let leased: Vec<u64> =
+            std::iter::from_fn(|| q.lease_fair(heavy, terms(0), LIMITS, ids()).map(|d| d.lease.offset)).collect();
+        assert_eq!(leased, (0..128).collect::<Vec<u64>>(), "its share, in order; FIFO does not apply");
+        assert!(q.has_work(300, 0, LIMITS), "the heavy tenant can catch up");
+        assert!(q.catch_up_fair(heavy, &entries[128..], 300, |_| true, LIMITS));
+        assert_eq!(q.lease_fair(heavy, terms(0), LIMITS, ids()).map(|d| d.lease.offset), Some(128));
+        for offset in 0..=128 {
+            q.forget(offset);
+        }
+        assert_eq!(q.floor(), 129);
+        q.reset(0);
+        assert!(q.is_fair() && q.fair_backlog().is_empty(), "a reset keeps the queue fair and forgets what it held");
     }
 
     #[test]

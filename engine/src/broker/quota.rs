@@ -87,6 +87,9 @@ impl Bucket {
 #[derive(Debug, Default)]
 pub struct Quotas {
     buckets: HashMap<(String, u8), Bucket>,
+    /// Requests that got fewer permits than they asked for, per quota record (kept while the
+    /// record exists, for `sluice stats`).
+    throttled: HashMap<String, u64>,
 }
 
 impl Quotas {
@@ -110,6 +113,16 @@ impl Quotas {
     /// holds, so they are bounded by its queue configurations.
     pub fn forget_record(&mut self, record: &str) {
         self.buckets.retain(|(r, _), _| r != record);
+        self.throttled.remove(record);
+    }
+
+    fn count_throttled(&mut self, record: &str) {
+        *self.throttled.entry(record.to_string()).or_default() += 1;
+    }
+
+    /// (record, throttled requests) for every quota that throttled since the broker started.
+    pub fn throttled(&self) -> impl Iterator<Item = (&str, u64)> + '_ {
+        self.throttled.iter().map(|(r, n)| (r.as_str(), *n))
     }
 }
 
@@ -133,6 +146,7 @@ impl ShardHandler {
         let (granted, wait_ms) = self.quotas.borrow_mut().take(key, rate_per_s, want, ask.refund.to_native(), now_ms());
         if granted < want {
             Counters::add(&self.counters.quota_throttled, 1);
+            self.quotas.borrow_mut().count_throttled(record);
         }
         Ok(QuotaResponse { granted, wait_ms, rate_per_s })
     }

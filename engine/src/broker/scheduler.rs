@@ -15,6 +15,9 @@ use sluice_transport::messages::{FilterSpec, GroupPolicy};
 use sluice_transport::model::filter::{Filter, FilterError};
 use sluice_transport::model::placement::{split_lite_queue, split_topic_queue};
 
+use sluice_transport::model::fairness::Weights;
+
+use crate::broker::fair::FairClock;
 use crate::broker::pop::{GroupQueue, QueueLimits};
 
 /// What `GroupTopic::refresh` found.
@@ -41,6 +44,53 @@ pub struct GroupTopic {
     /// Lite consumers of the group on this topic: what each subscribed to, and its own
     /// ready set and long polls (lite queues are never in `ready`).
     pub lite: LiteClients,
+    /// A fair topic: whose message goes next, and the tenants' weights as the topic's
+    /// attributes last said (`weights_source`).
+    pub fair: FairClock,
+    pub weights: Rc<Weights>,
+    pub weights_source: (String, String),
+    /// Messages handed out to the group from this topic on this shard, redeliveries included.
+    pub delivered: u64,
+    pub rate: DeliveryRate,
+}
+
+/// Seconds the delivery rate is averaged over.
+const RATE_WINDOW_S: usize = 5;
+
+/// Deliveries per second, averaged over the last `RATE_WINDOW_S` whole seconds.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryRate {
+    /// Deliveries in each second, by `second % RATE_WINDOW_S`.
+    counts: [u64; RATE_WINDOW_S],
+    /// The second `counts` were last written in.
+    second: u64,
+}
+
+impl DeliveryRate {
+    fn advance(&mut self, second: u64) {
+        if second <= self.second {
+            return;
+        }
+        let stale = (second - self.second).min(RATE_WINDOW_S as u64);
+        for s in 1..=stale {
+            self.counts[((self.second + s) % RATE_WINDOW_S as u64) as usize] = 0;
+        }
+        self.second = second;
+    }
+
+    pub fn add(&mut self, n: u64, now_ms: u64) {
+        self.advance(now_ms / 1000);
+        self.counts[(self.second % RATE_WINDOW_S as u64) as usize] += n;
+    }
+
+    /// Mean deliveries per second over the last whole seconds (the current one excluded).
+    pub fn per_s(&self, now_ms: u64) -> f64 {
+        let mut copy = self.clone();
+        copy.advance(now_ms / 1000);
+        let current = (copy.second % RATE_WINDOW_S as u64) as usize;
+        let whole: u64 = copy.counts.iter().enumerate().filter(|(i, _)| *i != current).map(|(_, n)| n).sum();
+        whole as f64 / (RATE_WINDOW_S - 1) as f64
+    }
 }
 
 /// Lite queue indexes start here, so they never meet a topic queue's index.
@@ -194,6 +244,11 @@ impl GroupTopic {
             filter_spec: FilterSpec::default(),
             policy: GroupPolicy::default(),
             lite: LiteClients::default(),
+            fair: FairClock::default(),
+            weights: Rc::new(Weights::default()),
+            weights_source: (String::new(), String::new()),
+            delivered: 0,
+            rate: DeliveryRate::default(),
         }
     }
 
@@ -318,6 +373,16 @@ impl GroupTopic {
 
 /// Key of a (consumer group, topic) pair.
 pub type GroupKey = (Rc<str>, Rc<str>);
+
+/// One (group, topic)'s delivery figures on a shard: see `Scheduler::group_stats`.
+pub struct GroupStatRow {
+    pub group: Rc<str>,
+    pub topic: Rc<str>,
+    pub ready: u64,
+    pub inflight: u64,
+    pub delivered: u64,
+    pub rate_per_s: f64,
+}
 
 /// Every group's delivery state on one shard.
 #[derive(Default)]
@@ -588,6 +653,38 @@ impl Scheduler {
         self.groups.values().map(GroupTopic::leased).sum()
     }
 
+    /// Delivery figures of up to `max` (group, topic) pairs, and
+    /// whether there were more. Ready counts what is stored after the group's position on
+    /// this shard and not out with a consumer: unscanned (`end_of` each queue), due again,
+    /// waiting behind a FIFO group, or held in a priority or fair read-ahead.
+    pub fn group_stats(&self, end_of: impl Fn(&str) -> u64, now_ms: u64, max: usize) -> (Vec<GroupStatRow>, bool) {
+        let mut rows = Vec::new();
+        for ((group, topic), gt) in self.groups.iter().take(max) {
+            let (mut ready, mut inflight) = (0u64, 0u64);
+            for (index, gq) in &gt.queues {
+                let end = self.queue_name(topic, *index).map_or(gq.next(), |q| end_of(&q));
+                let live = gq.live_leases(now_ms);
+                // Leases expired or given back are waiting to go out again.
+                ready += end.saturating_sub(gq.next())
+                    + (gq.leased() - live) as u64
+                    + gq.waiting() as u64
+                    + gq.backlog() as u64
+                    + gq.fair_backlog().len() as u64
+                    + gq.fair_backlog().passed_over();
+                inflight += live as u64;
+            }
+            rows.push(GroupStatRow {
+                group: group.clone(),
+                topic: topic.clone(),
+                ready,
+                inflight,
+                delivered: gt.delivered,
+                rate_per_s: gt.rate.per_s(now_ms),
+            });
+        }
+        (rows, self.groups.len() > max)
+    }
+
     /// Wakes every long poll (shutdown).
     pub fn wake_all(&self) {
         for gt in self.groups.values() {
@@ -667,6 +764,20 @@ mod tests {
         assert_eq!(s.locate(two), Some(("chat", i2)));
         assert_eq!(s.queue_name("chat", i2).as_deref(), Some(two));
         assert_eq!(s.floors().count(), 1);
+    }
+
+    #[test]
+    fn the_delivery_rate_is_the_mean_of_the_last_whole_seconds() {
+        let mut r = DeliveryRate::default();
+        r.add(40, 10_000);
+        r.add(40, 10_999);
+        r.add(100, 11_500);
+        // At 12.3 s the whole seconds in the window are 8..=11 (of which 10 and 11 have counts).
+        assert_eq!(r.per_s(12_300), (80.0 + 100.0) / 4.0);
+        assert_eq!(r.per_s(11_700), 80.0 / 4.0, "the current second is not counted yet");
+        assert_eq!(r.per_s(30_000), 0.0, "nothing delivered lately");
+        r.add(8, 30_000);
+        assert_eq!(r.per_s(31_000), 2.0, "old seconds were cleared");
     }
 
     #[test]

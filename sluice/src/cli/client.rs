@@ -121,7 +121,19 @@ fn topic_json(t: &admin::TopicInfo) -> serde_json::Value {
         "messages": t.messages,
         "max_send_tps": t.max_send_tps,
         "send_throttle": t.send_throttle,
+        "fair_key": t.fair_key,
+        "fair_weights": t.fair_weights,
+        "fair_default_weight": t.fair_default_weight,
     })
+}
+
+/// "; tenants by KEY, weights ..." for a fair topic, "" otherwise.
+fn fairness_text(t: &admin::TopicInfo) -> String {
+    if t.fair_key.is_empty() {
+        return String::new();
+    }
+    let weights = if t.fair_weights.is_empty() { "none listed".to_string() } else { t.fair_weights.clone() };
+    format!("; fair by {:?}, weights {weights}, others {}", t.fair_key, t.fair_default_weight)
 }
 
 pub async fn topic_update(c: &Connection, request: admin::UpdateTopicRequest) -> Result<(), String> {
@@ -132,35 +144,25 @@ pub async fn topic_update(c: &Connection, request: admin::UpdateTopicRequest) ->
     if c.json {
         println!("{}", topic_json(&topic));
     } else if topic.max_send_tps == 0 {
-        println!("updated topic {}: no send quota", topic.name);
+        println!("updated topic {}: no send quota{}", topic.name, fairness_text(&topic));
     } else {
         println!(
-            "updated topic {}: at most {} messages/s sent ({} when over)",
-            topic.name, topic.max_send_tps, topic.send_throttle
+            "updated topic {}: at most {} messages/s sent ({} when over){}",
+            topic.name,
+            topic.max_send_tps,
+            topic.send_throttle,
+            fairness_text(&topic)
         );
     }
     Ok(())
 }
 
-pub async fn topic_create(
-    c: &Connection,
-    name: &str,
-    kind: &str,
-    queues: u32,
-    lite_ttl_minutes: u32,
-) -> Result<(), String> {
+/// Creates a topic; `request.message_type` is filled in from `kind`.
+pub async fn topic_create(c: &Connection, kind: &str, mut request: admin::CreateTopicRequest) -> Result<(), String> {
     let message_type = parse_type(kind)?;
+    request.message_type = message_type as i32;
     let mut client = admin(c).await?;
-    let reply = client
-        .create_topic(admin::CreateTopicRequest {
-            name: name.into(),
-            message_type: message_type as i32,
-            queue_count: queues,
-            lite_ttl_minutes,
-        })
-        .await
-        .map_err(grpc)?
-        .into_inner();
+    let reply = client.create_topic(request).await.map_err(grpc)?.into_inner();
     check(reply.status.as_ref())?;
     let topic = reply.topic.unwrap_or_default();
     if c.json {
@@ -169,10 +171,11 @@ pub async fn topic_create(
         println!("{value}");
     } else if reply.created {
         println!(
-            "created topic {} ({}, {} queues)",
+            "created topic {} ({}, {} queues{})",
             topic.name,
             message_type_name(topic.message_type as u8),
-            topic.queue_count
+            topic.queue_count,
+            fairness_text(&topic)
         );
     } else {
         println!(
@@ -200,11 +203,12 @@ pub async fn topic_list(c: &Connection) -> Result<(), String> {
     println!("{:<40} {:<12} {:>7} {:>12}", "TOPIC", "TYPE", "QUEUES", "MESSAGES");
     for t in &reply.topics {
         println!(
-            "{:<40} {:<12} {:>7} {:>12}",
+            "{:<40} {:<12} {:>7} {:>12}{}",
             t.name,
             message_type_name(t.message_type as u8),
             t.queue_count,
-            t.messages
+            t.messages,
+            fairness_text(t).replacen("; ", "  ", 1)
         );
     }
     Ok(())
@@ -325,9 +329,28 @@ pub async fn stats(c: &Connection) -> Result<(), String> {
             .iter()
             .map(|b| serde_json::json!({ "endpoint": b.endpoint, "shard": b.shard, "counters": counters(&b.counters) }))
             .collect();
-        println!("{}", serde_json::json!({ "proxy": counters(&reply.proxy), "brokers": brokers }));
+        let groups: Vec<serde_json::Value> = reply
+            .groups
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "group": g.group, "topic": g.topic, "ready": g.ready, "inflight": g.inflight,
+                    "delivered": g.delivered, "rate_per_s": g.rate_per_s, "throttled": g.throttled,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "proxy": counters(&reply.proxy),
+                "brokers": brokers,
+                "groups": groups,
+                "groups_truncated": reply.groups_truncated,
+            })
+        );
         return Ok(());
     }
+    print_groups(&reply.groups, reply.groups_truncated);
     println!("proxy");
     for counter in &reply.proxy {
         println!("  {:<28} {:>14}", counter.name, counter.value);
@@ -339,6 +362,27 @@ pub async fn stats(c: &Connection) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The per-(group, topic) table of `sluice stats`.
+fn print_groups(groups: &[admin::GroupStats], truncated: bool) {
+    if groups.is_empty() {
+        println!("no consumer group has received yet");
+    } else {
+        println!(
+            "{:<28} {:<28} {:>10} {:>9} {:>12} {:>9} {:>10}",
+            "GROUP", "TOPIC", "BACKLOG", "INFLIGHT", "DELIVERED", "RATE/s", "THROTTLED"
+        );
+        for g in groups {
+            println!(
+                "{:<28} {:<28} {:>10} {:>9} {:>12} {:>9.1} {:>10}",
+                g.group, g.topic, g.ready, g.inflight, g.delivered, g.rate_per_s, g.throttled
+            );
+        }
+    }
+    if truncated {
+        println!("(more groups than shown)");
+    }
 }
 
 pub struct SendOptions {

@@ -527,6 +527,7 @@ pub async fn create_typed_topic(addr: SocketAddr, name: &str, kind: v2::MessageT
             message_type: kind as i32,
             queue_count: queues,
             lite_ttl_minutes: 0,
+            ..Default::default()
         },
     )
     .await

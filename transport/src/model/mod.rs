@@ -3,6 +3,7 @@
 //! Pure: no I/O.
 
 pub mod codes;
+pub mod fairness;
 pub mod filter;
 pub mod message_type;
 pub mod placement;

@@ -11,7 +11,9 @@
 //! Attributes block (format v3; records written before it have none and read as defaults):
 //! `block_len u32 | message_type u8 | txn_state u8 | reserved u16 | priority i32 |
 //!  delivery_ms u64 | group_len u8, group | lite_len u8, lite_topic |
-//!  property_count u16 | property_count × (key_len u16, key, value_len u16, value)`.
+//!  property_count u16 | property_count × (key_len u16, key, value_len u16, value)`
+//!  then, only when the record has one, `fair_len u8, fair_key` (blocks written before it end
+//!  after the properties and read as no fairness key).
 //! These are the fields the broker schedules and filters by; `properties` stays opaque to it.
 //!
 //! A queue offset of `OFFSET_HELD` means the record is stored but not yet in that queue: a
@@ -75,6 +77,9 @@ pub struct Attributes {
     pub lite_topic: String,
     /// User properties, in the order given (SQL92 filters read them).
     pub user_properties: Vec<(String, String)>,
+    /// The value of a fair topic's key property (the tenant its deliveries are shared by);
+    /// empty for none. The broker sets it at append from the topic's `fair_key` attribute.
+    pub fair_key: String,
 }
 
 impl Attributes {
@@ -90,10 +95,13 @@ impl Attributes {
             + self.lite_topic.len()
             + 2
             + self.user_properties.iter().map(|(k, v)| 4 + k.len() + v.len()).sum::<usize>()
+            + if self.fair_key.is_empty() { 0 } else { 1 + self.fair_key.len() }
     }
 
     fn check(&self) -> Result<(), String> {
-        for (what, value) in [("message group", &self.message_group), ("lite topic", &self.lite_topic)] {
+        for (what, value) in
+            [("message group", &self.message_group), ("lite topic", &self.lite_topic), ("fair key", &self.fair_key)]
+        {
             if value.len() > RECORD_ID_MAX_BYTES {
                 return Err(format!("{what} longer than {RECORD_ID_MAX_BYTES} bytes"));
             }
@@ -238,6 +246,10 @@ fn put_attributes(w: &mut Writer<'_>, a: &Attributes) {
         w.put(&(v.len() as u16).to_le_bytes());
         w.put(v.as_bytes());
     }
+    if !a.fair_key.is_empty() {
+        w.put(&[a.fair_key.len() as u8]);
+        w.put(a.fair_key.as_bytes());
+    }
 }
 
 struct Writer<'a> {
@@ -273,6 +285,8 @@ pub struct AttributesView<'a> {
     pub delivery_ms: u64,
     pub message_group: &'a str,
     pub lite_topic: &'a str,
+    /// See `Attributes::fair_key`.
+    pub fair_key: &'a str,
     properties: &'a [u8],
     property_count: u16,
 }
@@ -286,6 +300,7 @@ impl Default for AttributesView<'_> {
             delivery_ms: 0,
             message_group: "",
             lite_topic: "",
+            fair_key: "",
             properties: &[],
             property_count: 0,
         }
@@ -328,6 +343,7 @@ impl<'a> AttributesView<'a> {
             message_group: self.message_group.to_string(),
             lite_topic: self.lite_topic.to_string(),
             user_properties: self.user_properties().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            fair_key: self.fair_key.to_string(),
         }
     }
 }
@@ -504,6 +520,13 @@ fn parse_attributes(block: &[u8]) -> Result<AttributesView<'_>, RecordError> {
         let len = usize::from(u16::from_le_bytes([len_bytes[0], len_bytes[1]]));
         utf8(r.take(len)?, "user property")?;
     }
+    let properties = &block[properties_start..r.at];
+    let fair_key = if r.at < block.len() {
+        let fair_len = r.take(1)?[0] as usize;
+        utf8(r.take(fair_len)?, "fair key")?
+    } else {
+        ""
+    };
     if r.at != block.len() {
         return Err(RecordError::Inconsistent);
     }
@@ -514,7 +537,8 @@ fn parse_attributes(block: &[u8]) -> Result<AttributesView<'_>, RecordError> {
         delivery_ms,
         message_group,
         lite_topic,
-        properties: &block[properties_start..],
+        fair_key,
+        properties,
         property_count,
     })
 }
@@ -594,9 +618,19 @@ mod tests {
             "[a-z0-9-]{0,20}",
             "[a-z0-9/]{0,20}",
             prop::collection::vec(("[a-zA-Z_]{1,8}", "[ -~]{0,16}"), 0..4),
+            "[a-z0-9]{0,12}",
         )
             .prop_map(
-                |(message_type, txn_state, priority, delivery_ms, message_group, lite_topic, user_properties)| {
+                |(
+                    message_type,
+                    txn_state,
+                    priority,
+                    delivery_ms,
+                    message_group,
+                    lite_topic,
+                    user_properties,
+                    fair_key,
+                )| {
                     Attributes {
                         message_type,
                         txn_state,
@@ -605,6 +639,7 @@ mod tests {
                         message_group,
                         lite_topic,
                         user_properties,
+                        fair_key,
                     }
                 },
             )

@@ -87,14 +87,14 @@ impl ShardHandler {
     /// Reads the queue index after the group's position into the queue's backlog until the
     /// backlog is full or the queue's end is reached. Entries the tag filter rules out, and
     /// entries retention removed, are consumed here.
-    async fn fill_backlog(&self, ask: &PopAsk<'_>, index: u32, queue: &Rc<str>) -> Result<bool> {
+    pub(super) async fn fill_backlog(&self, ask: &PopAsk<'_>, index: u32, queue: &Rc<str>) -> Result<bool> {
         let limits = self.queue_limits();
         let (epoch, filter) = {
             let mut scheduler = self.scheduler.borrow_mut();
             let Some(gt) = scheduler.group_mut(ask.group, ask.topic) else { return Ok(false) };
             let filter = gt.filter.clone();
             let Some(gq) = gt.queues.get_mut(&index) else { return Ok(false) };
-            if gq.scanning || gq.backlog() >= limits.backlog_max {
+            if gq.scanning || gq.read_ahead_full(limits) {
                 return Ok(false);
             }
             gq.scanning = true;
@@ -105,9 +105,11 @@ impl ShardHandler {
         loop {
             let Some(info) = self.shard.queue_info(queue)? else { return Ok(advanced) };
             self.skip_removed(ask, index, epoch, info.min_offset);
-            let Some((next, room)) =
-                self.with_queue(ask, index, epoch, |gq| (gq.next(), limits.backlog_max - gq.backlog()))
-            else {
+            let Some((next, room)) = self.with_queue(ask, index, epoch, |gq| {
+                // A fair queue passes over full tenants' messages: it reads on while it has room.
+                let room = if gq.is_fair() { self.limits.scan_entries_max } else { limits.backlog_max - gq.backlog() };
+                (gq.next(), room)
+            }) else {
                 return Ok(advanced);
             };
             let end = info.max_offset.min(next + room.min(self.limits.scan_entries_max) as u64);
@@ -139,7 +141,8 @@ impl ShardHandler {
         let filled = self.with_queue(ask, index, epoch, |gq| {
             let (floor_before, next_before) = (gq.floor(), gq.next());
             let keep = |e: &QueueEntry| e.position >= log_start && filter.may_pass(e.tag_hash);
-            let advanced = gq.fill_backlog(entries, keep, limits);
+            let advanced =
+                if gq.is_fair() { gq.fill_fair(entries, keep, limits) } else { gq.fill_backlog(entries, keep, limits) };
             let mut filled = Filled { advanced, ..Filled::default() };
             for e in entries.iter().filter(|e| e.offset >= next_before && e.offset < gq.next() && !keep(e)) {
                 if e.position < log_start {
