@@ -230,6 +230,11 @@ async fn coordinate(state: Arc<ProxyState>, owners: BTreeSet<Owner>, request: Po
     long_poll(state, owners, request, want, reply).await
 }
 
+/// Which shard's reply a receive considers first, turned on every receive: answers are
+/// gathered in shard order, and always starting from the same shard would let it have every
+/// receive whose batch it fills (with small batches, under a quota, the others never delivered).
+static FIRST_SHARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Pops every shard without waiting; keeps up to `max_count` and gives the rest back.
 async fn pop_now(
     state: &Arc<ProxyState>,
@@ -241,7 +246,12 @@ async fn pop_now(
     let mut kept = Vec::new();
     let mut count = 0;
     let mut failures = Vec::new();
-    for (owner, result) in futures::future::join_all(calls).await {
+    let mut results = futures::future::join_all(calls).await;
+    if !results.is_empty() {
+        let first = FIRST_SHARD.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % results.len();
+        results.rotate_left(first);
+    }
+    for (owner, result) in results {
         match result {
             Ok(frame) => take(&mut kept, &mut count, want.take_limit(), owner, frame),
             Err(e) => failures.push(e),
