@@ -11,6 +11,7 @@ use std::rc::Rc;
 
 use sluice_transport::model::fairness::{self, Weights};
 
+use super::priority::Pass;
 use super::{PopAsk, Popped, ScanGuard};
 use crate::broker::handler::{now_ms, Counters, Result, ShardHandler};
 use crate::broker::pop::Delivery;
@@ -44,41 +45,13 @@ impl ShardHandler {
             }
         }
         let granted = self.lease_fairly(ask, &queues);
-        let granted_count = granted.len();
+        // The reply keeps the order the clock chose.
         let turn: HashMap<(u32, u64), usize> =
             granted.iter().enumerate().map(|(i, (index, d))| ((*index, d.lease.offset), i)).collect();
-        let filter = self.scheduler.borrow().group(ask.group, ask.topic).map(|gt| gt.filter.clone());
-        let reads = queues.iter().filter_map(|(index, queue)| {
-            let mine: Vec<Delivery> = granted.iter().filter(|(i, _)| i == index).map(|(_, d)| *d).collect();
-            (!mine.is_empty()).then(|| self.read_deliveries(ask, *index, queue, mine, filter.as_deref()))
-        });
-        let mut out = Vec::new();
-        for read in futures::future::join_all(reads).await {
-            match read {
-                Ok(popped) => out.extend(popped),
-                Err(e) => {
-                    failure.get_or_insert(e);
-                }
-            }
-        }
-        progressed |= out.len() < granted_count;
-        // The reply keeps the order the clock chose.
-        out.sort_by_key(|p| turn.get(&(p.index, p.delivery.lease.offset)).copied().unwrap_or(usize::MAX));
-        let full = out.len() >= ask.max_count;
-        let mut still_ready = false;
-        for (index, _) in &queues {
-            still_ready |= self.refresh(ask.group, ask.topic, *index);
-            if let Some(gt) = self.scheduler.borrow_mut().group_mut(ask.group, ask.topic) {
-                gt.served(*index);
-            }
-        }
-        if full && still_ready {
-            self.hand_off(ask);
-        }
-        match failure {
-            Some(e) if out.is_empty() => Err(e),
-            _ => Ok((out, progressed)),
-        }
+        let order = |out: &mut Vec<Popped>| {
+            out.sort_by_key(|p| turn.get(&(p.index, p.delivery.lease.offset)).copied().unwrap_or(usize::MAX));
+        };
+        self.deliver_granted(ask, &queues, granted, Pass { failure, progressed }, order).await
     }
 
     /// Takes the topic's weights from its queue attributes when they changed (an operator

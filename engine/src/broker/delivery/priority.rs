@@ -21,6 +21,12 @@ fn rank(entry: &QueueEntry, due_again: bool) -> Rank {
     (entry.priority, due_again, Reverse(entry.store_ms))
 }
 
+/// How a pop's top-up went: the first error met, and whether any queue moved on.
+pub(super) struct Pass {
+    pub failure: Option<crate::broker::error::BrokerError>,
+    pub progressed: bool,
+}
+
 /// What topping up one queue's backlog did.
 #[derive(Default)]
 struct Filled {
@@ -47,6 +53,25 @@ impl ShardHandler {
             }
         }
         let granted = self.lease_across(ask, &queues);
+        // Redeliveries and the queues' bests, merged: the reply itself is in priority order.
+        let order = |out: &mut Vec<Popped>| {
+            out.sort_by_key(|p| (Reverse(p.delivery.entry.priority), p.delivery.entry.store_ms));
+        };
+        self.deliver_granted(ask, &queues, granted, Pass { failure, progressed }, order).await
+    }
+
+    /// The end of a priority or fair pop: reads the granted leases' records (one read per
+    /// queue, at once), lets `order` sort the reply, refreshes each queue's readiness, and
+    /// hands a full pop's leftover work to the next waiter.
+    pub(super) async fn deliver_granted(
+        &self,
+        ask: &PopAsk<'_>,
+        queues: &[(u32, Rc<str>)],
+        granted: Vec<(u32, Delivery)>,
+        pass: Pass,
+        order: impl FnOnce(&mut Vec<Popped>),
+    ) -> Result<(Vec<Popped>, bool)> {
+        let Pass { mut failure, mut progressed } = pass;
         let granted_count = granted.len();
         let filter = self.scheduler.borrow().group(ask.group, ask.topic).map(|gt| gt.filter.clone());
         let reads = queues.iter().filter_map(|(index, queue)| {
@@ -65,11 +90,10 @@ impl ShardHandler {
         // Leases the filter (or retention) consumed instead of delivering: moving on, so another
         // pass may find more in the backlog.
         progressed |= out.len() < granted_count;
-        // Redeliveries and the queues' bests, merged: the reply itself is in priority order.
-        out.sort_by_key(|p| (Reverse(p.delivery.entry.priority), p.delivery.entry.store_ms));
+        order(&mut out);
         let full = out.len() >= ask.max_count;
         let mut still_ready = false;
-        for (index, _) in &queues {
+        for (index, _) in queues {
             still_ready |= self.refresh(ask.group, ask.topic, *index);
             if let Some(gt) = self.scheduler.borrow_mut().group_mut(ask.group, ask.topic) {
                 gt.served(*index);
