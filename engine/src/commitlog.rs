@@ -6,9 +6,10 @@
 //! Log positions are global: segment `n+1` starts where segment `n` ends. A batch never spans
 //! two segments; the unused end of a segment stays zero, which reads as "end of data".
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
+use std::time::Duration;
 
 use glommio::io::{DmaBuffer, ReadResult};
 
@@ -35,6 +36,8 @@ const READ_GAP_MAX_BYTES: u64 = 32 << 10;
 const READ_SPAN_MAX_BYTES: u64 = 256 << 10;
 /// Most ranges one `read_ranges` call takes (its reads run at once).
 pub const READ_RANGES_MAX: usize = 1024;
+/// How often a segment creation that found the disk full is tried again.
+const SPACE_RETRY_INTERVAL_MS: u64 = 200;
 
 /// Sizing of the log; copied from `EngineConfig`.
 #[derive(Debug, Clone, Copy)]
@@ -120,6 +123,12 @@ pub struct CommitLog {
     /// caller's fdatasync of the same segment is still running.
     sync_lock: futures::lock::Mutex<()>,
     tail_cache: RefCell<TailCache>,
+    /// Segments created since open; a change tells the shard its free-space figure is stale.
+    segments_created: Cell<u64>,
+    /// A segment creation found the disk full and is waiting for space.
+    waiting_for_space: Cell<bool>,
+    /// Set at close: a creation waiting for space gives up instead.
+    space_waits_abandoned: Cell<bool>,
 }
 
 /// One read of `read_ranges`: `[start, end)` in the segment at `base`, covering `members`.
@@ -192,6 +201,9 @@ impl CommitLog {
             state: RefCell::new(state),
             sync_lock: futures::lock::Mutex::new(()),
             tail_cache: RefCell::new(TailCache::new(limits.tail_cache_bytes)),
+            segments_created: Cell::new(0),
+            waiting_for_space: Cell::new(false),
+            space_waits_abandoned: Cell::new(false),
         };
         let report = log.recover(replay_from.max(first_base), clean, &mut on_batch).await?;
         Ok((log, report))
@@ -302,16 +314,68 @@ impl CommitLog {
             }
             None => {
                 let size_bytes = self.limits.segment_size_bytes;
-                let file = self
-                    .store
-                    .create(base, size_bytes)
-                    .await
-                    .map_err(|e| EngineError::io("creating segment", self.store.describe(base), e))?;
+                let file = self.create_segment(base, size_bytes).await?;
                 tracing::info!(segment = %self.store.describe(base), size_bytes, "created segment");
                 self.state.borrow_mut().segments.insert(base, Segment { size_bytes, file: Some(file.clone()) });
+                self.segments_created.set(self.segments_created.get() + 1);
                 Ok(file)
             }
         }
+    }
+
+    /// Creates a segment, waiting while the disk is full: nothing is written yet, so the round
+    /// (and the appends waiting on it) can go on once space is freed, instead of failing the
+    /// shard. Gives up only at close.
+    async fn create_segment(&self, base: u64, size_bytes: u64) -> Result<Rc<dyn SegmentFile>> {
+        loop {
+            match self.store.create(base, size_bytes).await {
+                Ok(file) => {
+                    if self.waiting_for_space.replace(false) {
+                        tracing::info!(segment = %self.store.describe(base), "disk space freed; segment created");
+                    }
+                    return Ok(file);
+                }
+                Err(e) if is_out_of_space(&e) && !self.space_waits_abandoned.get() => {
+                    if !self.waiting_for_space.replace(true) {
+                        tracing::error!(
+                            segment = %self.store.describe(base),
+                            size_bytes,
+                            "disk full: cannot create the next segment; writes wait for space (new messages are refused)"
+                        );
+                    }
+                    glommio::timer::sleep(Duration::from_millis(SPACE_RETRY_INTERVAL_MS)).await;
+                }
+                Err(e) => {
+                    self.waiting_for_space.set(false);
+                    return Err(EngineError::io("creating segment", self.store.describe(base), e));
+                }
+            }
+        }
+    }
+
+    /// Whether staging `coming_bytes` more would need a segment that does not exist yet.
+    pub fn needs_new_segment(&self, coming_bytes: usize) -> bool {
+        let state = self.state.borrow();
+        match state.segments.get(&state.active_base) {
+            None => true,
+            Some(active) => {
+                state.staged_end + (BATCH_HEADER_BYTES + coming_bytes) as u64 > state.active_base + active.size_bytes
+            }
+        }
+    }
+
+    /// A segment creation is waiting for disk space.
+    pub fn waiting_for_space(&self) -> bool {
+        self.waiting_for_space.get()
+    }
+
+    pub fn segments_created(&self) -> u64 {
+        self.segments_created.get()
+    }
+
+    /// Makes a creation waiting for space fail (at close), so nothing waits forever.
+    pub fn abandon_space_waits(&self) {
+        self.space_waits_abandoned.set(true);
     }
 
     /// Reserves `len` bytes for one record in the open batch, lets `encode` fill them, and returns
@@ -638,6 +702,13 @@ fn grow(open: &mut OpenBatch, needed: usize, alignment: usize, group_commit_max_
     // One copy per doubling keeps small batches small; amortised O(1) per byte.
     bigger.as_bytes_mut()[..used].copy_from_slice(&open.buf.as_bytes()[..used]);
     open.buf = bigger;
+}
+
+/// ENOSPC (or EDQUOT, a quota that works the same way for us).
+fn is_out_of_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(28 | 122))
 }
 
 fn align_up(value: usize, alignment: usize) -> usize {

@@ -28,6 +28,10 @@ pub const LOG_TAIL_CACHE_BYTES_DEFAULT: usize = 32 << 20;
 /// Default time a queue stays in the shard's memory after its last append; it is then read
 /// from the index when used, so a million idle lite topics cost no memory.
 pub const QUEUE_IDLE_EVICT_MS_DEFAULT: u64 = 10_000;
+/// Default free space a shard keeps on its file system: below it, new messages are refused
+/// with a retryable error (control records, such as acks and offsets, still go in). It leaves
+/// room for RocksDB flushes and compactions, which fail hard on a full disk.
+pub const DISK_FREE_MIN_BYTES_DEFAULT: u64 = 256 << 20;
 /// Smallest allowed segment: one maximal group-commit write has to fit in it.
 pub const SEGMENT_SIZE_MIN_BYTES: u64 = 64 << 10;
 // Record limits live with the record format.
@@ -79,6 +83,11 @@ pub struct EngineConfig {
     pub queue_idle_evict_ms: u64,
     pub group_commit_max_bytes: usize,
     pub group_commit_records_max: usize,
+    /// Free space (bytes) the file system keeps: a message append that would leave less, or a
+    /// log roll that would leave less than this plus a segment, is refused with `DiskFull`
+    /// (retryable). 0 turns the floor off: a log roll that meets a full disk then holds the
+    /// shard's writes until space returns, and RocksDB may fail the shard's index.
+    pub disk_free_min_bytes: u64,
     /// Appends beyond this many staged, not yet durable bytes wait (back-pressure).
     pub append_inflight_max_bytes: u64,
     pub shard_inbox_max: usize,
@@ -117,6 +126,7 @@ impl EngineConfig {
             group_commit_max_bytes: GROUP_COMMIT_MAX_BYTES_DEFAULT,
             group_commit_records_max: GROUP_COMMIT_RECORDS_MAX_DEFAULT,
             append_inflight_max_bytes: APPEND_INFLIGHT_MAX_BYTES_DEFAULT,
+            disk_free_min_bytes: DISK_FREE_MIN_BYTES_DEFAULT,
             shard_inbox_max: SHARD_INBOX_MAX_DEFAULT,
             index_flush_interval_bytes: INDEX_FLUSH_INTERVAL_BYTES_DEFAULT,
             index_block_cache_bytes: 64 << 20,

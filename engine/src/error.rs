@@ -60,6 +60,9 @@ pub enum EngineError {
 
     #[error("engine is shutting down")]
     ShuttingDown,
+
+    #[error("shard {shard} refuses new messages: its disk has {free_bytes} bytes free and this append needs {needed_bytes} (disk_free_min_bytes, plus a segment when the log rolls). Retry later; accepted messages are safe, and reads and acks go on. Free disk space or let retention delete old segments")]
+    DiskFull { shard: usize, free_bytes: u64, needed_bytes: u64 },
 }
 
 impl EngineError {
@@ -81,6 +84,7 @@ impl EngineError {
             EngineError::PositionNotStored { .. } => codes::POSITION_NOT_STORED,
             EngineError::ShardFailed { .. } => codes::SHARD_FAILED,
             EngineError::ShuttingDown => codes::ENGINE_SHUTTING_DOWN,
+            EngineError::DiskFull { .. } => codes::DISK_FULL,
         }
     }
 
@@ -124,6 +128,7 @@ mod tests {
             EngineError::PositionNotStored { position: 0 },
             EngineError::ShardFailed { shard: 0, cause: String::new() },
             EngineError::ShuttingDown,
+            EngineError::DiskFull { shard: 0, free_bytes: 0, needed_bytes: 0 },
         ];
         let mut codes: Vec<u32> = samples.iter().map(EngineError::code).collect();
         codes.sort_unstable();

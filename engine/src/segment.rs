@@ -95,8 +95,18 @@ async fn calibrate_iopoll_probe(dir: &std::path::Path) -> io::Result<()> {
     std::fs::remove_file(&path)
 }
 
+/// Keeps the OS error (ENOSPC must stay recognisable) with glommio's description of the call.
 fn to_io(err: glommio::GlommioError<()>) -> io::Error {
-    io::Error::other(err.to_string())
+    let described = err.to_string();
+    match err {
+        glommio::GlommioError::IoError(source) | glommio::GlommioError::EnhancedIoError { source, .. } => {
+            match source.raw_os_error() {
+                Some(code) => io::Error::new(io::Error::from_raw_os_error(code).kind(), described),
+                None => io::Error::new(source.kind(), described),
+            }
+        }
+        _ => io::Error::other(described),
+    }
 }
 
 struct DmaSegment {
@@ -169,8 +179,15 @@ impl SegmentStore for DmaSegmentStore {
             let _ = std::fs::remove_file(&temporary);
             let file =
                 OpenOptions::new().read(true).write(true).create_new(true).dma_open(&temporary).await.map_err(to_io)?;
-            file.pre_allocate(size_bytes, false).await.map_err(to_io)?;
-            file.fdatasync().await.map_err(to_io)?;
+            let prepared = async {
+                file.pre_allocate(size_bytes, false).await.map_err(to_io)?;
+                file.fdatasync().await.map_err(to_io)
+            };
+            if let Err(e) = prepared.await {
+                // A partial preallocation holds blocks a full disk needs back.
+                let _ = std::fs::remove_file(&temporary);
+                return Err(e);
+            }
             file.rename(&path).await.map_err(to_io)?;
             // The new directory entry must survive a crash before any record in it is acked.
             std::fs::File::open(&self.dir)?.sync_all()?;

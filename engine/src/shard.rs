@@ -97,6 +97,10 @@ pub struct ShardStats {
     /// Of `queues`, those held in memory (appended to recently); the rest live in the index.
     pub queues_resident: usize,
     pub queues_evicted: u64,
+    /// Free space on the shard's file system (at most `DISK_CHECK_INTERVAL_MS` old).
+    pub disk_free_bytes: u64,
+    /// Message appends refused because the disk was at its floor.
+    pub appends_refused_disk_full: u64,
 }
 
 struct QueueState {
@@ -165,8 +169,25 @@ pub struct Shard {
     next_generation: Cell<u64>,
     /// Bytes of appends staged but not yet acked; bounds the memory appenders can pin.
     inflight_bytes: glommio::sync::Semaphore,
+    /// The file system's free space as last read, for the `disk_free_min_bytes` check.
+    disk: RefCell<DiskRoom>,
     stats: RefCell<ShardStats>,
 }
+
+/// Free space, read with statvfs at most every `DISK_CHECK_INTERVAL_MS` and after every
+/// segment creation (the one thing that takes space in bulk; writes fill preallocated space).
+#[derive(Default)]
+struct DiskRoom {
+    free_bytes: u64,
+    checked_ms: u64,
+    segments_created: u64,
+    checked: bool,
+    /// The last append was refused for space; logged once per episode.
+    refusing: bool,
+}
+
+/// Longest time an append trusts a free-space figure.
+const DISK_CHECK_INTERVAL_MS: u64 = 100;
 
 /// Marker a cleanly closed shard leaves; its absence at start means "recover from a crash".
 const CLEAN_SHUTDOWN_MARKER: &str = "clean-shutdown";
@@ -328,6 +349,7 @@ impl Shard {
             retention_running: Cell::new(false),
             next_generation: Cell::new(next_generation),
             inflight_bytes: glommio::sync::Semaphore::new(config.append_inflight_max_bytes),
+            disk: RefCell::new(DiskRoom::default()),
             stats: RefCell::new(ShardStats { shard: id, recovery: Some(report), ..Default::default() }),
         });
         if end > checkpoint {
@@ -419,6 +441,11 @@ impl Shard {
             .map_err(|_| EngineError::ShuttingDown)?;
         self.check_writable()?;
         let lens = records.iter().map(|r| self.validate(r)).collect::<Result<Vec<usize>>>()?;
+        if flags == 0 {
+            // Producers' messages only: what is already accepted (due delay messages, acks,
+            // offsets) keeps going in, using the space the floor keeps.
+            self.check_disk_room(lens.iter().sum())?;
+        }
         self.check_queue_room(records)?;
         let store_ms = now_ms();
         let mut acks = Vec::with_capacity(records.len());
@@ -443,6 +470,59 @@ impl Shard {
         }
         self.wait_committed(end).await?;
         Ok(acks)
+    }
+
+    /// Refuses a message append that would leave less than `disk_free_min_bytes` free, or less
+    /// than that plus a segment when the log has to roll (or a roll already waits for space).
+    fn check_disk_room(&self, coming_bytes: usize) -> Result<()> {
+        let floor_bytes = self.config.disk_free_min_bytes;
+        // A creation that already met a full disk refuses more, floor or not.
+        let waiting = self.log.waiting_for_space();
+        if floor_bytes == 0 && !waiting {
+            return Ok(());
+        }
+        let free_bytes = self.disk_free_bytes();
+        let rolling = self.log.needs_new_segment(coming_bytes);
+        let needed_bytes = floor_bytes.saturating_add(if rolling { self.config.segment_size_bytes } else { 0 });
+        let mut disk = self.disk.borrow_mut();
+        if !waiting && free_bytes >= needed_bytes {
+            if std::mem::take(&mut disk.refusing) {
+                tracing::info!(shard = self.id, free_bytes, "disk space above the floor again; accepting messages");
+            }
+            return Ok(());
+        }
+        if !std::mem::replace(&mut disk.refusing, true) {
+            tracing::warn!(
+                shard = self.id,
+                free_bytes,
+                needed_bytes,
+                "disk at its free-space floor (disk_free_min_bytes); refusing new messages until space is freed"
+            );
+        }
+        self.stats.borrow_mut().appends_refused_disk_full += 1;
+        Err(EngineError::DiskFull { shard: self.id, free_bytes, needed_bytes })
+    }
+
+    /// Free bytes on the shard's file system (for unprivileged use), refreshed when stale.
+    fn disk_free_bytes(&self) -> u64 {
+        let now = now_ms();
+        let mut disk = self.disk.borrow_mut();
+        let created = self.log.segments_created();
+        let fresh = disk.checked
+            && disk.segments_created == created
+            && now.saturating_sub(disk.checked_ms) < DISK_CHECK_INTERVAL_MS;
+        if !fresh {
+            let dir = self.config.shard_dir(self.id);
+            match rustix::fs::statvfs(&dir) {
+                Ok(vfs) => disk.free_bytes = vfs.f_bavail.saturating_mul(vfs.f_frsize),
+                // Keep the last figure: a failing statvfs says nothing about space.
+                Err(e) => tracing::warn!(shard = self.id, error = %e, dir = %dir.display(), "statvfs failed"),
+            }
+            disk.checked = true;
+            disk.checked_ms = now;
+            disk.segments_created = created;
+        }
+        disk.free_bytes
     }
 
     /// Makes every existing queue of `records` resident (so `assign_offsets` creates only new
@@ -938,6 +1018,7 @@ impl Shard {
         (stats.tail_cache_hits, stats.tail_cache_misses, stats.tail_cache_bytes) = (hits, misses, held_bytes as u64);
         stats.index_memtable_bytes = self.index.memtable_bytes();
         stats.index_block_cache_bytes = self.index.block_cache_bytes();
+        stats.disk_free_bytes = self.disk_free_bytes();
         stats
     }
 
@@ -1142,6 +1223,7 @@ impl Shard {
     /// Finishes every staged append, syncs the log and flushes the index.
     pub async fn close(&self) -> Result<()> {
         self.closing.set(true);
+        self.log.abandon_space_waits();
         while self.log.has_staged() || !self.waiters.borrow().is_empty() {
             if self.failed.borrow().is_some() {
                 break;

@@ -131,6 +131,8 @@ impl ProxyError {
                 broker_code::TOO_MANY_LITE_CLIENTS => Code::TooManyRequests,
                 // Only sends to lite topics create queues, so a full shard is the lite-topic quota.
                 broker_code::TOO_MANY_QUEUES => Code::LiteTopicQuotaExceeded,
+                // Retryable: clients back off and send again once the shard has space.
+                broker_code::DISK_FULL => Code::TooManyRequests,
                 _ => Code::InternalServerError,
             },
         }

@@ -1,8 +1,8 @@
 //! Lite topics through the RocketMQ v2 API of a real `sluice local`: a consumer subscribed to
 //! 10,000 lite topics gets only its own messages, order within a lite topic while others are
-//! written, a group's position outliving its consumers, quotas and bad names, and reclaiming
-//! after the TTL (never while a client subscribes). Two of them run with lite topics evicted from
-//! the broker's memory a millisecond after each append.
+//! written, a group's position outliving its consumers, quotas and bad names, reclaiming after
+//! the TTL (never while a client subscribes), and a shard at its queue limit. Two of them run
+//! with lite topics evicted from the broker's memory a millisecond after each append.
 
 mod common;
 
@@ -349,4 +349,36 @@ async fn lite_topics_are_reclaimed_after_the_ttl_only_once_nobody_subscribes() {
     }
     let counters = wait_reclaimed(local.grpc, 2, SECS(60)).await;
     assert_eq!(counters.get("lite_topics_reclaimed"), Some(&2), "{counters:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_at_its_queue_limit_refuses_new_lite_topics_and_keeps_serving_existing_ones() {
+    const LIMIT: usize = 40;
+    let local = Local::start_with_config(&format!("[broker]\nqueues_per_shard_max = {LIMIT}\n"), &[]).await;
+    let topic = "sessions";
+    lite_topic(local.grpc, topic, 2, 0).await;
+    let mut client = messaging(local.grpc).await;
+    let (mut accepted, mut refused) = (Vec::new(), None);
+    // Two shards of LIMIT queues each, some of them taken by the topic's own queues.
+    for i in 0..2 * LIMIT + 10 {
+        let lite = format!("chat-{i}");
+        let reply = send(&mut client, vec![lite_message(topic, &lite, format!("hello {i}"))]).await;
+        match code(reply.status.as_ref()) {
+            OK => accepted.push(lite),
+            c if c == v2::Code::LiteTopicQuotaExceeded as i32 => refused = reply.status,
+            other => panic!("unexpected {other}: {reply:?}"),
+        }
+    }
+    let refused = refused.expect("a shard at its queue limit refuses a new lite topic");
+    assert!(refused.message.contains("queues_per_shard_max"), "says which limit: {refused:?}");
+    assert!(accepted.len() >= LIMIT, "{} accepted", accepted.len());
+    // Lite topics that exist still take messages, and what they hold is delivered.
+    let first = accepted[0].clone();
+    send_lite(&mut client, topic, vec![(first.clone(), "again".into())]).await;
+    let client_id = "queue-limit-client";
+    let action = v2::LiteSubscriptionAction::PartialAdd;
+    sync_ok(&mut client, client_id, action, topic, "readers", std::slice::from_ref(&first)).await;
+    let got = drain(&mut client, client_id, topic, "readers", 2, SECS(30)).await;
+    let hello = format!("hello {}", first.trim_start_matches("chat-"));
+    assert_eq!(got.iter().map(body_text).collect::<Vec<_>>(), [hello, "again".to_string()]);
 }

@@ -1,6 +1,8 @@
 //! Consumer-group receive quotas (`max_receive_tps`) held by the broker shard that owns the
 //! group's record: one quota across two separate `sluice proxy` processes, the
-//! TOO_MANY_REQUESTS answer of a `reject` group, and a run-time change with the CLI.
+//! TOO_MANY_REQUESTS answer of a `reject` group, and a run-time change with the CLI. Also the
+//! back-pressure of a shard at its disk floor: sends get TOO_MANY_REQUESTS, receives and acks
+//! go on.
 
 mod common;
 
@@ -162,4 +164,48 @@ async fn a_topic_send_quota_refuses_or_delays_sends_beyond_it() {
     update("0", "wait").await;
     let batch = (0..50).map(|i| message("ingest", format!("f{i}").into_bytes())).collect();
     send_ok(&mut client, batch).await;
+}
+
+/// Sets `[broker] disk_free_min_bytes` in the config file `Local::start_with_config` wrote.
+fn set_disk_floor(data_dir: &std::path::Path, bytes: u64) {
+    let path = data_dir.parent().expect("data dir has a parent").join("local.toml");
+    std::fs::write(path, format!("[broker]\ndisk_free_min_bytes = {bytes}\n")).expect("write config");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_at_its_disk_floor_refuses_sends_with_too_many_requests_while_receives_and_acks_go_on() {
+    let local = Local::start_with_config("[broker]\ndisk_free_min_bytes = 0\n", &[]).await;
+    create_topic(local.grpc, "jobs", 4).await;
+    backlog(local.grpc, "jobs", 20).await;
+    // A floor above any disk's free space: the broker is "full" from its first append on.
+    let local = local.stop_and_restart(|data| set_disk_floor(data, 1 << 62)).await;
+
+    let mut client = messaging(local.grpc).await;
+    let reply = send(&mut client, vec![message("jobs", b"late".to_vec())]).await;
+    let status = reply.status.clone().expect("status");
+    assert_eq!(status.code, TOO_MANY_REQUESTS, "{reply:?}");
+    assert!(status.message.contains("Retry later") && status.message.contains("disk_free_min_bytes"), "{status:?}");
+
+    let mut received = 0;
+    for _ in 0..20 {
+        let r = receive(&mut client, "jobs", "workers", 16, SECS(30), SECS(1)).await;
+        assert!([OK, MESSAGE_NOT_FOUND].contains(&r.code()), "{:?}", r.statuses);
+        ack_all(&mut client, "jobs", "workers", &r.messages).await;
+        received += r.messages.len();
+        if received >= 20 {
+            break;
+        }
+    }
+    assert_eq!(received, 20, "everything accepted before the floor is delivered and acked");
+    let counters = broker_counters(local.grpc).await;
+    assert!(counters.get("appends_refused_disk_full").is_some_and(|n| *n >= 1), "{counters:?}");
+    assert!(counters.get("disk_free_bytes").is_some_and(|n| *n > 0), "{counters:?}");
+
+    // Space again (a floor of 1 MiB): sends go in, and the acks made at the floor held.
+    let local = local.stop_and_restart(|data| set_disk_floor(data, 1 << 20)).await;
+    let mut client = messaging(local.grpc).await;
+    send_ok(&mut client, vec![message("jobs", b"later".to_vec())]).await;
+    let r = receive(&mut client, "jobs", "workers", 16, SECS(30), SECS(3)).await;
+    let bodies: Vec<&[u8]> = r.messages.iter().map(|m| m.body.as_slice()).collect();
+    assert_eq!(bodies, vec![b"later".as_slice()], "only the new message: the 20 acks survived the restart");
 }

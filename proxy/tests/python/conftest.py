@@ -99,8 +99,9 @@ def _set_parent_death_signal():
 class SluiceServer:
     """`sluice local` on free ports, stdout/stderr to files."""
 
-    def __init__(self, binary, data_dir, log_dir):
+    def __init__(self, binary, data_dir, log_dir, extra_args=()):
         self.binary = Path(binary)
+        self.extra_args = list(extra_args)
         self.data_dir = Path(data_dir)
         self.log_dir = Path(log_dir)
         self.proc = None
@@ -120,6 +121,7 @@ class SluiceServer:
                 "--data-dir", str(self.data_dir),
                 "--grpc", self.endpoint,
                 "--http", self.http,
+                *self.extra_args,
             ]
             with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
                 banner = f"\n==== attempt {attempt}: {' '.join(cmd)}\n".encode()

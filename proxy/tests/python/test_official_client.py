@@ -18,17 +18,18 @@ from collections import defaultdict
 
 import grpc
 import pytest
-from rocketmq import (ConsumeResult, FilterExpression, Message, MessageListener,
-                      Producer, PushConsumer, SimpleConsumer)
+from rocketmq import (ClientConfiguration, ConsumeResult, Credentials, FilterExpression,
+                      Message, MessageListener, Producer, PushConsumer, SimpleConsumer)
 from rocketmq.grpc_protocol import (AddressScheme, ClientType, Code,
                                     DigestType, Encoding, MessageType,
                                     MessagingServiceStub, Permission,
                                     QueryRouteRequest, ReceiveMessageRequest,
                                     Settings, TelemetryCommand)
-from rocketmq.v5.exception import ClientException
+from rocketmq.v5.exception import ClientException, TooManyRequestsException
 from rocketmq.v5.util import Signature
 
-from conftest import REQUEST_TIMEOUT_S
+from conftest import (REQUEST_TIMEOUT_S, SluiceCli, SluiceServer, sluice_bin,
+                      unique_name)
 
 MiB = 1024 * 1024
 MAX_BODY = 4 * MiB
@@ -569,3 +570,31 @@ def test_send_to_unknown_topic_raises(endpoint, client_config, clients, topic):
 
     res = raw_query_route(endpoint, client_config, unknown)
     assert res.status.code == Code.TOPIC_NOT_FOUND, res.status
+
+
+def test_send_to_a_broker_at_its_disk_floor_raises_too_many_requests(tmp_path, artifact_dir, clients):
+    """Back-pressure: a shard below its free-space floor refuses sends with TOO_MANY_REQUESTS,
+    which the client raises at once as TooManyRequestsException (its "system busy" signal,
+    which applications retry later), instead of a timeout."""
+    config = tmp_path / "floor.toml"
+    # A floor above any disk's free space.
+    config.write_text("[broker]\ndisk_free_min_bytes = 4611686018427387904\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    logs = artifact_dir / "disk-floor"
+    logs.mkdir(exist_ok=True)
+    server = SluiceServer(sluice_bin(), data, logs, extra_args=("--config", str(config)))
+    server.start()
+    try:
+        topic = unique_name("full")
+        SluiceCli(sluice_bin(), server.endpoint).create_topic(topic)
+        client_config = ClientConfiguration(server.endpoint, Credentials(), request_timeout=REQUEST_TIMEOUT_S)
+        producer = start_producer(client_config, clients, (topic,))
+        with pytest.raises(TooManyRequestsException) as err:
+            producer.send(new_message(topic, b"no room for me"))
+        assert err.value.code == Code.TOO_MANY_REQUESTS, err.value
+        assert "disk_free_min_bytes" in str(err.value) and "Retry later" in str(err.value), err.value
+        clients.shutdown(producer)
+    finally:
+        server.stop()
+

@@ -85,6 +85,10 @@ pub struct BrokerSection {
     pub log_tail_cache_bytes: Option<usize>,
     /// A queue (a lite topic, say) not appended to for this long leaves memory; 0 keeps all.
     pub queue_idle_evict_ms: Option<u64>,
+    /// Free space each shard keeps on its file system; below it, sends get a retryable error.
+    pub disk_free_min_bytes: Option<u64>,
+    /// Queues (topic queues and lite topics) one shard holds; a send that needs one more fails.
+    pub queues_per_shard_max: Option<usize>,
 }
 
 impl Default for BrokerSection {
@@ -110,6 +114,8 @@ impl Default for BrokerSection {
             lite_clients_per_group_max: None,
             log_tail_cache_bytes: None,
             queue_idle_evict_ms: None,
+            disk_free_min_bytes: None,
+            queues_per_shard_max: None,
         }
     }
 }
@@ -195,6 +201,12 @@ impl BrokerSection {
         }
         if let Some(ms) = self.queue_idle_evict_ms {
             engine.queue_idle_evict_ms = ms;
+        }
+        if let Some(bytes) = self.disk_free_min_bytes {
+            engine.disk_free_min_bytes = bytes;
+        }
+        if let Some(max) = self.queues_per_shard_max {
+            engine.queues_per_shard_max = max;
         }
         engine.validate().map_err(|e| format!("engine settings: {e}"))?;
         let transport = transport.apply();

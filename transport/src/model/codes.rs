@@ -20,6 +20,8 @@ pub const CORRUPT_RECORD: u32 = 1020;
 pub const POSITION_NOT_STORED: u32 = 1021;
 pub const SHARD_FAILED: u32 = 1030;
 pub const ENGINE_SHUTTING_DOWN: u32 = 1031;
+/// A shard's file system is at its free-space floor: new messages wait for space (retryable).
+pub const DISK_FULL: u32 = 1032;
 
 // Broker (requests, leases, scheduling).
 pub const QUEUE_NOT_FOUND: u32 = 3001;

@@ -1,0 +1,212 @@
+//! Back-pressure at a full disk: a shard at its free-space floor refuses new messages with a
+//! retryable `DiskFull` while control records (offsets, acks) still go in, and a log roll that
+//! meets ENOSPC waits for space instead of failing the shard. Nothing acked is lost.
+
+use std::cell::Cell;
+use std::io;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures::future::LocalBoxFuture;
+use sluice_engine::segment::{DmaSegmentStore, SegmentFile, SegmentStore};
+use sluice_engine::{Durability, EngineConfig, EngineError, NewRecord, Shard};
+use sluice_transport::model::codes;
+
+const ENOSPC: i32 = 28;
+
+fn config(dir: &std::path::Path, disk_free_min_bytes: u64) -> EngineConfig {
+    let mut config = EngineConfig::new(dir);
+    config.shard_count = 1;
+    config.pin_shards = false;
+    config.segment_size_bytes = 256 << 10;
+    config.record_size_max_bytes = 64 << 10;
+    config.group_commit_max_bytes = 64 << 10;
+    config.durability = Durability::Sync;
+    config.disk_free_min_bytes = disk_free_min_bytes;
+    config
+}
+
+/// The real store, except that creating a segment fails with ENOSPC while `full` is set.
+struct FillableStore {
+    inner: DmaSegmentStore,
+    full: Rc<Cell<bool>>,
+    creations_refused: Rc<Cell<u32>>,
+}
+
+impl SegmentStore for FillableStore {
+    fn list(&self) -> io::Result<Vec<(u64, u64)>> {
+        self.inner.list()
+    }
+
+    fn open(&self, base: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
+        self.inner.open(base)
+    }
+
+    fn create(&self, base: u64, size_bytes: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
+        Box::pin(async move {
+            if self.full.get() {
+                self.creations_refused.set(self.creations_refused.get() + 1);
+                return Err(io::Error::from_raw_os_error(ENOSPC));
+            }
+            self.inner.create(base, size_bytes).await
+        })
+    }
+
+    fn remove(&self, base: u64) -> LocalBoxFuture<'_, io::Result<()>> {
+        self.inner.remove(base)
+    }
+
+    fn modified(&self, base: u64) -> io::Result<std::time::SystemTime> {
+        self.inner.modified(base)
+    }
+
+    fn describe(&self, base: u64) -> String {
+        self.inner.describe(base)
+    }
+}
+
+async fn open_real(config: &EngineConfig) -> Rc<Shard> {
+    let store = DmaSegmentStore::new(config.shard_dir(0).join("log")).await.unwrap();
+    Shard::open(config.clone(), 0, Rc::new(store)).await.unwrap()
+}
+
+async fn bodies(shard: &Shard, queue: &str) -> Vec<Vec<u8>> {
+    let batch = shard.read(queue, 0, 1000, 64 << 20).await.unwrap();
+    batch.records.iter().map(|r| r.view().body.to_vec()).collect()
+}
+
+fn run<F: std::future::Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
+    glommio::LocalExecutorBuilder::default().spawn(move || async move { f().await }).unwrap().join().unwrap();
+}
+
+#[test]
+fn a_shard_at_its_free_space_floor_refuses_messages_but_keeps_control_records_and_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let accepted: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 3000]).collect();
+        let shard = open_real(&config(&path, 0)).await;
+        for body in &accepted {
+            shard.append(&[NewRecord::new("jobs", body.clone())]).await.unwrap();
+        }
+        shard.close().await.unwrap();
+        drop(shard);
+
+        // A floor no disk can meet: every message append is refused, with the real free space.
+        let floor = u64::MAX / 4;
+        let shard = open_real(&config(&path, floor)).await;
+        let err = shard.append(&[NewRecord::new("jobs", b"late".to_vec())]).await.unwrap_err();
+        match &err {
+            EngineError::DiskFull { shard: 0, free_bytes, needed_bytes } => {
+                assert!(*free_bytes > 0 && *free_bytes < floor, "statvfs figure: {err}");
+                assert!(*needed_bytes >= floor, "{err}");
+            }
+            other => panic!("expected DiskFull, got {other}"),
+        }
+        assert_eq!(err.code(), codes::DISK_FULL);
+        let text = err.to_string();
+        assert!(text.contains("Retry later") && text.contains("disk_free_min_bytes"), "{text}");
+        let err = shard.append(&[NewRecord::new("new-queue", b"x".to_vec())]).await.unwrap_err();
+        assert!(matches!(err, EngineError::DiskFull { .. }), "a new queue too: {err}");
+        assert!(shard.queue_info("new-queue").unwrap().is_none(), "a refused append creates nothing");
+
+        // Reads and control records (a consumer offset, as an ack writes) still work.
+        assert_eq!(bodies(&shard, "jobs").await, accepted);
+        shard.commit_consumer_offset("workers", "jobs", 7).await.unwrap();
+        assert_eq!(shard.consumer_offset("workers", "jobs").await.unwrap(), Some(7));
+        let stats = shard.stats();
+        assert_eq!(stats.appends_refused_disk_full, 2, "{stats:?}");
+        assert!(stats.disk_free_bytes > 0, "{stats:?}");
+        shard.close().await.unwrap();
+        drop(shard);
+
+        // With room again, messages go in after everything accepted before.
+        let shard = open_real(&config(&path, 1 << 20)).await;
+        let ack = shard.append(&[NewRecord::new("jobs", b"later".to_vec())]).await.unwrap();
+        assert_eq!(ack[0].offsets, vec![10]);
+        assert_eq!(shard.consumer_offset("workers", "jobs").await.unwrap(), Some(7));
+        assert_eq!(bodies(&shard, "jobs").await.len(), 11);
+        shard.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_log_roll_that_meets_enospc_waits_for_space_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        // No floor: only the ENOSPC path is under test.
+        let config = config(&path, 0);
+        let full = Rc::new(Cell::new(false));
+        let creations_refused = Rc::new(Cell::new(0));
+        let inner = DmaSegmentStore::new(config.shard_dir(0).join("log")).await.unwrap();
+        let store = FillableStore { inner, full: full.clone(), creations_refused: creations_refused.clone() };
+        let shard = Shard::open(config.clone(), 0, Rc::new(store)).await.unwrap();
+        // 60 KiB records: the fifth one no longer fits the first 256 KiB segment.
+        let body = |i: u8| vec![i; 60 << 10];
+        for i in 0..4 {
+            shard.append(&[NewRecord::new("jobs", body(i))]).await.unwrap();
+        }
+        full.set(true);
+        let rolling = {
+            let shard = shard.clone();
+            glommio::spawn_local(async move { shard.append(&[NewRecord::new("jobs", body(4))]).await })
+        };
+        let mut waited_ms = 0;
+        while creations_refused.get() < 2 {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+            waited_ms += 10;
+            assert!(waited_ms < 10_000, "the roll never retried its segment creation");
+        }
+        // The roll waits; the shard has not failed, and new messages get the retryable error.
+        let err = shard.append(&[NewRecord::new("jobs", b"meanwhile".to_vec())]).await.unwrap_err();
+        assert!(matches!(err, EngineError::DiskFull { .. }), "{err}");
+        assert_eq!(bodies(&shard, "jobs").await.len(), 4, "reads go on while the roll waits");
+
+        full.set(false);
+        let ack = rolling.await.unwrap();
+        assert_eq!(ack[0].offsets, vec![4], "the held append completes once space returns");
+        let ack = shard.append(&[NewRecord::new("jobs", body(5))]).await.unwrap();
+        assert_eq!(ack[0].offsets, vec![5], "messages are accepted again");
+        shard.close().await.unwrap();
+        drop(shard);
+
+        let shard = open_real(&config).await;
+        let expected: Vec<Vec<u8>> = (0..6).map(body).collect();
+        assert_eq!(bodies(&shard, "jobs").await, expected, "everything acked survives a restart");
+        shard.close().await.unwrap();
+    });
+}
+
+#[test]
+fn close_gives_up_a_roll_that_waits_for_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let config = config(&path, 0);
+        let full = Rc::new(Cell::new(false));
+        let creations_refused = Rc::new(Cell::new(0));
+        let inner = DmaSegmentStore::new(config.shard_dir(0).join("log")).await.unwrap();
+        let store = FillableStore { inner, full: full.clone(), creations_refused: creations_refused.clone() };
+        let shard = Shard::open(config.clone(), 0, Rc::new(store)).await.unwrap();
+        let kept: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 60 << 10]).collect();
+        for body in &kept {
+            shard.append(&[NewRecord::new("jobs", body.clone())]).await.unwrap();
+        }
+        full.set(true);
+        let rolling = {
+            let shard = shard.clone();
+            glommio::spawn_local(async move { shard.append(&[NewRecord::new("jobs", vec![9; 60 << 10])]).await })
+        };
+        while creations_refused.get() == 0 {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        shard.close().await.unwrap();
+        assert!(rolling.await.is_err(), "an append never written is not acked");
+        drop(shard);
+
+        let shard = open_real(&config).await;
+        assert_eq!(bodies(&shard, "jobs").await, kept);
+        shard.close().await.unwrap();
+    });
+}
