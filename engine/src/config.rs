@@ -19,6 +19,9 @@ pub const GROUP_COMMIT_MAX_BYTES_DEFAULT: usize = 4 << 20;
 pub const GROUP_COMMIT_RECORDS_MAX_DEFAULT: usize = 16_384;
 /// Default bound on appended bytes a shard holds in memory before they are durable.
 pub const APPEND_INFLIGHT_MAX_BYTES_DEFAULT: u64 = 64 << 20;
+/// Default longest wait of a message append for room in `append_inflight_max_bytes`: clients'
+/// send timeouts are 3 s and up, so a refusal arrives before they give up.
+pub const APPEND_WAIT_MAX_MS_DEFAULT: u64 = 1000;
 /// Default bound on the requests queued for one shard from other threads.
 pub const SHARD_INBOX_MAX_DEFAULT: usize = 4096;
 /// Default number of log bytes after which the index is flushed, bounding recovery replay.
@@ -83,6 +86,9 @@ pub struct EngineConfig {
     pub queue_idle_evict_ms: u64,
     pub group_commit_max_bytes: usize,
     pub group_commit_records_max: usize,
+    /// A message append waits at most this long for room in `append_inflight_max_bytes` (the
+    /// disk is slower than the offered load); then it is refused with `ShardBusy` (retryable).
+    pub append_wait_max_ms: u64,
     /// Free space (bytes) the file system keeps: a message append that would leave less, or a
     /// log roll that would leave less than this plus a segment, is refused with `DiskFull`
     /// (retryable). 0 turns the floor off: a log roll that meets a full disk then holds the
@@ -127,6 +133,7 @@ impl EngineConfig {
             group_commit_records_max: GROUP_COMMIT_RECORDS_MAX_DEFAULT,
             append_inflight_max_bytes: APPEND_INFLIGHT_MAX_BYTES_DEFAULT,
             disk_free_min_bytes: DISK_FREE_MIN_BYTES_DEFAULT,
+            append_wait_max_ms: APPEND_WAIT_MAX_MS_DEFAULT,
             shard_inbox_max: SHARD_INBOX_MAX_DEFAULT,
             index_flush_interval_bytes: INDEX_FLUSH_INTERVAL_BYTES_DEFAULT,
             index_block_cache_bytes: 64 << 20,
@@ -183,6 +190,9 @@ impl EngineConfig {
                 "append_inflight_max_bytes ({}) must be at least record_size_max_bytes ({})",
                 self.append_inflight_max_bytes, self.record_size_max_bytes
             ));
+        }
+        if self.append_wait_max_ms == 0 {
+            return fail("append_wait_max_ms must be > 0".into());
         }
         if self.retention.check_interval_ms == 0 {
             return fail("retention.check_interval_ms must be > 0".into());

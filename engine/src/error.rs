@@ -63,6 +63,9 @@ pub enum EngineError {
 
     #[error("shard {shard} refuses new messages: its disk has {free_bytes} bytes free and this append needs {needed_bytes} (disk_free_min_bytes, plus a segment when the log rolls). Retry later; accepted messages are safe, and reads and acks go on. Free disk space or let retention delete old segments")]
     DiskFull { shard: usize, free_bytes: u64, needed_bytes: u64 },
+
+    #[error("shard {shard} is busy: {inflight_max_bytes} bytes of appends are waiting for the disk (append_inflight_max_bytes) and this append found no room within {waited_ms} ms (append_wait_max_ms). Retry later; the disk is slower than the offered load")]
+    ShardBusy { shard: usize, inflight_max_bytes: u64, waited_ms: u64 },
 }
 
 impl EngineError {
@@ -85,6 +88,7 @@ impl EngineError {
             EngineError::ShardFailed { .. } => codes::SHARD_FAILED,
             EngineError::ShuttingDown => codes::ENGINE_SHUTTING_DOWN,
             EngineError::DiskFull { .. } => codes::DISK_FULL,
+            EngineError::ShardBusy { .. } => codes::SHARD_BUSY,
         }
     }
 
@@ -129,6 +133,7 @@ mod tests {
             EngineError::ShardFailed { shard: 0, cause: String::new() },
             EngineError::ShuttingDown,
             EngineError::DiskFull { shard: 0, free_bytes: 0, needed_bytes: 0 },
+            EngineError::ShardBusy { shard: 0, inflight_max_bytes: 0, waited_ms: 0 },
         ];
         let mut codes: Vec<u32> = samples.iter().map(EngineError::code).collect();
         codes.sort_unstable();

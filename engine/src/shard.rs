@@ -101,6 +101,8 @@ pub struct ShardStats {
     pub disk_free_bytes: u64,
     /// Message appends refused because the disk was at its floor.
     pub appends_refused_disk_full: u64,
+    /// Message appends refused after `append_wait_max_ms` without room in the in-flight budget.
+    pub appends_refused_busy: u64,
 }
 
 struct QueueState {
@@ -434,11 +436,25 @@ impl Shard {
         // Wait for memory first and validate after: state may change while waiting. A call
         // bigger than the whole budget still proceeds alone rather than never.
         let payload: u64 = records.iter().map(|r| (r.body.len() + r.properties.len() + 512) as u64).sum();
-        let _inflight = self
-            .inflight_bytes
-            .acquire_permit(payload.min(self.config.append_inflight_max_bytes))
-            .await
-            .map_err(|_| EngineError::ShuttingDown)?;
+        let permit = self.inflight_bytes.acquire_permit(payload.min(self.config.append_inflight_max_bytes));
+        let _inflight = if flags == 0 {
+            // A producer gets a retryable refusal rather than a wait its client times out on.
+            let wait_ms = self.config.append_wait_max_ms;
+            match glommio::timer::timeout(Duration::from_millis(wait_ms), permit).await {
+                Ok(permit) => permit,
+                Err(glommio::GlommioError::TimedOut(_)) => {
+                    self.stats.borrow_mut().appends_refused_busy += 1;
+                    return Err(EngineError::ShardBusy {
+                        shard: self.id,
+                        inflight_max_bytes: self.config.append_inflight_max_bytes,
+                        waited_ms: wait_ms,
+                    });
+                }
+                Err(_) => return Err(EngineError::ShuttingDown),
+            }
+        } else {
+            permit.await.map_err(|_| EngineError::ShuttingDown)?
+        };
         self.check_writable()?;
         let lens = records.iter().map(|r| self.validate(r)).collect::<Result<Vec<usize>>>()?;
         if flags == 0 {

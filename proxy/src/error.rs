@@ -132,7 +132,7 @@ impl ProxyError {
                 // Only sends to lite topics create queues, so a full shard is the lite-topic quota.
                 broker_code::TOO_MANY_QUEUES => Code::LiteTopicQuotaExceeded,
                 // Retryable: clients back off and send again once the shard has space.
-                broker_code::DISK_FULL => Code::TooManyRequests,
+                broker_code::DISK_FULL | broker_code::SHARD_BUSY => Code::TooManyRequests,
                 _ => Code::InternalServerError,
             },
         }

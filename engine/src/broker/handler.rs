@@ -646,6 +646,7 @@ impl ShardHandler {
             ("engine_queues_evicted".to_string(), s.queues_evicted),
             ("disk_free_bytes".to_string(), s.disk_free_bytes),
             ("appends_refused_disk_full".to_string(), s.appends_refused_disk_full),
+            ("appends_refused_busy".to_string(), s.appends_refused_busy),
             ("messages_appended".to_string(), c.appended.get()),
             ("messages_popped".to_string(), c.popped.get()),
             ("messages_redelivered".to_string(), c.redelivered.get()),

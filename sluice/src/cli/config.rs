@@ -89,6 +89,10 @@ pub struct BrokerSection {
     pub disk_free_min_bytes: Option<u64>,
     /// Queues (topic queues and lite topics) one shard holds; a send that needs one more fails.
     pub queues_per_shard_max: Option<usize>,
+    /// Bytes of appends a shard holds before they are durable; later sends wait for room.
+    pub append_inflight_max_bytes: Option<u64>,
+    /// Longest such wait; then the send gets a retryable TOO_MANY_REQUESTS.
+    pub append_wait_max_ms: Option<u64>,
 }
 
 impl Default for BrokerSection {
@@ -116,6 +120,8 @@ impl Default for BrokerSection {
             queue_idle_evict_ms: None,
             disk_free_min_bytes: None,
             queues_per_shard_max: None,
+            append_inflight_max_bytes: None,
+            append_wait_max_ms: None,
         }
     }
 }
@@ -207,6 +213,12 @@ impl BrokerSection {
         }
         if let Some(max) = self.queues_per_shard_max {
             engine.queues_per_shard_max = max;
+        }
+        if let Some(bytes) = self.append_inflight_max_bytes {
+            engine.append_inflight_max_bytes = bytes;
+        }
+        if let Some(ms) = self.append_wait_max_ms {
+            engine.append_wait_max_ms = ms;
         }
         engine.validate().map_err(|e| format!("engine settings: {e}"))?;
         let transport = transport.apply();

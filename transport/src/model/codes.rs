@@ -22,6 +22,8 @@ pub const SHARD_FAILED: u32 = 1030;
 pub const ENGINE_SHUTTING_DOWN: u32 = 1031;
 /// A shard's file system is at its free-space floor: new messages wait for space (retryable).
 pub const DISK_FULL: u32 = 1032;
+/// A shard's appends wait on a disk slower than the load: a message found no room in time.
+pub const SHARD_BUSY: u32 = 1033;
 
 // Broker (requests, leases, scheduling).
 pub const QUEUE_NOT_FOUND: u32 = 3001;

@@ -1,6 +1,8 @@
-//! Back-pressure at a full disk: a shard at its free-space floor refuses new messages with a
-//! retryable `DiskFull` while control records (offsets, acks) still go in, and a log roll that
-//! meets ENOSPC waits for space instead of failing the shard. Nothing acked is lost.
+//! Back-pressure: a shard at its free-space floor refuses new messages with a retryable
+//! `DiskFull` while control records (offsets, acks) still go in; a log roll that meets ENOSPC
+//! waits for space instead of failing the shard; and a message that finds no room in the
+//! in-flight budget of a stalled disk in time gets `ShardBusy` instead of waiting on. Nothing
+//! acked is lost.
 
 use std::cell::Cell;
 use std::io;
@@ -8,6 +10,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use futures::future::LocalBoxFuture;
+use glommio::io::{DmaBuffer, ReadResult};
 use sluice_engine::segment::{DmaSegmentStore, SegmentFile, SegmentStore};
 use sluice_engine::{Durability, EngineConfig, EngineError, NewRecord, Shard};
 use sluice_transport::model::codes;
@@ -207,6 +210,113 @@ fn close_gives_up_a_roll_that_waits_for_space() {
 
         let shard = open_real(&config).await;
         assert_eq!(bodies(&shard, "jobs").await, kept);
+        shard.close().await.unwrap();
+    });
+}
+
+/// A segment file whose fdatasync does not finish while `hold` is set: a stalled disk.
+struct StallingFile {
+    inner: Rc<dyn SegmentFile>,
+    hold: Rc<Cell<bool>>,
+}
+
+impl SegmentFile for StallingFile {
+    fn alignment(&self) -> u64 {
+        self.inner.alignment()
+    }
+
+    fn write_at(&self, buf: Rc<DmaBuffer>, offset: u64) -> LocalBoxFuture<'_, io::Result<()>> {
+        self.inner.write_at(buf, offset)
+    }
+
+    fn sync(&self) -> LocalBoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            while self.hold.get() {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            self.inner.sync().await
+        })
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, io::Result<ReadResult>> {
+        self.inner.read_at(offset, len)
+    }
+}
+
+struct StallingStore {
+    inner: DmaSegmentStore,
+    hold: Rc<Cell<bool>>,
+}
+
+impl SegmentStore for StallingStore {
+    fn list(&self) -> io::Result<Vec<(u64, u64)>> {
+        self.inner.list()
+    }
+
+    fn open(&self, base: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
+        Box::pin(async move {
+            let inner = self.inner.open(base).await?;
+            Ok(Rc::new(StallingFile { inner, hold: self.hold.clone() }) as Rc<dyn SegmentFile>)
+        })
+    }
+
+    fn create(&self, base: u64, size_bytes: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
+        Box::pin(async move {
+            let inner = self.inner.create(base, size_bytes).await?;
+            Ok(Rc::new(StallingFile { inner, hold: self.hold.clone() }) as Rc<dyn SegmentFile>)
+        })
+    }
+
+    fn remove(&self, base: u64) -> LocalBoxFuture<'_, io::Result<()>> {
+        self.inner.remove(base)
+    }
+
+    fn modified(&self, base: u64) -> io::Result<std::time::SystemTime> {
+        self.inner.modified(base)
+    }
+
+    fn describe(&self, base: u64) -> String {
+        self.inner.describe(base)
+    }
+}
+
+#[test]
+fn a_message_that_finds_no_room_behind_a_stalled_disk_in_time_gets_shard_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let mut config = config(&path, 0);
+        config.append_inflight_max_bytes = 64 << 10;
+        config.append_wait_max_ms = 50;
+        let hold = Rc::new(Cell::new(false));
+        let inner = DmaSegmentStore::new(config.shard_dir(0).join("log")).await.unwrap();
+        let shard = Shard::open(config.clone(), 0, Rc::new(StallingStore { inner, hold: hold.clone() })).await.unwrap();
+        shard.append(&[NewRecord::new("jobs", b"before".to_vec())]).await.unwrap();
+
+        hold.set(true);
+        // Takes 40 KiB of the 64 KiB budget and stays unacked while the disk stalls.
+        let stalled = {
+            let shard = shard.clone();
+            glommio::spawn_local(async move { shard.append(&[NewRecord::new("jobs", vec![1; 40 << 10])]).await })
+        };
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+        let err = shard.append(&[NewRecord::new("jobs", vec![2; 40 << 10])]).await.unwrap_err();
+        match &err {
+            EngineError::ShardBusy { shard: 0, inflight_max_bytes, waited_ms: 50 } => {
+                assert_eq!(*inflight_max_bytes, 64 << 10)
+            }
+            other => panic!("expected ShardBusy, got {other}"),
+        }
+        assert_eq!(err.code(), codes::SHARD_BUSY);
+        assert!(err.to_string().contains("Retry later"), "{err}");
+        assert_eq!(shard.stats().appends_refused_busy, 1);
+
+        hold.set(false);
+        let ack = stalled.await.unwrap();
+        assert_eq!(ack[0].offsets, vec![1], "the waiting append completes once the disk moves");
+        let ack = shard.append(&[NewRecord::new("jobs", vec![3; 40 << 10])]).await.unwrap();
+        assert_eq!(ack[0].offsets, vec![2], "the refused one took no offset");
+        assert_eq!(bodies(&shard, "jobs").await.len(), 3);
         shard.close().await.unwrap();
     });
 }
