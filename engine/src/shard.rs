@@ -186,6 +186,7 @@ struct DiskRoom {
     checked: bool,
     /// The last append was refused for space; logged once per episode.
     refusing: bool,
+    statvfs_failing: bool,
 }
 
 /// Longest time an append trusts a free-space figure.
@@ -530,9 +531,20 @@ impl Shard {
         if !fresh {
             let dir = self.config.shard_dir(self.id);
             match rustix::fs::statvfs(&dir) {
-                Ok(vfs) => disk.free_bytes = vfs.f_bavail.saturating_mul(vfs.f_frsize),
-                // Keep the last figure: a failing statvfs says nothing about space.
-                Err(e) => tracing::warn!(shard = self.id, error = %e, dir = %dir.display(), "statvfs failed"),
+                Ok(vfs) => {
+                    disk.free_bytes = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+                    disk.statvfs_failing = false;
+                }
+                // A failing statvfs says nothing about space: keep the last figure (none yet:
+                // no refusal), and say so once.
+                Err(e) => {
+                    if !disk.checked {
+                        disk.free_bytes = u64::MAX;
+                    }
+                    if !std::mem::replace(&mut disk.statvfs_failing, true) {
+                        tracing::warn!(shard = self.id, error = %e, dir = %dir.display(), "statvfs failed; the disk floor uses the last figure");
+                    }
+                }
             }
             disk.checked = true;
             disk.checked_ms = now;
