@@ -34,7 +34,13 @@ done
 # SLUICE_CARGO_PROFILE=ci (the test command) reuses the tests' optimised build instead of
 # compiling everything again for release.
 profile="${SLUICE_CARGO_PROFILE:-release}"
-cargo build --profile "$profile" --locked -p sluice --bin sluice -p sluice-bench --bin sluice-bench
+if [[ "$profile" == ci ]]; then
+  # The selection the test command built with: a `-p` one resolves features differently and
+  # recompiles half the workspace.
+  cargo build --profile ci --locked --workspace --all-targets
+else
+  cargo build --profile "$profile" --locked -p sluice --bin sluice -p sluice-bench --bin sluice-bench
+fi
 sluice=target/$profile/sluice
 bench=target/$profile/sluice-bench
 

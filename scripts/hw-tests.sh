@@ -30,8 +30,11 @@ build() {
   export LIBCLANG_PATH=${LIBCLANG_PATH:-/usr/lib/llvm-14/lib}
   say "building release test binaries (sluice-hw-tests; sluice-transport rdma_link, rdma_client_server)" >&2
   # The JSON lines name each built test executable; keep the ones we run.
-  # SLUICE_CARGO_PROFILE=ci (the test command) reuses the tests' build.
-  (cd "$root" && cargo test --profile "${SLUICE_CARGO_PROFILE:-release}" -p sluice-hw-tests -p sluice-transport --test rdma_hw --test rdma_link \
+  # SLUICE_CARGO_PROFILE=ci (the test command) reuses the tests' build: with its selection
+  # (the whole workspace), since a `-p` one resolves features differently and recompiles.
+  local profile=${SLUICE_CARGO_PROFILE:-release} packages=(-p sluice-hw-tests -p sluice-transport)
+  [[ "$profile" == ci ]] && packages=(--workspace)
+  (cd "$root" && cargo test --profile "$profile" --locked "${packages[@]}" --test rdma_hw --test rdma_link \
     --test rdma_client_server --no-run --message-format=json) |
     grep -o '"executable":"[^"]*/\(rdma_hw\|rdma_link\|rdma_client_server\)-[^"]*"' |
     sed 's/"executable":"\(.*\)"/\1/'
