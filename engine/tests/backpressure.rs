@@ -4,18 +4,15 @@
 //! in-flight budget of a stalled disk in time gets `ShardBusy` instead of waiting on. Nothing
 //! acked is lost.
 
-use std::cell::Cell;
-use std::io;
+mod common;
+
 use std::rc::Rc;
 use std::time::Duration;
 
-use futures::future::LocalBoxFuture;
-use glommio::io::{DmaBuffer, ReadResult};
-use sluice_engine::segment::{DmaSegmentStore, SegmentFile, SegmentStore};
+use common::{Faults, FaultyStore};
+use sluice_engine::segment::DmaSegmentStore;
 use sluice_engine::{Durability, EngineConfig, EngineError, NewRecord, Shard};
 use sluice_transport::model::codes;
-
-const ENOSPC: i32 = 28;
 
 fn config(dir: &std::path::Path, disk_free_min_bytes: u64) -> EngineConfig {
     let mut config = EngineConfig::new(dir);
@@ -29,43 +26,11 @@ fn config(dir: &std::path::Path, disk_free_min_bytes: u64) -> EngineConfig {
     config
 }
 
-/// The real store, except that creating a segment fails with ENOSPC while `full` is set.
-struct FillableStore {
-    inner: DmaSegmentStore,
-    full: Rc<Cell<bool>>,
-    creations_refused: Rc<Cell<u32>>,
-}
-
-impl SegmentStore for FillableStore {
-    fn list(&self) -> io::Result<Vec<(u64, u64)>> {
-        self.inner.list()
-    }
-
-    fn open(&self, base: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
-        self.inner.open(base)
-    }
-
-    fn create(&self, base: u64, size_bytes: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
-        Box::pin(async move {
-            if self.full.get() {
-                self.creations_refused.set(self.creations_refused.get() + 1);
-                return Err(io::Error::from_raw_os_error(ENOSPC));
-            }
-            self.inner.create(base, size_bytes).await
-        })
-    }
-
-    fn remove(&self, base: u64) -> LocalBoxFuture<'_, io::Result<()>> {
-        self.inner.remove(base)
-    }
-
-    fn modified(&self, base: u64) -> io::Result<std::time::SystemTime> {
-        self.inner.modified(base)
-    }
-
-    fn describe(&self, base: u64) -> String {
-        self.inner.describe(base)
-    }
+async fn open_faulty(config: &EngineConfig) -> (Rc<Shard>, Faults) {
+    let faults = Faults::default();
+    let inner = DmaSegmentStore::new(config.shard_dir(0).join("log")).await.unwrap();
+    let store = FaultyStore { inner, faults: faults.clone() };
+    (Shard::open(config.clone(), 0, Rc::new(store)).await.unwrap(), faults)
 }
 
 async fn open_real(config: &EngineConfig) -> Rc<Shard> {
@@ -140,11 +105,8 @@ fn a_log_roll_that_meets_enospc_waits_for_space_and_loses_nothing() {
     run(move || async move {
         // No floor: only the ENOSPC path is under test.
         let config = config(&path, 0);
-        let full = Rc::new(Cell::new(false));
-        let creations_refused = Rc::new(Cell::new(0));
-        let inner = DmaSegmentStore::new(config.shard_dir(0).join("log")).await.unwrap();
-        let store = FillableStore { inner, full: full.clone(), creations_refused: creations_refused.clone() };
-        let shard = Shard::open(config.clone(), 0, Rc::new(store)).await.unwrap();
+        let (shard, faults) = open_faulty(&config).await;
+        let (full, creations_refused) = (faults.full, faults.creations_refused);
         // 60 KiB records: the fifth one no longer fits the first 256 KiB segment.
         let body = |i: u8| vec![i; 60 << 10];
         for i in 0..4 {
@@ -187,11 +149,8 @@ fn close_gives_up_a_roll_that_waits_for_space() {
     let path = dir.path().to_path_buf();
     run(move || async move {
         let config = config(&path, 0);
-        let full = Rc::new(Cell::new(false));
-        let creations_refused = Rc::new(Cell::new(0));
-        let inner = DmaSegmentStore::new(config.shard_dir(0).join("log")).await.unwrap();
-        let store = FillableStore { inner, full: full.clone(), creations_refused: creations_refused.clone() };
-        let shard = Shard::open(config.clone(), 0, Rc::new(store)).await.unwrap();
+        let (shard, faults) = open_faulty(&config).await;
+        let (full, creations_refused) = (faults.full, faults.creations_refused);
         let kept: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 60 << 10]).collect();
         for body in &kept {
             shard.append(&[NewRecord::new("jobs", body.clone())]).await.unwrap();
@@ -214,72 +173,6 @@ fn close_gives_up_a_roll_that_waits_for_space() {
     });
 }
 
-/// A segment file whose fdatasync does not finish while `hold` is set: a stalled disk.
-struct StallingFile {
-    inner: Rc<dyn SegmentFile>,
-    hold: Rc<Cell<bool>>,
-}
-
-impl SegmentFile for StallingFile {
-    fn alignment(&self) -> u64 {
-        self.inner.alignment()
-    }
-
-    fn write_at(&self, buf: Rc<DmaBuffer>, offset: u64) -> LocalBoxFuture<'_, io::Result<()>> {
-        self.inner.write_at(buf, offset)
-    }
-
-    fn sync(&self) -> LocalBoxFuture<'_, io::Result<()>> {
-        Box::pin(async move {
-            while self.hold.get() {
-                glommio::timer::sleep(Duration::from_millis(5)).await;
-            }
-            self.inner.sync().await
-        })
-    }
-
-    fn read_at(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, io::Result<ReadResult>> {
-        self.inner.read_at(offset, len)
-    }
-}
-
-struct StallingStore {
-    inner: DmaSegmentStore,
-    hold: Rc<Cell<bool>>,
-}
-
-impl SegmentStore for StallingStore {
-    fn list(&self) -> io::Result<Vec<(u64, u64)>> {
-        self.inner.list()
-    }
-
-    fn open(&self, base: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
-        Box::pin(async move {
-            let inner = self.inner.open(base).await?;
-            Ok(Rc::new(StallingFile { inner, hold: self.hold.clone() }) as Rc<dyn SegmentFile>)
-        })
-    }
-
-    fn create(&self, base: u64, size_bytes: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
-        Box::pin(async move {
-            let inner = self.inner.create(base, size_bytes).await?;
-            Ok(Rc::new(StallingFile { inner, hold: self.hold.clone() }) as Rc<dyn SegmentFile>)
-        })
-    }
-
-    fn remove(&self, base: u64) -> LocalBoxFuture<'_, io::Result<()>> {
-        self.inner.remove(base)
-    }
-
-    fn modified(&self, base: u64) -> io::Result<std::time::SystemTime> {
-        self.inner.modified(base)
-    }
-
-    fn describe(&self, base: u64) -> String {
-        self.inner.describe(base)
-    }
-}
-
 #[test]
 fn a_message_that_finds_no_room_behind_a_stalled_disk_in_time_gets_shard_busy() {
     let dir = tempfile::tempdir().unwrap();
@@ -288,9 +181,8 @@ fn a_message_that_finds_no_room_behind_a_stalled_disk_in_time_gets_shard_busy() 
         let mut config = config(&path, 0);
         config.append_inflight_max_bytes = 64 << 10;
         config.append_wait_max_ms = 50;
-        let hold = Rc::new(Cell::new(false));
-        let inner = DmaSegmentStore::new(config.shard_dir(0).join("log")).await.unwrap();
-        let shard = Shard::open(config.clone(), 0, Rc::new(StallingStore { inner, hold: hold.clone() })).await.unwrap();
+        let (shard, faults) = open_faulty(&config).await;
+        let hold = faults.syncs_held;
         shard.append(&[NewRecord::new("jobs", b"before".to_vec())]).await.unwrap();
 
         hold.set(true);

@@ -3,15 +3,11 @@
 
 mod common;
 
-use std::cell::Cell;
-use std::io;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use futures::future::LocalBoxFuture;
-use glommio::io::{DmaBuffer, ReadResult};
-use sluice_engine::segment::{DmaSegmentStore, SegmentFile, SegmentStore};
+use sluice_engine::segment::DmaSegmentStore;
 use sluice_engine::{Engine, EngineConfig, EngineError, NewRecord, Shard, ShardStats};
 
 const QUEUES: usize = 200;
@@ -189,72 +185,6 @@ fn retention_trims_evicted_queues() {
     engine.close().unwrap();
 }
 
-/// A segment store whose fdatasync waits while `closed` is set, so appends stay staged.
-struct GatedStore {
-    inner: DmaSegmentStore,
-    closed: Rc<Cell<bool>>,
-}
-
-struct GatedFile {
-    inner: Rc<dyn SegmentFile>,
-    closed: Rc<Cell<bool>>,
-}
-
-impl SegmentFile for GatedFile {
-    fn alignment(&self) -> u64 {
-        self.inner.alignment()
-    }
-
-    fn write_at(&self, buf: Rc<DmaBuffer>, offset: u64) -> LocalBoxFuture<'_, io::Result<()>> {
-        self.inner.write_at(buf, offset)
-    }
-
-    fn sync(&self) -> LocalBoxFuture<'_, io::Result<()>> {
-        Box::pin(async move {
-            while self.closed.get() {
-                glommio::timer::sleep(Duration::from_millis(1)).await;
-            }
-            self.inner.sync().await
-        })
-    }
-
-    fn read_at(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, io::Result<ReadResult>> {
-        self.inner.read_at(offset, len)
-    }
-}
-
-impl SegmentStore for GatedStore {
-    fn list(&self) -> io::Result<Vec<(u64, u64)>> {
-        self.inner.list()
-    }
-
-    fn open(&self, base: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
-        Box::pin(async move {
-            let inner = self.inner.open(base).await?;
-            Ok(Rc::new(GatedFile { inner, closed: self.closed.clone() }) as Rc<dyn SegmentFile>)
-        })
-    }
-
-    fn create(&self, base: u64, size_bytes: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
-        Box::pin(async move {
-            let inner = self.inner.create(base, size_bytes).await?;
-            Ok(Rc::new(GatedFile { inner, closed: self.closed.clone() }) as Rc<dyn SegmentFile>)
-        })
-    }
-
-    fn remove(&self, base: u64) -> LocalBoxFuture<'_, io::Result<()>> {
-        self.inner.remove(base)
-    }
-
-    fn modified(&self, base: u64) -> io::Result<SystemTime> {
-        self.inner.modified(base)
-    }
-
-    fn describe(&self, base: u64) -> String {
-        self.inner.describe(base)
-    }
-}
-
 /// The invariant that makes eviction safe: a queue with an append or a deletion staged but not
 /// yet durable and indexed stays in memory, however long it looks idle.
 #[test]
@@ -264,9 +194,10 @@ fn a_queue_with_a_staged_append_or_deletion_is_never_evicted() {
     config.queue_idle_evict_ms = 3_600_000; // only the passes this test runs
     let executor = glommio::LocalExecutorBuilder::default().make().unwrap();
     executor.run(async move {
-        let closed = Rc::new(Cell::new(false));
+        let faults = Faults::default();
+        let closed = faults.syncs_held.clone();
         let inner = DmaSegmentStore::new(config.shard_dir(0).join("log")).await.unwrap();
-        let shard = Shard::open(config, 0, Rc::new(GatedStore { inner, closed: closed.clone() })).await.unwrap();
+        let shard = Shard::open(config, 0, Rc::new(FaultyStore { inner, faults })).await.unwrap();
         shard
             .append(&[NewRecord::new("staged", b"0".to_vec()), NewRecord::new("doomed", b"0".to_vec())])
             .await

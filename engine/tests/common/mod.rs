@@ -1,7 +1,15 @@
 //! Helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
+use std::cell::Cell;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures::future::LocalBoxFuture;
+use glommio::io::{DmaBuffer, ReadResult};
+use sluice_engine::segment::{DmaSegmentStore, SegmentFile, SegmentStore};
 
 use sluice_engine::{Durability, Engine, EngineConfig, NewRecord};
 
@@ -90,3 +98,88 @@ pub fn patch_file(path: &Path, offset: u64, f: impl FnOnce(&mut [u8])) {
     f(&mut bytes[offset as usize..]);
     std::fs::write(path, bytes).expect("write segment");
 }
+
+/// Faults a `FaultyStore` injects, switched on and off by the test.
+#[derive(Clone, Default)]
+pub struct Faults {
+    /// fdatasync does not finish while set: a stalled disk, appends stay staged.
+    pub syncs_held: Rc<Cell<bool>>,
+    /// Creating a segment fails with ENOSPC while set.
+    pub full: Rc<Cell<bool>>,
+    /// Segment creations refused so far.
+    pub creations_refused: Rc<Cell<u32>>,
+}
+
+/// The real segment store with `Faults` injected.
+pub struct FaultyStore {
+    pub inner: DmaSegmentStore,
+    pub faults: Faults,
+}
+
+struct FaultyFile {
+    inner: Rc<dyn SegmentFile>,
+    faults: Faults,
+}
+
+impl FaultyStore {
+    fn wrap(&self, inner: Rc<dyn SegmentFile>) -> Rc<dyn SegmentFile> {
+        Rc::new(FaultyFile { inner, faults: self.faults.clone() })
+    }
+}
+
+impl SegmentFile for FaultyFile {
+    fn alignment(&self) -> u64 {
+        self.inner.alignment()
+    }
+
+    fn write_at(&self, buf: Rc<DmaBuffer>, offset: u64) -> LocalBoxFuture<'_, io::Result<()>> {
+        self.inner.write_at(buf, offset)
+    }
+
+    fn sync(&self) -> LocalBoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            while self.faults.syncs_held.get() {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+            self.inner.sync().await
+        })
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, io::Result<ReadResult>> {
+        self.inner.read_at(offset, len)
+    }
+}
+
+impl SegmentStore for FaultyStore {
+    fn list(&self) -> io::Result<Vec<(u64, u64)>> {
+        self.inner.list()
+    }
+
+    fn open(&self, base: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
+        Box::pin(async move { Ok(self.wrap(self.inner.open(base).await?)) })
+    }
+
+    fn create(&self, base: u64, size_bytes: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
+        Box::pin(async move {
+            if self.faults.full.get() {
+                self.faults.creations_refused.set(self.faults.creations_refused.get() + 1);
+                return Err(io::Error::from_raw_os_error(ENOSPC));
+            }
+            Ok(self.wrap(self.inner.create(base, size_bytes).await?))
+        })
+    }
+
+    fn remove(&self, base: u64) -> LocalBoxFuture<'_, io::Result<()>> {
+        self.inner.remove(base)
+    }
+
+    fn modified(&self, base: u64) -> io::Result<std::time::SystemTime> {
+        self.inner.modified(base)
+    }
+
+    fn describe(&self, base: u64) -> String {
+        self.inner.describe(base)
+    }
+}
+
+pub const ENOSPC: i32 = 28;
