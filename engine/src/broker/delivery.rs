@@ -274,11 +274,9 @@ impl ShardHandler {
             let (min, max) = self.shard.queue_info(&queue)?.map_or((0, 0), |q| (q.min_offset, q.max_offset));
             let start = committed.unwrap_or(min).clamp(min, max.max(min));
             let mut gq = GroupQueue::new(start);
-            match self.queue_type(&queue) {
-                sluice_transport::model::message_type::PRIORITY => gq.set_prioritized(),
-                sluice_transport::model::message_type::NORMAL if self.fair_key_property(&queue).is_some() => {
-                    gq.set_fair()
-                }
+            match self.with_queue_terms(&queue, |kind, key| (kind, key.is_some())) {
+                (sluice_transport::model::message_type::PRIORITY, _) => gq.set_prioritized(),
+                (sluice_transport::model::message_type::NORMAL, true) => gq.set_fair(),
                 _ => {}
             }
             let inserted =

@@ -263,19 +263,37 @@ impl ShardHandler {
 
     /// The message type a queue takes (normal for a queue configured without one).
     pub(super) fn queue_type(&self, queue: &str) -> u8 {
+        self.with_queue_terms(queue, |kind, _| kind)
+    }
+
+    /// A queue's message type (a lite queue's is its parent's) and its fairness key property,
+    /// if it has one, from one config lookup.
+    pub(super) fn with_queue_terms<R>(&self, queue: &str, f: impl FnOnce(u8, Option<&str>) -> R) -> R {
         let parent = split_lite_queue(queue).map(|(topic, index, _)| topic_queue(topic, index));
         let configs = self.configs.borrow();
-        configs
-            .get(parent.as_deref().unwrap_or(queue))
-            .map_or(message_type::NORMAL, |c| c.message_type.max(message_type::NORMAL))
+        let config = configs.get(parent.as_deref().unwrap_or(queue));
+        let kind = config.map_or(message_type::NORMAL, |c| c.message_type.max(message_type::NORMAL));
+        let key = config
+            .and_then(|c| c.attributes.iter().find(|(k, _)| k == fairness::KEY_ATTRIBUTE))
+            .map(|(_, v)| v.as_str());
+        f(kind, key)
     }
 
     /// The broker-visible attributes of an entry, checked against its queues and the limits.
     fn attributes_of(&self, entry: &ArchivedAppendEntry<'_>, now_ms: u64) -> Result<Attributes> {
         let a = &entry.attributes;
         let given = a.message_type;
-        for queue in entry.queues.iter() {
-            let expected = self.queue_type(queue.as_str());
+        let user_properties: Vec<(String, String)> =
+            a.user_properties.iter().map(|p| (p.0.as_str().to_string(), p.1.as_str().to_string())).collect();
+        // A fair topic's tenant, from its first queue's key property (found with its type).
+        let mut fair_key = None;
+        for (i, queue) in entry.queues.iter().enumerate() {
+            let (expected, tenant) = self.with_queue_terms(queue.as_str(), |kind, key| {
+                (kind, key.filter(|_| i == 0).map(|property| Self::tenant_of(property, &user_properties)))
+            });
+            if tenant.is_some() {
+                fair_key = tenant;
+            }
             let lite = split_lite_queue(queue.as_str()).map(|(_, _, lite)| lite);
             if given == message_type::LITE && lite != Some(a.lite_topic.as_str()) {
                 return Err(BrokerError::InvalidRequest(format!(
@@ -300,12 +318,8 @@ impl ShardHandler {
                 max_ms: self.limits.delay_max_ms,
             });
         }
-        let user_properties: Vec<(String, String)> =
-            a.user_properties.iter().map(|p| (p.0.as_str().to_string(), p.1.as_str().to_string())).collect();
-        let fair_key = match entry.queues.first().and_then(|q| self.fair_key_property(q.as_str())) {
-            Some(property) => Self::tenant_of(&property, &user_properties)?,
-            None => String::new(),
-        };
+        // The tenant is checked last, as it was when it had a lookup of its own.
+        let fair_key = fair_key.transpose()?.unwrap_or_default();
         Ok(Attributes {
             message_type: given,
             txn_state: if given == message_type::TRANSACTION { txn_state::HALF } else { txn_state::NONE },
@@ -316,13 +330,6 @@ impl ShardHandler {
             user_properties,
             fair_key,
         })
-    }
-
-    /// The user property that names a message's tenant on a fair queue (`fair_key`).
-    pub(super) fn fair_key_property(&self, queue: &str) -> Option<String> {
-        let configs = self.configs.borrow();
-        let config = configs.get(queue)?;
-        config.attributes.iter().find(|(k, _)| k == fairness::KEY_ATTRIBUTE).map(|(_, v)| v.clone())
     }
 
     /// A message's tenant: the value of the key property, or none (a tenant of its own).
