@@ -118,6 +118,7 @@ data_dir = "$dir/sluice"
 durability = "$level"
 flush_interval_ms = $flush_ms
 segment_size_bytes = 268435456
+metrics_listen = "127.0.0.1:0"
 TOML
   "$sluice" broker --config "$dir/broker.toml" >"$dir/broker.log" 2>&1 &
   local broker_pid=$!; pids+=("$broker_pid")

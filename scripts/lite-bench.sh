@@ -61,6 +61,7 @@ listen = "127.0.0.1:$broker_port"
 data_dir = "$work/sluice"
 durability = "sync"
 segment_size_bytes = 268435456
+metrics_listen = "127.0.0.1:0"
 TOML
 "$sluice" broker --config "$work/broker.toml" >"$work/broker.log" 2>&1 &
 broker_pid=$!; pids+=("$broker_pid")

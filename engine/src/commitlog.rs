@@ -129,6 +129,7 @@ pub struct CommitLog {
     waiting_for_space: Cell<bool>,
     /// Set at close: a creation waiting for space gives up instead.
     space_waits_abandoned: Cell<bool>,
+    fdatasync_seconds: metrics::Histogram,
 }
 
 /// One read of `read_ranges`: `[start, end)` in the segment at `base`, covering `members`.
@@ -204,6 +205,7 @@ impl CommitLog {
             segments_created: Cell::new(0),
             waiting_for_space: Cell::new(false),
             space_waits_abandoned: Cell::new(false),
+            fdatasync_seconds: metrics::histogram!(crate::metrics::FDATASYNC, &[crate::metrics::NODE_TYPE]),
         };
         let report = log.recover(replay_from.max(first_base), clean, &mut on_batch).await?;
         Ok((log, report))
@@ -544,7 +546,10 @@ impl CommitLog {
         };
         for base in dirty {
             let file = self.segment_file(base).await?;
-            if let Err(e) = file.sync().await {
+            let started = std::time::Instant::now();
+            let synced = file.sync().await;
+            self.fdatasync_seconds.record(started.elapsed().as_secs_f64());
+            if let Err(e) = synced {
                 self.state.borrow_mut().poisoned = Some(e.to_string());
                 return Err(EngineError::io("fdatasync", self.store.describe(base), e));
             }

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod index;
 pub mod load;
+pub mod metrics;
 mod notify;
 pub mod queue;
 pub mod record;

@@ -146,6 +146,22 @@ struct Waiter {
     done: oneshot::Sender<Result<()>>,
 }
 
+/// The storage metrics a shard records on its commit path (see `crate::metrics`).
+struct StorageMetrics {
+    group_commit_records: metrics::Histogram,
+    index_write: metrics::Histogram,
+}
+
+impl StorageMetrics {
+    fn new() -> StorageMetrics {
+        let labels = &[crate::metrics::NODE_TYPE];
+        StorageMetrics {
+            group_commit_records: metrics::histogram!(crate::metrics::GROUP_COMMIT_RECORDS, labels),
+            index_write: metrics::histogram!(crate::metrics::INDEX_WRITE, labels),
+        }
+    }
+}
+
 pub struct Shard {
     pub id: usize,
     config: EngineConfig,
@@ -174,6 +190,7 @@ pub struct Shard {
     /// The file system's free space as last read, for the `disk_free_min_bytes` check.
     disk: RefCell<DiskRoom>,
     stats: RefCell<ShardStats>,
+    metrics: StorageMetrics,
 }
 
 /// Free space, read with statvfs at most every `DISK_CHECK_INTERVAL_MS` and after every
@@ -354,6 +371,7 @@ impl Shard {
             inflight_bytes: glommio::sync::Semaphore::new(config.append_inflight_max_bytes),
             disk: RefCell::new(DiskRoom::default()),
             stats: RefCell::new(ShardStats { shard: id, recovery: Some(report), ..Default::default() }),
+            metrics: StorageMetrics::new(),
         });
         if end > checkpoint {
             // Persist what replay rebuilt, so the next start does not replay it again.
@@ -718,17 +736,22 @@ impl Shard {
         let mut queues = self.queues.borrow_mut();
         // Live indexing never adds to the table; a shrink is applied deletions.
         let resident_before = queues.len();
+        let mut records = 0u64;
         for sealed in round {
             for (position, bytes) in batch_records(sealed.bytes(), sealed.position) {
                 let view = RecordView::parse_unverified(bytes).map_err(|e| replay_error(position, e.to_string()))?;
                 index_record(&mut batch, &mut touched, position, bytes.len() as u32, &view, &mut queues, Replay::Live)?;
+                records += 1;
             }
         }
         write_queue_meta(&mut batch, &touched, &queues);
         if let Some(last) = round.last() {
             batch.set_checkpoint(end, last.position);
         }
+        let started = std::time::Instant::now();
         self.index.write(batch)?;
+        self.metrics.index_write.record(started.elapsed().as_secs_f64());
+        self.metrics.group_commit_records.record(records as f64);
         self.queue_count.set(self.queue_count.get() - (resident_before - queues.len()) as u64);
         for (name, touch) in touched {
             if let Some(queue) = queues.get_mut(name) {

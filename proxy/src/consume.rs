@@ -561,6 +561,10 @@ async fn receive_messages(
         received.sort_by_key(|r| std::cmp::Reverse(r.message.system_properties.as_ref().and_then(|s| s.priority)));
     }
     batch.handed_over();
+    if !received.is_empty() {
+        let bytes = received.iter().map(|r| r.message.body.len() as u64).sum();
+        crate::metrics::messages_out(&ask.meta.name, &ask.group, received.len() as u64, bytes);
+    }
     crate::quota::refund(&this.state, &quota, permits.saturating_sub(received.len() as u32));
     track_renewals(this, &ask.group, ask.invisible, &received);
     Ok(received)
@@ -813,6 +817,7 @@ async fn dead_letter_record(
     let ack = AckRequest { queue: handle.queue.clone(), group: group.to_string(), receipts: vec![receipt.to_string()] };
     this.state.brokers.call_for(&handle.queue, &ack).await?;
     Counters::add(&this.state.counters.dead_lettered, 1);
+    crate::metrics::dead_lettered(&handle.queue, group);
     Ok(())
 }
 

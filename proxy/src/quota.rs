@@ -30,6 +30,8 @@ pub struct Quota {
     throttle: Throttle,
     /// What the error names, e.g. "consumer group G".
     owner: String,
+    /// The group (receive quota) or topic (send quota), for metric labels.
+    name: String,
     setting: &'static str,
 }
 
@@ -41,6 +43,7 @@ impl Quota {
             rate_per_s: group.max_receive_tps,
             throttle: group.throttle,
             owner: format!("consumer group {}", group.name),
+            name: group.name.clone(),
             setting: "max_receive_tps",
         }
     }
@@ -52,7 +55,16 @@ impl Quota {
             rate_per_s: topic.max_send_tps,
             throttle: topic.send_throttle,
             owner: format!("topic {}", topic.name),
+            name: topic.name.clone(),
             setting: "max_send_tps",
+        }
+    }
+
+    fn count_throttled(&self) {
+        if self.kind == quota_kind::SEND {
+            crate::metrics::send_throttled(&self.name);
+        } else {
+            crate::metrics::receive_throttled(&self.name);
         }
     }
 
@@ -83,6 +95,7 @@ pub async fn acquire(state: &ProxyState, quota: &Quota, want: u32, wait: Duratio
         if !throttled {
             throttled = true;
             Counters::add(quota.throttled_counter(state), 1);
+            quota.count_throttled();
         }
         if quota.throttle == Throttle::Reject {
             return Err(over_quota(quota, reply.rate_per_s.to_native(), reply.wait_ms.to_native()));

@@ -42,6 +42,8 @@ pub struct ProxyConfig {
     pub settings: ProxySettings,
     /// access key → secret key; empty turns authentication off.
     pub access_keys: HashMap<String, String>,
+    /// Serves `GET /metrics` on the HTTP port when set.
+    pub metrics: Option<crate::metrics::RenderMetrics>,
 }
 
 pub struct RunningProxy {
@@ -86,6 +88,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .layer(crate::metrics::RpcLatencyLayer)
             .add_service(messaging)
             .add_service(admin)
             .serve_with_incoming_shutdown(incoming, async move {
@@ -97,7 +100,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, ProxyError> {
 
     let (http_addr, http_task) = match config.http {
         Some(addr) => {
-            let (addr, task) = start_http(addr, state.clone(), stopped.clone()).await?;
+            let (addr, task) = start_http(addr, state.clone(), config.metrics.clone(), stopped.clone()).await?;
             (Some(addr), Some(task))
         }
         None => (None, None),
@@ -110,6 +113,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, ProxyError> {
 async fn start_http(
     addr: SocketAddr,
     state: Arc<ProxyState>,
+    metrics: Option<crate::metrics::RenderMetrics>,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<()>), ProxyError> {
     use axum::routing::get;
@@ -130,6 +134,10 @@ async fn start_http(
             }
         }),
     );
+    let app = match metrics {
+        Some(render) => app.route("/metrics", get(move || metrics_page(render.clone()))),
+        None => app,
+    };
     let app = app.merge(crate::stream::routes(state.clone()));
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -140,6 +148,12 @@ async fn start_http(
         }
     });
     Ok((bound, task))
+}
+
+/// The Prometheus text exposition format, version 0.0.4.
+async fn metrics_page(render: crate::metrics::RenderMetrics) -> impl axum::response::IntoResponse {
+    let text = (render.0)().await;
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 
 impl RunningProxy {

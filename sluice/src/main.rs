@@ -344,7 +344,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             proxy.settings.auto_create_topics |= auto_create_topics;
             proxy.settings.auto_create_groups &= !require_groups;
             let transport = file.transport;
-            cli::run::local(broker.to_config(&transport)?, proxy.to_config(&transport)?, json).await
+            let metrics = cli::metrics::install(&broker.cluster, &broker.name)?;
+            cli::run::local(broker.to_config(&transport)?, proxy.to_config(&transport)?, metrics, json).await
         }
         Command::Broker { config, listen, data_dir } => {
             let mut file: BrokerFile = read_toml(&config)?;
@@ -354,7 +355,9 @@ async fn run(cli: Cli) -> Result<(), String> {
             if let Some(dir) = data_dir {
                 file.broker.data_dir = dir;
             }
-            cli::run::broker(file.broker.to_config(&file.transport)?, json).await
+            let metrics_addr = file.broker.metrics_addr()?;
+            let metrics = cli::metrics::install(&file.broker.cluster, &file.broker.name)?;
+            cli::run::broker(file.broker.to_config(&file.transport)?, metrics_addr, metrics, json).await
         }
         Command::Proxy { config, grpc, brokers } => {
             let mut file: ProxyFile = read_toml(&config)?;
@@ -364,7 +367,10 @@ async fn run(cli: Cli) -> Result<(), String> {
             if let Some(brokers) = brokers {
                 file.proxy.brokers = brokers;
             }
-            cli::run::proxy(file.proxy.to_config(&file.transport)?, json).await
+            let mut proxy = file.proxy.to_config(&file.transport)?;
+            let metrics = cli::metrics::install(&file.proxy.cluster, &file.proxy.name)?;
+            proxy.metrics = Some(cli::metrics::page(metrics, None));
+            cli::run::proxy(proxy, json).await
         }
         Command::Topic { action } => match action {
             TopicAction::Create {

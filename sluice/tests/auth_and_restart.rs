@@ -223,7 +223,8 @@ impl BrokerSpec {
         let config = work.join(format!("{name}.toml"));
         let toml = format!(
             "[broker]\nname = \"{name}\"\nlisten = \"127.0.0.1:{base}\"\ndata_dir = {data:?}\nshards = {SHARDS}\n\
-             pin_shards = false\ndurability = \"sync\"\nsegment_size_bytes = {SEGMENT_SIZE_BYTES}\n",
+             pin_shards = false\ndurability = \"sync\"\nsegment_size_bytes = {SEGMENT_SIZE_BYTES}\n\
+             metrics_listen = \"127.0.0.1:0\"\n",
             data = data.display().to_string(),
         );
         std::fs::write(&config, toml).unwrap();

@@ -257,7 +257,7 @@ impl Client {
     /// the reply in place with `frame.access::<R::Reply>()`. An error frame becomes
     /// `TransportError::Remote` with its code.
     pub async fn call<R: Request>(&self, request: &R) -> Result<Frame, TransportError> {
-        let frame = self.call_kind(|id, max| OutFrame::encode(id, request, max)).await?;
+        let frame = self.call_kind(R::KIND, |id, max| OutFrame::encode(id, request, max)).await?;
         let kind = frame.header().kind;
         if kind == FrameKind::Error as u16 {
             let error = frame.access::<ErrorReply>()?;
@@ -271,10 +271,25 @@ impl Client {
 
     /// Sends a pre-encoded frame (its request id is replaced) and returns whatever comes back.
     pub async fn call_raw(&self, frame: OutFrame) -> Result<Frame, TransportError> {
-        self.call_kind(|id, _| Ok(frame.with_request_id(id))).await
+        let kind = FrameKind::try_from(frame.kind()).unwrap_or(FrameKind::Error);
+        self.call_kind(kind, |id, _| Ok(frame.with_request_id(id))).await
     }
 
+    /// One call, timed into the round-trip histogram (by transport and request kind).
     async fn call_kind(
+        &self,
+        kind: FrameKind,
+        encode: impl FnOnce(u64, u64) -> Result<OutFrame, FrameError>,
+    ) -> Result<Frame, TransportError> {
+        let started = Instant::now();
+        let result = self.call_timed(encode).await;
+        let transport = crate::metrics::transport_label(self.inner.kind);
+        metrics::histogram!(crate::metrics::ROUND_TRIP, "transport" => transport, "request" => kind.name())
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn call_timed(
         &self,
         encode: impl FnOnce(u64, u64) -> Result<OutFrame, FrameError>,
     ) -> Result<Frame, TransportError> {
@@ -285,6 +300,10 @@ impl Client {
         let timeout_ms = inner.config.request_timeout_ms;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
         // Wait for a credit: this is the back-pressure callers feel.
+        if inner.credits.available_permits() == 0 {
+            let transport = crate::metrics::transport_label(inner.kind);
+            metrics::counter!(crate::metrics::CREDIT_WAITS, "transport" => transport).increment(1);
+        }
         let credit = match tokio::time::timeout_at(deadline, inner.credits.clone().acquire_owned()).await {
             Err(_) => return Err(TransportError::Timeout { timeout_ms }),
             Ok(Err(_)) => {

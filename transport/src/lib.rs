@@ -22,6 +22,7 @@ pub mod frame;
 pub mod fuzzing;
 pub mod link;
 pub mod messages;
+pub mod metrics;
 pub mod model;
 pub mod rdma;
 pub mod reader;

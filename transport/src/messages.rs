@@ -21,6 +21,11 @@ macro_rules! frame_kinds {
 
         impl FrameKind {
             pub const ALL: &'static [FrameKind] = &[$(FrameKind::$name),*];
+
+            /// The kind's name, as metrics label it.
+            pub fn name(self) -> &'static str {
+                match self { $(FrameKind::$name => stringify!($name)),* }
+            }
         }
 
         impl TryFrom<u16> for FrameKind {

@@ -205,6 +205,7 @@ impl ShardHandler {
             gt.delivered += popped.len() as u64;
             gt.rate.add(popped.len() as u64, now_ms());
         }
+
         let receipts: Vec<String> = popped.iter().map(|p| self.key.issue(&p.queue, group, &p.delivery.lease)).collect();
         let reply = PopResponse {
             messages: popped

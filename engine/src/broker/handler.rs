@@ -39,8 +39,12 @@ pub(super) type LiteQueueKey = (Rc<str>, Rc<str>, u32);
 pub const GROUP_NAME_MAX_BYTES: usize = 255;
 /// Stored offsets removed per step when a queue is deleted.
 const OFFSET_SCAN_CHUNK: usize = 1024;
-/// Most (group, topic) entries one GroupStats reply carries.
+/// Most (group, topic) entries one GroupStats reply carries (and one metrics scrape reports).
 const GROUP_STATS_MAX: u32 = 10_000;
+/// Queues per (group, topic) whose oldest messages a scrape looks up for the latency gauges.
+const LAG_QUEUES_PER_GROUP_MAX: usize = 64;
+/// Index lookups one scrape makes per shard; groups past it get no latency gauges.
+const LAG_LOOKUPS_MAX: usize = 4_096;
 
 pub struct ShardHandler {
     pub(super) shard: Rc<Shard>,
@@ -75,6 +79,7 @@ pub struct ShardHandler {
     /// Rate quotas of the group records this shard owns (see `quota`).
     pub(super) quotas: RefCell<crate::broker::quota::Quotas>,
     pub(super) counters: Counters,
+    pub(super) metrics: crate::metrics::ShardMetrics,
 }
 
 #[derive(Default)]
@@ -169,6 +174,7 @@ impl ShardHandler {
             halves: RefCell::new(halves),
             quotas: RefCell::default(),
             counters: Counters::default(),
+            metrics: crate::metrics::ShardMetrics::new(),
         })
     }
 
@@ -377,6 +383,10 @@ impl ShardHandler {
         }
         let acks = self.shard.append(&records).await?;
         Counters::add(&self.counters.appended, records.len() as u64);
+        for record in &records {
+            let queue = &record.queues[0];
+            self.metrics.message_in(queue, self.queue_type(queue), record.body.len() as u64);
+        }
         self.after_append(&records, &acks);
         Ok(AppendResponse {
             acks: acks
@@ -415,7 +425,8 @@ impl ShardHandler {
                 0
             }
         };
-        self.scheduler.borrow_mut().on_append(queue, end, now_ms(), self.queue_limits());
+        let woken = self.scheduler.borrow_mut().on_append(queue, end, now_ms(), self.queue_limits());
+        self.metrics.wakeups.increment(woken);
         if let Some((readers, _)) = self.readers.borrow().get(queue) {
             readers.notify_waiters();
         }
@@ -632,6 +643,55 @@ impl ShardHandler {
             .collect();
         let throttled = self.quotas.borrow().throttled().map(|(r, n)| (r.to_string(), n)).collect();
         Ok(GroupStatsResponse { shard: self.shard_id as u32, groups, throttled, truncated })
+    }
+
+    /// This shard's consumer and storage figures for a metrics scrape.
+    pub async fn gauges(&self) -> crate::metrics::ShardGauges {
+        use crate::metrics::{min_some, GroupGauges};
+        let end_of = |queue: &str| self.shard.queue_info(queue).ok().flatten().map_or(0, |q| q.max_offset);
+        let rows =
+            self.scheduler.borrow().lag_rows(end_of, now_ms(), GROUP_STATS_MAX as usize, LAG_QUEUES_PER_GROUP_MAX);
+        let mut lookups_left = LAG_LOOKUPS_MAX;
+        let mut groups = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut g = GroupGauges {
+                group: row.group.to_string(),
+                topic: row.topic.to_string(),
+                ready: row.ready,
+                inflight: row.inflight,
+                latencies_known: lookups_left >= 2 * row.queues.len(),
+                ..GroupGauges::default()
+            };
+            if g.latencies_known {
+                lookups_left -= 2 * row.queues.len();
+                for q in &row.queues {
+                    g.oldest_unacked_ms =
+                        min_some(g.oldest_unacked_ms, self.store_ms(&q.queue, q.oldest_unacked).await);
+                    if let Some(offset) = q.oldest_ready {
+                        g.oldest_ready_ms = min_some(g.oldest_ready_ms, self.store_ms(&q.queue, offset).await);
+                    }
+                }
+            }
+            groups.push(g);
+        }
+        let s = self.shard.stats();
+        crate::metrics::ShardGauges {
+            shard: self.shard_id,
+            groups,
+            log_bytes: s.log_end.saturating_sub(s.log_start),
+            flush_behind_bytes: s.log_end.saturating_sub(s.durable_end),
+            queues: s.queues as u64,
+            group_queues: self.scheduler.borrow().group_queue_count() as u64,
+            disk_free_bytes: s.disk_free_bytes,
+            appends_refused_disk_full: s.appends_refused_disk_full,
+            appends_refused_busy: s.appends_refused_busy,
+        }
+    }
+
+    /// When the message at `offset` of `queue` was stored (none if retention removed it).
+    async fn store_ms(&self, queue: &str, offset: u64) -> Option<u64> {
+        let entries = self.shard.entries(queue, offset, offset + 1).await.ok()?;
+        entries.first().map(|e| e.store_ms)
     }
 
     fn stats(&self) -> StatsResponse {

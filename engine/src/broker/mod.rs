@@ -33,6 +33,7 @@ pub use receipt::ReceiptKey;
 use crate::config::EngineConfig;
 use crate::engine::Engine;
 use crate::error::EngineError;
+use crate::metrics::ShardGauges;
 use crate::shard::Shard;
 
 /// Bounds on what one request may ask of a shard, and the shard's delivery policies; every
@@ -88,6 +89,9 @@ pub struct BrokerLimits {
     /// Lite consumers (client ids) one group may have on one shard.
     pub lite_clients_per_group_max: usize,
 }
+
+/// Metric scrapes queued at one shard at most; more wait to be queued.
+const GAUGE_REQUESTS_QUEUED_MAX: usize = 4;
 
 /// RocketMQ's longest delay: 40 days.
 pub const DELAY_MAX_MS_DEFAULT: u64 = 40 * 24 * 3600 * 1000;
@@ -150,6 +154,37 @@ pub struct Broker {
     endpoints: Vec<ShardEndpoint>,
     stops: Vec<flume::Sender<()>>,
     stopped: Vec<flume::Receiver<()>>,
+    probe: GaugeProbe,
+}
+
+/// A scrape's request to one shard: the channel its `ShardGauges` go back on.
+type GaugeRequest = flume::Sender<ShardGauges>;
+
+/// Asks every shard for its metric gauges (see `crate::metrics`). Cheap to clone; usable from
+/// any thread; a stopped shard is left out.
+#[derive(Clone, Default)]
+pub struct GaugeProbe {
+    shards: Vec<flume::Sender<GaugeRequest>>,
+}
+
+impl GaugeProbe {
+    /// Every running shard's report, in shard order.
+    pub async fn collect(&self) -> Vec<ShardGauges> {
+        let mut asked = Vec::with_capacity(self.shards.len());
+        for shard in &self.shards {
+            let (tx, rx) = flume::bounded(1);
+            if shard.send_async(tx).await.is_ok() {
+                asked.push(rx);
+            }
+        }
+        let mut reports = Vec::with_capacity(asked.len());
+        for rx in asked {
+            if let Ok(report) = rx.recv_async().await {
+                reports.push(report);
+            }
+        }
+        reports
+    }
 }
 
 fn port_for(base: SocketAddr, shard: usize) -> Result<SocketAddr, BrokerError> {
@@ -169,7 +204,13 @@ impl Broker {
         let engine = Engine::open(config.engine.clone())?;
         let shard_count = engine.shard_count();
         let key = ReceiptKey::random();
-        let mut broker = Broker { engine: None, endpoints: Vec::new(), stops: Vec::new(), stopped: Vec::new() };
+        let mut broker = Broker {
+            engine: None,
+            endpoints: Vec::new(),
+            stops: Vec::new(),
+            stopped: Vec::new(),
+            probe: GaugeProbe::default(),
+        };
         for shard_id in 0..shard_count {
             let listen = ListenOn {
                 tcp: Some(port_for(config.listen, shard_id)?),
@@ -183,6 +224,7 @@ impl Broker {
             };
             let (stop_tx, stop_rx) = flume::bounded::<()>(1);
             let (stopped_tx, stopped_rx) = flume::bounded::<()>(1);
+            let (gauges_tx, gauges_rx) = flume::bounded::<GaugeRequest>(GAUGE_REQUESTS_QUEUED_MAX);
             let (transport, limits, key) = (config.transport.clone(), config.limits.clone(), key.clone());
             let started = futures::executor::block_on(engine.on_shard(
                 shard_id,
@@ -199,6 +241,7 @@ impl Broker {
                             info,
                             stop_rx,
                             stopped_tx,
+                            gauges_rx,
                         )
                         .await
                         .map_err(|e| EngineError::Config(e.to_string()))
@@ -210,6 +253,7 @@ impl Broker {
                     broker.endpoints.push(endpoint);
                     broker.stops.push(stop_tx);
                     broker.stopped.push(stopped_rx);
+                    broker.probe.shards.push(gauges_tx);
                 }
                 Err(e) => {
                     broker.engine = Some(engine);
@@ -225,6 +269,11 @@ impl Broker {
     /// Shard endpoints, in shard order.
     pub fn endpoints(&self) -> &[ShardEndpoint] {
         &self.endpoints
+    }
+
+    /// What a metrics endpoint uses to read the shards' gauges.
+    pub fn gauge_probe(&self) -> GaugeProbe {
+        self.probe.clone()
     }
 
     pub fn engine(&self) -> &Engine {
@@ -271,6 +320,7 @@ async fn serve_shard(
     info: ServerInfo,
     stop: flume::Receiver<()>,
     stopped: flume::Sender<()>,
+    gauge_requests: flume::Receiver<GaugeRequest>,
 ) -> Result<ShardEndpoint, BrokerError> {
     let persist_every = Duration::from_millis(limits.offset_persist_interval_ms.max(10));
     let handler = ShardHandler::open(shard, shard_id, shard_count, key, limits).await?;
@@ -293,6 +343,12 @@ async fn serve_shard(
     });
     let timer_server = server.clone();
     let timer_task = glommio::spawn_local(async move { timer_server.handler().run_timers().await });
+    let gauge_server = server.clone();
+    let gauge_task = glommio::spawn_local(async move {
+        while let Ok(reply) = gauge_requests.recv_async().await {
+            let _ = reply.send(gauge_server.handler().gauges().await);
+        }
+    });
     glommio::spawn_local(async move {
         let _ = stop.recv_async().await;
         server.handler().begin_close();
@@ -300,6 +356,7 @@ async fn serve_shard(
         local.serving.await;
         let _ = persist_task.cancel().await;
         let _ = timer_task.cancel().await;
+        let _ = gauge_task.cancel().await;
         if let Err(e) = server.handler().persist_offsets().await {
             tracing::error!(error = %e, shard = shard_id, "writing consumer offsets at shutdown failed");
         }

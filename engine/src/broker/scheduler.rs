@@ -384,6 +384,49 @@ pub struct GroupStatRow {
     pub rate_per_s: f64,
 }
 
+/// One (group, topic)'s ready and in-flight counts on a shard, with the queues that lag.
+#[derive(Default)]
+pub struct LagRow {
+    pub group: Rc<str>,
+    pub topic: Rc<str>,
+    pub ready: u64,
+    pub inflight: u64,
+    pub queues: Vec<LagQueue>,
+}
+
+/// A queue with messages the group has not acked: the oldest such offset, and the oldest
+/// one waiting for delivery (none when everything unacked is in flight).
+pub struct LagQueue {
+    pub queue: Rc<str>,
+    pub oldest_unacked: u64,
+    pub oldest_ready: Option<u64>,
+}
+
+/// What a group holds on one queue, counted once for stats and metrics.
+struct QueueFigures {
+    /// Stored after the scan position.
+    unscanned: u64,
+    /// Ready but behind the scan position: leases expired or given back, FIFO messages
+    /// waiting behind their group's head, priority and fair read-ahead.
+    held: u64,
+    inflight: u64,
+}
+
+impl QueueFigures {
+    fn of(gq: &GroupQueue, end: u64, now_ms: u64) -> QueueFigures {
+        let live = gq.live_leases(now_ms);
+        QueueFigures {
+            unscanned: end.saturating_sub(gq.next()),
+            held: (gq.leased() - live) as u64
+                + gq.waiting() as u64
+                + gq.backlog() as u64
+                + gq.fair_backlog().len() as u64
+                + gq.fair_backlog().passed_over(),
+            inflight: live as u64,
+        }
+    }
+}
+
 /// Every group's delivery state on one shard.
 #[derive(Default)]
 pub struct Scheduler {
@@ -615,10 +658,12 @@ impl Scheduler {
 
     /// A queue got new messages: mark it ready for every group consuming its topic and wake
     /// their long polls. `end` is the queue's readable end.
-    pub fn on_append(&mut self, queue: &str, end: u64, now_ms: u64, limits: QueueLimits) {
+    /// Returns how many groups (or lite consumers' groups) it woke.
+    pub fn on_append(&mut self, queue: &str, end: u64, now_ms: u64, limits: QueueLimits) -> u64 {
         // A lite queue no group has state for has no index, and nobody to wake.
-        let Some((topic, index)) = self.locate(queue) else { return };
-        let Some(groups) = self.consumers.get(topic) else { return };
+        let Some((topic, index)) = self.locate(queue) else { return 0 };
+        let Some(groups) = self.consumers.get(topic) else { return 0 };
+        let mut woken = 0;
         for group in groups {
             if let Some(gt) = self.groups.get_mut(&(group.clone(), topic.into())) {
                 if !gt.queues.contains_key(&index) {
@@ -626,6 +671,7 @@ impl Scheduler {
                 }
                 // New messages: wake the polls even if the queue was ready already.
                 if gt.refresh(index, end, now_ms, limits).ready {
+                    woken += 1;
                     if is_lite(index) {
                         gt.lite.wake(index);
                     } else {
@@ -634,6 +680,7 @@ impl Scheduler {
                 }
             }
         }
+        woken
     }
 
     /// Every (group, queue name) with delivery state, with its floor.
@@ -663,15 +710,9 @@ impl Scheduler {
             let (mut ready, mut inflight) = (0u64, 0u64);
             for (index, gq) in &gt.queues {
                 let end = self.queue_name(topic, *index).map_or(gq.next(), |q| end_of(&q));
-                let live = gq.live_leases(now_ms);
-                // Leases expired or given back are waiting to go out again.
-                ready += end.saturating_sub(gq.next())
-                    + (gq.leased() - live) as u64
-                    + gq.waiting() as u64
-                    + gq.backlog() as u64
-                    + gq.fair_backlog().len() as u64
-                    + gq.fair_backlog().passed_over();
-                inflight += live as u64;
+                let figures = QueueFigures::of(gq, end, now_ms);
+                ready += figures.unscanned + figures.held;
+                inflight += figures.inflight;
             }
             rows.push(GroupStatRow {
                 group: group.clone(),
@@ -683,6 +724,33 @@ impl Scheduler {
             });
         }
         (rows, self.groups.len() > max)
+    }
+
+    /// Per (group, topic), up to `max` pairs: the figures of `group_stats`, and the queues
+    /// whose messages are not all acked, with the offsets whose store times give the
+    /// consumer latencies (at most `queues_max` such queues per pair).
+    pub fn lag_rows(&self, end_of: impl Fn(&str) -> u64, now_ms: u64, max: usize, queues_max: usize) -> Vec<LagRow> {
+        let mut rows = Vec::new();
+        for ((group, topic), gt) in self.groups.iter().take(max) {
+            let mut row = LagRow { group: group.clone(), topic: topic.clone(), ..LagRow::default() };
+            for (index, gq) in &gt.queues {
+                let queue = self.queue_name(topic, *index);
+                let end = queue.as_deref().map_or(gq.next(), &end_of);
+                let figures = QueueFigures::of(gq, end, now_ms);
+                row.ready += figures.unscanned + figures.held;
+                row.inflight += figures.inflight;
+                let Some(queue) = queue else { continue };
+                if gq.floor() < end && row.queues.len() < queues_max {
+                    // Messages held back (due again, behind a FIFO head, read ahead) are older
+                    // than the scan position; the floor is an upper bound on their age.
+                    let oldest_ready =
+                        if figures.held > 0 { Some(gq.floor()) } else { (figures.unscanned > 0).then(|| gq.next()) };
+                    row.queues.push(LagQueue { queue, oldest_unacked: gq.floor(), oldest_ready });
+                }
+            }
+            rows.push(row);
+        }
+        rows
     }
 
     /// Wakes every long poll (shutdown).

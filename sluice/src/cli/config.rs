@@ -12,6 +12,9 @@ use sluice_proxy::state::ProxySettings;
 use sluice_transport::cluster::BrokerAddress;
 use sluice_transport::TransportConfig;
 
+/// The metrics' `cluster` label unless a config names one (RocketMQ's default cluster name).
+pub const DEFAULT_CLUSTER: &str = "DefaultCluster";
+
 /// Largest priority backlog a group may keep per queue (each message is about 100 bytes).
 const PRIORITY_BACKLOG_MAX: usize = 1_000_000;
 
@@ -53,6 +56,10 @@ impl TransportSection {
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerSection {
     pub name: String,
+    /// The `cluster` label of this broker's metrics.
+    pub cluster: String,
+    /// Where `GET /metrics` is served (Prometheus text); empty turns it off.
+    pub metrics_listen: String,
     /// Shard 0's address; shard i listens on port + i.
     pub listen: SocketAddr,
     pub rdma_listen: Option<SocketAddr>,
@@ -99,6 +106,8 @@ impl Default for BrokerSection {
     fn default() -> Self {
         BrokerSection {
             name: "broker".into(),
+            cluster: DEFAULT_CLUSTER.into(),
+            metrics_listen: "127.0.0.1:5557".into(),
             listen: "127.0.0.1:7400".parse().expect("literal address"),
             rdma_listen: None,
             data_dir: PathBuf::from("./data"),
@@ -144,6 +153,8 @@ pub struct AccessKey {
 #[serde(default, deny_unknown_fields)]
 pub struct ProxySection {
     pub name: String,
+    /// The `cluster` label of this proxy's metrics.
+    pub cluster: String,
     pub grpc: SocketAddr,
     pub http: Option<SocketAddr>,
     /// Shard-0 addresses of the brokers, `host:port`.
@@ -159,6 +170,7 @@ impl Default for ProxySection {
     fn default() -> Self {
         ProxySection {
             name: "proxy".into(),
+            cluster: DEFAULT_CLUSTER.into(),
             grpc: "127.0.0.1:8081".parse().expect("literal address"),
             http: None,
             brokers: vec!["127.0.0.1:7400".into()],
@@ -190,6 +202,17 @@ pub fn durability(name: &str, flush_interval_ms: u64) -> Result<Durability, Stri
 }
 
 impl BrokerSection {
+    /// The metrics address, or none when `metrics_listen` is empty.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
+        if self.metrics_listen.is_empty() {
+            return Ok(None);
+        }
+        self.metrics_listen
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("metrics_listen {:?} is not host:port: {e}", self.metrics_listen))
+    }
+
     pub fn to_config(&self, transport: &TransportSection) -> Result<BrokerConfig, String> {
         let mut engine = EngineConfig::new(&self.data_dir);
         if self.shards > 0 {
@@ -314,6 +337,7 @@ impl ProxySection {
             transport: transport.apply(),
             settings: self.settings.clone(),
             access_keys,
+            metrics: None,
         })
     }
 }

@@ -1,7 +1,10 @@
 //! The long-running commands: `local`, `broker`, `proxy`. Each prints where it listens, then
 //! serves until SIGINT or SIGTERM, then shuts down gracefully (proxy drain, then broker).
 
+use std::net::SocketAddr;
 use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use sluice_engine::broker::{Broker, BrokerConfig};
 use sluice_proxy::server::{self, ProxyConfig, RunningProxy};
@@ -28,13 +31,17 @@ fn start_broker(config: BrokerConfig) -> Result<Broker, String> {
     Broker::start(config).map_err(|e| format!("broker failed to start (data directory {data_dir}): {e}"))
 }
 
-fn print_broker(broker: &Broker, json: bool) {
+fn print_broker(broker: &Broker, metrics: Option<SocketAddr>, json: bool) {
     let endpoints: Vec<String> = broker.endpoints().iter().map(|e| e.tcp.to_string()).collect();
     if json {
-        println!("{}", serde_json::json!({ "role": "broker", "shards": endpoints }));
+        let metrics = metrics.map(|a| a.to_string());
+        println!("{}", serde_json::json!({ "role": "broker", "shards": endpoints, "metrics": metrics }));
     } else {
         for (i, endpoint) in endpoints.iter().enumerate() {
             println!("broker shard {i}: tcp://{endpoint}");
+        }
+        if let Some(metrics) = metrics {
+            println!("metrics: http://{metrics}/metrics");
         }
     }
 }
@@ -52,7 +59,7 @@ fn print_proxy(proxy: &RunningProxy, json: bool) {
     } else {
         println!("gRPC (RocketMQ 5 clients, sluice CLI): {}", proxy.grpc_addr);
         if let Some(http) = proxy.http_addr {
-            println!("HTTP (health, stats): http://{http}/healthz");
+            println!("HTTP (health, stats, metrics): http://{http}/healthz, http://{http}/metrics");
         }
     }
 }
@@ -66,7 +73,12 @@ async fn serve_until_stopped(mut proxy: RunningProxy) -> Result<(), String> {
     proxy.shutdown().await.map_err(|e| e.to_string())
 }
 
-pub async fn local(broker_config: BrokerConfig, mut proxy_config: ProxyConfig, json: bool) -> Result<(), String> {
+pub async fn local(
+    broker_config: BrokerConfig,
+    mut proxy_config: ProxyConfig,
+    metrics: PrometheusHandle,
+    json: bool,
+) -> Result<(), String> {
     let data_dir = broker_config.engine.data_dir.display().to_string();
     let shards = broker_config.engine.shard_count;
     let broker =
@@ -74,6 +86,8 @@ pub async fn local(broker_config: BrokerConfig, mut proxy_config: ProxyConfig, j
     proxy_config.brokers = vec![sluice_transport::cluster::BrokerAddress::Shards(
         broker.endpoints().iter().map(|e| e.tcp.to_string()).collect(),
     )];
+    // One page for both roles, on the proxy's HTTP port.
+    proxy_config.metrics = Some(crate::cli::metrics::page(metrics, Some(broker.gauge_probe())));
     let proxy = match server::start(proxy_config).await {
         Ok(proxy) => proxy,
         Err(e) => {
@@ -96,9 +110,25 @@ pub async fn local(broker_config: BrokerConfig, mut proxy_config: ProxyConfig, j
     served
 }
 
-pub async fn broker(config: BrokerConfig, json: bool) -> Result<(), String> {
+pub async fn broker(
+    config: BrokerConfig,
+    metrics_addr: Option<SocketAddr>,
+    metrics: PrometheusHandle,
+    json: bool,
+) -> Result<(), String> {
     let broker = tokio::task::spawn_blocking(move || start_broker(config)).await.map_err(|e| e.to_string())??;
-    print_broker(&broker, json);
+    let page = crate::cli::metrics::page(metrics, Some(broker.gauge_probe()));
+    let metrics_at = match metrics_addr {
+        Some(addr) => match crate::cli::metrics::serve(addr, page).await {
+            Ok(bound) => Some(bound),
+            Err(e) => {
+                let _ = tokio::task::spawn_blocking(move || broker.shutdown()).await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    print_broker(&broker, metrics_at, json);
     stop_signal().await;
     eprintln!("stopping: finishing in-flight requests, syncing the log");
     tokio::task::spawn_blocking(move || broker.shutdown())

@@ -273,10 +273,17 @@ fn proxy_grpc_line(value: &serde_json::Value) -> Option<SocketAddr> {
     value.get("grpc")?.as_str()?.parse().ok()
 }
 
+/// The gRPC and HTTP addresses from the start line of a proxy that serves HTTP.
+fn proxy_line(value: &serde_json::Value) -> Option<(SocketAddr, SocketAddr)> {
+    Some((proxy_grpc_line(value)?, value.get("http")?.as_str()?.parse().ok()?))
+}
+
 /// `sluice local`: a broker (2 shards) and a proxy in one process, on ports the OS picks.
 pub struct Local {
     pub process: SluiceProcess,
     pub grpc: SocketAddr,
+    /// Health, stats, metrics and SSE.
+    pub http: SocketAddr,
     /// Data and logs; removed after the process is stopped (fields drop in order).
     pub dir: tempfile::TempDir,
     /// The extra flags it was started with.
@@ -346,14 +353,28 @@ impl Local {
         args.push(SEGMENT_SIZE_BYTES.to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut process = SluiceProcess::spawn("local", &args, dir.path());
-        let grpc = process.wait_json_line(START_TIMEOUT, proxy_grpc_line).await;
+        let (grpc, http) = process.wait_json_line(START_TIMEOUT, proxy_line).await;
         process.wait_tcp(grpc, START_TIMEOUT).await;
-        Local { process, grpc, dir, args: extra.iter().map(|s| s.to_string()).collect() }
+        Local { process, grpc, http, dir, args: extra.iter().map(|s| s.to_string()).collect() }
     }
 
     pub fn endpoint(&self) -> String {
         self.grpc.to_string()
     }
+}
+
+/// `GET path` over HTTP/1.1 (no keep-alive): the status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the HTTP port");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send the request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read the response");
+    let text = String::from_utf8(response).expect("a UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a header and a body");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status code");
+    (status, body.to_string())
 }
 
 /// `sluice broker --config FILE` with `shards` shards listening on `port .. port + shards`.
@@ -374,7 +395,8 @@ impl Broker {
             let port = free_ports(shards);
             let config = format!(
                 "[broker]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nshards = {shards}\n\
-                 pin_shards = false\ndurability = \"sync\"\nsegment_size_bytes = {SEGMENT_SIZE_BYTES}\n",
+                 pin_shards = false\ndurability = \"sync\"\nsegment_size_bytes = {SEGMENT_SIZE_BYTES}\n\
+                 metrics_listen = \"127.0.0.1:0\"\n",
                 dir.path().join("data").display()
             );
             let config_path = dir.path().join(format!("{name}.toml"));

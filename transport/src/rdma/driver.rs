@@ -253,6 +253,7 @@ impl Driver {
             if n == 0 {
                 break;
             }
+            metrics::counter!(crate::metrics::RDMA_COMPLETIONS).increment(n as u64);
             self.last_activity = Instant::now();
             any = true;
         }
