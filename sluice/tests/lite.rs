@@ -382,3 +382,24 @@ async fn a_shard_at_its_queue_limit_refuses_new_lite_topics_and_keeps_serving_ex
     let hello = format!("hello {}", first.trim_start_matches("chat-"));
     assert_eq!(got.iter().map(body_text).collect::<Vec<_>>(), [hello, "again".to_string()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_lite_topics_are_one_topic_in_the_metrics() {
+    const LITE_TOPICS: usize = 100_000;
+    let local = Local::start_with_config(EVICTING, &[]).await;
+    lite_topic(local.grpc, "sessions", 4, 0).await;
+    let mut client = messaging(local.grpc).await;
+    let messages = (0..LITE_TOPICS).map(|i| (format!("s-{i:06}"), format!("turn {i}"))).collect();
+    send_lite(&mut client, "sessions", messages).await;
+    let (status, text) = http_get(local.http, "/metrics").await;
+    assert_eq!(status, 200);
+    let series: Vec<&str> = text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    let stored: Vec<&&str> = series
+        .iter()
+        .filter(|l| l.starts_with("rocketmq_messages_in_total{") && l.contains("topic=\"sessions\""))
+        .collect();
+    assert_eq!(stored.len(), 1, "the lite topics count under their parent: {stored:?}");
+    assert!(stored[0].ends_with(&format!(" {LITE_TOPICS}")), "every message counted: {}", stored[0]);
+    assert!(series.len() < 1_000, "{} series for {LITE_TOPICS} lite topics", series.len());
+    assert!(!series.iter().any(|l| l.contains("s-0")), "no series names a lite topic");
+}
