@@ -3,6 +3,7 @@
 # at equal durability, with the raw-socket and transport ping-pongs as floors.
 #
 #   scripts/bench.sh [--short] [--durability sync|async|both] [--label TEXT] [--suite FILE]
+#                    [--metrics-overhead]
 #
 # For each durability level it starts, in a scratch directory with free ports:
 #   a `sluice broker` and a `sluice proxy` (proxy→broker over RDMA when this host has a device,
@@ -11,11 +12,15 @@
 #   bench/suites/standard.toml through target/release/sluice-bench. Results go to results/
 #   (<level>.json, report.html); the summary table with Sluice ÷ peer ratios is printed.
 # --short (CI) runs every workload for a few seconds and checks the JSON is valid and complete.
+# --metrics-overhead adds a second broker and proxy with metrics off (`metrics = false`), as
+#   the targets sluice-broker@nometrics and sluice-grpc@nometrics (run first in each
+#   workload), to compare in the same run; bench/suites/metrics-overhead.toml is the short
+#   suite for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LIBCLANG_PATH="${LIBCLANG_PATH:-/usr/lib/llvm-14/lib}"
 
-short=""; levels=(sync async); label="$(hostname) $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+short=""; levels=(sync async); metrics_overhead=false; label="$(hostname) $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 suite=bench/suites/standard.toml
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -24,7 +29,9 @@ while [[ $# -gt 0 ]]; do
                     *) echo "--durability is sync, async or both" >&2; exit 2 ;; esac; shift 2 ;;
     --label) label="$2"; shift 2 ;;
     --suite) suite="$2"; shift 2 ;;
-    *) echo "usage: $0 [--short] [--durability sync|async|both] [--label TEXT] [--suite FILE]" >&2; exit 2 ;;
+    --metrics-overhead) metrics_overhead=true; shift ;;
+    *) echo "usage: $0 [--short] [--durability sync|async|both] [--label TEXT] [--suite FILE] [--metrics-overhead]" >&2
+       exit 2 ;;
   esac
 done
 
@@ -108,28 +115,34 @@ run_level() {
     transport=auto
     rdma_line="rdma_listen = \"$(rdma_addr):$(( broker_port + 100 ))\""
   fi
-  # Async: acked once written, flushed every second, like Redis appendfsync everysec.
-  cat >"$dir/broker.toml" <<TOML
+  start_broker() { # name port metrics rdma_line
+    # Async: acked once written, flushed every second, like Redis appendfsync everysec.
+    cat >"$dir/$1.toml" <<TOML
 [broker]
-name = "bench-broker"
-listen = "127.0.0.1:$broker_port"
-$rdma_line
-data_dir = "$dir/sluice"
+name = "$1"
+listen = "127.0.0.1:$2"
+$4
+data_dir = "$dir/$1-data"
 durability = "$level"
 flush_interval_ms = $flush_ms
 segment_size_bytes = 268435456
+metrics = $3
 metrics_listen = "127.0.0.1:0"
 TOML
-  "$sluice" broker --config "$dir/broker.toml" >"$dir/broker.log" 2>&1 &
-  local broker_pid=$!; pids+=("$broker_pid")
-  wait_port "$broker_port" "sluice broker" "$dir/broker.log"
-  start_proxy() { # name port transport
+    "$sluice" broker --config "$dir/$1.toml" >"$dir/$1.log" 2>&1 &
+    pids+=($!)
+    wait_port "$2" "sluice broker ($1)" "$dir/$1.log"
+  }
+  start_broker broker "$broker_port" true "$rdma_line"
+  local broker_pid=${pids[-1]}
+  start_proxy() { # name port transport [broker port] [metrics]
     cat >"$dir/$1.toml" <<TOML
 [proxy]
 name = "$1"
 grpc = "127.0.0.1:$2"
-brokers = ["127.0.0.1:$broker_port"]
+brokers = ["127.0.0.1:${4:-$broker_port}"]
 transport = "$3"
+metrics = ${5:-true}
 TOML
     "$sluice" proxy --config "$dir/$1.toml" >"$dir/$1.log" 2>&1 &
     pids+=($!)
@@ -172,6 +185,20 @@ TOML
     targets+=(--target "sluice-grpc@tcp=127.0.0.1:$grpc_tcp"
               --target "sluice-broker@tcp=tcp://127.0.0.1:$broker_port"
               --target "transport@tcp=tcp://127.0.0.1:$broker_port")
+  fi
+  if $metrics_overhead; then
+    local bare_broker_port bare_grpc
+    bare_broker_port=$(free_port_pair); bare_grpc=$(free_port)
+    local bare_rdma_line=""
+    if $rdma; then bare_rdma_line="rdma_listen = \"$(rdma_addr):$(( bare_broker_port + 100 ))\""; fi
+    start_broker broker-nometrics "$bare_broker_port" false "$bare_rdma_line"
+    cpu+=(--pid "broker@nometrics=${pids[-1]}")
+    start_proxy proxy-nometrics "$bare_grpc" "$transport" "$bare_broker_port" false
+    cpu+=(--pid "proxy@nometrics=${pids[-1]}")
+    # First, so the targets with metrics run later in each workload (the other order of
+    # the standard run's): compare both to see the run order's own effect.
+    targets=(--target "sluice-broker@nometrics=$transport://127.0.0.1:$bare_broker_port"
+             --target "sluice-grpc@nometrics=127.0.0.1:$bare_grpc" "${targets[@]}")
   fi
   echo "== bench: $level durability · sluice $level (async flushes every ${flush_ms} ms) · redis appendfsync $fsync · nats-server $nats_version =="
   "$bench" suite "$suite" "${targets[@]}" "${cpu[@]}" --durability "$level" $short \

@@ -185,8 +185,7 @@ pub async fn run(
         stop: AtomicBool::new(false),
         progress: progress_bar(spec, workload, total),
     });
-    let mut charged: Vec<NamedPid> =
-        processes.iter().filter(|p| spec.kind.server_processes().contains(&p.name.as_str())).cloned().collect();
+    let mut charged = charged_processes(spec, processes);
     charged.push(NamedPid { name: "client".into(), pid: std::process::id() });
     let cpu = CpuMeter::start(&charged);
     let clock = Clock::start();
@@ -311,6 +310,19 @@ pub async fn run(
     })
 }
 
+/// The server processes a target's run is charged for: for a target labelled `kind@L`, the
+/// process given as `NAME@L` when there is one (a second broker, say), else `NAME`.
+fn charged_processes(spec: &TargetSpec, processes: &[NamedPid]) -> Vec<NamedPid> {
+    let label = spec.label.split_once('@').map(|(_, label)| label);
+    let named = |name: &str| processes.iter().find(|p| p.name == name);
+    spec.kind
+        .server_processes()
+        .iter()
+        .filter_map(|name| label.and_then(|l| named(&format!("{name}@{l}"))).or_else(|| named(name)))
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,5 +338,17 @@ mod tests {
         seen.set(129);
         seen.set(5);
         assert_eq!(acked.count_missing_from(&seen), 2);
+    }
+
+    #[test]
+    fn a_labelled_target_is_charged_for_its_own_processes() {
+        let pids: Vec<NamedPid> =
+            ["broker=1", "proxy=2", "broker@nometrics=3", "redis=4"].iter().map(|p| p.parse().unwrap()).collect();
+        let charged = |target: &str| -> Vec<u32> {
+            charged_processes(&target.parse().unwrap(), &pids).iter().map(|p| p.pid).collect()
+        };
+        assert_eq!(charged("sluice-grpc=127.0.0.1:1"), vec![1, 2]);
+        assert_eq!(charged("sluice-grpc@nometrics=127.0.0.1:1"), vec![3, 2], "no proxy@nometrics: the proxy");
+        assert_eq!(charged("sluice-broker@tcp=tcp://127.0.0.1:1"), vec![1]);
     }
 }

@@ -17,7 +17,10 @@ use crate::error::{EngineError, Result};
 
 pub const CF_QUEUE_INDEX: &str = "queue_index";
 pub const CF_QUEUE_META: &str = "queue_meta";
+/// A message id's latest location (written before `CF_MESSAGE_ID_AT`; read for older data).
 pub const CF_MESSAGE_ID: &str = "message_id";
+/// Every location of a message id (an original and its dead-letter copy share their id).
+pub const CF_MESSAGE_ID_AT: &str = "message_id_at";
 pub const CF_MESSAGE_KEY: &str = "message_key";
 pub const CF_CONSUMER_OFFSET: &str = "consumer_offset";
 pub const CF_POP_STATE: &str = "pop_state";
@@ -33,11 +36,12 @@ const QUEUE_INDEX_MEMTABLE_BYTES: usize = 128 << 20;
 /// Marks a block-cache-only read that would have needed disk I/O.
 const NOT_CACHED: &str = "queue range (not cached)";
 
-const ALL_CFS: [&str; 11] = [
+const ALL_CFS: [&str; 12] = [
     CF_QUEUE_INDEX,
     CF_HALF,
     CF_QUEUE_META,
     CF_MESSAGE_ID,
+    CF_MESSAGE_ID_AT,
     CF_MESSAGE_KEY,
     CF_CONSUMER_OFFSET,
     CF_POP_STATE,
@@ -338,13 +342,6 @@ pub struct RecordLocation {
     pub size_bytes: u32,
 }
 
-fn location_value(loc: RecordLocation) -> [u8; 12] {
-    let mut out = [0u8; 12];
-    out[0..8].copy_from_slice(&loc.position.to_le_bytes());
-    out[8..12].copy_from_slice(&loc.size_bytes.to_le_bytes());
-    out
-}
-
 fn decode_location(value: &[u8]) -> Option<RecordLocation> {
     (value.len() == 12).then(|| RecordLocation {
         position: crate::record::le_u64(value, 0),
@@ -529,33 +526,49 @@ impl Index {
         value.map(|v| decode_entry(&key, &v).ok_or_else(|| corrupt("queue entry"))).transpose()
     }
 
+    /// The latest location of a message id.
     pub fn message_id(&self, message_id: &str) -> Result<Option<RecordLocation>> {
-        let value = self.db.get_pinned_cf(self.cf(CF_MESSAGE_ID), message_id.as_bytes());
-        let value = value.map_err(|e| EngineError::index("message id", e))?;
-        value.map(|v| decode_location(&v).ok_or_else(|| corrupt("message id"))).transpose()
+        Ok(self.message_ids(message_id, 1)?.into_iter().next())
     }
 
-    /// Up to `limit` records carrying `key`, oldest first.
+    /// Up to `limit` locations of a message id, newest first.
+    pub fn message_ids(&self, message_id: &str, limit: usize) -> Result<Vec<RecordLocation>> {
+        let found = self.locations_newest(CF_MESSAGE_ID_AT, message_id, limit, "message id")?;
+        if !found.is_empty() || limit == 0 {
+            return Ok(found);
+        }
+        // Stored before every location was kept: the latest one only.
+        let value = self.db.get_pinned_cf(self.cf(CF_MESSAGE_ID), message_id.as_bytes());
+        let value = value.map_err(|e| EngineError::index("message id", e))?;
+        Ok(value.map(|v| decode_location(&v).ok_or_else(|| corrupt("message id"))).transpose()?.into_iter().collect())
+    }
+
+    /// Up to `limit` records carrying `key`, newest first.
     pub fn message_key(&self, key: &str, limit: usize) -> Result<Vec<RecordLocation>> {
-        let prefix = prefixed(key);
-        let mut upper = prefix.clone();
-        upper.extend_from_slice(&[0xff; 9]);
+        self.locations_newest(CF_MESSAGE_KEY, key, limit, "message key")
+    }
+
+    /// Locations under `name` in a (name, position) → size table, from the highest position.
+    fn locations_newest(&self, cf: &str, name: &str, limit: usize, what: &'static str) -> Result<Vec<RecordLocation>> {
+        let prefix = prefixed(name);
+        let mut last = prefix.clone();
+        last.extend_from_slice(&[0xff; 8]);
         let mut opts = ReadOptions::default();
-        opts.set_iterate_upper_bound(upper);
-        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_MESSAGE_KEY), opts);
-        iter.seek(&prefix);
+        opts.set_iterate_lower_bound(prefix.clone());
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(cf), opts);
+        iter.seek_for_prev(&last);
         let mut out = Vec::new();
         while let (Some(k), Some(v)) = (iter.key(), iter.value()) {
-            if out.len() >= limit || k.len() != prefix.len() + 8 || !k.starts_with(&prefix) {
+            if out.len() >= limit || !k.starts_with(&prefix) {
                 break;
             }
-            let position = u64::from_be_bytes(k[prefix.len()..].try_into().map_err(|_| corrupt("message key"))?);
-            let size_bytes =
-                (v.len() == 4).then(|| crate::record::le_u32(v, 0)).ok_or_else(|| corrupt("message key"))?;
+            // A longer name sharing the prefix bytes has another length byte, so this is ours.
+            let position = k[prefix.len()..].try_into().map(u64::from_be_bytes).map_err(|_| corrupt(what))?;
+            let size_bytes = (v.len() == 4).then(|| crate::record::le_u32(v, 0)).ok_or_else(|| corrupt(what))?;
             out.push(RecordLocation { position, size_bytes });
-            iter.next();
+            iter.prev();
         }
-        iter.status().map_err(|e| EngineError::index("message key", e))?;
+        iter.status().map_err(|e| EngineError::index(what, e))?;
         Ok(out)
     }
 
@@ -632,7 +645,9 @@ impl IndexBatch<'_> {
     }
 
     pub fn put_message_id(&mut self, message_id: &str, loc: RecordLocation) {
-        self.batch.put_cf(self.index.cf(CF_MESSAGE_ID), message_id.as_bytes(), location_value(loc));
+        let mut k = prefixed(message_id);
+        k.extend_from_slice(&loc.position.to_be_bytes());
+        self.batch.put_cf(self.index.cf(CF_MESSAGE_ID_AT), k, loc.size_bytes.to_le_bytes());
     }
 
     pub fn put_message_key(&mut self, key: &str, loc: RecordLocation) {
@@ -775,7 +790,25 @@ mod tests {
         batch.put_message_key("order-10", RecordLocation { position: 30, size_bytes: 7 });
         index.write(batch).unwrap();
         let found = index.message_key("order-1", 10).unwrap();
-        assert_eq!(found.iter().map(|l| l.position).collect::<Vec<_>>(), vec![10, 20]);
-        assert_eq!(index.message_key("order-1", 1).unwrap().len(), 1);
+        assert_eq!(found.iter().map(|l| l.position).collect::<Vec<_>>(), vec![20, 10], "newest first");
+        assert_eq!(index.message_key("order-1", 1).unwrap(), vec![RecordLocation { position: 20, size_bytes: 6 }]);
+        assert!(index.message_key("order", 10).unwrap().is_empty(), "a prefix of a key is another key");
+    }
+
+    #[test]
+    fn a_message_id_keeps_every_location_and_reads_the_older_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), 1 << 20).unwrap();
+        let mut batch = index.batch();
+        batch.put_message_id("m1", RecordLocation { position: 10, size_bytes: 5 });
+        batch.put_message_id("m1", RecordLocation { position: 40, size_bytes: 6 });
+        // What an older version wrote: the latest location only, in its own table.
+        batch.batch.put_cf(index.cf(CF_MESSAGE_ID), b"old", [7u8, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0]);
+        index.write(batch).unwrap();
+        let positions = |id: &str| index.message_ids(id, 10).unwrap().iter().map(|l| l.position).collect::<Vec<_>>();
+        assert_eq!(positions("m1"), vec![40, 10]);
+        assert_eq!(index.message_id("m1").unwrap(), Some(RecordLocation { position: 40, size_bytes: 6 }));
+        assert_eq!(index.message_id("old").unwrap(), Some(RecordLocation { position: 7, size_bytes: 9 }));
+        assert_eq!(index.message_id("none").unwrap(), None);
     }
 }

@@ -33,6 +33,28 @@ pub const SHARD_QUEUES: &str = "sluice_shard_queues";
 pub const SHARD_GROUP_QUEUES: &str = "sluice_shard_group_queues";
 pub const APPENDS_REFUSED: &str = "sluice_appends_refused_total";
 
+/// Every metric name this crate publishes (the dashboard test checks against it).
+pub const NAMES: &[&str] = &[
+    MESSAGES_IN,
+    THROUGHPUT_IN,
+    MESSAGE_SIZE,
+    CONSUMER_READY,
+    CONSUMER_INFLIGHT,
+    CONSUMER_LAG,
+    CONSUMER_LAG_LATENCY,
+    CONSUMER_QUEUEING_LATENCY,
+    STORAGE_SIZE,
+    STORAGE_FLUSH_BEHIND,
+    GROUP_COMMIT_RECORDS,
+    FDATASYNC,
+    INDEX_WRITE,
+    SCHEDULER_WAKEUPS,
+    DISK_FREE,
+    SHARD_QUEUES,
+    SHARD_GROUP_QUEUES,
+    APPENDS_REFUSED,
+];
+
 /// The `node_type` label of every broker metric.
 pub const NODE_TYPE: (&str, &str) = ("node_type", "broker");
 
@@ -83,11 +105,14 @@ pub fn describe() {
 /// One shard's metric handles, made once per label set: a label set's first event registers
 /// it with the recorder, later ones only add to an atomic.
 pub struct ShardMetrics {
-    appended: RefCell<HashMap<(String, u8), AppendHandles>>,
+    /// By queue name, so a lookup needs no allocation; a queue's type rarely changes, and a
+    /// change replaces its handles.
+    appended: RefCell<HashMap<String, AppendHandles>>,
     pub wakeups: Counter,
 }
 
 struct AppendHandles {
+    kind: u8,
     messages: Counter,
     bytes: Counter,
     size: Histogram,
@@ -105,39 +130,34 @@ impl ShardMetrics {
         ShardMetrics { appended: RefCell::default(), wakeups: metrics::counter!(SCHEDULER_WAKEUPS, &[NODE_TYPE]) }
     }
 
-    /// A message of `size_bytes` stored in `queue` (its first queue), of queue type `kind`.
+    /// A message with a body of `size_bytes` stored in `queue` (its first queue), of type `kind`.
     pub fn message_in(&self, queue: &str, kind: u8, size_bytes: u64) {
         let mut appended = self.appended.borrow_mut();
-        // Only the first sight of a (queue, type) pays for the label lookup.
-        let handles = match appended.get(&(queue.to_string(), kind)) {
-            Some(h) => h,
-            None => {
-                let labels = [NODE_TYPE, ("topic", &topic_label(queue)), ("message_type", message_type::name(kind))]
-                    .map(|(k, v)| metrics::Label::new(k, v.to_string()));
-                let handles = AppendHandles {
-                    messages: metrics::counter!(MESSAGES_IN, labels.iter()),
-                    bytes: metrics::counter!(THROUGHPUT_IN, labels.iter()),
-                    size: metrics::histogram!(MESSAGE_SIZE, labels.iter()),
-                };
-                self.bounded(&mut appended);
-                appended.entry((queue.to_string(), kind)).or_insert(handles)
+        if appended.get(queue).is_none_or(|h| h.kind != kind) {
+            // Only the first sight of a queue pays for the label lookup.
+            let labels = [NODE_TYPE, ("topic", &topic_label(queue)), ("message_type", message_type::name(kind))]
+                .map(|(k, v)| metrics::Label::new(k, v.to_string()));
+            let handles = AppendHandles {
+                kind,
+                messages: metrics::counter!(MESSAGES_IN, labels.iter()),
+                bytes: metrics::counter!(THROUGHPUT_IN, labels.iter()),
+                size: metrics::histogram!(MESSAGE_SIZE, labels.iter()),
+            };
+            // Queue names are unbounded (lite topics): a full cache starts over; the label
+            // sets live on in the recorder.
+            if appended.len() >= HANDLES_PER_SHARD_MAX {
+                appended.clear();
             }
-        };
+            appended.insert(queue.to_string(), handles);
+        }
+        let handles = &appended[queue];
         handles.messages.increment(1);
         handles.bytes.increment(size_bytes);
         handles.size.record(size_bytes as f64);
     }
-
-    /// Handle caches are keyed by queue and group names, which are unbounded (lite topics):
-    /// a full cache starts over, and the label sets live on in the recorder.
-    fn bounded<K, V>(&self, cache: &mut HashMap<K, V>) {
-        if cache.len() >= HANDLES_PER_SHARD_MAX {
-            cache.clear();
-        }
-    }
 }
 
-/// Label sets whose handles one shard caches, per kind.
+/// Queues whose handles one shard caches.
 const HANDLES_PER_SHARD_MAX: usize = 10_000;
 
 /// What one shard reports when metrics are scraped.

@@ -949,10 +949,23 @@ impl Shard {
         }
     }
 
-    /// Up to `limit` records carrying `key`, oldest first.
+    /// Up to `limit` records stored with this message id, newest first (a message and its
+    /// dead-letter copy share their id). Records retention removed are left out.
+    pub async fn all_by_message_id(&self, message_id: &str, limit: usize) -> Result<Vec<StoredRecord>> {
+        let (index, id) = (self.index.clone(), message_id.to_string());
+        let locs = glommio::executor().spawn_blocking(move || index.message_ids(&id, limit)).await?;
+        self.read_locations(locs).await
+    }
+
+    /// Up to `limit` records carrying `key`, newest first. Records retention removed are
+    /// left out.
     pub async fn by_key(&self, key: &str, limit: usize) -> Result<Vec<StoredRecord>> {
         let (index, k) = (self.index.clone(), key.to_string());
         let locs = glommio::executor().spawn_blocking(move || index.message_key(&k, limit)).await?;
+        self.read_locations(locs).await
+    }
+
+    async fn read_locations(&self, locs: Vec<RecordLocation>) -> Result<Vec<StoredRecord>> {
         let mut out = Vec::with_capacity(locs.len());
         for loc in locs {
             out.extend(self.read_location(loc).await?);

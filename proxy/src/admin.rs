@@ -190,6 +190,45 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn get_message(&self, request: Request<GetMessageRequest>) -> GrpcResult<FindMessagesResponse> {
+        let result = async {
+            self.state.auth.check(request.metadata())?;
+            let r = request.get_ref();
+            crate::lookup::get_message(&self.state, &r.topic, &r.message_id).await
+        }
+        .await;
+        Ok(Response::new(found(result)))
+    }
+
+    async fn find_messages(&self, request: Request<FindMessagesRequest>) -> GrpcResult<FindMessagesResponse> {
+        let result = async {
+            self.state.auth.check(request.metadata())?;
+            let r = request.get_ref();
+            crate::lookup::find_messages(&self.state, &r.topic, &r.key, r.limit).await
+        }
+        .await;
+        Ok(Response::new(found(result)))
+    }
+
+    async fn reset_group(&self, request: Request<ResetGroupRequest>) -> GrpcResult<ResetGroupResponse> {
+        use crate::lookup::ResetTo;
+        let result = async {
+            self.state.auth.check(request.metadata())?;
+            let r = request.get_ref();
+            let to = match r.to {
+                Some(reset_group_request::To::TimeMs(ms)) => ResetTo::TimeMs(ms.max(0) as u64),
+                Some(reset_group_request::To::Offset(offset)) => ResetTo::Offset(offset),
+                None => return Err(ProxyError::BadRequest("a reset needs a time or an offset".into())),
+            };
+            crate::lookup::reset_group(&self.state, &r.group, &r.topic, to, r.force).await
+        }
+        .await;
+        Ok(Response::new(match result {
+            Ok((queues, reset)) => ResetGroupResponse { status: Some(ok_status()), queues, reset },
+            Err(e) => ResetGroupResponse { status: Some(e.status()), queues: Vec::new(), reset: false },
+        }))
+    }
+
     async fn get_stats(&self, request: Request<GetStatsRequest>) -> GrpcResult<GetStatsResponse> {
         if let Err(e) = self.state.auth.check(request.metadata()) {
             return Ok(Response::new(GetStatsResponse {
@@ -251,6 +290,10 @@ impl AdminService {
                 entry.inflight += g.inflight.to_native();
                 entry.delivered += g.delivered.to_native();
                 entry.rate_per_s += g.rate_milli_per_s.to_native() as f64 / 1000.0;
+                let oldest = g.oldest_unacked_ms.to_native() as i64;
+                if oldest > 0 && (entry.oldest_unacked_ms == 0 || oldest < entry.oldest_unacked_ms) {
+                    entry.oldest_unacked_ms = oldest;
+                }
             }
             for t in reply.throttled.iter() {
                 if let Some(group) = t.0.as_str().strip_prefix(crate::groups::GROUP_RECORD_PREFIX) {
@@ -263,6 +306,13 @@ impl AdminService {
             g.throttled = throttled.get(&g.group).copied().unwrap_or(0);
         }
         (groups, truncated)
+    }
+}
+
+fn found(result: Result<(Vec<MessageInfo>, bool), ProxyError>) -> FindMessagesResponse {
+    match result {
+        Ok((messages, truncated)) => FindMessagesResponse { status: Some(ok_status()), messages, truncated },
+        Err(e) => FindMessagesResponse { status: Some(e.status()), messages: Vec::new(), truncated: false },
     }
 }
 

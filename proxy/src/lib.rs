@@ -12,6 +12,7 @@ pub mod convert;
 pub mod error;
 pub mod groups;
 pub mod lite;
+pub mod lookup;
 pub mod metrics;
 pub mod produce;
 pub mod quota;

@@ -1,9 +1,10 @@
 //! Every metric the proxy publishes, described in one place (RocketMQ 5.1's names where one
 //! exists), and the gRPC layer that times each call into `rocketmq_rpc_latency`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -17,6 +18,10 @@ pub const THROUGHPUT_OUT: &str = "rocketmq_throughput_out_total";
 pub const SEND_TO_DLQ: &str = "rocketmq_send_to_dlq_messages_total";
 pub const RECEIVES_THROTTLED: &str = "sluice_receives_throttled_total";
 pub const SENDS_THROTTLED: &str = "sluice_sends_throttled_total";
+
+/// Every metric name this crate publishes (the dashboard test checks against it).
+pub const NAMES: &[&str] =
+    &[RPC_LATENCY, MESSAGES_OUT, THROUGHPUT_OUT, SEND_TO_DLQ, RECEIVES_THROTTLED, SENDS_THROTTLED];
 
 /// Renders the process's metrics in the Prometheus text format (set by whoever installed the
 /// recorder; the proxy serves it at `/metrics` on its HTTP port).
@@ -85,12 +90,30 @@ pub fn describe() {
     describe_counter!(SENDS_THROTTLED, "Sends that found their topic's send quota empty, by topic");
 }
 
+/// (topic, group) pairs whose delivery counters the proxy keeps handles for; past it the
+/// cache starts over (the series stay in the recorder).
+const DELIVERY_HANDLES_MAX: usize = 10_000;
+
+type DeliveryHandles = HashMap<(String, String), (metrics::Counter, metrics::Counter)>;
+
 /// `count` messages with `bytes` of bodies handed to a consumer of `group`.
 pub fn messages_out(topic: &str, group: &str, count: u64, bytes: u64) {
-    let labels = [NODE_TYPE, ("topic", &topic_label(topic)), ("consumer_group", &group_label(group))]
-        .map(|(k, v)| metrics::Label::new(k, v.to_string()));
-    metrics::counter!(MESSAGES_OUT, labels.iter()).increment(count);
-    metrics::counter!(THROUGHPUT_OUT, labels.iter()).increment(bytes);
+    static HANDLES: OnceLock<Mutex<DeliveryHandles>> = OnceLock::new();
+    let mut handles = HANDLES.get_or_init(Mutex::default).lock().unwrap_or_else(|p| p.into_inner());
+    let key = (topic.to_string(), group.to_string());
+    if !handles.contains_key(&key) {
+        if handles.len() >= DELIVERY_HANDLES_MAX {
+            handles.clear();
+        }
+        let labels = [NODE_TYPE, ("topic", &topic_label(topic)), ("consumer_group", &group_label(group))]
+            .map(|(k, v)| metrics::Label::new(k, v.to_string()));
+        let counters =
+            (metrics::counter!(MESSAGES_OUT, labels.iter()), metrics::counter!(THROUGHPUT_OUT, labels.iter()));
+        handles.insert(key.clone(), counters);
+    }
+    let (messages, body_bytes) = &handles[&key];
+    messages.increment(count);
+    body_bytes.increment(bytes);
 }
 
 pub fn dead_lettered(topic: &str, group: &str) {
@@ -110,13 +133,35 @@ pub fn send_throttled(topic: &str) {
     metrics::counter!(SENDS_THROTTLED, labels.iter()).increment(1);
 }
 
-/// The method a gRPC path names, as a bounded label value; `None` for calls not timed.
-fn method_label(path: &str) -> Option<&'static str> {
+/// The method a gRPC path names, as an index into `METHODS` (`METHODS.len()`: any other);
+/// `None` for calls not timed.
+fn method_index(path: &str) -> Option<usize> {
     let method = path.rsplit('/').next().unwrap_or("");
     if UNTIMED_METHODS.contains(&method) {
         return None;
     }
-    Some(METHODS.iter().find(|m| **m == method).copied().unwrap_or("unknown"))
+    Some(METHODS.iter().position(|m| *m == method).unwrap_or(METHODS.len()))
+}
+
+fn method_label(index: usize) -> &'static str {
+    METHODS.get(index).copied().unwrap_or("unknown")
+}
+
+/// gRPC status codes 0..=16 get a label each; `STATUS_SLOTS - 1` is any other.
+const STATUS_SLOTS: usize = 18;
+
+/// One histogram handle per (method, status), made on first use, so timing a call does not
+/// look its labels up in the registry.
+fn latency_histogram(method: usize, status: u16) -> &'static metrics::Histogram {
+    static HANDLES: OnceLock<Vec<OnceLock<metrics::Histogram>>> = OnceLock::new();
+    let handles = HANDLES.get_or_init(|| (0..(METHODS.len() + 1) * STATUS_SLOTS).map(|_| OnceLock::new()).collect());
+    let status = usize::from(status).min(STATUS_SLOTS - 1);
+    handles[method * STATUS_SLOTS + status].get_or_init(|| {
+        let code = status_label(status as u16);
+        let labels =
+            [NODE_TYPE, ("protocol_type", "grpc"), ("request_code", method_label(method)), ("response_code", code)];
+        metrics::histogram!(RPC_LATENCY, &labels)
+    })
 }
 
 /// A tower layer for the gRPC server: times every call into `rocketmq_rpc_latency`.
@@ -150,7 +195,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let method = method_label(request.uri().path());
+        let method = method_index(request.uri().path());
         let started = Instant::now();
         let response = self.inner.call(request);
         Box::pin(async move {
@@ -168,16 +213,15 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
 }
 
 struct CallTimer {
-    method: &'static str,
+    method: usize,
     started: Instant,
     status: Option<u16>,
 }
 
 impl CallTimer {
     fn record(self) {
-        let code = status_label(self.status.unwrap_or(0));
-        let labels = [NODE_TYPE, ("protocol_type", "grpc"), ("request_code", self.method), ("response_code", code)];
-        metrics::histogram!(RPC_LATENCY, &labels).record(self.started.elapsed().as_secs_f64() * 1_000.0);
+        let elapsed_ms = self.started.elapsed().as_secs_f64() * 1_000.0;
+        latency_histogram(self.method, self.status.unwrap_or(0)).record(elapsed_ms);
     }
 }
 
@@ -242,10 +286,11 @@ mod tests {
 
     #[test]
     fn only_known_methods_get_their_own_label() {
-        assert_eq!(method_label("/apache.rocketmq.v2.MessagingService/SendMessage"), Some("SendMessage"));
-        assert_eq!(method_label("/sluice.admin.v1.Admin/GetStats"), Some("GetStats"));
-        assert_eq!(method_label("/x.Y/MadeUp123"), Some("unknown"));
-        assert_eq!(method_label("/apache.rocketmq.v2.MessagingService/Telemetry"), None);
+        let label = |path: &str| method_index(path).map(method_label);
+        assert_eq!(label("/apache.rocketmq.v2.MessagingService/SendMessage"), Some("SendMessage"));
+        assert_eq!(label("/sluice.admin.v1.Admin/GetStats"), Some("GetStats"));
+        assert_eq!(label("/x.Y/MadeUp123"), Some("unknown"));
+        assert_eq!(label("/apache.rocketmq.v2.MessagingService/Telemetry"), None);
         assert_eq!(status_label(14), "14");
         assert_eq!(status_label(400), "unknown");
     }

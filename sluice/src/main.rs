@@ -192,6 +192,48 @@ enum Command {
     /// Per consumer group and topic: backlog, in flight, delivered, rate and throttled
     /// receives; then the counters of the proxy and every broker shard.
     Stats {
+        /// Only this consumer group's rows.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only this topic's rows.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Redraw in place every --interval-secs until Ctrl-C (with --json: a JSON line each time).
+        #[arg(long)]
+        watch: bool,
+        #[arg(long, default_value_t = 2.0)]
+        interval_secs: f64,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Look up stored messages: by id (`get`) or by key (`find`), with each group's state.
+    Message {
+        #[command(subcommand)]
+        action: MessageAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum MessageAction {
+    /// One message of a topic by its id: properties, body preview, where it is stored, and per
+    /// consumer group whether it is pending, in flight, acked or dead-lettered.
+    Get {
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// The messages of a topic carrying a key (RocketMQ's `keys`), newest first.
+    Find {
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        key: String,
+        /// At most this many (up to 256).
+        #[arg(long, default_value_t = 32)]
+        limit: u32,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -296,6 +338,23 @@ enum GroupAction {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Moves the group's position on every queue of a topic; deliveries then follow it.
+    /// Refused while it would skip messages still in flight, unless --force.
+    Reset {
+        name: String,
+        #[arg(long)]
+        topic: String,
+        /// To the first message stored at or after this time (RFC 3339, e.g. 2026-01-01T00:00:00Z).
+        #[arg(long, conflicts_with = "to_offset", required_unless_present = "to_offset")]
+        to_time: Option<String>,
+        /// To this offset on every queue (clamped to what each queue holds).
+        #[arg(long)]
+        to_offset: Option<u64>,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
 }
 
 fn parse_property(text: &str) -> Result<(String, String), String> {
@@ -344,7 +403,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             proxy.settings.auto_create_topics |= auto_create_topics;
             proxy.settings.auto_create_groups &= !require_groups;
             let transport = file.transport;
-            let metrics = cli::metrics::install(&broker.cluster, &broker.name)?;
+            let metrics = broker.metrics.then(|| cli::metrics::install(&broker.cluster, &broker.name)).transpose()?;
             cli::run::local(broker.to_config(&transport)?, proxy.to_config(&transport)?, metrics, json).await
         }
         Command::Broker { config, listen, data_dir } => {
@@ -356,7 +415,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                 file.broker.data_dir = dir;
             }
             let metrics_addr = file.broker.metrics_addr()?;
-            let metrics = cli::metrics::install(&file.broker.cluster, &file.broker.name)?;
+            let metrics = file
+                .broker
+                .metrics
+                .then(|| cli::metrics::install(&file.broker.cluster, &file.broker.name))
+                .transpose()?;
             cli::run::broker(file.broker.to_config(&file.transport)?, metrics_addr, metrics, json).await
         }
         Command::Proxy { config, grpc, brokers } => {
@@ -368,8 +431,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                 file.proxy.brokers = brokers;
             }
             let mut proxy = file.proxy.to_config(&file.transport)?;
-            let metrics = cli::metrics::install(&file.proxy.cluster, &file.proxy.name)?;
-            proxy.metrics = Some(cli::metrics::page(metrics, None));
+            if file.proxy.metrics {
+                let metrics = cli::metrics::install(&file.proxy.cluster, &file.proxy.name)?;
+                proxy.metrics = Some(cli::metrics::page(metrics, None));
+            }
             cli::run::proxy(proxy, json).await
         }
         Command::Topic { action } => match action {
@@ -434,6 +499,23 @@ async fn run(cli: Cli) -> Result<(), String> {
             GroupAction::Delete { name, endpoint } => {
                 cli::client::group_delete(&connection(&endpoint, json), &name).await
             }
+            GroupAction::Reset { name, topic, to_time, to_offset, force, endpoint } => {
+                use cli::inspect::ResetTarget;
+                let to = match (to_time, to_offset) {
+                    (Some(time), _) => ResetTarget::Time(time),
+                    (None, Some(offset)) => ResetTarget::Offset(offset),
+                    (None, None) => return Err("give --to-time or --to-offset".into()),
+                };
+                cli::inspect::group_reset(&connection(&endpoint, json), &name, &topic, to, force).await
+            }
+        },
+        Command::Message { action } => match action {
+            MessageAction::Get { topic, id, endpoint } => {
+                cli::inspect::message_get(&connection(&endpoint, json), &topic, &id).await
+            }
+            MessageAction::Find { topic, key, limit, endpoint } => {
+                cli::inspect::message_find(&connection(&endpoint, json), &topic, &key, limit).await
+            }
         },
         Command::Send { endpoint, topic, tag, keys, properties, message_group, delay_ms, bodies } => {
             let delay = delay_ms.map(Duration::from_millis);
@@ -454,7 +536,11 @@ async fn run(cli: Cli) -> Result<(), String> {
             };
             cli::client::consume(&connection(&endpoint, json), options).await
         }
-        Command::Stats { endpoint } => cli::client::stats(&connection(&endpoint, json)).await,
+        Command::Stats { group, topic, watch, interval_secs, endpoint } => {
+            let interval = Duration::from_secs_f64(interval_secs.clamp(0.0, 3600.0));
+            let options = cli::stats::StatsOptions { group, topic, watch, interval };
+            cli::stats::stats(&connection(&endpoint, json), options).await
+        }
         Command::Request { endpoint, topic, reply_topic, group, timeout_secs, body } => {
             let options = cli::agent::RequestOptions {
                 topic,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -46,7 +46,13 @@ struct ClientInner {
     server: Mutex<Option<HelloAck>>,
     /// Keeps the RDMA driver thread alive; dropping it stops the driver.
     _rdma: Mutex<Option<crate::rdma::RdmaDriver>>,
+    /// Round-trip histogram handles by request kind, made on first use.
+    round_trips: [OnceLock<metrics::Histogram>; ROUND_TRIP_KINDS],
+    credit_waits: metrics::Counter,
 }
+
+/// Request kinds below this number get a cached round-trip handle (every kind today).
+const ROUND_TRIP_KINDS: usize = 64;
 
 /// A request the server holds. Its credit stays taken until the reply (or the connection's
 /// end) arrives, even if the caller gave up, because the server still counts it.
@@ -212,6 +218,10 @@ impl Client {
             peer,
             server: Mutex::new(None),
             _rdma: Mutex::new(rdma),
+            round_trips: std::array::from_fn(|_| OnceLock::new()),
+            credit_waits: metrics::counter!(
+                crate::metrics::CREDIT_WAITS, "transport" => crate::metrics::transport_label(kind)
+            ),
         });
         spawn_heartbeat(Arc::downgrade(&inner));
         (Client { inner }, rx)
@@ -283,9 +293,14 @@ impl Client {
     ) -> Result<Frame, TransportError> {
         let started = Instant::now();
         let result = self.call_timed(encode).await;
+        let elapsed_s = started.elapsed().as_secs_f64();
         let transport = crate::metrics::transport_label(self.inner.kind);
-        metrics::histogram!(crate::metrics::ROUND_TRIP, "transport" => transport, "request" => kind.name())
-            .record(started.elapsed().as_secs_f64());
+        let histogram =
+            || metrics::histogram!(crate::metrics::ROUND_TRIP, "transport" => transport, "request" => kind.name());
+        match self.inner.round_trips.get(kind as usize) {
+            Some(slot) => slot.get_or_init(histogram).record(elapsed_s),
+            None => histogram().record(elapsed_s),
+        }
         result
     }
 
@@ -301,8 +316,7 @@ impl Client {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
         // Wait for a credit: this is the back-pressure callers feel.
         if inner.credits.available_permits() == 0 {
-            let transport = crate::metrics::transport_label(inner.kind);
-            metrics::counter!(crate::metrics::CREDIT_WAITS, "transport" => transport).increment(1);
+            inner.credit_waits.increment(1);
         }
         let credit = match tokio::time::timeout_at(deadline, inner.credits.clone().acquire_owned()).await {
             Err(_) => return Err(TransportError::Timeout { timeout_ms }),

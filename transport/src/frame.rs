@@ -20,7 +20,7 @@ use crate::messages::FrameKind;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"SLCF");
 /// 2: records carry broker-visible attributes, pops are per topic (kinds 34+).
 /// 3: quotas (kinds 46, 47); CreateQueueRequest.update, ChangeInvisibleRequest.suspend.
-pub const FRAME_VERSION: u16 = 3;
+pub const FRAME_VERSION: u16 = 4;
 pub const FRAME_HEADER_BYTES: usize = 32;
 /// Hard ceiling on `max_frame_bytes`: rkyv's 32-bit relative pointers and the u32 length field.
 pub const FRAME_BODY_CEILING_BYTES: u64 = 1 << 30;

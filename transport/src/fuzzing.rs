@@ -85,6 +85,10 @@ pub fn validate_declared_kind(frame: &Frame) -> bool {
         FrameKind::QuotaResponse => frame.access::<QuotaResponse>().is_ok(),
         FrameKind::GroupStatsRequest => frame.access::<GroupStatsRequest>().is_ok(),
         FrameKind::GroupStatsResponse => frame.access::<GroupStatsResponse>().is_ok(),
+        FrameKind::FindMessagesRequest => frame.access::<FindMessagesRequest>().is_ok(),
+        FrameKind::FindMessagesResponse => frame.access::<FindMessagesResponse>().is_ok(),
+        FrameKind::SeekRequest => frame.access::<SeekRequest>().is_ok(),
+        FrameKind::SeekResponse => frame.access::<SeekResponse>().is_ok(),
     }
 }
 

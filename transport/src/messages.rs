@@ -88,6 +88,10 @@ frame_kinds! {
     QuotaResponse = 47,
     GroupStatsRequest = 48,
     GroupStatsResponse = 49,
+    FindMessagesRequest = 50,
+    FindMessagesResponse = 51,
+    SeekRequest = 52,
+    SeekResponse = 53,
 }
 
 /// Kind numbers that are retired and must never be used again: 14 and 15 (the single-queue
@@ -683,6 +687,9 @@ pub struct GroupStat {
     pub delivered: u64,
     /// Deliveries per second over the last few seconds, in thousandths.
     pub rate_milli_per_s: u64,
+    /// Store time (ms since the epoch) of the oldest message the group has not acked here;
+    /// 0 when none (or when the shard's lookup budget ran out first).
+    pub oldest_unacked_ms: u64,
 }
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
@@ -767,3 +774,84 @@ pub struct ListQueuesResponse {
     pub truncated: bool,
 }
 message!(ListQueuesResponse, ListQueuesResponse);
+
+/// Stored messages of one shard by message id or by key (`sluice message get` and `find`),
+/// newest first, with each named group's delivery state of every match.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct FindMessagesRequest {
+    /// Exactly one of `message_id` and `key` is set.
+    pub message_id: String,
+    pub key: String,
+    /// Only messages stored in this topic's queues; empty: any topic (dead-letter copies too).
+    pub topic: String,
+    /// The groups whose delivery state each match reports (the shard bounds their number).
+    pub groups: Vec<String>,
+    pub max_count: u32,
+}
+message!(FindMessagesRequest, FindMessagesRequest);
+request!(FindMessagesRequest => FindMessagesResponse<'static>);
+
+/// Where a group stands with one message (`FoundMessage::groups`).
+pub mod delivery_state {
+    /// Stored at or after the group's position: not handed out yet (or due again).
+    pub const PENDING: u8 = 0;
+    /// Handed out and not acked; the lease is live.
+    pub const IN_FLIGHT: u8 = 1;
+    /// Acked (or passed over by the group's filter).
+    pub const ACKED: u8 = 2;
+    /// The group has no position on this queue yet.
+    pub const NO_POSITION: u8 = 3;
+}
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct FoundMessage<'a> {
+    pub position: u64,
+    /// (group, `delivery_state`, delivery attempt when in flight) for the message's first
+    /// queue in the asked topic.
+    pub groups: Vec<(String, u8, u32)>,
+    #[rkyv(with = InlineAsBox)]
+    pub record: &'a [u8],
+}
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+pub struct FindMessagesResponse<'a> {
+    pub messages: Vec<FoundMessage<'a>>,
+    /// More matched than the reply carries (its count or byte budget).
+    pub truncated: bool,
+}
+message!(
+    FindMessagesResponse<'a>,
+    FindMessagesResponse,
+    hint = |m| m.messages.iter().map(|f| f.record.len() + f.groups.len() * 48 + 32).sum::<usize>() + 16
+);
+
+/// Moves a group's position on one queue to the first message stored at or after `time_ms`
+/// (`by_time`) or to `offset` (clamped to what the queue holds), as `sluice group reset` does.
+/// Without `apply` it only answers where the position would go.
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct SeekRequest {
+    pub queue: String,
+    pub group: String,
+    pub by_time: bool,
+    pub time_ms: u64,
+    pub offset: u64,
+    pub apply: bool,
+    /// Move even past messages still in flight (their acks then fail, like any old receipt).
+    pub force: bool,
+}
+message!(SeekRequest, SeekRequest);
+request!(SeekRequest => SeekResponse);
+
+#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct SeekResponse {
+    /// The group's position before (its first unacked offset), if it had one.
+    pub from: Option<u64>,
+    pub to: u64,
+    /// Live leases below `to`: what moving would skip while still in flight.
+    pub in_flight_skipped: u64,
+    pub moved: bool,
+}
+message!(SeekResponse, SeekResponse);

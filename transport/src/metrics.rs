@@ -22,6 +22,9 @@ pub const ROUND_TRIP: &str = "sluice_transport_round_trip_seconds";
 pub const CREDIT_WAITS: &str = "sluice_transport_credit_waits_total";
 pub const RDMA_COMPLETIONS: &str = "sluice_rdma_completions_total";
 
+/// Every metric name this crate publishes (the dashboard test checks against it).
+pub const NAMES: &[&str] = &[ROUND_TRIP, CREDIT_WAITS, RDMA_COMPLETIONS];
+
 /// Histogram buckets, by metric name (the exporter needs them before the first sample).
 pub const BUCKETS: &[(&str, &[f64])] = &[(
     ROUND_TRIP,

@@ -118,6 +118,23 @@ fn every_kind_round_trips_and_reads_in_place() {
         QuotaRequest { record: "%GROUP%g".into(), kind: 1, want: 32, refund: 3 },
         QuotaResponse { granted: 5, wait_ms: 20, rate_per_s: 100 },
         GroupStatsRequest { max_count: 10 },
+        FindMessagesRequest {
+            message_id: String::new(),
+            key: "order-7".into(),
+            topic: "orders".into(),
+            groups: vec!["billing".into()],
+            max_count: 16,
+        },
+        SeekRequest {
+            queue: "t#0".into(),
+            group: "g".into(),
+            by_time: true,
+            time_ms: 1_700_000_000_000,
+            offset: 0,
+            apply: false,
+            force: false,
+        },
+        SeekResponse { from: Some(3), to: 9, in_flight_skipped: 2, moved: false },
         GroupStatsResponse {
             shard: 1,
             groups: vec![GroupStat {
@@ -126,7 +143,8 @@ fn every_kind_round_trips_and_reads_in_place() {
                 ready: 5,
                 inflight: 2,
                 delivered: 9,
-                rate_milli_per_s: 1500
+                rate_milli_per_s: 1500,
+                oldest_unacked_ms: 1_700_000_000_000,
             }],
             throttled: vec![("%GROUP%g".into(), 3)],
             truncated: false,
@@ -220,6 +238,21 @@ fn every_kind_round_trips_and_reads_in_place() {
     let archived = frame.access::<TransactionCheckResponse>().unwrap();
     assert_eq!((archived.messages[0].position.to_native(), &archived.messages[0].record[..]), (4096, &body[..]));
     kinds.push(FrameKind::TransactionCheckResponse);
+
+    let frame = round_trip(&FindMessagesResponse {
+        messages: vec![FoundMessage {
+            position: 8192,
+            groups: vec![("billing".into(), delivery_state::IN_FLIGHT, 2)],
+            record: &body,
+        }],
+        truncated: true,
+    });
+    let archived = frame.access::<FindMessagesResponse>().unwrap();
+    assert_eq!((archived.messages[0].position.to_native(), &archived.messages[0].record[..]), (8192, &body[..]));
+    assert_eq!(archived.messages[0].groups[0].0.as_str(), "billing");
+    assert!(archived.truncated);
+    assert_in_place(&frame, &archived.messages[0].record);
+    kinds.push(FrameKind::FindMessagesResponse);
 
     kinds.sort_by_key(|k| *k as u16);
     let mut all = FrameKind::ALL.to_vec();

@@ -50,6 +50,10 @@ impl Backlog {
         Some(entry)
     }
 
+    pub fn contains(&self, offset: u64) -> bool {
+        self.offsets.contains(&offset)
+    }
+
     /// The lowest offset waiting here.
     pub fn min_offset(&self) -> Option<u64> {
         self.offsets.first().copied()

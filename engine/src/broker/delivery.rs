@@ -849,7 +849,20 @@ impl ShardHandler {
             return Err(BrokerError::InvalidRequest(format!("offset {offset} is past the end of {queue} ({max})")));
         }
         let (topic, index) = self.index_for_commit(queue)?;
-        let (topic, index) = (topic.as_str(), index);
+        self.move_position(group, &topic, index, queue, offset).await?;
+        Ok(CommitOffsetResponse {})
+    }
+
+    /// Restarts the group's delivery on a queue at `offset` (outstanding receipts become
+    /// stale) and persists the new position before returning.
+    pub(super) async fn move_position(
+        &self,
+        group: &str,
+        topic: &str,
+        index: u32,
+        queue: &str,
+        offset: u64,
+    ) -> Result<()> {
         {
             let mut scheduler = self.scheduler.borrow_mut();
             let exists = scheduler.group(group, topic).is_some_and(|gt| gt.queues.contains_key(&index));
@@ -872,13 +885,13 @@ impl ShardHandler {
         // an older floor.
         self.dirty_offsets.borrow_mut().insert((group.into(), queue.into()));
         self.persist_offsets().await?;
-        Ok(CommitOffsetResponse {})
+        Ok(())
     }
 
     /// (topic, index) of a topic queue an offset is committed on. A lite topic's position
     /// moves with its subscription's offset option instead (its state lives only while
     /// subscribed).
-    fn index_for_commit(&self, queue: &str) -> Result<(String, u32)> {
+    pub(super) fn index_for_commit(&self, queue: &str) -> Result<(String, u32)> {
         match sluice_transport::model::placement::split_topic_queue(queue) {
             Some((topic, index)) => Ok((topic.to_string(), index)),
             None => Err(BrokerError::InvalidRequest(format!(

@@ -87,6 +87,12 @@ impl FairBacklog {
         self.by_tenant.get(&tenant).map_or(0, VecDeque::len)
     }
 
+    /// Whether the message at `offset`, of tenant `tenant` (its key hash), waits here: held,
+    /// or passed over and not caught up yet.
+    pub fn holds(&self, offset: u64, tenant: u64) -> bool {
+        self.offsets.contains(&offset) || self.behind.get(&tenant).is_some_and(|from| *from <= offset)
+    }
+
     /// The lowest offset not yet leased or consumed that this backlog accounts for: held, or
     /// passed over.
     pub fn min_offset(&self) -> Option<u64> {

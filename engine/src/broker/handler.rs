@@ -222,7 +222,9 @@ impl ShardHandler {
             FrameKind::TransactionCheckRequest => return self.transaction_checks(request).await,
             FrameKind::LiteSubscriptionRequest => OutFrame::encode(id, &self.lite_subscription(request).await?, max),
             FrameKind::QuotaRequest => OutFrame::encode(id, &self.quota(request)?, max),
-            FrameKind::GroupStatsRequest => OutFrame::encode(id, &self.group_stats(request)?, max),
+            FrameKind::GroupStatsRequest => OutFrame::encode(id, &self.group_stats(request).await?, max),
+            FrameKind::FindMessagesRequest => return self.find_messages(request).await,
+            FrameKind::SeekRequest => OutFrame::encode(id, &self.seek(request).await?, max),
             other => return Err(BrokerError::InvalidRequest(format!("{other:?} is not a request a broker serves"))),
         };
         encoded.map_err(Self::unencodable)
@@ -625,20 +627,30 @@ impl ShardHandler {
 
     /// Per (group, topic): ready, in flight and delivered on this shard; and how often each
     /// quota this shard keeps throttled.
-    fn group_stats(&self, request: &Frame) -> Result<GroupStatsResponse> {
+    async fn group_stats(&self, request: &Frame) -> Result<GroupStatsResponse> {
         let ask = request.access::<GroupStatsRequest>()?;
         let max = bounded(ask.max_count.to_native(), GROUP_STATS_MAX) as usize;
         let end_of = |queue: &str| self.shard.queue_info(queue).ok().flatten().map_or(0, |q| q.max_offset);
         let (rows, truncated) = self.scheduler.borrow().group_stats(end_of, now_ms(), max);
+        let oldest: HashMap<(String, String), u64> = self
+            .lag_figures(max)
+            .await
+            .into_iter()
+            .filter_map(|g| Some(((g.group, g.topic), g.oldest_unacked_ms?)))
+            .collect();
         let groups = rows
             .into_iter()
-            .map(|r| GroupStat {
-                group: r.group.to_string(),
-                topic: r.topic.to_string(),
-                ready: r.ready,
-                inflight: r.inflight,
-                delivered: r.delivered,
-                rate_milli_per_s: (r.rate_per_s * 1000.0) as u64,
+            .map(|r| {
+                let key = (r.group.to_string(), r.topic.to_string());
+                GroupStat {
+                    oldest_unacked_ms: oldest.get(&key).copied().unwrap_or(0),
+                    group: key.0,
+                    topic: key.1,
+                    ready: r.ready,
+                    inflight: r.inflight,
+                    delivered: r.delivered,
+                    rate_milli_per_s: (r.rate_per_s * 1000.0) as u64,
+                }
             })
             .collect();
         let throttled = self.quotas.borrow().throttled().map(|(r, n)| (r.to_string(), n)).collect();
@@ -647,10 +659,27 @@ impl ShardHandler {
 
     /// This shard's consumer and storage figures for a metrics scrape.
     pub async fn gauges(&self) -> crate::metrics::ShardGauges {
+        let groups = self.lag_figures(GROUP_STATS_MAX as usize).await;
+        let s = self.shard.stats();
+        crate::metrics::ShardGauges {
+            shard: self.shard_id,
+            groups,
+            log_bytes: s.log_end.saturating_sub(s.log_start),
+            flush_behind_bytes: s.log_end.saturating_sub(s.durable_end),
+            queues: s.queues as u64,
+            group_queues: self.scheduler.borrow().group_queue_count() as u64,
+            disk_free_bytes: s.disk_free_bytes,
+            appends_refused_disk_full: s.appends_refused_disk_full,
+            appends_refused_busy: s.appends_refused_busy,
+        }
+    }
+
+    /// Per (group, topic), up to `max`: ready, in flight, and the store times of the oldest
+    /// unacked and oldest waiting messages (index lookups, bounded by `LAG_LOOKUPS_MAX`).
+    async fn lag_figures(&self, max: usize) -> Vec<crate::metrics::GroupGauges> {
         use crate::metrics::{min_some, GroupGauges};
         let end_of = |queue: &str| self.shard.queue_info(queue).ok().flatten().map_or(0, |q| q.max_offset);
-        let rows =
-            self.scheduler.borrow().lag_rows(end_of, now_ms(), GROUP_STATS_MAX as usize, LAG_QUEUES_PER_GROUP_MAX);
+        let rows = self.scheduler.borrow().lag_rows(end_of, now_ms(), max, LAG_QUEUES_PER_GROUP_MAX);
         let mut lookups_left = LAG_LOOKUPS_MAX;
         let mut groups = Vec::with_capacity(rows.len());
         for row in rows {
@@ -674,18 +703,7 @@ impl ShardHandler {
             }
             groups.push(g);
         }
-        let s = self.shard.stats();
-        crate::metrics::ShardGauges {
-            shard: self.shard_id,
-            groups,
-            log_bytes: s.log_end.saturating_sub(s.log_start),
-            flush_behind_bytes: s.log_end.saturating_sub(s.durable_end),
-            queues: s.queues as u64,
-            group_queues: self.scheduler.borrow().group_queue_count() as u64,
-            disk_free_bytes: s.disk_free_bytes,
-            appends_refused_disk_full: s.appends_refused_disk_full,
-            appends_refused_busy: s.appends_refused_busy,
-        }
+        groups
     }
 
     /// When the message at `offset` of `queue` was stored (none if retention removed it).

@@ -13,6 +13,7 @@ mod fair;
 pub mod handler;
 mod held;
 mod lite;
+mod lookup;
 pub mod pop;
 pub mod queues;
 pub mod quota;

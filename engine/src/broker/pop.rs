@@ -610,6 +610,25 @@ impl GroupQueue {
         self.leases.get(&offset).map(|l| l.entry)
     }
 
+    /// Where this group stands with the message at `offset` (of tenant `key_hash` on a fair
+    /// queue): a `delivery_state` and, when leased, its delivery attempt.
+    pub fn state_of(&self, offset: u64, key_hash: u64, now_ms: u64) -> (u8, u32) {
+        use sluice_transport::messages::delivery_state::{ACKED, IN_FLIGHT, PENDING};
+        if let Some(leased) = self.leases.get(&offset) {
+            let state = if leased.lease.deadline_ms > now_ms { IN_FLIGHT } else { PENDING };
+            return (state, leased.lease.attempt);
+        }
+        let held = self.waiting_offsets.contains(&offset)
+            || self.backlog.contains(offset)
+            || self.fair_backlog.holds(offset, key_hash);
+        if offset >= self.next || held {
+            (PENDING, 0)
+        } else {
+            // Scanned, not leased and not held: acked, or passed over by the group's filter.
+            (ACKED, 0)
+        }
+    }
+
     /// Forgets every lease and restarts delivery at `offset` (an explicit offset reset).
     pub fn reset(&mut self, offset: u64) {
         let (epoch, fifo, ordered, prioritized, fair) =
@@ -685,6 +704,24 @@ mod tests {
 
     fn scan_all(q: &mut GroupQueue, entries: &[QueueEntry], now: u64) -> Vec<Delivery> {
         q.scan(entries, |_| true, usize::MAX, terms(now), LIMITS, ids())
+    }
+
+    #[test]
+    fn state_of_tells_pending_in_flight_and_acked_apart() {
+        use sluice_transport::messages::delivery_state::{ACKED, IN_FLIGHT, PENDING};
+        let mut q = GroupQueue::new(0);
+        q.set_fifo(true);
+        // Message group 1 holds 0 and 2 (2 waits behind 0); 1 and 3 are their own groups.
+        let entries = [entry(0, 1), entry(1, 2), entry(2, 1), entry(3, 3)];
+        let leased: Vec<u64> = scan_all(&mut q, &entries, 0).iter().map(|d| d.lease.offset).collect();
+        assert_eq!(leased, vec![0, 1, 3]);
+        let lease_of = |q: &GroupQueue, offset: u64| q.leases().find(|l| l.offset == offset).unwrap().lease_id;
+        assert!(!q.ack(1, lease_of(&q, 1), 0).unwrap(), "the floor stays at 0, still leased");
+        assert_eq!(q.state_of(0, 0, 50), (IN_FLIGHT, 1));
+        assert_eq!(q.state_of(1, 0, 50), (ACKED, 0));
+        assert_eq!(q.state_of(2, 0, 50), (PENDING, 0), "waiting behind its group's head");
+        assert_eq!(q.state_of(4, 0, 50), (PENDING, 0), "not scanned yet");
+        assert_eq!(q.state_of(3, 0, 500).0, PENDING, "a lease past its deadline is due again");
     }
 
     #[test]

@@ -51,7 +51,7 @@ impl tonic::service::Interceptor for Signer {
 }
 
 pub(super) type Messaging = MessagingServiceClient<InterceptedService<Channel, Signer>>;
-type Admin = AdminClient<InterceptedService<Channel, Signer>>;
+pub(super) type Admin = AdminClient<InterceptedService<Channel, Signer>>;
 
 async fn channel(c: &Connection) -> Result<(Channel, Signer), String> {
     let url = if c.endpoint.contains("://") { c.endpoint.clone() } else { format!("http://{}", c.endpoint) };
@@ -80,7 +80,7 @@ pub(super) async fn messaging(c: &Connection) -> Result<Messaging, String> {
         .max_encoding_message_size(GRPC_MESSAGE_MAX_BYTES))
 }
 
-async fn admin(c: &Connection) -> Result<Admin, String> {
+pub(super) async fn admin(c: &Connection) -> Result<Admin, String> {
     let (channel, signer) = channel(c).await?;
     Ok(AdminClient::with_interceptor(channel, signer))
 }
@@ -314,75 +314,6 @@ pub async fn group_delete(c: &Connection, name: &str) -> Result<(), String> {
         println!("consumer group {name} did not exist");
     }
     Ok(())
-}
-
-pub async fn stats(c: &Connection) -> Result<(), String> {
-    let mut client = admin(c).await?;
-    let reply = client.get_stats(admin::GetStatsRequest {}).await.map_err(grpc)?.into_inner();
-    check(reply.status.as_ref())?;
-    let counters = |list: &[admin::Counter]| -> serde_json::Map<String, serde_json::Value> {
-        list.iter().map(|c| (c.name.clone(), c.value.into())).collect()
-    };
-    if c.json {
-        let brokers: Vec<serde_json::Value> = reply
-            .brokers
-            .iter()
-            .map(|b| serde_json::json!({ "endpoint": b.endpoint, "shard": b.shard, "counters": counters(&b.counters) }))
-            .collect();
-        let groups: Vec<serde_json::Value> = reply
-            .groups
-            .iter()
-            .map(|g| {
-                serde_json::json!({
-                    "group": g.group, "topic": g.topic, "ready": g.ready, "inflight": g.inflight,
-                    "delivered": g.delivered, "rate_per_s": g.rate_per_s, "throttled": g.throttled,
-                })
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::json!({
-                "proxy": counters(&reply.proxy),
-                "brokers": brokers,
-                "groups": groups,
-                "groups_truncated": reply.groups_truncated,
-            })
-        );
-        return Ok(());
-    }
-    print_groups(&reply.groups, reply.groups_truncated);
-    println!("proxy");
-    for counter in &reply.proxy {
-        println!("  {:<28} {:>14}", counter.name, counter.value);
-    }
-    for b in &reply.brokers {
-        println!("broker {} (shard {})", b.endpoint, b.shard);
-        for counter in &b.counters {
-            println!("  {:<28} {:>14}", counter.name, counter.value);
-        }
-    }
-    Ok(())
-}
-
-/// The per-(group, topic) table of `sluice stats`.
-fn print_groups(groups: &[admin::GroupStats], truncated: bool) {
-    if groups.is_empty() {
-        println!("no consumer group has received yet");
-    } else {
-        println!(
-            "{:<28} {:<28} {:>10} {:>9} {:>12} {:>9} {:>10}",
-            "GROUP", "TOPIC", "BACKLOG", "INFLIGHT", "DELIVERED", "RATE/s", "THROTTLED"
-        );
-        for g in groups {
-            println!(
-                "{:<28} {:<28} {:>10} {:>9} {:>12} {:>9.1} {:>10}",
-                g.group, g.topic, g.ready, g.inflight, g.delivered, g.rate_per_s, g.throttled
-            );
-        }
-    }
-    if truncated {
-        println!("(more groups than shown)");
-    }
 }
 
 pub struct SendOptions {

@@ -56,6 +56,8 @@ impl TransportSection {
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerSection {
     pub name: String,
+    /// Record metrics at all (`false` is for measuring their cost; `sluice local` follows this).
+    pub metrics: bool,
     /// The `cluster` label of this broker's metrics.
     pub cluster: String,
     /// Where `GET /metrics` is served (Prometheus text); empty turns it off.
@@ -106,6 +108,7 @@ impl Default for BrokerSection {
     fn default() -> Self {
         BrokerSection {
             name: "broker".into(),
+            metrics: true,
             cluster: DEFAULT_CLUSTER.into(),
             metrics_listen: "127.0.0.1:5557".into(),
             listen: "127.0.0.1:7400".parse().expect("literal address"),
@@ -153,6 +156,8 @@ pub struct AccessKey {
 #[serde(default, deny_unknown_fields)]
 pub struct ProxySection {
     pub name: String,
+    /// Record metrics and serve `/metrics` on the HTTP port.
+    pub metrics: bool,
     /// The `cluster` label of this proxy's metrics.
     pub cluster: String,
     pub grpc: SocketAddr,
@@ -170,6 +175,7 @@ impl Default for ProxySection {
     fn default() -> Self {
         ProxySection {
             name: "proxy".into(),
+            metrics: true,
             cluster: DEFAULT_CLUSTER.into(),
             grpc: "127.0.0.1:8081".parse().expect("literal address"),
             http: None,
@@ -202,9 +208,9 @@ pub fn durability(name: &str, flush_interval_ms: u64) -> Result<Durability, Stri
 }
 
 impl BrokerSection {
-    /// The metrics address, or none when `metrics_listen` is empty.
+    /// The metrics address, or none when metrics are off or `metrics_listen` is empty.
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
-        if self.metrics_listen.is_empty() {
+        if !self.metrics || self.metrics_listen.is_empty() {
             return Ok(None);
         }
         self.metrics_listen

@@ -1,5 +1,7 @@
 pub mod agent;
 pub mod client;
 pub mod config;
+pub mod inspect;
 pub mod metrics;
 pub mod run;
+pub mod stats;

@@ -76,7 +76,7 @@ async fn serve_until_stopped(mut proxy: RunningProxy) -> Result<(), String> {
 pub async fn local(
     broker_config: BrokerConfig,
     mut proxy_config: ProxyConfig,
-    metrics: PrometheusHandle,
+    metrics: Option<PrometheusHandle>,
     json: bool,
 ) -> Result<(), String> {
     let data_dir = broker_config.engine.data_dir.display().to_string();
@@ -87,7 +87,7 @@ pub async fn local(
         broker.endpoints().iter().map(|e| e.tcp.to_string()).collect(),
     )];
     // One page for both roles, on the proxy's HTTP port.
-    proxy_config.metrics = Some(crate::cli::metrics::page(metrics, Some(broker.gauge_probe())));
+    proxy_config.metrics = metrics.map(|handle| crate::cli::metrics::page(handle, Some(broker.gauge_probe())));
     let proxy = match server::start(proxy_config).await {
         Ok(proxy) => proxy,
         Err(e) => {
@@ -113,20 +113,20 @@ pub async fn local(
 pub async fn broker(
     config: BrokerConfig,
     metrics_addr: Option<SocketAddr>,
-    metrics: PrometheusHandle,
+    metrics: Option<PrometheusHandle>,
     json: bool,
 ) -> Result<(), String> {
     let broker = tokio::task::spawn_blocking(move || start_broker(config)).await.map_err(|e| e.to_string())??;
-    let page = crate::cli::metrics::page(metrics, Some(broker.gauge_probe()));
-    let metrics_at = match metrics_addr {
-        Some(addr) => match crate::cli::metrics::serve(addr, page).await {
+    let page = metrics.map(|handle| crate::cli::metrics::page(handle, Some(broker.gauge_probe())));
+    let metrics_at = match (metrics_addr, page) {
+        (Some(addr), Some(page)) => match crate::cli::metrics::serve(addr, page).await {
             Ok(bound) => Some(bound),
             Err(e) => {
                 let _ = tokio::task::spawn_blocking(move || broker.shutdown()).await;
                 return Err(e);
             }
         },
-        None => None,
+        _ => None,
     };
     print_broker(&broker, metrics_at, json);
     stop_signal().await;
