@@ -533,14 +533,20 @@ impl Index {
 
     /// Up to `limit` locations of a message id, newest first.
     pub fn message_ids(&self, message_id: &str, limit: usize) -> Result<Vec<RecordLocation>> {
-        let found = self.locations_newest(CF_MESSAGE_ID_AT, message_id, limit, "message id")?;
-        if !found.is_empty() || limit == 0 {
+        let mut found = self.locations_newest(CF_MESSAGE_ID_AT, message_id, limit, "message id")?;
+        if found.len() >= limit {
             return Ok(found);
         }
-        // Stored before every location was kept: the latest one only.
+        // A record stored before every location was kept is in the older table (its latest).
         let value = self.db.get_pinned_cf(self.cf(CF_MESSAGE_ID), message_id.as_bytes());
         let value = value.map_err(|e| EngineError::index("message id", e))?;
-        Ok(value.map(|v| decode_location(&v).ok_or_else(|| corrupt("message id"))).transpose()?.into_iter().collect())
+        if let Some(older) = value.map(|v| decode_location(&v).ok_or_else(|| corrupt("message id"))).transpose()? {
+            if !found.iter().any(|l| l.position == older.position) {
+                found.push(older);
+                found.sort_by_key(|l| std::cmp::Reverse(l.position));
+            }
+        }
+        Ok(found)
     }
 
     /// Up to `limit` records carrying `key`, newest first.
@@ -810,5 +816,10 @@ mod tests {
         assert_eq!(index.message_id("m1").unwrap(), Some(RecordLocation { position: 40, size_bytes: 6 }));
         assert_eq!(index.message_id("old").unwrap(), Some(RecordLocation { position: 7, size_bytes: 9 }));
         assert_eq!(index.message_id("none").unwrap(), None);
+        // An id stored before the upgrade and again after (its dead-letter copy): both.
+        let mut batch = index.batch();
+        batch.put_message_id("old", RecordLocation { position: 90, size_bytes: 4 });
+        index.write(batch).unwrap();
+        assert_eq!(positions("old"), vec![90, 7]);
     }
 }

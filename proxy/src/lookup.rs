@@ -5,13 +5,13 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use sluice_transport::messages::delivery_state::{ACKED, IN_FLIGHT, NO_POSITION, PENDING};
+use sluice_transport::messages::delivery_state::{ACKED, IN_FLIGHT, NO_POSITION, PENDING, UNTRACKED};
 use sluice_transport::messages::{
     FindMessagesRequest as ShardFind, FindMessagesResponse as ShardFound, SeekRequest, SeekResponse,
 };
 use sluice_transport::model::message_type;
 use sluice_transport::model::placement::{split_lite_queue, split_topic_queue};
-use sluice_transport::model::record::RecordView;
+use sluice_transport::model::record::{RecordView, OFFSET_HELD};
 
 use crate::consume::DLQ_PREFIX;
 use crate::convert::{incoming, timestamp_ms, Delivery};
@@ -159,7 +159,7 @@ fn message_info<'a>(
         message_id: system.message_id,
         topic: topic.to_string(),
         queue: index,
-        offset,
+        offset: (offset != OFFSET_HELD).then_some(offset),
         stored_at: stored_at.to_string(),
         position,
         store_time_ms: view.store_ms as i64,
@@ -181,6 +181,7 @@ fn state_name(state: u8) -> &'static str {
         PENDING => "pending",
         IN_FLIGHT => "in_flight",
         ACKED => "acked",
+        UNTRACKED => "dispatched_or_discarded",
         _ => "unknown",
     }
 }

@@ -71,6 +71,9 @@ const METHODS: &[&str] = &[
     "ListGroups",
     "DeleteGroup",
     "GetStats",
+    "GetMessage",
+    "FindMessages",
+    "ResetGroup",
 ];
 
 /// A stream that lives as long as the client (Telemetry): its duration is no latency.

@@ -537,7 +537,10 @@ async fn run(cli: Cli) -> Result<(), String> {
             cli::client::consume(&connection(&endpoint, json), options).await
         }
         Command::Stats { group, topic, watch, interval_secs, endpoint } => {
-            let interval = Duration::from_secs_f64(interval_secs.clamp(0.0, 3600.0));
+            if !interval_secs.is_finite() || interval_secs <= 0.0 {
+                return Err(format!("--interval-secs {interval_secs} is not a positive number of seconds"));
+            }
+            let interval = Duration::from_secs_f64(interval_secs.min(3600.0));
             let options = cli::stats::StatsOptions { group, topic, watch, interval };
             cli::stats::stats(&connection(&endpoint, json), options).await
         }

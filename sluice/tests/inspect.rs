@@ -198,3 +198,33 @@ async fn a_group_reset_to_a_time_replays_exactly_the_messages_stored_after_it() 
     let rest = receive(&mut client, "jobs", "workers", 32, SECS(30), SECS(2)).await;
     assert!(rest.messages.is_empty(), "at the end: nothing to deliver");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn message_get_tells_a_held_delay_message_from_one_already_dispatched() {
+    let local = Local::start().await;
+    create_typed_topic(local.grpc, "reminders", v2::MessageType::Delay, 2).await;
+    create_group(local.grpc, "alarms", 16, false).await;
+    let mut client = messaging(local.grpc).await;
+    let delayed = |body: &str, due_in: Duration| {
+        let mut m = message("reminders", body.as_bytes().to_vec());
+        let system = m.system_properties.as_mut().expect("system");
+        system.message_type = v2::MessageType::Delay as i32;
+        system.delivery_timestamp = Some(prost_types::Timestamp::from(SystemTime::now() + due_in));
+        m
+    };
+    let later = delayed("in an hour", SECS(3600));
+    let soon = delayed("in a second", SECS(1));
+    let (later_id, soon_id) = (message_id(&later), message_id(&soon));
+    send_ok(&mut client, vec![later, soon]).await;
+    let got = take(&mut client, "reminders", "alarms", 1, SECS(30), true).await;
+    assert_eq!(got.iter().map(body_text).collect::<Vec<_>>(), vec!["in a second"]);
+
+    let held = cli_json(&local, &["message", "get", "--topic", "reminders", "--id", &later_id]).await;
+    let m = &held["messages"][0];
+    assert!(m["offset"].is_null(), "not in its queue yet: {m}");
+    assert!(m["delivery_time_ms"].as_i64().unwrap() > m["store_time_ms"].as_i64().unwrap() + 3_000_000, "{m}");
+    assert_eq!(group_state(m, "alarms").expect("alarms")["state"], "pending", "{m}");
+    let dispatched = cli_json(&local, &["message", "get", "--topic", "reminders", "--id", &soon_id]).await;
+    let m = &dispatched["messages"][0];
+    assert_eq!(group_state(m, "alarms").expect("alarms")["state"], "dispatched_or_discarded", "{m}");
+}

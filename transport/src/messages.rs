@@ -802,6 +802,10 @@ pub mod delivery_state {
     pub const ACKED: u8 = 2;
     /// The group has no position on this queue yet.
     pub const NO_POSITION: u8 = 3;
+    /// A delay or transaction message no longer held (dispatched into its queue, or rolled
+    /// back or recalled): the record does not say at which offset, so the group's state is
+    /// not known.
+    pub const UNTRACKED: u8 = 4;
 }
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]

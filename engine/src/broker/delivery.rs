@@ -849,12 +849,14 @@ impl ShardHandler {
             return Err(BrokerError::InvalidRequest(format!("offset {offset} is past the end of {queue} ({max})")));
         }
         let (topic, index) = self.index_for_commit(queue)?;
-        self.move_position(group, &topic, index, queue, offset).await?;
+        self.move_position(group, &topic, index, queue, offset, false).await?;
         Ok(CommitOffsetResponse {})
     }
 
     /// Restarts the group's delivery on a queue at `offset` (outstanding receipts become
-    /// stale) and persists the new position before returning.
+    /// stale) and persists the new position before returning. With `refuse_in_flight`, a live
+    /// lease below `offset` refuses the move instead (checked with no await before the move).
+    /// Returns whether it moved.
     pub(super) async fn move_position(
         &self,
         group: &str,
@@ -862,11 +864,18 @@ impl ShardHandler {
         index: u32,
         queue: &str,
         offset: u64,
-    ) -> Result<()> {
+        refuse_in_flight: bool,
+    ) -> Result<bool> {
         {
             let mut scheduler = self.scheduler.borrow_mut();
-            let exists = scheduler.group(group, topic).is_some_and(|gt| gt.queues.contains_key(&index));
-            if exists {
+            let current = scheduler.group(group, topic).and_then(|gt| gt.queues.get(&index));
+            let now = now_ms();
+            if refuse_in_flight
+                && current.is_some_and(|gq| gq.leases().any(|l| l.offset < offset && l.deadline_ms > now))
+            {
+                return Ok(false);
+            }
+            if current.is_some() {
                 // An explicit offset restarts delivery there; outstanding receipts become stale.
                 let gt = scheduler.group_mut(group, topic).expect("checked above");
                 gt.queues.get_mut(&index).expect("checked above").reset(offset);
@@ -885,7 +894,7 @@ impl ShardHandler {
         // an older floor.
         self.dirty_offsets.borrow_mut().insert((group.into(), queue.into()));
         self.persist_offsets().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// (topic, index) of a topic queue an offset is committed on. A lite topic's position

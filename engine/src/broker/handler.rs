@@ -42,7 +42,8 @@ const OFFSET_SCAN_CHUNK: usize = 1024;
 /// Most (group, topic) entries one GroupStats reply carries (and one metrics scrape reports).
 const GROUP_STATS_MAX: u32 = 10_000;
 /// Queues per (group, topic) whose oldest messages a scrape looks up for the latency gauges.
-const LAG_QUEUES_PER_GROUP_MAX: usize = 64;
+/// (A group lagging on more queues gets no latency figures rather than wrong ones.)
+const LAG_QUEUES_PER_GROUP_MAX: usize = 256;
 /// Index lookups one scrape makes per shard; groups past it get no latency gauges.
 const LAG_LOOKUPS_MAX: usize = 4_096;
 
@@ -688,7 +689,7 @@ impl ShardHandler {
                 topic: row.topic.to_string(),
                 ready: row.ready,
                 inflight: row.inflight,
-                latencies_known: lookups_left >= 2 * row.queues.len(),
+                latencies_known: !row.queues_left_out && lookups_left >= 2 * row.queues.len(),
                 ..GroupGauges::default()
             };
             if g.latencies_known {
@@ -706,10 +707,11 @@ impl ShardHandler {
         groups
     }
 
-    /// When the message at `offset` of `queue` was stored (none if retention removed it).
+    /// When the message at `offset` of `queue` entered it (none if retention removed it): its
+    /// store time, or a dispatched delay message's due time.
     async fn store_ms(&self, queue: &str, offset: u64) -> Option<u64> {
         let entries = self.shard.entries(queue, offset, offset + 1).await.ok()?;
-        entries.first().map(|e| e.store_ms)
+        entries.first().map(crate::broker::lookup::entered_ms)
     }
 
     fn stats(&self) -> StatsResponse {

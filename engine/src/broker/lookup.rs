@@ -2,18 +2,20 @@
 //! match (`sluice message get` and `find`), and moving a group's position on a queue to a
 //! time or an offset (`sluice group reset`).
 
-use sluice_transport::messages::delivery_state::{ACKED, NO_POSITION, PENDING};
+use sluice_transport::messages::delivery_state::{ACKED, NO_POSITION, PENDING, UNTRACKED};
 use sluice_transport::messages::{FindMessagesRequest, FindMessagesResponse, FoundMessage, SeekRequest, SeekResponse};
 use sluice_transport::model::placement::{split_lite_queue, split_topic_queue};
-use sluice_transport::model::record::OFFSET_HELD;
+use sluice_transport::model::record::{txn_state, OFFSET_HELD};
 use sluice_transport::{Frame, OutFrame};
 
 use crate::broker::error::BrokerError;
 use crate::broker::handler::{bounded, now_ms, Result, ShardHandler};
-use crate::index::QueueEntry;
+use crate::index::{HeldKind, QueueEntry};
 
-/// Matches one find returns per shard at most.
-const FIND_MATCHES_MAX: u32 = 64;
+/// Matches one find returns per shard at most (the proxy's own limit).
+const FIND_MATCHES_MAX: u32 = 256;
+/// Room a find reply keeps for everything but the records.
+const FIND_REPLY_OVERHEAD_BYTES: usize = 64 << 10;
 /// Index entries a topic-filtered search reads per shard at most.
 const FIND_SCAN_MAX: usize = 1024;
 /// Record bytes one find reply carries at most; later matches are left out (`truncated`).
@@ -22,6 +24,12 @@ const FIND_BYTES_MAX: usize = 8 << 20;
 const FIND_GROUPS_MAX: usize = 256;
 /// Longest message id or key searched for.
 const LOOKUP_NAME_MAX_BYTES: usize = 255;
+
+/// When a queue entry's message entered its queue: its store time, or for a delay message
+/// dispatched when due, its due time (the entry keeps the record's original store time).
+pub(super) fn entered_ms(entry: &QueueEntry) -> u64 {
+    entry.store_ms.max(entry.delivery_ms)
+}
 
 /// The topic a queue belongs to (a lite topic's is its parent's).
 fn topic_of(queue: &str) -> &str {
@@ -52,6 +60,8 @@ impl ShardHandler {
             self.shard.all_by_message_id(id, scan).await?
         };
         let now = now_ms();
+        let bytes_max =
+            FIND_BYTES_MAX.min((self.limits.max_frame_bytes as usize).saturating_sub(FIND_REPLY_OVERHEAD_BYTES));
         let (mut found, mut bytes, mut truncated) = (Vec::new(), 0, !topic.is_empty() && records.len() >= scan);
         for record in &records {
             let view = record.view();
@@ -59,15 +69,26 @@ impl ShardHandler {
             else {
                 continue;
             };
-            if found.len() == max || bytes + record.bytes().len() > FIND_BYTES_MAX {
+            // At least one match, even past the byte budget (a frame holds any one record).
+            if found.len() == max || (!found.is_empty() && bytes + record.bytes().len() > bytes_max) {
                 truncated = true;
                 break;
             }
             bytes += record.bytes().len();
             let key_hash = QueueEntry::of_record(&view, 0, 0).key_hash;
+            let held = offset == OFFSET_HELD && self.still_held(&view, record.position).await;
             let mut groups = Vec::with_capacity(ask.groups.len());
             for group in ask.groups.iter() {
-                let (state, attempt) = self.state_of(group.as_str(), queue, offset, key_hash, now).await;
+                let (state, attempt) = if offset != OFFSET_HELD {
+                    self.state_of(group.as_str(), queue, offset, key_hash, now).await
+                } else if held {
+                    // A delay message not due yet, or a transaction not committed yet.
+                    (PENDING, 0)
+                } else {
+                    // Dispatched into its queue since (or discarded): the record does not
+                    // say at which offset, so where each group stands is not known here.
+                    (UNTRACKED, 0)
+                };
                 groups.push((group.as_str().to_string(), state, attempt));
             }
             found.push(FoundMessage { position: record.position, groups, record: record.bytes() });
@@ -76,13 +97,17 @@ impl ShardHandler {
         OutFrame::encode(request.request_id(), &reply, self.limits.max_frame_bytes).map_err(Self::unencodable)
     }
 
+    /// Whether a delay or transaction record is still held back from its queues.
+    async fn still_held(&self, view: &sluice_transport::model::record::RecordView<'_>, position: u64) -> bool {
+        let a = &view.attributes;
+        let (kind, due_ms) =
+            if a.txn_state == txn_state::HALF { (HeldKind::Half, 0) } else { (HeldKind::Timer, a.delivery_ms) };
+        matches!(self.shard.held(kind, due_ms, position).await, Ok(Some(_)))
+    }
+
     /// Where `group` stands with the message at `offset` of `queue`: from its delivery state
     /// when it has one here, else from its committed offset.
     async fn state_of(&self, group: &str, queue: &str, offset: u64, key_hash: u64, now_ms: u64) -> (u8, u32) {
-        if offset == OFFSET_HELD {
-            // A delay or transaction message not in its queue yet.
-            return (PENDING, 0);
-        }
         let live = {
             let scheduler = self.scheduler.borrow();
             scheduler.locate(queue).and_then(|(topic, index)| {
@@ -115,30 +140,38 @@ impl ShardHandler {
         } else {
             ask.offset.to_native().clamp(min, max)
         };
-        let now = now_ms();
-        let (floor, in_flight_skipped) = {
-            let scheduler = self.scheduler.borrow();
-            match scheduler.group(group, &topic).and_then(|gt| gt.queues.get(&index)) {
-                Some(gq) => {
-                    let skipped = gq.leases().filter(|l| l.offset < to && l.deadline_ms > now).count();
-                    (Some(gq.floor()), skipped as u64)
-                }
-                None => (None, 0),
-            }
-        };
+        let (floor, in_flight_skipped) = self.in_flight_below(group, &topic, index, to);
         let from = match floor {
             Some(floor) => Some(floor),
             None => self.shard.consumer_offset(group, queue).await?,
         };
-        let moved = ask.apply && (in_flight_skipped == 0 || ask.force);
-        if moved {
-            self.move_position(group, &topic, index, queue, to).await?;
+        if !ask.apply || (in_flight_skipped > 0 && !ask.force) {
+            return Ok(SeekResponse { from, to, in_flight_skipped, moved: false });
         }
+        // Checked again where the move happens: a lease taken meanwhile refuses the move.
+        let moved = self.move_position(group, &topic, index, queue, to, !ask.force).await?;
+        let in_flight_skipped =
+            if moved { in_flight_skipped } else { self.in_flight_below(group, &topic, index, to).1 };
         Ok(SeekResponse { from, to, in_flight_skipped, moved })
     }
 
-    /// The first offset in `[min, max)` stored at or after `time_ms` (`max` when none is): a
-    /// binary search over the queue index, which holds each message's store time. Store
+    /// The group's floor on a queue (if it has delivery state there) and how many live leases
+    /// lie below `to`.
+    fn in_flight_below(&self, group: &str, topic: &str, index: u32, to: u64) -> (Option<u64>, u64) {
+        let now = now_ms();
+        let scheduler = self.scheduler.borrow();
+        match scheduler.group(group, topic).and_then(|gt| gt.queues.get(&index)) {
+            Some(gq) => {
+                let skipped = gq.leases().filter(|l| l.offset < to && l.deadline_ms > now).count();
+                (Some(gq.floor()), skipped as u64)
+            }
+            None => (None, 0),
+        }
+    }
+
+    /// The first offset in `[min, max)` that entered the queue at or after `time_ms` (`max`
+    /// when none did): a binary search over the queue index. A message enters when it is
+    /// stored, a delay or transaction message when it is dispatched (`entered_ms`), so these
     /// times follow offsets unless the broker's clock stepped back.
     async fn first_stored_at_or_after(&self, queue: &str, min: u64, max: u64, time_ms: u64) -> Result<u64> {
         let (mut lo, mut hi) = (min, max);
@@ -146,7 +179,7 @@ impl ShardHandler {
             let mid = lo + (hi - lo) / 2;
             let entries = self.shard.entries(queue, mid, mid + 1).await?;
             match entries.first() {
-                Some(entry) if entry.store_ms >= time_ms => hi = mid,
+                Some(entry) if entered_ms(entry) >= time_ms => hi = mid,
                 // Earlier, or already removed by retention.
                 _ => lo = mid + 1,
             }

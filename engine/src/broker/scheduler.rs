@@ -392,6 +392,8 @@ pub struct LagRow {
     pub ready: u64,
     pub inflight: u64,
     pub queues: Vec<LagQueue>,
+    /// More queues lag than `queues` holds: their oldest messages were not looked at.
+    pub queues_left_out: bool,
 }
 
 /// A queue with messages the group has not acked: the oldest such offset, and the oldest
@@ -740,7 +742,9 @@ impl Scheduler {
                 row.ready += figures.unscanned + figures.held;
                 row.inflight += figures.inflight;
                 let Some(queue) = queue else { continue };
-                if gq.floor() < end && row.queues.len() < queues_max {
+                if gq.floor() < end && row.queues.len() == queues_max {
+                    row.queues_left_out = true;
+                } else if gq.floor() < end {
                     // Messages held back (due again, behind a FIFO head, read ahead) are older
                     // than the scan position; the floor is an upper bound on their age.
                     let oldest_ready =

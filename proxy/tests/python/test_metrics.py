@@ -48,15 +48,20 @@ def test_metrics_count_a_known_workload_exactly(local, client_config, clients, t
     bodies = [b"m" * (100 + i) for i in range(10)]
     ids = [producer.send(new_message(topic, b)).message_id for b in bodies]
 
-    # Every message once; all but two are acked, and those two come back once more.
+    # Every message once; all but two are acked, and those two come back once more. The
+    # leases are long, so no ack can miss its lease on a slow machine; the two kept ones
+    # are then made visible again soon.
     first, deadline = {}, time.monotonic() + WAIT_S
     while len(first) < len(ids) and time.monotonic() < deadline:
-        for m in consumer.receive(16, SHORT_INVISIBLE_S):
+        for m in consumer.receive(16, LONG_INVISIBLE_S):
+            assert m.message_id not in first, "delivered twice before its lease ended"
             first[m.message_id] = m
     assert sorted(first) == sorted(ids), "every sent message is received"
     kept = set(ids[:2])
     for mid, m in first.items():
-        if mid not in kept:
+        if mid in kept:
+            consumer.change_invisible_duration(m, SHORT_INVISIBLE_S)
+        else:
             consumer.ack(m)
     # The two unacked: their second delivery (attempt 2 of 2) is not acked either, so the
     # third pop moves them to the group's dead-letter topic instead of handing them out.

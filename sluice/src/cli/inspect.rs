@@ -60,7 +60,11 @@ fn type_name(t: i32) -> String {
 }
 
 fn print_message(m: &admin::MessageInfo) {
-    println!("message {} in {} (queue {}, offset {})", m.message_id, m.topic, m.queue, m.offset);
+    let at = m.offset.map_or_else(
+        || "a delay or transaction message, stored before it went into its queue".to_string(),
+        |o| format!("offset {o}"),
+    );
+    println!("message {} in {} (queue {}, {at})", m.message_id, m.topic, m.queue);
     println!("  stored      {} on {}, log position {}", time_text(m.store_time_ms), m.stored_at, m.position);
     println!("  type        {}", type_name(m.message_type));
     let optional = [
@@ -146,14 +150,22 @@ pub async fn group_reset(c: &Connection, group: &str, topic: &str, to: ResetTarg
         println!("{}", serde_json::json!({ "group": group, "topic": topic, "reset": reply.reset, "queues": queues }));
         return Ok(());
     }
-    println!("{:>6} {:>12} {:>12} {:>18}", "QUEUE", "FROM", "TO", "IN FLIGHT BELOW");
+    println!("{:>6} {:>12} {:>12} {:>18} {:>6}", "QUEUE", "FROM", "TO", "IN FLIGHT BELOW", "MOVED");
     for q in &reply.queues {
         let from = q.from.map_or("-".to_string(), |f| f.to_string());
-        println!("{:>6} {:>12} {:>12} {:>18}", q.queue, from, q.to, q.in_flight_skipped);
+        let moved = if q.moved { "yes" } else { "no" };
+        println!("{:>6} {:>12} {:>12} {:>18} {:>6}", q.queue, from, q.to, q.in_flight_skipped, moved);
     }
+    let moved = reply.queues.iter().filter(|q| q.moved).count();
     if reply.reset {
         println!("group {group} on {topic}: reset; deliveries continue from the positions above");
         Ok(())
+    } else if moved > 0 {
+        Err(format!(
+            "partly reset: {moved} of {} queues moved; the others got messages in flight while the reset ran. \
+             Run it again (or with --force)",
+            reply.queues.len()
+        ))
     } else {
         let skipped: u64 = reply.queues.iter().map(|q| q.in_flight_skipped).sum();
         Err(format!(

@@ -51,8 +51,9 @@ struct Row {
     inflight: u64,
     /// Not acked yet: ready + in flight (the backlog).
     lag: u64,
-    /// Age of the oldest message not acked yet.
-    lag_s: f64,
+    /// Age of the oldest message not acked yet; none when the brokers could not tell (a
+    /// group lagging on very many queues).
+    lag_s: Option<f64>,
     in_per_s: f64,
     out_per_s: f64,
     /// Deliveries per second over the brokers' last four whole seconds.
@@ -75,8 +76,11 @@ fn rows(now: &Sample, before: &Sample, o: &StatsOptions) -> Vec<Row> {
         .filter(|g| o.topic.as_ref().is_none_or(|want| *want == g.topic))
         .map(|g| {
             let lag = g.ready + g.inflight;
-            let lag_s =
-                if g.oldest_unacked_ms > 0 { (wall_ms - g.oldest_unacked_ms).max(0) as f64 / 1000.0 } else { 0.0 };
+            let lag_s = match (g.oldest_unacked_ms, lag) {
+                (0, 0) => Some(0.0),
+                (0, _) => None,
+                (oldest, _) => Some((wall_ms - oldest).max(0) as f64 / 1000.0),
+            };
             let appended = stored(now, &g.topic).saturating_sub(stored(before, &g.topic));
             let delivered = earlier.get(&(g.group.as_str(), g.topic.as_str())).map(|d| g.delivered.saturating_sub(*d));
             Row {
@@ -106,14 +110,15 @@ fn print_rows(rows: &[Row], truncated: bool) {
             "GROUP", "TOPIC", "READY", "INFLIGHT", "BACKLOG", "LAG(s)", "IN/s", "OUT/s", "DLQ", "THROTTLED"
         );
         for r in rows {
+            let lag_s = r.lag_s.map_or("-".to_string(), |s| format!("{s:.1}"));
             println!(
-                "{:<24} {:<24} {:>9} {:>9} {:>9} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>10}",
+                "{:<24} {:<24} {:>9} {:>9} {:>9} {:>9} {:>9.1} {:>9.1} {:>8} {:>10}",
                 r.group,
                 r.topic,
                 r.ready,
                 r.inflight,
                 r.lag,
-                r.lag_s,
+                lag_s,
                 r.in_per_s,
                 r.out_per_s,
                 r.dead_lettered,
