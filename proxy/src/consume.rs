@@ -24,6 +24,7 @@ use sluice_transport::messages::{
 };
 use sluice_transport::model::{message_type, RecordView};
 use sluice_transport::Frame;
+use tracing::Instrument as _;
 
 use crate::convert::{self, ClientHandle, Delivery};
 use crate::error::{ok_status, status, ProxyError, Result};
@@ -112,7 +113,9 @@ async fn pop_across(
     want: Want,
 ) -> Result<KeptBatch> {
     let (reply, answer) = tokio::sync::oneshot::channel();
-    tokio::spawn(coordinate(state.clone(), owners, request, want, reply));
+    // The pops run in a task of their own (they may outlive a caller that went away); they
+    // stay in the receive's trace.
+    tokio::spawn(coordinate(state.clone(), owners, request, want, reply).in_current_span());
     tokio::select! {
         got = answer => got.unwrap_or_else(|_| Err(ProxyError::ShuttingDown)),
         _ = state.shutdown_started() => Ok(KeptBatch::new(state, "", Vec::new())),
@@ -356,11 +359,12 @@ fn take(kept: &mut Vec<Kept>, count: &mut usize, max_count: usize, owner: Owner,
 fn cancel_polls(state: &Arc<ProxyState>, owners: &BTreeSet<Owner>, poll_id: u64) {
     for &owner in owners {
         let state = state.clone();
-        tokio::spawn(async move {
+        let cancel = async move {
             if let Err(e) = state.brokers.call(owner, &PopCancelRequest { poll_id }).await {
                 tracing::debug!(error = %e, "cancelling a long poll failed; it ends at its own deadline");
             }
-        });
+        };
+        tokio::spawn(cancel.in_current_span());
     }
 }
 
@@ -379,12 +383,13 @@ fn release_messages(state: &Arc<ProxyState>, group: &str, frame: &Frame, range: 
     for (queue, receipts) in by_queue {
         let state = state.clone();
         let request = ReleaseRequest { queue: queue.clone(), group: group.to_string(), receipts };
-        tokio::spawn(async move {
+        let release = async move {
             Counters::add(&state.counters.released, request.receipts.len() as u64);
             if let Err(e) = state.brokers.call_for(&queue, &request).await {
                 tracing::warn!(error = %e, queue, "releasing popped messages failed; they come back after their invisible time");
             }
-        });
+        };
+        tokio::spawn(release.in_current_span());
     }
 }
 
@@ -420,7 +425,8 @@ async fn deliver(
         for m in popped.messages.iter().take(k.keep) {
             let (queue, offset, receipt) = (m.queue.as_str(), m.offset.to_native(), m.receipt.as_str());
             let record: &[u8] = &m.record;
-            let handle = ClientHandle { queue: queue.to_string(), offset, receipt: receipt.to_string() };
+            let handle =
+                ClientHandle { queue: queue.to_string(), offset, receipt: receipt.to_string(), traceparent: None };
             if m.delivery_attempt.to_native() > max_attempts {
                 // Consumers that never forward (non-FIFO) rely on the server to dead-letter.
                 if let Err(e) = dead_letter_record(this, group, &handle, record, receipt).await {
@@ -429,20 +435,22 @@ async fn deliver(
                 continue;
             }
             let queue_id = sluice_transport::model::placement::split_topic_queue(queue).map_or(0, |(_, i)| i as i32);
-            let client_handle = handle.encode();
             let delivery = Delivery {
                 queue_id,
                 offset,
                 attempt: m.delivery_attempt.to_native(),
-                receipt_handle: client_handle.clone(),
+                receipt_handle: handle.encode(),
                 invisible,
                 store_host: &store_host,
             };
             match convert::incoming(record, &delivery) {
-                Ok(message) => out.push(Received {
-                    message,
-                    renew: auto_renew.then(|| (client_handle, queue.to_string(), receipt.to_string())),
-                }),
+                Ok(message) => {
+                    // The handle as the client got it (with the message's traceparent, if any).
+                    let client_handle = message.system_properties.as_ref().and_then(|s| s.receipt_handle.clone());
+                    let renew =
+                        auto_renew.then(|| (client_handle.unwrap_or_default(), queue.to_string(), receipt.to_string()));
+                    out.push(Received { message, renew });
+                }
                 Err(e) => {
                     // Not a message this proxy can decode (written some other way): park it in
                     // the dead-letter topic rather than fail the whole batch.

@@ -205,7 +205,11 @@ pub fn incoming(record: &[u8], delivery: &Delivery<'_>) -> Result<v2::Message> {
         store_timestamp: Some(timestamp_of_ms(view.store_ms)),
         store_host: delivery.store_host.to_string(),
         delivery_timestamp,
-        receipt_handle: Some(delivery.receipt_handle.clone()),
+        // The handle `ClientHandle::encode` gives with the message's traceparent in it.
+        receipt_handle: Some(match stored.trace_context.as_deref().and_then(traceparent) {
+            Some(t) if !delivery.receipt_handle.is_empty() => format!("{}.{t}", delivery.receipt_handle),
+            _ => delivery.receipt_handle.clone(),
+        }),
         queue_id: delivery.queue_id,
         queue_offset: Some(delivery.offset as i64),
         invisible_duration: Some(prost_types::Duration {
@@ -229,12 +233,31 @@ pub fn incoming(record: &[u8], delivery: &Delivery<'_>) -> Result<v2::Message> {
 }
 
 /// The receipt handle a client holds: the queue, the offset and the broker's authenticated
-/// receipt. The proxy reads queue and offset to route; the broker checks the receipt.
+/// receipt. The proxy reads queue and offset to route; the broker checks the receipt. When the
+/// message carried a W3C `traceparent`, the handle carries it too, so the span of the ack can
+/// link to the producer's trace (it is not authenticated: it only ever names a span link).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientHandle {
     pub queue: String,
     pub offset: u64,
     pub receipt: String,
+    pub traceparent: Option<String>,
+}
+
+/// Length of a version-00 W3C `traceparent`: `00-{32 hex trace id}-{16 hex span id}-{2 hex flags}`.
+const TRACEPARENT_BYTES: usize = 55;
+
+/// `text` when it is a well-formed version-00 W3C `traceparent` with a non-zero trace and span
+/// id (what RocketMQ clients put in a message's `trace_context`); anything else is `None`.
+pub fn traceparent(text: &str) -> Option<&str> {
+    let bytes = text.as_bytes();
+    if bytes.len() != TRACEPARENT_BYTES || !text.starts_with("00-") || bytes[35] != b'-' || bytes[52] != b'-' {
+        return None;
+    }
+    let hex = |range: std::ops::Range<usize>| bytes[range].iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let non_zero = |range: std::ops::Range<usize>| bytes[range].iter().any(|b| *b != b'0');
+    let well_formed = hex(3..35) && hex(36..52) && hex(53..55) && non_zero(3..35) && non_zero(36..52);
+    well_formed.then_some(text)
 }
 
 /// Longest receipt handle, transaction id or recall handle accepted from a client.
@@ -248,15 +271,20 @@ fn decode_queue(text: &str) -> Option<String> {
 
 impl ClientHandle {
     pub fn encode(&self) -> String {
-        format!("{}.{}.{}", URL_SAFE_NO_PAD.encode(self.queue.as_bytes()), self.offset, self.receipt)
+        let queue = URL_SAFE_NO_PAD.encode(self.queue.as_bytes());
+        match &self.traceparent {
+            Some(traceparent) => format!("{queue}.{}.{}.{traceparent}", self.offset, self.receipt),
+            None => format!("{queue}.{}.{}", self.offset, self.receipt),
+        }
     }
 
+    /// Reads `queue.offset.receipt[.traceparent]` (receipts are base64url, so never hold a dot).
     pub fn decode(text: &str) -> Result<ClientHandle> {
         let bad = || ProxyError::InvalidReceipt("not a receipt handle this proxy issued".into());
         if text.len() > HANDLE_MAX_BYTES {
             return Err(bad());
         }
-        let mut parts = text.splitn(3, '.');
+        let mut parts = text.splitn(4, '.');
         let (Some(queue), Some(offset), Some(receipt)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(bad());
         };
@@ -265,7 +293,11 @@ impl ClientHandle {
         if receipt.is_empty() {
             return Err(bad());
         }
-        Ok(ClientHandle { queue, offset, receipt: receipt.to_string() })
+        let traceparent = match parts.next() {
+            None => None,
+            Some(part) => Some(traceparent(part).ok_or_else(bad)?.to_string()),
+        };
+        Ok(ClientHandle { queue, offset, receipt: receipt.to_string(), traceparent })
     }
 }
 
@@ -352,9 +384,22 @@ mod tests {
 
     #[test]
     fn handles_round_trip_and_reject_garbage() {
-        let handle = ClientHandle { queue: "orders#3".into(), offset: 42, receipt: "abc_-DEF".into() };
+        let handle =
+            ClientHandle { queue: "orders#3".into(), offset: 42, receipt: "abc_-DEF".into(), traceparent: None };
         assert_eq!(ClientHandle::decode(&handle.encode()).unwrap(), handle);
-        for bad in ["", "x", "a.b", "!!.1.r", "b3JkZXJzIzM.notanumber.r", "b3JkZXJzIzM.1.", &"a".repeat(5000)] {
+        let traced = ClientHandle { traceparent: Some(TRACEPARENT.into()), ..handle.clone() };
+        assert_eq!(ClientHandle::decode(&traced.encode()).unwrap(), traced);
+        let not_traceparent = format!("{}.00-zz", handle.encode());
+        for bad in [
+            "",
+            "x",
+            "a.b",
+            "!!.1.r",
+            "b3JkZXJzIzM.notanumber.r",
+            "b3JkZXJzIzM.1.",
+            &not_traceparent,
+            &"a".repeat(5000),
+        ] {
             assert!(ClientHandle::decode(bad).is_err(), "{bad:?}");
         }
         let id = TransactionId { queue: "t#1".into(), position: 4096 };
@@ -363,6 +408,21 @@ mod tests {
         let recall = RecallHandle { queue: "t#1".into(), position: 8, due_ms: 99, message_id: "M.1".into() };
         assert_eq!(RecallHandle::decode(&recall.encode()).unwrap(), recall);
         assert!(RecallHandle::decode("a.b.c").is_err());
+    }
+
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn only_well_formed_traceparents_are_taken() {
+        assert_eq!(traceparent(TRACEPARENT), Some(TRACEPARENT));
+        let zero_trace = "00-00000000000000000000000000000000-00f067aa0ba902b7-01";
+        let zero_span = "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01";
+        let upper = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01";
+        let version = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let dashes = "00-4bf92f3577b34da6a3ce929d0e0e4736+00f067aa0ba902b7-01";
+        for bad in ["", "00-abc", zero_trace, zero_span, upper, version, dashes, &format!("{TRACEPARENT}0")] {
+            assert_eq!(traceparent(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod quota;
 pub mod renew;
 pub mod server;
 pub mod service;
+pub mod spans;
 pub mod state;
 pub mod stream;
 pub mod topics;

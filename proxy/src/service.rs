@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status as GrpcStatus, Streaming};
+use tracing::Instrument as _;
 
 use crate::consume;
 use crate::error::{ok_status, status, ProxyError};
@@ -15,6 +16,7 @@ use crate::lite::Caller;
 use crate::pb::apache::rocketmq::v2::messaging_service_server::MessagingService;
 use crate::pb::apache::rocketmq::v2::*;
 use crate::produce;
+use crate::spans;
 use crate::state::ProxyState;
 use crate::topics::TopicMeta;
 use crate::transactions;
@@ -252,7 +254,10 @@ impl MessagingService for Messaging {
         if let Err(e) = self.authorize(&request) {
             return Ok(Response::new(SendMessageResponse { status: Some(e.status()), entries: Vec::new() }));
         }
-        Ok(Response::new(produce::send(self, request.into_inner()).await))
+        let span = spans::send(request.metadata(), request.get_ref());
+        let response = produce::send(self, request.into_inner()).instrument(span.clone()).await;
+        spans::record_send(&span, &response);
+        Ok(Response::new(response))
     }
 
     async fn query_assignment(&self, request: Request<QueryAssignmentRequest>) -> GrpcResult<QueryAssignmentResponse> {
@@ -285,7 +290,11 @@ impl MessagingService for Messaging {
             Ok(()) => {
                 let remaining = grpc_timeout(request.metadata());
                 let caller = Caller::of(request.metadata());
-                consume::receive(self, request.into_inner(), remaining, &caller).await
+                let span = spans::receive(request.metadata(), request.get_ref());
+                let responses =
+                    consume::receive(self, request.into_inner(), remaining, &caller).instrument(span.clone()).await;
+                spans::record_receive(&span, &responses);
+                responses
             }
             Err(e) => {
                 vec![ReceiveMessageResponse { content: Some(receive_message_response::Content::Status(e.status())) }]
@@ -298,7 +307,10 @@ impl MessagingService for Messaging {
         if let Err(e) = self.authorize(&request) {
             return Ok(Response::new(AckMessageResponse { status: Some(e.status()), entries: Vec::new() }));
         }
-        Ok(Response::new(consume::ack(self, request.into_inner()).await))
+        let span = spans::ack(request.metadata(), request.get_ref());
+        let response = consume::ack(self, request.into_inner()).instrument(span.clone()).await;
+        spans::record_ack(&span, &response);
+        Ok(Response::new(response))
     }
 
     async fn forward_message_to_dead_letter_queue(

@@ -70,6 +70,11 @@ enum Command {
         /// `sluice proxy` take) for everything the flags above do not set; the flags win.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Export spans of send, receive and ack to this OpenTelemetry collector (OTLP over
+        /// HTTP/protobuf, e.g. http://localhost:4318). The standard OTEL_EXPORTER_OTLP_ENDPOINT
+        /// and OTEL_EXPORTER_OTLP_TRACES_ENDPOINT work too; with none of them, nothing is exported.
+        #[arg(long)]
+        otlp_endpoint: Option<String>,
     },
     /// A broker of a split deployment.
     Broker {
@@ -92,6 +97,11 @@ enum Command {
         /// Overrides proxy.brokers (comma-separated host:port of each broker's shard 0).
         #[arg(long, env = "SLUICE_BROKERS", value_delimiter = ',')]
         brokers: Option<Vec<String>>,
+        /// Export spans of send, receive and ack to this OpenTelemetry collector (OTLP over
+        /// HTTP/protobuf, e.g. http://localhost:4318). The standard OTEL_EXPORTER_OTLP_ENDPOINT
+        /// and OTEL_EXPORTER_OTLP_TRACES_ENDPOINT work too; with none of them, nothing is exported.
+        #[arg(long)]
+        otlp_endpoint: Option<String>,
     },
     /// Create, list and delete topics.
     Topic {
@@ -385,6 +395,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             require_groups,
             segment_size_bytes,
             config,
+            otlp_endpoint: _,
         } => {
             let file: LocalFile = match &config {
                 Some(path) => read_toml(path)?,
@@ -422,7 +433,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .transpose()?;
             cli::run::broker(file.broker.to_config(&file.transport)?, metrics_addr, metrics, json).await
         }
-        Command::Proxy { config, grpc, brokers } => {
+        Command::Proxy { config, grpc, brokers, otlp_endpoint: _ } => {
             let mut file: ProxyFile = read_toml(&config)?;
             if let Some(grpc) = grpc {
                 file.proxy.grpc = grpc;
@@ -562,14 +573,21 @@ async fn run(cli: Cli) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // Only a proxy makes spans (`sluice local` runs one).
+    let otlp = match &cli.command {
+        Command::Local { otlp_endpoint, .. } => cli::telemetry::Otlp::configured(otlp_endpoint.clone(), "sluice-local"),
+        Command::Proxy { otlp_endpoint, .. } => cli::telemetry::Otlp::configured(otlp_endpoint.clone(), "sluice-proxy"),
+        _ => None,
+    };
+    // Declared before the runtime, so dropped after it: queued spans are flushed last.
+    let _telemetry = match cli::telemetry::init(otlp) {
+        Ok(telemetry) => telemetry,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use tokio::sync::Mutex;
+use tracing::Instrument as _;
 
 use crate::messages::{ListQueuesRequest, ListQueuesResponse};
 use crate::model::placement::{broker_for_queue, shard_for_queue};
@@ -212,8 +213,18 @@ impl BrokerPool {
 
     /// Sends a request to a shard and returns the reply frame (validated by `access`).
     pub async fn call<R: Request>(&self, owner: Owner, request: &R) -> Result<Frame, ClusterError> {
-        let client = self.client(owner).await?;
-        client.call(request).await.map_err(|e| ClusterError::from_transport(self.shard_endpoint(owner), e))
+        let span = crate::spans::broker_hop(R::KIND, self.shard_endpoint(owner));
+        let call = async {
+            let client = self.client(owner).await?;
+            crate::spans::record_transport(&span, crate::metrics::transport_label(client.transport()));
+            client.call(request).await.map_err(|e| ClusterError::from_transport(self.shard_endpoint(owner), e))
+        };
+        let result = call.instrument(span.clone()).await;
+        match &result {
+            Err(e) if !span.is_disabled() => crate::spans::record_error(&span, e.code(), &e.to_string()),
+            _ => {}
+        }
+        result
     }
 
     /// `call` to the queue's owner.

@@ -7,6 +7,7 @@
 //! - `config`: every limit, named and validated.
 //! - `cluster`: the client side of many brokers: queue placement and one connection per shard.
 //! - `link`: the seam between the request–response layer and an I/O driver.
+//! - `spans`: trace spans of the broker hop, and the target every exported span uses.
 //! - `rdma`: the RDMA verbs driver (rdma-sys): RC queue pairs, credits, zero-copy receive.
 //!
 //! `unsafe` is denied everywhere except the RDMA verbs module.
@@ -27,6 +28,7 @@ pub mod model;
 pub mod rdma;
 pub mod reader;
 pub mod server;
+pub mod spans;
 mod tcp;
 
 pub use client::{Client, TransportKind};

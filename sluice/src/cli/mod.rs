@@ -5,3 +5,4 @@ pub mod inspect;
 pub mod metrics;
 pub mod run;
 pub mod stats;
+pub mod telemetry;
