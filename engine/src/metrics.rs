@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Histogram, Unit};
-use sluice_transport::metrics::{group_label, topic_label};
+use sluice_transport::metrics::{group_label, labels, topic_label};
 use sluice_transport::model::message_type;
 
 pub const MESSAGES_IN: &str = "rocketmq_messages_in_total";
@@ -135,8 +135,8 @@ impl ShardMetrics {
         let mut appended = self.appended.borrow_mut();
         if appended.get(queue).is_none_or(|h| h.kind != kind) {
             // Only the first sight of a queue pays for the label lookup.
-            let labels = [NODE_TYPE, ("topic", &topic_label(queue)), ("message_type", message_type::name(kind))]
-                .map(|(k, v)| metrics::Label::new(k, v.to_string()));
+            let labels =
+                labels([NODE_TYPE, ("topic", &topic_label(queue)), ("message_type", message_type::name(kind))]);
             let handles = AppendHandles {
                 kind,
                 messages: metrics::counter!(MESSAGES_IN, labels.iter()),
@@ -214,8 +214,7 @@ pub fn publish_gauges(shards: &[ShardGauges], now_ms: u64) {
     }
     let age = |at: Option<u64>| at.map_or(0.0, |at| now_ms.saturating_sub(at) as f64);
     for ((topic, group), sum) in sums {
-        let labels = [NODE_TYPE, ("topic", topic.as_str()), ("consumer_group", group.as_str())]
-            .map(|(k, v)| metrics::Label::new(k, v.to_string()));
+        let labels = labels([NODE_TYPE, ("topic", topic.as_str()), ("consumer_group", group.as_str())]);
         metrics::gauge!(CONSUMER_READY, labels.iter()).set(sum.ready as f64);
         metrics::gauge!(CONSUMER_INFLIGHT, labels.iter()).set(sum.inflight as f64);
         metrics::gauge!(CONSUMER_LAG, labels.iter()).set((sum.ready + sum.inflight) as f64);
@@ -228,7 +227,7 @@ pub fn publish_gauges(shards: &[ShardGauges], now_ms: u64) {
     metrics::gauge!(STORAGE_SIZE, &[NODE_TYPE]).set(log_bytes as f64);
     metrics::gauge!(STORAGE_FLUSH_BEHIND, &[NODE_TYPE]).set(behind as f64);
     for s in shards {
-        let labels = [NODE_TYPE, ("shard", &s.shard.to_string())].map(|(k, v)| metrics::Label::new(k, v.to_string()));
+        let labels = labels([NODE_TYPE, ("shard", &s.shard.to_string())]);
         metrics::gauge!(SHARD_QUEUES, labels.iter()).set(s.queues as f64);
         metrics::gauge!(SHARD_GROUP_QUEUES, labels.iter()).set(s.group_queues as f64);
         metrics::gauge!(DISK_FREE, labels.iter()).set(s.disk_free_bytes as f64);

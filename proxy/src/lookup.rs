@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use sluice_transport::messages::delivery_state::{ACKED, IN_FLIGHT, NO_POSITION, PENDING, UNTRACKED};
+use sluice_transport::messages::delivery_state::{self, NO_POSITION};
 use sluice_transport::messages::{
     FindMessagesRequest as ShardFind, FindMessagesResponse as ShardFound, SeekRequest, SeekResponse,
 };
@@ -151,7 +151,7 @@ fn message_info<'a>(
         .filter(|(_, state, _)| *state != NO_POSITION)
         .map(|(group, state, attempt)| GroupDelivery {
             group: group.to_string(),
-            state: state_name(state).into(),
+            state: delivery_state::name(state).into(),
             attempt,
         })
         .collect();
@@ -174,16 +174,6 @@ fn message_info<'a>(
         groups,
         delivery_time_ms: system.delivery_timestamp.as_ref().map_or(0, |t| timestamp_ms(t) as i64),
     })
-}
-
-fn state_name(state: u8) -> &'static str {
-    match state {
-        PENDING => "pending",
-        IN_FLIGHT => "in_flight",
-        ACKED => "acked",
-        UNTRACKED => "dispatched_or_discarded",
-        _ => "unknown",
-    }
 }
 
 /// Moves `group`'s position on every queue of `topic`. First every queue is asked where it

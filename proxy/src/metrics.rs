@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use http_body::{Body, Frame, SizeHint};
 use metrics::{describe_counter, describe_histogram, Unit};
-use sluice_transport::metrics::{group_label, topic_label};
+use sluice_transport::metrics::{group_label, labels, topic_label};
 
 pub const RPC_LATENCY: &str = "rocketmq_rpc_latency";
 pub const MESSAGES_OUT: &str = "rocketmq_messages_out_total";
@@ -108,8 +108,7 @@ pub fn messages_out(topic: &str, group: &str, count: u64, bytes: u64) {
         if handles.len() >= DELIVERY_HANDLES_MAX {
             handles.clear();
         }
-        let labels = [NODE_TYPE, ("topic", &topic_label(topic)), ("consumer_group", &group_label(group))]
-            .map(|(k, v)| metrics::Label::new(k, v.to_string()));
+        let labels = labels([NODE_TYPE, ("topic", &topic_label(topic)), ("consumer_group", &group_label(group))]);
         let counters =
             (metrics::counter!(MESSAGES_OUT, labels.iter()), metrics::counter!(THROUGHPUT_OUT, labels.iter()));
         handles.insert(key.clone(), counters);
@@ -120,19 +119,17 @@ pub fn messages_out(topic: &str, group: &str, count: u64, bytes: u64) {
 }
 
 pub fn dead_lettered(topic: &str, group: &str) {
-    let labels = [NODE_TYPE, ("topic", &topic_label(topic)), ("consumer_group", &group_label(group))]
-        .map(|(k, v)| metrics::Label::new(k, v.to_string()));
+    let labels = labels([NODE_TYPE, ("topic", &topic_label(topic)), ("consumer_group", &group_label(group))]);
     metrics::counter!(SEND_TO_DLQ, labels.iter()).increment(1);
 }
 
 pub fn receive_throttled(group: &str) {
-    let labels =
-        [NODE_TYPE, ("consumer_group", &group_label(group))].map(|(k, v)| metrics::Label::new(k, v.to_string()));
+    let labels = labels([NODE_TYPE, ("consumer_group", &group_label(group))]);
     metrics::counter!(RECEIVES_THROTTLED, labels.iter()).increment(1);
 }
 
 pub fn send_throttled(topic: &str) {
-    let labels = [NODE_TYPE, ("topic", &topic_label(topic))].map(|(k, v)| metrics::Label::new(k, v.to_string()));
+    let labels = labels([NODE_TYPE, ("topic", &topic_label(topic))]);
     metrics::counter!(SENDS_THROTTLED, labels.iter()).increment(1);
 }
 

@@ -806,6 +806,18 @@ pub mod delivery_state {
     /// back or recalled): the record does not say at which offset, so the group's state is
     /// not known.
     pub const UNTRACKED: u8 = 4;
+
+    /// The name operators see (`sluice message get`, the admin API).
+    pub fn name(state: u8) -> &'static str {
+        match state {
+            PENDING => "pending",
+            IN_FLIGHT => "in_flight",
+            ACKED => "acked",
+            NO_POSITION => "no_position",
+            UNTRACKED => "dispatched_or_discarded",
+            _ => "unknown",
+        }
+    }
 }
 
 #[derive(Archive, Serialize, Debug, Clone, PartialEq)]

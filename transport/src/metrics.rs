@@ -49,6 +49,11 @@ pub fn transport_label(kind: TransportKind) -> &'static str {
     }
 }
 
+/// Owned labels from (name, value) pairs, for handles cached beyond the values' lifetime.
+pub fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> [metrics::Label; N] {
+    pairs.map(|(name, value)| metrics::Label::new(name, value.to_string()))
+}
+
 /// A bounded set of label values: the first `max` distinct values keep their name.
 pub struct LabelBudget {
     seen: Mutex<HashSet<String>>,

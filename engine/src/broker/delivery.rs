@@ -870,9 +870,7 @@ impl ShardHandler {
             let mut scheduler = self.scheduler.borrow_mut();
             let current = scheduler.group(group, topic).and_then(|gt| gt.queues.get(&index));
             let now = now_ms();
-            if refuse_in_flight
-                && current.is_some_and(|gq| gq.leases().any(|l| l.offset < offset && l.deadline_ms > now))
-            {
+            if refuse_in_flight && current.is_some_and(|gq| gq.live_leases_below(offset, now).next().is_some()) {
                 return Ok(false);
             }
             if current.is_some() {

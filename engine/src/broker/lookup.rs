@@ -162,7 +162,7 @@ impl ShardHandler {
         let scheduler = self.scheduler.borrow();
         match scheduler.group(group, topic).and_then(|gt| gt.queues.get(&index)) {
             Some(gq) => {
-                let skipped = gq.leases().filter(|l| l.offset < to && l.deadline_ms > now).count();
+                let skipped = gq.live_leases_below(to, now).count();
                 (Some(gq.floor()), skipped as u64)
             }
             None => (None, 0),

@@ -600,6 +600,12 @@ impl GroupQueue {
         self.leases.values().map(|l| &l.lease)
     }
 
+    /// Live leases below `offset` (deadline not yet passed at `now_ms`): the deliveries a move
+    /// of the group's position to `offset` would skip.
+    pub fn live_leases_below(&self, offset: u64, now_ms: u64) -> impl Iterator<Item = &Lease> + '_ {
+        self.leases.range(..offset).map(|(_, l)| &l.lease).filter(move |l| l.deadline_ms > now_ms)
+    }
+
     /// True when the lease was given back unconsumed (it never reached a consumer).
     pub fn was_released(&self, offset: u64) -> bool {
         self.leases.get(&offset).is_some_and(|l| l.released)
