@@ -359,12 +359,11 @@ fn take(kept: &mut Vec<Kept>, count: &mut usize, max_count: usize, owner: Owner,
 fn cancel_polls(state: &Arc<ProxyState>, owners: &BTreeSet<Owner>, poll_id: u64) {
     for &owner in owners {
         let state = state.clone();
-        let cancel = async move {
+        tokio::spawn(async move {
             if let Err(e) = state.brokers.call(owner, &PopCancelRequest { poll_id }).await {
                 tracing::debug!(error = %e, "cancelling a long poll failed; it ends at its own deadline");
             }
-        };
-        tokio::spawn(cancel.in_current_span());
+        });
     }
 }
 
@@ -383,13 +382,12 @@ fn release_messages(state: &Arc<ProxyState>, group: &str, frame: &Frame, range: 
     for (queue, receipts) in by_queue {
         let state = state.clone();
         let request = ReleaseRequest { queue: queue.clone(), group: group.to_string(), receipts };
-        let release = async move {
+        tokio::spawn(async move {
             Counters::add(&state.counters.released, request.receipts.len() as u64);
             if let Err(e) = state.brokers.call_for(&queue, &request).await {
                 tracing::warn!(error = %e, queue, "releasing popped messages failed; they come back after their invisible time");
             }
-        };
-        tokio::spawn(release.in_current_span());
+        });
     }
 }
 

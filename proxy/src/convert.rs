@@ -205,9 +205,13 @@ pub fn incoming(record: &[u8], delivery: &Delivery<'_>) -> Result<v2::Message> {
         store_timestamp: Some(timestamp_of_ms(view.store_ms)),
         store_host: delivery.store_host.to_string(),
         delivery_timestamp,
-        // The handle `ClientHandle::encode` gives with the message's traceparent in it.
+        // While spans are exported, the handle `ClientHandle::encode` gives with the message's
+        // traceparent in it (so the ack's span can link to it). Not otherwise: an older proxy
+        // cannot read that handle unless its brokers are new enough to ignore the extra part.
         receipt_handle: Some(match stored.trace_context.as_deref().and_then(traceparent) {
-            Some(t) if !delivery.receipt_handle.is_empty() => format!("{}.{t}", delivery.receipt_handle),
+            Some(t) if !delivery.receipt_handle.is_empty() && sluice_transport::spans::exported() => {
+                format!("{}.{t}", delivery.receipt_handle)
+            }
             _ => delivery.receipt_handle.clone(),
         }),
         queue_id: delivery.queue_id,

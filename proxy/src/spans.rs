@@ -3,11 +3,12 @@
 //! semantic conventions.
 //!
 //! How a trace is joined (the proxy never rewrites a message's trace context):
-//! - the send span's parent is the `traceparent` in the first message's `trace_context` (where
-//!   RocketMQ clients' OpenTelemetry instrumentation puts it), else the caller's gRPC
-//!   `traceparent` header; other messages of a batch with their own context become links;
+//! - the send span's parent is the `traceparent` in the `trace_context` of the batch's first
+//!   message that has one (where RocketMQ clients' OpenTelemetry instrumentation puts it), else
+//!   the caller's gRPC `traceparent` header; other messages' contexts become links;
 //! - receive and ack spans are children of the caller's gRPC `traceparent`, if any, and link to
-//!   each message's context (an ack finds it in the receipt handle, where delivery put it).
+//!   each message's context (an ack finds it in the receipt handle, where delivery put it while
+//!   spans are exported).
 //!
 //! All spans have target `TARGET`: with no OTLP endpoint configured they are disabled at the
 //! call site, and nothing here parses or allocates.
@@ -106,7 +107,7 @@ fn record_status(span: &Span, status: Option<&Status>, fine: &[Code]) {
         return;
     }
     span.record("otel.status_code", "error");
-    span.record("otel.status_message", status.message.as_str());
+    span.record("otel.status_description", status.message.as_str());
     span.record("error.type", status.code.to_string().as_str());
 }
 
@@ -118,7 +119,7 @@ pub fn send(metadata: &MetadataMap, request: &SendMessageRequest) -> Span {
         otel.name = Empty,
         otel.kind = "server",
         otel.status_code = Empty,
-        otel.status_message = Empty,
+        otel.status_description = Empty,
         "error.type" = Empty,
         "messaging.system" = SYSTEM,
         "messaging.operation.type" = "send",
@@ -183,7 +184,7 @@ pub fn receive(metadata: &MetadataMap, request: &ReceiveMessageRequest) -> Span 
         otel.name = Empty,
         otel.kind = "server",
         otel.status_code = Empty,
-        otel.status_message = Empty,
+        otel.status_description = Empty,
         "error.type" = Empty,
         "messaging.system" = SYSTEM,
         "messaging.operation.type" = "receive",
@@ -241,7 +242,7 @@ pub fn ack(metadata: &MetadataMap, request: &AckMessageRequest) -> Span {
         otel.name = Empty,
         otel.kind = "server",
         otel.status_code = Empty,
-        otel.status_message = Empty,
+        otel.status_description = Empty,
         "error.type" = Empty,
         "messaging.system" = SYSTEM,
         "messaging.operation.type" = "settle",

@@ -40,6 +40,16 @@ struct Endpoint {
     secret_key: Option<String>,
 }
 
+/// Where a proxy's spans go.
+#[derive(clap::Args, Clone)]
+struct Traces {
+    /// Export spans of send, receive and ack to this OpenTelemetry collector (OTLP over
+    /// HTTP/protobuf, e.g. http://localhost:4318). The standard OTEL_EXPORTER_OTLP_ENDPOINT
+    /// and OTEL_EXPORTER_OTLP_TRACES_ENDPOINT work too; with none of them, nothing is exported.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// A broker and a proxy in one process over loopback TCP: the place to start.
@@ -70,11 +80,8 @@ enum Command {
         /// `sluice proxy` take) for everything the flags above do not set; the flags win.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Export spans of send, receive and ack to this OpenTelemetry collector (OTLP over
-        /// HTTP/protobuf, e.g. http://localhost:4318). The standard OTEL_EXPORTER_OTLP_ENDPOINT
-        /// and OTEL_EXPORTER_OTLP_TRACES_ENDPOINT work too; with none of them, nothing is exported.
-        #[arg(long)]
-        otlp_endpoint: Option<String>,
+        #[command(flatten)]
+        traces: Traces,
     },
     /// A broker of a split deployment.
     Broker {
@@ -97,11 +104,8 @@ enum Command {
         /// Overrides proxy.brokers (comma-separated host:port of each broker's shard 0).
         #[arg(long, env = "SLUICE_BROKERS", value_delimiter = ',')]
         brokers: Option<Vec<String>>,
-        /// Export spans of send, receive and ack to this OpenTelemetry collector (OTLP over
-        /// HTTP/protobuf, e.g. http://localhost:4318). The standard OTEL_EXPORTER_OTLP_ENDPOINT
-        /// and OTEL_EXPORTER_OTLP_TRACES_ENDPOINT work too; with none of them, nothing is exported.
-        #[arg(long)]
-        otlp_endpoint: Option<String>,
+        #[command(flatten)]
+        traces: Traces,
     },
     /// Create, list and delete topics.
     Topic {
@@ -395,7 +399,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             require_groups,
             segment_size_bytes,
             config,
-            otlp_endpoint: _,
+            traces: _,
         } => {
             let file: LocalFile = match &config {
                 Some(path) => read_toml(path)?,
@@ -433,7 +437,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .transpose()?;
             cli::run::broker(file.broker.to_config(&file.transport)?, metrics_addr, metrics, json).await
         }
-        Command::Proxy { config, grpc, brokers, otlp_endpoint: _ } => {
+        Command::Proxy { config, grpc, brokers, traces: _ } => {
             let mut file: ProxyFile = read_toml(&config)?;
             if let Some(grpc) = grpc {
                 file.proxy.grpc = grpc;
@@ -576,8 +580,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Only a proxy makes spans (`sluice local` runs one).
     let otlp = match &cli.command {
-        Command::Local { otlp_endpoint, .. } => cli::telemetry::Otlp::configured(otlp_endpoint.clone(), "sluice-local"),
-        Command::Proxy { otlp_endpoint, .. } => cli::telemetry::Otlp::configured(otlp_endpoint.clone(), "sluice-proxy"),
+        Command::Local { traces, .. } => cli::telemetry::Otlp::configured(traces.otlp_endpoint.clone(), "sluice-local"),
+        Command::Proxy { traces, .. } => cli::telemetry::Otlp::configured(traces.otlp_endpoint.clone(), "sluice-proxy"),
         _ => None,
     };
     // Declared before the runtime, so dropped after it: queued spans are flushed last.

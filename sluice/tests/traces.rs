@@ -124,6 +124,15 @@ async fn send_receive_and_ack_export_linked_spans_with_messaging_attributes() {
     create_topic(local.grpc, "traced", 2).await;
     let mut client = messaging(local.grpc).await;
 
+    // A producer that sampled its trace out: its sampled flag is off, so no span may join it.
+    let (unsampled, unsampled_trace, _) = new_traceparent();
+    let unsampled = format!("{}-00", unsampled.strip_suffix("-01").expect("sampled flag"));
+    create_topic(local.grpc, "quiet", 1).await;
+    let mut quiet = message("quiet", b"not sampled".to_vec());
+    quiet.system_properties.as_mut().expect("system properties").trace_context = Some(unsampled);
+    let reply = client.send_message(v2::SendMessageRequest { messages: vec![quiet] }).await.expect("send").into_inner();
+    assert_eq!(code(reply.status.as_ref()), OK, "{:?}", reply.status);
+
     // The producer's span, as a RocketMQ client's OpenTelemetry instrumentation records it.
     let (producer, producer_trace, producer_span) = new_traceparent();
     let mut sent = message("traced", b"hello traces".to_vec());
@@ -229,6 +238,10 @@ async fn send_receive_and_ack_export_linked_spans_with_messaging_attributes() {
     );
     wait_for_span(&received, "broker ack", |s| s.name == "broker Ack" && s.parent_span_id == ack.span_id, &local).await;
 
+    // Sent before everything above and exported by now if it had been sampled.
+    let joined_unsampled = received.spans.lock().expect("lock").iter().any(|(_, s)| s.trace_id == unsampled_trace);
+    assert!(!joined_unsampled, "a span joined a trace whose sampled flag was off");
+
     let services: Vec<String> =
         received.spans.lock().expect("lock").iter().map(|(service, _)| service.clone()).collect();
     assert!(services.iter().all(|s| s == "sluice-local"), "service.name of every span: {services:?}");
@@ -260,6 +273,7 @@ async fn a_failed_send_is_an_error_span_in_the_producers_trace() {
     assert_eq!(send.trace_id, producer_trace);
     let status = send.status.clone().expect("a span status");
     assert_eq!(status.code, 2, "STATUS_CODE_ERROR: {status:?}");
+    assert!(status.message.contains("does not exist"), "the status message says why: {status:?}");
     assert_eq!(attribute(&send, "error.type"), Some((v2::Code::TopicNotFound as i32).to_string()));
 }
 

@@ -10,6 +10,12 @@ use crate::messages::FrameKind;
 /// The `tracing` target of exported spans.
 pub const TARGET: &str = "sluice_otel";
 
+/// True when spans are exported (an OTLP endpoint is configured): the layer that exports them
+/// is the only one that enables `TARGET`.
+pub fn exported() -> bool {
+    tracing::enabled!(target: TARGET, tracing::Level::INFO)
+}
+
 /// One proxy→broker call, as a CLIENT span under the RPC span that made it. Calls made outside
 /// a traced RPC (heartbeats, renewals, route refreshes) get no span: they would each be a trace
 /// of their own.
@@ -29,12 +35,12 @@ pub fn broker_hop(kind: FrameKind, endpoint: &str) -> Span {
         otel.name = format!("broker {method}").as_str(),
         otel.kind = "client",
         otel.status_code = Empty,
-        otel.status_message = Empty,
+        otel.status_description = Empty,
         "rpc.system" = "sluice",
         "rpc.method" = method,
         "server.address" = address,
         "server.port" = Empty,
-        "network.transport" = "tcp",
+        "network.transport" = Empty,
         "sluice.transport" = Empty,
         "error.type" = Empty,
     );
@@ -44,9 +50,13 @@ pub fn broker_hop(kind: FrameKind, endpoint: &str) -> Span {
     span
 }
 
-/// Marks a hop span with its transport, once the connection is known.
+/// Marks a hop span with its transport, once the connection is known (`network.transport`
+/// has a value for TCP only; RDMA has none in the conventions).
 pub fn record_transport(span: &Span, transport: &'static str) {
     span.record("sluice.transport", transport);
+    if transport == "tcp" {
+        span.record("network.transport", "tcp");
+    }
 }
 
 /// Marks a span failed with a stable error code and its message.
@@ -55,6 +65,6 @@ pub fn record_error(span: &Span, code: u32, message: &str) {
         return;
     }
     span.record("otel.status_code", "error");
-    span.record("otel.status_message", message);
+    span.record("otel.status_description", message);
     span.record("error.type", code.to_string());
 }

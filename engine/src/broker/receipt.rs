@@ -63,11 +63,13 @@ impl ReceiptKey {
     }
 
     /// Decodes and authenticates a receipt; `None` for anything forged, truncated or issued
-    /// for another queue or group.
+    /// for another queue or group. Anything from a `.` on is ignored: a proxy older than the
+    /// handles' trace part passes that part on as if it were the receipt's.
     pub fn open(&self, queue: &str, group: &str, text: &str) -> Option<Lease> {
         if text.len() > RECEIPT_TEXT_MAX_BYTES {
             return None;
         }
+        let text = text.split_once('.').map_or(text, |(receipt, _)| receipt);
         let bytes = URL_SAFE_NO_PAD.decode(text).ok()?;
         if bytes.len() != RECEIPT_BYTES || bytes[0] != RECEIPT_VERSION {
             return None;
@@ -98,6 +100,9 @@ mod tests {
         let key = ReceiptKey::random();
         let text = key.issue("t#0", "g", &lease());
         assert_eq!(key.open("t#0", "g", &text), Some(lease()));
+        // As an older proxy passes on a handle's trace part.
+        let traced = format!("{text}.00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert_eq!(key.open("t#0", "g", &traced), Some(lease()));
     }
 
     #[test]

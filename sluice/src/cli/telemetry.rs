@@ -19,7 +19,8 @@ const ENDPOINT_VARS: [&str; 2] = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EX
 
 /// What exports spans: `None` when no endpoint is configured.
 pub struct Otlp {
-    /// From `--otlp-endpoint` (a collector's base URL); `None` leaves the standard variables to the SDK.
+    /// From `--otlp-endpoint` (a collector's base URL; a trailing `/v1/traces` is allowed);
+    /// `None` leaves the standard variables to the SDK.
     pub endpoint: Option<String>,
     /// `service.name` unless `OTEL_SERVICE_NAME` sets one.
     pub service_name: &'static str,
@@ -89,8 +90,11 @@ fn provider(otlp: &Otlp) -> Result<SdkTracerProvider, String> {
     }
     let mut builder = opentelemetry_otlp::SpanExporter::builder().with_http();
     let endpoint = match &otlp.endpoint {
-        Some(base) => Some(format!("{}/v1/traces", base.trim_end_matches('/'))),
-        None => ENDPOINT_VARS.iter().find_map(|v| std::env::var(v).ok()),
+        Some(base) => {
+            let base = base.trim_end_matches('/');
+            Some(format!("{}/v1/traces", base.strip_suffix("/v1/traces").unwrap_or(base)))
+        }
+        None => ENDPOINT_VARS.iter().find_map(|v| std::env::var(v).ok().filter(|url| !url.trim().is_empty())),
     };
     if let Some(url) = &endpoint {
         if !url.starts_with("http://") {
@@ -104,8 +108,13 @@ fn provider(otlp: &Otlp) -> Result<SdkTracerProvider, String> {
         builder = builder.with_endpoint(full);
     }
     let exporter = builder.build().map_err(|e| format!("cannot set up the OTLP span exporter: {e}"))?;
+    // The SDK reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; the default name only
+    // fills in when neither names the service.
+    let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|n| !n.is_empty())
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
+            .is_ok_and(|a| a.split(',').any(|kv| kv.trim_start().starts_with("service.name=")));
     let mut resource = Resource::builder();
-    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+    if !named {
         resource = resource.with_service_name(otlp.service_name);
     }
     Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build())

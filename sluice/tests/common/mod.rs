@@ -82,6 +82,7 @@ impl SluiceProcess {
         ] {
             command.env_remove(var);
         }
+        remove_otel_env(&mut command);
         command.env("SLUICE_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info".into()));
         let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {} {args:?}: {e}", sluice_bin()));
         SluiceProcess { name: name.to_string(), child, exited: None, stdout_path, stderr_path }
@@ -476,12 +477,25 @@ impl Proxy {
 }
 
 /// Runs a client command of the CLI (bounded); returns (success, stdout, stderr).
+/// Leaves out the OpenTelemetry SDK's variables, so a test's process exports spans only
+/// where the test asks (`--otlp-endpoint`), whatever the environment running the tests says.
+fn remove_otel_env(command: &mut Command) {
+    for (var, _) in std::env::vars_os() {
+        if var.to_str().is_some_and(|v| v.starts_with("OTEL_")) {
+            command.env_remove(var);
+        }
+    }
+}
+
 pub async fn cli(args: &[&str]) -> (bool, String, String) {
-    let mut command = tokio::process::Command::new(sluice_bin());
-    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    let mut command = Command::new(sluice_bin());
+    command.args(args).stdin(Stdio::null());
     for var in ["SLUICE_ENDPOINT", "SLUICE_ACCESS_KEY", "SLUICE_SECRET_KEY"] {
         command.env_remove(var);
     }
+    remove_otel_env(&mut command);
+    let mut command = tokio::process::Command::from(command);
+    command.kill_on_drop(true);
     let output = tokio::time::timeout(CLI_TIMEOUT, command.output())
         .await
         .unwrap_or_else(|_| panic!("sluice {args:?} did not finish within {CLI_TIMEOUT:?}"))
