@@ -3,7 +3,7 @@
 # at equal durability, with the raw-socket and transport ping-pongs as floors.
 #
 #   scripts/bench.sh [--short] [--durability sync|async|both] [--label TEXT] [--suite FILE]
-#                    [--metrics-overhead]
+#                    [--metrics-overhead] [--rounds N]
 #
 # For each durability level it starts, in a scratch directory with free ports:
 #   a `sluice broker` and a `sluice proxy` (proxy→broker over RDMA when this host has a device,
@@ -15,12 +15,16 @@
 # --metrics-overhead adds a second broker and proxy with metrics off (`metrics = false`), as
 #   the targets sluice-broker@nometrics and sluice-grpc@nometrics (run first in each
 #   workload), to compare in the same run; bench/suites/metrics-overhead.toml is the short
-#   suite for it.
+#   suite for it. It ends with `sluice-bench overhead`: per workload, the median over rounds of
+#   each figure's metrics-on ÷ metrics-off ratio.
+# --rounds N runs each level's suite N times, the even rounds with the targets in reverse
+#   order, so the order's own effect cancels in the medians (results/<level>-round<i>.json);
+#   the summary and report show the first round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LIBCLANG_PATH="${LIBCLANG_PATH:-/usr/lib/llvm-14/lib}"
 
-short=""; levels=(sync async); metrics_overhead=false; label="$(hostname) $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+short=""; levels=(sync async); metrics_overhead=false; rounds=1; label="$(hostname) $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 suite=bench/suites/standard.toml
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -30,7 +34,9 @@ while [[ $# -gt 0 ]]; do
     --label) label="$2"; shift 2 ;;
     --suite) suite="$2"; shift 2 ;;
     --metrics-overhead) metrics_overhead=true; shift ;;
-    *) echo "usage: $0 [--short] [--durability sync|async|both] [--label TEXT] [--suite FILE] [--metrics-overhead]" >&2
+    --rounds) rounds="$2"; shift 2
+              [[ $rounds =~ ^[1-9][0-9]?$ ]] || { echo "--rounds is a count from 1 to 99" >&2; exit 2; } ;;
+    *) echo "usage: $0 [--short] [--durability sync|async|both] [--label TEXT] [--suite FILE] [--metrics-overhead] [--rounds N]" >&2
        exit 2 ;;
   esac
 done
@@ -201,15 +207,28 @@ TOML
              --target "sluice-grpc@nometrics=127.0.0.1:$bare_grpc" "${targets[@]}")
   fi
   echo "== bench: $level durability · sluice $level (async flushes every ${flush_ms} ms) · redis appendfsync $fsync · nats-server $nats_version =="
-  "$bench" suite "$suite" "${targets[@]}" "${cpu[@]}" --durability "$level" $short \
-    --label "$label" --out "results/$level.json"
+  local round out order
+  for (( round = 1; round <= rounds; round++ )); do
+    out="results/$level.json"; order=("${targets[@]}")
+    if (( round > 1 )); then
+      out="results/$level-round$round.json"
+      echo "== round $round of $rounds =="
+    fi
+    if (( round % 2 == 0 )); then
+      order=()
+      for (( i = ${#targets[@]} - 2; i >= 0; i -= 2 )); do order+=("${targets[i]}" "${targets[i+1]}"); done
+    fi
+    "$bench" suite "$suite" "${order[@]}" "${cpu[@]}" --durability "$level" $short \
+      --label "$label" --out "$out"
+    round_files+=("$out")
+  done
   if [[ -n $short ]]; then
     "$bench" check "results/$level.json" --suite "$suite" --kinds "$kinds"
   fi
   stop_all
 }
 
-files=()
+files=(); round_files=()
 for level in "${levels[@]}"; do
   run_level "$level"
   files+=("results/$level.json")
@@ -218,3 +237,8 @@ done
 echo
 echo "== summary (results/: ${files[*]}, report.html) =="
 "$bench" summary "${files[@]}"
+if $metrics_overhead; then
+  echo
+  echo "== metrics overhead (${round_files[*]}) =="
+  "$bench" overhead "${round_files[@]}"
+fi

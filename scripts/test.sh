@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test command: format check, build everything, lint with warnings denied, run every test,
-# the official RocketMQ Python and Node.js clients against `sluice local`, the benchmark suite and
-# the lite-topic scale benchmark in short mode, then the RDMA tests for real inside a soft-RoCE
-# QEMU guest (scripts/hw-tests.sh --vm).
+# the official RocketMQ Python and Node.js clients against `sluice local`, the benchmark suite in
+# short mode, the dashboard's queries through Prometheus, the lite-topic scale benchmark in short
+# mode, then the RDMA tests for real inside a soft-RoCE QEMU guest (scripts/hw-tests.sh --vm).
 # The crash test's rounds can be raised with SLUICE_CRASH_ROUNDS (default 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,9 @@ bash scripts/node-client-tests.sh 2>&1 | tee -a "$log"
 # seconds per workload, then sluice-bench checks the JSON results are valid and complete. It
 # asserts no timings.
 bash scripts/bench.sh --short 2>&1 | tee -a "$log"
+# The Grafana dashboard's queries through a real Prometheus scraping a real `sluice local`
+# under load: every panel must show data.
+bash scripts/dashboard-snapshot.sh --check --seconds 40 2>&1 | tee -a "$log"
 # The lite-topic scale benchmark, small (20,000 lite topics): it runs end to end against a
 # broker and Redis; no timings are asserted.
 bash scripts/lite-bench.sh --short 2>&1 | tee -a "$log"

@@ -45,6 +45,9 @@ pub fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The name the load generator itself is charged under (not a server process).
+pub const CLIENT_PROCESS: &str = "client";
+
 /// Samples processes' CPU time at the start of a run and charges the difference at its end.
 #[derive(Debug)]
 pub struct CpuMeter {

@@ -186,7 +186,7 @@ pub async fn run(
         progress: progress_bar(spec, workload, total),
     });
     let mut charged = charged_processes(spec, processes);
-    charged.push(NamedPid { name: "client".into(), pid: std::process::id() });
+    charged.push(NamedPid { name: crate::cpu::CLIENT_PROCESS.into(), pid: std::process::id() });
     let cpu = CpuMeter::start(&charged);
     let clock = Clock::start();
     let consumers: Vec<_> =

@@ -8,6 +8,7 @@
 pub mod cpu;
 pub mod driver;
 pub mod error;
+pub mod overhead;
 pub mod report;
 pub mod results;
 pub mod schedule;

@@ -240,7 +240,8 @@ pub fn summary_table(files: &[ResultsFile]) -> String {
             );
             let rows: Vec<&RunResult> = file.results.iter().filter(|r| r.workload.name == w.name).collect();
             for r in &rows {
-                let cpu: f64 = r.cpu.iter().filter(|c| c.process != "client").map(|c| c.cpu_us_per_msg).sum();
+                let cpu: f64 =
+                    r.cpu.iter().filter(|c| c.process != crate::cpu::CLIENT_PROCESS).map(|c| c.cpu_us_per_msg).sum();
                 let e2e = r.send_receive.as_ref();
                 let _ = writeln!(
                     out,
@@ -329,12 +330,13 @@ fn ratios(rows: &[&RunResult]) -> String {
     out
 }
 
+/// Results made up for unit tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use crate::stats::Latency;
 
-    fn summary(values_us: &[u64]) -> LatencySummary {
+    pub fn summary(values_us: &[u64]) -> LatencySummary {
         let mut l = Latency::new();
         for v in values_us {
             l.record_ns(v * 1000);
@@ -342,7 +344,7 @@ mod tests {
         l.summary()
     }
 
-    fn result(workload: &Workload, kind: TargetKind, e2e: Option<LatencySummary>) -> RunResult {
+    pub fn result(workload: &Workload, kind: TargetKind, e2e: Option<LatencySummary>) -> RunResult {
         RunResult {
             workload: workload.clone(),
             target: kind.name().into(),
@@ -361,6 +363,26 @@ mod tests {
             first_error: None,
         }
     }
+
+    pub fn file(results: Vec<RunResult>) -> ResultsFile {
+        ResultsFile {
+            schema: SCHEMA.into(),
+            label: String::new(),
+            suite: "s".into(),
+            durability: DurabilityLevel::Sync,
+            short: false,
+            started_unix_ms: 0,
+            host: Host::this(),
+            results,
+            failures: vec![],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{result, summary};
+    use super::*;
 
     #[test]
     fn check_finds_missing_incomplete_and_lossy_results() {

@@ -48,13 +48,15 @@ fn every_dashboard_query_names_a_published_metric() {
             let names = metric_names(expr);
             assert!(!names.is_empty(), "no metric in {expr}");
             for name in names {
-                match name.strip_suffix("_bucket") {
+                // A histogram's series: NAME_bucket, NAME_sum and NAME_count.
+                let histogram = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s));
+                match histogram {
                     Some(histogram) => {
                         assert!(histograms.contains(histogram), "{histogram} has no buckets, so no {name}: {expr}")
                     }
                     None => assert!(published.contains(name.as_str()), "{name} is not published: {expr}"),
                 }
-                used.insert(name.trim_end_matches("_bucket").to_string());
+                used.insert(histogram.unwrap_or(&name).to_string());
             }
         }
     }

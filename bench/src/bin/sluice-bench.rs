@@ -5,6 +5,7 @@
 //!   sluice-bench summary results/sync.json results/async.json
 //!   sluice-bench report results/*.json --out results/report.html
 //!   sluice-bench check results/sync.json --suite bench/suites/standard.toml --kinds raw-tcp,redis
+//!   sluice-bench overhead results/sync.json results/sync-round2.json
 //!
 //! scripts/bench.sh starts every system and runs the standard suite.
 #![forbid(unsafe_code)]
@@ -49,6 +50,14 @@ enum Command {
         files: Vec<PathBuf>,
         #[arg(long, default_value = "results/report.html")]
         out: PathBuf,
+    },
+    /// Metrics on against off: each `X@nometrics` target beside `X`, as median ratios over the
+    /// files given (rounds of one suite).
+    Overhead {
+        files: Vec<PathBuf>,
+        /// The largest p50 and throughput difference called within bounds, in percent.
+        #[arg(long, default_value_t = 3.0)]
+        limit_pct: f64,
     },
     /// Checks that a results file is valid and complete for a suite and set of target kinds.
     Check {
@@ -196,6 +205,15 @@ async fn main_async(cli: Cli) -> Result<bool, BenchError> {
         }
         Command::Summary { files } => {
             print!("{}", summary_table(&load_all(&files)?));
+            Ok(true)
+        }
+        Command::Overhead { files, limit_pct } => {
+            let rows = sluice_bench::overhead::overhead_rows(&load_all(&files)?);
+            if rows.is_empty() {
+                eprintln!("no target ran beside a twin labelled @nometrics (scripts/bench.sh --metrics-overhead)");
+                return Ok(false);
+            }
+            print!("{}", sluice_bench::overhead::overhead_table(&rows, limit_pct));
             Ok(true)
         }
         Command::Report { files, out } => {
