@@ -3,20 +3,26 @@
 # at equal durability, with the raw-socket and transport ping-pongs as floors.
 #
 #   scripts/bench.sh [--short] [--durability sync|async|both] [--label TEXT] [--suite FILE]
-#                    [--metrics-overhead] [--rounds N]
+#                    [--metrics-overhead | --aa] [--rounds N]
 #
 # For each durability level it starts, in a scratch directory with free ports:
 #   a `sluice broker` and a `sluice proxy` (proxy→broker over RDMA when this host has a device,
 #   and then a second proxy over TCP for comparison), `redis-server` (AOF, appendfsync always
 #   for sync, everysec for async), and `nats-server -js` (file storage), then runs
 #   bench/suites/standard.toml through target/release/sluice-bench. Results go to results/
-#   (<level>.json, report.html); the summary table with Sluice ÷ peer ratios is printed.
-# --short (CI) runs every workload for a few seconds and checks the JSON is valid and complete.
+#   (<level>.json, report.html); the summary table with Sluice ÷ peer ratios is printed, and
+#   for the saturation workloads (saturation-1k, saturation-64k) the highest rate each system
+#   sustained with its CPU µs per message per server process (report.html plots p99 by rate).
+# --short (CI) runs every workload for a few seconds (a saturation workload's first two steps)
+#   and checks the JSON is valid and complete.
 # --metrics-overhead adds a second broker and proxy with metrics off (`metrics = false`), as
 #   the targets sluice-broker@nometrics and sluice-grpc@nometrics (run first in each
 #   workload), to compare in the same run; bench/suites/metrics-overhead.toml is the short
 #   suite for it. It ends with `sluice-bench overhead`: per workload, the median over rounds of
 #   each figure's metrics-on ÷ metrics-off ratio.
+# --aa is --metrics-overhead with metrics left on in the twin too (an A/A run): the same
+#   table then shows how far two identical brokers and proxies differ on this machine, the
+#   noise floor that any metrics on/off difference has to be read against.
 # --rounds N runs each level's suite N times, the even rounds with the targets in reverse
 #   order, so the order's own effect cancels in the medians (results/<level>-round<i>.json);
 #   the summary and report show the first round.
@@ -24,7 +30,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export LIBCLANG_PATH="${LIBCLANG_PATH:-/usr/lib/llvm-14/lib}"
 
-short=""; levels=(sync async); metrics_overhead=false; rounds=1; label="$(hostname) $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+short=""; levels=(sync async); metrics_overhead=false; twin_metrics=false; rounds=1; label="$(hostname) $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 suite=bench/suites/standard.toml
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -34,9 +40,10 @@ while [[ $# -gt 0 ]]; do
     --label) label="$2"; shift 2 ;;
     --suite) suite="$2"; shift 2 ;;
     --metrics-overhead) metrics_overhead=true; shift ;;
+    --aa) metrics_overhead=true; twin_metrics=true; shift ;;
     --rounds) rounds="$2"; shift 2
               [[ $rounds =~ ^[1-9][0-9]?$ ]] || { echo "--rounds is a count from 1 to 99" >&2; exit 2; } ;;
-    *) echo "usage: $0 [--short] [--durability sync|async|both] [--label TEXT] [--suite FILE] [--metrics-overhead] [--rounds N]" >&2
+    *) echo "usage: $0 [--short] [--durability sync|async|both] [--label TEXT] [--suite FILE] [--metrics-overhead | --aa] [--rounds N]" >&2
        exit 2 ;;
   esac
 done
@@ -197,9 +204,9 @@ TOML
     bare_broker_port=$(free_port_pair); bare_grpc=$(free_port)
     local bare_rdma_line=""
     if $rdma; then bare_rdma_line="rdma_listen = \"$(rdma_addr):$(( bare_broker_port + 100 ))\""; fi
-    start_broker broker-nometrics "$bare_broker_port" false "$bare_rdma_line"
+    start_broker broker-nometrics "$bare_broker_port" "$twin_metrics" "$bare_rdma_line"
     cpu+=(--pid "broker@nometrics=${pids[-1]}")
-    start_proxy proxy-nometrics "$bare_grpc" "$transport" "$bare_broker_port" false
+    start_proxy proxy-nometrics "$bare_grpc" "$transport" "$bare_broker_port" "$twin_metrics"
     cpu+=(--pid "proxy@nometrics=${pids[-1]}")
     # First, so the targets with metrics run later in each workload (the other order of
     # the standard run's): compare both to see the run order's own effect.
@@ -240,5 +247,6 @@ echo "== summary (results/: ${files[*]}, report.html) =="
 if $metrics_overhead; then
   echo
   echo "== metrics overhead (${round_files[*]}) =="
+  if $twin_metrics; then echo "(--aa: the @nometrics twin ran with metrics on too, so every Δ here is noise)"; fi
   "$bench" overhead "${round_files[@]}"
 fi

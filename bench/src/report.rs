@@ -4,6 +4,7 @@
 use plotters::prelude::*;
 
 use crate::results::{summary_table, ResultsFile};
+use crate::saturation::P99_LIMIT_US;
 use crate::stats::SPECTRUM_QUANTILES;
 
 const CHART_WIDTH_PX: u32 = 960;
@@ -78,6 +79,101 @@ fn chart_svg(title: &str, lines: &[Line]) -> Result<String, String> {
     Ok(svg)
 }
 
+/// p99 against offered rate, one line per target and run, with the limit a step must stay
+/// within to count as kept up. `lines` hold (offered msgs/s, p99 µs) points.
+fn rate_chart_svg(title: &str, lines: &[Line]) -> Result<String, String> {
+    let mut svg = String::new();
+    let points = || lines.iter().flat_map(|l| l.points.iter());
+    let (rate_min, rate_max) = points().fold((f64::MAX, 0f64), |(lo, hi), p| (lo.min(p.0), hi.max(p.0)));
+    let (p99_min, p99_max) = points()
+        .map(|p| p.1)
+        .filter(|v| *v > 0.0)
+        .fold((P99_LIMIT_US, P99_LIMIT_US), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (rate_min, rate_max) = if rate_max <= 0.0 { (1.0, 10.0) } else { (rate_min / 1.3, rate_max * 1.3) };
+    let (p99_min, p99_max) = (p99_min / 1.5, p99_max * 1.5);
+    {
+        let root = SVGBackend::with_string(&mut svg, (CHART_WIDTH_PX, CHART_HEIGHT_PX)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((rate_min..rate_max).log_scale(), (p99_min..p99_max).log_scale())
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("offered msgs/s (log)")
+            .y_desc("p99 µs (log)")
+            .draw()
+            .map_err(|e| e.to_string())?;
+        let limit = [(rate_min, P99_LIMIT_US), (rate_max, P99_LIMIT_US)];
+        chart
+            .draw_series(LineSeries::new(limit, RED.stroke_width(1)))
+            .map_err(|e| e.to_string())?
+            .label(format!("limit: p99 {} ms", P99_LIMIT_US / 1000.0))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED.stroke_width(1)));
+        for (i, line) in lines.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let points: Vec<(f64, f64)> = line.points.iter().map(|p| (p.0, p.1.max(p99_min))).collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+                .map_err(|e| e.to_string())?
+                .label(line.name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(|e| e.to_string())?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
+}
+
+/// The name a run goes by in chart legends.
+fn run_name(file: &ResultsFile) -> String {
+    if file.label.is_empty() {
+        file.durability.to_string()
+    } else {
+        format!("{} {}", file.label, file.durability)
+    }
+}
+
+/// One p99-against-rate chart per saturation workload in `files`.
+fn saturation_charts(files: &[ResultsFile]) -> Result<String, String> {
+    let mut names: Vec<&str> = Vec::new();
+    for s in files.iter().flat_map(|f| &f.saturation) {
+        if !names.contains(&s.workload.name.as_str()) {
+            names.push(&s.workload.name);
+        }
+    }
+    let mut body = String::new();
+    for name in names {
+        let mut lines = Vec::new();
+        for file in files {
+            for s in file.saturation.iter().filter(|s| s.workload.name == name) {
+                let points = s
+                    .steps
+                    .iter()
+                    .map(|step| {
+                        let latency = step.send_receive.as_ref().unwrap_or(&step.send_ack);
+                        (step.workload.rate_per_sec as f64, latency.p99_us)
+                    })
+                    .collect();
+                lines.push(Line { name: format!("{} · {}", s.target, run_name(file)), points });
+            }
+        }
+        body.push_str(&rate_chart_svg(&format!("{name}: send → receive p99 by offered rate (saturation)"), &lines)?);
+        body.push('\n');
+    }
+    Ok(body)
+}
+
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
@@ -95,11 +191,7 @@ pub fn html(files: &[ResultsFile]) -> Result<String, String> {
         for what in ["send → ack", "send → receive"] {
             let mut lines = Vec::new();
             for file in files {
-                let run = if file.label.is_empty() {
-                    file.durability.to_string()
-                } else {
-                    format!("{} {}", file.label, file.durability)
-                };
+                let run = run_name(file);
                 for r in file.results.iter().filter(|r| &r.workload.name == workload) {
                     let summary = if what == "send → ack" { Some(&r.send_ack) } else { r.send_receive.as_ref() };
                     if let Some(summary) = summary {
@@ -115,6 +207,7 @@ pub fn html(files: &[ResultsFile]) -> Result<String, String> {
             body.push('\n');
         }
     }
+    body.push_str(&saturation_charts(files)?);
     let hosts: Vec<String> = files
         .iter()
         .map(|f| {
@@ -164,5 +257,38 @@ mod tests {
         .unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("redis") && svg.contains("nats"));
         assert!(svg.matches("<polyline").count() >= 2, "one polyline per series");
+    }
+
+    #[test]
+    fn saturation_charts_plot_p99_against_the_offered_rate() {
+        use crate::results::testing::{file, result, summary};
+        use crate::saturation::Saturation;
+        use crate::targets::TargetKind;
+        let suite = crate::workload::Suite::parse(
+            "name = \"s\"\n[[workload]]\nname = \"sat\"\nstep_rates_per_sec = [1000, 2000]\n",
+            "s",
+        )
+        .unwrap();
+        let w = &suite.workloads[0];
+        let mut results = file(vec![]);
+        for kind in [TargetKind::Redis, TargetKind::SluiceGrpc] {
+            let steps =
+                w.step_rates_per_sec.iter().map(|r| result(&w.at_rate(*r), kind, Some(summary(&[900])))).collect();
+            let (target, sustained_per_sec) = (kind.name().to_string(), Some(2000));
+            results.saturation.push(Saturation {
+                workload: w.clone(),
+                target,
+                kind,
+                steps,
+                sustained_per_sec,
+                stopped: None,
+            });
+        }
+        let html = html(&[results]).unwrap();
+        assert!(html.contains("sat: send → receive p99 by offered rate"));
+        assert!(
+            html.contains("redis · sync") && html.contains("sluice-grpc · sync") && html.contains("limit: p99 10 ms")
+        );
+        assert!(html.contains("sat (saturation)"), "the summary beneath holds the saturation table");
     }
 }

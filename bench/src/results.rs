@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cpu::CpuUse;
 use crate::error::BenchError;
+use crate::saturation::Saturation;
 use crate::stats::{LatencySummary, Throughput};
 use crate::targets::{DurabilityInfo, TargetKind};
 use crate::workload::{DurabilityLevel, Suite, Workload};
@@ -24,6 +25,9 @@ pub struct ResultsFile {
     pub started_unix_ms: u64,
     pub host: Host,
     pub results: Vec<RunResult>,
+    /// Saturation workloads, one entry per workload and target (absent in older files).
+    #[serde(default)]
+    pub saturation: Vec<Saturation>,
     pub failures: Vec<Failure>,
 }
 
@@ -148,35 +152,61 @@ pub fn check(file: &ResultsFile, suite: &Suite, kinds: &[TargetKind]) -> Vec<Str
     }
     for workload in &suite.workloads {
         for kind in kinds.iter().filter(|k| workload.runs_on(k.name())) {
+            if workload.is_saturation() {
+                saturation_problems(file, workload, *kind, &mut problems);
+                continue;
+            }
             let found: Vec<&RunResult> =
                 file.results.iter().filter(|r| r.workload.name == workload.name && r.kind == *kind).collect();
             if found.is_empty() {
                 problems.push(format!("{} on {}: no result", workload.name, kind.name()));
             }
             for r in found {
-                let at = format!("{} on {}", workload.name, r.target);
-                let c = &r.counts;
-                if c.acked == 0 || c.acked > c.started || c.started > c.scheduled {
-                    problems.push(format!("{at}: counts do not add up: {c:?}"));
-                }
-                if c.lost > 0 || c.corrupt > 0 {
-                    problems.push(format!("{at}: {} lost and {} corrupt messages", c.lost, c.corrupt));
-                }
-                summary_problems(&format!("{at} send→ack"), &r.send_ack, &mut problems);
-                summary_problems(&format!("{at} generator lag"), &r.generator_lag, &mut problems);
-                let consumes = !r.kind.is_pingpong() && r.workload.consumers > 0;
-                match (&r.send_receive, consumes) {
-                    (Some(s), true) => summary_problems(&format!("{at} send→receive"), s, &mut problems),
-                    (None, true) => problems.push(format!("{at}: no send→receive latency")),
-                    _ => {}
-                }
-                if r.durability.detail.is_empty() {
-                    problems.push(format!("{at}: durability not recorded"));
-                }
+                result_problems(&format!("{} on {}", workload.name, r.target), r, true, &mut problems);
             }
         }
     }
     problems
+}
+
+/// A saturation workload must have run at least one step, and each step must be sound. Only
+/// its last step may have lost messages: that is how a system can fall short.
+fn saturation_problems(file: &ResultsFile, workload: &Workload, kind: TargetKind, problems: &mut Vec<String>) {
+    let found: Vec<&Saturation> =
+        file.saturation.iter().filter(|s| s.workload.name == workload.name && s.kind == kind).collect();
+    if found.is_empty() {
+        problems.push(format!("{} on {}: no saturation result", workload.name, kind.name()));
+    }
+    for s in found {
+        if s.steps.is_empty() {
+            problems.push(format!("{} on {}: no step ran", workload.name, s.target));
+        }
+        for (i, step) in s.steps.iter().enumerate() {
+            let at = format!("{} on {} at {} msg/s", workload.name, s.target, step.workload.rate_per_sec);
+            result_problems(&at, step, i + 1 < s.steps.len() || s.stopped.is_none(), problems);
+        }
+    }
+}
+
+fn result_problems(at: &str, r: &RunResult, judge_lost: bool, problems: &mut Vec<String>) {
+    let c = &r.counts;
+    if c.acked == 0 || c.acked > c.started || c.started > c.scheduled {
+        problems.push(format!("{at}: counts do not add up: {c:?}"));
+    }
+    if judge_lost && c.lost > 0 || c.corrupt > 0 {
+        problems.push(format!("{at}: {} lost and {} corrupt messages", c.lost, c.corrupt));
+    }
+    summary_problems(&format!("{at} send→ack"), &r.send_ack, problems);
+    summary_problems(&format!("{at} generator lag"), &r.generator_lag, problems);
+    let consumes = !r.kind.is_pingpong() && r.workload.consumers > 0;
+    match (&r.send_receive, consumes) {
+        (Some(s), true) => summary_problems(&format!("{at} send→receive"), s, problems),
+        (None, true) => problems.push(format!("{at}: no send→receive latency")),
+        _ => {}
+    }
+    if r.durability.detail.is_empty() {
+        problems.push(format!("{at}: durability not recorded"));
+    }
 }
 
 fn fmt_us(v: f64) -> String {
@@ -276,6 +306,7 @@ pub fn summary_table(files: &[ResultsFile]) -> String {
             }
             let _ = write!(out, "{}", ratios(&rows));
         }
+        out.push_str(&crate::saturation::table(file));
         for f in &file.failures {
             let _ = writeln!(out, "  FAILED {} on {}: [{}] {}", f.workload, f.target, f.code, f.error);
         }
@@ -374,6 +405,7 @@ pub(crate) mod testing {
             started_unix_ms: 0,
             host: Host::this(),
             results,
+            saturation: vec![],
             failures: vec![],
         }
     }
@@ -397,6 +429,7 @@ mod tests {
             started_unix_ms: 0,
             host: Host::this(),
             results: vec![result(w, TargetKind::Redis, Some(summary(&[300]))), result(w, TargetKind::RawTcp, None)],
+            saturation: vec![],
             failures: vec![],
         };
         assert!(check(&file, &suite, &[TargetKind::Redis, TargetKind::RawTcp]).is_empty());
@@ -414,6 +447,39 @@ mod tests {
         assert_eq!(ResultsFile::load(&path).unwrap(), file);
         std::fs::write(&path, "{\"schema\": \"sluice-bench/1\"}").unwrap();
         assert!(ResultsFile::load(&path).unwrap_err().to_string().contains("incomplete"));
+    }
+
+    #[test]
+    fn check_wants_a_sound_saturation_result_per_kind() {
+        let text = "name = \"s\"\n[[workload]]\nname = \"sat\"\nstep_rates_per_sec = [1000, 2000]\n";
+        let suite = Suite::parse(text, "s").unwrap();
+        let w = &suite.workloads[0];
+        let mut file = super::testing::file(vec![]);
+        assert_eq!(check(&file, &suite, &[TargetKind::Redis]), ["sat on redis: no saturation result"]);
+        let step = |rate: u64, lost: u64| {
+            let mut r = result(&w.at_rate(rate), TargetKind::Redis, Some(summary(&[300])));
+            r.counts.lost = lost;
+            r
+        };
+        file.saturation.push(Saturation {
+            workload: w.clone(),
+            target: "redis".into(),
+            kind: TargetKind::Redis,
+            steps: vec![step(1000, 0), step(2000, 7)],
+            sustained_per_sec: Some(1000),
+            stopped: Some("at 2000 msg/s: 7 acked messages were not received".into()),
+        });
+        assert!(check(&file, &suite, &[TargetKind::Redis]).is_empty(), "the step that fell short may lose messages");
+        file.saturation[0].steps[0].counts.lost = 1;
+        file.saturation[0].steps[1].counts.corrupt = 1;
+        let problems = check(&file, &suite, &[TargetKind::Redis]);
+        assert_eq!(
+            problems,
+            [
+                "sat on redis at 1000 msg/s: 1 lost and 0 corrupt messages",
+                "sat on redis at 2000 msg/s: 7 lost and 1 corrupt messages"
+            ]
+        );
     }
 
     #[test]
@@ -435,6 +501,7 @@ mod tests {
             started_unix_ms: 0,
             host: Host::this(),
             results: vec![raw, sluice, redis],
+            saturation: vec![],
             failures: vec![],
         };
         let table = summary_table(&[file]);

@@ -23,6 +23,10 @@ pub const SHORT_WARMUP_SECS: u64 = 1;
 pub const SESSIONS_MAX: u32 = 10_000;
 /// Most messages in one session's answer (a consumer tracks them in one 64-bit mask).
 pub const ANSWER_MESSAGES_MAX: u32 = 64;
+/// Most offered rates one saturation workload steps through.
+pub const STEPS_MAX: usize = 16;
+/// Short mode (CI) runs this many of a saturation workload's steps: enough to show the stepping.
+pub const SHORT_STEPS_MAX: usize = 2;
 
 /// What kind of topic the workload uses. Lite: each topic is a LITE parent, and its messages
 /// go to sessions (lite topics, or a Redis stream each), each streaming a short answer.
@@ -72,6 +76,11 @@ pub struct Workload {
     /// Target kinds this workload runs on (empty: every target given).
     #[serde(default)]
     pub targets: Vec<String>,
+    /// A saturation workload: the offered rates to step through, lowest first, each a run of
+    /// its own (`rate_per_sec` is then ignored). Stepping stops at the first rate a system does
+    /// not keep up with (see `saturation`). Empty: one run at `rate_per_sec`.
+    #[serde(default)]
+    pub step_rates_per_sec: Vec<u64>,
 }
 
 mod defaults {
@@ -119,7 +128,19 @@ impl Workload {
         self.consumers / self.topics
     }
 
+    pub fn is_saturation(&self) -> bool {
+        !self.step_rates_per_sec.is_empty()
+    }
+
+    /// One step of a saturation workload: the same workload at `rate_per_sec`.
+    pub fn at_rate(&self, rate_per_sec: u64) -> Workload {
+        Workload { rate_per_sec, step_rates_per_sec: Vec::new(), ..self.clone() }
+    }
+
     pub fn validate(&self) -> Result<(), BenchError> {
+        if self.is_saturation() {
+            return self.validate_steps();
+        }
         let bad = |why: String| Err(BenchError::Workload { workload: self.name.clone(), why });
         if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return bad("the name must be non-empty letters, digits, '-' or '_'".into());
@@ -163,6 +184,18 @@ impl Workload {
         Ok(())
     }
 
+    /// Steps rise, there are at most `STEPS_MAX`, and every step is a valid workload itself.
+    fn validate_steps(&self) -> Result<(), BenchError> {
+        let steps = &self.step_rates_per_sec;
+        if steps.len() > STEPS_MAX || steps.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(BenchError::Workload {
+                workload: self.name.clone(),
+                why: format!("step_rates_per_sec must be 1..={STEPS_MAX} rates, each higher than the one before"),
+            });
+        }
+        steps.iter().try_for_each(|rate| self.at_rate(*rate).validate())
+    }
+
     fn validate_sessions(&self) -> Result<(), String> {
         match self.topic_kind {
             TopicKind::Normal if self.sessions != 0 => {
@@ -192,6 +225,7 @@ impl Workload {
         Workload {
             duration_secs: self.duration_secs.min(SHORT_DURATION_SECS),
             warmup_secs: self.warmup_secs.min(SHORT_WARMUP_SECS),
+            step_rates_per_sec: self.step_rates_per_sec.iter().take(SHORT_STEPS_MAX).copied().collect(),
             ..self.clone()
         }
     }
@@ -306,6 +340,10 @@ mod tests {
             Workload { name: "a b".into(), ..base.clone() },
             Workload { inflight_max: 0, ..base.clone() },
             Workload { queues_per_topic: QUEUES_PER_TOPIC_MAX + 1, ..base.clone() },
+            Workload { step_rates_per_sec: vec![2000, 1000], ..base.clone() },
+            Workload { step_rates_per_sec: vec![1000, 1000], ..base.clone() },
+            Workload { step_rates_per_sec: vec![1000, RATE_MAX_PER_SEC + 1], ..base.clone() },
+            Workload { step_rates_per_sec: (1..=STEPS_MAX as u64 + 1).collect(), ..base.clone() },
         ];
         for w in cases {
             let err = w.validate().unwrap_err();
@@ -315,5 +353,10 @@ mod tests {
         assert!(Suite::parse("name = \"x\"\n", "x").is_err(), "no workloads");
         let lite = Workload { topic_kind: TopicKind::Lite, sessions: 4, ..base.clone() };
         assert!(lite.validate().is_ok(), "a lite workload with sessions is accepted");
+        let steps = Workload { step_rates_per_sec: vec![1000, 2000, 4000], rate_per_sec: 0, ..base.clone() };
+        assert!(steps.validate().is_ok(), "a saturation workload ignores rate_per_sec");
+        assert_eq!(steps.shortened().step_rates_per_sec, [1000, 2000]);
+        assert_eq!(steps.at_rate(2000).rate_per_sec, 2000);
+        assert!(!steps.at_rate(2000).is_saturation());
     }
 }

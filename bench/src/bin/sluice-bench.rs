@@ -17,7 +17,8 @@ use clap::{Args, Parser, Subcommand};
 use sluice_bench::cpu::NamedPid;
 use sluice_bench::driver;
 use sluice_bench::error::BenchError;
-use sluice_bench::results::{check, summary_table, Failure, Host, ResultsFile, SCHEMA};
+use sluice_bench::results::{check, summary_table, Failure, Host, ResultsFile, RunResult, SCHEMA};
+use sluice_bench::saturation;
 use sluice_bench::targets::{TargetKind, TargetSpec, TARGET_KINDS};
 use sluice_bench::workload::{DurabilityLevel, Suite, TopicKind, Workload};
 
@@ -105,6 +106,10 @@ struct WorkloadFlags {
     /// Sends in flight per producer at most.
     #[arg(long, default_value_t = 1024)]
     inflight_max: usize,
+    /// Saturation: step through these rates (comma separated, rising) instead of --rate,
+    /// stopping at the first one the system does not keep up with.
+    #[arg(long, value_delimiter = ',')]
+    step_rates: Vec<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -142,14 +147,20 @@ async fn run_suite(suite: Suite, flags: RunFlags) -> Result<ResultsFile, BenchEr
         started_unix_ms: now_unix_ms(),
         host: Host::this(),
         results: Vec::new(),
+        saturation: Vec::new(),
         failures: Vec::new(),
     };
     for workload in &suite.workloads {
         let workload = if flags.short { workload.shortened() } else { workload.clone() };
         for spec in flags.targets.iter().filter(|t| workload.runs_on(t.kind.name())) {
-            eprintln!("sluice-bench: {} on {} ({} durability)", workload.name, spec.label, flags.durability);
-            match driver::run(spec, &workload, flags.durability, &flags.pids, now_unix_ms()).await {
-                Ok(result) => file.results.push(result),
+            let outcome = if workload.is_saturation() {
+                let step = |w: Workload| run_one(spec, w, &flags);
+                saturation::step_up(spec, &workload, step).await.map(|s| file.saturation.push(s))
+            } else {
+                run_one(spec, workload.clone(), &flags).await.map(|r| file.results.push(r))
+            };
+            match outcome {
+                Ok(()) => {}
                 Err(e) => {
                     eprintln!("sluice-bench: {} on {} failed: [{}] {e}", workload.name, spec.label, e.code());
                     file.failures.push(Failure {
@@ -166,6 +177,14 @@ async fn run_suite(suite: Suite, flags: RunFlags) -> Result<ResultsFile, BenchEr
     print!("{}", summary_table(std::slice::from_ref(&file)));
     eprintln!("sluice-bench: results in {}", flags.out.display());
     Ok(file)
+}
+
+async fn run_one(spec: &TargetSpec, workload: Workload, flags: &RunFlags) -> Result<RunResult, BenchError> {
+    eprintln!(
+        "sluice-bench: {} on {} at {} msg/s ({} durability)",
+        workload.name, spec.label, workload.rate_per_sec, flags.durability
+    );
+    driver::run(spec, &workload, flags.durability, &flags.pids, now_unix_ms()).await
 }
 
 fn load_all(files: &[PathBuf]) -> Result<Vec<ResultsFile>, BenchError> {
@@ -193,6 +212,7 @@ async fn main_async(cli: Cli) -> Result<bool, BenchError> {
                 sessions: w.sessions,
                 answer_messages: w.answer_messages,
                 targets: Vec::new(),
+                step_rates_per_sec: w.step_rates,
             };
             workload.validate()?;
             let file = run_suite(Suite { name: "run".into(), workloads: vec![workload] }, common).await?;
@@ -244,9 +264,10 @@ async fn main_async(cli: Cli) -> Result<bool, BenchError> {
             }
             if problems.is_empty() {
                 println!(
-                    "check {}: valid and complete ({} results, suite {}, {} durability)",
+                    "check {}: valid and complete ({} results, {} saturation steps, suite {}, {} durability)",
                     file.display(),
                     results.results.len(),
+                    results.saturation.iter().map(|s| s.steps.len()).sum::<usize>(),
                     suite.name,
                     results.durability
                 );

@@ -1,0 +1,340 @@
+//! Saturation: a workload stepped through rising offered rates, one run per step, until a
+//! system no longer keeps up. What it reports is the highest rate each system sustained, and
+//! the CPU per message of every server process at that rate.
+
+use std::fmt::Write as _;
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cpu::CLIENT_PROCESS;
+use crate::driver::DRAIN_SECS;
+use crate::error::BenchError;
+use crate::results::{ResultsFile, RunResult};
+use crate::targets::{TargetKind, TargetSpec};
+use crate::workload::Workload;
+
+/// A step whose send→receive p99 (send→ack without consumers) is above this did not keep up.
+pub const P99_LIMIT_US: f64 = 10_000.0;
+
+/// One saturation workload on one target: the steps it ran, lowest rate first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Saturation {
+    /// The workload as the suite gave it (with its step rates).
+    pub workload: Workload,
+    pub target: String,
+    pub kind: TargetKind,
+    /// Every step run, in order; only the last may have fallen short.
+    pub steps: Vec<RunResult>,
+    /// The highest offered rate kept up; None when not even the first was.
+    pub sustained_per_sec: Option<u64>,
+    /// Why stepping stopped short of the last rate; None when every step kept up (the
+    /// ceiling is higher than the steps reach).
+    pub stopped: Option<String>,
+}
+
+impl Saturation {
+    /// The run at the highest rate kept up.
+    pub fn sustained(&self) -> Option<&RunResult> {
+        let rate = self.sustained_per_sec?;
+        self.steps.iter().find(|s| s.workload.rate_per_sec == rate)
+    }
+}
+
+/// Why a step did not keep up, or None if it did: no failed send, every send started and
+/// finished on schedule, every acked message received, and the p99 within `P99_LIMIT_US`.
+pub fn shortfall(step: &RunResult) -> Option<String> {
+    let c = &step.counts;
+    if c.send_errors > 0 {
+        return Some(format!("{} of {} sends failed", c.send_errors, c.started));
+    }
+    if c.unstarted + c.unfinished > 0 {
+        return Some(format!(
+            "fell behind the schedule: {} sends never started and {} were unfinished at the deadline",
+            c.unstarted, c.unfinished
+        ));
+    }
+    if c.lost > 0 {
+        return Some(format!("{} acked messages were not received within {DRAIN_SECS} s of the end", c.lost));
+    }
+    let (what, latency) = match &step.send_receive {
+        Some(e2e) => ("send→receive", e2e),
+        None => ("send→ack", &step.send_ack),
+    };
+    if latency.count == 0 {
+        return Some(format!("no {what} latency was measured"));
+    }
+    (latency.p99_us > P99_LIMIT_US)
+        .then(|| format!("{what} p99 {:.1} ms is over {:.0} ms", latency.p99_us / 1000.0, P99_LIMIT_US / 1000.0))
+}
+
+/// Steps `workload` up on `spec`, running each step with `run_step` (the driver), and stops
+/// at the first step that falls short. An error on the first step is returned (the target
+/// could not run at all); on a later one it ends the stepping like a shortfall.
+pub async fn step_up<F, Fut>(spec: &TargetSpec, workload: &Workload, mut run_step: F) -> Result<Saturation, BenchError>
+where
+    F: FnMut(Workload) -> Fut,
+    Fut: Future<Output = Result<RunResult, BenchError>>,
+{
+    let mut saturation = Saturation {
+        workload: workload.clone(),
+        target: spec.label.clone(),
+        kind: spec.kind,
+        steps: Vec::new(),
+        sustained_per_sec: None,
+        stopped: None,
+    };
+    for &rate in &workload.step_rates_per_sec {
+        let step = match run_step(workload.at_rate(rate)).await {
+            Ok(step) => step,
+            Err(e) if saturation.steps.is_empty() => return Err(e),
+            Err(e) => {
+                saturation.stopped = Some(format!("at {rate} msg/s: error {}: {e}", e.code()));
+                break;
+            }
+        };
+        let why = shortfall(&step);
+        saturation.steps.push(step);
+        match why {
+            None => saturation.sustained_per_sec = Some(rate),
+            Some(why) => {
+                saturation.stopped = Some(format!("at {rate} msg/s: {why}"));
+                break;
+            }
+        }
+    }
+    Ok(saturation)
+}
+
+/// Server CPU µs per message of one run: each process, and their sum (None without any).
+fn server_cpu(step: &RunResult) -> (String, Option<f64>) {
+    let servers: Vec<_> = step.cpu.iter().filter(|c| c.process != CLIENT_PROCESS).collect();
+    if servers.is_empty() {
+        return ("-".into(), None);
+    }
+    let each: Vec<String> = servers.iter().map(|c| format!("{} {:.1}", c.process, c.cpu_us_per_msg)).collect();
+    let total: f64 = servers.iter().map(|c| c.cpu_us_per_msg).sum();
+    let text = if servers.len() > 1 { format!("{} = {total:.1}", each.join(" + ")) } else { each.join("") };
+    (text, Some(total))
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a > 0.0 && b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+/// The saturation tables of one results file: per workload, each target's highest sustained
+/// rate, its latency and server CPU per message there, and why the next step fell short;
+/// then Sluice ÷ peer ratios from the same run.
+pub fn table(file: &ResultsFile) -> String {
+    let mut out = String::new();
+    let mut names: Vec<&str> = Vec::new();
+    for s in &file.saturation {
+        if !names.contains(&s.workload.name.as_str()) {
+            names.push(&s.workload.name);
+        }
+    }
+    for name in names {
+        let rows: Vec<&Saturation> = file.saturation.iter().filter(|s| s.workload.name == name).collect();
+        let w = &rows[0].workload;
+        let (first, last) = (w.step_rates_per_sec.first().unwrap_or(&0), w.step_rates_per_sec.last().unwrap_or(&0));
+        let _ = writeln!(
+            out,
+            "\n== {} · durability {} · {name} (saturation): {} B, {} producer(s), {} consumer(s), {} topic(s), \
+             {first}…{last} msg/s in {} steps of {} s{} ==",
+            if file.label.is_empty() { &file.suite } else { &file.label },
+            file.durability,
+            w.size_bytes,
+            w.producers,
+            w.consumers,
+            w.topics,
+            w.step_rates_per_sec.len(),
+            w.duration_secs,
+            if file.short { " (short)" } else { "" },
+        );
+        let _ = writeln!(
+            out,
+            "{:<20} {:>9} {:>9} │ {:>8} {:>8} │ {:<36} │ stepping stopped",
+            "target", "sustained", "measured", "e2e p50", "e2e p99", "server cpu µs/msg at that rate"
+        );
+        for s in &rows {
+            let _ = writeln!(out, "{}", row(s, *last));
+        }
+        let _ = write!(out, "{}", ratios(&rows));
+    }
+    out
+}
+
+fn row(s: &Saturation, last_rate: u64) -> String {
+    let stopped = s.stopped.clone().unwrap_or_else(|| format!("never: every step kept up (ceiling above {last_rate})"));
+    let Some(step) = s.sustained() else {
+        return format!("{:<20} {:>9} {:>9} │ {:>8} {:>8} │ {:<36} │ {stopped}", s.target, "none", "-", "-", "-", "-");
+    };
+    let latency = step.send_receive.as_ref().unwrap_or(&step.send_ack);
+    format!(
+        "{:<20} {:>9} {:>9.0} │ {:>8.0} {:>8.0} │ {:<36} │ {stopped}",
+        s.target,
+        step.workload.rate_per_sec,
+        step.send_throughput.msgs_per_sec,
+        latency.p50_us,
+        latency.p99_us,
+        server_cpu(step).0,
+    )
+}
+
+fn ratios(rows: &[&Saturation]) -> String {
+    let mut out = String::new();
+    let is_peer = |k: TargetKind| matches!(k, TargetKind::Nats | TargetKind::Redis);
+    let rate = |s: &Saturation| s.sustained_per_sec.unwrap_or(0) as f64;
+    let cpu = |s: &Saturation| s.sustained().and_then(|step| server_cpu(step).1).unwrap_or(0.0);
+    for s in rows.iter().filter(|s| s.kind.is_sluice()) {
+        for p in rows.iter().filter(|p| is_peer(p.kind)) {
+            let _ = writeln!(
+                out,
+                "  {:<40} sustained rate {:>5} · server cpu/msg at it {:>5}",
+                format!("{} ÷ {}, same run:", s.target, p.target),
+                ratio(rate(s), rate(p)),
+                ratio(cpu(s), cpu(p)),
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::CpuUse;
+    use crate::results::testing::{file, result, summary};
+    use crate::workload::Suite;
+
+    fn workload() -> Workload {
+        let text = "name = \"s\"\n[[workload]]\nname = \"sat\"\nstep_rates_per_sec = [1000, 2000, 4000, 8000]\n";
+        Suite::parse(text, "s").unwrap().workloads.remove(0)
+    }
+
+    fn spec(kind: TargetKind) -> TargetSpec {
+        format!("{}=127.0.0.1:1", kind.name()).parse().unwrap()
+    }
+
+    /// A step at `rate` whose p99 is `p99_us`, charging `cpu_us` per message to one process.
+    fn step(w: &Workload, kind: TargetKind, p99_us: u64, cpu_us: f64) -> RunResult {
+        let mut r = result(w, kind, Some(summary(&[p99_us / 2, p99_us])));
+        r.cpu = vec![
+            CpuUse { process: "broker".into(), pid: 1, cpu_ms: 1.0, cpu_us_per_msg: cpu_us },
+            CpuUse { process: CLIENT_PROCESS.into(), pid: 2, cpu_ms: 1.0, cpu_us_per_msg: 99.0 },
+        ];
+        r
+    }
+
+    #[test]
+    fn a_step_falls_short_on_latency_errors_lag_or_loss() {
+        let w = workload().at_rate(1000);
+        let good = step(&w, TargetKind::Redis, 9_000, 1.0);
+        assert_eq!(shortfall(&good), None);
+        let slow = step(&w, TargetKind::Redis, 12_000, 1.0);
+        assert!(shortfall(&slow).unwrap().contains("p99 12.0 ms is over 10 ms"));
+        let mut failing = good.clone();
+        failing.counts.send_errors = 3;
+        assert!(shortfall(&failing).unwrap().contains("3 of 10 sends failed"));
+        let mut behind = good.clone();
+        behind.counts.unstarted = 5;
+        assert!(shortfall(&behind).unwrap().contains("fell behind the schedule: 5"));
+        let mut lossy = good.clone();
+        lossy.counts.lost = 2;
+        assert!(shortfall(&lossy).unwrap().contains("2 acked messages were not received"));
+        let mut ack_only = good.clone();
+        ack_only.send_receive = None;
+        ack_only.send_ack = summary(&[20_000]);
+        assert!(shortfall(&ack_only).unwrap().starts_with("send→ack p99 20.0 ms"));
+    }
+
+    #[tokio::test]
+    async fn stepping_stops_at_the_first_step_that_falls_short() {
+        let w = workload();
+        let mut asked = Vec::new();
+        let s = step_up(&spec(TargetKind::Redis), &w, |at: Workload| {
+            asked.push(at.rate_per_sec);
+            let p99_us = if at.rate_per_sec >= 4000 { 30_000 } else { 2_000 };
+            let r = step(&at, TargetKind::Redis, p99_us, 10.0);
+            async move { Ok(r) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(asked, [1000, 2000, 4000], "8000 is never tried");
+        assert_eq!(s.sustained_per_sec, Some(2000));
+        assert_eq!(s.sustained().unwrap().workload.rate_per_sec, 2000);
+        assert!(s.stopped.as_deref().unwrap().starts_with("at 4000 msg/s: send→receive p99 30.0 ms"));
+    }
+
+    #[tokio::test]
+    async fn every_step_kept_up_or_none_or_an_error() {
+        let w = workload();
+        let all = step_up(&spec(TargetKind::Nats), &w, |at: Workload| {
+            let r = step(&at, TargetKind::Nats, 1_000, 1.0);
+            async move { Ok(r) }
+        })
+        .await
+        .unwrap();
+        assert_eq!((all.sustained_per_sec, all.stopped.clone(), all.steps.len()), (Some(8000), None, 4));
+        let none = step_up(&spec(TargetKind::Nats), &w, |at: Workload| {
+            let r = step(&at, TargetKind::Nats, 50_000, 1.0);
+            async move { Ok(r) }
+        })
+        .await
+        .unwrap();
+        assert_eq!((none.sustained_per_sec, none.steps.len()), (None, 1));
+        let first_fails =
+            step_up(&spec(TargetKind::Nats), &w, |_| async { Err(BenchError::target("nats", "refused")) }).await;
+        assert!(first_fails.is_err(), "a target that cannot run at all is a failure");
+        let mut calls = 0;
+        let later_fails = step_up(&spec(TargetKind::Nats), &w, |at: Workload| {
+            calls += 1;
+            let r = if calls == 1 {
+                Ok(step(&at, TargetKind::Nats, 1_000, 1.0))
+            } else {
+                Err(BenchError::target("nats", "gone"))
+            };
+            async move { r }
+        })
+        .await
+        .unwrap();
+        assert_eq!(later_fails.sustained_per_sec, Some(1000));
+        assert!(later_fails.stopped.unwrap().starts_with("at 2000 msg/s: error"));
+    }
+
+    #[test]
+    fn the_table_names_the_ceiling_the_cpu_there_and_the_ratios() {
+        let w = workload();
+        let saturation = |kind: TargetKind, sustained: u64, cpu_us: f64| {
+            let steps: Vec<RunResult> = w
+                .step_rates_per_sec
+                .iter()
+                .filter(|r| **r <= sustained)
+                .map(|r| step(&w.at_rate(*r), kind, 1_000, cpu_us))
+                .collect();
+            Saturation {
+                workload: w.clone(),
+                target: kind.name().into(),
+                kind,
+                steps,
+                sustained_per_sec: Some(sustained),
+                stopped: (sustained < 8000).then(|| "at the next: too slow".to_string()),
+            }
+        };
+        let mut results = file(vec![]);
+        results.saturation =
+            vec![saturation(TargetKind::SluiceBroker, 8000, 20.0), saturation(TargetKind::Redis, 2000, 10.0)];
+        let text = table(&results);
+        let broker = text.lines().find(|l| l.starts_with("sluice-broker")).unwrap();
+        assert!(broker.contains(" 8000 ") && broker.contains("broker 20.0") && broker.contains("ceiling above 8000"));
+        assert!(!broker.contains("99.0"), "the load generator's own CPU is left out: {broker}");
+        let redis = text.lines().find(|l| l.starts_with("redis")).unwrap();
+        assert!(redis.contains(" 2000 ") && redis.contains("at the next: too slow"));
+        let ratio = text.lines().find(|l| l.contains("sluice-broker ÷ redis")).unwrap();
+        assert!(ratio.contains("sustained rate  4.00") && ratio.contains("at it  2.00"), "{ratio}");
+    }
+}
