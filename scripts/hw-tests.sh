@@ -81,6 +81,14 @@ run() {
   if command -v ibv_devices >/dev/null; then ibv_devices || true; fi
   baseline
   for bin in "$@"; do
+    if [[ ! -x $bin ]]; then
+      local hint=""
+      [[ -n ${SLUICE_IN_RDMA_VM:-} ]] \
+        && hint=" (the guest has its own /tmp and /run: keep the directory visible with rdma-vm.sh --keep DIR)"
+      say "$bin: not found or not executable here$hint"
+      failed=1
+      continue
+    fi
     say "running $(basename "$bin")"
     local started=$SECONDS
     # --include-ignored: the hw-tests are #[ignore]d in plain `cargo test`; rdma_link's are not.
@@ -104,7 +112,15 @@ case ${1:-} in
     mapfile -t bins < <(build)
     ((${#bins[@]} == EXPECTED_BINARIES)) || { say "expected $EXPECTED_BINARIES test binaries, got: ${bins[*]:-none}"; exit 1; }
     cd "$root"
-    exec bash "$here/rdma-vm.sh" --timeout "$VM_TIMEOUT_SECS" -- bash "$here/hw-tests.sh" --run "${bins[@]}"
+    # The guest's /tmp and /run are its own: keep the build's profile directory (the test
+    # binaries, and the binaries they start) visible there wherever CARGO_TARGET_DIR is.
+    # Resolved, since a symlink under /tmp would not be there either.
+    keep=() resolved=()
+    for bin in "${bins[@]}"; do
+      resolved+=("$(readlink -f "$bin")")
+      keep+=(--keep "$(dirname "$(dirname "${resolved[-1]}")")")
+    done
+    exec bash "$here/rdma-vm.sh" --timeout "$VM_TIMEOUT_SECS" "${keep[@]}" -- bash "$here/hw-tests.sh" --run "${resolved[@]}"
     ;;
   "")
     mapfile -t bins < <(build)

@@ -2,7 +2,7 @@
 # Runs one command inside a QEMU guest that has a soft-RoCE device (rxe0), so the RDMA path can be
 # tested for real on hosts whose own kernel has no InfiniBand support (this build machine, CI).
 #
-#   scripts/rdma-vm.sh [--timeout SECS] -- CMD [ARGS...]
+#   scripts/rdma-vm.sh [--timeout SECS] [--keep PATH]... -- CMD [ARGS...]
 #
 # The guest boots Debian's stock kernel (it has rdma_rxe) under software emulation (TCG; KVM hangs
 # on these hosts). The host's `/` is the guest's root, read-only over 9p, so every host path is the
@@ -11,8 +11,9 @@
 # CMD runs as root in the directory this script was started from, with a clean environment:
 #   SLUICE_RDMA_DEVICE=rxe0 SLUICE_RDMA_SERVER_ADDR=10.77.0.1 SLUICE_IN_RDMA_VM=1 HOME=/tmp PATH
 # (plus the host's values of the names in SLUICE_VM_PASS_ENV). The guest's /tmp and /run are
-# tmpfs (the working directory and this script's directory stay visible if they are under
-# them); everything else is read-only. CMD's stdout and stderr are merged, in order, onto this
+# tmpfs: the working directory, this script's directory and every --keep PATH (e.g. a
+# CARGO_TARGET_DIR under /tmp) stay visible if they are under them; everything else is
+# read-only. CMD's stdout and stderr are merged, in order, onto this
 # script's stdout; rdma-vm's own messages go to stderr. The script exits with CMD's status,
 # 124 if the run timed out, 125 if the VM itself failed (download, boot, rxe), 64 on usage errors.
 #
@@ -105,7 +106,7 @@ fi
 
 # ==== host side ==================================================================================
 usage() {
-  echo "usage: $0 [--timeout SECS] -- CMD [ARGS...]" >&2
+  echo "usage: $0 [--timeout SECS] [--keep PATH]... -- CMD [ARGS...]" >&2
   exit "$EXIT_USAGE"
 }
 say() { echo "rdma-vm: $*" >&2; }
@@ -117,8 +118,15 @@ now_ms() { echo $(($(date +%s%N) / 1000000)); }
 secs_since() { awk -v a="$1" -v b="$(now_ms)" 'BEGIN { printf "%.1f", (b - a) / 1000 }'; }
 
 timeout_secs=$DEFAULT_TIMEOUT_SECS
+extra_keep=()
 while (($#)); do
   case $1 in
+    --keep)
+      [[ -n ${2:-} ]] || usage
+      [[ -e $2 ]] || die "--keep $2: no such file or directory"
+      extra_keep+=("$(readlink -f "$2")")
+      shift 2
+      ;;
     --timeout)
       [[ ${2:-} =~ ^[0-9]+$ && $2 -gt 0 ]] || usage
       timeout_secs=$2
@@ -151,14 +159,18 @@ cwd=$PWD
 # working directory and this script's directory are kept visible (bind-mounted over the tmpfs)
 # when they live there, e.g. a CI checkout in /tmp; the kernel command line names them.
 keep_paths=()
-for path in "$cwd" "$(dirname "$self")"; do
+# Sorted, so a path inside one already kept is skipped (its parent brings it along).
+while IFS= read -r path; do
   case $path/ in
     /tmp/* | /run/*)
       [[ $path =~ ^[A-Za-z0-9/._+-]+$ ]] || die "cannot keep $path visible in the guest: unusual characters in the path"
+      for kept in "${keep_paths[@]}"; do
+        [[ $path/ == "$kept"/* ]] && continue 2
+      done
       keep_paths+=("$path")
       ;;
   esac
-done
+done < <(printf '%s\n' "$cwd" "$(dirname "$self")" "${extra_keep[@]}" | LC_ALL=C sort -u)
 keep_arg=""
 if ((${#keep_paths[@]})); then
   keep_arg=" sluice_keep=$(IFS=,; echo "${keep_paths[*]}")"
