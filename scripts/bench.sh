@@ -48,6 +48,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
+if $twin_metrics; then label+=" · A/A: the @nometrics twin has metrics on"; fi
 for tool in nats-server redis-server; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is missing; running scripts/setup.sh"; bash scripts/setup.sh; break; }
 done

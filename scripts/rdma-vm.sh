@@ -123,7 +123,7 @@ while (($#)); do
   case $1 in
     --keep)
       [[ -n ${2:-} ]] || usage
-      [[ -e $2 ]] || die "--keep $2: no such file or directory"
+      [[ -d $2 ]] || die "--keep $2: not a directory (keep the directory that holds the files)"
       extra_keep+=("$(readlink -f "$2")")
       shift 2
       ;;
@@ -156,8 +156,9 @@ remaining_secs() { echo $((timeout_secs - ($(now_ms) - started_ms) / 1000)); }
 self=$(readlink -f "${BASH_SOURCE[0]}")
 cwd=$PWD
 # The guest mounts fresh tmpfs on /tmp and /run, hiding whatever the host has there. The
-# working directory and this script's directory are kept visible (bind-mounted over the tmpfs)
-# when they live there, e.g. a CI checkout in /tmp; the kernel command line names them.
+# working directory, this script's directory and each --keep directory are kept visible
+# (bind-mounted over the tmpfs) when they live there, e.g. a CI checkout or a CARGO_TARGET_DIR
+# in /tmp; the kernel command line names them.
 keep_paths=()
 # Sorted, so a path inside one already kept is skipped (its parent brings it along).
 while IFS= read -r path; do

@@ -56,27 +56,38 @@ fn chart_svg(title: &str, lines: &[Line]) -> Result<String, String> {
             .y_desc("latency µs (log)")
             .draw()
             .map_err(|e| e.to_string())?;
-        for (i, line) in lines.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            let points: Vec<(f64, f64)> =
-                line.points.iter().enumerate().map(|(x, p)| (x as f64, p.1.max(min))).collect();
-            chart
-                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-                .map_err(|e| e.to_string())?
-                .label(line.name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-            chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(|e| e.to_string())?;
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| e.to_string())?;
+        let placed = lines.iter().map(|line| {
+            let points = line.points.iter().enumerate().map(|(x, p)| (x as f64, p.1.max(min))).collect();
+            (line.name.clone(), points)
+        });
+        draw_lines(&mut chart, placed.collect())?;
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)
+}
+
+/// Draws each named line (its points already in the chart's coordinates) in its own colour,
+/// with a marker per point, then the legend.
+fn draw_lines<'a, DB: DrawingBackend + 'a, X: Ranged<ValueType = f64>, Y: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    lines: Vec<(String, Vec<(f64, f64)>)>,
+) -> Result<(), String> {
+    for (i, (name, points)) in lines.into_iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(|e| e.to_string())?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())
 }
 
 /// p99 against offered rate, one line per target and run, with the limit a step must stay
@@ -113,23 +124,9 @@ fn rate_chart_svg(title: &str, lines: &[Line]) -> Result<String, String> {
             .map_err(|e| e.to_string())?
             .label(format!("limit: p99 {} ms", P99_LIMIT_US / 1000.0))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED.stroke_width(1)));
-        for (i, line) in lines.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            let points: Vec<(f64, f64)> = line.points.iter().map(|p| (p.0, p.1.max(p99_min))).collect();
-            chart
-                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-                .map_err(|e| e.to_string())?
-                .label(line.name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-            chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(|e| e.to_string())?;
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| e.to_string())?;
+        let placed =
+            lines.iter().map(|line| (line.name.clone(), line.points.iter().map(|p| (p.0, p.1.max(p99_min))).collect()));
+        draw_lines(&mut chart, placed.collect())?;
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)
@@ -168,7 +165,13 @@ fn saturation_charts(files: &[ResultsFile]) -> Result<String, String> {
                 lines.push(Line { name: format!("{} · {}", s.target, run_name(file)), points });
             }
         }
-        body.push_str(&rate_chart_svg(&format!("{name}: send → receive p99 by offered rate (saturation)"), &lines)?);
+        let what =
+            if files.iter().flat_map(|f| &f.saturation).any(|s| s.workload.name == name && s.workload.consumers == 0) {
+                "send → ack"
+            } else {
+                "send → receive"
+            };
+        body.push_str(&rate_chart_svg(&format!("{name}: {what} p99 by offered rate (saturation)"), &lines)?);
         body.push('\n');
     }
     Ok(body)
@@ -282,6 +285,7 @@ mod tests {
                 steps,
                 sustained_per_sec,
                 stopped: None,
+                error: None,
             });
         }
         let html = html(&[results]).unwrap();

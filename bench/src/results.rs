@@ -169,9 +169,9 @@ pub fn check(file: &ResultsFile, suite: &Suite, kinds: &[TargetKind]) -> Vec<Str
     problems
 }
 
-/// A saturation workload must have run at least one step, and each step must be sound. Lost
-/// messages are not judged here: a step that lost any fell short by that (see
-/// `saturation::shortfall`), and the table says so.
+/// A saturation workload must have run at least one step without a harness error, and each
+/// step that kept up must be sound. A step that fell short (lost messages, failed sends, no
+/// samples at all) is a result, and the table says why; only corruption is judged there too.
 fn saturation_problems(file: &ResultsFile, workload: &Workload, kind: TargetKind, problems: &mut Vec<String>) {
     let found: Vec<&Saturation> =
         file.saturation.iter().filter(|s| s.workload.name == workload.name && s.kind == kind).collect();
@@ -182,9 +182,16 @@ fn saturation_problems(file: &ResultsFile, workload: &Workload, kind: TargetKind
         if s.steps.is_empty() {
             problems.push(format!("{} on {}: no step ran", workload.name, s.target));
         }
+        if let Some(error) = &s.error {
+            problems.push(format!("{} on {}: stepping ended on an error {error}", workload.name, s.target));
+        }
         for step in &s.steps {
             let at = format!("{} on {} at {} msg/s", workload.name, s.target, step.workload.rate_per_sec);
-            result_problems(&at, step, false, problems);
+            if crate::saturation::shortfall(step).is_none() {
+                result_problems(&at, step, true, problems);
+            } else if step.counts.corrupt > 0 {
+                problems.push(format!("{at}: {} corrupt messages", step.counts.corrupt));
+            }
         }
     }
 }
@@ -469,15 +476,22 @@ mod tests {
             steps: vec![step(1000, 0), step(2000, 7)],
             sustained_per_sec: Some(1000),
             stopped: Some("at 2000 msg/s: 7 acked messages were not received".into()),
+            error: None,
         });
         assert!(check(&file, &suite, &[TargetKind::Redis]).is_empty(), "the step that fell short may lose messages");
+        file.saturation[0].steps[1].counts.acked = 0;
+        file.saturation[0].steps[1].send_receive = Some(summary(&[]));
+        assert!(check(&file, &suite, &[TargetKind::Redis]).is_empty(), "or ack nothing and measure nothing");
         file.saturation[0].steps[1].counts.corrupt = 1;
-        file.saturation[0].steps[0].counts.acked = 0;
+        file.saturation[0].steps[0].send_ack = summary(&[]);
         let problems = check(&file, &suite, &[TargetKind::Redis]);
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems[0].starts_with("sat on redis at 1000 msg/s: counts do not add up"));
-        assert_eq!(problems[1], "sat on redis at 2000 msg/s: 7 lost and 1 corrupt messages");
+        assert!(problems[0].starts_with("sat on redis at 1000 msg/s send→ack: no samples"), "{problems:?}");
+        assert_eq!(problems[1], "sat on redis at 2000 msg/s: 1 corrupt messages");
+        file.saturation[0].error = Some("at 4000 msg/s: error 6002: gone".into());
+        assert!(check(&file, &suite, &[TargetKind::Redis]).iter().any(|p| p.contains("ended on an error")));
         file.saturation[0].steps.clear();
+        file.saturation[0].error = None;
         assert_eq!(check(&file, &suite, &[TargetKind::Redis]), ["sat on redis: no step ran"]);
     }
 

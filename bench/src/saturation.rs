@@ -36,22 +36,43 @@ pub struct Saturation {
     /// Why stepping stopped short of the last rate; None when every step kept up (the
     /// ceiling is higher than the steps reach).
     pub stopped: Option<String>,
+    /// A run that could not be made at all (the harness or the target broke, not a
+    /// shortfall): it ended the stepping, and `check` reports it.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 impl Saturation {
     /// The run at the highest rate kept up.
     pub fn sustained(&self) -> Option<&RunResult> {
-        let rate = self.sustained_per_sec?;
-        self.steps.iter().rfind(|s| s.workload.rate_per_sec == rate)
+        self.kept_up_at(self.sustained_per_sec?)
+    }
+
+    /// The run that kept up at `rate` (a step's second attempt, if it took two).
+    pub fn kept_up_at(&self, rate: u64) -> Option<&RunResult> {
+        self.steps.iter().rfind(|s| s.workload.rate_per_sec == rate && shortfall(s).is_none())
+    }
+
+    /// The sustained rate took a second attempt.
+    fn sustained_on_second_attempt(&self) -> bool {
+        let rate = self.sustained_per_sec;
+        self.steps.iter().filter(|s| Some(s.workload.rate_per_sec) == rate).count() > 1
     }
 }
 
-/// Why a step did not keep up, or None if it did: no failed send, every send started and
-/// finished on schedule, every acked message received, and the p99 within `P99_LIMIT_US`.
+/// Why a step did not keep up, or None if it did: no failed send, receive or ack, every
+/// send started and finished on schedule, every acked message received once and intact, and
+/// the p99 within `P99_LIMIT_US`.
 pub fn shortfall(step: &RunResult) -> Option<String> {
     let c = &step.counts;
     if c.send_errors > 0 {
         return Some(format!("{} of {} sends failed", c.send_errors, c.started));
+    }
+    if c.receive_errors + c.ack_errors > 0 {
+        return Some(format!("{} receives and {} acks failed", c.receive_errors, c.ack_errors));
+    }
+    if c.duplicates + c.corrupt > 0 {
+        return Some(format!("{} messages delivered again and {} corrupt", c.duplicates, c.corrupt));
     }
     if c.unstarted + c.unfinished > 0 {
         return Some(format!(
@@ -75,7 +96,8 @@ pub fn shortfall(step: &RunResult) -> Option<String> {
 
 /// Steps `workload` up on `spec`, running each step with `run_step` (the driver), and stops
 /// at the first step that falls short `ATTEMPTS_PER_STEP` times in a row. An error on the
-/// first run is returned (the target could not run at all); a later one ends the stepping.
+/// first run is returned (the target could not run at all); a later one ends the stepping and
+/// is kept in `error`.
 pub async fn step_up<F, Fut>(spec: &TargetSpec, workload: &Workload, mut run_step: F) -> Result<Saturation, BenchError>
 where
     F: FnMut(Workload) -> Fut,
@@ -88,6 +110,7 @@ where
         steps: Vec::new(),
         sustained_per_sec: None,
         stopped: None,
+        error: None,
     };
     for &rate in &workload.step_rates_per_sec {
         let mut reasons = Vec::new();
@@ -96,7 +119,9 @@ where
                 Ok(step) => step,
                 Err(e) if saturation.steps.is_empty() => return Err(e),
                 Err(e) => {
-                    saturation.stopped = Some(format!("at {rate} msg/s: error {}: {e}", e.code()));
+                    let error = format!("at {rate} msg/s: error {}: {e}", e.code());
+                    saturation.stopped = Some(error.clone());
+                    saturation.error = Some(error);
                     return Ok(saturation);
                 }
             };
@@ -165,29 +190,40 @@ pub fn table(file: &ResultsFile) -> String {
             w.duration_secs,
             if file.short { " (short)" } else { "" },
         );
+        let what = if w.consumers > 0 { "send→receive" } else { "send→ack" };
+        let cpu_width = rows.iter().filter_map(|s| s.sustained()).map(|st| server_cpu(st).0.chars().count()).max();
+        let cpu_width = cpu_width.unwrap_or(0).max(CPU_COLUMN_MIN_CHARS);
         let _ = writeln!(
             out,
-            "{:<20} {:>9} {:>9} │ {:>8} {:>8} │ {:<36} │ stepping stopped",
-            "target", "sustained", "measured", "e2e p50", "e2e p99", "server cpu µs/msg at that rate"
+            "{:<20} {:>10} {:>9} │ {:>8} {:>8} │ {:<cpu_width$} │ stepping stopped",
+            "target", "sustained", "measured", "p50 µs", "p99 µs", "server cpu µs/msg at that rate"
         );
         for s in &rows {
-            let _ = writeln!(out, "{}", row(s, *last));
+            let _ = writeln!(out, "{}", row(s, *last, cpu_width));
         }
+        let _ = writeln!(out, "  latency: {what}, from each message's due time; * kept up only on its second attempt");
         let _ = write!(out, "{}", ratios(&rows));
     }
     out
 }
 
-fn row(s: &Saturation, last_rate: u64) -> String {
+/// The CPU column is at least this wide (the widest row widens it).
+const CPU_COLUMN_MIN_CHARS: usize = 30;
+
+fn row(s: &Saturation, last_rate: u64, cpu_width: usize) -> String {
     let stopped = s.stopped.clone().unwrap_or_else(|| format!("never: every step kept up (ceiling above {last_rate})"));
     let Some(step) = s.sustained() else {
-        return format!("{:<20} {:>9} {:>9} │ {:>8} {:>8} │ {:<36} │ {stopped}", s.target, "none", "-", "-", "-", "-");
+        return format!(
+            "{:<20} {:>10} {:>9} │ {:>8} {:>8} │ {:<cpu_width$} │ {stopped}",
+            s.target, "none", "-", "-", "-", "-"
+        );
     };
     let latency = step.send_receive.as_ref().unwrap_or(&step.send_ack);
+    let second = if s.sustained_on_second_attempt() { "*" } else { "" };
     format!(
-        "{:<20} {:>9} {:>9.0} │ {:>8.0} {:>8.0} │ {:<36} │ {stopped}",
+        "{:<20} {:>10} {:>9.0} │ {:>8.0} {:>8.0} │ {:<cpu_width$} │ {stopped}",
         s.target,
-        step.workload.rate_per_sec,
+        format!("{}{second}", step.workload.rate_per_sec),
         step.send_throughput.msgs_per_sec,
         latency.p50_us,
         latency.p99_us,
@@ -195,18 +231,38 @@ fn row(s: &Saturation, last_rate: u64) -> String {
     )
 }
 
+/// `a ÷ b` of two sustained rates, marked as a bound where a system's ceiling lies above
+/// the last step (it never fell short); None when it says nothing.
+fn rate_ratio(a: &Saturation, b: &Saturation) -> String {
+    let (Some(ra), Some(rb)) = (a.sustained_per_sec, b.sustained_per_sec) else {
+        return "-".into();
+    };
+    let bound = match (a.stopped.is_none(), b.stopped.is_none()) {
+        (true, true) => return "-".into(),
+        (true, false) => "≥",
+        (false, true) => "≤",
+        (false, false) => "",
+    };
+    format!("{bound}{}", ratio(ra as f64, rb as f64))
+}
+
+/// Sluice ÷ each peer: the sustained rates, and the server CPU per message at the highest
+/// rate both kept up with (CPU per message changes with the rate, so the same one).
 fn ratios(rows: &[&Saturation]) -> String {
     let mut out = String::new();
     let is_peer = |k: TargetKind| matches!(k, TargetKind::Nats | TargetKind::Redis);
-    let rate = |s: &Saturation| s.sustained_per_sec.unwrap_or(0) as f64;
-    let cpu = |s: &Saturation| s.sustained().and_then(|step| server_cpu(step).1).unwrap_or(0.0);
     for s in rows.iter().filter(|s| s.kind.is_sluice()) {
         for p in rows.iter().filter(|p| is_peer(p.kind)) {
+            let common = s.sustained_per_sec.min(p.sustained_per_sec);
+            let cpu = |x: &Saturation| {
+                common.and_then(|rate| x.kept_up_at(rate)).and_then(|step| server_cpu(step).1).unwrap_or(0.0)
+            };
+            let at = common.map_or("-".to_string(), |rate| format!("{rate} msg/s"));
             let _ = writeln!(
                 out,
-                "  {:<40} sustained rate {:>5} · server cpu/msg at it {:>5}",
+                "  {:<40} sustained rate {:>6} · server cpu/msg at {at} (both kept up) {:>5}",
                 format!("{} ÷ {}, same run:", s.target, p.target),
-                ratio(rate(s), rate(p)),
+                rate_ratio(s, p),
                 ratio(cpu(s), cpu(p)),
             );
         }
@@ -250,6 +306,12 @@ mod tests {
         let mut failing = good.clone();
         failing.counts.send_errors = 3;
         assert!(shortfall(&failing).unwrap().contains("3 of 10 sends failed"));
+        let mut acks_fail = good.clone();
+        acks_fail.counts.ack_errors = 4;
+        assert!(shortfall(&acks_fail).unwrap().contains("0 receives and 4 acks failed"));
+        let mut redelivered = good.clone();
+        redelivered.counts.duplicates = 6;
+        assert!(shortfall(&redelivered).unwrap().contains("6 messages delivered again"));
         let mut behind = good.clone();
         behind.counts.unstarted = 5;
         assert!(shortfall(&behind).unwrap().contains("fell behind the schedule: 5"));
@@ -288,18 +350,19 @@ mod tests {
         let mut runs = 0;
         let s = step_up(&spec(TargetKind::Redis), &w, |at: Workload| {
             runs += 1;
-            // The first attempt at 2000 stalls; its second attempt, and the rest, keep up.
-            let p99_us = if runs == 2 { 40_000 } else { 2_000 };
+            // The first attempts at 2000 and at 8000 stall; their second attempts keep up.
+            let p99_us = if runs == 2 || runs == 5 { 40_000 } else { 2_000 };
             let r = step(&at, TargetKind::Redis, p99_us, 10.0);
             async move { Ok(r) }
         })
         .await
         .unwrap();
         let rates: Vec<u64> = s.steps.iter().map(|r| r.workload.rate_per_sec).collect();
-        assert_eq!(rates, [1000, 2000, 2000, 4000, 8000]);
+        assert_eq!(rates, [1000, 2000, 2000, 4000, 8000, 8000]);
         assert_eq!((s.sustained_per_sec, s.stopped.clone()), (Some(8000), None));
+        assert!(s.sustained_on_second_attempt());
         let sustained = s.sustained().unwrap();
-        assert!(sustained.send_receive.as_ref().unwrap().p99_us < 2_100.0, "the 8000 run, not a stalled one");
+        assert!(sustained.send_receive.as_ref().unwrap().p99_us < 2_100.0, "the 8000 run that kept up, not the stall");
     }
 
     #[tokio::test]
@@ -336,17 +399,19 @@ mod tests {
         .unwrap();
         assert_eq!(later_fails.sustained_per_sec, Some(1000));
         assert!(later_fails.stopped.unwrap().starts_with("at 2000 msg/s: error"));
+        assert!(later_fails.error.unwrap().contains("gone"), "kept apart from a shortfall, for check");
     }
 
     #[test]
     fn the_table_names_the_ceiling_the_cpu_there_and_the_ratios() {
         let w = workload();
-        let saturation = |kind: TargetKind, sustained: u64, cpu_us: f64| {
+        // CPU per message falls as the rate rises (fixed costs spread thinner).
+        let saturation = |kind: TargetKind, sustained: u64, cpu_us: fn(u64) -> f64| {
             let steps: Vec<RunResult> = w
                 .step_rates_per_sec
                 .iter()
                 .filter(|r| **r <= sustained)
-                .map(|r| step(&w.at_rate(*r), kind, 1_000, cpu_us))
+                .map(|r| step(&w.at_rate(*r), kind, 1_000, cpu_us(*r)))
                 .collect();
             Saturation {
                 workload: w.clone(),
@@ -355,18 +420,24 @@ mod tests {
                 steps,
                 sustained_per_sec: Some(sustained),
                 stopped: (sustained < 8000).then(|| "at the next: too slow".to_string()),
+                error: None,
             }
         };
         let mut results = file(vec![]);
-        results.saturation =
-            vec![saturation(TargetKind::SluiceBroker, 8000, 20.0), saturation(TargetKind::Redis, 2000, 10.0)];
+        let mut redis = saturation(TargetKind::Redis, 2000, |_| 10.0);
+        // Its 2000 kept up on the second attempt, after a stall.
+        redis.steps.insert(1, step(&w.at_rate(2000), TargetKind::Redis, 50_000, 10.0));
+        results.saturation = vec![saturation(TargetKind::SluiceBroker, 8000, |r| 20.0 + r as f64 / 1000.0), redis];
         let text = table(&results);
         let broker = text.lines().find(|l| l.starts_with("sluice-broker")).unwrap();
-        assert!(broker.contains(" 8000 ") && broker.contains("broker 20.0") && broker.contains("ceiling above 8000"));
+        assert!(broker.contains(" 8000 ") && broker.contains("broker 28.0") && broker.contains("ceiling above 8000"));
         assert!(!broker.contains("99.0"), "the load generator's own CPU is left out: {broker}");
         let redis = text.lines().find(|l| l.starts_with("redis")).unwrap();
-        assert!(redis.contains(" 2000 ") && redis.contains("at the next: too slow"));
+        assert!(redis.contains(" 2000* ") && redis.contains("at the next: too slow"), "{redis}");
+        assert!(redis.contains(" 1000 "), "the p50 of the run that kept up, not of the stall: {redis}");
         let ratio = text.lines().find(|l| l.contains("sluice-broker ÷ redis")).unwrap();
-        assert!(ratio.contains("sustained rate  4.00") && ratio.contains("at it  2.00"), "{ratio}");
+        assert!(ratio.contains("sustained rate  ≥4.00"), "a lower bound: the broker never fell short: {ratio}");
+        assert!(ratio.contains("at 2000 msg/s (both kept up)  2.20"), "CPU compared at the same rate: {ratio}");
+        assert!(text.contains("latency: send→receive"));
     }
 }

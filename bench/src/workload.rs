@@ -77,9 +77,10 @@ pub struct Workload {
     #[serde(default)]
     pub targets: Vec<String>,
     /// A saturation workload: the offered rates to step through, lowest first, each a run of
-    /// its own (`rate_per_sec` is then ignored). Stepping stops at the first rate a system does
-    /// not keep up with (see `saturation`). Empty: one run at `rate_per_sec`.
-    #[serde(default)]
+    /// its own (`rate_per_sec` is then ignored). Stepping stops at the first rate a system
+    /// falls short of twice in a row (see `saturation`). Empty: one run at `rate_per_sec`.
+    /// Left out of results files when empty, so older sluice-bench binaries still read them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub step_rates_per_sec: Vec<u64>,
 }
 

@@ -106,8 +106,8 @@ struct WorkloadFlags {
     /// Sends in flight per producer at most.
     #[arg(long, default_value_t = 1024)]
     inflight_max: usize,
-    /// Saturation: step through these rates (comma separated, rising) instead of --rate,
-    /// stopping at the first one the system does not keep up with.
+    /// Saturation: step through these rates (comma separated, rising); --rate is then ignored.
+    /// Stepping stops at the first rate the system falls short of twice in a row.
     #[arg(long, value_delimiter = ',')]
     step_rates: Vec<u64>,
 }
