@@ -55,13 +55,8 @@ done
 # SLUICE_CARGO_PROFILE=ci (the test command) reuses the tests' optimised build instead of
 # compiling everything again for release.
 profile="${SLUICE_CARGO_PROFILE:-release}"
-if [[ "$profile" == ci ]]; then
-  # The selection the test command built with: a `-p` one resolves features differently and
-  # recompiles half the workspace.
-  cargo build --profile ci --locked --workspace --all-targets
-else
-  cargo build --profile "$profile" --locked -p sluice --bin sluice -p sluice-bench --bin sluice-bench
-fi
+source scripts/build-once.sh
+build_workspace "$profile"
 sluice=target/$profile/sluice
 bench=target/$profile/sluice-bench
 

@@ -27,11 +27,8 @@ done
 
 command -v prometheus >/dev/null || { echo "dashboard: prometheus is missing; running scripts/setup.sh"; bash scripts/setup.sh; }
 profile="${SLUICE_CARGO_PROFILE:-release}"
-if [[ "$profile" == ci ]]; then
-  cargo build --profile ci --locked --workspace --all-targets
-else
-  cargo build --profile "$profile" --locked -p sluice --bin sluice -p sluice-bench --bin sluice-bench
-fi
+source scripts/build-once.sh
+build_workspace "$profile"
 sluice=target/$profile/sluice
 bench=target/$profile/sluice-bench
 python=python3

@@ -25,12 +25,8 @@ while [[ $# -gt 0 ]]; do
 done
 command -v redis-server >/dev/null || bash scripts/setup.sh
 profile="${SLUICE_CARGO_PROFILE:-release}"
-if [[ "$profile" == ci ]]; then
-  # The test command's selection, so nothing is recompiled (see scripts/bench.sh).
-  cargo build --profile ci --locked --workspace --all-targets
-else
-  cargo build --profile "$profile" --locked -p sluice --bin sluice -p sluice-bench --bin lite-scale
-fi
+source scripts/build-once.sh
+build_workspace "$profile"
 sluice=target/$profile/sluice
 
 work="$(mktemp -d /tmp/sluice-lite-bench.XXXXXX)"

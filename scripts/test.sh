@@ -13,7 +13,10 @@ export SLUICE_CARGO_PROFILE=ci
 export SLUICE_BIN="$PWD/target/ci/sluice"
 started=$(date +%s)
 cargo fmt --all --check
-cargo build --workspace --all-targets --locked --profile ci
+# The whole workspace with every target; RocksDB's C++ compiled once per checkout, whichever
+# profile builds first (scripts/build-once.sh).
+source scripts/build-once.sh
+build_workspace ci
 cargo clippy --workspace --all-targets --locked --profile ci -- -D warnings
 # The cargo-fuzz target lives outside the workspace (libFuzzer instruments on nightly); make
 # sure it still builds against the decoder.
