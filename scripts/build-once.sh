@@ -1,14 +1,12 @@
 # Sourced by the scripts that build the broker (test.sh, bench.sh, dashboard-snapshot.sh,
-# lite-bench.sh): `build_workspace PROFILE` builds it so that nothing is compiled twice.
+# lite-bench.sh): `build_workspace PROFILE` builds so that nothing is compiled twice.
 #   - One package selection per profile. `ci` (the test command) builds the whole workspace with
-#     every target; other profiles build the whole workspace's libraries and binaries, the same
-#     as a plain `cargo build --release`. A `-p` selection resolves dependencies' features
-#     differently and recompiles half the workspace, RocksDB included.
-#   - RocksDB's C++ is compiled once per checkout, not once per profile (below).
-#
-# Why RocksDB needs more: librocksdb-sys compiles RocksDB (15 minutes on 2 cores) into each profile's target
-# directory, and again whenever a `-p` selection resolves its dependencies' features differently.
-# The tests build the `ci` profile and the main job `release`, so a user running both paid twice.
+#     every target; other profiles build the whole workspace's libraries and binaries, as a plain
+#     `cargo build --release` does. A `-p` selection resolves dependencies' features differently
+#     and recompiles half the workspace.
+#   - RocksDB's C++ (15 minutes on 2 cores) is compiled once per checkout. librocksdb-sys
+#     compiles it into each profile's target directory, so the tests (`ci`) and the main job
+#     (`release`) would compile it twice.
 #
 # How: the first profile to compile it (the "origin") keeps a copy of its librocksdb.a in
 # target/rocksdb/<librocksdb-sys version>-<features>/. Every other profile links that copy through
@@ -52,12 +50,11 @@ rocksdb_once_keep() {
   version=${version%-*}
   # The newest one this profile compiled from this version's sources (its build script's output
   # names them).
-  for lib in $(ls -t "$root/$profile"/build/librocksdb-sys-*/out/librocksdb.a 2>/dev/null); do
-    if grep -F "cargo_manifest_dir=" "${lib%/out/librocksdb.a}/output" 2>/dev/null |
-       grep -qF "librocksdb-sys-$version"; then
-      built=$lib
-      break
-    fi
+  for lib in "$root/$profile"/build/librocksdb-sys-*/out/librocksdb.a; do
+    [[ -f $lib ]] || continue
+    grep -F "cargo_manifest_dir=" "${lib%/out/librocksdb.a}/output" 2>/dev/null |
+      grep -qF "librocksdb-sys-$version" || continue
+    if [[ -z $built || $lib -nt $built ]]; then built=$lib; fi
   done
   [[ -n $built ]] || return 0
   mkdir -p "$dir"
