@@ -1,7 +1,7 @@
 //! Links libstdc++ when RocksDB comes prebuilt.
 //!
 //! librocksdb-sys links libstdc++ only when it compiles RocksDB itself. With `ROCKSDB_LIB_DIR`
-//! and `ROCKSDB_STATIC` (scripts/rocksdb-once.sh: one RocksDB compile shared by every cargo
+//! and `ROCKSDB_STATIC` (scripts/build-once.sh: one RocksDB compile shared by every cargo
 //! profile) it links the static archive alone, and the C++ runtime is left unresolved. Declared
 //! here, by a crate that depends on it, the library lands after librocksdb-sys's archive on the
 //! linker's command line, where `--as-needed` keeps it.
