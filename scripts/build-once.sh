@@ -16,32 +16,25 @@
 # (librocksdb-sys always builds it with NDEBUG).
 # SLUICE_ROCKSDB_ONCE=0 turns this off; a ROCKSDB_LIB_DIR set by the caller is left alone.
 
-rocksdb_target_root() { echo "${CARGO_TARGET_DIR:-$PWD/target}"; }
-
-rocksdb_version() {
-  awk '/^name = "librocksdb-sys"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock
-}
-
 rocksdb_once_dir() {
-  local version features
-  version=$(rocksdb_version)
+  local root=${CARGO_TARGET_DIR:-$PWD/target} version features
+  version=$(awk '/^name = "librocksdb-sys"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)
   # The features come from the workspace's `rocksdb = …` line: a change there needs a new build.
   features=$(grep -E '^rocksdb *=' Cargo.toml | cksum | cut -d' ' -f1)
   [[ -n $version ]] || return 1
-  echo "$(rocksdb_target_root)/rocksdb/librocksdb-sys-$version-$features"
+  echo "$root/rocksdb/librocksdb-sys-$version-$features"
 }
 
 # rocksdb_once_link PROFILE: before building PROFILE, link the kept library if this profile is
 # not the one that compiled it.
 rocksdb_once_link() {
-  local profile=$1 dir origin
+  local profile=$1 dir
   [[ ${SLUICE_ROCKSDB_ONCE:-1} == 0 || -n ${ROCKSDB_LIB_DIR:-} ]] && return 0
   dir=$(rocksdb_once_dir) || return 0
   [[ -f $dir/librocksdb.a && -f $dir/origin ]] || return 0
-  origin=$(cat "$dir/origin")
-  [[ $origin == "$profile" ]] && return 0
+  [[ $(cat "$dir/origin") == "$profile" ]] && return 0
   export ROCKSDB_LIB_DIR=$dir ROCKSDB_STATIC=1
-  echo "rocksdb: the $profile build links the RocksDB compiled once by the $origin build" \
+  echo "rocksdb: the $profile build links the RocksDB compiled once by the $(cat "$dir/origin") build" \
     "($dir); to build this profile with plain cargo without recompiling it, export" \
     "ROCKSDB_LIB_DIR=$dir ROCKSDB_STATIC=1" >&2
 }
@@ -49,14 +42,15 @@ rocksdb_once_link() {
 # rocksdb_once_keep PROFILE: after building PROFILE, keep the library it compiled, if none is
 # kept yet.
 rocksdb_once_keep() {
-  local profile=$1 dir version built="" lib
+  local profile=$1 root=${CARGO_TARGET_DIR:-$PWD/target} dir version built="" lib
   [[ ${SLUICE_ROCKSDB_ONCE:-1} == 0 || -n ${ROCKSDB_LIB_DIR:-} ]] && return 0
   dir=$(rocksdb_once_dir) || return 0
   [[ -f $dir/librocksdb.a ]] && return 0
-  version=$(rocksdb_version)
+  version=${dir##*/librocksdb-sys-}
+  version=${version%-*}
   # The newest one this profile compiled from this version's sources (its build script's output
   # names them).
-  for lib in "$(rocksdb_target_root)/$profile"/build/librocksdb-sys-*/out/librocksdb.a; do
+  for lib in "$root/$profile"/build/librocksdb-sys-*/out/librocksdb.a; do
     [[ -f $lib ]] || continue
     grep -F "cargo_manifest_dir=" "${lib%/out/librocksdb.a}/output" 2>/dev/null |
       grep -qF "librocksdb-sys-$version" || continue
