@@ -70,25 +70,7 @@ stop_all() {
 trap 'stop_all; rm -rf "$work"' EXIT
 mkdir -p results
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-# Two consecutive free ports (a broker's shard i listens on port + i).
-free_port_pair() {
-  python3 - <<'PY'
-import socket
-while True:
-    a = socket.socket(); a.bind(("127.0.0.1", 0)); p = a.getsockname()[1]
-    b = socket.socket()
-    try:
-        b.bind(("127.0.0.1", p + 1)); print(p); break
-    except OSError:
-        pass
-    finally:
-        a.close(); b.close()
-PY
-}
+source scripts/ports.sh
 
 wait_port() {
   local port=$1 name=$2 log=$3
@@ -117,7 +99,7 @@ run_level() {
   local level=$1 dir="$work/$1"
   mkdir -p "$dir"
   local broker_port grpc grpc_tcp redis_port nats_port flush_ms=1000
-  broker_port=$(free_port_pair); grpc=$(free_port); redis_port=$(free_port); nats_port=$(free_port)
+  broker_port=$(broker_port_span); grpc=$(free_port); redis_port=$(free_port); nats_port=$(free_port)
   local rdma_line="" transport=tcp
   if $rdma; then
     # auto: the client meets the broker over TCP and moves to RDMA when the broker offers it.
@@ -197,7 +179,7 @@ TOML
   fi
   if $metrics_overhead; then
     local bare_broker_port bare_grpc
-    bare_broker_port=$(free_port_pair); bare_grpc=$(free_port)
+    bare_broker_port=$(broker_port_span); bare_grpc=$(free_port)
     local bare_rdma_line=""
     if $rdma; then bare_rdma_line="rdma_listen = \"$(rdma_addr):$(( bare_broker_port + 100 ))\""; fi
     start_broker broker-nometrics "$bare_broker_port" "$twin_metrics" "$bare_rdma_line"

@@ -50,9 +50,7 @@ stop_all() {
   pids=()
 }
 trap 'stop_all; rm -rf "$work"' EXIT
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
+source scripts/ports.sh
 wait_port() {
   local port=$1 name=$2 log=$3
   for _ in $(seq 1 300); do

@@ -37,7 +37,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source scripts/ports.sh
 wait_port() {
   for _ in $(seq 1 300); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
@@ -48,8 +48,7 @@ wait_port() {
   exit 1
 }
 
-# One shard per core; shard i listens on port + i (free_port only checks the first).
-broker_port=$(free_port); redis_port=$(free_port)
+broker_port=$(broker_port_span); redis_port=$(free_port)
 cat >"$work/broker.toml" <<TOML
 [broker]
 name = "lite-bench"
