@@ -29,10 +29,15 @@ fn a_port_span_is_free_end_to_end_and_below_the_ephemeral_range() {
         let out = run(&format!("free_port_span {SPAN}"));
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let base: u16 = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
-        assert!(base >= 10_000 && base + SPAN <= ephemeral_low(), "span {base}..{} overlaps the ephemeral range", base + SPAN);
+        assert!(
+            base >= 10_000 && base + SPAN <= ephemeral_low(),
+            "span {base}..{} overlaps the ephemeral range",
+            base + SPAN
+        );
         // Every port of the span binds (a broker's shard i listens on base + i).
-        let held: Vec<TcpListener> =
-            (base..base + SPAN).map(|port| TcpListener::bind(("127.0.0.1", port)).expect("port in the span is free")).collect();
+        let held: Vec<TcpListener> = (base..base + SPAN)
+            .map(|port| TcpListener::bind(("127.0.0.1", port)).expect("port in the span is free"))
+            .collect();
         assert_eq!(held.len(), usize::from(SPAN));
     }
 }
@@ -41,5 +46,9 @@ fn a_port_span_is_free_end_to_end_and_below_the_ephemeral_range() {
 fn a_span_that_cannot_fit_below_the_ephemeral_range_is_refused_with_a_reason() {
     let out = run("free_port_span 70000");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no room for 70000 ports"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no room for 70000 ports"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
