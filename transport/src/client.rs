@@ -49,6 +49,12 @@ struct ClientInner {
     /// Round-trip histogram handles by request kind, made on first use.
     round_trips: [OnceLock<metrics::Histogram>; ROUND_TRIP_KINDS],
     credit_waits: metrics::Counter,
+    /// Frames received so far; the liveness monitor watches it move.
+    frames_received: AtomicU64,
+    /// Closes the TCP driver from this side (set once the driver runs).
+    tcp_close: OnceLock<Arc<crate::tcp::CloseOnce>>,
+    /// Turns true when the connection closes, for owners that wait for it (`Client::closed`).
+    closed_signal: tokio::sync::watch::Sender<bool>,
 }
 
 /// Request kinds below this number get a cached round-trip handle (every kind today).
@@ -68,6 +74,7 @@ struct WeakSink(Weak<ClientInner>);
 impl FrameSink for WeakSink {
     fn deliver(&self, frame: Frame) {
         let Some(inner) = self.0.upgrade() else { return };
+        inner.frames_received.fetch_add(1, Ordering::Relaxed);
         if frame.request_id() == 0 && frame.header().kind == FrameKind::Error as u16 {
             // Request id 0 is the connection itself: the server is about to disconnect us.
             let error = match frame.access::<ErrorReply>() {
@@ -104,6 +111,20 @@ impl ClientInner {
             if let Some(waiter) = pending.waiter {
                 let _ = waiter.send(Err(error.duplicate()));
             }
+        }
+        self.closed_signal.send_replace(true);
+    }
+
+    /// Ends the connection from this side: every call fails with `error` and the driver lets go
+    /// of the socket (TCP) or the queue pair (RDMA).
+    fn abort(&self, error: TransportError) {
+        if let Some(close) = self.tcp_close.get() {
+            close.close(error.duplicate());
+        }
+        self.fail_all(error);
+        if let Some(driver) = self._rdma.lock().expect("driver lock").take() {
+            // Dropping the driver joins its thread: not on a runtime worker.
+            tokio::task::spawn_blocking(move || drop(driver));
         }
     }
 
@@ -150,10 +171,19 @@ impl Client {
         let timeout = Duration::from_millis(config.connect_timeout_ms);
         let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
             .await
-            .map_err(|_| TransportError::Timeout { timeout_ms: config.connect_timeout_ms })?
+            .map_err(|_| TransportError::ConnectTimeout {
+                addr: addr.to_string(),
+                timeout_ms: config.connect_timeout_ms,
+            })?
             .map_err(|e| TransportError::io(format!("connecting to {addr}"), e))?;
         let (client, outbound) = Client::new_inner(config.clone(), TransportKind::Tcp, addr.to_string(), None);
-        crate::tcp::spawn_tokio_driver(stream, outbound, Arc::new(WeakSink(Arc::downgrade(&client.inner))), &config)?;
+        let close = crate::tcp::spawn_tokio_driver(
+            stream,
+            outbound,
+            Arc::new(WeakSink(Arc::downgrade(&client.inner))),
+            &config,
+        )?;
+        let _ = client.inner.tcp_close.set(close);
         client.hello(name).await?;
         Ok(client)
     }
@@ -222,8 +252,12 @@ impl Client {
             credit_waits: metrics::counter!(
                 crate::metrics::CREDIT_WAITS, "transport" => crate::metrics::transport_label(kind)
             ),
+            frames_received: AtomicU64::new(0),
+            tcp_close: OnceLock::new(),
+            closed_signal: tokio::sync::watch::Sender::new(false),
         });
         spawn_heartbeat(Arc::downgrade(&inner));
+        spawn_liveness(Arc::downgrade(&inner));
         (Client { inner }, rx)
     }
 
@@ -325,6 +359,18 @@ impl Client {
             }
             Ok(Ok(credit)) => credit,
         };
+        self.call_with_credit(credit, deadline, encode).await
+    }
+
+    /// Sends one request on a credit already taken and waits for its reply until `deadline`.
+    async fn call_with_credit(
+        &self,
+        credit: OwnedSemaphorePermit,
+        deadline: tokio::time::Instant,
+        encode: impl FnOnce(u64, u64) -> Result<OutFrame, FrameError>,
+    ) -> Result<Frame, TransportError> {
+        let inner = &*self.inner;
+        let timeout_ms = inner.config.request_timeout_ms;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode(id, inner.max_frame_bytes.load(Ordering::Relaxed))?;
         let (tx, rx) = oneshot::channel();
@@ -371,6 +417,14 @@ impl Client {
     pub fn closed_error(&self) -> Option<TransportError> {
         self.inner.closed_error()
     }
+
+    /// Waits until the connection closes, for any reason (the peer, an I/O error, a dead link).
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut signal = self.inner.closed_signal.subscribe();
+        async move {
+            let _ = signal.wait_for(|closed| *closed).await;
+        }
+    }
 }
 
 /// Sends a heartbeat whenever the connection has been quiet for `heartbeat_interval_ms`,
@@ -400,6 +454,76 @@ fn spawn_heartbeat(inner: Weak<ClientInner>) {
                 if let Err(e) = client.call(&Heartbeat { sent_at_us }).await {
                     tracing::debug!(error = %e, "heartbeat failed");
                 }
+            }
+        }
+    });
+}
+
+/// Notices a dead link while requests wait on it. A link that carries nothing for
+/// `silence_probe_ms` with requests outstanding gets a heartbeat; if nothing at all arrives for
+/// `dead_link_timeout_ms` after that, the link is dead (a cut network, a frozen peer) and is
+/// closed from this side, so its calls fail now rather than at their request timeout.
+/// A link whose every credit is taken cannot be probed; its calls are bounded by
+/// `request_timeout_ms` as before.
+fn spawn_liveness(inner: Weak<ClientInner>) {
+    tokio::spawn(async move {
+        let (probe_after, dead_after) = match inner.upgrade() {
+            Some(inner) => (
+                Duration::from_millis(inner.config.silence_probe_ms),
+                Duration::from_millis(inner.config.dead_link_timeout_ms),
+            ),
+            None => return,
+        };
+        let tick = (probe_after.min(dead_after) / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
+        let mut seen = 0u64;
+        let mut last_frame_at = Instant::now();
+        let mut probe: Option<(Instant, tokio::task::JoinHandle<()>)> = None;
+        loop {
+            tokio::time::sleep(tick).await;
+            let Some(strong) = inner.upgrade() else { return };
+            if strong.closed_error().is_some() {
+                return;
+            }
+            let now = Instant::now();
+            let received = strong.frames_received.load(Ordering::Relaxed);
+            if received != seen {
+                (seen, last_frame_at) = (received, now);
+            }
+            if probe.as_ref().is_some_and(|(_, task)| task.is_finished()) {
+                probe = None;
+            }
+            if strong.pending.lock().expect("pending lock").is_empty() {
+                continue;
+            }
+            match &probe {
+                Some((sent_at, _)) => {
+                    let silent_since_probe = now.duration_since((*sent_at).max(last_frame_at));
+                    if silent_since_probe >= dead_after {
+                        let error = TransportError::LinkDead {
+                            peer: strong.peer.clone(),
+                            silent_ms: now.duration_since(last_frame_at).as_millis() as u64,
+                            dead_link_timeout_ms: dead_after.as_millis() as u64,
+                        };
+                        tracing::debug!(error = %error, "closing a dead link");
+                        strong.abort(error);
+                        return;
+                    }
+                }
+                None if now.duration_since(last_frame_at) >= probe_after => {
+                    let Ok(credit) = strong.credits.clone().try_acquire_owned() else { continue };
+                    let client = Client { inner: strong };
+                    let deadline =
+                        tokio::time::Instant::now() + Duration::from_millis(client.inner.config.request_timeout_ms);
+                    let task = tokio::spawn(async move {
+                        let sent_at_us = client.inner.started.elapsed().as_micros() as u64;
+                        let heartbeat = |id, max| OutFrame::encode(id, &Heartbeat { sent_at_us }, max);
+                        if let Err(e) = client.call_with_credit(credit, deadline, heartbeat).await {
+                            tracing::debug!(error = %e, "liveness probe failed");
+                        }
+                    });
+                    probe = Some((now, task));
+                }
+                None => {}
             }
         }
     });

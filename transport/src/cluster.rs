@@ -1,13 +1,20 @@
 //! The client side of a set of brokers: which broker and shard owns a queue, and one
 //! connection per shard, opened lazily and reopened after it breaks.
 //!
+//! A broken connection is reopened by a background loop (an attempt at least every
+//! `RECONNECT_ATTEMPT_MAX_MS`), so a healed network is used again within about a second.
+//! Meanwhile calls to that shard wait at most `LINK_DOWN_WAIT_MS` for it and then fail with
+//! `Unavailable`: a client hears about an unreachable broker quickly instead of at its deadline.
+//! The loss and the recovery are logged once each.
+//!
 //! Queues are placed with `model::placement` (CRC32C picks the broker, FNV-1a the shard), so
 //! any number of clients with the same broker list route identically. The pool learns each
 //! broker's shard count from shard 0's `HelloAck`. It holds no durable state.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
-use tokio::sync::Mutex;
 use tracing::Instrument as _;
 
 use crate::messages::{ListQueuesRequest, ListQueuesResponse};
@@ -58,23 +65,179 @@ pub enum BrokerAddress {
     Shards(Vec<String>),
 }
 
-/// One shard connection, opened on first use and again after it breaks.
+/// Longest a reconnect attempt (connect and Hello) may take before the next one starts, so one
+/// lost SYN during a cut does not hold the link down long after the network heals.
+pub const RECONNECT_ATTEMPT_MAX_MS: u64 = 1_000;
+/// Pause between failed reconnect attempts (a refused connection fails at once).
+pub const RECONNECT_PAUSE_MS: u64 = 100;
+/// Longest a call waits for a down link to come back before it fails with `Unavailable`; covers
+/// a broker restart without making clients wait out their deadlines during an outage.
+pub const LINK_DOWN_WAIT_MS: u64 = 1_000;
+
+/// How the pool opens connections; shared with the reconnect loops.
+struct Connector {
+    scheme: String,
+    transport: TransportConfig,
+    client_name: String,
+}
+
+impl Connector {
+    async fn open(&self, endpoint: &str) -> Result<Client, ClusterError> {
+        let url = format!("{}://{endpoint}", self.scheme);
+        Client::connect(&url, self.transport.clone(), &self.client_name)
+            .await
+            .map_err(|e| ClusterError::Unavailable { endpoint: endpoint.to_string(), source: e })
+    }
+}
+
+enum LinkState {
+    /// Not opened yet: shards other than 0 open on first use.
+    Unopened,
+    Up {
+        client: Client,
+        generation: u64,
+    },
+    /// Broken; a reconnect loop runs. `error` is the latest reason.
+    Down {
+        since: Instant,
+        error: String,
+    },
+}
+
+/// One shard connection, opened on first use and reopened in the background after it breaks.
 struct ShardLink {
     endpoint: String,
-    client: Mutex<Option<Client>>,
+    state: std::sync::Mutex<LinkState>,
+    /// Serialises the first open, so a burst of first calls opens one connection.
+    opening: tokio::sync::Mutex<()>,
+    /// Bumped on every state change; calls waiting for a down link watch it.
+    changed: tokio::sync::watch::Sender<u64>,
+    generations: AtomicU64,
+}
+
+/// What a call finds on a link.
+enum LinkNow {
+    Unopened,
+    Up(Client),
+    Down(ClusterError),
+}
+
+impl ShardLink {
+    fn new(endpoint: String) -> Arc<ShardLink> {
+        Arc::new(ShardLink {
+            endpoint,
+            state: std::sync::Mutex::new(LinkState::Unopened),
+            opening: tokio::sync::Mutex::new(()),
+            changed: tokio::sync::watch::Sender::new(0),
+            generations: AtomicU64::new(0),
+        })
+    }
+
+    fn set(&self, state: LinkState) {
+        *self.state.lock().expect("link state lock") = state;
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn now(self: &Arc<Self>, connector: &Arc<Connector>) -> LinkNow {
+        let state = self.state.lock().expect("link state lock");
+        match &*state {
+            LinkState::Unopened => LinkNow::Unopened,
+            LinkState::Up { client, generation } => match client.closed_error() {
+                None => LinkNow::Up(client.clone()),
+                Some(_) => {
+                    // Closed before its watcher ran: take the link down here.
+                    let generation = *generation;
+                    drop(state);
+                    self.lost(connector, generation);
+                    self.now(connector)
+                }
+            },
+            LinkState::Down { since, error } => LinkNow::Down(self.down_error(*since, error)),
+        }
+    }
+
+    fn down_error(&self, since: Instant, error: &str) -> ClusterError {
+        ClusterError::Unavailable {
+            endpoint: self.endpoint.clone(),
+            source: TransportError::Closed {
+                reason: format!(
+                    "the link has been down for {} ms ({error}); reconnecting in the background",
+                    since.elapsed().as_millis()
+                ),
+            },
+        }
+    }
+
+    /// Puts an open connection in place and watches it: when it closes, the link goes down.
+    fn install(self: &Arc<Self>, connector: &Arc<Connector>, client: Client) {
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        let closed = client.closed();
+        self.set(LinkState::Up { client, generation });
+        let (link, connector) = (Arc::downgrade(self), connector.clone());
+        tokio::spawn(async move {
+            closed.await;
+            if let Some(link) = link.upgrade() {
+                link.lost(&connector, generation);
+            }
+        });
+    }
+
+    /// The connection of `generation` closed: mark the link down once and start reconnecting.
+    fn lost(self: &Arc<Self>, connector: &Arc<Connector>, generation: u64) {
+        let mut state = self.state.lock().expect("link state lock");
+        let LinkState::Up { client, generation: current } = &*state else { return };
+        if *current != generation {
+            return;
+        }
+        let error = client.closed_error().map_or_else(|| "closed".to_string(), |e| e.to_string());
+        tracing::warn!(
+            broker = %self.endpoint, %error,
+            "broker link lost; calls to this shard fail with UNAVAILABLE until it is back; reconnecting"
+        );
+        *state = LinkState::Down { since: Instant::now(), error };
+        drop(state);
+        self.changed.send_modify(|n| *n += 1);
+        tokio::spawn(reconnect(Arc::downgrade(self), connector.clone()));
+    }
+}
+
+/// Reopens a down link until it is back or the pool is gone.
+async fn reconnect(link: Weak<ShardLink>, connector: Arc<Connector>) {
+    let started = Instant::now();
+    let attempt_ms = connector.transport.connect_timeout_ms.min(RECONNECT_ATTEMPT_MAX_MS);
+    for attempt in 1u64.. {
+        let Some(strong) = link.upgrade() else { return };
+        let opened = tokio::time::timeout(Duration::from_millis(attempt_ms), connector.open(&strong.endpoint)).await;
+        let error = match opened {
+            Ok(Ok(client)) => {
+                tracing::info!(
+                    broker = %strong.endpoint, down_ms = started.elapsed().as_millis() as u64, attempts = attempt,
+                    "broker link is back"
+                );
+                strong.install(&connector, client);
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no connection and Hello within {attempt_ms} ms"),
+        };
+        tracing::debug!(broker = %strong.endpoint, attempt, %error, "reconnect failed");
+        if let LinkState::Down { error: last, .. } = &mut *strong.state.lock().expect("link state lock") {
+            *last = error;
+        }
+        drop(strong);
+        tokio::time::sleep(Duration::from_millis(RECONNECT_PAUSE_MS)).await;
+    }
 }
 
 struct BrokerLinks {
     name: String,
     address: BrokerAddress,
-    shards: Vec<ShardLink>,
+    shards: Vec<Arc<ShardLink>>,
 }
 
 pub struct BrokerPool {
-    scheme: String,
-    transport: TransportConfig,
+    connector: Arc<Connector>,
     brokers: Vec<BrokerLinks>,
-    client_name: String,
 }
 
 /// A queue's owner: broker index and shard.
@@ -107,8 +270,9 @@ impl BrokerPool {
         if !matches!(scheme, "tcp" | "rdma" | "auto") {
             return Err(ClusterError::Config(format!("transport {scheme:?} is not tcp, rdma or auto")));
         }
-        let mut pool =
-            BrokerPool { scheme: scheme.to_string(), transport, brokers: Vec::new(), client_name: client_name.into() };
+        let connector =
+            Arc::new(Connector { scheme: scheme.to_string(), transport, client_name: client_name.to_string() });
+        let mut pool = BrokerPool { connector, brokers: Vec::new() };
         for address in addresses {
             let links = pool.connect_broker(address).await?;
             pool.brokers.push(links);
@@ -123,7 +287,7 @@ impl BrokerPool {
                 list.first().cloned().ok_or_else(|| ClusterError::Config("a broker with no shard addresses".into()))?
             }
         };
-        let client = self.open(&first).await?;
+        let client = self.connector.open(&first).await?;
         let hello = client.server().ok_or_else(|| ClusterError::Config(format!("broker {first} sent no HelloAck")))?;
         let shard_count = hello.shard_count.max(1) as usize;
         let endpoints = match &address {
@@ -151,19 +315,9 @@ impl BrokerPool {
                 hello.shard, hello.server_name
             )));
         }
-        let shards = endpoints
-            .into_iter()
-            .enumerate()
-            .map(|(i, endpoint)| ShardLink { endpoint, client: Mutex::new((i == 0).then(|| client.clone())) })
-            .collect();
+        let shards: Vec<Arc<ShardLink>> = endpoints.into_iter().map(ShardLink::new).collect();
+        shards[0].install(&self.connector, client);
         Ok(BrokerLinks { name: hello.server_name.clone(), address, shards })
-    }
-
-    async fn open(&self, endpoint: &str) -> Result<Client, ClusterError> {
-        let url = format!("{}://{endpoint}", self.scheme);
-        Client::connect(&url, self.transport.clone(), &self.client_name)
-            .await
-            .map_err(|e| ClusterError::Unavailable { endpoint: endpoint.to_string(), source: e })
     }
 
     pub fn broker_count(&self) -> usize {
@@ -197,18 +351,45 @@ impl BrokerPool {
         Owner { broker, shard }
     }
 
-    /// The live connection to a shard, reconnecting if the last one closed.
+    /// The live connection to a shard: opened on first use; a down link is waited for at most
+    /// `LINK_DOWN_WAIT_MS` (its reconnect loop runs in the background).
     async fn client(&self, owner: Owner) -> Result<Client, ClusterError> {
         let link = &self.brokers[owner.broker].shards[owner.shard];
-        let mut slot = link.client.lock().await;
-        if let Some(client) = slot.as_ref() {
-            if client.closed_error().is_none() {
-                return Ok(client.clone());
+        let mut waited = false;
+        loop {
+            // Subscribed before looking, so a change in between is not missed.
+            let mut changed = link.changed.subscribe();
+            match link.now(&self.connector) {
+                LinkNow::Up(client) => return Ok(client),
+                LinkNow::Unopened => return self.open_first(link).await,
+                LinkNow::Down(error) if waited => return Err(error),
+                LinkNow::Down(_) => {
+                    let _ = tokio::time::timeout(Duration::from_millis(LINK_DOWN_WAIT_MS), changed.changed()).await;
+                    waited = true;
+                }
             }
         }
-        let client = self.open(&link.endpoint).await?;
-        *slot = Some(client.clone());
-        Ok(client)
+    }
+
+    async fn open_first(&self, link: &Arc<ShardLink>) -> Result<Client, ClusterError> {
+        let _opening = link.opening.lock().await;
+        match link.now(&self.connector) {
+            LinkNow::Up(client) => return Ok(client),
+            LinkNow::Down(error) => return Err(error),
+            LinkNow::Unopened => {}
+        }
+        match self.connector.open(&link.endpoint).await {
+            Ok(client) => {
+                link.install(&self.connector, client.clone());
+                Ok(client)
+            }
+            Err(e) => {
+                tracing::warn!(broker = %link.endpoint, error = %e, "could not open a broker link; reconnecting in the background");
+                link.set(LinkState::Down { since: Instant::now(), error: e.to_string() });
+                tokio::spawn(reconnect(Arc::downgrade(link), self.connector.clone()));
+                Err(e)
+            }
+        }
     }
 
     /// Sends a request to a shard and returns the reply frame (validated by `access`).

@@ -26,6 +26,14 @@ pub struct TransportConfig {
     /// The client sends a heartbeat once it has sent nothing for this long (checked at least
     /// this often), so it must be well below the server's idle timeout.
     pub heartbeat_interval_ms: u64,
+    /// With requests outstanding and nothing received for this long, the client sends a
+    /// heartbeat to find out whether the link still carries anything.
+    pub silence_probe_ms: u64,
+    /// A heartbeat probe unanswered for this long, with nothing else received meanwhile, marks
+    /// the link dead: its calls fail at once and the connection is dropped. A cut network is
+    /// then noticed within about silence_probe_ms + dead_link_timeout_ms, not after the
+    /// request timeout or the kernel's retransmission back-off.
+    pub dead_link_timeout_ms: u64,
     /// On shutdown, how long a server waits for in-flight requests before it closes.
     pub drain_timeout_ms: u64,
     /// Most bytes gathered into one vectored write.
@@ -97,6 +105,8 @@ impl Default for TransportConfig {
             write_timeout_ms: 30_000,
             idle_timeout_ms: 120_000,
             heartbeat_interval_ms: 10_000,
+            silence_probe_ms: 1_000,
+            dead_link_timeout_ms: 3_000,
             drain_timeout_ms: 5_000,
             write_batch_bytes: 256 << 10,
             read_buffer_bytes: 64 << 10,
@@ -148,6 +158,8 @@ impl TransportConfig {
             ("write_timeout_ms", self.write_timeout_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+            ("silence_probe_ms", self.silence_probe_ms),
+            ("dead_link_timeout_ms", self.dead_link_timeout_ms),
             ("drain_timeout_ms", self.drain_timeout_ms),
         ] {
             if ms == 0 || ms > MAX_TIMEOUT_MS {
@@ -236,7 +248,7 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_each_limit_is_checked() {
         TransportConfig::default().validate().unwrap();
-        let cases: [fn(&mut TransportConfig); 16] = [
+        let cases: [fn(&mut TransportConfig); 18] = [
             |c| c.max_frame_bytes = 10,
             |c| c.credits = 0,
             |c| c.max_inflight_bytes = c.max_frame_bytes - 1,
@@ -253,6 +265,8 @@ mod tests {
             |c| c.rdma.write_chunks = 0,
             |c| c.rdma.device = Some(String::new()),
             |c| c.rdma.liveness_probe_ms = 0,
+            |c| c.silence_probe_ms = 0,
+            |c| c.dead_link_timeout_ms = MAX_TIMEOUT_MS + 1,
         ];
         for case in cases {
             let mut config = TransportConfig::default();

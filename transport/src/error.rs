@@ -67,6 +67,12 @@ pub enum TransportError {
     Handshake { reason: String },
     #[error("invalid transport configuration: {reason}")]
     Config { reason: String },
+    #[error(
+        "connecting to {addr} timed out after {timeout_ms} ms (connect_timeout_ms); is the broker up and reachable?"
+    )]
+    ConnectTimeout { addr: String, timeout_ms: u64 },
+    #[error("the link to {peer} is dead: nothing arrived for {silent_ms} ms with requests outstanding, and a heartbeat went unanswered for {dead_link_timeout_ms} ms (dead_link_timeout_ms)")]
+    LinkDead { peer: String, silent_ms: u64, dead_link_timeout_ms: u64 },
 }
 
 impl TransportError {
@@ -83,6 +89,8 @@ impl TransportError {
             TransportError::Rdma { .. } => 2107,
             TransportError::Handshake { .. } => 2108,
             TransportError::Config { .. } => 2109,
+            TransportError::ConnectTimeout { .. } => 2110,
+            TransportError::LinkDead { .. } => 2111,
         }
     }
 
@@ -110,6 +118,14 @@ impl TransportError {
             TransportError::Rdma { op, detail } => TransportError::Rdma { op, detail: detail.clone() },
             TransportError::Handshake { reason } => TransportError::Handshake { reason: reason.clone() },
             TransportError::Config { reason } => TransportError::Config { reason: reason.clone() },
+            TransportError::ConnectTimeout { addr, timeout_ms } => {
+                TransportError::ConnectTimeout { addr: addr.clone(), timeout_ms: *timeout_ms }
+            }
+            TransportError::LinkDead { peer, silent_ms, dead_link_timeout_ms } => TransportError::LinkDead {
+                peer: peer.clone(),
+                silent_ms: *silent_ms,
+                dead_link_timeout_ms: *dead_link_timeout_ms,
+            },
         }
     }
 }

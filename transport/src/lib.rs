@@ -9,6 +9,7 @@
 //! - `link`: the seam between the request–response layer and an I/O driver.
 //! - `spans`: trace spans of the broker hop, and the target every exported span uses.
 //! - `rdma`: the RDMA verbs driver (rdma-sys): RC queue pairs, credits, zero-copy receive.
+//! - `relay`: a TCP relay that cuts and heals the network, for fault tests.
 //!
 //! `unsafe` is denied everywhere except the RDMA verbs module.
 #![deny(unsafe_code)]
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod model;
 pub mod rdma;
 pub mod reader;
+pub mod relay;
 pub mod server;
 pub mod spans;
 mod tcp;

@@ -51,13 +51,14 @@ impl CloseOnce {
 }
 
 /// Runs a client connection on the current tokio runtime: one task writes (gathering queued
-/// frames into vectored writes), one reads and delivers frames to `sink`.
+/// frames into vectored writes), one reads and delivers frames to `sink`. Closing the returned
+/// handle ends both tasks and drops the socket.
 pub(crate) fn spawn_tokio_driver(
     stream: tokio::net::TcpStream,
     outbound: Outbound,
     sink: Arc<dyn FrameSink>,
     config: &TransportConfig,
-) -> Result<(), TransportError> {
+) -> Result<Arc<CloseOnce>, TransportError> {
     stream.set_nodelay(true).map_err(|e| TransportError::io("setting TCP_NODELAY", e))?;
     let (mut read_half, mut write_half) = stream.into_split();
     let close = CloseOnce::new(sink);
@@ -98,6 +99,8 @@ pub(crate) fn spawn_tokio_driver(
         let _ = write_half.shutdown().await;
     });
     let (max_frame_bytes, read_buffer_bytes) = (config.max_frame_bytes, config.read_buffer_bytes);
+    let handle = close.clone();
+    let mut reader_closed = close.subscribe();
     tokio::spawn(async move {
         let mut reader = FrameReader::new(max_frame_bytes, read_buffer_bytes);
         loop {
@@ -115,7 +118,12 @@ pub(crate) fn spawn_tokio_driver(
                 Ok(spare) => spare,
                 Err(e) => return close.close(e.into()),
             };
-            match read_half.read(spare).await {
+            let read = tokio::select! {
+                read = read_half.read(spare) => read,
+                // Closed from this side (a dead link): let go of the socket now.
+                _ = reader_closed.wait_for(|c| *c) => return,
+            };
+            match read {
                 Ok(0) => {
                     return close.close(TransportError::Closed { reason: "the server closed the connection".into() })
                 }
@@ -124,7 +132,7 @@ pub(crate) fn spawn_tokio_driver(
             }
         }
     });
-    Ok(())
+    Ok(handle)
 }
 
 async fn write_all_vectored(writer: &mut tokio::net::tcp::OwnedWriteHalf, frames: &[OutFrame]) -> std::io::Result<()> {

@@ -443,3 +443,85 @@ async fn endpoints_are_checked_and_auto_falls_back_to_tcp_without_a_device() {
     let err = Client::connect("tcp://127.0.0.1:1", TransportConfig::default(), "t").await.err().unwrap();
     assert_eq!(err.code(), 2101, "{err}");
 }
+
+/// A client whose link is cut (the relay holds every byte, closes nothing) while a call waits:
+/// the call fails as a dead link once a heartbeat goes unanswered, long before its request
+/// timeout, and the connection is closed from this side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_link_fails_its_calls_as_dead_and_closes() {
+    let server = server(TransportConfig::default(), Gate { open: Arc::new(AtomicBool::new(true)), ..Gate::default() });
+    let relay = sluice_transport::relay::Relay::start(server.addr).await.unwrap();
+    let config = TransportConfig {
+        request_timeout_ms: 600_000,
+        silence_probe_ms: 100,
+        dead_link_timeout_ms: 300,
+        ..TransportConfig::default()
+    };
+    let client = Client::connect(&format!("tcp://{}", relay.addr()), config, "t").await.unwrap();
+    assert_eq!(append(&client, 1, b"before").await.unwrap(), (1, 6));
+    relay.cut();
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(120), append(&client, 2, b"during"))
+        .await
+        .expect("the call ends long before its 600 s request timeout")
+        .unwrap_err();
+    eprintln!("dead link noticed after {:?}: {err}", started.elapsed());
+    assert_eq!(err.code(), 2111, "{err}");
+    assert!(err.to_string().contains("dead_link_timeout_ms"), "{err}");
+    tokio::time::timeout(Duration::from_secs(20), client.closed()).await.expect("closed() completes");
+    // Later calls fail at once with the same reason instead of waiting on the dead link.
+    assert_eq!(append(&client, 3, b"after").await.unwrap_err().code(), 2111);
+    relay.heal();
+    let fresh = Client::connect(&format!("tcp://{}", relay.addr()), TransportConfig::default(), "t").await.unwrap();
+    assert_eq!(append(&fresh, 4, b"healed").await.unwrap(), (4, 6));
+}
+
+/// The other side of the same rule: a server that takes long to answer a request, but answers
+/// heartbeats, keeps its link; the call waits for its reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_on_a_live_link_is_not_taken_for_dead() {
+    let gate = Gate::default();
+    gate.release_at.store(u64::MAX, Ordering::SeqCst);
+    let server = server(TransportConfig::default(), gate.clone());
+    let config = TransportConfig {
+        request_timeout_ms: 600_000,
+        silence_probe_ms: 20,
+        dead_link_timeout_ms: 60,
+        ..TransportConfig::default()
+    };
+    let client = Client::connect(&endpoint(&server), config, "t").await.unwrap();
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move { append(&client, 5, b"slow").await })
+    };
+    wait_for("the request at the handler", || gate.arrived.load(Ordering::SeqCst) == 1).await;
+    // Many probe rounds pass while the handler holds the request.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(client.closed_error().is_none(), "{:?}", client.closed_error());
+    assert!(!call.is_finished());
+    assert!(server.stats.frames_received.load(Ordering::SeqCst) > 2, "heartbeat probes were sent");
+    gate.open.store(true, Ordering::SeqCst);
+    assert_eq!(call.await.unwrap().unwrap(), (5, 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_timeout_names_connect_timeout_ms() {
+    // A listener that never accepts: once its accept queue is full, the kernel drops further
+    // SYNs, so a connect hangs as it does towards a cut-off host.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => queued.push(stream),
+            _ => break,
+        }
+    }
+    let config = TransportConfig { connect_timeout_ms: 200, ..TransportConfig::default() };
+    let err = Client::connect(&format!("tcp://{addr}"), config, "t").await.err().expect("nothing accepts");
+    assert_eq!(err.code(), 2110, "{err}");
+    assert!(err.to_string().contains("200 ms (connect_timeout_ms)"), "{err}");
+    drop(listener);
+}

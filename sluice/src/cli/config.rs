@@ -28,6 +28,8 @@ pub struct TransportSection {
     pub request_timeout_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,
+    pub silence_probe_ms: Option<u64>,
+    pub dead_link_timeout_ms: Option<u64>,
 }
 
 impl TransportSection {
@@ -39,6 +41,8 @@ impl TransportSection {
             (self.request_timeout_ms, &mut t.request_timeout_ms),
             (self.idle_timeout_ms, &mut t.idle_timeout_ms),
             (self.drain_timeout_ms, &mut t.drain_timeout_ms),
+            (self.silence_probe_ms, &mut t.silence_probe_ms),
+            (self.dead_link_timeout_ms, &mut t.dead_link_timeout_ms),
         ];
         for (value, slot) in fields {
             if let Some(v) = value {
