@@ -49,8 +49,8 @@ struct ClientInner {
     /// Round-trip histogram handles by request kind, made on first use.
     round_trips: [OnceLock<metrics::Histogram>; ROUND_TRIP_KINDS],
     credit_waits: metrics::Counter,
-    /// Frames received so far; the liveness monitor watches it move.
-    frames_received: AtomicU64,
+    /// Reads and writes that moved bytes so far (TCP); the liveness monitor watches it move.
+    progress: AtomicU64,
     /// Closes the TCP driver from this side (set once the driver runs).
     tcp_close: OnceLock<Arc<crate::tcp::CloseOnce>>,
     /// Turns true when the connection closes, for owners that wait for it (`Client::closed`).
@@ -74,7 +74,6 @@ struct WeakSink(Weak<ClientInner>);
 impl FrameSink for WeakSink {
     fn deliver(&self, frame: Frame) {
         let Some(inner) = self.0.upgrade() else { return };
-        inner.frames_received.fetch_add(1, Ordering::Relaxed);
         if frame.request_id() == 0 && frame.header().kind == FrameKind::Error as u16 {
             // Request id 0 is the connection itself: the server is about to disconnect us.
             let error = match frame.access::<ErrorReply>() {
@@ -97,6 +96,12 @@ impl FrameSink for WeakSink {
     fn closed(&self, error: TransportError) {
         if let Some(inner) = self.0.upgrade() {
             inner.fail_all(error);
+        }
+    }
+
+    fn progress(&self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.progress.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -252,12 +257,16 @@ impl Client {
             credit_waits: metrics::counter!(
                 crate::metrics::CREDIT_WAITS, "transport" => crate::metrics::transport_label(kind)
             ),
-            frames_received: AtomicU64::new(0),
+            progress: AtomicU64::new(0),
             tcp_close: OnceLock::new(),
             closed_signal: tokio::sync::watch::Sender::new(false),
         });
         spawn_heartbeat(Arc::downgrade(&inner));
-        spawn_liveness(Arc::downgrade(&inner));
+        // An RDMA link's reliable connection reports a peer that stops acknowledging by itself
+        // (retries exhausted), and rdma.liveness_probe_ms covers an idle one.
+        if kind == TransportKind::Tcp {
+            spawn_liveness(Arc::downgrade(&inner));
+        }
         (Client { inner }, rx)
     }
 
@@ -459,12 +468,12 @@ fn spawn_heartbeat(inner: Weak<ClientInner>) {
     });
 }
 
-/// Notices a dead link while requests wait on it. A link that carries nothing for
-/// `silence_probe_ms` with requests outstanding gets a heartbeat; if nothing at all arrives for
+/// Notices a dead TCP link while requests wait on it. A link that moves no bytes either way for
+/// `silence_probe_ms` with requests outstanding gets a heartbeat; if no byte moves for
 /// `dead_link_timeout_ms` after that, the link is dead (a cut network, a frozen peer) and is
-/// closed from this side, so its calls fail now rather than at their request timeout.
-/// A link whose every credit is taken cannot be probed; its calls are bounded by
-/// `request_timeout_ms` as before.
+/// closed from this side, so its calls fail now rather than at their request timeout. A large
+/// frame still crossing a slow link is progress, not silence. A link whose every credit is
+/// taken cannot be probed; its calls are bounded by `request_timeout_ms` as before.
 fn spawn_liveness(inner: Weak<ClientInner>) {
     tokio::spawn(async move {
         let (probe_after, dead_after) = match inner.upgrade() {
@@ -476,7 +485,7 @@ fn spawn_liveness(inner: Weak<ClientInner>) {
         };
         let tick = (probe_after.min(dead_after) / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
         let mut seen = 0u64;
-        let mut last_frame_at = Instant::now();
+        let mut last_progress_at = Instant::now();
         let mut probe: Option<(Instant, tokio::task::JoinHandle<()>)> = None;
         loop {
             tokio::time::sleep(tick).await;
@@ -485,9 +494,9 @@ fn spawn_liveness(inner: Weak<ClientInner>) {
                 return;
             }
             let now = Instant::now();
-            let received = strong.frames_received.load(Ordering::Relaxed);
-            if received != seen {
-                (seen, last_frame_at) = (received, now);
+            let moved = strong.progress.load(Ordering::Relaxed);
+            if moved != seen {
+                (seen, last_progress_at) = (moved, now);
             }
             if probe.as_ref().is_some_and(|(_, task)| task.is_finished()) {
                 probe = None;
@@ -497,11 +506,11 @@ fn spawn_liveness(inner: Weak<ClientInner>) {
             }
             match &probe {
                 Some((sent_at, _)) => {
-                    let silent_since_probe = now.duration_since((*sent_at).max(last_frame_at));
+                    let silent_since_probe = now.duration_since((*sent_at).max(last_progress_at));
                     if silent_since_probe >= dead_after {
                         let error = TransportError::LinkDead {
                             peer: strong.peer.clone(),
-                            silent_ms: now.duration_since(last_frame_at).as_millis() as u64,
+                            silent_ms: now.duration_since(last_progress_at).as_millis() as u64,
                             dead_link_timeout_ms: dead_after.as_millis() as u64,
                         };
                         tracing::debug!(error = %error, "closing a dead link");
@@ -509,7 +518,7 @@ fn spawn_liveness(inner: Weak<ClientInner>) {
                         return;
                     }
                 }
-                None if now.duration_since(last_frame_at) >= probe_after => {
+                None if now.duration_since(last_progress_at) >= probe_after => {
                     let Ok(credit) = strong.credits.clone().try_acquire_owned() else { continue };
                     let client = Client { inner: strong };
                     let deadline =

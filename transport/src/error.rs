@@ -71,7 +71,7 @@ pub enum TransportError {
         "connecting to {addr} timed out after {timeout_ms} ms (connect_timeout_ms); is the broker up and reachable?"
     )]
     ConnectTimeout { addr: String, timeout_ms: u64 },
-    #[error("the link to {peer} is dead: nothing arrived for {silent_ms} ms with requests outstanding, and a heartbeat went unanswered for {dead_link_timeout_ms} ms (dead_link_timeout_ms)")]
+    #[error("the link to {peer} is dead: no byte moved for {silent_ms} ms with requests outstanding, and a heartbeat went unanswered for {dead_link_timeout_ms} ms (dead_link_timeout_ms)")]
     LinkDead { peer: String, silent_ms: u64, dead_link_timeout_ms: u64 },
 }
 

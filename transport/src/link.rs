@@ -16,6 +16,9 @@ pub trait FrameSink: Send + Sync + 'static {
     fn deliver(&self, frame: Frame);
     /// The link is gone; no frame follows. Called exactly once.
     fn closed(&self, error: TransportError);
+    /// Bytes moved on the link (read or written), whether or not a frame is complete yet: a
+    /// large frame on a slow link is progress, not silence.
+    fn progress(&self) {}
 }
 
 /// Frames to send, taken by the driver.

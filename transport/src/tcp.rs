@@ -84,7 +84,9 @@ pub(crate) fn spawn_tokio_driver(
                 bytes += next.len();
                 batch.push(next);
             }
-            match tokio::time::timeout(write_timeout, write_all_vectored(&mut write_half, &batch)).await {
+            match tokio::time::timeout(write_timeout, write_all_vectored(&mut write_half, &batch, &*writer_close.sink))
+                .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return writer_close.close(TransportError::io("writing frames", e)),
                 Err(_) => {
@@ -127,7 +129,10 @@ pub(crate) fn spawn_tokio_driver(
                 Ok(0) => {
                     return close.close(TransportError::Closed { reason: "the server closed the connection".into() })
                 }
-                Ok(n) => reader.advance(n),
+                Ok(n) => {
+                    close.sink.progress();
+                    reader.advance(n)
+                }
                 Err(e) => return close.close(TransportError::io("reading frames", e)),
             }
         }
@@ -135,7 +140,11 @@ pub(crate) fn spawn_tokio_driver(
     Ok(handle)
 }
 
-async fn write_all_vectored(writer: &mut tokio::net::tcp::OwnedWriteHalf, frames: &[OutFrame]) -> std::io::Result<()> {
+async fn write_all_vectored(
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    frames: &[OutFrame],
+    sink: &dyn FrameSink,
+) -> std::io::Result<()> {
     let (mut index, mut offset) = (0usize, 0usize);
     while index < frames.len() {
         let slices: Vec<IoSlice<'_>> = std::iter::once(&frames[index].as_bytes()[offset..])
@@ -146,6 +155,7 @@ async fn write_all_vectored(writer: &mut tokio::net::tcp::OwnedWriteHalf, frames
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
+        sink.progress();
         while index < frames.len() && written >= frames[index].len() - offset {
             written -= frames[index].len() - offset;
             index += 1;
