@@ -2,7 +2,8 @@
 //! healed by a relay in between that holds every byte (what a blackhole route does), or by
 //! freezing the broker (SIGSTOP, SIGCONT). The proxy must notice the dead link, answer sends
 //! with errors instead of making clients wait out their deadlines, never report a send as
-//! stored that was not, use the link again soon after, and lose no acknowledged message.
+//! stored that was not, use the link again soon after, and lose no acknowledged message. A slow,
+//! lossy link must only be slower.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sluice_transport::relay::Relay;
+use sluice_transport::relay::{Impairment, Relay};
 
 const OK: i32 = v2::Code::Ok as i32;
 const MESSAGE_NOT_FOUND: i32 = v2::Code::MessageNotFound as i32;
@@ -142,4 +143,73 @@ async fn a_frozen_broker_fails_sends_fast_and_loses_nothing_acked() {
     };
     let outage = through_an_outage(&mut proxy, || signal("-STOP"), || signal("-CONT")).await;
     assert_failed_fast_and_logged_once(&mut proxy, &outage).await;
+}
+
+/// `producers` clients each sending `each` messages one after another; every send must be
+/// stored. Returns the ids and how long it took.
+async fn send_from_many(proxy: &Proxy, topic: &str, producers: usize, each: usize) -> (Vec<String>, Duration) {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..producers)
+        .map(|p| {
+            let (grpc, topic) = (proxy.grpc, topic.to_string());
+            tokio::spawn(async move {
+                let mut client = messaging(grpc).await;
+                let mut ids = Vec::with_capacity(each);
+                for i in 0..each {
+                    let m = message(&topic, format!("producer {p} message {i}").into_bytes());
+                    ids.push(message_id(&m));
+                    let status = send_one(&mut client, m).await;
+                    assert_eq!(status.code, OK, "{status:?}");
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.extend(task.await.expect("producer task"));
+    }
+    (ids, started.elapsed())
+}
+
+/// 200 ms each way, and 5% of chunks a further 200 ms late (a retransmission, holding back what
+/// follows): sends are slower but none fails, the link is never taken for dead, and every
+/// message is delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_lossy_link_is_slower_but_not_taken_for_dead_and_loses_nothing() {
+    const PRODUCERS: usize = 8;
+    const EACH: usize = 25;
+    let broker = Broker::start("lossy-broker", 1).await;
+    let relay = Relay::start(broker.address().parse().unwrap()).await.unwrap();
+    let mut proxy = Proxy::start("lossy-proxy", &[relay.addr().to_string()]).await;
+    create_topic_cli(&proxy.endpoint(), "lossy", 1).await;
+    let (mut sent, clean) = send_from_many(&proxy, "lossy", PRODUCERS, EACH).await;
+    let delay = Duration::from_millis(200);
+    relay.impair(Impairment { delay, loss: 0.05, retransmit: delay });
+    let (impaired_ids, impaired) = send_from_many(&proxy, "lossy", PRODUCERS, EACH).await;
+    sent.extend(impaired_ids);
+    let rate = |d: Duration| (PRODUCERS * EACH) as f64 / d.as_secs_f64();
+    eprintln!("sends: {:.0} msg/s clean, {:.0} msg/s with 200 ms delay and 5% loss", rate(clean), rate(impaired));
+
+    let mut consumer = messaging(proxy.grpc).await;
+    let mut seen = HashSet::new();
+    let wanted: HashSet<String> = sent.into_iter().collect();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !wanted.is_subset(&seen) {
+        assert!(Instant::now() < deadline, "{} sends never delivered", wanted.difference(&seen).count());
+        let got = receive(&mut consumer, "lossy", "readers", 32, Duration::from_secs(60), Duration::from_secs(1)).await;
+        match got.code() {
+            OK => {}
+            MESSAGE_NOT_FOUND => continue,
+            other => panic!("ReceiveMessage answered {other}: {:?}", got.statuses),
+        }
+        seen.extend(got.messages.iter().map(message_id));
+        ack_all(&mut consumer, "lossy", "readers", &got.messages).await;
+    }
+    assert_eq!(seen, wanted, "delivered only what was sent");
+
+    proxy.process.terminate();
+    proxy.process.wait_exit(STOP_TIMEOUT).await;
+    let logs = proxy.process.logs();
+    assert!(!logs.contains("broker link lost"), "a slow link was taken for dead:\n{logs}");
 }
