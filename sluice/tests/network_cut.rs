@@ -42,6 +42,26 @@ async fn send_acked(producer: &mut Messaging, acked: &mut HashSet<String>, body:
     status
 }
 
+/// Receives and acks (group "readers") until every id of `wanted` has come; returns every id
+/// that came.
+async fn receive_until_seen(proxy: &Proxy, topic: &str, wanted: &HashSet<String>) -> HashSet<String> {
+    let mut consumer = messaging(proxy.grpc).await;
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !wanted.is_subset(&seen) {
+        assert!(Instant::now() < deadline, "{} stored sends never delivered", wanted.difference(&seen).count());
+        let got = receive(&mut consumer, topic, "readers", 32, Duration::from_secs(60), Duration::from_secs(1)).await;
+        match got.code() {
+            OK => {}
+            MESSAGE_NOT_FOUND => continue,
+            other => panic!("ReceiveMessage answered {other}: {:?}", got.statuses),
+        }
+        seen.extend(got.messages.iter().map(message_id));
+        ack_all(&mut consumer, topic, "readers", &got.messages).await;
+    }
+    seen
+}
+
 /// What the proxy answered during an outage, with how long each answer took.
 struct Outage {
     answers: Vec<(Duration, v2::Status)>,
@@ -88,20 +108,7 @@ async fn through_an_outage(proxy: &mut Proxy, begin: impl FnOnce(), end: impl Fn
     }
 
     // Every acknowledged send is delivered; sends that failed may or may not have been stored.
-    let mut consumer = messaging(proxy.grpc).await;
-    let mut seen = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !acked.is_subset(&seen) {
-        assert!(Instant::now() < deadline, "{} acked sends never delivered", acked.difference(&seen).count());
-        let got = receive(&mut consumer, "cut", "readers", 32, Duration::from_secs(60), Duration::from_secs(1)).await;
-        match got.code() {
-            OK => {}
-            MESSAGE_NOT_FOUND => continue,
-            other => panic!("ReceiveMessage answered {other}: {:?}", got.statuses),
-        }
-        seen.extend(got.messages.iter().map(message_id));
-        ack_all(&mut consumer, "cut", "readers", &got.messages).await;
-    }
+    receive_until_seen(proxy, "cut", &acked).await;
     assert_eq!(acked.len(), 101);
     Outage { answers }
 }
@@ -191,21 +198,8 @@ async fn a_slow_lossy_link_is_slower_but_not_taken_for_dead_and_loses_nothing() 
     let rate = |d: Duration| (PRODUCERS * EACH) as f64 / d.as_secs_f64();
     eprintln!("sends: {:.0} msg/s clean, {:.0} msg/s with 200 ms delay and 5% loss", rate(clean), rate(impaired));
 
-    let mut consumer = messaging(proxy.grpc).await;
-    let mut seen = HashSet::new();
     let wanted: HashSet<String> = sent.into_iter().collect();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while !wanted.is_subset(&seen) {
-        assert!(Instant::now() < deadline, "{} sends never delivered", wanted.difference(&seen).count());
-        let got = receive(&mut consumer, "lossy", "readers", 32, Duration::from_secs(60), Duration::from_secs(1)).await;
-        match got.code() {
-            OK => {}
-            MESSAGE_NOT_FOUND => continue,
-            other => panic!("ReceiveMessage answered {other}: {:?}", got.statuses),
-        }
-        seen.extend(got.messages.iter().map(message_id));
-        ack_all(&mut consumer, "lossy", "readers", &got.messages).await;
-    }
+    let seen = receive_until_seen(&proxy, "lossy", &wanted).await;
     assert_eq!(seen, wanted, "delivered only what was sent");
 
     proxy.process.terminate();
