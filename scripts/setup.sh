@@ -13,7 +13,7 @@ packages=(
   python3 python3-venv        # the official RocketMQ Python client tests (scripts/python-client-tests.sh)
   nats-server redis-server    # the peers scripts/bench.sh measures Sluice against
   chromium                    # the browser test of lite-topic SSE (proxy/tests/python/test_sse.py)
-  tmux                        # drives `sluice stats --watch` in a terminal (sluice/tests/watch.rs)
+  tmux                        # drives `sluice stats --watch` in a terminal (sluice/tests/system/watch.rs)
   prometheus                  # runs the Grafana dashboard's queries (scripts/dashboard-snapshot.sh)
 )
 

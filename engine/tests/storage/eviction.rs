@@ -1,7 +1,7 @@
 //! Idle queues leave the shard's memory and come back from the index intact: offsets, records,
 //! limits, deletion, restarts, and a crash replay that meets evicted queues.
 
-mod common;
+use crate::common;
 
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

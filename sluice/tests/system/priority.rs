@@ -3,7 +3,7 @@
 //! every queue and shard of the topic; a suspended message comes back without counting an
 //! attempt.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -8,13 +8,13 @@
 //! and `chat#0/s1` (id `MULTI`), the consumer offset 3 of group `g1` on `orders#0`, and a
 //! queue-config state entry for `orders#0`. The rest of the segment is zeros.
 
-mod common;
+use crate::common;
 
 use common::*;
 use sluice_engine::record::{message_type, Attributes};
 use sluice_engine::{NewRecord, StateTable};
 
-const FIXTURE: &[u8] = include_bytes!("fixtures/batch-v2-segment.log");
+const FIXTURE: &[u8] = include_bytes!("../fixtures/batch-v2-segment.log");
 
 fn install_fixture(config: &sluice_engine::EngineConfig) {
     let log_dir = config.data_dir.join("shard-000").join("log");

@@ -1,7 +1,7 @@
 //! `sluice message get` / `find` and `sluice group reset` against a real `sluice local`,
 //! through the CLI's JSON output.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime};

@@ -4,7 +4,7 @@
 //! the TTL (never while a client subscribes), and a shard at its queue limit. Two of them run
 //! with lite topics evicted from the broker's memory a millisecond after each append.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! back-pressure of a shard at its disk floor: sends get TOO_MANY_REQUESTS, receives and acks
 //! go on.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! in-flight budget of a stalled disk in time gets `ShardBusy` instead of waiting on. Nothing
 //! acked is lost.
 
-mod common;
+use crate::common;
 
 use std::rc::Rc;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! deadline, delay messages and recall, transactions (commit, rollback, check-back), and delay
 //! timers and half messages surviving a SIGKILL.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -3,7 +3,7 @@
 //! deliveries among tenants by weight, weights change at run time, and a tenant's flood does
 //! not hold back another tenant's message.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

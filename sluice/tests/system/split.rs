@@ -1,7 +1,7 @@
 //! Split deployments as separate processes over TCP: brokers and proxies started from
 //! generated TOML files, driven with the generated RocketMQ v2 client.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

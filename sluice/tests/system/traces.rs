@@ -2,7 +2,7 @@
 //! this test process, and one send → receive → ack must come out as spans that are joined to the
 //! producer's and the consumer's traces, with the messaging semantic-convention attributes.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

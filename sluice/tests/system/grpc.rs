@@ -2,7 +2,7 @@
 //! tonic client: the round trip, redelivery, receipt handles, limits, hostile and vanishing
 //! clients, unimplemented RPCs and the graceful drain.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

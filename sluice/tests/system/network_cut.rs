@@ -5,7 +5,7 @@
 //! stored that was not, use the link again soon after, and lose no acknowledged message. A slow,
 //! lossy link must only be slower.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-const DASHBOARD: &str = include_str!("../../dashboards/sluice-grafana.json");
+const DASHBOARD: &str = include_str!("../../../dashboards/sluice-grafana.json");
 
 /// Every `rocketmq_…` or `sluice_…` name in a PromQL expression.
 fn metric_names(expr: &str) -> Vec<String> {

@@ -1,7 +1,7 @@
 //! Recovery: the index is rebuilt from the CommitLog, a torn tail is cut off, and corruption
 //! anywhere else is a typed error naming its position, never skipped and never a panic.
 
-mod common;
+use crate::common;
 
 use common::*;
 use sluice_engine::record::BATCH_HEADER_BYTES;

@@ -3,7 +3,7 @@
 //! order per producer. The same data directory carries on across rounds, so every round also
 //! recovers from the previous rounds' kills.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

@@ -1,7 +1,7 @@
 //! `sluice stats --watch` in a real terminal (tmux): the backlog and lag columns rise while a
 //! consumer is paused and fall back after it resumes, redrawn in place.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

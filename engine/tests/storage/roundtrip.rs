@@ -1,7 +1,7 @@
 //! Append/read behaviour of a running engine: round trips across segment rolls, multi-dispatch,
 //! lookups, consumer offsets, state tables, queue deletion, limits, restarts and retention.
 
-mod common;
+use crate::common;
 
 use common::*;
 use sluice_engine::{EngineError, NewRecord, StateTable};
