@@ -67,7 +67,8 @@ build_workspace() {
   local profile=$1
   rocksdb_once_link "$profile"
   if [[ $profile == ci ]]; then
-    cargo build --profile ci --locked --workspace --all-targets
+    # --timings: CI has a time budget; the report (target/cargo-timings/) shows where it goes.
+    cargo build --profile ci --locked --workspace --all-targets --timings
   else
     cargo build --profile "$profile" --locked --workspace
   fi

@@ -12,35 +12,56 @@ export LIBCLANG_PATH="${LIBCLANG_PATH:-/usr/lib/llvm-14/lib}"
 export SLUICE_CARGO_PROFILE=ci
 export SLUICE_BIN="$PWD/target/ci/sluice"
 started=$(date +%s)
+# Each step's wall time, printed at the end: CI has a time budget, and this shows where it goes.
+phase_started=$started
+phase_times=()
+phase() {
+  local now
+  now=$(date +%s)
+  phase_times+=("$1 $((now - phase_started))s")
+  phase_started=$now
+}
 cargo fmt --all --check
+phase fmt
 # The whole workspace with every target; RocksDB's C++ compiled once per checkout, whichever
 # profile builds first (scripts/build-once.sh).
 source scripts/build-once.sh
 build_workspace ci
+phase build
 cargo clippy --workspace --all-targets --locked --profile ci -- -D warnings
-# The cargo-fuzz target lives outside the workspace (libFuzzer instruments on nightly); make
-# sure it still builds against the decoder.
-cargo check --manifest-path transport/fuzz/Cargo.toml --locked
+phase clippy
+# The cargo-fuzz target lives outside the workspace (libFuzzer instruments on nightly). What it
+# runs, `sluice_transport::fuzzing`, is built and property-tested with the workspace; here its
+# own Cargo.lock must still resolve the transport's dependencies without changes. (Compiling
+# the 15-line wrapper would check its dependencies again, a minute of CI.)
+cargo metadata --manifest-path transport/fuzz/Cargo.toml --locked --format-version 1 >/dev/null
+phase fuzz-lock
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked --profile ci 2>&1 | tee "$log"
+phase cargo-test
 # The official RocketMQ 5 Python client (rocketmq-python-client==5.1.2 from PyPI, in a venv)
 # against a `sluice local` each run starts itself.
 bash scripts/python-client-tests.sh 2>&1 | tee -a "$log"
+phase python-client
 # The official RocketMQ 5 Node.js client (rocketmq-client-nodejs 1.0.8 from npm, pinned in
 # proxy/tests/node/package-lock.json) against a `sluice local` of its own.
 bash scripts/node-client-tests.sh 2>&1 | tee -a "$log"
+phase node-client
 # The benchmark suite in its short mode on every system (Sluice, NATS, Redis, the floors): a few
 # seconds per workload, then sluice-bench checks the JSON results are valid and complete. It
 # asserts no timings. Sync durability only, to keep CI within its time: the main job runs both
 # levels, and the engine's tests cover async flushing.
 bash scripts/bench.sh --short --durability sync 2>&1 | tee -a "$log"
+phase bench-short
 # The Grafana dashboard's queries through a real Prometheus scraping a real `sluice local`
 # under load: every panel must show data.
 bash scripts/dashboard-snapshot.sh --check --seconds 40 2>&1 | tee -a "$log"
+phase dashboard
 # The lite-topic scale benchmark, small (20,000 lite topics): it runs end to end against a
 # broker and Redis; no timings are asserted.
 bash scripts/lite-bench.sh --short 2>&1 | tee -a "$log"
+phase lite-bench
 # The RDMA path for real: the RDMA tests and hw-tests inside the soft-RoCE QEMU guest (or on
 # this host if it has a device). SLUICE_SKIP_RDMA_VM=1 skips it for quick local runs.
 if [[ "${SLUICE_SKIP_RDMA_VM:-0}" == 1 ]]; then
@@ -50,9 +71,11 @@ elif compgen -G "/sys/class/infiniband/*" >/dev/null; then
 else
   bash scripts/hw-tests.sh --vm 2>&1 | tee -a "$log"
 fi
+phase rdma
 # Rust's "test result:" lines and pytest's summary line ("N failed, N passed in Ns").
 count() {
   grep -E '^test result:|^[0-9]+ (passed|failed).* in [0-9.]+s' "$log" | grep -oE "[0-9]+ $1" | awk '{s += $1} END {print s + 0}'
 }
+echo "test.sh: step times: ${phase_times[*]}"
 echo "test.sh: finished in $(( $(date +%s) - started ))s"
 echo "tests: $(count passed) passed, $(count failed) failed"

@@ -17,7 +17,7 @@ pub const QUEUES_PER_TOPIC_MAX: u32 = 256;
 pub const DURATION_MAX_SECS: u64 = 24 * 3600;
 pub const INFLIGHT_MAX: usize = 65_536;
 /// Short mode (CI): each workload runs this long after this much warm-up.
-pub const SHORT_DURATION_SECS: u64 = 2;
+pub const SHORT_DURATION_SECS: u64 = 1;
 pub const SHORT_WARMUP_SECS: u64 = 1;
 /// Most sessions streaming at once per topic in a lite workload.
 pub const SESSIONS_MAX: u32 = 10_000;
