@@ -2,7 +2,8 @@
 # The test command: format check, build everything, lint with warnings denied, run every test,
 # the official RocketMQ Python and Node.js clients against `sluice local`, the benchmark suite in
 # short mode, the dashboard's queries through Prometheus, the lite-topic scale benchmark in short
-# mode, then the RDMA tests for real inside a soft-RoCE QEMU guest (scripts/hw-tests.sh --vm).
+# mode, the fault suite in short mode (scripts/faults.sh --short), then the RDMA tests for real
+# inside a soft-RoCE QEMU guest (scripts/hw-tests.sh --vm).
 # The crash test's rounds can be raised with SLUICE_CRASH_ROUNDS (default 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +63,11 @@ phase dashboard
 # broker and Redis; no timings are asserted.
 bash scripts/lite-bench.sh --short 2>&1 | tee -a "$log"
 phase lite-bench
+# The fault suite, short: broker SIGKILLs, proxy SIGKILLs, a cut network, a frozen broker and a
+# restart storm, each under load through the proxy and checked for lost, duplicated, corrupt and
+# out-of-order messages (the full suite: scripts/faults.sh).
+bash scripts/faults.sh --short 2>&1 | tee -a "$log"
+phase faults
 # The RDMA path for real: the RDMA tests and hw-tests inside the soft-RoCE QEMU guest (or on
 # this host if it has a device). SLUICE_SKIP_RDMA_VM=1 skips it for quick local runs.
 if [[ "${SLUICE_SKIP_RDMA_VM:-0}" == 1 ]]; then

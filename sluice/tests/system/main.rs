@@ -9,6 +9,7 @@ mod auth_and_restart;
 mod dashboard;
 mod delivery;
 mod fairness;
+mod faults;
 mod grpc;
 mod inspect;
 mod lite;

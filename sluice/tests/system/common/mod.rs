@@ -3,6 +3,8 @@
 //! RocketMQ v2 / admin gRPC clients. Every wait here is bounded.
 #![allow(dead_code)]
 
+pub mod history;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
@@ -384,6 +386,8 @@ pub struct Broker {
     pub port: u16,
     pub shards: u16,
     pub dir: tempfile::TempDir,
+    /// How many processes have been started for it (each keeps its own log files).
+    starts: u32,
 }
 
 impl Broker {
@@ -400,42 +404,72 @@ impl Broker {
                  metrics_listen = \"127.0.0.1:0\"\n",
                 dir.path().join("data").display()
             );
-            let config_path = dir.path().join(format!("{name}.toml"));
-            std::fs::write(&config_path, config).expect("write broker config");
-            let args = vec![
-                "--json".to_string(),
-                "broker".to_string(),
-                "--config".to_string(),
-                config_path.display().to_string(),
-            ];
-            let mut process = SluiceProcess::spawn(name, &args, dir.path());
-            let deadline = Instant::now() + START_TIMEOUT;
-            let ready = loop {
-                let listed = process.stdout().lines().any(|line| {
-                    serde_json::from_str::<serde_json::Value>(line)
-                        .ok()
-                        .is_some_and(|v| v.get("role").and_then(|r| r.as_str()) == Some("broker"))
-                });
-                if listed {
-                    break true;
-                }
-                if !process.is_alive() || Instant::now() >= deadline {
-                    break false;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            };
-            if ready {
-                for shard in 0..shards {
-                    process.wait_tcp(SocketAddr::from(([127, 0, 0, 1], port + shard)), START_TIMEOUT).await;
-                }
-                return Broker { process, port, shards, dir };
-            }
-            last_logs = process.logs();
-            if process.is_alive() {
-                panic!("broker {name} did not start within {START_TIMEOUT:?}\n{last_logs}");
+            std::fs::write(dir.path().join(format!("{name}.toml")), config).expect("write broker config");
+            match Broker::launch(name, name, port, shards, dir.path()).await {
+                Ok(process) => return Broker { process, port, shards, dir, starts: 1 },
+                Err(logs) => last_logs = logs,
             }
         }
         panic!("broker {name} failed to start three times\n{last_logs}");
+    }
+
+    /// Starts `sluice broker` from `<dir>/<name>.toml` (logs named `log_name`) and waits until
+    /// every shard listens. Err(logs) if it exited first, as when another process took a port.
+    async fn launch(name: &str, log_name: &str, port: u16, shards: u16, dir: &Path) -> Result<SluiceProcess, String> {
+        let config_path = dir.join(format!("{name}.toml"));
+        let args =
+            vec!["--json".to_string(), "broker".to_string(), "--config".to_string(), config_path.display().to_string()];
+        let mut process = SluiceProcess::spawn(log_name, &args, dir);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let listed = process.stdout().lines().any(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .is_some_and(|v| v.get("role").and_then(|r| r.as_str()) == Some("broker"))
+            });
+            if listed {
+                break;
+            }
+            if !process.is_alive() {
+                return Err(process.logs());
+            }
+            if Instant::now() >= deadline {
+                panic!("broker {name} did not start within {START_TIMEOUT:?}\n{}", process.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for shard in 0..shards {
+            process.wait_tcp(SocketAddr::from(([127, 0, 0, 1], port + shard)), START_TIMEOUT).await;
+        }
+        Ok(process)
+    }
+
+    /// SIGKILLs the broker (a crash: no shutdown of any kind) and starts it again on the same
+    /// ports and data directory. Returns how long the new process took to listen on every shard.
+    pub async fn crash_and_restart(&mut self) -> Duration {
+        self.process.kill();
+        self.restart().await
+    }
+
+    /// Starts the (stopped) broker again on the same ports and data directory; returns how long
+    /// the new process took to listen on every shard. Each start keeps its own log files.
+    pub async fn restart(&mut self) -> Duration {
+        let name = self.process.name.split('#').next().unwrap_or_default().to_string();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            self.starts += 1;
+            let log_name = format!("{name}#{}", self.starts);
+            let started = Instant::now();
+            // A SIGKILLed broker's ports can stay taken for a moment; try again until they are free.
+            match Broker::launch(&name, &log_name, self.port, self.shards, self.dir.path()).await {
+                Ok(process) => {
+                    self.process = process;
+                    return started.elapsed();
+                }
+                Err(logs) if Instant::now() >= deadline => panic!("broker {name} did not restart\n{logs}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     pub fn address(&self) -> String {

@@ -1,0 +1,304 @@
+//! A queue checker in the manner of Jepsen's: it records every send with its outcome and every
+//! delivery, then reports what the history breaks.
+//! - lost: sends the proxy acknowledged that no consumer ever received;
+//! - unexpected: deliveries of messages never sent, or whose send definitely failed;
+//! - duplicated: deliveries of a message after a consumer's ack of it was confirmed, with no
+//!   broker restart in between. At least once allows redelivery until an ack succeeds; and the
+//!   broker keeps, per group and queue, the offset below which everything is acked (written
+//!   every second and at shutdown), so after a restart the messages acked above it come again
+//!   (README, "Leases"). Those are counted apart, as redelivered after a restart;
+//! - corrupt: deliveries whose body is not the body sent;
+//! - out of order: in a message group of a FIFO topic, a message delivered while an earlier
+//!   acknowledged message of its group had not been delivered yet.
+//!
+//! Unknown outcomes (an error or a time-out: the message may or may not have been stored) may go
+//! either way; acknowledged ones may not.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// The proxy answered OK: the message is stored.
+    Acked,
+    /// The proxy refused it before storing anything.
+    Failed,
+    /// An error or a time-out: it may or may not be stored.
+    Unknown,
+}
+
+struct Sent {
+    /// (message group, position in the group's send order) for FIFO sends.
+    group_seq: Option<(String, u64)>,
+    body: Vec<u8>,
+    outcome: SendOutcome,
+}
+
+pub struct History {
+    sends: HashMap<String, Sent>,
+    /// Message ids in delivery order.
+    deliveries: Vec<String>,
+    corrupt: usize,
+    /// When each confirmed ack was requested: the broker may have applied it from then on.
+    confirmed_acks: HashMap<String, Instant>,
+    /// When the broker was restarted (after a crash or a stop).
+    restarts: Vec<Instant>,
+    after_restart: usize,
+    duplicated: usize,
+    unexpected: usize,
+    /// Per FIFO group: the positions of its acknowledged sends, and those delivered so far.
+    acked_seqs: HashMap<String, BTreeSet<u64>>,
+    delivered_seqs: HashMap<String, HashSet<u64>>,
+    out_of_order: usize,
+    longest_stall: Duration,
+}
+
+/// What a history shows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub sent: usize,
+    pub acked: usize,
+    pub unknown: usize,
+    /// Distinct messages delivered.
+    pub delivered: usize,
+    pub lost: usize,
+    pub unexpected: usize,
+    pub duplicated: usize,
+    /// Deliveries after a confirmed ack that a broker restart explains (not a violation).
+    pub redelivered_after_restart: usize,
+    pub corrupt: usize,
+    pub out_of_order: usize,
+    /// The longest time any client call waited for its answer.
+    pub longest_stall: Duration,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.lost == 0 && self.unexpected == 0 && self.duplicated == 0 && self.corrupt == 0 && self.out_of_order == 0
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "sent {} acked {} unknown {} delivered {} lost {} unexpected {} duplicated {} (after-restart {}) corrupt {} \
+             out-of-order {} longest-stall {}ms {}",
+            self.sent,
+            self.acked,
+            self.unknown,
+            self.delivered,
+            self.lost,
+            self.unexpected,
+            self.duplicated,
+            self.redelivered_after_restart,
+            self.corrupt,
+            self.out_of_order,
+            self.longest_stall.as_millis(),
+            if self.passed() { "PASS" } else { "FAIL" }
+        )
+    }
+}
+
+impl History {
+    pub fn new() -> History {
+        History {
+            sends: HashMap::new(),
+            deliveries: Vec::new(),
+            corrupt: 0,
+            confirmed_acks: HashMap::new(),
+            restarts: Vec::new(),
+            after_restart: 0,
+            duplicated: 0,
+            unexpected: 0,
+            acked_seqs: HashMap::new(),
+            delivered_seqs: HashMap::new(),
+            out_of_order: 0,
+            longest_stall: Duration::ZERO,
+        }
+    }
+
+    /// A send about to be made (its outcome is unknown until `send_finished`). Recorded before
+    /// the call, because a consumer may receive the message before the producer hears its reply.
+    /// `group_seq` is (message group, position in its send order) for a FIFO topic, whose
+    /// producer sends each group's messages one at a time.
+    pub fn send_started(&mut self, id: &str, group_seq: Option<(String, u64)>, body: &[u8]) {
+        let sent = Sent { group_seq, body: body.to_vec(), outcome: SendOutcome::Unknown };
+        let previous = self.sends.insert(id.to_string(), sent);
+        assert!(previous.is_none(), "message id {id} sent twice: the history needs unique ids");
+    }
+
+    /// What the send of `id` came to.
+    pub fn send_finished(&mut self, id: &str, outcome: SendOutcome) {
+        let sent = self.sends.get_mut(id).expect("send_finished after send_started");
+        sent.outcome = outcome;
+        if let (Some((group, seq)), SendOutcome::Acked) = (&sent.group_seq, outcome) {
+            self.acked_seqs.entry(group.clone()).or_default().insert(*seq);
+        }
+    }
+
+    /// A send and its outcome at once.
+    pub fn send(&mut self, id: &str, group_seq: Option<(String, u64)>, body: &[u8], outcome: SendOutcome) {
+        self.send_started(id, group_seq, body);
+        self.send_finished(id, outcome);
+    }
+
+    /// A message a consumer received.
+    pub fn deliver(&mut self, id: &str, body: &[u8]) {
+        self.deliveries.push(id.to_string());
+        if let Some(acked_at) = self.confirmed_acks.get(id) {
+            if self.restarts.iter().any(|r| r >= acked_at) {
+                self.after_restart += 1;
+            } else {
+                self.duplicated += 1;
+            }
+        }
+        let Some(sent) = self.sends.get(id) else {
+            self.unexpected += 1;
+            return;
+        };
+        if sent.body != body {
+            self.corrupt += 1;
+        }
+        if let Some((group, seq)) = &sent.group_seq {
+            let delivered = self.delivered_seqs.entry(group.clone()).or_default();
+            let earlier_missing = self
+                .acked_seqs
+                .get(group)
+                .is_some_and(|acked| acked.range(..*seq).any(|earlier| !delivered.contains(earlier)));
+            delivered.insert(*seq);
+            if earlier_missing {
+                self.out_of_order += 1;
+            }
+        }
+    }
+
+    /// A consumer's ack of `id`, requested at `requested_at`, that the proxy confirmed. A
+    /// restart after the request may have undone it, even one before the reply came.
+    pub fn ack_confirmed(&mut self, id: &str, requested_at: Instant) {
+        self.confirmed_acks.insert(id.to_string(), requested_at);
+    }
+
+    /// The broker went down just now (a crash or a stop) to be started again.
+    pub fn broker_restarted(&mut self) {
+        self.restarts.push(Instant::now());
+    }
+
+    /// How long one client call waited for its answer.
+    pub fn waited(&mut self, took: Duration) {
+        self.longest_stall = self.longest_stall.max(took);
+    }
+
+    pub fn acked_ids(&self) -> HashSet<String> {
+        self.sends.iter().filter(|(_, s)| s.outcome == SendOutcome::Acked).map(|(id, _)| id.clone()).collect()
+    }
+
+    pub fn delivered_ids(&self) -> HashSet<String> {
+        self.deliveries.iter().cloned().collect()
+    }
+
+    pub fn report(&self) -> Report {
+        let delivered = self.delivered_ids();
+        let acked = self.acked_ids();
+        Report {
+            sent: self.sends.len(),
+            acked: acked.len(),
+            unknown: self.sends.values().filter(|s| s.outcome == SendOutcome::Unknown).count(),
+            delivered: delivered.len(),
+            lost: acked.difference(&delivered).count(),
+            // A send that definitely failed may have been delivered before its reply came.
+            unexpected: self.unexpected
+                + self
+                    .deliveries
+                    .iter()
+                    .filter(|id| self.sends.get(*id).is_some_and(|s| s.outcome == SendOutcome::Failed))
+                    .count(),
+            duplicated: self.duplicated,
+            redelivered_after_restart: self.after_restart,
+            corrupt: self.corrupt,
+            out_of_order: self.out_of_order,
+            longest_stall: self.longest_stall,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fifo(group: &str, seq: u64) -> Option<(String, u64)> {
+        Some((group.to_string(), seq))
+    }
+
+    #[test]
+    fn a_clean_history_passes_and_unknown_sends_may_go_either_way() {
+        let mut h = History::new();
+        h.send("a", None, b"A", SendOutcome::Acked);
+        h.send("b", None, b"B", SendOutcome::Unknown);
+        h.send("c", None, b"C", SendOutcome::Unknown);
+        h.deliver("a", b"A");
+        h.deliver("a", b"A"); // redelivered before any ack: at least once
+        h.ack_confirmed("a", Instant::now());
+        h.deliver("b", b"B");
+        let r = h.report();
+        assert!(r.passed(), "{r}");
+        assert_eq!((r.sent, r.acked, r.unknown, r.delivered), (3, 1, 2, 2));
+    }
+
+    #[test]
+    fn each_kind_of_violation_is_counted() {
+        let mut h = History::new();
+        h.send("lost", None, b"L", SendOutcome::Acked);
+        h.send("failed", None, b"F", SendOutcome::Failed);
+        h.send("torn", None, b"T", SendOutcome::Acked);
+        h.send("twice", None, b"W", SendOutcome::Acked);
+        h.deliver("failed", b"F");
+        h.deliver("ghost", b"?");
+        h.deliver("torn", b"t");
+        h.deliver("twice", b"W");
+        h.ack_confirmed("twice", Instant::now());
+        h.deliver("twice", b"W");
+        let r = h.report();
+        assert_eq!(r.lost, 1, "{r}");
+        assert_eq!(r.unexpected, 2, "{r}");
+        assert_eq!(r.corrupt, 1, "{r}");
+        assert_eq!(r.duplicated, 1, "{r}");
+        assert!(!r.passed());
+        assert!(r.to_string().ends_with("FAIL"));
+    }
+
+    #[test]
+    fn a_redelivery_after_a_confirmed_ack_is_explained_only_by_a_restart_after_it() {
+        let mut h = History::new();
+        h.send("a", None, b"A", SendOutcome::Acked);
+        h.send("b", None, b"B", SendOutcome::Acked);
+        h.deliver("a", b"A");
+        h.ack_confirmed("a", Instant::now());
+        h.broker_restarted();
+        h.deliver("a", b"A"); // the restart may have undone the ack
+        assert_eq!((h.report().duplicated, h.report().redelivered_after_restart), (0, 1));
+        h.deliver("b", b"B");
+        h.ack_confirmed("b", Instant::now());
+        h.deliver("b", b"B"); // no restart after this ack
+        assert_eq!((h.report().duplicated, h.report().redelivered_after_restart), (1, 1));
+    }
+
+    #[test]
+    fn fifo_order_is_checked_per_group_and_skips_only_unknown_sends() {
+        let mut h = History::new();
+        h.send("g1-0", fifo("g1", 0), b"0", SendOutcome::Acked);
+        h.send("g1-1", fifo("g1", 1), b"1", SendOutcome::Unknown);
+        h.send("g1-2", fifo("g1", 2), b"2", SendOutcome::Acked);
+        h.send("g2-0", fifo("g2", 0), b"0", SendOutcome::Acked);
+        h.send("g2-1", fifo("g2", 1), b"1", SendOutcome::Acked);
+        // g1: 1 was never stored, and 2 after 0 is in order. g2: 1 before 0 is not.
+        h.deliver("g1-0", b"0");
+        h.deliver("g1-2", b"2");
+        h.deliver("g2-1", b"1");
+        h.deliver("g2-0", b"0");
+        let r = h.report();
+        assert_eq!(r.out_of_order, 1, "{r}");
+        assert_eq!(r.lost, 0, "{r}");
+    }
+}

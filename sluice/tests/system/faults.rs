@@ -1,0 +1,414 @@
+//! The fault suite: real `sluice` broker and proxy processes, producers and consumers running
+//! through the proxy the whole time (a normal topic, and a FIFO topic whose order is checked per
+//! message group), and a fault injected while they run. Each case prints one line,
+//! `faults: <case> sent … PASS|FAIL`, from the history checker (`common/history.rs`), and fails
+//! when the history breaks the queue's contract: an acked message lost, a duplicate no crash
+//! explains, a corrupt body, a FIFO group out of order.
+//!
+//! The cases are `#[ignore]`d, so `cargo test` leaves them out: `scripts/faults.sh` runs them,
+//! fewer rounds and shorter outages with `--short` (CI), which sets `SLUICE_FAULTS_SHORT=1`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common;
+use common::history::{History, Report, SendOutcome};
+use common::*;
+use sluice_transport::relay::Relay;
+use tonic::transport::Channel;
+
+const OK: i32 = v2::Code::Ok as i32;
+const TOPIC: &str = "faults";
+const FIFO_TOPIC: &str = "faults-fifo";
+const GROUP: &str = "faults-readers";
+const FIFO_GROUP: &str = "faults-fifo-readers";
+/// Producers on the normal topic; one more sends to the FIFO topic.
+const PRODUCERS: usize = 2;
+/// Message groups on the FIFO topic: its producer sends them round-robin, one send at a time,
+/// so each group's send order is its sequence order.
+const MESSAGE_GROUPS: u64 = 4;
+const QUEUES: u32 = 4;
+const BODY_BYTES: usize = 200;
+/// A message may be delivered this often before the broker dead-letters it (out of the
+/// checker's sight): far more than any case causes.
+const DELIVERY_ATTEMPTS_MAX: u32 = 1000;
+/// The clients' deadline for one call.
+const CALL_DEADLINE: Duration = Duration::from_secs(10);
+/// A consumer's lease: what a dead proxy or broker handed out comes back after this.
+const INVISIBLE: Duration = Duration::from_secs(3);
+const LONG_POLL: Duration = Duration::from_secs(1);
+const RECEIVE_BATCH: i32 = 16;
+/// How long the consumers get, once the producers stop, to receive every acked message.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// A frozen broker must not make the proxy's memory grow past this.
+const PROXY_RSS_MAX_BYTES: u64 = 512 << 20;
+/// After a fault, the workload runs this long before the next one (or the drain).
+const STEADY: Duration = Duration::from_secs(2);
+
+fn short() -> bool {
+    std::env::var("SLUICE_FAULTS_SHORT").is_ok_and(|v| v == "1")
+}
+
+fn scaled(short_value: u32, full_value: u32) -> u32 {
+    if short() {
+        short_value
+    } else {
+        full_value
+    }
+}
+
+fn lazy_client(addr: SocketAddr) -> Messaging {
+    let endpoint = Channel::from_shared(format!("http://{addr}")).expect("endpoint url");
+    messaging_client(endpoint.connect_timeout(Duration::from_secs(2)).connect_lazy())
+}
+
+/// Body of a producer's `seq`th message: recognisable, and long enough to show corruption.
+fn body(producer: usize, seq: u64) -> Vec<u8> {
+    let head = format!("producer {producer} message {seq} ");
+    let mut body = head.into_bytes();
+    body.extend((0..BODY_BYTES).map(|i| b'a' + ((i as u64 + seq) % 26) as u8));
+    body
+}
+
+/// What the producers and consumers share.
+struct Shared {
+    history: Mutex<History>,
+    /// The proxies' gRPC addresses; a client moves to the next one when a call fails.
+    proxies: Mutex<Vec<SocketAddr>>,
+    producing: AtomicBool,
+    consuming: AtomicBool,
+}
+
+impl Shared {
+    fn proxy(&self, index: usize) -> SocketAddr {
+        let proxies = self.proxies.lock().unwrap();
+        proxies[index % proxies.len()]
+    }
+}
+
+/// The producers and consumers of one case.
+struct Workload {
+    shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn create_topics(proxy: SocketAddr) {
+    create_typed_topic(proxy, TOPIC, v2::MessageType::Normal, QUEUES).await;
+    create_typed_topic(proxy, FIFO_TOPIC, v2::MessageType::Fifo, QUEUES).await;
+    create_group(proxy, GROUP, DELIVERY_ATTEMPTS_MAX, false).await;
+    create_group(proxy, FIFO_GROUP, DELIVERY_ATTEMPTS_MAX, true).await;
+}
+
+impl Workload {
+    async fn start(proxies: &[SocketAddr]) -> Workload {
+        create_topics(proxies[0]).await;
+        let shared = Arc::new(Shared {
+            history: Mutex::new(History::new()),
+            proxies: Mutex::new(proxies.to_vec()),
+            producing: AtomicBool::new(true),
+            consuming: AtomicBool::new(true),
+        });
+        let mut tasks = Vec::new();
+        for producer in 0..=PRODUCERS {
+            tasks.push(tokio::spawn(produce(shared.clone(), producer)));
+        }
+        tasks.push(tokio::spawn(consume(shared.clone(), TOPIC, GROUP, 0)));
+        tasks.push(tokio::spawn(consume(shared.clone(), TOPIC, GROUP, 1)));
+        tasks.push(tokio::spawn(consume(shared.clone(), FIFO_TOPIC, FIFO_GROUP, 0)));
+        Workload { shared, tasks }
+    }
+
+    fn history(&self) -> std::sync::MutexGuard<'_, History> {
+        self.shared.history.lock().unwrap()
+    }
+
+    fn set_proxy(&self, index: usize, addr: SocketAddr) {
+        self.shared.proxies.lock().unwrap()[index] = addr;
+    }
+
+    /// Stops the producers, lets the consumers receive every acked message (or time out), and
+    /// returns the checker's report.
+    async fn finish(self) -> Report {
+        self.shared.producing.store(false, Ordering::Relaxed);
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while Instant::now() < deadline {
+            let drained = {
+                let history = self.history();
+                history.acked_ids().is_subset(&history.delivered_ids())
+            };
+            if drained {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // A last moment for redeliveries that should not happen to show up.
+        tokio::time::sleep(INVISIBLE + LONG_POLL).await;
+        self.shared.consuming.store(false, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.expect("workload task");
+        }
+        let report = self.shared.history.lock().unwrap().report();
+        report
+    }
+}
+
+async fn produce(shared: Arc<Shared>, producer: usize) {
+    let fifo = producer == PRODUCERS;
+    let topic = if fifo { FIFO_TOPIC } else { TOPIC };
+    let mut at = producer;
+    let mut client = lazy_client(shared.proxy(at));
+    let mut seq = 0u64;
+    while shared.producing.load(Ordering::Relaxed) {
+        let body = body(producer, seq);
+        let mut m = message(topic, body.clone());
+        let mut group_seq = None;
+        if fifo {
+            let group = format!("g{}", seq % MESSAGE_GROUPS);
+            let system = m.system_properties.as_mut().expect("system properties");
+            system.message_type = v2::MessageType::Fifo as i32;
+            system.message_group = Some(group.clone());
+            group_seq = Some((group, seq / MESSAGE_GROUPS));
+        }
+        let id = message_id(&m);
+        shared.history.lock().unwrap().send_started(&id, group_seq, &body);
+        let started = Instant::now();
+        let call = client.send_message(v2::SendMessageRequest { messages: vec![m] });
+        let outcome = match tokio::time::timeout(CALL_DEADLINE, call).await {
+            Ok(Ok(reply)) => {
+                let reply = reply.into_inner();
+                let entry_ok = reply.entries.first().is_some_and(|e| code(e.status.as_ref()) == OK);
+                if code(reply.status.as_ref()) == OK && entry_ok {
+                    SendOutcome::Acked
+                } else {
+                    SendOutcome::Unknown
+                }
+            }
+            // A transport error or the deadline: it may have been stored.
+            _ => SendOutcome::Unknown,
+        };
+        {
+            let mut history = shared.history.lock().unwrap();
+            history.send_finished(&id, outcome);
+            history.waited(started.elapsed());
+        }
+        if outcome != SendOutcome::Acked {
+            at += 1;
+            client = lazy_client(shared.proxy(at));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        seq += 1;
+    }
+}
+
+/// One ReceiveMessage stream to its end; Err on a transport error or the client's deadline.
+async fn receive_once(client: &mut Messaging, topic: &str, group: &str) -> Result<Received, ()> {
+    let request = receive_request(topic, group, 0, RECEIVE_BATCH, INVISIBLE, LONG_POLL);
+    let run = async {
+        let mut stream = client.receive_message(request).await?.into_inner();
+        let mut received = Received::default();
+        while let Some(item) = stream.message().await? {
+            match item.content {
+                Some(v2::receive_message_response::Content::Status(s)) => received.statuses.push(s),
+                Some(v2::receive_message_response::Content::Message(m)) => received.messages.push(m),
+                _ => {}
+            }
+        }
+        Ok::<_, tonic::Status>(received)
+    };
+    match tokio::time::timeout(LONG_POLL + CALL_DEADLINE, run).await {
+        Ok(Ok(received)) => Ok(received),
+        _ => Err(()),
+    }
+}
+
+async fn consume(shared: Arc<Shared>, topic: &'static str, group: &'static str, consumer: usize) {
+    let mut at = consumer;
+    let mut client = lazy_client(shared.proxy(at));
+    while shared.consuming.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let received = receive_once(&mut client, topic, group).await;
+        shared.history.lock().unwrap().waited(started.elapsed().saturating_sub(LONG_POLL));
+        let messages = match received {
+            Ok(r) if r.code() == OK => r.messages,
+            Ok(r) if r.code() == v2::Code::MessageNotFound as i32 => continue,
+            _ => {
+                at += 1;
+                client = lazy_client(shared.proxy(at));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        for m in &messages {
+            shared.history.lock().unwrap().deliver(&message_id(m), &m.body);
+        }
+        let entries = messages
+            .iter()
+            .map(|m| v2::AckMessageEntry {
+                message_id: message_id(m),
+                receipt_handle: receipt_handle(m),
+                lite_topic: None,
+            })
+            .collect();
+        let request = v2::AckMessageRequest { group: Some(resource(group)), topic: Some(resource(topic)), entries };
+        let started = Instant::now();
+        let reply = tokio::time::timeout(CALL_DEADLINE, client.ack_message(request)).await;
+        let mut history = shared.history.lock().unwrap();
+        history.waited(started.elapsed());
+        if let Ok(Ok(reply)) = reply {
+            for entry in reply.into_inner().entries {
+                if code(entry.status.as_ref()) == OK {
+                    history.ack_confirmed(&entry.message_id, started);
+                }
+            }
+        }
+    }
+}
+
+/// Prints the case's line and fails the test when the history breaks the contract.
+fn verdict(case: &str, report: &Report, extra: &str, logs: impl FnOnce() -> String) {
+    println!("faults: {case:<14} {report} {extra}");
+    assert!(report.acked > 0, "{case}: no send was acknowledged at all\n{}", logs());
+    assert!(report.passed(), "{case}: {report}\n{}", logs());
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
+    kib.and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) * 1024
+}
+
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill").args([name, &pid.to_string()]).status().expect("kill");
+    assert!(status.success(), "kill {name} {pid}");
+}
+
+/// Case 1: the broker SIGKILLed while producers and consumers run, and restarted on the same
+/// data directory, round after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the fault suite: scripts/faults.sh"]
+async fn broker_sigkill() {
+    let rounds = scaled(3, 100);
+    let mut broker = Broker::start("faults-broker", 2).await;
+    let proxy = Proxy::start("faults-proxy", &[broker.address()]).await;
+    let workload = Workload::start(&[proxy.grpc]).await;
+    let mut restart_max = Duration::ZERO;
+    for _ in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(rand::random_range(300..1500))).await;
+        broker.process.kill();
+        workload.history().broker_restarted();
+        restart_max = restart_max.max(broker.restart().await);
+    }
+    tokio::time::sleep(STEADY).await;
+    let report = workload.finish().await;
+    let extra = format!("rounds {rounds} restart-max {}ms", restart_max.as_millis());
+    verdict("broker-sigkill", &report, &extra, || format!("{}\n{}", broker.process.logs(), proxy.process.logs()));
+}
+
+/// Case 4: one of two proxies SIGKILLed mid-request, round after round, and started again.
+/// Clients move to the other proxy when a call fails; the leases the dead proxy's consumers
+/// held expire and their messages come again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the fault suite: scripts/faults.sh"]
+async fn proxy_sigkill() {
+    let rounds = scaled(2, 20);
+    let broker = Broker::start("faults-broker", 2).await;
+    let mut proxies = [
+        Proxy::start("faults-proxy-a", &[broker.address()]).await,
+        Proxy::start("faults-proxy-b", &[broker.address()]).await,
+    ];
+    let workload = Workload::start(&[proxies[0].grpc, proxies[1].grpc]).await;
+    for round in 0..rounds as usize {
+        tokio::time::sleep(Duration::from_millis(rand::random_range(500..1500))).await;
+        let victim = round % 2;
+        proxies[victim].process.kill();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let name = format!("faults-proxy-{}{}", ["a", "b"][victim], round);
+        proxies[victim] = Proxy::start(&name, &[broker.address()]).await;
+        workload.set_proxy(victim, proxies[victim].grpc);
+    }
+    tokio::time::sleep(STEADY).await;
+    let report = workload.finish().await;
+    verdict("proxy-sigkill", &report, &format!("rounds {rounds}"), || {
+        format!("{}\n{}\n{}", broker.process.logs(), proxies[0].process.logs(), proxies[1].process.logs())
+    });
+}
+
+/// Case 5: the proxy↔broker link cut (every byte held, nothing closed, as a blackhole route
+/// does) and healed, by a relay between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the fault suite: scripts/faults.sh"]
+async fn network_cut() {
+    let outage = Duration::from_secs(scaled(5, 30).into());
+    let broker = Broker::start("faults-broker", 1).await;
+    let relay = Relay::start(broker.address().parse().unwrap()).await.unwrap();
+    let proxy = Proxy::start("faults-proxy", &[relay.addr().to_string()]).await;
+    let workload = Workload::start(&[proxy.grpc]).await;
+    tokio::time::sleep(STEADY).await;
+    relay.cut();
+    tokio::time::sleep(outage).await;
+    relay.heal();
+    tokio::time::sleep(STEADY).await;
+    let report = workload.finish().await;
+    verdict("network-cut", &report, &format!("outage {}s", outage.as_secs()), || {
+        format!("{}\n{}", broker.process.logs(), proxy.process.logs())
+    });
+}
+
+/// Case 6: the broker frozen (SIGSTOP), then thawed (SIGCONT). The proxy's memory stays bounded
+/// meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the fault suite: scripts/faults.sh"]
+async fn broker_freeze() {
+    let outage = Duration::from_secs(scaled(5, 10).into());
+    let broker = Broker::start("faults-broker", 2).await;
+    let proxy = Proxy::start("faults-proxy", &[broker.address()]).await;
+    let workload = Workload::start(&[proxy.grpc]).await;
+    tokio::time::sleep(STEADY).await;
+    let rss_before = rss_bytes(proxy.process.pid());
+    signal(broker.process.pid(), "-STOP");
+    let frozen = Instant::now();
+    let mut rss_peak = rss_before;
+    while frozen.elapsed() < outage {
+        rss_peak = rss_peak.max(rss_bytes(proxy.process.pid()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    signal(broker.process.pid(), "-CONT");
+    tokio::time::sleep(STEADY).await;
+    let report = workload.finish().await;
+    let extra =
+        format!("outage {}s proxy-rss {} MiB -> peak {} MiB", outage.as_secs(), rss_before >> 20, rss_peak >> 20);
+    verdict("broker-freeze", &report, &extra, || format!("{}\n{}", broker.process.logs(), proxy.process.logs()));
+    assert!(rss_peak <= PROXY_RSS_MAX_BYTES, "the proxy grew to {} MiB while the broker was frozen", rss_peak >> 20);
+}
+
+/// Case 9: the broker stopped (SIGTERM) and started again, over and over without a pause,
+/// under load. Startup time is reported per restart as the log grows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the fault suite: scripts/faults.sh"]
+async fn restart_storm() {
+    let restarts = scaled(5, 20);
+    let mut broker = Broker::start("faults-broker", 2).await;
+    let proxy = Proxy::start("faults-proxy", &[broker.address()]).await;
+    let workload = Workload::start(&[proxy.grpc]).await;
+    tokio::time::sleep(STEADY).await;
+    let mut starts = Vec::new();
+    for _ in 0..restarts {
+        broker.process.terminate();
+        let exit = broker.process.wait_exit(STOP_TIMEOUT).await;
+        assert!(exit.is_some_and(|e| e.success()), "graceful stop: {exit:?}\n{}", broker.process.logs());
+        workload.history().broker_restarted();
+        starts.push(broker.restart().await);
+    }
+    tokio::time::sleep(STEADY).await;
+    let report = workload.finish().await;
+    let ms = |d: &Duration| d.as_millis();
+    let extra = format!(
+        "restarts {restarts} start first {}ms last {}ms max {}ms",
+        starts.first().map_or(0, ms),
+        starts.last().map_or(0, ms),
+        starts.iter().map(ms).max().unwrap_or(0)
+    );
+    verdict("restart-storm", &report, &extra, || format!("{}\n{}", broker.process.logs(), proxy.process.logs()));
+}
