@@ -7,7 +7,7 @@
 #   broker-freeze    the broker SIGSTOPped for 10 s, then SIGCONT
 #   restart-storm    the broker stopped and restarted 20 times in a row under load
 # Each case prints one line: sent, acked, unknown (an error or time-out: maybe stored), delivered,
-# lost, unexpected, duplicated (beyond what a crash explains), corrupt, FIFO out-of-order, the
+# lost, unexpected, duplicated (beyond what a broker restart explains), corrupt, FIFO out-of-order, the
 # longest client stall, and PASS/FAIL; the table of every case comes at the end.
 #
 #   scripts/faults.sh            the full suite (about 5 minutes)

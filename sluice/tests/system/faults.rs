@@ -134,11 +134,7 @@ impl Workload {
         self.shared.producing.store(false, Ordering::Relaxed);
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while Instant::now() < deadline {
-            let drained = {
-                let history = self.history();
-                history.acked_ids().is_subset(&history.delivered_ids())
-            };
-            if drained {
+            if self.history().drained() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -205,18 +201,7 @@ async fn produce(shared: Arc<Shared>, producer: usize) {
 /// One ReceiveMessage stream to its end; Err on a transport error or the client's deadline.
 async fn receive_once(client: &mut Messaging, topic: &str, group: &str) -> Result<Received, ()> {
     let request = receive_request(topic, group, 0, RECEIVE_BATCH, INVISIBLE, LONG_POLL);
-    let run = async {
-        let mut stream = client.receive_message(request).await?.into_inner();
-        let mut received = Received::default();
-        while let Some(item) = stream.message().await? {
-            match item.content {
-                Some(v2::receive_message_response::Content::Status(s)) => received.statuses.push(s),
-                Some(v2::receive_message_response::Content::Message(m)) => received.messages.push(m),
-                _ => {}
-            }
-        }
-        Ok::<_, tonic::Status>(received)
-    };
+    let run = receive_stream(client, tonic::Request::new(request));
     match tokio::time::timeout(LONG_POLL + CALL_DEADLINE, run).await {
         Ok(Ok(received)) => Ok(received),
         _ => Err(()),

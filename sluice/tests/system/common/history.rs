@@ -194,6 +194,12 @@ impl History {
         self.sends.iter().filter(|(_, s)| s.outcome == SendOutcome::Acked).map(|(id, _)| id.clone()).collect()
     }
 
+    /// Whether every acked send has been delivered.
+    pub fn drained(&self) -> bool {
+        let delivered = self.delivered_ids();
+        self.sends.iter().all(|(id, s)| s.outcome != SendOutcome::Acked || delivered.contains(id))
+    }
+
     pub fn delivered_ids(&self) -> HashSet<String> {
         self.deliveries.iter().cloned().collect()
     }

@@ -756,20 +756,27 @@ pub async fn receive_with(
         Duration::from_secs(d.seconds.max(0) as u64) + Duration::from_nanos(d.nanos.max(0) as u64)
     });
     let bound = wait + Duration::from_secs(30);
-    let run = async {
-        let mut stream = client.receive_message(request).await?.into_inner();
-        let mut received = Received::default();
-        while let Some(item) = stream.message().await? {
-            match item.content {
-                Some(v2::receive_message_response::Content::Status(s)) => received.statuses.push(s),
-                Some(v2::receive_message_response::Content::Message(m)) => received.messages.push(m),
-                Some(v2::receive_message_response::Content::DeliveryTimestamp(_)) => received.delivery_timestamps += 1,
-                _ => {}
-            }
+    tokio::time::timeout(bound, receive_stream(client, request))
+        .await
+        .unwrap_or_else(|_| panic!("ReceiveMessage did not end within {bound:?}"))
+}
+
+/// Runs one ReceiveMessage to the end of its stream, unbounded: the caller bounds it.
+pub async fn receive_stream(
+    client: &mut Messaging,
+    request: tonic::Request<v2::ReceiveMessageRequest>,
+) -> Result<Received, tonic::Status> {
+    let mut stream = client.receive_message(request).await?.into_inner();
+    let mut received = Received::default();
+    while let Some(item) = stream.message().await? {
+        match item.content {
+            Some(v2::receive_message_response::Content::Status(s)) => received.statuses.push(s),
+            Some(v2::receive_message_response::Content::Message(m)) => received.messages.push(m),
+            Some(v2::receive_message_response::Content::DeliveryTimestamp(_)) => received.delivery_timestamps += 1,
+            _ => {}
         }
-        Ok(received)
-    };
-    tokio::time::timeout(bound, run).await.unwrap_or_else(|_| panic!("ReceiveMessage did not end within {bound:?}"))
+    }
+    Ok(received)
 }
 
 pub async fn receive(
