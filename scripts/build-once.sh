@@ -1,7 +1,7 @@
 # Sourced by the scripts that build the broker (test.sh, bench.sh, dashboard-snapshot.sh,
 # lite-bench.sh): `build_workspace PROFILE` builds so that nothing is compiled twice.
 #   - One package selection per profile. `ci` (the test command) builds the whole workspace with
-#     every target; other profiles build the whole workspace's libraries and binaries, as a plain
+#     every test target; other profiles build the whole workspace's libraries and binaries, as a plain
 #     `cargo build --release` does. A `-p` selection resolves dependencies' features differently
 #     and recompiles half the workspace.
 #   - RocksDB's C++ (15 minutes on 2 cores) is compiled once per checkout. librocksdb-sys
@@ -67,8 +67,10 @@ build_workspace() {
   local profile=$1
   rocksdb_once_link "$profile"
   if [[ $profile == ci ]]; then
+    # What the tests run (libraries, binaries, every test target), not the criterion benches:
+    # nothing in the test command runs them, and clippy (--all-targets) still checks them.
     # --timings: CI has a time budget; the report (target/cargo-timings/) shows where it goes.
-    cargo build --profile ci --locked --workspace --all-targets --timings
+    cargo build --profile ci --locked --workspace --lib --bins --tests --timings
   else
     cargo build --profile "$profile" --locked --workspace
   fi

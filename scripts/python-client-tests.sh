@@ -3,8 +3,10 @@
 # against `sluice local`. Builds nothing: expects SLUICE_BIN, or target/debug/sluice.
 #   SLUICE_PY_VENV  the virtualenv to use/create (default: target/py-venv)
 #   SLUICE_BIN      the sluice binary (default: target/debug/sluice)
+#   SLUICE_PY_WORKERS  pytest-xdist workers, each with its own `sluice local` (default 2: most
+#                   of the time goes to waiting out invisible durations, so two overlap it)
 # Extra arguments go to pytest (e.g. -k push). JUnit XML: target/python-client-tests.xml;
-# server stdout/stderr and the client's log: target/python-client-tests/.
+# server stdout/stderr and the client's log: target/python-client-tests/<worker>/.
 # Exit code: pytest's.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,7 +35,7 @@ export PYTHONDONTWRITEBYTECODE=1  # no __pycache__ in the source tree
 
 status=0
 "$venv/bin/python" -m pytest proxy/tests/python -q \
-  -p no:cacheprovider \
+  -p no:cacheprovider -n "${SLUICE_PY_WORKERS:-2}" \
   --junitxml="$REPO/target/python-client-tests.xml" \
   "$@" || status=$?
 exit "$status"

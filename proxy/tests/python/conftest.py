@@ -1,12 +1,14 @@
-"""Fixtures for the official-client tests: one `sluice local` per session, a fresh topic and a
-fresh consumer group per test, bounded shutdown of every client a test starts.
+"""Fixtures for the official-client tests: one `sluice local` per session (per pytest-xdist
+worker), a fresh topic and a fresh consumer group per test, bounded shutdown of every client a
+test starts.
 
 Environment:
   SLUICE_BIN               the sluice binary (default: <repo>/target/debug/sluice)
   SLUICE_ENDPOINT          host:port of an already running proxy; when set no server is started
                            (topics are still made with `$SLUICE_BIN topic create --endpoint ...`)
   SLUICE_PY_ARTIFACT_DIR   where the server's stdout/stderr and the client's log go
-                           (default: a directory under pytest's basetemp)
+                           (default: a directory under pytest's basetemp; a subdirectory per
+                           pytest-xdist worker)
 """
 
 import atexit
@@ -223,6 +225,10 @@ class Sluice:
 def artifact_dir(tmp_path_factory):
     env = os.environ.get("SLUICE_PY_ARTIFACT_DIR")
     path = Path(env) if env else tmp_path_factory.mktemp("artifacts")
+    # Under pytest-xdist each worker is a session with its own server: its own directory.
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        path = path / worker
     path.mkdir(parents=True, exist_ok=True)
     return path
 
