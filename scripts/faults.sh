@@ -2,6 +2,8 @@
 # The fault suite: real `sluice` broker and proxy processes with producers and consumers running
 # through the proxy the whole time, one fault per case (sluice/tests/system/faults.rs):
 #   broker-sigkill   the broker SIGKILLed and restarted on its data directory, 100 rounds
+#   disk-full        the data directory's file system (a 256 MiB loop device: needs root) filled
+#                    for 20 s, then freed: sends refused, consumers go on, sends resume
 #   proxy-sigkill    one of two proxies SIGKILLed mid-request and restarted, 20 rounds
 #   network-cut      the proxy↔broker link cut for 30 s (a relay holding every byte), then healed
 #   broker-freeze    the broker SIGSTOPped for 10 s, then SIGCONT
@@ -25,7 +27,7 @@ export SLUICE_FAULTS_SHORT=0
 for arg in "$@"; do
   case "$arg" in
     --short) SLUICE_FAULTS_SHORT=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     -*) echo "faults.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
     *) cases+=("faults::$arg") ;;
   esac

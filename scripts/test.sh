@@ -66,9 +66,9 @@ phase dashboard
 # broker and Redis; no timings are asserted.
 bash scripts/lite-bench.sh --short 2>&1 | tee -a "$log"
 phase lite-bench
-# The fault suite, short: broker SIGKILLs, proxy SIGKILLs, a cut network, a frozen broker and a
-# restart storm, each under load through the proxy and checked for lost, duplicated, corrupt and
-# out-of-order messages (the full suite: scripts/faults.sh).
+# The fault suite, short: broker SIGKILLs, a full disk, proxy SIGKILLs, a cut network, a frozen
+# broker and a restart storm, each under load through the proxy and checked for lost,
+# duplicated, corrupt and out-of-order messages (the full suite: scripts/faults.sh).
 bash scripts/faults.sh --short 2>&1 | tee -a "$log"
 phase faults
 # The RDMA path for real: the RDMA tests and hw-tests inside the soft-RoCE QEMU guest (or on

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common;
-use common::history::{History, Report, SendOutcome};
+use common::history::{History, Progress, Report, SendOutcome};
 use common::*;
 use sluice_transport::relay::Relay;
 use tonic::transport::Channel;
@@ -46,6 +46,14 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 const PROXY_RSS_MAX_BYTES: u64 = 512 << 20;
 /// After a fault, the workload runs this long before the next one (or the drain).
 const STEADY: Duration = Duration::from_secs(2);
+/// Case 2's file system, its broker's segments, and the free space its broker keeps: the
+/// ballast leaves less than the floor, so every append is refused while it is there.
+const SMALL_DISK_MIB: u64 = 256;
+const SMALL_DISK_SEGMENT_BYTES: u64 = 16 << 20;
+const SMALL_DISK_FREE_MIN_BYTES: u64 = 32 << 20;
+const SMALL_DISK_LEFT_BYTES: u64 = 16 << 20;
+/// How long a condition a case waits for (a refusal, sends resuming) may take to appear.
+const CONDITION_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn short() -> bool {
     std::env::var("SLUICE_FAULTS_SHORT").is_ok_and(|v| v == "1")
@@ -79,6 +87,8 @@ struct Shared {
     proxies: Mutex<Vec<SocketAddr>>,
     producing: AtomicBool,
     consuming: AtomicBool,
+    /// Consumers wait (receive nothing) while set: lets a case build a backlog.
+    consumers_paused: AtomicBool,
 }
 
 impl Shared {
@@ -109,6 +119,7 @@ impl Workload {
             proxies: Mutex::new(proxies.to_vec()),
             producing: AtomicBool::new(true),
             consuming: AtomicBool::new(true),
+            consumers_paused: AtomicBool::new(false),
         });
         let mut tasks = Vec::new();
         for producer in 0..=PRODUCERS {
@@ -122,6 +133,23 @@ impl Workload {
 
     fn history(&self) -> std::sync::MutexGuard<'_, History> {
         self.shared.history.lock().unwrap()
+    }
+
+    fn progress(&self) -> Progress {
+        self.history().progress()
+    }
+
+    fn pause_consumers(&self, paused: bool) {
+        self.shared.consumers_paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// Waits until `done` holds for the history's progress; panics after CONDITION_TIMEOUT.
+    async fn wait_for(&self, what: &str, done: impl Fn(Progress) -> bool, logs: impl FnOnce() -> String) {
+        let deadline = Instant::now() + CONDITION_TIMEOUT;
+        while !done(self.progress()) {
+            assert!(Instant::now() < deadline, "{what}: not within {CONDITION_TIMEOUT:?}\n{}", logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn set_proxy(&self, index: usize, addr: SocketAddr) {
@@ -174,9 +202,15 @@ async fn produce(shared: Arc<Shared>, producer: usize) {
         let outcome = match tokio::time::timeout(CALL_DEADLINE, call).await {
             Ok(Ok(reply)) => {
                 let reply = reply.into_inner();
-                let entry_ok = reply.entries.first().is_some_and(|e| code(e.status.as_ref()) == OK);
-                if code(reply.status.as_ref()) == OK && entry_ok {
+                let overall = code(reply.status.as_ref());
+                let entry = reply.entries.first().map(|e| code(e.status.as_ref()));
+                let refused = v2::Code::TooManyRequests as i32;
+                if overall == OK && entry == Some(OK) {
                     SendOutcome::Acked
+                } else if overall == refused || entry == Some(refused) {
+                    // A full disk or a busy shard: refused before anything was stored. The
+                    // checker holds this to it: such a message must never be delivered.
+                    SendOutcome::Failed
                 } else {
                     SendOutcome::Unknown
                 }
@@ -212,6 +246,10 @@ async fn consume(shared: Arc<Shared>, topic: &'static str, group: &'static str, 
     let mut at = consumer;
     let mut client = lazy_client(shared.proxy(at));
     while shared.consuming.load(Ordering::Relaxed) {
+        if shared.consumers_paused.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
         let started = Instant::now();
         let received = receive_once(&mut client, topic, group).await;
         shared.history.lock().unwrap().waited(started.elapsed().saturating_sub(LONG_POLL));
@@ -289,6 +327,126 @@ async fn broker_sigkill() {
     let report = workload.finish().await;
     let extra = format!("rounds {rounds} restart-max {}ms", restart_max.as_millis());
     verdict("broker-sigkill", &report, &extra, || format!("{}\n{}", broker.process.logs(), proxy.process.logs()));
+}
+
+/// A small ext4 file system on a loop device (`mount -o loop`, so root) in a temporary
+/// directory: a disk a case can fill.
+struct SmallDisk {
+    mount: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size_mib: u64) -> SmallDisk {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).expect("mount point");
+        run("truncate", &["-s", &format!("{size_mib}M"), path_str(&image)]);
+        // -m 0: no blocks reserved for root, so the free space the broker sees is all there is.
+        run("mkfs.ext4", &["-q", "-F", "-m", "0", path_str(&image)]);
+        run("mount", &["-o", "loop", path_str(&image), path_str(&mount)]);
+        SmallDisk { mount, _dir: dir }
+    }
+
+    fn available_bytes(&self) -> u64 {
+        let out = std::process::Command::new("df")
+            .args(["--output=avail", "-B1", path_str(&self.mount)])
+            .output()
+            .expect("df");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().nth(1).and_then(|l| l.trim().parse().ok()).expect("df's available bytes")
+    }
+
+    /// Takes all but `left_bytes` of the free space with one file, as another program would;
+    /// returns its path.
+    fn fill_leaving(&self, left_bytes: u64) -> std::path::PathBuf {
+        let ballast = self.mount.join("ballast");
+        let size = self.available_bytes().saturating_sub(left_bytes);
+        run("fallocate", &["-l", &size.to_string(), path_str(&ballast)]);
+        ballast
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazy: a broker killed just before may still be closing its files.
+        let _ = std::process::Command::new("umount").args(["-l", path_str(&self.mount)]).status();
+    }
+}
+
+fn path_str(path: &std::path::Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn run(program: &str, args: &[&str]) {
+    let out = std::process::Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}; case 2 (disk full) mounts a loop device and needs root\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Case 2: the data directory's file system fills up (another file takes the space), then the
+/// space comes back. Meanwhile sends are refused with TOO_MANY_REQUESTS (retryable, never
+/// stored), while consumers go on receiving and acking the backlog; then sends resume by
+/// themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the fault suite: scripts/faults.sh"]
+async fn disk_full() {
+    let full_for = Duration::from_secs(scaled(4, 20).into());
+    let disk = SmallDisk::mount(SMALL_DISK_MIB);
+    let extra_config = format!("disk_free_min_bytes = {SMALL_DISK_FREE_MIN_BYTES}\n");
+    let setup = BrokerSetup {
+        data_dir: Some(&disk.mount),
+        segment_size_bytes: SMALL_DISK_SEGMENT_BYTES,
+        extra_config: &extra_config,
+    };
+    let broker = Broker::start_with("faults-broker", 2, setup).await;
+    let proxy = Proxy::start("faults-proxy", &[broker.address()]).await;
+    let logs = || format!("{}\n{}", broker.process.logs(), proxy.process.logs());
+    let workload = Workload::start(&[proxy.grpc]).await;
+    tokio::time::sleep(STEADY).await;
+    // A backlog for the consumers to read while the disk is full.
+    workload.pause_consumers(true);
+    tokio::time::sleep(STEADY).await;
+
+    let ballast = disk.fill_leaving(SMALL_DISK_LEFT_BYTES);
+    let filled = workload.progress();
+    workload.wait_for("a send refused after the disk filled", |p| p.sends_failed > filled.sends_failed, logs).await;
+    // Each shard re-reads the free space within 100 ms; from then on none may store anything.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    workload.pause_consumers(false);
+    let full = workload.progress();
+    tokio::time::sleep(full_for).await;
+    let still_full = workload.progress();
+    assert!(disk.available_bytes() < SMALL_DISK_FREE_MIN_BYTES, "the disk stayed below the broker's floor");
+    assert_eq!(still_full.sends_acked, full.sends_acked, "a send was acked while the disk was full\n{}", logs());
+    assert!(still_full.sends_failed > full.sends_failed, "sends kept being refused while full\n{}", logs());
+    assert!(
+        still_full.deliveries > full.deliveries && still_full.acks_confirmed > full.acks_confirmed,
+        "consumers made no progress while the disk was full: {full:?} -> {still_full:?}\n{}",
+        logs()
+    );
+
+    std::fs::remove_file(&ballast).expect("remove the ballast");
+    let freed = Instant::now();
+    workload
+        .wait_for("sends acked again after the space came back", |p| p.sends_acked > still_full.sends_acked, logs)
+        .await;
+    let resumed = freed.elapsed();
+    tokio::time::sleep(STEADY).await;
+    let report = workload.finish().await;
+    let extra = format!(
+        "full {}s refused {} delivered-while-full {} resumed-after {}ms",
+        full_for.as_secs(),
+        still_full.sends_failed - filled.sends_failed,
+        still_full.deliveries - full.deliveries,
+        resumed.as_millis()
+    );
+    verdict("disk-full", &report, &extra, logs);
 }
 
 /// Case 4: one of two proxies SIGKILLed mid-request, round after round, and started again.

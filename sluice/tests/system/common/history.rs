@@ -54,6 +54,16 @@ pub struct History {
     longest_stall: Duration,
 }
 
+/// Running counts of a history (`History::progress`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub deliveries: usize,
+    pub acks_confirmed: usize,
+    pub sends_acked: usize,
+    /// Sends the proxy refused before storing anything.
+    pub sends_failed: usize,
+}
+
 /// What a history shows.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Report {
@@ -190,6 +200,16 @@ impl History {
         self.longest_stall = self.longest_stall.max(took);
     }
 
+    /// Counts so far, to compare a case's progress between two moments.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            deliveries: self.deliveries.len(),
+            acks_confirmed: self.confirmed_acks.len(),
+            sends_acked: self.sends.values().filter(|s| s.outcome == SendOutcome::Acked).count(),
+            sends_failed: self.sends.values().filter(|s| s.outcome == SendOutcome::Failed).count(),
+        }
+    }
+
     pub fn acked_ids(&self) -> HashSet<String> {
         self.sends.iter().filter(|(_, s)| s.outcome == SendOutcome::Acked).map(|(id, _)| id.clone()).collect()
     }
@@ -265,6 +285,8 @@ mod tests {
         h.deliver("twice", b"W");
         h.ack_confirmed("twice", Instant::now());
         h.deliver("twice", b"W");
+        let progress = Progress { deliveries: 5, acks_confirmed: 1, sends_acked: 3, sends_failed: 1 };
+        assert_eq!(h.progress(), progress);
         let r = h.report();
         assert_eq!(r.lost, 1, "{r}");
         assert_eq!(r.unexpected, 2, "{r}");

@@ -390,19 +390,41 @@ pub struct Broker {
     starts: u32,
 }
 
+/// Where a test broker keeps its data, and how big its segments are.
+pub struct BrokerSetup<'a> {
+    /// None: `data` in the broker's temporary directory.
+    pub data_dir: Option<&'a Path>,
+    pub segment_size_bytes: u64,
+    /// More lines for the `[broker]` section.
+    pub extra_config: &'a str,
+}
+
+impl Default for BrokerSetup<'_> {
+    fn default() -> Self {
+        BrokerSetup { data_dir: None, segment_size_bytes: SEGMENT_SIZE_BYTES, extra_config: "" }
+    }
+}
+
 impl Broker {
     pub async fn start(name: &str, shards: u16) -> Broker {
+        Broker::start_with(name, shards, BrokerSetup::default()).await
+    }
+
+    pub async fn start_with(name: &str, shards: u16, setup: BrokerSetup<'_>) -> Broker {
         let mut last_logs = String::new();
         // The ports were free when picked; another process may take them before the broker
         // binds, so try a few times.
         for _ in 0..3 {
             let dir = tempfile::tempdir().expect("tempdir");
             let port = free_ports(shards);
+            let data_dir = setup.data_dir.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
             let config = format!(
                 "[broker]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nshards = {shards}\n\
-                 pin_shards = false\ndurability = \"sync\"\nsegment_size_bytes = {SEGMENT_SIZE_BYTES}\n\
-                 metrics_listen = \"127.0.0.1:0\"\n",
-                dir.path().join("data").display()
+                 pin_shards = false\ndurability = \"sync\"\nsegment_size_bytes = {}\n\
+                 metrics_listen = \"127.0.0.1:0\"\n{}",
+                data_dir.display(),
+                setup.segment_size_bytes,
+                setup.extra_config
             );
             std::fs::write(dir.path().join(format!("{name}.toml")), config).expect("write broker config");
             match Broker::launch(name, name, port, shards, dir.path()).await {
