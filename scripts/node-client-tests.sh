@@ -28,7 +28,7 @@ export SLUICE_NODE_ARTIFACT_DIR="$artifacts"
 
 started=$(date +%s)
 status=0
-node --test --test-reporter=tap --test-timeout=300000 "$dir/client.test.js" | tee "$artifacts/tap.txt" || status=$?
+node --test --test-reporter=tap --test-timeout=300000 "$dir/client.test.js" "$dir/tls.test.js" | tee "$artifacts/tap.txt" || status=$?
 passed=$(grep -E '^# pass ' "$artifacts/tap.txt" | awk '{print $3}')
 failed=$(grep -E '^# fail ' "$artifacts/tap.txt" | awk '{print $3}')
 echo "${passed:-0} passed, ${failed:-0} failed in $(( $(date +%s) - started ))s"

@@ -5,6 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential pkg-config
+  openssl curl                # the TLS tests make certificates and fetch over HTTPS (sluice/tests/system/tls.rs)
   clang libclang-dev          # bindgen, used by rocksdb and rdma-sys
   libibverbs-dev librdmacm-dev # RDMA verbs headers for rdma-sys
   # soft-RoCE: scripts/rdma-vm.sh (QEMU guest with Debian's kernel) and scripts/soft-roce.sh

@@ -22,5 +22,6 @@ pub mod service;
 pub mod spans;
 pub mod state;
 pub mod stream;
+pub mod tls;
 pub mod topics;
 pub mod transactions;

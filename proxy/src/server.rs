@@ -1,6 +1,7 @@
 //! Runs a proxy: the gRPC port (RocketMQ messaging + Sluice admin), the HTTP port (health,
-//! stats, and lite topics over SSE), the auto-renew task, and a graceful drain: on shutdown, HTTP/2 GOAWAY goes out,
-//! long polls answer at once, and in-flight calls get `drain_timeout_ms` to finish.
+//! stats, and lite topics over SSE), both in the clear or under TLS, the auto-renew task, and a
+//! graceful drain: on shutdown, HTTP/2 GOAWAY goes out, long polls answer at once, and in-flight
+//! calls get `drain_timeout_ms` to finish.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use sluice_transport::TransportConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 use crate::admin::AdminService;
 use crate::auth::Auth;
@@ -18,6 +20,7 @@ use crate::pb::apache::rocketmq::v2::messaging_service_server::MessagingServiceS
 use crate::pb::sluice::admin::v1::admin_server::AdminServer;
 use crate::service::Messaging;
 use crate::state::{ProxySettings, ProxyState};
+use crate::tls::{TlsAcceptors, TlsFiles, TlsListener};
 use sluice_transport::cluster::{BrokerAddress, BrokerPool};
 
 /// Concurrent calls (streams) one client connection may have open.
@@ -44,11 +47,15 @@ pub struct ProxyConfig {
     pub access_keys: HashMap<String, String>,
     /// Serves `GET /metrics` on the HTTP port when set.
     pub metrics: Option<crate::metrics::RenderMetrics>,
+    /// TLS on both client ports (gRPC and HTTP) when set; plaintext otherwise.
+    pub tls: Option<TlsFiles>,
 }
 
 pub struct RunningProxy {
     pub grpc_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
+    /// Both client ports speak TLS.
+    pub tls: bool,
     pub state: Arc<ProxyState>,
     stop: tokio::sync::watch::Sender<bool>,
     grpc_task: JoinHandle<Result<(), ProxyError>>,
@@ -65,6 +72,8 @@ pub fn proxy_transport(mut transport: TransportConfig, settings: &ProxySettings)
 
 pub async fn start(config: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     config.settings.validate().map_err(ProxyError::Config)?;
+    // Before anything connects: a bad certificate or key stops startup with the file named.
+    let tls: Option<TlsAcceptors> = config.tls.as_ref().map(TlsFiles::load).transpose()?;
     let transport = proxy_transport(config.transport.clone(), &config.settings);
     let brokers =
         BrokerPool::connect(config.brokers.clone(), &config.transport_scheme, transport, &config.name).await?;
@@ -82,8 +91,9 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     let admin = AdminServer::new(AdminService { state: state.clone() });
     let mut grpc_stop = stopped.clone();
     let settings_for_accept = config.settings.clone();
+    let grpc_tls = tls.as_ref().map(|t| t.grpc.clone());
     let grpc_task = tokio::spawn(async move {
-        let incoming = guarded_incoming(listener, &settings_for_accept);
+        let incoming = guarded_incoming(listener, &settings_for_accept, grpc_tls);
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -100,21 +110,25 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, ProxyError> {
 
     let (http_addr, http_task) = match config.http {
         Some(addr) => {
-            let (addr, task) = start_http(addr, state.clone(), config.metrics.clone(), stopped.clone()).await?;
+            let http_tls = tls.as_ref().map(|t| t.http.clone());
+            let (addr, task) =
+                start_http(addr, state.clone(), config.metrics.clone(), http_tls, stopped.clone()).await?;
             (Some(addr), Some(task))
         }
         None => (None, None),
     };
     let renew_task = tokio::spawn(crate::renew::run(state.clone()));
     let check_task = tokio::spawn(crate::transactions::run_checks(state.clone()));
-    Ok(RunningProxy { grpc_addr, http_addr, state, stop, grpc_task, http_task, renew_task, check_task })
+    let tls = tls.is_some();
+    Ok(RunningProxy { grpc_addr, http_addr, tls, state, stop, grpc_task, http_task, renew_task, check_task })
 }
 
 async fn start_http(
     addr: SocketAddr,
     state: Arc<ProxyState>,
     metrics: Option<crate::metrics::RenderMetrics>,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
+    tls: Option<TlsAcceptor>,
+    stopped: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<()>), ProxyError> {
     use axum::routing::get;
     let listener = TcpListener::bind(addr)
@@ -139,15 +153,28 @@ async fn start_http(
         None => app,
     };
     let app = app.merge(crate::stream::routes(state.clone()));
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        });
-        if let Err(e) = served.await {
-            tracing::error!(error = %e, "HTTP server failed");
+    let task = match tls {
+        None => tokio::spawn(serve_http(listener, app, stopped)),
+        Some(acceptor) => {
+            let handshake = Duration::from_millis(state.settings.handshake_timeout_ms);
+            let listener = TlsListener::new(listener, acceptor, handshake)
+                .map_err(|e| ProxyError::Config(format!("cannot listen for HTTPS on {addr}: {e}")))?;
+            tokio::spawn(serve_http(listener, app, stopped))
         }
-    });
+    };
     Ok((bound, task))
+}
+
+async fn serve_http<L>(listener: L, app: axum::Router, mut stopped: tokio::sync::watch::Receiver<bool>)
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    let served = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    });
+    if let Err(e) = served.await {
+        tracing::error!(error = %e, "HTTP server failed");
+    }
 }
 
 /// The Prometheus text exposition format, version 0.0.4.
@@ -193,14 +220,29 @@ impl RunningProxy {
 
 /// A client connection that holds one of the proxy's connection slots while it lives.
 pub struct GuardedStream {
-    stream: tokio::net::TcpStream,
+    stream: ClientStream,
     _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// A client's bytes, in the clear or under TLS.
+enum ClientStream {
+    Plain(tokio::net::TcpStream),
+    /// `preface_replayed`: bytes of the HTTP/2 preface handed to the server so far. The preface
+    /// check consumed the preface from the TLS stream, and it is the same 24 bytes on every
+    /// connection, so it is replayed from the constant instead of buffered.
+    Tls {
+        stream: Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+        preface_replayed: usize,
+    },
 }
 
 impl tonic::transport::server::Connected for GuardedStream {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        match &self.stream {
+            ClientStream::Plain(tcp) => tcp.connect_info(),
+            ClientStream::Tls { stream, .. } => stream.get_ref().0.connect_info(),
+        }
     }
 }
 
@@ -210,7 +252,17 @@ impl tokio::io::AsyncRead for GuardedStream {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+        match &mut self.stream {
+            ClientStream::Plain(tcp) => std::pin::Pin::new(tcp).poll_read(cx, buf),
+            ClientStream::Tls { preface_replayed, .. } if *preface_replayed < HTTP2_PREFACE.len() => {
+                let rest = &HTTP2_PREFACE[*preface_replayed..];
+                let n = rest.len().min(buf.remaining());
+                buf.put_slice(&rest[..n]);
+                *preface_replayed += n;
+                std::task::Poll::Ready(Ok(()))
+            }
+            ClientStream::Tls { stream, .. } => std::pin::Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
     }
 }
 
@@ -220,38 +272,54 @@ impl tokio::io::AsyncWrite for GuardedStream {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+        match &mut self.stream {
+            ClientStream::Plain(tcp) => std::pin::Pin::new(tcp).poll_write(cx, buf),
+            ClientStream::Tls { stream, .. } => std::pin::Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
     }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+        match &mut self.stream {
+            ClientStream::Plain(tcp) => std::pin::Pin::new(tcp).poll_flush(cx),
+            ClientStream::Tls { stream, .. } => std::pin::Pin::new(stream.as_mut()).poll_flush(cx),
+        }
     }
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+        match &mut self.stream {
+            ClientStream::Plain(tcp) => std::pin::Pin::new(tcp).poll_shutdown(cx),
+            ClientStream::Tls { stream, .. } => std::pin::Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
     }
     fn poll_write_vectored(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        match &mut self.stream {
+            ClientStream::Plain(tcp) => std::pin::Pin::new(tcp).poll_write_vectored(cx, bufs),
+            ClientStream::Tls { stream, .. } => std::pin::Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+        }
     }
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.stream {
+            ClientStream::Plain(tcp) => tcp.is_write_vectored(),
+            ClientStream::Tls { stream, .. } => stream.is_write_vectored(),
+        }
     }
 }
 
-/// Accepts connections, bounded in number, and hands to the gRPC server only those that send
-/// the HTTP/2 preface within `handshake_timeout_ms`; silent or garbage peers are closed
-/// without costing the server anything.
+/// Accepts connections, bounded in number, and hands to the gRPC server only those that finish
+/// the TLS handshake (when TLS is on) and send the HTTP/2 preface within `handshake_timeout_ms`;
+/// silent, garbage or plaintext-on-TLS peers are closed without costing the server anything.
 fn guarded_incoming(
     listener: TcpListener,
     settings: &ProxySettings,
+    tls: Option<TlsAcceptor>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<GuardedStream, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(HANDSHAKES_PENDING_MAX);
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.connections_max));
@@ -273,22 +341,54 @@ fn guarded_incoming(
                 _ = tx.closed() => return,
             };
             let tx = tx.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let _check = check;
                 let _ = stream.set_nodelay(true);
-                match tokio::time::timeout(handshake, saw_preface(&stream)).await {
-                    Ok(true) => {
+                match tokio::time::timeout(handshake, admit(stream, tls.as_ref())).await {
+                    Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(GuardedStream { stream, _slot: slot })).await;
                     }
-                    Ok(false) => {
-                        tracing::debug!(%peer, "closed a connection that did not start with the HTTP/2 preface")
-                    }
-                    Err(_) => tracing::debug!(%peer, "closed a connection that sent no HTTP/2 preface in time"),
+                    Ok(Err(why)) => tracing::debug!(%peer, "closed a gRPC connection: {why}"),
+                    Err(_) => tracing::debug!(
+                        %peer,
+                        "closed a gRPC connection that did not finish its handshake and HTTP/2 preface in time"
+                    ),
                 }
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The TLS handshake if TLS is on, then the HTTP/2 preface check.
+async fn admit(stream: tokio::net::TcpStream, tls: Option<&TlsAcceptor>) -> Result<ClientStream, String> {
+    let Some(acceptor) = tls else {
+        return match saw_preface(&stream).await {
+            true => Ok(ClientStream::Plain(stream)),
+            false => Err("it did not start with the HTTP/2 preface".into()),
+        };
+    };
+    if starts_with_preface(&stream).await {
+        crate::tls::warn_plaintext_client("gRPC");
+        return Err("a plaintext HTTP/2 client on the TLS port".into());
+    }
+    let mut stream = acceptor.accept(stream).await.map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let mut preface = [0u8; HTTP2_PREFACE.len()];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut preface)
+        .await
+        .map_err(|e| format!("no HTTP/2 preface after the TLS handshake: {e}"))?;
+    if preface != HTTP2_PREFACE {
+        return Err("it did not start with the HTTP/2 preface after the TLS handshake".into());
+    }
+    Ok(ClientStream::Tls { stream: Box::new(stream), preface_replayed: 0 })
+}
+
+/// Whether the peer's first bytes (without consuming them) begin the HTTP/2 preface: on a TLS
+/// port that is a client with TLS off, which the operator should hear about.
+async fn starts_with_preface(stream: &tokio::net::TcpStream) -> bool {
+    let mut first = [0u8; 4];
+    matches!(stream.peek(&mut first).await, Ok(n) if n > 0 && first[..n] == HTTP2_PREFACE[..n])
 }
 
 /// Waits (without consuming) until the peer's first bytes are the HTTP/2 preface.

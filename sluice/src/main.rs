@@ -38,6 +38,32 @@ struct Endpoint {
     access_key: Option<String>,
     #[arg(long, env = "SLUICE_SECRET_KEY", hide_env_values = true)]
     secret_key: Option<String>,
+    /// Connect with TLS, trusting the system's root certificates (or --tls-ca).
+    #[arg(long, env = "SLUICE_TLS")]
+    tls: bool,
+    /// Connect with TLS, trusting the CA certificate(s) in this PEM file.
+    #[arg(long, env = "SLUICE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+}
+
+/// The proxy's certificate and key: TLS on its gRPC and HTTP ports.
+#[derive(clap::Args, Clone)]
+struct ServerTls {
+    /// PEM certificate chain (overrides proxy.tls_cert_file); needs --tls-key.
+    #[arg(long, env = "SLUICE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key (overrides proxy.tls_key_file); needs --tls-cert.
+    #[arg(long, env = "SLUICE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl ServerTls {
+    fn apply(self, proxy: &mut ProxySection) {
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            proxy.tls_cert_file = Some(cert);
+            proxy.tls_key_file = Some(key);
+        }
+    }
 }
 
 /// Where a proxy's spans go.
@@ -81,6 +107,8 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
+        tls: ServerTls,
+        #[command(flatten)]
         traces: Traces,
     },
     /// A broker of a split deployment.
@@ -93,6 +121,9 @@ enum Command {
         /// Overrides broker.data_dir.
         #[arg(long, env = "SLUICE_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// Overrides transport.secret_file: the cluster's shared secret.
+        #[arg(long, env = "SLUICE_TRANSPORT_SECRET_FILE")]
+        transport_secret_file: Option<PathBuf>,
     },
     /// A stateless proxy of a split deployment.
     Proxy {
@@ -104,6 +135,11 @@ enum Command {
         /// Overrides proxy.brokers (comma-separated host:port of each broker's shard 0).
         #[arg(long, env = "SLUICE_BROKERS", value_delimiter = ',')]
         brokers: Option<Vec<String>>,
+        /// Overrides transport.secret_file: the cluster's shared secret.
+        #[arg(long, env = "SLUICE_TRANSPORT_SECRET_FILE")]
+        transport_secret_file: Option<PathBuf>,
+        #[command(flatten)]
+        tls: ServerTls,
         #[command(flatten)]
         traces: Traces,
     },
@@ -382,6 +418,8 @@ fn connection(e: &Endpoint, json: bool) -> Connection {
         endpoint: e.endpoint.clone(),
         access_key: e.access_key.clone(),
         secret_key: e.secret_key.clone(),
+        tls: e.tls || e.tls_ca.is_some(),
+        tls_ca: e.tls_ca.clone(),
         json,
     }
 }
@@ -399,6 +437,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             require_groups,
             segment_size_bytes,
             config,
+            tls,
             traces: _,
         } => {
             let file: LocalFile = match &config {
@@ -415,14 +454,26 @@ async fn run(cli: Cli) -> Result<(), String> {
                 ..file.broker
             };
             let mut proxy = ProxySection { name: "local-proxy".into(), grpc, http: Some(http), ..file.proxy };
+            tls.apply(&mut proxy);
             proxy.settings.auto_create_topics |= auto_create_topics;
             proxy.settings.auto_create_groups &= !require_groups;
             let transport = file.transport;
             let metrics = broker.metrics.then(|| cli::metrics::install(&broker.cluster, &broker.name)).transpose()?;
-            cli::run::local(broker.to_config(&transport)?, proxy.to_config(&transport)?, metrics, json).await
+            let (mut broker, mut proxy) = (broker.to_config(&transport)?, proxy.to_config(&transport)?);
+            // In one process the two share a secret of their own, so the broker's loopback port
+            // serves nobody else either.
+            if broker.transport.secret.is_none() {
+                let secret = sluice_transport::peer_auth::PeerSecret::random();
+                broker.transport.secret = Some(secret.clone());
+                proxy.transport.secret = Some(secret);
+            }
+            cli::run::local(broker, proxy, metrics, json).await
         }
-        Command::Broker { config, listen, data_dir } => {
+        Command::Broker { config, listen, data_dir, transport_secret_file } => {
             let mut file: BrokerFile = read_toml(&config)?;
+            if transport_secret_file.is_some() {
+                file.transport.secret_file = transport_secret_file;
+            }
             if let Some(listen) = listen {
                 file.broker.listen = listen;
             }
@@ -437,14 +488,18 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .transpose()?;
             cli::run::broker(file.broker.to_config(&file.transport)?, metrics_addr, metrics, json).await
         }
-        Command::Proxy { config, grpc, brokers, traces: _ } => {
+        Command::Proxy { config, grpc, brokers, transport_secret_file, tls, traces: _ } => {
             let mut file: ProxyFile = read_toml(&config)?;
+            if transport_secret_file.is_some() {
+                file.transport.secret_file = transport_secret_file;
+            }
             if let Some(grpc) = grpc {
                 file.proxy.grpc = grpc;
             }
             if let Some(brokers) = brokers {
                 file.proxy.brokers = brokers;
             }
+            tls.apply(&mut file.proxy);
             let mut proxy = file.proxy.to_config(&file.transport)?;
             if file.proxy.metrics {
                 let metrics = cli::metrics::install(&file.proxy.cluster, &file.proxy.name)?;

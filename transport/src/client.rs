@@ -16,6 +16,7 @@ use crate::error::{FrameError, TransportError};
 use crate::frame::{Frame, Message, OutFrame, Request};
 use crate::link::FrameSink;
 use crate::messages::{ErrorReply, FrameKind, Heartbeat, Hello, HelloAck};
+use crate::peer_auth::Purpose;
 
 /// Which driver a client ended up on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,13 +272,21 @@ impl Client {
     }
 
     async fn hello(&self, name: &str) -> Result<(), TransportError> {
+        let secret = self.inner.config.secret.as_ref();
+        let proof = secret.map(|s| s.prove(Purpose::Hello, name)).unwrap_or_default();
         let hello = Hello {
             client_name: name.to_string(),
             max_frame_bytes: self.inner.config.max_frame_bytes,
             credits_wanted: self.inner.config.credits,
+            proof: proof.clone(),
         };
         let reply = self.call(&hello).await?;
         let ack = reply.access::<HelloAck>()?;
+        if let Some(secret) = secret {
+            secret
+                .check_answer(&proof, &ack.server_proof)
+                .map_err(|e| TransportError::Handshake { reason: e.to_string() })?;
+        }
         let ack = HelloAck {
             server_name: ack.server_name.to_string(),
             shard: ack.shard.into(),
@@ -285,6 +294,7 @@ impl Client {
             max_frame_bytes: ack.max_frame_bytes.into(),
             credits: ack.credits.into(),
             rdma_port: ack.rdma_port.into(),
+            server_proof: ack.server_proof,
         };
         if ack.credits == 0
             || ack.credits > self.inner.config.credits

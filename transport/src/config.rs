@@ -41,6 +41,9 @@ pub struct TransportConfig {
     /// Size of each TCP read buffer; frames that fit are received without a copy.
     pub read_buffer_bytes: usize,
     pub rdma: RdmaConfig,
+    /// The cluster's transport secret. A server with one refuses every connection whose first
+    /// frame does not prove it; a client with one proves it and checks the server's answer.
+    pub secret: Option<crate::peer_auth::PeerSecret>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +114,7 @@ impl Default for TransportConfig {
             write_batch_bytes: 256 << 10,
             read_buffer_bytes: 64 << 10,
             rdma: RdmaConfig::default(),
+            secret: None,
         }
     }
 }

@@ -138,4 +138,7 @@ pub mod remote_code {
     pub const HANDLER_FAILED: u32 = 2202;
     /// The peer broke the protocol (e.g. more requests in flight than its credits).
     pub const PROTOCOL_VIOLATION: u32 = 2203;
+    /// The peer did not prove it holds the transport secret (`peer_auth`); the server closes
+    /// the connection after this reply.
+    pub const UNAUTHENTICATED: u32 = 2204;
 }

@@ -9,6 +9,7 @@
 //! - `link`: the seam between the request–response layer and an I/O driver.
 //! - `spans`: trace spans of the broker hop, and the target every exported span uses.
 //! - `rdma`: the RDMA verbs driver (rdma-sys): RC queue pairs, credits, zero-copy receive.
+//! - `peer_auth`: proxies and brokers prove a shared secret at the handshake.
 //! - `relay`: a TCP relay that cuts and heals the network, for fault tests.
 //!
 //! `unsafe` is denied everywhere except the RDMA verbs module.
@@ -26,6 +27,7 @@ pub mod link;
 pub mod messages;
 pub mod metrics;
 pub mod model;
+pub mod peer_auth;
 pub mod rdma;
 pub mod reader;
 pub mod relay;

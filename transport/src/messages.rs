@@ -11,6 +11,7 @@ use rkyv::{Archive, Serialize};
 
 use crate::error::FrameError;
 use crate::frame::{Message, Request};
+use crate::peer_auth::{PeerProof, MAC_BYTES};
 
 macro_rules! frame_kinds {
     ($($name:ident = $value:literal),* $(,)?) => {
@@ -132,6 +133,8 @@ pub struct Hello {
     pub client_name: String,
     pub max_frame_bytes: u64,
     pub credits_wanted: u32,
+    /// Proof of the transport secret (`peer_auth`); all zeros without one.
+    pub proof: PeerProof,
 }
 message!(Hello, Hello);
 request!(Hello => HelloAck);
@@ -148,6 +151,8 @@ pub struct HelloAck {
     /// The port of this server's RDMA bootstrap listener, 0 if it has none. `auto://`
     /// clients with an RDMA device switch to it.
     pub rdma_port: u16,
+    /// The server's answer to the client's proof; all zeros when the server has no secret.
+    pub server_proof: [u8; MAC_BYTES],
 }
 message!(HelloAck, HelloAck);
 
@@ -208,6 +213,8 @@ pub struct RdmaPeerInfo {
 #[rkyv(compare(PartialEq), derive(Debug))]
 pub struct RdmaConnect {
     pub info: RdmaPeerInfo,
+    /// Checked before the server creates anything for the link.
+    pub proof: PeerProof,
 }
 message!(RdmaConnect, RdmaConnect);
 request!(RdmaConnect => RdmaAccept);
@@ -216,6 +223,7 @@ request!(RdmaConnect => RdmaAccept);
 #[rkyv(compare(PartialEq), derive(Debug))]
 pub struct RdmaAccept {
     pub info: RdmaPeerInfo,
+    pub server_proof: [u8; MAC_BYTES],
 }
 message!(RdmaAccept, RdmaAccept);
 

@@ -18,6 +18,7 @@ use crate::error::{remote_code, FrameError, TransportError};
 use crate::frame::{Frame, OutFrame};
 use crate::link::ChannelSource;
 use crate::messages::{Echo, EchoReply, ErrorReply, FrameKind, Heartbeat, HeartbeatAck, Hello, HelloAck};
+use crate::peer_auth::{PeerAuthError, Purpose, MAC_BYTES};
 use crate::reader::FrameReader;
 use crate::tcp::{glommio_read, glommio_write_loop};
 
@@ -52,6 +53,8 @@ pub struct ServerStats {
     pub protocol_errors: AtomicU64,
     /// Highest bytes of requests plus queued replies held by one connection.
     pub held_bytes_peak: AtomicU64,
+    /// Connections closed because their first frame did not prove the transport secret.
+    pub peers_refused: AtomicU64,
 }
 
 pub struct Server<H: Handler> {
@@ -199,7 +202,12 @@ impl<H: Handler> Server<H> {
         let mut reader = FrameReader::new(self.config.max_frame_bytes, self.config.read_buffer_bytes);
         let result = self.tcp_read_loop(&mut read_half, &mut reader, &budget, &out_tx).await;
         if let Err(e) = result {
-            tracing::debug!(%peer, error = %e, "closing connection");
+            match &e {
+                TransportError::Handshake { reason } => {
+                    tracing::warn!(%peer, "refused a connection that did not prove the transport secret: {reason}")
+                }
+                _ => tracing::debug!(%peer, error = %e, "closing connection"),
+            }
             if let TransportError::Frame(frame_error) = &e {
                 self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                 // Tell the peer why before disconnecting it; its framing can't be trusted now.
@@ -229,6 +237,7 @@ impl<H: Handler> Server<H> {
         budget: &Rc<Budget>,
         out_tx: &flume::Sender<Outgoing>,
     ) -> Result<(), TransportError> {
+        let mut admitted = self.config.secret.is_none();
         loop {
             // Stop reading while the connection has no credit left: back-pressure via TCP.
             let credit = {
@@ -249,6 +258,12 @@ impl<H: Handler> Server<H> {
                 }
             };
             self.stats.frames_received.fetch_add(1, Ordering::Relaxed);
+            if !admitted {
+                // Answered here, in order: nothing else is read until the peer is proven.
+                self.admit(&frame, budget, out_tx)?;
+                admitted = true;
+                continue;
+            }
             let (server, budget, out_tx) = (self.clone(), budget.clone(), out_tx.clone());
             glommio::spawn_local(async move {
                 let reply = server.dispatch(frame, &budget.max_reply_bytes).await;
@@ -259,6 +274,34 @@ impl<H: Handler> Server<H> {
                 let _ = out_tx.send(Outgoing { frame: reply, _credit: Some(credit), _bytes: reply_bytes });
             })
             .detach();
+        }
+    }
+
+    /// With a transport secret, the first frame must be a Hello that proves it. The HelloAck or
+    /// the refusal is queued here; a refusal ends the connection (the caller closes it after
+    /// the writer has sent what is queued).
+    fn admit(&self, frame: &Frame, budget: &Budget, out_tx: &flume::Sender<Outgoing>) -> Result<(), TransportError> {
+        let kind = frame.header().kind;
+        let reply = if kind == FrameKind::Hello as u16 {
+            self.hello(frame, &budget.max_reply_bytes)
+        } else {
+            let why = PeerAuthError::NotHelloFirst { kind };
+            Err(ErrorReply { code: remote_code::UNAUTHENTICATED, message: why.to_string() })
+        };
+        let max = budget.max_reply_bytes.get();
+        let (frame, refusal) = match reply {
+            Ok(ack) => (Some(ack), None),
+            Err(e) => (error_frame(frame.request_id(), e.clone(), max).ok(), Some(e)),
+        };
+        if let Some(frame) = frame {
+            let _ = out_tx.send(Outgoing { frame, _credit: None, _bytes: None });
+        }
+        match refusal {
+            None => Ok(()),
+            Some(e) => {
+                self.stats.peers_refused.fetch_add(1, Ordering::Relaxed);
+                Err(TransportError::Handshake { reason: format!("error {}: {}", e.code, e.message) })
+            }
         }
     }
 
@@ -398,6 +441,12 @@ impl<H: Handler> Server<H> {
                 max_frame_bytes: agreed,
             }));
         }
+        let server_proof = match &self.config.secret {
+            Some(secret) => secret
+                .check(Purpose::Hello, hello.client_name.as_str(), &hello.proof.to_native())
+                .map_err(|e| ErrorReply { code: remote_code::UNAUTHENTICATED, message: e.to_string() })?,
+            None => [0; MAC_BYTES],
+        };
         max_reply_bytes.set(agreed);
         let ack = HelloAck {
             server_name: self.info.name.clone(),
@@ -406,6 +455,7 @@ impl<H: Handler> Server<H> {
             max_frame_bytes: agreed,
             credits: self.config.credits.min(hello.credits_wanted.into()).max(1),
             rdma_port: self.info.rdma_port,
+            server_proof,
         };
         encode(frame.request_id(), &ack, self.config.max_frame_bytes)
     }

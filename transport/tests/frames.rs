@@ -47,19 +47,20 @@ impl AccessAs for Frame {
 fn every_kind_round_trips_and_reads_in_place() {
     let mut kinds = check_owned![
         ErrorReply { code: 2003, message: "unknown kind".into() },
-        Hello { client_name: "proxy-1".into(), max_frame_bytes: 1 << 20, credits_wanted: 64 },
+        Hello { client_name: "proxy-1".into(), max_frame_bytes: 1 << 20, credits_wanted: 64, proof: proof() },
         HelloAck {
             server_name: "broker".into(),
             shard: 1,
             shard_count: 2,
             max_frame_bytes: 4096,
             credits: 8,
-            rdma_port: 7001
+            rdma_port: 7001,
+            server_proof: [9; 32]
         },
         Heartbeat { sent_at_us: 7 },
         HeartbeatAck { sent_at_us: 7 },
-        RdmaConnect { info: peer_info() },
-        RdmaAccept { info: peer_info() },
+        RdmaConnect { info: peer_info(), proof: proof() },
+        RdmaAccept { info: peer_info(), server_proof: [3; 32] },
         AppendResponse { acks: vec![AppendAck { position: 4096, offsets: vec![3, 9] }] },
         ReadRequest { queue: "t/0".into(), from_offset: 5, max_count: 32, max_bytes: 1 << 16, wait_ms: 250 },
         PopRequest {
@@ -266,6 +267,10 @@ fn every_kind_round_trips_and_reads_in_place() {
 fn assert_in_place(frame: &Frame, inner: &[u8]) {
     let range = frame.as_bytes().as_ptr_range();
     assert!(range.contains(&inner.as_ptr()), "archived slice must point into the received buffer");
+}
+
+fn proof() -> sluice_transport::peer_auth::PeerProof {
+    sluice_transport::peer_auth::PeerProof { unix_ms: 1_700_000_000_000, nonce: [5; 16], mac: [6; 32] }
 }
 
 fn peer_info() -> RdmaPeerInfo {

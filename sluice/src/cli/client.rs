@@ -27,6 +27,10 @@ pub struct Connection {
     pub endpoint: String,
     pub access_key: Option<String>,
     pub secret_key: Option<String>,
+    /// Connect with TLS (implied by `tls_ca` and by an `https://` endpoint).
+    pub tls: bool,
+    /// Trust the CA certificates in this PEM file instead of only the system's roots.
+    pub tls_ca: Option<std::path::PathBuf>,
     pub json: bool,
 }
 
@@ -54,23 +58,51 @@ pub(super) type Messaging = MessagingServiceClient<InterceptedService<Channel, S
 pub(super) type Admin = AdminClient<InterceptedService<Channel, Signer>>;
 
 async fn channel(c: &Connection) -> Result<(Channel, Signer), String> {
-    let url = if c.endpoint.contains("://") { c.endpoint.clone() } else { format!("http://{}", c.endpoint) };
-    let channel = Channel::from_shared(url.clone())
+    let tls = c.tls || c.tls_ca.is_some() || c.endpoint.starts_with("https://");
+    let url = match (c.endpoint.contains("://"), tls) {
+        (true, _) => c.endpoint.clone(),
+        (false, false) => format!("http://{}", c.endpoint),
+        (false, true) => format!("https://{}", c.endpoint),
+    };
+    let mut endpoint = Channel::from_shared(url.clone())
         .map_err(|e| format!("bad endpoint {:?}: {e}", c.endpoint))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot reach Sluice at {}: {e}. Is `sluice local` running? Point at it with --endpoint HOST:PORT",
-                c.endpoint
-            )
-        })?;
+        .connect_timeout(Duration::from_secs(5));
+    if tls {
+        endpoint = endpoint.tls_config(client_tls(c.tls_ca.as_deref())?).map_err(|e| format!("TLS: {e}"))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| {
+        let hint = if tls {
+            "Does the proxy have TLS on, and does --tls-ca name the CA that signed its certificate?"
+        } else {
+            "Is `sluice local` running? Point at it with --endpoint HOST:PORT (and --tls if the proxy has TLS on)"
+        };
+        format!("cannot reach Sluice at {}: {}. {hint}", c.endpoint, error_chain(&e))
+    })?;
     let keys = match (&c.access_key, &c.secret_key) {
         (Some(a), Some(s)) => Some((a.clone(), s.clone())),
         _ => None,
     };
     Ok((channel, Signer { keys }))
+}
+
+/// The system's roots, plus the CA file if one is given.
+fn client_tls(ca_file: Option<&std::path::Path>) -> Result<tonic::transport::ClientTlsConfig, String> {
+    let config = tonic::transport::ClientTlsConfig::new().with_native_roots();
+    let Some(path) = ca_file else { return Ok(config) };
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
+    Ok(config.ca_certificate(tonic::transport::Certificate::from_pem(pem)))
+}
+
+/// An error with its causes: tonic's top-level "transport error" alone says nothing.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 pub(super) async fn messaging(c: &Connection) -> Result<Messaging, String> {

@@ -9,7 +9,9 @@ use sluice_engine::broker::{BrokerConfig, BrokerLimits};
 use sluice_engine::{Durability, EngineConfig};
 use sluice_proxy::server::ProxyConfig;
 use sluice_proxy::state::ProxySettings;
+use sluice_proxy::tls::TlsFiles;
 use sluice_transport::cluster::BrokerAddress;
+use sluice_transport::peer_auth::PeerSecret;
 use sluice_transport::TransportConfig;
 
 /// The metrics' `cluster` label unless a config names one (RocketMQ's default cluster name).
@@ -30,10 +32,13 @@ pub struct TransportSection {
     pub drain_timeout_ms: Option<u64>,
     pub silence_probe_ms: Option<u64>,
     pub dead_link_timeout_ms: Option<u64>,
+    /// The cluster's shared secret (16 bytes or more): brokers refuse peers that cannot prove
+    /// it, proxies prove it. The same file on every broker and proxy.
+    pub secret_file: Option<PathBuf>,
 }
 
 impl TransportSection {
-    pub fn apply(&self) -> TransportConfig {
+    pub fn apply(&self) -> Result<TransportConfig, String> {
         let mut t = TransportConfig::default();
         let fields = [
             (self.max_frame_bytes, &mut t.max_frame_bytes),
@@ -52,7 +57,10 @@ impl TransportSection {
         if let Some(c) = self.credits {
             t.credits = c;
         }
-        t
+        if let Some(path) = &self.secret_file {
+            t.secret = Some(PeerSecret::from_file(path).map_err(|e| e.to_string())?);
+        }
+        Ok(t)
     }
 }
 
@@ -106,6 +114,9 @@ pub struct BrokerSection {
     pub append_inflight_max_bytes: Option<u64>,
     /// Longest such wait; then the send gets a retryable TOO_MANY_REQUESTS.
     pub append_wait_max_ms: Option<u64>,
+    /// Serve peers that prove no transport secret on an address other hosts can reach. Off:
+    /// such a broker refuses to start without `[transport] secret_file`.
+    pub allow_unauthenticated_peers: bool,
 }
 
 impl Default for BrokerSection {
@@ -138,6 +149,7 @@ impl Default for BrokerSection {
             queues_per_shard_max: None,
             append_inflight_max_bytes: None,
             append_wait_max_ms: None,
+            allow_unauthenticated_peers: false,
         }
     }
 }
@@ -171,6 +183,10 @@ pub struct ProxySection {
     /// tcp, rdma or auto.
     pub transport: String,
     pub access_keys: Vec<AccessKey>,
+    /// PEM certificate chain for TLS on the gRPC and HTTP ports; with `tls_key_file`, TLS is on.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub tls_key_file: Option<PathBuf>,
     #[serde(flatten)]
     pub settings: ProxySettings,
 }
@@ -186,6 +202,8 @@ impl Default for ProxySection {
             brokers: vec!["127.0.0.1:7400".into()],
             transport: "tcp".into(),
             access_keys: Vec::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
             settings: ProxySettings::default(),
         }
     }
@@ -254,8 +272,9 @@ impl BrokerSection {
             engine.append_wait_max_ms = ms;
         }
         engine.validate().map_err(|e| format!("engine settings: {e}"))?;
-        let transport = transport.apply();
+        let transport = transport.apply()?;
         transport.validate().map_err(|e| format!("transport settings: {e}"))?;
+        self.check_exposure(&transport)?;
         let limits = self.limits(transport.max_frame_bytes)?;
         Ok(BrokerConfig {
             name: self.name.clone(),
@@ -269,6 +288,27 @@ impl BrokerSection {
 }
 
 impl BrokerSection {
+    /// Anyone who reaches a broker's transport port can read and write every message, so a
+    /// port other hosts can reach needs the transport secret (or an explicit opt-out).
+    fn check_exposure(&self, transport: &TransportConfig) -> Result<(), String> {
+        if transport.secret.is_some() || self.allow_unauthenticated_peers {
+            return Ok(());
+        }
+        let exposed = std::iter::once(("listen", self.listen))
+            .chain(self.rdma_listen.map(|a| ("rdma_listen", a)))
+            .find(|(_, addr)| !addr.ip().is_loopback());
+        match exposed {
+            None => Ok(()),
+            Some((key, addr)) => Err(format!(
+                "broker.{key} = {addr} can be reached from other hosts, and without a transport secret anyone \
+                 who reaches it can read and write every message. Give every broker and proxy the same \
+                 secret file ([transport] secret_file, or --transport-secret-file; make one with \
+                 `head -c 32 /dev/urandom | base64 > transport.secret`), or set \
+                 broker.allow_unauthenticated_peers = true on a network only proxies reach"
+            )),
+        }
+    }
+
     fn limits(&self, max_frame_bytes: u64) -> Result<BrokerLimits, String> {
         let d = BrokerLimits::default();
         let limits = BrokerLimits {
@@ -338,16 +378,28 @@ impl ProxySection {
             }
             access_keys.insert(key.access_key.clone(), key.secret_key.clone());
         }
+        let tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert_file), Some(key_file)) => {
+                Some(TlsFiles { cert_file: cert_file.clone(), key_file: key_file.clone() })
+            }
+            (None, None) => None,
+            _ => {
+                return Err(
+                    "TLS needs both proxy.tls_cert_file and proxy.tls_key_file (--tls-cert and --tls-key)".into()
+                )
+            }
+        };
         Ok(ProxyConfig {
             name: self.name.clone(),
             grpc: self.grpc,
             http: self.http,
             brokers: self.brokers.iter().cloned().map(BrokerAddress::Base).collect(),
             transport_scheme: self.transport.clone(),
-            transport: transport.apply(),
+            transport: transport.apply()?,
             settings: self.settings.clone(),
             access_keys,
             metrics: None,
+            tls,
         })
     }
 }

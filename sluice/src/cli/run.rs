@@ -54,12 +54,14 @@ fn print_proxy(proxy: &RunningProxy, json: bool) {
                 "role": "proxy",
                 "grpc": proxy.grpc_addr.to_string(),
                 "http": proxy.http_addr.map(|a| a.to_string()),
+                "tls": proxy.tls,
             })
         );
     } else {
-        println!("gRPC (RocketMQ 5 clients, sluice CLI): {}", proxy.grpc_addr);
+        let (tls, scheme) = if proxy.tls { (" (TLS)", "https") } else { ("", "http") };
+        println!("gRPC (RocketMQ 5 clients, sluice CLI): {}{tls}", proxy.grpc_addr);
         if let Some(http) = proxy.http_addr {
-            println!("HTTP (health, stats, metrics): http://{http}/healthz, http://{http}/metrics");
+            println!("HTTP (health, stats, metrics): {scheme}://{http}/healthz, {scheme}://{http}/metrics");
         }
     }
 }

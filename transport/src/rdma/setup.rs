@@ -3,9 +3,10 @@
 //! ```text
 //! client                                   server
 //!   create endpoint (QP in INIT, receives posted)
-//!   RdmaConnect{info} ───────────────────────▶  check info; create endpoint; QP -> RTR -> RTS
-//!                      ◀───────────────────────  RdmaAccept{info}   (or Error{code, message})
-//!   check info; QP -> RTR -> RTS
+//!   RdmaConnect{info, proof} ────────────────▶  check the proof (transport secret) and info;
+//!                                               create endpoint; QP -> RTR -> RTS
+//!                      ◀───────────────────────  RdmaAccept{info, answer}   (or Error{code, message})
+//!   check the answer and info; QP -> RTR -> RTS
 //!   Heartbeat ("ready") ─────────────────────▶  accept() returns
 //! ```
 //! The last message keeps the server from sending before the client's QP can receive. After
@@ -22,9 +23,10 @@ use super::verbs::{Endpoint, EndpointSpec};
 use super::PendingRdma;
 use crate::blocking::{read_frame, write_frame};
 use crate::config::TransportConfig;
-use crate::error::TransportError;
+use crate::error::{remote_code, TransportError};
 use crate::frame::{Frame, OutFrame};
 use crate::messages::{ErrorReply, FrameKind, Heartbeat, RdmaAccept, RdmaConnect, RdmaPeerInfo};
+use crate::peer_auth::{Purpose, MAC_BYTES};
 
 /// Handshake frames are small; nothing bigger is read from a socket nobody vouched for yet.
 const HANDSHAKE_MAX_FRAME_BYTES: u64 = 64 << 10;
@@ -175,9 +177,16 @@ pub(crate) fn connect(addr: SocketAddr, config: &TransportConfig) -> Result<Pend
     stream.set_nodelay(true).map_err(|e| TransportError::io("bootstrap socket", e))?;
     let (mut endpoint, releases, doorbell) = new_endpoint(&stream, config)?;
     let own = endpoint.local_info(config.credits, config.max_frame_bytes);
-    send(&mut stream, &deadline, &RdmaConnect { info: own.clone() })?;
+    let proof = config.secret.as_ref().map(|s| s.prove(Purpose::RdmaConnect, "")).unwrap_or_default();
+    send(&mut stream, &deadline, &RdmaConnect { info: own.clone(), proof: proof.clone() })?;
     let frame = receive(&mut stream, &deadline, FrameKind::RdmaAccept)?;
-    let peer = peer_info(&frame.access::<RdmaAccept>()?.info)?;
+    let accept = frame.access::<RdmaAccept>()?;
+    if let Some(secret) = &config.secret {
+        secret
+            .check_answer(&proof, &accept.server_proof)
+            .map_err(|e| TransportError::Handshake { reason: e.to_string() })?;
+    }
+    let peer = peer_info(&accept.info)?;
     endpoint.connect(&peer)?;
     send(&mut stream, &deadline, &Heartbeat { sent_at_us: 0 })?;
     pending(endpoint, stream, &own, &peer, releases, doorbell, config)
@@ -187,7 +196,22 @@ pub(crate) fn accept(mut stream: TcpStream, config: &TransportConfig) -> Result<
     let deadline = Deadline::new(config.connect_timeout_ms);
     stream.set_nodelay(true).map_err(|e| TransportError::io("bootstrap socket", e))?;
     let frame = receive(&mut stream, &deadline, FrameKind::RdmaConnect)?;
-    let peer = peer_info(&frame.access::<RdmaConnect>()?.info)?;
+    let connect = frame.access::<RdmaConnect>()?;
+    // Before anything is created or registered for the peer.
+    let server_proof = match &config.secret {
+        Some(secret) => match secret.check(Purpose::RdmaConnect, "", &connect.proof.to_native()) {
+            Ok(answer) => answer,
+            Err(why) => {
+                let refusal = ErrorReply { code: remote_code::UNAUTHENTICATED, message: why.to_string() };
+                let _ = send(&mut stream, &deadline, &refusal);
+                return Err(TransportError::Handshake {
+                    reason: format!("refused an RDMA link that did not prove the transport secret: {why}"),
+                });
+            }
+        },
+        None => [0; MAC_BYTES],
+    };
+    let peer = peer_info(&connect.info)?;
     let built = new_endpoint(&stream, config).and_then(|(mut endpoint, releases, doorbell)| {
         endpoint.connect(&peer)?;
         Ok((endpoint, releases, doorbell))
@@ -202,7 +226,7 @@ pub(crate) fn accept(mut stream: TcpStream, config: &TransportConfig) -> Result<
         }
     };
     let own = endpoint.local_info(config.credits, config.max_frame_bytes);
-    send(&mut stream, &deadline, &RdmaAccept { info: own.clone() })?;
+    send(&mut stream, &deadline, &RdmaAccept { info: own.clone(), server_proof })?;
     receive(&mut stream, &deadline, FrameKind::Heartbeat)?;
     pending(endpoint, stream, &own, &peer, releases, doorbell, config)
 }

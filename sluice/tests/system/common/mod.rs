@@ -81,6 +81,9 @@ impl SluiceProcess {
             "SLUICE_BROKER_LISTEN",
             "SLUICE_ACCESS_KEY",
             "SLUICE_SECRET_KEY",
+            "SLUICE_TLS_CERT",
+            "SLUICE_TLS_KEY",
+            "SLUICE_TRANSPORT_SECRET_FILE",
         ] {
             command.env_remove(var);
         }
@@ -513,10 +516,13 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(name: &str, brokers: &[String]) -> Proxy {
+        Proxy::start_with(name, brokers, "").await
+    }
+
+    /// With more TOML after the `[proxy]` section (e.g. a `[transport]` section).
+    pub async fn start_with(name: &str, brokers: &[String], extra_config: &str) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
-        let list = brokers.iter().map(|b| format!("\"{b}\"")).collect::<Vec<_>>().join(", ");
-        let config =
-            format!("[proxy]\nname = \"{name}\"\ngrpc = \"127.0.0.1:0\"\nbrokers = [{list}]\ntransport = \"tcp\"\n");
+        let config = proxy_config(name, brokers, extra_config);
         let config_path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&config_path, config).expect("write proxy config");
         let args =
@@ -532,7 +538,14 @@ impl Proxy {
     }
 }
 
-/// Runs a client command of the CLI (bounded); returns (success, stdout, stderr).
+/// A `sluice proxy` config file's text: gRPC on a port the OS picks, TCP to `brokers`.
+pub fn proxy_config(name: &str, brokers: &[String], extra_config: &str) -> String {
+    let list = brokers.iter().map(|b| format!("\"{b}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        "[proxy]\nname = \"{name}\"\ngrpc = \"127.0.0.1:0\"\nbrokers = [{list}]\ntransport = \"tcp\"\n{extra_config}"
+    )
+}
+
 /// Leaves out the OpenTelemetry SDK's variables, so a test's process exports spans only
 /// where the test asks (`--otlp-endpoint`), whatever the environment running the tests says.
 fn remove_otel_env(command: &mut Command) {
@@ -543,10 +556,19 @@ fn remove_otel_env(command: &mut Command) {
     }
 }
 
+/// Runs a command of the CLI (bounded); returns (success, stdout, stderr).
 pub async fn cli(args: &[&str]) -> (bool, String, String) {
     let mut command = Command::new(sluice_bin());
     command.args(args).stdin(Stdio::null());
-    for var in ["SLUICE_ENDPOINT", "SLUICE_ACCESS_KEY", "SLUICE_SECRET_KEY"] {
+    for var in [
+        "SLUICE_ENDPOINT",
+        "SLUICE_ACCESS_KEY",
+        "SLUICE_SECRET_KEY",
+        "SLUICE_TLS",
+        "SLUICE_TLS_CA",
+        "SLUICE_TLS_CERT",
+        "SLUICE_TLS_KEY",
+    ] {
         command.env_remove(var);
     }
     remove_otel_env(&mut command);
