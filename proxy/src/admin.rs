@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use sluice_transport::messages::{GroupStatsRequest, GroupStatsResponse, StatsRequest, StatsResponse};
 use tonic::{Request, Response, Status as GrpcStatus};
 
+use crate::acl::Action;
 use crate::error::{ok_status, ProxyError};
 use crate::groups::{GroupChange, GroupMeta, Throttle};
 use crate::pb::sluice::admin::v1::admin_server::Admin;
@@ -45,7 +46,7 @@ fn info(meta: &TopicMeta, messages: u64) -> TopicInfo {
 impl Admin for AdminService {
     async fn create_topic(&self, request: Request<CreateTopicRequest>) -> GrpcResult<CreateTopicResponse> {
         let result = async {
-            self.state.auth.check(request.metadata())?;
+            self.guard(&request)?;
             let r = request.get_ref();
             let message_type =
                 u8::try_from(r.message_type).map_err(|_| ProxyError::BadRequest("bad message type".into()))?;
@@ -70,7 +71,7 @@ impl Admin for AdminService {
 
     async fn update_topic(&self, request: Request<UpdateTopicRequest>) -> GrpcResult<CreateTopicResponse> {
         let result = async {
-            self.state.auth.check(request.metadata())?;
+            self.guard(&request)?;
             let r = request.get_ref();
             let throttle = r.send_throttle.as_deref().map(Throttle::parse).transpose()?;
             let change = TopicChange {
@@ -90,7 +91,7 @@ impl Admin for AdminService {
 
     async fn list_topics(&self, request: Request<ListTopicsRequest>) -> GrpcResult<ListTopicsResponse> {
         let result = async {
-            self.state.auth.check(request.metadata())?;
+            self.guard(&request)?;
             self.state.topics.list(&self.state.brokers).await
         }
         .await;
@@ -105,7 +106,7 @@ impl Admin for AdminService {
 
     async fn delete_topic(&self, request: Request<DeleteTopicRequest>) -> GrpcResult<DeleteTopicResponse> {
         let result = async {
-            self.state.auth.check(request.metadata())?;
+            self.guard(&request)?;
             self.state.topics.delete(&self.state.brokers, &request.get_ref().name).await
         }
         .await;
@@ -117,7 +118,7 @@ impl Admin for AdminService {
 
     async fn create_group(&self, request: Request<CreateGroupRequest>) -> GrpcResult<CreateGroupResponse> {
         let result = async {
-            self.state.auth.check(request.metadata())?;
+            self.guard(&request)?;
             let r = request.get_ref();
             let name = crate::consume::group_name(Some(&crate::pb::apache::rocketmq::v2::Resource {
                 resource_namespace: String::new(),
@@ -146,7 +147,7 @@ impl Admin for AdminService {
 
     async fn update_group(&self, request: Request<UpdateGroupRequest>) -> GrpcResult<CreateGroupResponse> {
         let result = async {
-            self.state.auth.check(request.metadata())?;
+            self.guard(&request)?;
             let r = request.get_ref();
             let change = GroupChange {
                 max_delivery_attempts: r.max_delivery_attempts,
@@ -166,7 +167,7 @@ impl Admin for AdminService {
 
     async fn list_groups(&self, request: Request<ListGroupsRequest>) -> GrpcResult<ListGroupsResponse> {
         let result = async {
-            self.state.auth.check(request.metadata())?;
+            self.guard(&request)?;
             self.state.groups.list(&self.state.brokers, self.state.settings.max_delivery_attempts).await
         }
         .await;
@@ -180,7 +181,7 @@ impl Admin for AdminService {
 
     async fn delete_group(&self, request: Request<DeleteGroupRequest>) -> GrpcResult<DeleteGroupResponse> {
         let result = async {
-            self.state.auth.check(request.metadata())?;
+            self.guard(&request)?;
             self.state.groups.delete(&self.state.brokers, &request.get_ref().name).await
         }
         .await;
@@ -192,7 +193,7 @@ impl Admin for AdminService {
 
     async fn get_message(&self, request: Request<GetMessageRequest>) -> GrpcResult<FindMessagesResponse> {
         let result = async {
-            self.state.auth.check(request.metadata())?;
+            self.guard(&request)?;
             let r = request.get_ref();
             crate::lookup::get_message(&self.state, &r.topic, &r.message_id).await
         }
@@ -202,7 +203,7 @@ impl Admin for AdminService {
 
     async fn find_messages(&self, request: Request<FindMessagesRequest>) -> GrpcResult<FindMessagesResponse> {
         let result = async {
-            self.state.auth.check(request.metadata())?;
+            self.guard(&request)?;
             let r = request.get_ref();
             crate::lookup::find_messages(&self.state, &r.topic, &r.key, r.limit).await
         }
@@ -213,7 +214,7 @@ impl Admin for AdminService {
     async fn reset_group(&self, request: Request<ResetGroupRequest>) -> GrpcResult<ResetGroupResponse> {
         use crate::lookup::ResetTo;
         let result = async {
-            self.state.auth.check(request.metadata())?;
+            self.guard(&request)?;
             let r = request.get_ref();
             let to = match r.to {
                 Some(reset_group_request::To::TimeMs(ms)) => ResetTo::TimeMs(ms.max(0) as u64),
@@ -229,8 +230,45 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn set_acl_rule(&self, request: Request<SetAclRuleRequest>) -> GrpcResult<AclRulesResponse> {
+        let result = async {
+            self.guard(&request)?;
+            let r = request.get_ref();
+            let (allow, deny) = (actions(&r.allow)?, actions(&r.deny)?);
+            let rule = self.state.acl.set(&self.state.brokers, &r.access_key, &r.resource, &allow, &deny).await?;
+            Ok(vec![acl_rule(r.access_key.clone(), &rule)])
+        }
+        .await;
+        Ok(Response::new(self.acl_rules(result)))
+    }
+
+    async fn list_acl_rules(&self, request: Request<ListAclRulesRequest>) -> GrpcResult<AclRulesResponse> {
+        let result = async {
+            self.guard(&request)?;
+            let key = Some(request.get_ref().access_key.as_str()).filter(|k| !k.is_empty());
+            let rules = self.state.acl.list(&self.state.brokers, key).await?;
+            Ok(rules.into_iter().map(|(key, rule)| acl_rule(key, &rule)).collect())
+        }
+        .await;
+        Ok(Response::new(self.acl_rules(result)))
+    }
+
+    async fn remove_acl_rules(&self, request: Request<RemoveAclRulesRequest>) -> GrpcResult<RemoveAclRulesResponse> {
+        let result = async {
+            self.guard(&request)?;
+            let r = request.get_ref();
+            let resource = Some(r.resource.as_str()).filter(|r| !r.is_empty());
+            self.state.acl.remove(&self.state.brokers, &r.access_key, resource).await
+        }
+        .await;
+        Ok(Response::new(match result {
+            Ok(removed) => RemoveAclRulesResponse { status: Some(ok_status()), removed },
+            Err(e) => RemoveAclRulesResponse { status: Some(e.status()), removed: 0 },
+        }))
+    }
+
     async fn get_stats(&self, request: Request<GetStatsRequest>) -> GrpcResult<GetStatsResponse> {
-        if let Err(e) = self.state.auth.check(request.metadata()) {
+        if let Err(e) = self.guard(&request) {
             return Ok(Response::new(GetStatsResponse {
                 status: Some(e.status()),
                 brokers: Vec::new(),
@@ -263,7 +301,30 @@ impl Admin for AdminService {
     }
 }
 
+fn acl_rule(key: String, rule: &crate::acl::Rule) -> AclRule {
+    let name = |d: Option<crate::acl::Decision>| d.map_or("", |d| d.name()).to_string();
+    AclRule { access_key: key, resource: rule.resource.text(), r#pub: name(rule.publish), sub: name(rule.subscribe) }
+}
+
+fn actions(names: &[String]) -> Result<Vec<Action>, ProxyError> {
+    names.iter().map(|n| Action::parse(n)).collect()
+}
+
 impl AdminService {
+    fn acl_rules(&self, result: Result<Vec<AclRule>, ProxyError>) -> AclRulesResponse {
+        let enabled = self.state.acl.enabled();
+        match result {
+            Ok(rules) => AclRulesResponse { status: Some(ok_status()), rules, enabled },
+            Err(e) => AclRulesResponse { status: Some(e.status()), rules: Vec::new(), enabled },
+        }
+    }
+
+    /// Authenticates the call; while the ACL is on, only admin keys pass.
+    fn guard<T>(&self, request: &Request<T>) -> Result<(), ProxyError> {
+        let key = self.state.auth.check(request.metadata())?;
+        self.state.acl.admin(key.as_deref())
+    }
+
     /// Every shard's per-(group, topic) figures, summed; throttle counts come from the shard
     /// that keeps each group's receive quota. A shard that does not answer is left out.
     async fn group_stats(&self) -> (Vec<GroupStats>, bool) {

@@ -85,9 +85,10 @@ impl Auth {
         !self.keys.is_empty()
     }
 
-    pub fn check(&self, metadata: &MetadataMap) -> Result<(), ProxyError> {
+    /// The access key the call is signed with (checked), or `None` with authentication off.
+    pub fn check(&self, metadata: &MetadataMap) -> Result<Option<String>, ProxyError> {
         if !self.enabled() {
-            return Ok(());
+            return Ok(None);
         }
         let header = metadata
             .get("authorization")
@@ -116,7 +117,8 @@ impl Auth {
         let signature = hex::decode(signature).map_err(|_| ProxyError::Unauthorized("signature is not hex".into()))?;
         let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
         mac.update(date.as_bytes());
-        mac.verify_slice(&signature).map_err(|_| ProxyError::Unauthorized("signature does not match".into()))
+        mac.verify_slice(&signature).map_err(|_| ProxyError::Unauthorized("signature does not match".into()))?;
+        Ok(Some(access_key.to_string()))
     }
 }
 
@@ -205,7 +207,7 @@ mod tests {
     fn verifies_signatures() {
         let auth = Auth::new(HashMap::from([("ak".to_string(), "sk".to_string())]));
         let date = &now_stamp(0);
-        assert!(auth.check(&metadata(Some(&sign("ak", "sk", date)), date)).is_ok());
+        assert_eq!(auth.check(&metadata(Some(&sign("ak", "sk", date)), date)).unwrap().as_deref(), Some("ak"));
         let lower_hex = sign("ak", "sk", date);
         let (head, signature) = lower_hex.split_at(lower_hex.find("Signature=").unwrap() + "Signature=".len());
         let lower = format!("{head}{}", signature.to_lowercase());

@@ -29,6 +29,8 @@ pub enum ProxyError {
     InvalidReceipt(String),
     #[error("unauthorized: {0}")]
     Unauthorized(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     #[error("broker {endpoint} is unavailable: {source}")]
     BrokerUnavailable { endpoint: String, source: TransportError },
     #[error("broker {endpoint} timed out: {source}")]
@@ -101,6 +103,7 @@ impl ProxyError {
             ProxyError::BodyEmpty => Code::MessageBodyEmpty,
             ProxyError::InvalidReceipt(_) => Code::InvalidReceiptHandle,
             ProxyError::Unauthorized(_) => Code::Unauthorized,
+            ProxyError::Forbidden(_) => Code::Forbidden,
             ProxyError::BrokerUnavailable { .. } => Code::InternalServerError,
             ProxyError::BrokerTimeout { .. } => Code::ProxyTimeout,
             ProxyError::ShuttingDown => Code::InternalServerError,

@@ -5,6 +5,7 @@
 
 pub use sluice_proto as pb;
 
+pub mod acl;
 pub mod admin;
 pub mod auth;
 pub mod consume;

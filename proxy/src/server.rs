@@ -3,7 +3,7 @@
 //! graceful drain: on shutdown, HTTP/2 GOAWAY goes out, long polls answer at once, and in-flight
 //! calls get `drain_timeout_ms` to finish.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use crate::acl::Acl;
 use crate::admin::AdminService;
 use crate::auth::Auth;
 use crate::error::ProxyError;
@@ -45,6 +46,10 @@ pub struct ProxyConfig {
     pub settings: ProxySettings,
     /// access key → secret key; empty turns authentication off.
     pub access_keys: HashMap<String, String>,
+    /// Per-topic and per-group access control (`acl.rs`); needs access keys and an admin key.
+    pub acl: bool,
+    /// Keys that skip the ACL and alone may use the admin API while it is on.
+    pub admin_keys: HashSet<String>,
     /// Serves `GET /metrics` on the HTTP port when set.
     pub metrics: Option<crate::metrics::RenderMetrics>,
     /// TLS on both client ports (gRPC and HTTP) when set; plaintext otherwise.
@@ -70,14 +75,37 @@ pub fn proxy_transport(mut transport: TransportConfig, settings: &ProxySettings)
     transport
 }
 
+/// An ACL without keys would identify nobody, and one without an admin key could not be managed.
+fn check_acl_config(config: &ProxyConfig) -> Result<(), ProxyError> {
+    if let Some(unknown) = config.admin_keys.iter().find(|k| !config.access_keys.contains_key(*k)) {
+        return Err(ProxyError::Config(format!("admin key {unknown:?} is not one of proxy.access_keys")));
+    }
+    if !config.acl {
+        return Ok(());
+    }
+    if config.access_keys.is_empty() {
+        return Err(ProxyError::Config(
+            "proxy.acl = true needs proxy.access_keys: the ACL decides per access key, so calls must be signed".into(),
+        ));
+    }
+    if config.admin_keys.is_empty() {
+        return Err(ProxyError::Config(
+            "proxy.acl = true needs an admin key (admin = true on one of proxy.access_keys) to manage the rules with `sluice acl`".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub async fn start(config: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     config.settings.validate().map_err(ProxyError::Config)?;
+    check_acl_config(&config)?;
     // Before anything connects: a bad certificate or key stops startup with the file named.
     let tls: Option<TlsAcceptors> = config.tls.as_ref().map(TlsFiles::load).transpose()?;
     let transport = proxy_transport(config.transport.clone(), &config.settings);
     let brokers =
         BrokerPool::connect(config.brokers.clone(), &config.transport_scheme, transport, &config.name).await?;
-    let state = ProxyState::new(Arc::new(brokers), Auth::new(config.access_keys.clone()), config.settings.clone());
+    let acl = Acl::new(config.acl, config.admin_keys.clone());
+    let state = ProxyState::new(Arc::new(brokers), Auth::new(config.access_keys.clone()), acl, config.settings.clone());
     let listener = TcpListener::bind(config.grpc)
         .await
         .map_err(|e| ProxyError::Config(format!("cannot listen for gRPC on {}: {e}", config.grpc)))?;

@@ -10,6 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status as GrpcStatus, Streaming};
 use tracing::Instrument as _;
 
+use crate::acl::Need;
 use crate::consume;
 use crate::error::{ok_status, status, ProxyError};
 use crate::lite::Caller;
@@ -133,8 +134,10 @@ impl Messaging {
         }
     }
 
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), ProxyError> {
-        self.state.auth.check(request.metadata())
+    /// Authenticates the call, then checks that its key may do what `needs` names (the ACL).
+    async fn authorize<T>(&self, request: &Request<T>, needs: &[Need<'_>]) -> Result<(), ProxyError> {
+        let key = self.state.auth.check(request.metadata())?;
+        self.state.acl.permit(&self.state.brokers, key.as_deref(), needs).await
     }
 
     /// The client's settings merged with the server's: what a consumer group's delivery
@@ -228,7 +231,8 @@ pub fn now_ms() -> u64 {
 impl MessagingService for Messaging {
     async fn query_route(&self, request: Request<QueryRouteRequest>) -> GrpcResult<QueryRouteResponse> {
         let answer = async {
-            self.authorize(&request)?;
+            let r = request.get_ref();
+            self.authorize(&request, &needs([r.topic.as_ref().map(|t| Need::route(&t.name))])).await?;
             let topic =
                 request.get_ref().topic.clone().ok_or_else(|| ProxyError::BadRequest("topic is required".into()))?;
             let meta = self.topic(&topic.name).await?;
@@ -243,7 +247,8 @@ impl MessagingService for Messaging {
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> GrpcResult<HeartbeatResponse> {
-        let status = match self.authorize(&request) {
+        let group = request.get_ref().group.as_ref().map(|g| Need::subscribe_group(&g.name));
+        let status = match self.authorize(&request, &needs([group])).await {
             Ok(()) => ok_status(),
             Err(e) => e.status(),
         };
@@ -251,7 +256,8 @@ impl MessagingService for Messaging {
     }
 
     async fn send_message(&self, request: Request<SendMessageRequest>) -> GrpcResult<SendMessageResponse> {
-        if let Err(e) = self.authorize(&request) {
+        let topics = request.get_ref().messages.iter().map(|m| m.topic.as_ref().map(|t| Need::publish(&t.name)));
+        if let Err(e) = self.authorize(&request, &needs(topics)).await {
             return Ok(Response::new(SendMessageResponse { status: Some(e.status()), entries: Vec::new() }));
         }
         let span = spans::send(request.metadata(), request.get_ref());
@@ -262,7 +268,8 @@ impl MessagingService for Messaging {
 
     async fn query_assignment(&self, request: Request<QueryAssignmentRequest>) -> GrpcResult<QueryAssignmentResponse> {
         let answer = async {
-            self.authorize(&request)?;
+            let r = request.get_ref();
+            self.authorize(&request, &subscribe(r.topic.as_ref(), r.group.as_ref())).await?;
             let topic =
                 request.get_ref().topic.clone().ok_or_else(|| ProxyError::BadRequest("topic is required".into()))?;
             let meta = self.topic(&topic.name).await?;
@@ -286,7 +293,9 @@ impl MessagingService for Messaging {
     type ReceiveMessageStream = ResponseStream<ReceiveMessageResponse>;
 
     async fn receive_message(&self, request: Request<ReceiveMessageRequest>) -> GrpcResult<Self::ReceiveMessageStream> {
-        let responses = match self.authorize(&request) {
+        let r = request.get_ref();
+        let topic = r.message_queue.as_ref().and_then(|q| q.topic.as_ref());
+        let responses = match self.authorize(&request, &subscribe(topic, r.group.as_ref())).await {
             Ok(()) => {
                 let remaining = grpc_timeout(request.metadata());
                 let caller = Caller::of(request.metadata());
@@ -304,7 +313,8 @@ impl MessagingService for Messaging {
     }
 
     async fn ack_message(&self, request: Request<AckMessageRequest>) -> GrpcResult<AckMessageResponse> {
-        if let Err(e) = self.authorize(&request) {
+        let r = request.get_ref();
+        if let Err(e) = self.authorize(&request, &subscribe(r.topic.as_ref(), r.group.as_ref())).await {
             return Ok(Response::new(AckMessageResponse { status: Some(e.status()), entries: Vec::new() }));
         }
         let span = spans::ack(request.metadata(), request.get_ref());
@@ -317,7 +327,8 @@ impl MessagingService for Messaging {
         &self,
         request: Request<ForwardMessageToDeadLetterQueueRequest>,
     ) -> GrpcResult<ForwardMessageToDeadLetterQueueResponse> {
-        let result = match self.authorize(&request) {
+        let r = request.get_ref();
+        let result = match self.authorize(&request, &subscribe(r.topic.as_ref(), r.group.as_ref())).await {
             Ok(()) => consume::dead_letter(self, request.into_inner()).await,
             Err(e) => Err(e),
         };
@@ -335,7 +346,9 @@ impl MessagingService for Messaging {
     }
 
     async fn update_offset(&self, request: Request<UpdateOffsetRequest>) -> GrpcResult<UpdateOffsetResponse> {
-        let result = match self.authorize(&request) {
+        let r = request.get_ref();
+        let topic = r.message_queue.as_ref().and_then(|q| q.topic.as_ref());
+        let result = match self.authorize(&request, &subscribe(topic, r.group.as_ref())).await {
             Ok(()) => consume::update_offset(self, request.into_inner()).await,
             Err(e) => Err(e),
         };
@@ -343,7 +356,9 @@ impl MessagingService for Messaging {
     }
 
     async fn get_offset(&self, request: Request<GetOffsetRequest>) -> GrpcResult<GetOffsetResponse> {
-        let result = match self.authorize(&request) {
+        let r = request.get_ref();
+        let topic = r.message_queue.as_ref().and_then(|q| q.topic.as_ref());
+        let result = match self.authorize(&request, &subscribe(topic, r.group.as_ref())).await {
             Ok(()) => consume::get_offset(self, request.into_inner()).await,
             Err(e) => Err(e),
         };
@@ -354,7 +369,8 @@ impl MessagingService for Messaging {
     }
 
     async fn query_offset(&self, request: Request<QueryOffsetRequest>) -> GrpcResult<QueryOffsetResponse> {
-        let result = match self.authorize(&request) {
+        let topic = request.get_ref().message_queue.as_ref().and_then(|q| q.topic.as_ref());
+        let result = match self.authorize(&request, &subscribe(topic, None)).await {
             Ok(()) => consume::query_offset(self, request.into_inner()).await,
             Err(e) => Err(e),
         };
@@ -365,7 +381,8 @@ impl MessagingService for Messaging {
     }
 
     async fn end_transaction(&self, request: Request<EndTransactionRequest>) -> GrpcResult<EndTransactionResponse> {
-        let result = match self.authorize(&request) {
+        let topic = request.get_ref().topic.as_ref().map(|t| Need::publish(&t.name));
+        let result = match self.authorize(&request, &needs([topic])).await {
             Ok(()) => transactions::end_transaction(self, request.into_inner()).await,
             Err(e) => Err(e),
         };
@@ -375,15 +392,20 @@ impl MessagingService for Messaging {
     type TelemetryStream = ResponseStream<TelemetryCommand>;
 
     async fn telemetry(&self, request: Request<Streaming<TelemetryCommand>>) -> GrpcResult<Self::TelemetryStream> {
-        let authorized = self.authorize(&request);
+        // The key is checked against each Settings the client sends (what it publishes or
+        // subscribes to), so a client refused by the ACL fails at start-up, not at its first call.
+        let key = self.state.auth.check(request.metadata());
         let (tx, rx) = tokio::sync::mpsc::channel(TELEMETRY_CHANNEL);
         let mut inbound = request.into_inner();
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = authorized {
-                let _ = tx.send(Ok(TelemetryCommand { status: Some(e.status()), command: None })).await;
-                return;
-            }
+            let key = match key {
+                Ok(key) => key,
+                Err(e) => {
+                    let _ = tx.send(Ok(TelemetryCommand { status: Some(e.status()), command: None })).await;
+                    return;
+                }
+            };
             // A producer's stream is where its transaction checks go; forgotten when it ends.
             let mut producer = ProducerStream { state: this.state.clone(), id: None };
             loop {
@@ -398,6 +420,11 @@ impl MessagingService for Messaging {
                 };
                 let reply = match command.command {
                     Some(telemetry_command::Command::Settings(settings)) => {
+                        let needs = settings_needs(&settings);
+                        if let Err(e) = this.state.acl.permit(&this.state.brokers, key.as_deref(), &needs).await {
+                            let _ = tx.send(Ok(TelemetryCommand { status: Some(e.status()), command: None })).await;
+                            return;
+                        }
                         if let Some(settings::PubSub::Publishing(publishing)) = &settings.pub_sub {
                             let topics = crate::transactions::transaction_topics(&this, &publishing.topics).await;
                             producer.id = this.state.producers.register(producer.id, topics, &tx);
@@ -422,7 +449,8 @@ impl MessagingService for Messaging {
         &self,
         request: Request<NotifyClientTerminationRequest>,
     ) -> GrpcResult<NotifyClientTerminationResponse> {
-        let status = self.authorize(&request).map_or_else(|e| e.status(), |()| ok_status());
+        let group = request.get_ref().group.as_ref().map(|g| Need::subscribe_group(&g.name));
+        let status = self.authorize(&request, &needs([group])).await.map_or_else(|e| e.status(), |()| ok_status());
         let caller = Caller::of(request.metadata());
         let group = request.get_ref().group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
         if status.code == Code::Ok as i32 && !group.is_empty() && caller.require_id().is_ok() {
@@ -437,7 +465,8 @@ impl MessagingService for Messaging {
         request: Request<ChangeInvisibleDurationRequest>,
     ) -> GrpcResult<ChangeInvisibleDurationResponse> {
         let handle = request.get_ref().receipt_handle.clone();
-        let result = match self.authorize(&request) {
+        let r = request.get_ref();
+        let result = match self.authorize(&request, &subscribe(r.topic.as_ref(), r.group.as_ref())).await {
             Ok(()) => consume::change_invisible(self, request.into_inner()).await,
             Err(e) => Err(e),
         };
@@ -449,7 +478,8 @@ impl MessagingService for Messaging {
     }
 
     async fn recall_message(&self, request: Request<RecallMessageRequest>) -> GrpcResult<RecallMessageResponse> {
-        let result = match self.authorize(&request) {
+        let topic = request.get_ref().topic.as_ref().map(|t| Need::publish(&t.name));
+        let result = match self.authorize(&request, &needs([topic])).await {
             Ok(()) => transactions::recall(self, request.into_inner()).await,
             Err(e) => Err(e),
         };
@@ -464,7 +494,8 @@ impl MessagingService for Messaging {
         request: Request<SyncLiteSubscriptionRequest>,
     ) -> GrpcResult<SyncLiteSubscriptionResponse> {
         let caller = Caller::of(request.metadata());
-        let result = match self.authorize(&request) {
+        let r = request.get_ref();
+        let result = match self.authorize(&request, &subscribe(r.topic.as_ref(), r.group.as_ref())).await {
             Ok(()) => crate::lite::sync(self, request.into_inner(), &caller).await,
             Err(e) => Err(e),
         };
@@ -485,6 +516,30 @@ impl Drop for ProducerStream {
         if let Some(id) = self.id {
             self.state.producers.unregister(id);
         }
+    }
+}
+
+/// The needs that name something (an empty name is left to the call's own checks).
+fn needs<'a>(needs: impl IntoIterator<Item = Option<Need<'a>>>) -> Vec<Need<'a>> {
+    needs.into_iter().flatten().filter(|n| !n.name.is_empty()).collect()
+}
+
+/// A consumer's call: `sub` on its topic and on its group.
+fn subscribe<'a>(topic: Option<&'a Resource>, group: Option<&'a Resource>) -> Vec<Need<'a>> {
+    needs([topic.map(|t| Need::subscribe_topic(&t.name)), group.map(|g| Need::subscribe_group(&g.name))])
+}
+
+/// What a client's Settings say it will do: publish to its topics, or subscribe as its group.
+fn settings_needs(settings: &Settings) -> Vec<Need<'_>> {
+    match &settings.pub_sub {
+        Some(settings::PubSub::Publishing(p)) => needs(p.topics.iter().map(|t| Some(Need::publish(&t.name)))),
+        Some(settings::PubSub::Subscription(s)) => needs(
+            s.subscriptions
+                .iter()
+                .map(|e| e.topic.as_ref().map(|t| Need::subscribe_topic(&t.name)))
+                .chain([s.group.as_ref().map(|g| Need::subscribe_group(&g.name))]),
+        ),
+        None => Vec::new(),
     }
 }
 

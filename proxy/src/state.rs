@@ -166,6 +166,8 @@ pub struct ProxyState {
     pub topics: Topics,
     pub groups: crate::groups::Groups,
     pub auth: Auth,
+    /// Who may publish and subscribe where (off unless `[proxy] acl = true`).
+    pub acl: crate::acl::Acl,
     pub settings: ProxySettings,
     pub renewals: Renewals,
     /// Producer Telemetry streams, for transaction check-backs.
@@ -178,12 +180,13 @@ pub struct ProxyState {
 }
 
 impl ProxyState {
-    pub fn new(brokers: Arc<BrokerPool>, auth: Auth, settings: ProxySettings) -> Arc<ProxyState> {
+    pub fn new(brokers: Arc<BrokerPool>, auth: Auth, acl: crate::acl::Acl, settings: ProxySettings) -> Arc<ProxyState> {
         Arc::new(ProxyState {
             brokers,
             topics: Topics::default(),
             groups: crate::groups::Groups::default(),
             auth,
+            acl,
             renewals: Renewals::new(settings.renewals_max),
             producers: crate::transactions::Producers::default(),
             sse_streams: Arc::new(tokio::sync::Semaphore::new(settings.sse_streams_max)),

@@ -153,6 +153,12 @@ enum Command {
         #[command(subcommand)]
         action: GroupAction,
     },
+    /// Access control (with `proxy.acl = true`): which access key may publish or subscribe to
+    /// which topics and consumer groups. Needs an admin key while the ACL is on.
+    Acl {
+        #[command(subcommand)]
+        action: AclAction,
+    },
     /// Send messages: the arguments, or one per line of stdin.
     Send {
         #[command(flatten)]
@@ -339,6 +345,41 @@ enum TopicAction {
     },
     Delete {
         name: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+#[derive(Subcommand)]
+enum AclAction {
+    /// Sets an access key's decisions on a resource: topic:NAME, topic:PREFIX*, topic:*,
+    /// group:NAME, group:PREFIX*, group:* or * (every topic and group). The most specific
+    /// matching rule decides; at a tie deny wins; with no rule a call is denied.
+    Set {
+        #[arg(value_name = "ACCESS_KEY")]
+        key: String,
+        resource: String,
+        /// Actions to allow: pub, sub, or pub,sub.
+        #[arg(long, value_delimiter = ',')]
+        allow: Vec<String>,
+        /// Actions to deny: pub, sub, or pub,sub.
+        #[arg(long, value_delimiter = ',')]
+        deny: Vec<String>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Lists the rules of one access key, or of all.
+    List {
+        #[arg(value_name = "ACCESS_KEY")]
+        key: Option<String>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Removes an access key's rule on a resource, or all its rules.
+    Remove {
+        #[arg(value_name = "ACCESS_KEY")]
+        key: String,
+        resource: Option<String>,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -579,6 +620,17 @@ async fn run(cli: Cli) -> Result<(), String> {
                 cli::inspect::group_reset(&connection(&endpoint, json), &name, &topic, to, force).await
             }
         },
+        Command::Acl { action } => match action {
+            AclAction::Set { key, resource, allow, deny, endpoint } => {
+                let request =
+                    sluice_proxy::pb::sluice::admin::v1::SetAclRuleRequest { access_key: key, resource, allow, deny };
+                cli::acl::set(&connection(&endpoint, json), request).await
+            }
+            AclAction::List { key, endpoint } => cli::acl::list(&connection(&endpoint, json), key).await,
+            AclAction::Remove { key, resource, endpoint } => {
+                cli::acl::remove(&connection(&endpoint, json), key, resource).await
+            }
+        },
         Command::Message { action } => match action {
             MessageAction::Get { topic, id, endpoint } => {
                 cli::inspect::message_get(&connection(&endpoint, json), &topic, &id).await
@@ -660,5 +712,15 @@ fn main() -> ExitCode {
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap checks a command's definition (unique argument names, valid defaults) only when it
+    /// parses that subcommand; this checks every one.
+    #[test]
+    fn every_subcommand_is_well_formed() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

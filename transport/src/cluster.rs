@@ -457,21 +457,34 @@ impl BrokerPool {
     pub async fn queue_records(&self, prefix: &str) -> Result<Vec<QueueRecord>, ClusterError> {
         let mut all = Vec::new();
         for owner in self.all_shards() {
-            let mut after = String::new();
-            loop {
-                let request =
-                    ListQueuesRequest { prefix: prefix.to_string(), after: after.clone(), max_count: LIST_PAGE };
-                let frame = self.call(owner, &request).await?;
-                let reply = frame.access::<ListQueuesResponse>()?;
-                let page = records(reply);
-                let next = page.last().filter(|_| reply.truncated).map(|last| last.name.clone());
-                all.extend(page);
-                match next {
-                    Some(name) => after = name,
-                    None => break,
-                }
+            all.extend(self.records_on(owner, prefix, usize::MAX).await?);
+        }
+        Ok(all)
+    }
+
+    /// The configurations of the children of `parent` (names starting `parent/`): one shard
+    /// holds them all, since children are placed with their parent. At most `max` of them.
+    pub async fn child_records(&self, parent: &str, max: usize) -> Result<Vec<QueueRecord>, ClusterError> {
+        self.records_on(self.owner(parent), &format!("{parent}/"), max).await
+    }
+
+    /// At most `max` configurations on one shard whose names start with `prefix`, in name order.
+    async fn records_on(&self, owner: Owner, prefix: &str, max: usize) -> Result<Vec<QueueRecord>, ClusterError> {
+        let mut all = Vec::new();
+        let mut after = String::new();
+        while all.len() < max {
+            let request = ListQueuesRequest { prefix: prefix.to_string(), after: after.clone(), max_count: LIST_PAGE };
+            let frame = self.call(owner, &request).await?;
+            let reply = frame.access::<ListQueuesResponse>()?;
+            let page = records(reply);
+            let next = page.last().filter(|_| reply.truncated).map(|last| last.name.clone());
+            all.extend(page);
+            match next {
+                Some(name) => after = name,
+                None => break,
             }
         }
+        all.truncate(max);
         Ok(all)
     }
 }

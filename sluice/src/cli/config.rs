@@ -166,6 +166,9 @@ pub struct BrokerFile {
 pub struct AccessKey {
     pub access_key: String,
     pub secret_key: String,
+    /// Skips the ACL, and alone may use the admin API (`sluice topic`, `group`, `acl`) while it is on.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -183,6 +186,9 @@ pub struct ProxySection {
     /// tcp, rdma or auto.
     pub transport: String,
     pub access_keys: Vec<AccessKey>,
+    /// Per-topic and per-group access control for the access keys, with rules kept on the
+    /// brokers and managed by `sluice acl`; needs access keys and an admin key.
+    pub acl: bool,
     /// PEM certificate chain for TLS on the gRPC and HTTP ports; with `tls_key_file`, TLS is on.
     pub tls_cert_file: Option<PathBuf>,
     /// PEM private key of that certificate.
@@ -202,6 +208,7 @@ impl Default for ProxySection {
             brokers: vec!["127.0.0.1:7400".into()],
             transport: "tcp".into(),
             access_keys: Vec::new(),
+            acl: false,
             tls_cert_file: None,
             tls_key_file: None,
             settings: ProxySettings::default(),
@@ -378,6 +385,7 @@ impl ProxySection {
             }
             access_keys.insert(key.access_key.clone(), key.secret_key.clone());
         }
+        let admin_keys = self.access_keys.iter().filter(|k| k.admin).map(|k| k.access_key.clone()).collect();
         let tls = match (&self.tls_cert_file, &self.tls_key_file) {
             (Some(cert_file), Some(key_file)) => {
                 Some(TlsFiles { cert_file: cert_file.clone(), key_file: key_file.clone() })
@@ -398,6 +406,8 @@ impl ProxySection {
             transport: transport.apply()?,
             settings: self.settings.clone(),
             access_keys,
+            acl: self.acl,
+            admin_keys,
             metrics: None,
             tls,
         })

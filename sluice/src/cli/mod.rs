@@ -1,3 +1,4 @@
+pub mod acl;
 pub mod agent;
 pub mod client;
 pub mod config;

@@ -1,5 +1,6 @@
 //! Split deployments as real processes: `sluice broker` and `sluice proxy` children on free
-//! ports and temporary data directories. Covers request signing (access keys), broker crash
+//! ports and temporary data directories. Covers request signing (access keys), per-topic and
+//! per-group access control (`proxy.acl`, `sluice acl`), broker crash
 //! durability (SIGKILL, restart on the same data directory), graceful broker shutdown keeping
 //! consumer progress (SIGTERM), and a proxy that keeps answering with typed statuses while its
 //! broker is gone and works again once it is back.
@@ -36,6 +37,7 @@ const SEGMENT_SIZE_BYTES: u64 = 64 << 20;
 
 const OK: i32 = pb::Code::Ok as i32;
 const UNAUTHORIZED: i32 = pb::Code::Unauthorized as i32;
+const FORBIDDEN: i32 = pb::Code::Forbidden as i32;
 const TOPIC_NOT_FOUND: i32 = pb::Code::TopicNotFound as i32;
 const MESSAGE_NOT_FOUND: i32 = pb::Code::MessageNotFound as i32;
 const INTERNAL_SERVER_ERROR: i32 = pb::Code::InternalServerError as i32;
@@ -314,18 +316,25 @@ enum Sig<'a> {
     Raw(&'a str),
     /// Signed with these keys, but without the x-mq-date-time header.
     KeysNoDate(&'a str, &'a str),
+    /// Signed with these keys at this `x-mq-date-time` (an old one is an expired signature).
+    KeysAt(&'a str, &'a str, &'a str),
 }
 
 fn request<T>(message: T, sig: Sig<'_>) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     let m = r.metadata_mut();
-    let date = sluice_proxy::auth::date_time_now();
+    let date = match sig {
+        Sig::KeysAt(_, _, date) => date.to_string(),
+        _ => sluice_proxy::auth::date_time_now(),
+    };
     if !matches!(sig, Sig::KeysNoDate(..)) {
         m.insert("x-mq-date-time", MetadataValue::try_from(date.as_str()).unwrap());
     }
     let header = match sig {
         Sig::Unsigned => None,
-        Sig::Keys(ak, sk) | Sig::KeysNoDate(ak, sk) => Some(sluice_proxy::auth::sign(ak, sk, &date)),
+        Sig::Keys(ak, sk) | Sig::KeysNoDate(ak, sk) | Sig::KeysAt(ak, sk, _) => {
+            Some(sluice_proxy::auth::sign(ak, sk, &date))
+        }
         Sig::Raw(text) => Some(text.to_string()),
     };
     if let Some(h) = header {
@@ -680,6 +689,199 @@ async fn access_keys_guard_every_request() {
     proxy.assert_running("after the auth checks");
     open_proxy.assert_running("after the auth checks");
     broker.assert_running("after the auth checks");
+}
+
+/// One signed SendMessage of a fresh message.
+async fn send_as(client: &mut MessagingServiceClient<Channel>, topic: &str, sig: Sig<'_>) -> Option<pb::Status> {
+    let id = format!("acl-{:016X}", rand::random::<u64>());
+    let r = pb::SendMessageRequest { messages: vec![message(topic, &id, "acl test")] };
+    let reply = bounded("SendMessage", client.send_message(request(r, sig))).await.expect("SendMessage gRPC");
+    let reply = reply.into_inner();
+    match code(&reply.status) {
+        OK => reply.entries.first().and_then(|e| e.status.clone()),
+        _ => reply.status,
+    }
+}
+
+/// One signed ReceiveMessage of up to 16 messages, waiting 1 s; its status and how many came.
+async fn receive_as(
+    client: &mut MessagingServiceClient<Channel>,
+    topic: &str,
+    group: &str,
+    sig: Sig<'_>,
+) -> (Option<pb::Status>, usize) {
+    let r = pb::ReceiveMessageRequest {
+        group: resource(group),
+        message_queue: Some(pb::MessageQueue { topic: resource(topic), id: 0, ..Default::default() }),
+        filter_expression: Some(pb::FilterExpression { r#type: pb::FilterType::Tag as i32, expression: "*".into() }),
+        batch_size: 16,
+        invisible_duration: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
+        auto_renew: false,
+        long_polling_timeout: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        attempt_id: None,
+    };
+    let mut stream =
+        bounded("ReceiveMessage", client.receive_message(request(r, sig))).await.expect("Receive gRPC").into_inner();
+    let (mut status, mut count) = (None, 0);
+    while let Some(item) = bounded("ReceiveMessage stream", stream.message()).await.expect("Receive stream") {
+        match item.content {
+            Some(pb::receive_message_response::Content::Status(s)) => status = Some(s),
+            Some(pb::receive_message_response::Content::Message(_)) => count += 1,
+            _ => {}
+        }
+    }
+    (status, count)
+}
+
+/// Asserts a FORBIDDEN status whose message names `resource` and holds no secret.
+fn assert_forbidden(status: &Option<pb::Status>, resource: &str, what: &str) {
+    assert_eq!(code(status), FORBIDDEN, "{what}: {}", describe(status));
+    let message = &status.as_ref().unwrap().message;
+    assert!(message.contains(resource), "{what}: the refusal does not name {resource}: {message}");
+    assert!(!message.contains("secret-"), "{what}: the refusal shows a secret key: {message}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acl_allows_and_denies_per_topic_and_group() {
+    let work = tempfile::tempdir().unwrap();
+    let broker_spec = BrokerSpec::new(work.path(), "broker");
+    let mut broker = broker_spec.start();
+    let keys = "acl = true\naccess_keys = [\n  { access_key = \"root\", secret_key = \"secret-root\", admin = true },\n  \
+                { access_key = \"app1\", secret_key = \"secret-1\" },\n  { access_key = \"app2\", secret_key = \"secret-2\" },\n]";
+    let spec = ProxySpec::new(work.path(), "acl", &[broker_spec.endpoint()], keys);
+    let mut proxy = spec.start();
+    let endpoint = format!("127.0.0.1:{}", spec.port);
+    let as_key = |key: &'static str, secret: &'static str| {
+        let endpoint = endpoint.clone();
+        move |args: &[&str]| -> Vec<String> {
+            let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            all.extend(["--endpoint", &endpoint, "--access-key", key, "--secret-key", secret].map(String::from));
+            all
+        }
+    };
+    let (root, app1) = (as_key("root", "secret-root"), as_key("app1", "secret-1"));
+    let run = |args: Vec<String>| async move { cli(&args.iter().map(String::as_str).collect::<Vec<_>>()).await };
+
+    // Only the admin key may create topics and manage rules while the ACL is on.
+    let (ok, out, err) = run(app1(&["topic", "create", "orders-eu", "--type", "normal"])).await;
+    assert!(!ok && err.contains("40300") && err.contains("not an admin key"), "app1 created a topic: {out}{err}");
+    for topic in ["orders-eu", "orders-us", "audit"] {
+        let (ok, out, err) = run(root(&["topic", "create", topic, "--type", "normal"])).await;
+        assert!(ok, "root could not create {topic}: {out}{err}");
+    }
+    let (ok, out, err) = run(app1(&["acl", "set", "app1", "*", "--allow", "pub,sub"])).await;
+    assert!(!ok && err.contains("40300"), "app1 granted itself everything: {out}{err}");
+    for rule in [
+        &["acl", "set", "app1", "topic:orders-*", "--allow", "pub,sub"][..],
+        &["acl", "set", "app1", "topic:orders-us", "--deny", "sub"],
+        &["acl", "set", "app1", "group:billing", "--allow", "sub"],
+        &["acl", "set", "app2", "topic:audit", "--allow", "pub"],
+    ] {
+        let (ok, out, err) = run(root(rule)).await;
+        assert!(ok, "{rule:?}: {out}{err}");
+    }
+    let (ok, out, err) = run(root(&["acl", "set", "app1", "topic:a*b", "--allow", "pub"])).await;
+    assert!(!ok && err.contains("'*' other than at its end"), "a bad pattern was taken: {out}{err}");
+    let (ok, out, err) = run(root(&["--json", "acl", "list", "app1"])).await;
+    assert!(ok, "acl list: {out}{err}");
+    let listed: serde_json::Value = serde_json::from_str(out.trim()).expect("acl list --json");
+    assert_eq!(listed["enabled"], true);
+    let rules: Vec<(String, String, String)> = listed["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["resource"].as_str().unwrap().into(),
+                r["pub"].as_str().unwrap().into(),
+                r["sub"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let expected =
+        [("group:billing", "", "allow"), ("topic:orders-*", "allow", "allow"), ("topic:orders-us", "", "deny")];
+    let expected: Vec<(String, String, String)> =
+        expected.iter().map(|(r, p, s)| (r.to_string(), p.to_string(), s.to_string())).collect();
+    assert_eq!(rules, expected, "app1's rules as listed");
+
+    let mut client = messaging(spec.port).await;
+    let app1_sig = Sig::Keys("app1", "secret-1");
+    // Allowed: publish to a topic its prefix rule covers, subscribe as its group.
+    assert_eq!(code(&send_as(&mut client, "orders-eu", app1_sig).await), OK);
+    assert_eq!(code(&send_as(&mut client, "orders-us", app1_sig).await), OK, "pub on orders-us stays allowed");
+    let (status, count) = receive_as(&mut client, "orders-eu", "billing", app1_sig).await;
+    assert_eq!(code(&status), OK, "app1 receiving orders-eu as billing: {}", describe(&status));
+    assert_eq!(count, 1);
+    let route = query_route(&mut client, "orders-us", app1_sig).await;
+    assert_eq!(code(&route.status), OK, "a route needs pub or sub: {}", describe(&route.status));
+
+    // Denied, each naming the resource: another key's topic, an exact deny over the prefix
+    // allow, a group with no rule, a heartbeat as that group.
+    assert_forbidden(&send_as(&mut client, "audit", app1_sig).await, "topic \"audit\"", "app1 sending to app2's topic");
+    let (status, _) = receive_as(&mut client, "orders-us", "billing", app1_sig).await;
+    assert_forbidden(&status, "topic \"orders-us\"", "app1 receiving a denied topic");
+    assert!(status.unwrap().message.contains("denied by its rule topic:orders-us"));
+    let (status, _) = receive_as(&mut client, "orders-eu", "other", app1_sig).await;
+    assert_forbidden(&status, "group \"other\"", "app1 receiving as a group it has no rule for");
+    let hb = pb::HeartbeatRequest { group: resource("other"), client_type: pb::ClientType::SimpleConsumer as i32 };
+    let hb = bounded("Heartbeat", client.heartbeat(request(hb, app1_sig))).await.unwrap().into_inner().status;
+    assert_forbidden(&hb, "group \"other\"", "app1's heartbeat as another group");
+    let app2_sig = Sig::Keys("app2", "secret-2");
+    assert_eq!(code(&send_as(&mut client, "audit", app2_sig).await), OK);
+    assert_forbidden(&send_as(&mut client, "orders-eu", app2_sig).await, "topic \"orders-eu\"", "app2 on app1's topic");
+    let (status, _) = receive_as(&mut client, "audit", "billing", app2_sig).await;
+    assert_forbidden(&status, "audit", "app2 subscribing with only pub");
+
+    // Wrong, missing or expired credentials are UNAUTHORIZED before the ACL is asked.
+    let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 86_400);
+    let stale = sluice_proxy::auth::format_date_time(
+        two_days_ago.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64,
+    );
+    for (what, sig) in [
+        ("a wrong secret", Sig::Keys("app1", "secret-2")),
+        ("no credentials", Sig::Unsigned),
+        ("an unknown key", Sig::Keys("app3", "secret-1")),
+        ("an expired signature", Sig::KeysAt("app1", "secret-1", &stale)),
+    ] {
+        let status = send_as(&mut client, "orders-eu", sig).await;
+        assert_eq!(code(&status), UNAUTHORIZED, "send with {what}: {}", describe(&status));
+        assert!(!status.unwrap().message.contains("secret-"), "the refusal of {what} shows a secret");
+    }
+    let status = send_as(&mut client, "orders-eu", Sig::KeysAt("app1", "secret-1", &stale)).await;
+    assert!(status.unwrap().message.contains("more than a day"), "an expired signature is not named as one");
+
+    // The admin key passes every check; a removed rule stops applying within the cache's 2 s.
+    assert_eq!(code(&send_as(&mut client, "audit", Sig::Keys("root", "secret-root")).await), OK);
+    let (ok, out, err) = run(root(&["acl", "remove", "app1", "topic:orders-*"])).await;
+    assert!(ok && out.contains("removed 1 rule"), "acl remove: {out}{err}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = send_as(&mut client, "orders-eu", app1_sig).await;
+        if code(&status) == FORBIDDEN {
+            break;
+        }
+        assert_eq!(code(&status), OK, "send while the rule is being removed: {}", describe(&status));
+        assert!(Instant::now() < deadline, "the removed rule still applies after 20 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ok, out, err) = run(root(&["acl", "remove", "app1"])).await;
+    assert!(ok && out.contains("removed 2 rule"), "acl remove of all app1's rules: {out}{err}");
+
+    // A proxy with the ACL on and no admin key, or no keys at all, refuses to start.
+    for (name, extra, complaint) in [
+        ("no-admin", "acl = true\naccess_keys = [{ access_key = \"a\", secret_key = \"s\" }]", "needs an admin key"),
+        ("no-keys", "acl = true", "needs proxy.access_keys"),
+    ] {
+        let bad = ProxySpec::new(work.path(), name, &[broker_spec.endpoint()], extra);
+        let mut command = tokio::process::Command::from(sluice());
+        command.args(["proxy", "--config", bad.config.to_str().unwrap()]).stdin(Stdio::null()).kill_on_drop(true);
+        let out = bounded("a misconfigured proxy", command.output()).await.expect("run sluice proxy");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(complaint), "{name}: {stderr}");
+    }
+
+    proxy.assert_running("after the ACL checks");
+    broker.assert_running("after the ACL checks");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -10,6 +10,7 @@ mod dashboard;
 mod delivery;
 mod fairness;
 mod faults;
+mod fuzz_endpoints;
 mod grpc;
 mod inspect;
 mod lite;
