@@ -15,6 +15,7 @@ packages=(
   nats-server redis-server    # the peers scripts/bench.sh measures Sluice against
   chromium                    # the browser test of lite-topic SSE (proxy/tests/python/test_sse.py)
   tmux                        # drives `sluice stats --watch` in a terminal (sluice/tests/system/watch.rs)
+  libfaketime                 # steps the wall clock of broker and proxy (faults.sh clock_step)
   prometheus                  # runs the Grafana dashboard's queries (scripts/dashboard-snapshot.sh)
 )
 

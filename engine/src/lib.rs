@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod clock;
 pub mod commitlog;
 pub mod config;
 pub mod control;

@@ -13,7 +13,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::channel::oneshot;
 // FxHash: queue names are short and trusted to this shard; SipHash cost showed up in profiles.
@@ -218,8 +218,9 @@ fn is_held(record: &NewRecord, store_ms: u64) -> bool {
     a.txn_state == txn_state::HALF || (a.message_type == message_type::DELAY && a.delivery_ms > store_ms)
 }
 
+/// Store times and deadlines: the broker's step-free clock (`clock.rs`).
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    crate::clock::now_ms()
 }
 
 impl Shard {

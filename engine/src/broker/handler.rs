@@ -117,8 +117,9 @@ impl Counters {
     }
 }
 
+/// Leases, long polls, quotas and timers: the broker's step-free clock (`clock.rs`).
 pub(super) fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    crate::clock::now_ms()
 }
 
 /// A lite topic name as the broker accepts it.

@@ -89,6 +89,9 @@ struct Shared {
     consuming: AtomicBool,
     /// Consumers wait (receive nothing) while set: lets a case build a backlog.
     consumers_paused: AtomicBool,
+    /// When not 0, the normal topic's consumers leave every Nth first delivery unacked, so its
+    /// lease must expire and bring it back.
+    skip_ack_every: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -120,6 +123,7 @@ impl Workload {
             producing: AtomicBool::new(true),
             consuming: AtomicBool::new(true),
             consumers_paused: AtomicBool::new(false),
+            skip_ack_every: std::sync::atomic::AtomicU64::new(0),
         });
         let mut tasks = Vec::new();
         for producer in 0..=PRODUCERS {
@@ -159,10 +163,23 @@ impl Workload {
     /// Stops the producers, lets the consumers receive every acked message (or time out), and
     /// returns the checker's report.
     async fn finish(self) -> Report {
+        self.finish_until(|h| h.drained()).await
+    }
+
+    /// `finish`, waiting until every acked message is acked by a consumer: the messages left
+    /// unacked (`skip_ack_every`) must come back when their leases expire.
+    async fn finish_acked(self) -> (Report, usize) {
+        let shared = self.shared.clone();
+        let report = self.finish_until(|h| h.unacked() == 0).await;
+        let unacked = shared.history.lock().unwrap().unacked();
+        (report, unacked)
+    }
+
+    async fn finish_until(self, done: impl Fn(&History) -> bool) -> Report {
         self.shared.producing.store(false, Ordering::Relaxed);
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while Instant::now() < deadline {
-            if self.history().drained() {
+            if done(&self.history()) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -243,6 +260,8 @@ async fn receive_once(client: &mut Messaging, topic: &str, group: &str) -> Resul
 }
 
 async fn consume(shared: Arc<Shared>, topic: &'static str, group: &'static str, consumer: usize) {
+    let mut skipped = std::collections::HashSet::new();
+    let mut first_deliveries = 0u64;
     let mut at = consumer;
     let mut client = lazy_client(shared.proxy(at));
     while shared.consuming.load(Ordering::Relaxed) {
@@ -266,7 +285,23 @@ async fn consume(shared: Arc<Shared>, topic: &'static str, group: &'static str, 
         for m in &messages {
             shared.history.lock().unwrap().deliver(&message_id(m), &m.body);
         }
-        let entries = messages
+        // Not on the FIFO topic: an unacked message holds up its whole message group.
+        let skip_every = if topic == TOPIC { shared.skip_ack_every.load(Ordering::Relaxed) } else { 0 };
+        let mut to_ack = messages.iter().collect::<Vec<_>>();
+        if skip_every > 0 {
+            to_ack.retain(|m| {
+                let id = message_id(m);
+                if skipped.contains(&id) {
+                    return true;
+                }
+                first_deliveries += 1;
+                !(first_deliveries % skip_every == 0 && skipped.insert(id))
+            });
+        }
+        if to_ack.is_empty() {
+            continue;
+        }
+        let entries = to_ack
             .iter()
             .map(|m| v2::AckMessageEntry {
                 message_id: message_id(m),
@@ -403,6 +438,7 @@ async fn disk_full() {
         data_dir: Some(&disk.mount),
         segment_size_bytes: SMALL_DISK_SEGMENT_BYTES,
         extra_config: &extra_config,
+        ..BrokerSetup::default()
     };
     let broker = Broker::start_with("faults-broker", 2, setup).await;
     let proxy = Proxy::start("faults-proxy", &[broker.address()]).await;
@@ -554,4 +590,136 @@ async fn restart_storm() {
         starts.iter().map(ms).max().unwrap_or(0)
     );
     verdict("restart-storm", &report, &extra, || format!("{}\n{}", broker.process.logs(), proxy.process.logs()));
+}
+
+/// libfaketime (`scripts/setup.sh` installs it): preloaded into a process, it shifts the wall
+/// clock by the offset in a file, re-read at every call (its cache, timed by the shifted clock,
+/// would miss a step back), and leaves the monotonic clock alone,
+/// as when NTP steps a machine's clock.
+const FAKETIME_LIBRARY: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+const CLOCK_PROBE_TOPIC: &str = "faults-clock-probe";
+const CLOCK_PROBE_GROUP: &str = "faults-clock-probe";
+/// The clock case's consumers leave one first delivery in this many unacked.
+const SKIP_ACK_EVERY: u64 = 50;
+
+/// The wall clock of the processes started with `env()`, stepped by `step_to`.
+struct SteppedClock {
+    dir: tempfile::TempDir,
+}
+
+impl SteppedClock {
+    fn new() -> SteppedClock {
+        assert!(
+            std::path::Path::new(FAKETIME_LIBRARY).exists(),
+            "{FAKETIME_LIBRARY} is missing: install libfaketime (scripts/setup.sh does)"
+        );
+        let clock = SteppedClock { dir: tempfile::tempdir().expect("tempdir") };
+        clock.step_to(0);
+        clock
+    }
+
+    fn file(&self) -> std::path::PathBuf {
+        self.dir.path().join("faketime")
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("LD_PRELOAD", FAKETIME_LIBRARY.to_string()),
+            ("FAKETIME_TIMESTAMP_FILE", self.file().display().to_string()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
+            ("FAKETIME_NO_CACHE", "1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Sets the wall clock `offset_secs` from the real one (libfaketime's relative format).
+    fn step_to(&self, offset_secs: i64) {
+        std::fs::write(self.file(), format!("{offset_secs:+}\n")).expect("write the faketime file");
+    }
+
+    /// How far the wall clock of a process started with `env()` is from the real one now, in
+    /// seconds (`date +%s` under the same environment).
+    fn offset_secs(&self) -> i64 {
+        let out = std::process::Command::new("date").arg("+%s").envs(self.env()).output().expect("run date");
+        let faked: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("date +%s");
+        let real = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        faked - real
+    }
+}
+
+/// Whether libfaketime is loaded into the process.
+fn runs_faketime(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|maps| maps.contains("libfaketime"))
+}
+
+/// The store time the broker gives a message sent now, minus the real time (ms): its clock's
+/// offset. The probe is received and acked, so the next call reads the next one.
+async fn broker_clock_offset_ms(proxy: SocketAddr) -> i64 {
+    let group = CLOCK_PROBE_GROUP;
+    let mut client = messaging(proxy).await;
+    let request = v2::SendMessageRequest { messages: vec![message(CLOCK_PROBE_TOPIC, b"what time is it".to_vec())] };
+    let reply = bounded("probe send", client.send_message(request)).await.expect("probe send").into_inner();
+    assert_eq!(code(reply.status.as_ref()), OK, "probe send: {:?}", reply.status);
+    let request = receive_request(CLOCK_PROBE_TOPIC, group, 0, 1, INVISIBLE, Duration::from_secs(5));
+    let received = bounded("probe receive", receive_stream(&mut client, tonic::Request::new(request))).await;
+    let received = received.expect("probe receive");
+    let probe = received.messages.first().expect("the probe came back");
+    let stored = probe.system_properties.as_ref().and_then(|p| p.store_timestamp).expect("a store timestamp");
+    let entry =
+        v2::AckMessageEntry { message_id: message_id(probe), receipt_handle: receipt_handle(probe), lite_topic: None };
+    let ack = v2::AckMessageRequest {
+        group: Some(resource(group)),
+        topic: Some(resource(CLOCK_PROBE_TOPIC)),
+        entries: vec![entry],
+    };
+    let reply = bounded("probe ack", client.ack_message(ack)).await.expect("probe ack").into_inner();
+    assert_eq!(code(reply.status.as_ref()), OK, "probe ack: {:?}", reply.status);
+    let real_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    stored.seconds * 1000 + i64::from(stored.nanos / 1_000_000) - real_ms
+}
+
+/// Case 8: the wall clock of the broker and the proxy steps an hour forward, back, then an hour
+/// back for good, while producers and consumers run and the consumers leave one message in
+/// `SKIP_ACK_EVERY` unacked. Leases must keep their lengths: every message left unacked comes
+/// back after its invisible time, including those leased just before the step back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the fault suite: scripts/faults.sh"]
+async fn clock_step() {
+    let hold = Duration::from_secs(scaled(4, 15).into());
+    let clock = SteppedClock::new();
+    let setup = BrokerSetup { env: clock.env(), ..BrokerSetup::default() };
+    let broker = Broker::start_with("faults-broker", 2, setup).await;
+    let proxy = Proxy::start_with_env("faults-proxy", &[broker.address()], "", &clock.env()).await;
+    let logs = || format!("{}\n{}", broker.process.logs(), proxy.process.logs());
+    assert!(runs_faketime(broker.process.pid()) && runs_faketime(proxy.process.pid()), "libfaketime is not loaded");
+    create_typed_topic(proxy.grpc, CLOCK_PROBE_TOPIC, v2::MessageType::Normal, 1).await;
+    create_group(proxy.grpc, CLOCK_PROBE_GROUP, DELIVERY_ATTEMPTS_MAX, false).await;
+    let workload = Workload::start(&[proxy.grpc]).await;
+    workload.shared.skip_ack_every.store(SKIP_ACK_EVERY, Ordering::Relaxed);
+    tokio::time::sleep(STEADY).await;
+    let mut offsets = Vec::new();
+    for offset_secs in [3600i64, 0, -3600] {
+        clock.step_to(offset_secs);
+        // libfaketime re-reads the file within a second.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let wall_offset = clock.offset_secs();
+        assert!((wall_offset - offset_secs).abs() < 60, "libfaketime shows {wall_offset} s, not {offset_secs} s");
+        // The broker's store times (and so its leases and timers) keep to its own timeline.
+        let store_offset_ms = broker_clock_offset_ms(proxy.grpc).await;
+        assert!(store_offset_ms.abs() < 60_000, "the broker's clock stepped with the wall clock: {store_offset_ms} ms");
+        offsets.push(store_offset_ms);
+        tokio::time::sleep(hold).await;
+    }
+    let (report, unacked) = workload.finish_acked().await;
+    let extra =
+        format!("steps +1h,0,-1h (store-time offset {offsets:?} ms) hold {}s unacked {unacked}", hold.as_secs());
+    verdict("clock-step", &report, &extra, logs);
+    assert_eq!(
+        unacked,
+        0,
+        "{unacked} messages left unacked never came back: their leases outlived the clock step\n{}",
+        logs()
+    );
 }

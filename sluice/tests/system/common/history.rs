@@ -214,6 +214,14 @@ impl History {
         self.sends.iter().filter(|(_, s)| s.outcome == SendOutcome::Acked).map(|(id, _)| id.clone()).collect()
     }
 
+    /// Acked sends no consumer's ack of has been confirmed yet.
+    pub fn unacked(&self) -> usize {
+        self.sends
+            .iter()
+            .filter(|(id, s)| s.outcome == SendOutcome::Acked && !self.confirmed_acks.contains_key(*id))
+            .count()
+    }
+
     /// Whether every acked send has been delivered.
     pub fn drained(&self) -> bool {
         let delivered = self.delivered_ids();

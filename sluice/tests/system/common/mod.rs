@@ -66,6 +66,11 @@ pub struct SluiceProcess {
 
 impl SluiceProcess {
     pub fn spawn(name: &str, args: &[String], log_dir: &Path) -> SluiceProcess {
+        SluiceProcess::spawn_with_env(name, args, log_dir, &[])
+    }
+
+    /// With more environment variables (e.g. libfaketime's, for a clock step).
+    pub fn spawn_with_env(name: &str, args: &[String], log_dir: &Path, env: &[(String, String)]) -> SluiceProcess {
         let stdout_path = log_dir.join(format!("{name}.stdout"));
         let stderr_path = log_dir.join(format!("{name}.stderr"));
         let stdout = File::create(&stdout_path).expect("create stdout log");
@@ -89,6 +94,7 @@ impl SluiceProcess {
         }
         remove_otel_env(&mut command);
         command.env("SLUICE_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info".into()));
+        command.envs(env.iter().map(|(k, v)| (k, v)));
         let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {} {args:?}: {e}", sluice_bin()));
         SluiceProcess { name: name.to_string(), child, exited: None, stdout_path, stderr_path }
     }
@@ -391,6 +397,8 @@ pub struct Broker {
     pub dir: tempfile::TempDir,
     /// How many processes have been started for it (each keeps its own log files).
     starts: u32,
+    /// More environment for each of its processes.
+    env: Vec<(String, String)>,
 }
 
 /// Where a test broker keeps its data, and how big its segments are.
@@ -400,11 +408,13 @@ pub struct BrokerSetup<'a> {
     pub segment_size_bytes: u64,
     /// More lines for the `[broker]` section.
     pub extra_config: &'a str,
+    /// More environment for the broker's processes.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for BrokerSetup<'_> {
     fn default() -> Self {
-        BrokerSetup { data_dir: None, segment_size_bytes: SEGMENT_SIZE_BYTES, extra_config: "" }
+        BrokerSetup { data_dir: None, segment_size_bytes: SEGMENT_SIZE_BYTES, extra_config: "", env: Vec::new() }
     }
 }
 
@@ -430,8 +440,8 @@ impl Broker {
                 setup.extra_config
             );
             std::fs::write(dir.path().join(format!("{name}.toml")), config).expect("write broker config");
-            match Broker::launch(name, name, port, shards, dir.path()).await {
-                Ok(process) => return Broker { process, port, shards, dir, starts: 1 },
+            match Broker::launch(name, name, port, shards, dir.path(), &setup.env).await {
+                Ok(process) => return Broker { process, port, shards, dir, starts: 1, env: setup.env },
                 Err(logs) => last_logs = logs,
             }
         }
@@ -440,11 +450,18 @@ impl Broker {
 
     /// Starts `sluice broker` from `<dir>/<name>.toml` (logs named `log_name`) and waits until
     /// every shard listens. Err(logs) if it exited first, as when another process took a port.
-    async fn launch(name: &str, log_name: &str, port: u16, shards: u16, dir: &Path) -> Result<SluiceProcess, String> {
+    async fn launch(
+        name: &str,
+        log_name: &str,
+        port: u16,
+        shards: u16,
+        dir: &Path,
+        env: &[(String, String)],
+    ) -> Result<SluiceProcess, String> {
         let config_path = dir.join(format!("{name}.toml"));
         let args =
             vec!["--json".to_string(), "broker".to_string(), "--config".to_string(), config_path.display().to_string()];
-        let mut process = SluiceProcess::spawn(log_name, &args, dir);
+        let mut process = SluiceProcess::spawn_with_env(log_name, &args, dir, env);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             let listed = process.stdout().lines().any(|line| {
@@ -486,7 +503,7 @@ impl Broker {
             let log_name = format!("{name}#{}", self.starts);
             let started = Instant::now();
             // A SIGKILLed broker's ports can stay taken for a moment; try again until they are free.
-            match Broker::launch(&name, &log_name, self.port, self.shards, self.dir.path()).await {
+            match Broker::launch(&name, &log_name, self.port, self.shards, self.dir.path(), &self.env).await {
                 Ok(process) => {
                     self.process = process;
                     return started.elapsed();
@@ -521,13 +538,18 @@ impl Proxy {
 
     /// With more TOML after the `[proxy]` section (e.g. a `[transport]` section).
     pub async fn start_with(name: &str, brokers: &[String], extra_config: &str) -> Proxy {
+        Proxy::start_with_env(name, brokers, extra_config, &[]).await
+    }
+
+    /// With more environment for the process, too.
+    pub async fn start_with_env(name: &str, brokers: &[String], extra_config: &str, env: &[(String, String)]) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = proxy_config(name, brokers, extra_config);
         let config_path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&config_path, config).expect("write proxy config");
         let args =
             vec!["--json".to_string(), "proxy".to_string(), "--config".to_string(), config_path.display().to_string()];
-        let mut process = SluiceProcess::spawn(name, &args, dir.path());
+        let mut process = SluiceProcess::spawn_with_env(name, &args, dir.path(), env);
         let grpc = process.wait_json_line(START_TIMEOUT, proxy_grpc_line).await;
         process.wait_tcp(grpc, START_TIMEOUT).await;
         Proxy { process, grpc, dir }
