@@ -7,7 +7,8 @@
 #   proxy-sigkill    one of two proxies SIGKILLed mid-request and restarted, 20 rounds
 #   network-cut      the proxy↔broker link cut for 30 s (a relay holding every byte), then healed
 #   broker-freeze    the broker SIGSTOPped for 10 s, then SIGCONT
-#   clock-step       the wall clock of broker and proxy stepped +1 h, back, -1 h, back (libfaketime)
+#   clock-step       the wall clock of broker and proxy stepped +1 h, back, then -1 h (libfaketime)
+#   slow-consumer    consumers paused while 1M messages pile up (100k with --short), then drained
 #   restart-storm    the broker stopped and restarted 20 times in a row under load
 # Each case prints one line: sent, acked, unknown (an error or time-out: maybe stored), delivered,
 # lost, unexpected, duplicated (beyond what a broker restart explains), corrupt, FIFO out-of-order, the

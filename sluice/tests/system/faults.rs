@@ -176,8 +176,12 @@ impl Workload {
     }
 
     async fn finish_until(self, done: impl Fn(&History) -> bool) -> Report {
+        self.finish_within(DRAIN_TIMEOUT, done).await
+    }
+
+    async fn finish_within(self, drain_timeout: Duration, done: impl Fn(&History) -> bool) -> Report {
         self.shared.producing.store(false, Ordering::Relaxed);
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let deadline = Instant::now() + drain_timeout;
         while Instant::now() < deadline {
             if done(&self.history()) {
                 break;
@@ -295,7 +299,7 @@ async fn consume(shared: Arc<Shared>, topic: &'static str, group: &'static str, 
                     return true;
                 }
                 first_deliveries += 1;
-                !(first_deliveries % skip_every == 0 && skipped.insert(id))
+                !(first_deliveries.is_multiple_of(skip_every) && skipped.insert(id))
             });
         }
         if to_ack.is_empty() {
@@ -722,4 +726,110 @@ async fn clock_step() {
         "{unacked} messages left unacked never came back: their leases outlived the clock step\n{}",
         logs()
     );
+}
+
+/// The slow-consumer case's backlog: messages sent while the consumers are paused.
+fn backlog_messages() -> u64 {
+    u64::from(scaled(100_000, 1_000_000))
+}
+/// Concurrent batched senders that build the backlog, and messages per SendMessage.
+const BACKLOG_SENDERS: usize = 4;
+const BACKLOG_BATCH: u64 = 128;
+/// How long the consumers get to drain the whole backlog.
+const BACKLOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(900);
+/// Peak resident memory the broker may reach while it holds and drains the backlog.
+const BROKER_RSS_MAX_BYTES: u64 = 1 << 30;
+
+/// Sends `count` messages to the normal topic in batches from one task, recording each.
+async fn fill_backlog(shared: Arc<Shared>, sender: usize, count: u64) {
+    let producer = 100 + sender;
+    let mut client = lazy_client(shared.proxy(0));
+    let mut seq = 0u64;
+    while seq < count {
+        let batch: Vec<(v2::Message, Vec<u8>)> = (seq..count.min(seq + BACKLOG_BATCH))
+            .map(|s| {
+                let body = body(producer, s);
+                (message(TOPIC, body.clone()), body)
+            })
+            .collect();
+        {
+            let mut history = shared.history.lock().unwrap();
+            for (m, body) in &batch {
+                history.send_started(&message_id(m), None, body);
+            }
+        }
+        let ids: Vec<String> = batch.iter().map(|(m, _)| message_id(m)).collect();
+        let request = v2::SendMessageRequest { messages: batch.into_iter().map(|(m, _)| m).collect() };
+        let started = Instant::now();
+        let reply = tokio::time::timeout(CALL_DEADLINE, client.send_message(request)).await;
+        let mut history = shared.history.lock().unwrap();
+        history.waited(started.elapsed());
+        let entries = match reply {
+            Ok(Ok(reply)) => reply.into_inner().entries,
+            _ => Vec::new(),
+        };
+        for (i, id) in ids.iter().enumerate() {
+            let acked = entries.get(i).is_some_and(|e| e.message_id == *id && code(e.status.as_ref()) == OK);
+            history.send_finished(id, if acked { SendOutcome::Acked } else { SendOutcome::Unknown });
+        }
+        seq += ids.len() as u64;
+    }
+}
+
+/// Case 7: a slow consumer. The consumers stop while batched senders pile up a backlog (1M
+/// messages; 100k in the short run) beside the usual producers, then drain it. The broker's
+/// memory must stay bounded throughout, and every acked message must arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the fault suite: scripts/faults.sh"]
+async fn slow_consumer() {
+    let broker = Broker::start("faults-broker", 2).await;
+    let proxy = Proxy::start("faults-proxy", &[broker.address()]).await;
+    let logs = || format!("{}\n{}", broker.process.logs(), proxy.process.logs());
+    let workload = Workload::start(&[proxy.grpc]).await;
+    tokio::time::sleep(STEADY).await;
+    workload.pause_consumers(true);
+    let pid = broker.process.pid();
+    let rss_before = rss_bytes(pid);
+    let per_sender = backlog_messages() / BACKLOG_SENDERS as u64;
+    let filling = Instant::now();
+    let senders: Vec<_> = (0..BACKLOG_SENDERS)
+        .map(|sender| tokio::spawn(fill_backlog(workload.shared.clone(), sender, per_sender)))
+        .collect();
+    let mut rss_peak = rss_before;
+    while senders.iter().any(|s| !s.is_finished()) {
+        rss_peak = rss_peak.max(rss_bytes(pid));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for sender in senders {
+        sender.await.expect("backlog sender");
+    }
+    let filled_in = filling.elapsed();
+    let rss_full = rss_bytes(pid);
+    workload.pause_consumers(false);
+    let draining = Instant::now();
+    let watch = {
+        let shared = workload.shared.clone();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while shared.consuming.load(Ordering::Relaxed) {
+                peak = peak.max(rss_bytes(pid));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            peak
+        })
+    };
+    let report = workload.finish_within(BACKLOG_DRAIN_TIMEOUT, |h| h.drained()).await;
+    let drained_in = draining.elapsed();
+    rss_peak = rss_peak.max(watch.await.expect("rss watch"));
+    let extra = format!(
+        "backlog {} in {:.0}s drained in {:.0}s broker-rss {} MiB -> {} MiB full, peak {} MiB",
+        per_sender * BACKLOG_SENDERS as u64,
+        filled_in.as_secs_f64(),
+        drained_in.as_secs_f64(),
+        rss_before >> 20,
+        rss_full >> 20,
+        rss_peak >> 20
+    );
+    verdict("slow-consumer", &report, &extra, logs);
+    assert!(rss_peak <= BROKER_RSS_MAX_BYTES, "the broker grew to {} MiB with the backlog", rss_peak >> 20);
 }
