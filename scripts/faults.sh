@@ -4,6 +4,7 @@
 #   broker-sigkill   the broker SIGKILLed and restarted on its data directory, 100 rounds
 #   disk-full        the data directory's file system (a 256 MiB loop device: needs root) filled
 #                    for 20 s, then freed: sends refused, consumers go on, sends resume
+#   sync-failure     every fdatasync fails (injected) for 10 s: nothing acked, then a restart
 #   proxy-sigkill    one of two proxies SIGKILLed mid-request and restarted, 20 rounds
 #   network-cut      the proxy↔broker link cut for 30 s (a relay holding every byte), then healed
 #   broker-freeze    the broker SIGSTOPped for 10 s, then SIGCONT

@@ -7,9 +7,22 @@
 use std::io;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::OnceLock;
 
 use futures::future::LocalBoxFuture;
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
+
+/// The fault suite's injected fdatasync failure (`scripts/faults.sh`, case `sync-failure`): with
+/// this variable naming a file, every fdatasync of the real store fails with EIO while that file
+/// exists. Read once; unset, a sync pays one `OnceLock` read for it.
+pub const SYNC_FAULT_ENV: &str = "SLUICE_FAULT_SYNC_FAILS_WHILE";
+static SYNC_FAULT_FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+fn injected_sync_failure() -> Option<io::Error> {
+    let file = SYNC_FAULT_FILE.get_or_init(|| std::env::var_os(SYNC_FAULT_ENV).map(PathBuf::from)).as_ref()?;
+    let message = format!("injected fdatasync failure: {} exists ({SYNC_FAULT_ENV})", file.display());
+    file.exists().then(|| io::Error::other(message))
+}
 
 /// One open segment file.
 pub trait SegmentFile {
@@ -130,7 +143,12 @@ impl SegmentFile for DmaSegment {
     }
 
     fn sync(&self) -> LocalBoxFuture<'_, io::Result<()>> {
-        Box::pin(async move { self.file.fdatasync().await.map_err(to_io) })
+        Box::pin(async move {
+            if let Some(injected) = injected_sync_failure() {
+                return Err(injected);
+            }
+            self.file.fdatasync().await.map_err(to_io)
+        })
     }
 
     fn read_at(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, io::Result<ReadResult>> {

@@ -833,3 +833,42 @@ async fn slow_consumer() {
     verdict("slow-consumer", &report, &extra, logs);
     assert!(rss_peak <= BROKER_RSS_MAX_BYTES, "the broker grew to {} MiB with the backlog", rss_peak >> 20);
 }
+
+/// Case 3: fdatasync fails. The broker's real segment store is told to fail every sync while a
+/// file exists (`SLUICE_FAULT_SYNC_FAILS_WHILE`); the case creates it under load, checks that
+/// nothing is acked meanwhile (an append is acked only after its sync), removes it, and restarts
+/// the broker, whose shards stopped writing as designed. Every acked message must be there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the fault suite: scripts/faults.sh"]
+async fn sync_failure() {
+    let failing_for = Duration::from_secs(scaled(3, 10).into());
+    let trigger_dir = tempfile::tempdir().expect("tempdir");
+    let trigger = trigger_dir.path().join("fail-syncs");
+    let env = vec![(sluice_engine::segment::SYNC_FAULT_ENV.to_string(), trigger.display().to_string())];
+    let mut broker = Broker::start_with("faults-broker", 2, BrokerSetup { env, ..BrokerSetup::default() }).await;
+    let proxy = Proxy::start("faults-proxy", &[broker.address()]).await;
+    let workload = Workload::start(&[proxy.grpc]).await;
+    tokio::time::sleep(STEADY).await;
+    std::fs::write(&trigger, b"").expect("create the trigger file");
+    // Appends already synced may still be answered in the first moment.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let acked_at_start = workload.progress().sends_acked;
+    tokio::time::sleep(failing_for).await;
+    let acked_while_failing = workload.progress().sends_acked - acked_at_start;
+    let failure_logged = broker.process.logs().contains("injected fdatasync failure");
+    std::fs::remove_file(&trigger).expect("remove the trigger file");
+    broker.process.kill();
+    workload.history().broker_restarted();
+    let restart = broker.restart().await;
+    tokio::time::sleep(STEADY).await;
+    let report = workload.finish().await;
+    let extra = format!(
+        "failing {}s acked-while-failing {acked_while_failing} restart {}ms",
+        failing_for.as_secs(),
+        restart.as_millis()
+    );
+    let logs = || format!("{}\n{}", broker.process.logs(), proxy.process.logs());
+    verdict("sync-failure", &report, &extra, logs);
+    assert!(failure_logged, "the broker did not log the injected fdatasync failure\n{}", logs());
+    assert_eq!(acked_while_failing, 0, "sends were acked while every fdatasync failed\n{}", logs());
+}
