@@ -15,8 +15,8 @@
 # lost, unexpected, duplicated (beyond what a broker restart explains), corrupt, FIFO out-of-order, the
 # longest client stall, and PASS/FAIL; the table of every case comes at the end.
 #
-#   scripts/faults.sh            the full suite (about 5 minutes)
-#   scripts/faults.sh --short    fewer rounds and shorter outages (CI, about 2 minutes)
+#   scripts/faults.sh            the full suite (about 8 minutes)
+#   scripts/faults.sh --short    fewer rounds and shorter outages (CI, about 2.5 minutes)
 #   scripts/faults.sh CASE...    only these cases, e.g. `scripts/faults.sh broker_sigkill`
 #
 # Exits non-zero when a case fails. Builds the `ci` profile (optimised, with debug assertions:
@@ -30,7 +30,7 @@ export SLUICE_FAULTS_SHORT=0
 for arg in "$@"; do
   case "$arg" in
     --short) SLUICE_FAULTS_SHORT=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     -*) echo "faults.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
     *) cases+=("faults::$arg") ;;
   esac
