@@ -11,9 +11,11 @@
 #   clock-step       the wall clock of broker and proxy stepped +1 h, back, then -1 h (libfaketime)
 #   slow-consumer    consumers paused while 1M messages pile up (100k with --short), then drained
 #   restart-storm    the broker stopped and restarted 20 times in a row under load
-# Each case prints one line: sent, acked, unknown (an error or time-out: maybe stored), delivered,
-# lost, unexpected, duplicated (beyond what a broker restart explains), corrupt, FIFO out-of-order, the
-# longest client stall, and PASS/FAIL; the table of every case comes at the end.
+# The workload: normal, FIFO, LITE and transactional topics (commits and rollbacks, and checks
+# answered). Each case prints one line: sent, acked, unknown (an error or time-out: maybe stored),
+# delivered, lost, unexpected, duplicated (beyond what a broker restart explains), corrupt,
+# out-of-order (FIFO groups, lite topics), rolled back and delivered-though-rolled-back, the
+# longest client stall, PASS/FAIL, then delivered/acked per kind of topic; the table comes at the end.
 #
 #   scripts/faults.sh            the full suite (about 8 minutes)
 #   scripts/faults.sh --short    fewer rounds and shorter outages (CI, about 2.5 minutes)
@@ -30,7 +32,7 @@ export SLUICE_FAULTS_SHORT=0
 for arg in "$@"; do
   case "$arg" in
     --short) SLUICE_FAULTS_SHORT=1 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     -*) echo "faults.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
     *) cases+=("faults::$arg") ;;
   esac

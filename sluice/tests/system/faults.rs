@@ -1,13 +1,17 @@
 //! The fault suite: real `sluice` broker and proxy processes, producers and consumers running
-//! through the proxy the whole time (a normal topic, and a FIFO topic whose order is checked per
-//! message group), and a fault injected while they run. Each case prints one line,
+//! through the proxy the whole time, and a fault injected while they run. The workload covers
+//! every kind of stream the checker can judge: a normal topic; a FIFO topic, whose order is
+//! checked per message group; a LITE topic, whose order is checked per lite topic; and a
+//! transactional topic, whose producer commits or rolls back each message at random and answers
+//! the broker's checks of transactions it did not get to end. Each case prints one line,
 //! `faults: <case> sent … PASS|FAIL`, from the history checker (`common/history.rs`), and fails
 //! when the history breaks the queue's contract: an acked message lost, a duplicate no crash
-//! explains, a corrupt body, a FIFO group out of order.
+//! explains, a corrupt body, an ordered stream out of order, a rolled-back message delivered.
 //!
 //! The cases are `#[ignore]`d, so `cargo test` leaves them out: `scripts/faults.sh` runs them,
 //! fewer rounds and shorter outages with `--short` (CI), which sets `SLUICE_FAULTS_SHORT=1`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,18 +21,31 @@ use crate::common;
 use common::history::{History, Progress, Report, SendOutcome};
 use common::*;
 use sluice_transport::relay::Relay;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 const OK: i32 = v2::Code::Ok as i32;
 const TOPIC: &str = "faults";
 const FIFO_TOPIC: &str = "faults-fifo";
+const LITE_TOPIC: &str = "faults-lite";
+const TX_TOPIC: &str = "faults-tx";
 const GROUP: &str = "faults-readers";
 const FIFO_GROUP: &str = "faults-fifo-readers";
-/// Producers on the normal topic; one more sends to the FIFO topic.
+const LITE_GROUP: &str = "faults-lite-readers";
+const TX_GROUP: &str = "faults-tx-readers";
+/// Producers on the normal topic; one more each sends to the FIFO, LITE and transactional topics.
 const PRODUCERS: usize = 2;
-/// Message groups on the FIFO topic: its producer sends them round-robin, one send at a time,
-/// so each group's send order is its sequence order.
+/// Message groups on the FIFO topic, and lite topics on the LITE topic: their producers send to
+/// them round-robin, one send at a time, so each stream's send order is its sequence order.
 const MESSAGE_GROUPS: u64 = 4;
+const LITE_TOPICS: u64 = 8;
+/// The lite consumer's client id: its subscriptions belong to it.
+const LITE_CLIENT_ID: &str = "faults-lite-reader";
+/// How often the lite consumer syncs its subscriptions (the official clients: every 30 s). A
+/// restarted broker has forgotten them (they are soft state), so this bounds its stall.
+const LITE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// The transactional producer rolls back one transaction in this many (and commits the rest).
+const ROLLBACK_ONE_IN: u32 = 4;
 const QUEUES: u32 = 4;
 const BODY_BYTES: usize = 200;
 /// A message may be delivered this often before the broker dead-letters it (out of the
@@ -80,9 +97,89 @@ fn body(producer: usize, seq: u64) -> Vec<u8> {
     body
 }
 
+/// The kinds of stream the workload runs, one topic (and consumer group) each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    Normal,
+    Fifo,
+    Lite,
+    Transactional,
+}
+
+impl Flow {
+    fn topic(self) -> &'static str {
+        match self {
+            Flow::Normal => TOPIC,
+            Flow::Fifo => FIFO_TOPIC,
+            Flow::Lite => LITE_TOPIC,
+            Flow::Transactional => TX_TOPIC,
+        }
+    }
+
+    /// The name the checker's per-kind counts use.
+    fn kind(self) -> &'static str {
+        match self {
+            Flow::Normal => "normal",
+            Flow::Fifo => "fifo",
+            Flow::Lite => "lite",
+            Flow::Transactional => "transactional",
+        }
+    }
+
+    fn group(self) -> &'static str {
+        match self {
+            Flow::Normal => GROUP,
+            Flow::Fifo => FIFO_GROUP,
+            Flow::Lite => LITE_GROUP,
+            Flow::Transactional => TX_GROUP,
+        }
+    }
+
+    /// The `seq`th message a producer of this flow sends, and its (ordered stream, position).
+    fn message(self, producer: usize, seq: u64) -> (v2::Message, Option<(String, u64)>) {
+        let mut m = message(self.topic(), body(producer, seq));
+        let system = m.system_properties.as_mut().expect("system properties");
+        match self {
+            Flow::Normal => (m, None),
+            Flow::Fifo => {
+                let group = format!("g{}", seq % MESSAGE_GROUPS);
+                system.message_type = v2::MessageType::Fifo as i32;
+                system.message_group = Some(group.clone());
+                (m, Some((group, seq / MESSAGE_GROUPS)))
+            }
+            Flow::Lite => {
+                let lite = lite_topic_name(seq % LITE_TOPICS);
+                system.message_type = v2::MessageType::Lite as i32;
+                system.lite_topic = Some(lite.clone());
+                (m, Some((format!("lite {lite}"), seq / LITE_TOPICS)))
+            }
+            Flow::Transactional => {
+                system.message_type = v2::MessageType::Transaction as i32;
+                (m, None)
+            }
+        }
+    }
+}
+
+fn lite_topic_name(index: u64) -> String {
+    format!("session-{index}")
+}
+
+/// What the transactional producer decided for one message, by message id: what it answers
+/// when the broker checks a transaction it did not end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Decision {
+    /// The half message's send has not been answered yet: a check gets no answer (asked again).
+    Pending,
+    Commit,
+    Rollback,
+}
+
 /// What the producers and consumers share.
 struct Shared {
     history: Mutex<History>,
+    /// The transactional producer's decisions, by message id.
+    decisions: Mutex<HashMap<String, Decision>>,
     /// The proxies' gRPC addresses; a client moves to the next one when a call fails.
     proxies: Mutex<Vec<SocketAddr>>,
     producing: AtomicBool,
@@ -99,6 +196,10 @@ impl Shared {
         let proxies = self.proxies.lock().unwrap();
         proxies[index % proxies.len()]
     }
+
+    fn decide(&self, id: &str, decision: Decision) {
+        self.decisions.lock().unwrap().insert(id.to_string(), decision);
+    }
 }
 
 /// The producers and consumers of one case.
@@ -110,8 +211,12 @@ struct Workload {
 async fn create_topics(proxy: SocketAddr) {
     create_typed_topic(proxy, TOPIC, v2::MessageType::Normal, QUEUES).await;
     create_typed_topic(proxy, FIFO_TOPIC, v2::MessageType::Fifo, QUEUES).await;
+    create_typed_topic(proxy, LITE_TOPIC, v2::MessageType::Lite, QUEUES).await;
+    create_typed_topic(proxy, TX_TOPIC, v2::MessageType::Transaction, QUEUES).await;
     create_group(proxy, GROUP, DELIVERY_ATTEMPTS_MAX, false).await;
     create_group(proxy, FIFO_GROUP, DELIVERY_ATTEMPTS_MAX, true).await;
+    create_group(proxy, LITE_GROUP, DELIVERY_ATTEMPTS_MAX, false).await;
+    create_group(proxy, TX_GROUP, DELIVERY_ATTEMPTS_MAX, false).await;
 }
 
 impl Workload {
@@ -119,6 +224,7 @@ impl Workload {
         create_topics(proxies[0]).await;
         let shared = Arc::new(Shared {
             history: Mutex::new(History::new()),
+            decisions: Mutex::new(HashMap::new()),
             proxies: Mutex::new(proxies.to_vec()),
             producing: AtomicBool::new(true),
             consuming: AtomicBool::new(true),
@@ -126,12 +232,16 @@ impl Workload {
             skip_ack_every: std::sync::atomic::AtomicU64::new(0),
         });
         let mut tasks = Vec::new();
-        for producer in 0..=PRODUCERS {
-            tasks.push(tokio::spawn(produce(shared.clone(), producer)));
+        let mut producers = vec![Flow::Normal; PRODUCERS];
+        producers.extend([Flow::Fifo, Flow::Lite, Flow::Transactional]);
+        for (producer, flow) in producers.into_iter().enumerate() {
+            tasks.push(tokio::spawn(produce(shared.clone(), producer, flow)));
         }
-        tasks.push(tokio::spawn(consume(shared.clone(), TOPIC, GROUP, 0)));
-        tasks.push(tokio::spawn(consume(shared.clone(), TOPIC, GROUP, 1)));
-        tasks.push(tokio::spawn(consume(shared.clone(), FIFO_TOPIC, FIFO_GROUP, 0)));
+        tasks.push(tokio::spawn(answer_transaction_checks(shared.clone())));
+        let consumers = [Flow::Normal, Flow::Normal, Flow::Fifo, Flow::Lite, Flow::Transactional];
+        for (consumer, flow) in consumers.into_iter().enumerate() {
+            tasks.push(tokio::spawn(consume(shared.clone(), flow, consumer)));
+        }
         Workload { shared, tasks }
     }
 
@@ -199,52 +309,53 @@ impl Workload {
     }
 }
 
-async fn produce(shared: Arc<Shared>, producer: usize) {
-    let fifo = producer == PRODUCERS;
-    let topic = if fifo { FIFO_TOPIC } else { TOPIC };
+/// A send's outcome from the proxy's reply, and the transaction id of a half message.
+fn send_outcome(
+    reply: Result<Result<tonic::Response<v2::SendMessageResponse>, tonic::Status>, impl Sized>,
+) -> (SendOutcome, String) {
+    let Ok(Ok(reply)) = reply else {
+        // A transport error or the deadline: it may have been stored.
+        return (SendOutcome::Unknown, String::new());
+    };
+    let reply = reply.into_inner();
+    let overall = code(reply.status.as_ref());
+    let entry = reply.entries.first();
+    let entry_code = entry.map(|e| code(e.status.as_ref()));
+    let refused = v2::Code::TooManyRequests as i32;
+    let outcome = if overall == OK && entry_code == Some(OK) {
+        SendOutcome::Acked
+    } else if overall == refused || entry_code == Some(refused) {
+        // A full disk or a busy shard: refused before anything was stored. The checker holds
+        // this to it: such a message must never be delivered.
+        SendOutcome::Failed
+    } else {
+        SendOutcome::Unknown
+    };
+    (outcome, entry.map(|e| e.transaction_id.clone()).unwrap_or_default())
+}
+
+async fn produce(shared: Arc<Shared>, producer: usize, flow: Flow) {
     let mut at = producer;
     let mut client = lazy_client(shared.proxy(at));
     let mut seq = 0u64;
     while shared.producing.load(Ordering::Relaxed) {
-        let body = body(producer, seq);
-        let mut m = message(topic, body.clone());
-        let mut group_seq = None;
-        if fifo {
-            let group = format!("g{}", seq % MESSAGE_GROUPS);
-            let system = m.system_properties.as_mut().expect("system properties");
-            system.message_type = v2::MessageType::Fifo as i32;
-            system.message_group = Some(group.clone());
-            group_seq = Some((group, seq / MESSAGE_GROUPS));
-        }
+        let (m, stream_seq) = flow.message(producer, seq);
         let id = message_id(&m);
-        shared.history.lock().unwrap().send_started(&id, group_seq, &body);
+        shared.history.lock().unwrap().send_started(flow.kind(), &id, stream_seq, &m.body);
+        if flow == Flow::Transactional {
+            shared.decide(&id, Decision::Pending);
+        }
         let started = Instant::now();
         let call = client.send_message(v2::SendMessageRequest { messages: vec![m] });
-        let outcome = match tokio::time::timeout(CALL_DEADLINE, call).await {
-            Ok(Ok(reply)) => {
-                let reply = reply.into_inner();
-                let overall = code(reply.status.as_ref());
-                let entry = reply.entries.first().map(|e| code(e.status.as_ref()));
-                let refused = v2::Code::TooManyRequests as i32;
-                if overall == OK && entry == Some(OK) {
-                    SendOutcome::Acked
-                } else if overall == refused || entry == Some(refused) {
-                    // A full disk or a busy shard: refused before anything was stored. The
-                    // checker holds this to it: such a message must never be delivered.
-                    SendOutcome::Failed
-                } else {
-                    SendOutcome::Unknown
-                }
-            }
-            // A transport error or the deadline: it may have been stored.
-            _ => SendOutcome::Unknown,
+        let (outcome, transaction_id) = send_outcome(tokio::time::timeout(CALL_DEADLINE, call).await);
+        shared.history.lock().unwrap().waited(started.elapsed());
+        let healthy = if flow == Flow::Transactional {
+            end_transaction(&shared, &mut client, &id, outcome, &transaction_id).await
+        } else {
+            shared.history.lock().unwrap().send_finished(&id, outcome);
+            outcome == SendOutcome::Acked
         };
-        {
-            let mut history = shared.history.lock().unwrap();
-            history.send_finished(&id, outcome);
-            history.waited(started.elapsed());
-        }
-        if outcome != SendOutcome::Acked {
+        if !healthy {
             at += 1;
             client = lazy_client(shared.proxy(at));
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -253,28 +364,173 @@ async fn produce(shared: Arc<Shared>, producer: usize) {
     }
 }
 
+/// What a transactional producer does once its half message's send is answered: a stored half
+/// is committed, or one in ROLLBACK_ONE_IN rolled back, with EndTransaction; an unstored or
+/// unanswered one is rolled back (the producer's local transaction never ran), which is also
+/// what it answers when the broker checks it. Returns whether every call succeeded.
+async fn end_transaction(
+    shared: &Shared,
+    client: &mut Messaging,
+    id: &str,
+    outcome: SendOutcome,
+    transaction_id: &str,
+) -> bool {
+    if outcome != SendOutcome::Acked {
+        shared.decide(id, Decision::Rollback);
+        let mut history = shared.history.lock().unwrap();
+        match outcome {
+            SendOutcome::Failed => history.send_finished(id, SendOutcome::Failed),
+            _ => history.transaction_ended(id, false),
+        }
+        return false;
+    }
+    let commit = rand::random_range(0..ROLLBACK_ONE_IN) != 0;
+    shared.decide(id, if commit { Decision::Commit } else { Decision::Rollback });
+    {
+        let mut history = shared.history.lock().unwrap();
+        history.half_stored(id);
+        if !commit {
+            // Decided: from now on no delivery of it is allowed, whatever the call's fate.
+            history.transaction_ended(id, false);
+        }
+    }
+    let started = Instant::now();
+    let ended = end_transaction_call(client, id, transaction_id, commit, v2::TransactionSource::SourceClient).await;
+    let mut history = shared.history.lock().unwrap();
+    history.waited(started.elapsed());
+    if ended && commit {
+        history.transaction_ended(id, true);
+    }
+    ended
+}
+
+/// One EndTransaction with the client's deadline; whether the proxy answered OK.
+async fn end_transaction_call(
+    client: &mut Messaging,
+    id: &str,
+    transaction_id: &str,
+    commit: bool,
+    source: v2::TransactionSource,
+) -> bool {
+    let resolution = if commit { v2::TransactionResolution::Commit } else { v2::TransactionResolution::Rollback };
+    let request = v2::EndTransactionRequest {
+        topic: Some(resource(TX_TOPIC)),
+        message_id: id.into(),
+        transaction_id: transaction_id.into(),
+        resolution: resolution as i32,
+        source: source as i32,
+        trace_context: String::new(),
+    };
+    let reply = tokio::time::timeout(CALL_DEADLINE, client.end_transaction(request)).await;
+    matches!(reply, Ok(Ok(reply)) if code(reply.get_ref().status.as_ref()) == OK)
+}
+
+/// The transactional producer's Telemetry stream, as the official clients keep one: it
+/// announces the topic, and answers each check of a transaction the producer did not end
+/// (its EndTransaction failed, or the half's send went unanswered) from its decisions. On any
+/// error it opens a new stream, on the next proxy.
+async fn answer_transaction_checks(shared: Arc<Shared>) {
+    let mut at = 0;
+    while shared.consuming.load(Ordering::Relaxed) {
+        let mut client = lazy_client(shared.proxy(at));
+        // A stream that fails (its proxy died, a broker restarted) is simply opened again.
+        let _ = answer_checks_on_one_stream(&shared, &mut client).await;
+        at += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn answer_checks_on_one_stream(shared: &Shared, client: &mut Messaging) -> Result<(), String> {
+    let (outbound, rx) = tokio::sync::mpsc::channel(4);
+    let settings = v2::Settings {
+        client_type: Some(v2::ClientType::Producer as i32),
+        pub_sub: Some(v2::settings::PubSub::Publishing(v2::Publishing {
+            topics: vec![resource(TX_TOPIC)],
+            max_body_size: 0,
+            validate_message_type: true,
+        })),
+        ..Default::default()
+    };
+    let command = v2::telemetry_command::Command::Settings(settings);
+    outbound.send(v2::TelemetryCommand { status: None, command: Some(command) }).await.map_err(|e| e.to_string())?;
+    let opened = tokio::time::timeout(CALL_DEADLINE, client.telemetry(ReceiverStream::new(rx))).await;
+    let mut commands = opened.map_err(|_| "no answer".to_string())?.map_err(|e| e.to_string())?.into_inner();
+    while shared.consuming.load(Ordering::Relaxed) {
+        // Bounded, to notice the end of the workload; `message` keeps a partial read.
+        let Ok(next) = tokio::time::timeout(LONG_POLL, commands.message()).await else { continue };
+        let command = next.map_err(|e| e.to_string())?.ok_or("stream ended")?;
+        let Some(v2::telemetry_command::Command::RecoverOrphanedTransactionCommand(check)) = command.command else {
+            continue;
+        };
+        let id = check.message.as_ref().map(message_id).unwrap_or_default();
+        let decision = shared.decisions.lock().unwrap().get(&id).copied().unwrap_or(Decision::Rollback);
+        let commit = match decision {
+            Decision::Pending => continue,
+            Decision::Commit => true,
+            Decision::Rollback => false,
+        };
+        let source = v2::TransactionSource::SourceServerCheck;
+        let ended = end_transaction_call(client, &id, &check.transaction_id, commit, source).await;
+        let mut history = shared.history.lock().unwrap();
+        history.check_answered();
+        if ended && commit {
+            history.transaction_ended(&id, true);
+        }
+    }
+    Ok(())
+}
+
+/// `message` as a lite consumer sends it: with its client id, which its subscriptions belong to.
+fn as_client<T>(flow: Flow, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if flow == Flow::Lite {
+        request.metadata_mut().insert("x-mq-client-id", LITE_CLIENT_ID.parse().expect("ascii client id"));
+    }
+    request
+}
+
 /// One ReceiveMessage stream to its end; Err on a transport error or the client's deadline.
-async fn receive_once(client: &mut Messaging, topic: &str, group: &str) -> Result<Received, ()> {
-    let request = receive_request(topic, group, 0, RECEIVE_BATCH, INVISIBLE, LONG_POLL);
-    let run = receive_stream(client, tonic::Request::new(request));
+async fn receive_once(client: &mut Messaging, flow: Flow) -> Result<Received, ()> {
+    let request = receive_request(flow.topic(), flow.group(), 0, RECEIVE_BATCH, INVISIBLE, LONG_POLL);
+    let run = receive_stream(client, as_client(flow, request));
     match tokio::time::timeout(LONG_POLL + CALL_DEADLINE, run).await {
         Ok(Ok(received)) => Ok(received),
         _ => Err(()),
     }
 }
 
-async fn consume(shared: Arc<Shared>, topic: &'static str, group: &'static str, consumer: usize) {
+/// The lite consumer's whole subscription (COMPLETE_ADD: the set replaces what the broker has).
+async fn sync_lite_subscriptions(client: &mut Messaging) -> bool {
+    let request = v2::SyncLiteSubscriptionRequest {
+        action: v2::LiteSubscriptionAction::CompleteAdd as i32,
+        topic: Some(resource(LITE_TOPIC)),
+        group: Some(resource(LITE_GROUP)),
+        lite_topic_set: (0..LITE_TOPICS).map(lite_topic_name).collect(),
+        version: None,
+        offset_option: None,
+    };
+    let reply =
+        tokio::time::timeout(CALL_DEADLINE, client.sync_lite_subscription(as_client(Flow::Lite, request))).await;
+    matches!(reply, Ok(Ok(reply)) if code(reply.get_ref().status.as_ref()) == OK)
+}
+
+async fn consume(shared: Arc<Shared>, flow: Flow, consumer: usize) {
     let mut skipped = std::collections::HashSet::new();
     let mut first_deliveries = 0u64;
     let mut at = consumer;
     let mut client = lazy_client(shared.proxy(at));
+    let mut synced_at: Option<Instant> = None;
     while shared.consuming.load(Ordering::Relaxed) {
         if shared.consumers_paused.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         }
+        if flow == Flow::Lite && synced_at.is_none_or(|t| t.elapsed() >= LITE_SYNC_INTERVAL) {
+            let synced = sync_lite_subscriptions(&mut client).await;
+            synced_at = synced.then(Instant::now);
+        }
         let started = Instant::now();
-        let received = receive_once(&mut client, topic, group).await;
+        let received = receive_once(&mut client, flow).await;
         shared.history.lock().unwrap().waited(started.elapsed().saturating_sub(LONG_POLL));
         let messages = match received {
             Ok(r) if r.code() == OK => r.messages,
@@ -282,6 +538,7 @@ async fn consume(shared: Arc<Shared>, topic: &'static str, group: &'static str, 
             _ => {
                 at += 1;
                 client = lazy_client(shared.proxy(at));
+                synced_at = None;
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -289,8 +546,8 @@ async fn consume(shared: Arc<Shared>, topic: &'static str, group: &'static str, 
         for m in &messages {
             shared.history.lock().unwrap().deliver(&message_id(m), &m.body);
         }
-        // Not on the FIFO topic: an unacked message holds up its whole message group.
-        let skip_every = if topic == TOPIC { shared.skip_ack_every.load(Ordering::Relaxed) } else { 0 };
+        // Only on the normal topic: an unacked message holds up its whole ordered stream.
+        let skip_every = if flow == Flow::Normal { shared.skip_ack_every.load(Ordering::Relaxed) } else { 0 };
         let mut to_ack = messages.iter().collect::<Vec<_>>();
         if skip_every > 0 {
             to_ack.retain(|m| {
@@ -310,10 +567,11 @@ async fn consume(shared: Arc<Shared>, topic: &'static str, group: &'static str, 
             .map(|m| v2::AckMessageEntry {
                 message_id: message_id(m),
                 receipt_handle: receipt_handle(m),
-                lite_topic: None,
+                lite_topic: m.system_properties.as_ref().and_then(|s| s.lite_topic.clone()),
             })
             .collect();
-        let request = v2::AckMessageRequest { group: Some(resource(group)), topic: Some(resource(topic)), entries };
+        let (topic, group) = (Some(resource(flow.topic())), Some(resource(flow.group())));
+        let request = as_client(flow, v2::AckMessageRequest { group, topic, entries });
         let started = Instant::now();
         let reply = tokio::time::timeout(CALL_DEADLINE, client.ack_message(request)).await;
         let mut history = shared.history.lock().unwrap();
@@ -329,9 +587,20 @@ async fn consume(shared: Arc<Shared>, topic: &'static str, group: &'static str, 
 }
 
 /// Prints the case's line and fails the test when the history breaks the contract.
+/// Each kind of stream's acked messages and how many of those arrived (`delivered/acked`)
+/// follow the case's own figures, so a kind the fault stopped altogether shows.
 fn verdict(case: &str, report: &Report, extra: &str, logs: impl FnOnce() -> String) {
-    println!("faults: {case:<14} {report} {extra}");
-    assert!(report.acked > 0, "{case}: no send was acknowledged at all\n{}", logs());
+    let kinds: Vec<String> =
+        report.by_kind.iter().map(|(kind, c)| format!("{kind} {}/{}", c.delivered, c.acked)).collect();
+    println!(
+        "faults: {case:<14} {report} {extra} kinds {} transaction-checks-answered {}",
+        kinds.join(" "),
+        report.checks_answered
+    );
+    for flow in [Flow::Normal, Flow::Fifo, Flow::Lite, Flow::Transactional] {
+        let acked = report.by_kind.get(flow.kind()).map_or(0, |c| c.acked);
+        assert!(acked > 0, "{case}: no {} send was acknowledged at all\n{}", flow.kind(), logs());
+    }
     assert!(report.passed(), "{case}: {report}\n{}", logs());
 }
 
@@ -755,7 +1024,7 @@ async fn fill_backlog(shared: Arc<Shared>, sender: usize, count: u64) {
         {
             let mut history = shared.history.lock().unwrap();
             for (m, body) in &batch {
-                history.send_started(&message_id(m), None, body);
+                history.send_started(Flow::Normal.kind(), &message_id(m), None, body);
             }
         }
         let ids: Vec<String> = batch.iter().map(|(m, _)| message_id(m)).collect();

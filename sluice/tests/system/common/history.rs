@@ -8,13 +8,17 @@
 //!   every second and at shutdown), so after a restart the messages acked above it come again
 //!   (README, "Leases"). Those are counted apart, as redelivered after a restart;
 //! - corrupt: deliveries whose body is not the body sent;
-//! - out of order: in a message group of a FIFO topic, a message delivered while an earlier
-//!   acknowledged message of its group had not been delivered yet.
+//! - out of order: in an ordered stream (a message group of a FIFO topic, a lite topic), a
+//!   message delivered while an earlier acknowledged message of its stream had not been yet;
+//! - delivered though rolled back: deliveries of a transactional message its producer rolled
+//!   back (or never committed: a half message whose send went unanswered is rolled back when the
+//!   broker checks it).
 //!
 //! Unknown outcomes (an error or a time-out: the message may or may not have been stored) may go
-//! either way; acknowledged ones may not.
+//! either way; acknowledged ones may not. A transactional message counts as acknowledged once a
+//! commit of it was confirmed (by the producer's EndTransaction or its answer to a check).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -26,10 +30,14 @@ pub enum SendOutcome {
     Failed,
     /// An error or a time-out: it may or may not be stored.
     Unknown,
+    /// A transaction its producer rolled back: it must never be delivered.
+    RolledBack,
 }
 
 struct Sent {
-    /// (message group, position in the group's send order) for FIFO sends.
+    /// Which stream of the workload sent it (a topic's kind), for the per-kind counts.
+    kind: &'static str,
+    /// (ordered stream, position in its send order) for sends to a FIFO group or a lite topic.
     group_seq: Option<(String, u64)>,
     body: Vec<u8>,
     outcome: SendOutcome,
@@ -54,6 +62,10 @@ pub struct History {
     delivered_seqs: HashMap<String, HashSet<u64>>,
     out_of_order: usize,
     longest_stall: Duration,
+    /// SendMessage calls the proxy acked (half messages of transactions included).
+    sends_acked: usize,
+    /// The broker's checks of open transactions that the producer answered.
+    checks_answered: usize,
 }
 
 /// Running counts of a history (`History::progress`).
@@ -61,6 +73,8 @@ pub struct History {
 pub struct Progress {
     pub deliveries: usize,
     pub acks_confirmed: usize,
+    /// SendMessage calls the proxy acked, half messages of transactions included: each stored
+    /// a message in the log.
     pub sends_acked: usize,
     /// Sends the proxy refused before storing anything.
     pub sends_failed: usize,
@@ -81,13 +95,32 @@ pub struct Report {
     pub redelivered_after_restart: usize,
     pub corrupt: usize,
     pub out_of_order: usize,
+    /// Transactional messages rolled back, and how many of them were delivered all the same.
+    pub rolled_back: usize,
+    pub delivered_rolled_back: usize,
     /// The longest time any client call waited for its answer.
     pub longest_stall: Duration,
+    /// Per kind of send: how many were acked, and how many of those were delivered.
+    pub by_kind: BTreeMap<&'static str, KindCounts>,
+    /// Checks of open transactions the producer answered (its own EndTransaction had failed,
+    /// or its send had gone unanswered).
+    pub checks_answered: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KindCounts {
+    pub acked: usize,
+    pub delivered: usize,
 }
 
 impl Report {
     pub fn passed(&self) -> bool {
-        self.lost == 0 && self.unexpected == 0 && self.duplicated == 0 && self.corrupt == 0 && self.out_of_order == 0
+        self.lost == 0
+            && self.unexpected == 0
+            && self.duplicated == 0
+            && self.corrupt == 0
+            && self.out_of_order == 0
+            && self.delivered_rolled_back == 0
     }
 }
 
@@ -96,7 +129,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "sent {} acked {} unknown {} delivered {} lost {} unexpected {} duplicated {} (after-restart {}) corrupt {} \
-             out-of-order {} longest-stall {}ms {}",
+             out-of-order {} rolled-back {} delivered-though-rolled-back {} longest-stall {}ms {}",
             self.sent,
             self.acked,
             self.unknown,
@@ -107,6 +140,8 @@ impl fmt::Display for Report {
             self.redelivered_after_restart,
             self.corrupt,
             self.out_of_order,
+            self.rolled_back,
+            self.delivered_rolled_back,
             self.longest_stall.as_millis(),
             if self.passed() { "PASS" } else { "FAIL" }
         )
@@ -129,22 +164,51 @@ impl History {
             delivered_seqs: HashMap::new(),
             out_of_order: 0,
             longest_stall: Duration::ZERO,
+            sends_acked: 0,
+            checks_answered: 0,
         }
     }
 
     /// A send about to be made (its outcome is unknown until `send_finished`). Recorded before
     /// the call, because a consumer may receive the message before the producer hears its reply.
-    /// `group_seq` is (message group, position in its send order) for a FIFO topic, whose
-    /// producer sends each group's messages one at a time.
-    pub fn send_started(&mut self, id: &str, group_seq: Option<(String, u64)>, body: &[u8]) {
-        let sent = Sent { group_seq, body: body.to_vec(), outcome: SendOutcome::Unknown };
+    /// `group_seq` is (stream, position in its send order) for a FIFO group or a lite topic,
+    /// whose producer sends each stream's messages one at a time.
+    /// `kind` names the stream it belongs to (the report counts each kind apart).
+    pub fn send_started(&mut self, kind: &'static str, id: &str, group_seq: Option<(String, u64)>, body: &[u8]) {
+        let sent = Sent { kind, group_seq, body: body.to_vec(), outcome: SendOutcome::Unknown };
         let previous = self.sends.insert(id.to_string(), sent);
         assert!(previous.is_none(), "message id {id} sent twice: the history needs unique ids");
     }
 
     /// What the send of `id` came to.
     pub fn send_finished(&mut self, id: &str, outcome: SendOutcome) {
-        let sent = self.sends.get_mut(id).expect("send_finished after send_started");
+        if outcome == SendOutcome::Acked {
+            self.sends_acked += 1;
+        }
+        self.set_outcome(id, outcome);
+    }
+
+    /// The half message of transaction `id` is stored (its SendMessage was acked); whether it
+    /// is ever delivered depends on how the transaction ends.
+    pub fn half_stored(&mut self, id: &str) {
+        assert!(self.sends.contains_key(id), "half_stored after send_started");
+        self.sends_acked += 1;
+    }
+
+    /// The producer rolled transaction `id` back (decided to: it never commits it), or the
+    /// proxy confirmed its commit.
+    pub fn transaction_ended(&mut self, id: &str, committed: bool) {
+        let outcome = if committed { SendOutcome::Acked } else { SendOutcome::RolledBack };
+        self.set_outcome(id, outcome);
+    }
+
+    /// The producer answered the broker's check of an open transaction.
+    pub fn check_answered(&mut self) {
+        self.checks_answered += 1;
+    }
+
+    fn set_outcome(&mut self, id: &str, outcome: SendOutcome) {
+        let sent = self.sends.get_mut(id).expect("an outcome after send_started");
         sent.outcome = outcome;
         if let (Some((group, seq)), SendOutcome::Acked) = (&sent.group_seq, outcome) {
             self.acked_seqs.entry(group.clone()).or_default().insert(*seq);
@@ -152,8 +216,15 @@ impl History {
     }
 
     /// A send and its outcome at once.
-    pub fn send(&mut self, id: &str, group_seq: Option<(String, u64)>, body: &[u8], outcome: SendOutcome) {
-        self.send_started(id, group_seq, body);
+    pub fn send(
+        &mut self,
+        kind: &'static str,
+        id: &str,
+        group_seq: Option<(String, u64)>,
+        body: &[u8],
+        outcome: SendOutcome,
+    ) {
+        self.send_started(kind, id, group_seq, body);
         self.send_finished(id, outcome);
     }
 
@@ -209,7 +280,7 @@ impl History {
         Progress {
             deliveries: self.deliveries.len(),
             acks_confirmed: self.confirmed_acks.len(),
-            sends_acked: self.sends.values().filter(|s| s.outcome == SendOutcome::Acked).count(),
+            sends_acked: self.sends_acked,
             sends_failed: self.sends.values().filter(|s| s.outcome == SendOutcome::Failed).count(),
         }
     }
@@ -235,6 +306,18 @@ impl History {
         self.delivered.clone()
     }
 
+    fn counts_by_kind(&self) -> BTreeMap<&'static str, KindCounts> {
+        let mut by_kind: BTreeMap<&'static str, KindCounts> = BTreeMap::new();
+        for (id, sent) in &self.sends {
+            let counts = by_kind.entry(sent.kind).or_default();
+            if sent.outcome == SendOutcome::Acked {
+                counts.acked += 1;
+                counts.delivered += usize::from(self.delivered.contains(id));
+            }
+        }
+        by_kind
+    }
+
     pub fn report(&self) -> Report {
         let delivered = self.delivered_ids();
         let acked = self.acked_ids();
@@ -255,7 +338,14 @@ impl History {
             redelivered_after_restart: self.after_restart,
             corrupt: self.corrupt,
             out_of_order: self.out_of_order,
+            rolled_back: self.sends.values().filter(|s| s.outcome == SendOutcome::RolledBack).count(),
+            delivered_rolled_back: delivered
+                .iter()
+                .filter(|id| self.sends.get(*id).is_some_and(|s| s.outcome == SendOutcome::RolledBack))
+                .count(),
             longest_stall: self.longest_stall,
+            by_kind: self.counts_by_kind(),
+            checks_answered: self.checks_answered,
         }
     }
 }
@@ -271,9 +361,9 @@ mod tests {
     #[test]
     fn a_clean_history_passes_and_unknown_sends_may_go_either_way() {
         let mut h = History::new();
-        h.send("a", None, b"A", SendOutcome::Acked);
-        h.send("b", None, b"B", SendOutcome::Unknown);
-        h.send("c", None, b"C", SendOutcome::Unknown);
+        h.send("t", "a", None, b"A", SendOutcome::Acked);
+        h.send("t", "b", None, b"B", SendOutcome::Unknown);
+        h.send("t", "c", None, b"C", SendOutcome::Unknown);
         h.deliver("a", b"A");
         h.deliver("a", b"A"); // redelivered before any ack: at least once
         h.ack_confirmed("a", Instant::now());
@@ -281,15 +371,16 @@ mod tests {
         let r = h.report();
         assert!(r.passed(), "{r}");
         assert_eq!((r.sent, r.acked, r.unknown, r.delivered), (3, 1, 2, 2));
+        assert_eq!(r.by_kind["t"], KindCounts { acked: 1, delivered: 1 });
     }
 
     #[test]
     fn each_kind_of_violation_is_counted() {
         let mut h = History::new();
-        h.send("lost", None, b"L", SendOutcome::Acked);
-        h.send("failed", None, b"F", SendOutcome::Failed);
-        h.send("torn", None, b"T", SendOutcome::Acked);
-        h.send("twice", None, b"W", SendOutcome::Acked);
+        h.send("t", "lost", None, b"L", SendOutcome::Acked);
+        h.send("t", "failed", None, b"F", SendOutcome::Failed);
+        h.send("t", "torn", None, b"T", SendOutcome::Acked);
+        h.send("t", "twice", None, b"W", SendOutcome::Acked);
         h.deliver("failed", b"F");
         h.deliver("ghost", b"?");
         h.deliver("torn", b"t");
@@ -310,8 +401,8 @@ mod tests {
     #[test]
     fn a_redelivery_after_a_confirmed_ack_is_explained_only_by_a_restart_after_it() {
         let mut h = History::new();
-        h.send("a", None, b"A", SendOutcome::Acked);
-        h.send("b", None, b"B", SendOutcome::Acked);
+        h.send("t", "a", None, b"A", SendOutcome::Acked);
+        h.send("t", "b", None, b"B", SendOutcome::Acked);
         h.deliver("a", b"A");
         h.ack_confirmed("a", Instant::now());
         h.broker_restarted();
@@ -326,11 +417,11 @@ mod tests {
     #[test]
     fn fifo_order_is_checked_per_group_and_skips_only_unknown_sends() {
         let mut h = History::new();
-        h.send("g1-0", fifo("g1", 0), b"0", SendOutcome::Acked);
-        h.send("g1-1", fifo("g1", 1), b"1", SendOutcome::Unknown);
-        h.send("g1-2", fifo("g1", 2), b"2", SendOutcome::Acked);
-        h.send("g2-0", fifo("g2", 0), b"0", SendOutcome::Acked);
-        h.send("g2-1", fifo("g2", 1), b"1", SendOutcome::Acked);
+        h.send("t", "g1-0", fifo("g1", 0), b"0", SendOutcome::Acked);
+        h.send("t", "g1-1", fifo("g1", 1), b"1", SendOutcome::Unknown);
+        h.send("t", "g1-2", fifo("g1", 2), b"2", SendOutcome::Acked);
+        h.send("t", "g2-0", fifo("g2", 0), b"0", SendOutcome::Acked);
+        h.send("t", "g2-1", fifo("g2", 1), b"1", SendOutcome::Acked);
         // g1: 1 was never stored, and 2 after 0 is in order. g2: 1 before 0 is not.
         h.deliver("g1-0", b"0");
         h.deliver("g1-2", b"2");
@@ -339,5 +430,33 @@ mod tests {
         let r = h.report();
         assert_eq!(r.out_of_order, 1, "{r}");
         assert_eq!(r.lost, 0, "{r}");
+    }
+
+    #[test]
+    fn transactions_count_as_acked_once_committed_and_must_not_be_delivered_once_rolled_back() {
+        let mut h = History::new();
+        for id in ["commit", "rollback", "half-unanswered", "commit-lost"] {
+            h.send_started("tx", id, None, id.as_bytes());
+        }
+        h.half_stored("commit");
+        h.half_stored("rollback");
+        h.half_stored("commit-lost");
+        // A stored half counts as a stored send, not yet as a message that must arrive.
+        assert_eq!(h.progress().sends_acked, 3);
+        assert_eq!(h.report().acked, 0);
+        h.transaction_ended("commit", true);
+        h.transaction_ended("rollback", false);
+        h.transaction_ended("half-unanswered", false);
+        h.transaction_ended("commit-lost", true);
+        h.deliver("commit", b"commit");
+        let r = h.report();
+        assert_eq!((r.acked, r.rolled_back, r.lost, r.delivered_rolled_back), (2, 2, 1, 0), "{r}");
+        h.deliver("rollback", b"rollback");
+        h.deliver("commit-lost", b"commit-lost");
+        let r = h.report();
+        assert_eq!((r.lost, r.delivered_rolled_back, r.unexpected), (0, 1, 0), "{r}");
+        assert!(!r.passed() && r.to_string().contains("delivered-though-rolled-back 1"), "{r}");
+        assert_eq!(r.by_kind["tx"], KindCounts { acked: 2, delivered: 2 });
+        assert_eq!(h.progress().sends_acked, 3, "commits store no new message");
     }
 }
