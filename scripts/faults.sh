@@ -11,11 +11,12 @@
 #   clock-step       the wall clock of broker and proxy stepped +1 h, back, then -1 h (libfaketime)
 #   slow-consumer    consumers paused while 1M messages pile up (100k with --short), then drained
 #   restart-storm    the broker stopped and restarted 20 times in a row under load
-# The workload: normal, FIFO, LITE and transactional topics (commits and rollbacks, and checks
+# The workload: normal, FIFO, LITE, DELAY and transactional topics (commits, rollbacks, checks
 # answered). Each case prints one line: sent, acked, unknown (an error or time-out: maybe stored),
 # delivered, lost, unexpected, duplicated (beyond what a broker restart explains), corrupt,
-# out-of-order (FIFO groups, lite topics), rolled back and delivered-though-rolled-back, the
-# longest client stall, PASS/FAIL, then delivered/acked per kind of topic; the table comes at the end.
+# out-of-order (FIFO groups, lite topics), early (delay messages), rolled back and
+# delivered-though-rolled-back, the longest client stall, PASS/FAIL, then delivered/acked per kind
+# of topic; the table comes at the end.
 #
 #   scripts/faults.sh            the full suite (about 8 minutes)
 #   scripts/faults.sh --short    fewer rounds and shorter outages (CI, about 2.5 minutes)
@@ -32,7 +33,7 @@ export SLUICE_FAULTS_SHORT=0
 for arg in "$@"; do
   case "$arg" in
     --short) SLUICE_FAULTS_SHORT=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     -*) echo "faults.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
     *) cases+=("faults::$arg") ;;
   esac

@@ -1,12 +1,13 @@
 //! The fault suite: real `sluice` broker and proxy processes, producers and consumers running
 //! through the proxy the whole time, and a fault injected while they run. The workload covers
 //! every kind of stream the checker can judge: a normal topic; a FIFO topic, whose order is
-//! checked per message group; a LITE topic, whose order is checked per lite topic; and a
-//! transactional topic, whose producer commits or rolls back each message at random and answers
+//! checked per message group; a LITE topic, whose order is checked per lite topic; a DELAY
+//! topic, whose messages must not arrive before their time; and a transactional topic, whose producer commits or rolls back each message at random and answers
 //! the broker's checks of transactions it did not get to end. Each case prints one line,
 //! `faults: <case> sent … PASS|FAIL`, from the history checker (`common/history.rs`), and fails
 //! when the history breaks the queue's contract: an acked message lost, a duplicate no crash
-//! explains, a corrupt body, an ordered stream out of order, a rolled-back message delivered.
+//! explains, a corrupt body, an ordered stream out of order, a delay message early, a
+//! rolled-back message delivered.
 //!
 //! The cases are `#[ignore]`d, so `cargo test` leaves them out: `scripts/faults.sh` runs them,
 //! fewer rounds and shorter outages with `--short` (CI), which sets `SLUICE_FAULTS_SHORT=1`.
@@ -15,7 +16,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::common;
 use common::history::{History, Progress, Report, SendOutcome};
@@ -29,11 +30,14 @@ const TOPIC: &str = "faults";
 const FIFO_TOPIC: &str = "faults-fifo";
 const LITE_TOPIC: &str = "faults-lite";
 const TX_TOPIC: &str = "faults-tx";
+const DELAY_TOPIC: &str = "faults-delay";
 const GROUP: &str = "faults-readers";
 const FIFO_GROUP: &str = "faults-fifo-readers";
 const LITE_GROUP: &str = "faults-lite-readers";
 const TX_GROUP: &str = "faults-tx-readers";
-/// Producers on the normal topic; one more each sends to the FIFO, LITE and transactional topics.
+const DELAY_GROUP: &str = "faults-delay-readers";
+/// Producers on the normal topic; one more each sends to the FIFO, LITE, DELAY and
+/// transactional topics.
 const PRODUCERS: usize = 2;
 /// Message groups on the FIFO topic, and lite topics on the LITE topic: their producers send to
 /// them round-robin, one send at a time, so each stream's send order is its sequence order.
@@ -44,6 +48,9 @@ const LITE_CLIENT_ID: &str = "faults-lite-reader";
 /// How often the lite consumer syncs its subscriptions (the official clients: every 30 s). A
 /// restarted broker has forgotten them (they are soft state), so this bounds its stall.
 const LITE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// A delay message is due this long after its send, at random.
+const DELAY_MIN_MS: u64 = 200;
+const DELAY_MAX_MS: u64 = 2_000;
 /// The transactional producer rolls back one transaction in this many (and commits the rest).
 const ROLLBACK_ONE_IN: u32 = 4;
 const QUEUES: u32 = 4;
@@ -103,6 +110,7 @@ enum Flow {
     Normal,
     Fifo,
     Lite,
+    Delay,
     Transactional,
 }
 
@@ -112,6 +120,7 @@ impl Flow {
             Flow::Normal => TOPIC,
             Flow::Fifo => FIFO_TOPIC,
             Flow::Lite => LITE_TOPIC,
+            Flow::Delay => DELAY_TOPIC,
             Flow::Transactional => TX_TOPIC,
         }
     }
@@ -122,6 +131,7 @@ impl Flow {
             Flow::Normal => "normal",
             Flow::Fifo => "fifo",
             Flow::Lite => "lite",
+            Flow::Delay => "delay",
             Flow::Transactional => "transactional",
         }
     }
@@ -131,6 +141,7 @@ impl Flow {
             Flow::Normal => GROUP,
             Flow::Fifo => FIFO_GROUP,
             Flow::Lite => LITE_GROUP,
+            Flow::Delay => DELAY_GROUP,
             Flow::Transactional => TX_GROUP,
         }
     }
@@ -152,6 +163,12 @@ impl Flow {
                 system.message_type = v2::MessageType::Lite as i32;
                 system.lite_topic = Some(lite.clone());
                 (m, Some((format!("lite {lite}"), seq / LITE_TOPICS)))
+            }
+            Flow::Delay => {
+                let delay = Duration::from_millis(rand::random_range(DELAY_MIN_MS..=DELAY_MAX_MS));
+                system.message_type = v2::MessageType::Delay as i32;
+                system.delivery_timestamp = Some(prost_types::Timestamp::from(SystemTime::now() + delay));
+                (m, None)
             }
             Flow::Transactional => {
                 system.message_type = v2::MessageType::Transaction as i32;
@@ -212,10 +229,12 @@ async fn create_topics(proxy: SocketAddr) {
     create_typed_topic(proxy, TOPIC, v2::MessageType::Normal, QUEUES).await;
     create_typed_topic(proxy, FIFO_TOPIC, v2::MessageType::Fifo, QUEUES).await;
     create_typed_topic(proxy, LITE_TOPIC, v2::MessageType::Lite, QUEUES).await;
+    create_typed_topic(proxy, DELAY_TOPIC, v2::MessageType::Delay, QUEUES).await;
     create_typed_topic(proxy, TX_TOPIC, v2::MessageType::Transaction, QUEUES).await;
     create_group(proxy, GROUP, DELIVERY_ATTEMPTS_MAX, false).await;
     create_group(proxy, FIFO_GROUP, DELIVERY_ATTEMPTS_MAX, true).await;
     create_group(proxy, LITE_GROUP, DELIVERY_ATTEMPTS_MAX, false).await;
+    create_group(proxy, DELAY_GROUP, DELIVERY_ATTEMPTS_MAX, false).await;
     create_group(proxy, TX_GROUP, DELIVERY_ATTEMPTS_MAX, false).await;
 }
 
@@ -233,12 +252,12 @@ impl Workload {
         });
         let mut tasks = Vec::new();
         let mut producers = vec![Flow::Normal; PRODUCERS];
-        producers.extend([Flow::Fifo, Flow::Lite, Flow::Transactional]);
+        producers.extend([Flow::Fifo, Flow::Lite, Flow::Delay, Flow::Transactional]);
         for (producer, flow) in producers.into_iter().enumerate() {
             tasks.push(tokio::spawn(produce(shared.clone(), producer, flow)));
         }
         tasks.push(tokio::spawn(answer_transaction_checks(shared.clone())));
-        let consumers = [Flow::Normal, Flow::Normal, Flow::Fifo, Flow::Lite, Flow::Transactional];
+        let consumers = [Flow::Normal, Flow::Normal, Flow::Fifo, Flow::Lite, Flow::Delay, Flow::Transactional];
         for (consumer, flow) in consumers.into_iter().enumerate() {
             tasks.push(tokio::spawn(consume(shared.clone(), flow, consumer)));
         }
@@ -341,7 +360,14 @@ async fn produce(shared: Arc<Shared>, producer: usize, flow: Flow) {
     while shared.producing.load(Ordering::Relaxed) {
         let (m, stream_seq) = flow.message(producer, seq);
         let id = message_id(&m);
-        shared.history.lock().unwrap().send_started(flow.kind(), &id, stream_seq, &m.body);
+        let due = m.system_properties.as_ref().and_then(|s| s.delivery_timestamp);
+        {
+            let mut history = shared.history.lock().unwrap();
+            history.send_started(flow.kind(), &id, stream_seq, &m.body);
+            if let Some(due) = due.and_then(|t| SystemTime::try_from(t).ok()) {
+                history.not_before(&id, due);
+            }
+        }
         if flow == Flow::Transactional {
             shared.decide(&id, Decision::Pending);
         }
@@ -597,7 +623,7 @@ fn verdict(case: &str, report: &Report, extra: &str, logs: impl FnOnce() -> Stri
         kinds.join(" "),
         report.checks_answered
     );
-    for flow in [Flow::Normal, Flow::Fifo, Flow::Lite, Flow::Transactional] {
+    for flow in [Flow::Normal, Flow::Fifo, Flow::Lite, Flow::Delay, Flow::Transactional] {
         let acked = report.by_kind.get(flow.kind()).map_or(0, |c| c.acked);
         assert!(acked > 0, "{case}: no {} send was acknowledged at all\n{}", flow.kind(), logs());
     }

@@ -10,6 +10,8 @@
 //! - corrupt: deliveries whose body is not the body sent;
 //! - out of order: in an ordered stream (a message group of a FIFO topic, a lite topic), a
 //!   message delivered while an earlier acknowledged message of its stream had not been yet;
+//! - early: deliveries of a delay message before its delivery time (less a tolerance for the
+//!   clocks of client and broker, which share a host here);
 //! - delivered though rolled back: deliveries of a transactional message its producer rolled
 //!   back (or never committed: a half message whose send went unanswered is rolled back when the
 //!   broker checks it).
@@ -20,7 +22,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How much earlier than its delivery time a delay message may arrive before it counts as
+/// early: the broker's clock and the consumer's may disagree by a little (NTP slewing since the
+/// broker started; millisecond timestamps).
+pub const EARLY_TOLERANCE: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendOutcome {
@@ -41,6 +48,8 @@ struct Sent {
     group_seq: Option<(String, u64)>,
     body: Vec<u8>,
     outcome: SendOutcome,
+    /// A delay message's delivery time.
+    not_before: Option<SystemTime>,
 }
 
 pub struct History {
@@ -66,6 +75,7 @@ pub struct History {
     sends_acked: usize,
     /// The broker's checks of open transactions that the producer answered.
     checks_answered: usize,
+    early: usize,
 }
 
 /// Running counts of a history (`History::progress`).
@@ -95,6 +105,8 @@ pub struct Report {
     pub redelivered_after_restart: usize,
     pub corrupt: usize,
     pub out_of_order: usize,
+    /// Deliveries of delay messages before their time.
+    pub early: usize,
     /// Transactional messages rolled back, and how many of them were delivered all the same.
     pub rolled_back: usize,
     pub delivered_rolled_back: usize,
@@ -120,6 +132,7 @@ impl Report {
             && self.duplicated == 0
             && self.corrupt == 0
             && self.out_of_order == 0
+            && self.early == 0
             && self.delivered_rolled_back == 0
     }
 }
@@ -129,7 +142,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "sent {} acked {} unknown {} delivered {} lost {} unexpected {} duplicated {} (after-restart {}) corrupt {} \
-             out-of-order {} rolled-back {} delivered-though-rolled-back {} longest-stall {}ms {}",
+             out-of-order {} early {} rolled-back {} delivered-though-rolled-back {} longest-stall {}ms {}",
             self.sent,
             self.acked,
             self.unknown,
@@ -140,6 +153,7 @@ impl fmt::Display for Report {
             self.redelivered_after_restart,
             self.corrupt,
             self.out_of_order,
+            self.early,
             self.rolled_back,
             self.delivered_rolled_back,
             self.longest_stall.as_millis(),
@@ -166,6 +180,7 @@ impl History {
             longest_stall: Duration::ZERO,
             sends_acked: 0,
             checks_answered: 0,
+            early: 0,
         }
     }
 
@@ -175,7 +190,7 @@ impl History {
     /// whose producer sends each stream's messages one at a time.
     /// `kind` names the stream it belongs to (the report counts each kind apart).
     pub fn send_started(&mut self, kind: &'static str, id: &str, group_seq: Option<(String, u64)>, body: &[u8]) {
-        let sent = Sent { kind, group_seq, body: body.to_vec(), outcome: SendOutcome::Unknown };
+        let sent = Sent { kind, group_seq, body: body.to_vec(), outcome: SendOutcome::Unknown, not_before: None };
         let previous = self.sends.insert(id.to_string(), sent);
         assert!(previous.is_none(), "message id {id} sent twice: the history needs unique ids");
     }
@@ -200,6 +215,11 @@ impl History {
     pub fn transaction_ended(&mut self, id: &str, committed: bool) {
         let outcome = if committed { SendOutcome::Acked } else { SendOutcome::RolledBack };
         self.set_outcome(id, outcome);
+    }
+
+    /// `id` is a delay message due at `at`: no delivery may come before.
+    pub fn not_before(&mut self, id: &str, at: SystemTime) {
+        self.sends.get_mut(id).expect("not_before after send_started").not_before = Some(at);
     }
 
     /// The producer answered the broker's check of an open transaction.
@@ -245,6 +265,9 @@ impl History {
         };
         if sent.body != body {
             self.corrupt += 1;
+        }
+        if sent.not_before.is_some_and(|due| SystemTime::now() + EARLY_TOLERANCE < due) {
+            self.early += 1;
         }
         if let Some((group, seq)) = &sent.group_seq {
             let delivered = self.delivered_seqs.entry(group.clone()).or_default();
@@ -338,6 +361,7 @@ impl History {
             redelivered_after_restart: self.after_restart,
             corrupt: self.corrupt,
             out_of_order: self.out_of_order,
+            early: self.early,
             rolled_back: self.sends.values().filter(|s| s.outcome == SendOutcome::RolledBack).count(),
             delivered_rolled_back: delivered
                 .iter()
@@ -430,6 +454,22 @@ mod tests {
         let r = h.report();
         assert_eq!(r.out_of_order, 1, "{r}");
         assert_eq!(r.lost, 0, "{r}");
+    }
+
+    #[test]
+    fn a_delay_message_delivered_before_its_time_is_early() {
+        let mut h = History::new();
+        let now = SystemTime::now();
+        h.send("delay", "due", None, b"D", SendOutcome::Acked);
+        h.not_before("due", now);
+        h.send("delay", "later", None, b"L", SendOutcome::Acked);
+        h.not_before("later", now + Duration::from_secs(60));
+        h.deliver("due", b"D");
+        assert_eq!(h.report().early, 0);
+        h.deliver("later", b"L");
+        let r = h.report();
+        assert_eq!(r.early, 1, "{r}");
+        assert!(!r.passed() && r.to_string().contains(" early 1 "), "{r}");
     }
 
     #[test]
