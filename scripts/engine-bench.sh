@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the engine's criterion benches and prints append throughput beside the raw O_DIRECT floor
-# measured in the same run, with the ratio engine MB/s ÷ raw MB/s.
+# measured in the same run, with the ratio engine MB/s ÷ raw MB/s, and the latency of one appender's
+# 1 KiB appends with the log zeroed ahead (the default) and without, from the same run.
 #   scripts/engine-bench.sh            # append + index benches
 #   SLUICE_BENCH_DIR=/mnt/nvme/x ...   # put the data on another disk
 set -euo pipefail
@@ -30,4 +31,13 @@ for group, label in [("append_1KiB", "1 KiB"), ("append_64KiB", "64 KiB")]:
         except FileNotFoundError:
             continue
         print(f"{label:>7} {batch:>5} {mbs:>12.1f} {rps:>11.0f} {raw:>9.1f} {mbs / raw:>6.2f}")
+# One appender, one 1 KiB record per call: the log zeroed ahead (default) against not.
+def mean_us(name):
+    est = json.loads((root / "append_latency_1KiB" / name / "new" / "estimates.json").read_text())
+    return (est.get("slope") or est["mean"])["point_estimate"] / 1e3
+try:
+    on, off = mean_us("engine"), mean_us("engine_no_zero_ahead")
+    print(f"\nappend latency, 1 KiB, one appender: zero-ahead {on:.0f} µs, without {off:.0f} µs, ratio {on / off:.2f}")
+except FileNotFoundError:
+    pass
 PY

@@ -4,6 +4,11 @@
 //! O_DIRECT write to the same disk in the same run: the floor. `scripts/engine-bench.sh` turns the
 //! two into the ratio engine MB/s ÷ raw MB/s.
 //!
+//! `append_latency_1KiB` is the moderate-load case instead: one appender, one 1 KiB record per
+//! call, each waiting for its fdatasync, on two engines in the same run: with the log zeroed
+//! ahead of its end (the default) and without (`log_zero_ahead_bytes = 0`), where every sync
+//! writes into preallocated, never-written blocks.
+//!
 //! Data goes under `SLUICE_BENCH_DIR` (default `target/bench-data`), on the disk being measured.
 #![allow(unsafe_code)] // only in floor.rs: the raw io_uring write has to be unsafe
 
@@ -23,12 +28,17 @@ fn bench_dir() -> PathBuf {
 }
 
 fn open_engine(dir: &std::path::Path) -> Engine {
+    open_engine_with(dir, |_| {})
+}
+
+fn open_engine_with(dir: &std::path::Path, adjust: impl FnOnce(&mut EngineConfig)) -> Engine {
     let mut config = EngineConfig::new(dir);
     config.shard_count = 1;
     config.durability = Durability::Sync;
     config.segment_size_bytes = SEGMENT_SIZE_BYTES;
     config.retention.max_log_bytes_per_shard = Some(8 * SEGMENT_SIZE_BYTES);
     config.retention.check_interval_ms = 1000;
+    adjust(&mut config);
     Engine::open(config).expect("open engine")
 }
 
@@ -76,5 +86,28 @@ fn append_throughput(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-criterion_group!(benches, append_throughput);
+/// One appender, one 1 KiB record per call: each call's time is one group commit's latency.
+fn append_latency(c: &mut Criterion) {
+    let root = bench_dir().join("latency");
+    let _ = std::fs::remove_dir_all(&root);
+    let zeroing = open_engine(&root.join("zero-ahead"));
+    let plain = open_engine_with(&root.join("no-zero-ahead"), |config| config.log_zero_ahead_bytes = 0);
+    if let Some(last) = core_affinity::get_core_ids().and_then(|ids| ids.last().copied()) {
+        core_affinity::set_for_current(last);
+    }
+    let record = NewRecord::new("bench#0", vec![0xabu8; 1 << 10]);
+    let mut group = c.benchmark_group("append_latency_1KiB");
+    group.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    for (name, engine) in [("engine", &zeroing), ("engine_no_zero_ahead", &plain)] {
+        group.bench_function(name, |b| {
+            b.iter(|| futures::executor::block_on(engine.append(vec![record.clone()])).expect("append"))
+        });
+    }
+    group.finish();
+    zeroing.close().expect("close engine");
+    plain.close().expect("close engine");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+criterion_group!(benches, append_throughput, append_latency);
 criterion_main!(benches);

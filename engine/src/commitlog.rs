@@ -48,6 +48,11 @@ pub struct LogLimits {
     pub record_size_max_bytes: u64,
     /// Written batch buffers kept in memory for reads of the log's tail (0: none).
     pub tail_cache_bytes: usize,
+    /// How far past the staged end the idle committer keeps the active segment written with
+    /// zeros and synced (0: never). A preallocated segment's blocks are unwritten extents, so
+    /// the first write into each costs its fdatasync a journal commit (ext4, XFS); a block
+    /// zeroed ahead of time costs only the device flush.
+    pub zero_ahead_bytes: u64,
 }
 
 impl LogLimits {
@@ -112,6 +117,8 @@ struct LogState {
     /// Set by a failed write or fdatasync. After one, the kernel may have dropped dirty data and
     /// a retried fdatasync can falsely succeed, so the log refuses all further I/O.
     poisoned: Option<String>,
+    /// Blocks of the active segment below this position are written (data or zeros) and synced.
+    zeroed_end: u64,
 }
 
 pub struct CommitLog {
@@ -130,6 +137,12 @@ pub struct CommitLog {
     /// Set at close: a creation waiting for space gives up instead.
     space_waits_abandoned: Cell<bool>,
     fdatasync_seconds: metrics::Histogram,
+    /// Bytes written with zeros ahead of the log (`zero_ahead`), since open.
+    zeroed_bytes: Cell<u64>,
+    /// One `zero_ahead` at a time; held while its chunk is written and synced.
+    zero_lock: futures::lock::Mutex<()>,
+    /// The chunk `zero_ahead` is writing, while it is.
+    zero_range: Cell<Option<(u64, u64)>>,
 }
 
 /// One read of `read_ranges`: `[start, end)` in the segment at `base`, covering `members`.
@@ -194,6 +207,7 @@ impl CommitLog {
             dirty: BTreeSet::new(),
             last_written_base: None,
             poisoned: None,
+            zeroed_end: 0,
         };
         let log = CommitLog {
             store,
@@ -206,6 +220,9 @@ impl CommitLog {
             waiting_for_space: Cell::new(false),
             space_waits_abandoned: Cell::new(false),
             fdatasync_seconds: metrics::histogram!(crate::metrics::FDATASYNC, &[crate::metrics::NODE_TYPE]),
+            zeroed_bytes: Cell::new(0),
+            zero_lock: futures::lock::Mutex::new(()),
+            zero_range: Cell::new(None),
         };
         let report = log.recover(replay_from.max(first_base), clean, &mut on_batch).await?;
         Ok((log, report))
@@ -499,6 +516,11 @@ impl CommitLog {
             if changed {
                 self.sync().await?;
             }
+            let block_end = align_up(batch.end() as usize, self.alignment) as u64;
+            if self.zero_range.get().is_some_and(|(start, end)| block_end > start && batch.position < end) {
+                // Zeros are being written where this batch goes: they must land first.
+                drop(self.zero_lock.lock().await);
+            }
             let file = self.segment_file(batch.segment_base).await?;
             let write_offset = batch.position - batch.segment_base - batch.prefix_len as u64;
             {
@@ -558,6 +580,75 @@ impl CommitLog {
         assert!(target <= state.written_end, "synced past what was written");
         state.durable_end = state.durable_end.max(target);
         Ok(state.durable_end)
+    }
+
+    /// Writes the next chunk of zeros past the staged end of the active segment and syncs it,
+    /// while less than `zero_ahead_bytes` is zeroed ahead; returns the bytes zeroed (0: none
+    /// needed). Callers start once `zeroing_due` and call again until it returns 0.
+    /// Runs beside the committer: `write_round` waits for a chunk in flight before writing a
+    /// batch that reaches into it, so zeros never land on data. A failure costs nothing but
+    /// the saving: the log is not poisoned (no data was at stake), and the caller stops zeroing.
+    pub async fn zero_ahead(&self) -> std::io::Result<u64> {
+        let _one_at_a_time = self.zero_lock.lock().await;
+        let base = self.state.borrow().active_base;
+        if self.state.borrow().segments.get(&base).is_none_or(|s| s.file.is_none()) {
+            return Ok(0); // not yet written to: its first round opens (or creates) it
+        }
+        let file = self.segment_file(base).await.map_err(|e| std::io::Error::other(e.to_string()))?;
+        // Claimed in the same step as it is chosen: a batch staged from here on that reaches
+        // into the range waits (in `write_round`) until the zeros are down.
+        let Some((start, end)) = self.next_zero_range(base, false) else { return Ok(0) };
+        self.zero_range.set(Some((start, end)));
+        let len = (end - start) as usize;
+        let mut zeros = glommio::allocate_dma_buffer(len);
+        zeros.as_bytes_mut().fill(0);
+        assert_eq!((start - base) % self.alignment as u64, 0, "zeroing must be aligned");
+        let zeroed = async {
+            file.write_at(Rc::new(zeros), start - base).await?;
+            file.sync().await
+        };
+        let result = zeroed.await;
+        self.zero_range.set(None);
+        result?;
+        let mut state = self.state.borrow_mut();
+        state.zeroed_end = state.zeroed_end.max(end);
+        self.zeroed_bytes.set(self.zeroed_bytes.get() + len as u64);
+        Ok(len as u64)
+    }
+
+    /// `[start, end)` of the next chunk of zeros for the segment at `base`, if any: from the
+    /// block after the staged end (or the zeroed end, if further), at most `ZERO_CHUNK_BYTES`,
+    /// up to `zero_ahead_bytes` past the staged end. `starting`: only if less than half of that
+    /// is zeroed (so zeroing starts after a good stretch of appends, not after each one).
+    fn next_zero_range(&self, base: u64, starting: bool) -> Option<(u64, u64)> {
+        let state = self.state.borrow();
+        let ahead_max = self.limits.zero_ahead_bytes;
+        if ahead_max == 0 || state.poisoned.is_some() || state.active_base != base {
+            return None;
+        }
+        let segment_end = base + state.segments.get(&base)?.size_bytes;
+        let staged_block_end = align_up(state.staged_end as usize, self.alignment) as u64;
+        let start = state.zeroed_end.max(staged_block_end).max(base);
+        let ahead = start - staged_block_end.min(start);
+        if ahead >= if starting { ahead_max / 2 } else { ahead_max } {
+            return None;
+        }
+        let end = segment_end.min(start + ZERO_CHUNK_BYTES).min(staged_block_end + ahead_max);
+        (end > start).then_some((start, end))
+    }
+
+    /// Whether `zero_ahead` has a chunk to write now (a cheap check before starting it).
+    pub fn zeroing_due(&self) -> bool {
+        let state = self.state.borrow();
+        let base = state.active_base;
+        let opened = state.segments.get(&base).is_some_and(|s| s.file.is_some());
+        drop(state);
+        opened && self.next_zero_range(base, true).is_some()
+    }
+
+    /// Bytes zeroed ahead of the log since open.
+    pub fn zeroed_bytes(&self) -> u64 {
+        self.zeroed_bytes.get()
     }
 
     pub fn written_end(&self) -> u64 {
@@ -715,6 +806,9 @@ fn is_out_of_space(e: &std::io::Error) -> bool {
         || e.kind() == std::io::ErrorKind::QuotaExceeded
         || matches!(e.raw_os_error(), Some(28 | 122))
 }
+
+/// The most `zero_ahead` writes at once: small, so an append arriving meanwhile waits little.
+const ZERO_CHUNK_BYTES: u64 = 256 << 10;
 
 fn align_up(value: usize, alignment: usize) -> usize {
     value.div_ceil(alignment) * alignment

@@ -28,6 +28,8 @@ pub const SHARD_INBOX_MAX_DEFAULT: usize = 4096;
 pub const INDEX_FLUSH_INTERVAL_BYTES_DEFAULT: u64 = 256 << 20;
 /// Default memory per shard for written batch buffers kept to serve reads of the log's tail.
 pub const LOG_TAIL_CACHE_BYTES_DEFAULT: usize = 32 << 20;
+/// Zeroed log kept ahead of the end while idle: about 8,000 appends of a 1 KiB message.
+pub const LOG_ZERO_AHEAD_BYTES_DEFAULT: u64 = 8 << 20;
 /// Default time a queue stays in the shard's memory after its last append; it is then read
 /// from the index when used, so a million idle lite topics cost no memory.
 pub const QUEUE_IDLE_EVICT_MS_DEFAULT: u64 = 10_000;
@@ -104,6 +106,10 @@ pub struct EngineConfig {
     /// waiting consumer's) need no disk read; 0 turns it off. At most half of
     /// `io_memory_bytes`, whose blocks it holds (counted as the power-of-two blocks they are).
     pub log_tail_cache_bytes: usize,
+    /// How far ahead of its end the log is kept written with zeros while the shard is idle
+    /// (0: off). Appends into preallocated, never-written blocks make every fdatasync commit
+    /// file-system metadata; into zeroed ones it is a plain flush.
+    pub log_zero_ahead_bytes: u64,
     /// Memory glommio registers with io_uring per shard. Group-commit buffers come from it, so
     /// it is reused instead of freshly mapped (and page-faulted) for every batch; keep it above
     /// `append_inflight_max_bytes` (its allocator rounds blocks up to powers of two).
@@ -138,6 +144,7 @@ impl EngineConfig {
             index_flush_interval_bytes: INDEX_FLUSH_INTERVAL_BYTES_DEFAULT,
             index_block_cache_bytes: 64 << 20,
             log_tail_cache_bytes: LOG_TAIL_CACHE_BYTES_DEFAULT,
+            log_zero_ahead_bytes: LOG_ZERO_AHEAD_BYTES_DEFAULT,
             io_memory_bytes: 128 << 20,
         }
     }

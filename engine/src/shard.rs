@@ -92,6 +92,8 @@ pub struct ShardStats {
     pub tail_cache_hits: u64,
     pub tail_cache_misses: u64,
     pub tail_cache_bytes: u64,
+    /// Log bytes written with zeros ahead of the end since open (`log_zero_ahead_bytes`).
+    pub log_zeroed_bytes: u64,
     pub index_memtable_bytes: u64,
     pub index_block_cache_bytes: u64,
     /// Of `queues`, those held in memory (appended to recently); the rest live in the index.
@@ -130,6 +132,10 @@ struct EvictionCheck {
 }
 
 /// Eviction checks one tick may do, bounding the time it holds the reactor.
+/// How long the committer must stay idle before the log is zeroed ahead (`start_zeroing_ahead`).
+const ZERO_AHEAD_IDLE_US: u64 = 500;
+/// The log is zeroed ahead only after rounds up to this size (light load).
+const ZERO_AHEAD_ROUND_MAX_BYTES: u64 = 64 << 10;
 const EVICTION_CHECKS_PER_TICK_MAX: usize = 8192;
 /// Longest time between eviction ticks.
 const EVICTION_TICK_MAX_MS: u64 = 100;
@@ -174,6 +180,12 @@ pub struct Shard {
     queue_count: Cell<u64>,
     waiters: RefCell<VecDeque<Waiter>>,
     committer_wake: Notify,
+    /// Cleared by the first failure of zeroing ahead (`start_zeroing_ahead`).
+    zero_ahead_enabled: Cell<bool>,
+    /// A zeroing task is running.
+    zeroing_ahead: Cell<bool>,
+    /// Bytes of the last round the committer wrote.
+    last_round_bytes: Cell<u64>,
     failed: RefCell<Option<String>>,
     closing: Cell<bool>,
     /// End of the log the index holds (written to RocksDB, maybe not yet flushed).
@@ -244,6 +256,7 @@ impl Shard {
             group_commit_records_max: config.group_commit_records_max,
             record_size_max_bytes: config.record_size_max_bytes,
             tail_cache_bytes: config.log_tail_cache_bytes,
+            zero_ahead_bytes: config.log_zero_ahead_bytes,
         };
         for attempt in 0..2 {
             std::fs::create_dir_all(&index_dir)
@@ -361,6 +374,9 @@ impl Shard {
             queue_count: Cell::new(queue_count),
             waiters: RefCell::new(VecDeque::new()),
             committer_wake: Notify::default(),
+            zero_ahead_enabled: Cell::new(true),
+            zeroing_ahead: Cell::new(false),
+            last_round_bytes: Cell::new(0),
             failed: RefCell::new(None),
             closing: Cell::new(false),
             indexed_end: Cell::new(end),
@@ -696,12 +712,58 @@ impl Shard {
             if self.closing.get() {
                 return;
             }
+            self.start_zeroing_ahead();
         }
+    }
+
+    /// When the committer goes idle after a round of at most `ZERO_AHEAD_ROUND_MAX_BYTES`, and
+    /// still has nothing staged `ZERO_AHEAD_IDLE_US` later,
+    /// zeroes the log ahead of its end a chunk at a time in a task of its own, so the next
+    /// appends' fdatasyncs find written blocks (see `LogLimits::zero_ahead_bytes`); it stops
+    /// when appends are staged again. After a
+    /// failure it stops for good: that costs only the saving, and the data path reports real
+    /// disk trouble. Holds a `Weak`, like the other background loops.
+    fn start_zeroing_ahead(self: &Rc<Self>) {
+        // Big rounds mean heavy load: their syncs are few and amortised, and zeros written
+        // between them would compete for the disk.
+        let light_load = self.last_round_bytes.get() <= ZERO_AHEAD_ROUND_MAX_BYTES;
+        if !light_load || !self.zero_ahead_enabled.get() || !self.log.zeroing_due() || self.zeroing_ahead.replace(true)
+        {
+            return;
+        }
+        let shard = Rc::downgrade(self);
+        glommio::spawn_local(async move {
+            // Only a real pause: under full load the committer is idle for microseconds between
+            // rounds, and a chunk started then would hold up the next round.
+            glommio::timer::sleep(Duration::from_micros(ZERO_AHEAD_IDLE_US)).await;
+            loop {
+                let Some(shard) = shard.upgrade() else { return };
+                if shard.closing.get() || shard.log.has_staged() {
+                    shard.zeroing_ahead.set(false);
+                    return;
+                }
+                match shard.log.zero_ahead().await {
+                    Ok(0) => {
+                        shard.zeroing_ahead.set(false);
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::warn!(shard = shard.id, error = %err, "zeroing the log ahead failed; no longer zeroing ahead");
+                        shard.zero_ahead_enabled.set(false);
+                        shard.zeroing_ahead.set(false);
+                        return;
+                    }
+                }
+            }
+        })
+        .detach();
     }
 
     /// Writes a round and, under `sync`, makes it durable. Returns the log end it covers.
     async fn persist_round(&self, round: &[SealedBatch]) -> Result<u64> {
         let end = round.last().map_or(self.log.written_end(), SealedBatch::end);
+        self.last_round_bytes.set(round.iter().map(|b| b.len as u64).sum());
         self.log.write_round(round).await?;
         if self.config.durability == Durability::Sync {
             let durable = self.log.sync().await?;
@@ -1081,6 +1143,7 @@ impl Shard {
         stats.durable_end = self.log.durable_end();
         let (hits, misses, held_bytes) = self.log.tail_cache_stats();
         (stats.tail_cache_hits, stats.tail_cache_misses, stats.tail_cache_bytes) = (hits, misses, held_bytes as u64);
+        stats.log_zeroed_bytes = self.log.zeroed_bytes();
         stats.index_memtable_bytes = self.index.memtable_bytes();
         stats.index_block_cache_bytes = self.index.block_cache_bytes();
         stats.disk_free_bytes = self.disk_free_bytes();

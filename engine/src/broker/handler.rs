@@ -727,6 +727,7 @@ impl ShardHandler {
             ("tail_cache_hits".to_string(), s.tail_cache_hits),
             ("tail_cache_misses".to_string(), s.tail_cache_misses),
             ("tail_cache_bytes".to_string(), s.tail_cache_bytes),
+            ("log_zeroed_bytes".to_string(), s.log_zeroed_bytes),
             ("index_memtable_bytes".to_string(), s.index_memtable_bytes),
             ("index_block_cache_bytes".to_string(), s.index_block_cache_bytes),
             ("engine_queues".to_string(), s.queues as u64),

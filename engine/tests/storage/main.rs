@@ -12,3 +12,4 @@ mod format_compat;
 mod group_commit;
 mod recovery;
 mod roundtrip;
+mod zero_ahead;

@@ -104,6 +104,8 @@ pub struct BrokerSection {
     pub lite_clients_per_group_max: Option<usize>,
     /// Memory per shard for just-written log batches, so fresh records are read without I/O.
     pub log_tail_cache_bytes: Option<usize>,
+    /// Log kept written with zeros ahead of its end while a shard is idle (0: off).
+    pub log_zero_ahead_bytes: Option<u64>,
     /// A queue (a lite topic, say) not appended to for this long leaves memory; 0 keeps all.
     pub queue_idle_evict_ms: Option<u64>,
     /// Free space each shard keeps on its file system; below it, sends get a retryable error.
@@ -144,6 +146,7 @@ impl Default for BrokerSection {
             lite_client_idle_ms: None,
             lite_clients_per_group_max: None,
             log_tail_cache_bytes: None,
+            log_zero_ahead_bytes: None,
             queue_idle_evict_ms: None,
             disk_free_min_bytes: None,
             queues_per_shard_max: None,
@@ -262,6 +265,9 @@ impl BrokerSection {
         }
         if let Some(bytes) = self.log_tail_cache_bytes {
             engine.log_tail_cache_bytes = bytes;
+        }
+        if let Some(bytes) = self.log_zero_ahead_bytes {
+            engine.log_zero_ahead_bytes = bytes;
         }
         if let Some(ms) = self.queue_idle_evict_ms {
             engine.queue_idle_evict_ms = ms;

@@ -108,6 +108,9 @@ pub struct Faults {
     pub full: Rc<Cell<bool>>,
     /// Segment creations refused so far.
     pub creations_refused: Rc<Cell<u32>>,
+    /// Writes of nothing but zeros (the log zeroing ahead) start this many ms late: a disk
+    /// that completes a later write first.
+    pub zero_writes_late_ms: Rc<Cell<u64>>,
 }
 
 /// The real segment store with `Faults` injected.
@@ -133,7 +136,13 @@ impl SegmentFile for FaultyFile {
     }
 
     fn write_at(&self, buf: Rc<DmaBuffer>, offset: u64) -> LocalBoxFuture<'_, io::Result<()>> {
-        self.inner.write_at(buf, offset)
+        Box::pin(async move {
+            let late_ms = self.faults.zero_writes_late_ms.get();
+            if late_ms > 0 && buf.as_bytes().iter().all(|b| *b == 0) {
+                glommio::timer::sleep(Duration::from_millis(late_ms)).await;
+            }
+            self.inner.write_at(buf, offset).await
+        })
     }
 
     fn sync(&self) -> LocalBoxFuture<'_, io::Result<()>> {
