@@ -590,10 +590,7 @@ impl CommitLog {
     /// the saving: the log is not poisoned (no data was at stake), and the caller stops zeroing.
     pub async fn zero_ahead(&self) -> std::io::Result<u64> {
         let _one_at_a_time = self.zero_lock.lock().await;
-        let base = self.state.borrow().active_base;
-        if self.state.borrow().segments.get(&base).is_none_or(|s| s.file.is_none()) {
-            return Ok(0); // not yet written to: its first round opens (or creates) it
-        }
+        let Some(base) = self.opened_active_base() else { return Ok(0) };
         let file = self.segment_file(base).await.map_err(|e| std::io::Error::other(e.to_string()))?;
         // Claimed in the same step as it is chosen: a batch staged from here on that reaches
         // into the range waits (in `write_round`) until the zeros are down.
@@ -639,11 +636,15 @@ impl CommitLog {
 
     /// Whether `zero_ahead` has a chunk to write now (a cheap check before starting it).
     pub fn zeroing_due(&self) -> bool {
+        self.opened_active_base().is_some_and(|base| self.next_zero_range(base, true).is_some())
+    }
+
+    /// The active segment's base once its file is open; before its first round writes (and
+    /// opens or creates) it, there is nothing to zero.
+    fn opened_active_base(&self) -> Option<u64> {
         let state = self.state.borrow();
         let base = state.active_base;
-        let opened = state.segments.get(&base).is_some_and(|s| s.file.is_some());
-        drop(state);
-        opened && self.next_zero_range(base, true).is_some()
+        state.segments.get(&base).is_some_and(|s| s.file.is_some()).then_some(base)
     }
 
     /// Bytes zeroed ahead of the log since open.

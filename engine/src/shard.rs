@@ -131,11 +131,11 @@ struct EvictionCheck {
     name: Rc<str>,
 }
 
-/// Eviction checks one tick may do, bounding the time it holds the reactor.
 /// How long the committer must stay idle before the log is zeroed ahead (`start_zeroing_ahead`).
 const ZERO_AHEAD_IDLE_US: u64 = 500;
 /// The log is zeroed ahead only after rounds up to this size (light load).
 const ZERO_AHEAD_ROUND_MAX_BYTES: u64 = 64 << 10;
+/// Eviction checks one tick may do, bounding the time it holds the reactor.
 const EVICTION_CHECKS_PER_TICK_MAX: usize = 8192;
 /// Longest time between eviction ticks.
 const EVICTION_TICK_MAX_MS: u64 = 100;
@@ -717,12 +717,11 @@ impl Shard {
     }
 
     /// When the committer goes idle after a round of at most `ZERO_AHEAD_ROUND_MAX_BYTES`, and
-    /// still has nothing staged `ZERO_AHEAD_IDLE_US` later,
-    /// zeroes the log ahead of its end a chunk at a time in a task of its own, so the next
-    /// appends' fdatasyncs find written blocks (see `LogLimits::zero_ahead_bytes`); it stops
-    /// when appends are staged again. After a
-    /// failure it stops for good: that costs only the saving, and the data path reports real
-    /// disk trouble. Holds a `Weak`, like the other background loops.
+    /// still has nothing staged `ZERO_AHEAD_IDLE_US` later, zeroes the log ahead of its end a
+    /// chunk at a time in a task of its own, so the next appends' fdatasyncs find written
+    /// blocks (see `LogLimits::zero_ahead_bytes`); it stops when appends are staged again.
+    /// After a failure it stops for good: that costs only the saving, and the data path
+    /// reports real disk trouble. Holds a `Weak`, like the other background loops.
     fn start_zeroing_ahead(self: &Rc<Self>) {
         // Big rounds mean heavy load: their syncs are few and amortised, and zeros written
         // between them would compete for the disk.
@@ -736,26 +735,19 @@ impl Shard {
             // Only a real pause: under full load the committer is idle for microseconds between
             // rounds, and a chunk started then would hold up the next round.
             glommio::timer::sleep(Duration::from_micros(ZERO_AHEAD_IDLE_US)).await;
-            loop {
-                let Some(shard) = shard.upgrade() else { return };
-                if shard.closing.get() || shard.log.has_staged() {
-                    shard.zeroing_ahead.set(false);
-                    return;
-                }
+            let Some(shard) = shard.upgrade() else { return };
+            while !shard.closing.get() && !shard.log.has_staged() {
                 match shard.log.zero_ahead().await {
-                    Ok(0) => {
-                        shard.zeroing_ahead.set(false);
-                        return;
-                    }
+                    Ok(0) => break,
                     Ok(_) => {}
                     Err(err) => {
                         tracing::warn!(shard = shard.id, error = %err, "zeroing the log ahead failed; no longer zeroing ahead");
                         shard.zero_ahead_enabled.set(false);
-                        shard.zeroing_ahead.set(false);
-                        return;
+                        break;
                     }
                 }
             }
+            shard.zeroing_ahead.set(false);
         })
         .detach();
     }
