@@ -378,10 +378,13 @@ budget=$(remaining_secs)
 ((budget > 0)) || { say "ERROR: --timeout ${timeout_secs}s used up before the guest started"; exit "$EXIT_TIMEOUT"; }
 
 # -cpu max: host binaries may use instructions (SSE4.2, AVX2, ...) that plain qemu64 lacks.
+# clocksource=tsc: under TCG the kernel otherwise falls back to the HPET, where every clock read
+# (clock_gettime, Instant::now) is an emulated device access that costs microseconds; RDMA hosts
+# read the TSC, for a few nanoseconds, in user space.
 qemu_started_ms=$(now_ms)
 timeout -k "$KILL_GRACE_SECS" "$budget" \
   qemu-system-x86_64 -cpu max -m "$VM_MEM_MB" -smp "$VM_CPUS" -nographic -no-reboot -nic none \
-  -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 quiet panic=-1$keep_arg" \
+  -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 quiet panic=-1 clocksource=tsc tsc=reliable$keep_arg" \
   -fsdev "local,id=r,path=/,security_model=none,readonly=on,multidevs=remap" \
   -device virtio-9p-pci,fsdev=r,mount_tag=hostroot \
   -fsdev "local,id=o,path=$run_dir,security_model=none" \
