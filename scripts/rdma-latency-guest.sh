@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs inside the soft-RoCE guest (scripts/rdma-vm.sh): for 64 B and 4 KiB, ibv_rc_pingpong's
-# mean round trip and the transport's RDMA echo round trip, alternating, then their ratio.
-# Only the ratio means anything: the guest's CPU is emulated.
+# mean round trip and the transport's RDMA echo round trip with each poll mode (pollers as tasks
+# on the runtimes, the default; a poller thread per link), alternating, then their ratios.
+# Only the ratios mean anything: the guest's CPU is emulated.
 #   rdma-latency-guest.sh BIN      (SLUICE_RDMA_BENCH_ITERS round trips per measurement, default 2000)
 set -euo pipefail
 bin="$1"
@@ -12,6 +13,7 @@ gid=$(bash "$(dirname "$0")/rxe-gid-index.sh" "$dev" "$addr")
 iters="${SLUICE_RDMA_BENCH_ITERS:-2000}"
 rounds=3
 port=18515
+modes=(runtime thread)
 
 # Mean µs per round trip from ibv_rc_pingpong ("N iters in S seconds = U usec/iter").
 pingpong() {
@@ -27,19 +29,31 @@ pingpong() {
   echo "$out" | awk '/usec\/iter/ {print $(NF-1)}'
 }
 
-declare -A pp_sum tr_sum
+# Mean µs per round trip of the transport's RDMA echo with poll mode $2.
+transport() {
+  local size=$1 mode=$2
+  "$bin" --transport rdma --rdma-poll "$mode" --server "$addr:0" --sizes "$size" --iterations "$iters" \
+    --warmup 200 --rounds 1 --json /tmp/tr.json >/tmp/tr.log 2>&1 || { cat /tmp/tr.log >&2; return 1; }
+  python3 -c 'import json;print(json.load(open("/tmp/tr.json"))[0]["mean_ns"]/1000)'
+}
+
+declare -A sum
 for round in $(seq "$rounds"); do
   for size in 64 4096; do
     pp=$(pingpong "$size")
-    "$bin" --transport rdma --server "$addr:0" --sizes "$size" --iterations "$iters" --warmup 200 --rounds 1 \
-      --json /tmp/tr.json >/tmp/tr.log 2>&1 || { cat /tmp/tr.log; exit 1; }
-    tr=$(python3 -c 'import json;print(json.load(open("/tmp/tr.json"))[0]["mean_ns"]/1000)')
-    echo "round $round size $size: ibv_rc_pingpong ${pp} µs/iter, transport rdma ${tr} µs mean"
-    pp_sum[$size]=$(python3 -c "print(${pp_sum[$size]:-0} + $pp)")
-    tr_sum[$size]=$(python3 -c "print(${tr_sum[$size]:-0} + $tr)")
+    line="round $round size $size: ibv_rc_pingpong ${pp} µs/iter"
+    sum[pp,$size]=$(python3 -c "print(${sum[pp,$size]:-0} + $pp)")
+    for mode in "${modes[@]}"; do
+      tr=$(transport "$size" "$mode")
+      line+=", transport rdma ($mode) ${tr} µs mean"
+      sum[$mode,$size]=$(python3 -c "print(${sum[$mode,$size]:-0} + $tr)")
+    done
+    echo "$line"
   done
 done
-printf '\n%-6s %22s %22s %8s\n' size "ibv_rc_pingpong µs" "transport rdma µs" ratio
+printf '\n%-6s %20s %20s %8s %20s %8s\n' size "ibv_rc_pingpong µs" "rdma runtime µs" ratio "rdma thread µs" ratio
 for size in 64 4096; do
-  python3 -c "pp=${pp_sum[$size]}/$rounds; tr=${tr_sum[$size]}/$rounds; print(f'{$size:<6} {pp:>22.1f} {tr:>22.1f} {tr/pp:>8.2f}')"
+  python3 -c "
+pp=${sum[pp,$size]}/$rounds; rt=${sum[runtime,$size]}/$rounds; th=${sum[thread,$size]}/$rounds
+print(f'{$size:<6} {pp:>20.1f} {rt:>20.1f} {rt/pp:>8.2f} {th:>20.1f} {th/pp:>8.2f}')"
 done

@@ -45,7 +45,7 @@ struct ClientInner {
     kind: TransportKind,
     peer: String,
     server: Mutex<Option<HelloAck>>,
-    /// Keeps the RDMA driver thread alive; dropping it stops the driver.
+    /// Keeps the RDMA driver (task or thread) running; dropping it stops the driver.
     _rdma: Mutex<Option<crate::rdma::RdmaDriver>>,
     /// Round-trip histogram handles by request kind, made on first use.
     round_trips: [OnceLock<metrics::Histogram>; ROUND_TRIP_KINDS],
@@ -200,7 +200,11 @@ impl Client {
             .await
             .map_err(|e| TransportError::Rdma { op: "connect", detail: e.to_string() })??;
         let (client, outbound) = Client::new_inner(config, TransportKind::Rdma, addr.to_string(), None);
-        let driver = pending.start(outbound, Arc::new(WeakSink(Arc::downgrade(&client.inner))), None)?;
+        let sink = Arc::new(WeakSink(Arc::downgrade(&client.inner)));
+        let driver = match client.inner.config.rdma.poll_mode {
+            crate::config::RdmaPollMode::Runtime => pending.spawn_on_tokio(outbound, sink)?,
+            crate::config::RdmaPollMode::Thread => pending.start(outbound, sink, None)?,
+        };
         *client.inner._rdma.lock().expect("driver lock") = Some(driver);
         client.hello(name).await?;
         Ok(client)

@@ -58,6 +58,9 @@ pub struct RdmaConfig {
     pub ring_bytes: u64,
     /// Completion-queue polls before the poller sleeps on the completion channel.
     pub busy_poll_spins: u32,
+    /// Where each link's poller runs: on the runtime that serves the link (default), or on a
+    /// thread of its own.
+    pub poll_mode: RdmaPollMode,
     /// RDMA device to use (e.g. "rxe0", "mlx5_0"). `None`: the environment variable
     /// `SLUICE_RDMA_DEVICE` if set, else the first device with an ACTIVE port.
     pub device: Option<String>,
@@ -79,6 +82,32 @@ pub struct RdmaConfig {
     /// (recv_slots + send_slots) × slot_bytes + write_chunks × write_chunk_bytes). Further
     /// connections are refused.
     pub max_links: u32,
+}
+
+/// Where an RDMA link's poller (completion queue, sends, flow control) runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RdmaPollMode {
+    /// A task on the runtime whose tasks use the link: the broker shard's glommio executor,
+    /// the client's tokio runtime. A received frame reaches its handler, and a reply the wire,
+    /// without crossing threads. A parked link is woken through the runtime's reactor (tokio)
+    /// or a waiter thread that sleeps in poll(2) (glommio).
+    #[default]
+    Runtime,
+    /// A thread per link, pinned to the server's core (broker side), handing frames to the
+    /// runtime through channels: two thread hand-offs per side per round trip.
+    Thread,
+}
+
+impl std::str::FromStr for RdmaPollMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "runtime" => Ok(RdmaPollMode::Runtime),
+            "thread" => Ok(RdmaPollMode::Thread),
+            other => Err(format!("rdma poll mode must be \"runtime\" or \"thread\", not {other:?}")),
+        }
+    }
 }
 
 /// Receives each side keeps beyond its data credits: one for the peer's credit request and
@@ -126,6 +155,7 @@ impl Default for RdmaConfig {
             recv_slots: 1024 + 64,
             ring_bytes: (64 << 20) + (1 << 20),
             busy_poll_spins: 2_000,
+            poll_mode: RdmaPollMode::Runtime,
             device: None,
             gid_index: None,
             send_slots: 256,
@@ -278,5 +308,19 @@ mod tests {
             let err = config.validate().unwrap_err();
             assert_eq!(err.code(), 2109, "{err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod rdma_poll_mode_tests {
+    use super::RdmaPollMode;
+
+    #[test]
+    fn poll_modes_parse_from_their_config_words_only() {
+        assert_eq!("runtime".parse::<RdmaPollMode>(), Ok(RdmaPollMode::Runtime));
+        assert_eq!("thread".parse::<RdmaPollMode>(), Ok(RdmaPollMode::Thread));
+        assert_eq!(RdmaPollMode::default(), RdmaPollMode::Runtime);
+        let error = "Thread".parse::<RdmaPollMode>().expect_err("words are lower case");
+        assert!(error.contains("\"runtime\" or \"thread\""), "{error}");
     }
 }

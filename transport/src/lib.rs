@@ -36,7 +36,7 @@ pub mod spans;
 mod tcp;
 
 pub use client::{Client, TransportKind};
-pub use config::{RdmaConfig, TransportConfig};
+pub use config::{RdmaConfig, RdmaPollMode, TransportConfig};
 pub use error::{FrameError, TransportError};
 pub use frame::{Frame, FrameHeader, Message, OutFrame, Request, FRAME_HEADER_BYTES, FRAME_VERSION};
 pub use link::{ChannelSink, ChannelSource, FrameSink, Outbound};

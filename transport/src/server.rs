@@ -709,8 +709,8 @@ impl RdmaAcceptor {
 }
 
 impl<H: Handler> Server<H> {
-    /// Starts a driver for each accepted RDMA connection, pinned to this executor's core, and
-    /// serves it until it closes or the server stops.
+    /// Starts a driver for each accepted RDMA connection (a task on this executor, or a thread
+    /// pinned to its core: `rdma.poll_mode`) and serves it until it closes or the server stops.
     async fn serve_rdma(self: Rc<Self>, accepted: flume::Receiver<crate::rdma::PendingRdma>, pin_core: Option<usize>) {
         let live_links = Rc::new(std::cell::Cell::new(0u32));
         loop {
@@ -735,7 +735,11 @@ impl<H: Handler> Server<H> {
             // Credits bound what a well-behaved peer queues; the slack covers control frames.
             let (sink, source) = crate::link::ChannelSink::new(self.config.credits as usize + 64);
             let (out_tx, out_rx) = flume::bounded(self.config.credits as usize);
-            let driver = match next.start(out_rx, sink, pin_core) {
+            let started = match self.config.rdma.poll_mode {
+                crate::config::RdmaPollMode::Runtime => next.spawn_on_glommio(out_rx, sink),
+                crate::config::RdmaPollMode::Thread => next.start(out_rx, sink, pin_core),
+            };
+            let driver = match started {
                 Ok(driver) => driver,
                 Err(e) => {
                     tracing::warn!(error = %e, "starting an RDMA connection failed");

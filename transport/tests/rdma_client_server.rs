@@ -3,12 +3,14 @@
 //! under SLUICE_IN_RDMA_VM=1), like the driver tests.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use sluice_transport::frame::{Frame, OutFrame};
 use sluice_transport::messages::{Echo, EchoReply, ErrorReply};
 use sluice_transport::rdma::test_support::{device_or_skip, server_addr};
 use sluice_transport::server::ListenOn;
-use sluice_transport::{Client, Handler, ServerInfo, ServerThread, TransportConfig, TransportKind};
+use sluice_transport::{Client, Handler, RdmaPollMode, ServerInfo, ServerThread, TransportConfig, TransportKind};
 
 /// The server answers Echo itself; every other kind is refused.
 struct EchoOnly;
@@ -20,8 +22,18 @@ impl Handler for EchoOnly {
 }
 
 fn server(listen: ListenOn) -> ServerThread {
+    server_with(listen, TransportConfig::default())
+}
+
+fn server_with(listen: ListenOn, config: TransportConfig) -> ServerThread {
     let info = ServerInfo { name: "rdma-test".into(), ..Default::default() };
-    ServerThread::spawn(listen, TransportConfig::default(), info, || EchoOnly, None).expect("server thread")
+    ServerThread::spawn(listen, config, info, || EchoOnly, None).expect("server thread")
+}
+
+fn config_polling(mode: RdmaPollMode) -> TransportConfig {
+    let mut config = TransportConfig::default();
+    config.rdma.poll_mode = mode;
+    config
 }
 
 async fn echo(client: &Client, payload: &[u8]) {
@@ -35,9 +47,16 @@ async fn rdma_client_calls_an_rdma_server_with_small_and_large_bodies_pipelined(
     if !device_or_skip("rdma_client_calls_an_rdma_server_with_small_and_large_bodies_pipelined") {
         return;
     }
-    let server = server(ListenOn { tcp: None, rdma: Some(server_addr()) });
+    // Both places a poller can run: tasks on the runtimes (the default), and a thread per link.
+    for mode in [RdmaPollMode::Runtime, RdmaPollMode::Thread] {
+        small_and_large_bodies_pipelined(config_polling(mode)).await;
+    }
+}
+
+async fn small_and_large_bodies_pipelined(config: TransportConfig) {
+    let server = server_with(ListenOn { tcp: None, rdma: Some(server_addr()) }, config.clone());
     let addr: SocketAddr = server.rdma_addr.expect("RDMA address");
-    let client = Client::connect(&format!("rdma://{addr}"), TransportConfig::default(), "t").await.expect("connect");
+    let client = Client::connect(&format!("rdma://{addr}"), config, "t").await.expect("connect");
     assert_eq!(client.transport(), TransportKind::Rdma);
     for len in [0usize, 64, 8000, 100_000, 1 << 20, 16 << 20, 32 << 20] {
         let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
@@ -52,6 +71,34 @@ async fn rdma_client_calls_an_rdma_server_with_small_and_large_bodies_pipelined(
         }
     });
     futures::future::join_all(calls).await;
+}
+
+/// Pollers running as tasks park when idle (the client's on its tokio reactor, the server's
+/// through its waiter thread) and must wake for the next call; and a client that goes away
+/// must end the server's link, not leave its task polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_pollers_wake_from_parking_and_a_dropped_client_ends_the_servers_link() {
+    if !device_or_skip("runtime_pollers_wake_from_parking_and_a_dropped_client_ends_the_servers_link") {
+        return;
+    }
+    let mut config = config_polling(RdmaPollMode::Runtime);
+    // Park after a few idle rounds, so the pauses below are spent parked.
+    config.rdma.busy_poll_spins = 8;
+    let server = server_with(ListenOn { tcp: None, rdma: Some(server_addr()) }, config.clone());
+    let addr: SocketAddr = server.rdma_addr.expect("RDMA address");
+    let client = Client::connect(&format!("rdma://{addr}"), config, "t").await.expect("connect");
+    for round in 0..5u8 {
+        echo(&client, &[round; 100]).await;
+        echo(&client, &vec![round; 20_000]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(server.stats.connections_open.load(Ordering::Relaxed), 1);
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.stats.connections_open.load(Ordering::Relaxed) != 0 {
+        assert!(Instant::now() < deadline, "the server still holds the link 20 s after its client dropped it");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,10 @@ struct Args {
     /// tcp, or rdma (needs a device; no raw baseline, compare with ibv_rc_pingpong).
     #[arg(long, default_value = "tcp")]
     transport: String,
+    /// Where each RDMA link's poller runs: runtime (a task on the server's glommio executor and
+    /// on the client's tokio runtime) or thread (a thread per link and side).
+    #[arg(long, default_value = "runtime")]
+    rdma_poll: sluice_transport::RdmaPollMode,
     /// Address the server binds (port 0 picks one).
     #[arg(long, default_value = "127.0.0.1:0")]
     server: SocketAddr,
@@ -67,7 +71,8 @@ fn main() {
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let mut rows: Vec<Row> = Vec::new();
-    let config = TransportConfig::default();
+    let mut config = TransportConfig::default();
+    config.rdma.poll_mode = args.rdma_poll;
     match args.transport.as_str() {
         "tcp" => {
             let raw = RawEchoServer::spawn(args.server, server_core).expect("raw echo server");

@@ -32,6 +32,9 @@ pub struct TransportSection {
     pub drain_timeout_ms: Option<u64>,
     pub silence_probe_ms: Option<u64>,
     pub dead_link_timeout_ms: Option<u64>,
+    /// Where each RDMA link's poller runs: "runtime" (default: a task on the broker shard's
+    /// executor and on the proxy's runtime) or "thread" (a thread per link).
+    pub rdma_poll: Option<String>,
     /// The cluster's shared secret (16 bytes or more): brokers refuse peers that cannot prove
     /// it, proxies prove it. The same file on every broker and proxy.
     pub secret_file: Option<PathBuf>,
@@ -56,6 +59,9 @@ impl TransportSection {
         }
         if let Some(c) = self.credits {
             t.credits = c;
+        }
+        if let Some(mode) = &self.rdma_poll {
+            t.rdma.poll_mode = mode.parse().map_err(|e| format!("[transport] rdma_poll: {e}"))?;
         }
         if let Some(path) = &self.secret_file {
             t.secret = Some(PeerSecret::from_file(path).map_err(|e| e.to_string())?);

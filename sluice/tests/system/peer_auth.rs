@@ -86,3 +86,13 @@ async fn a_broker_reachable_from_other_hosts_needs_a_secret() {
     assert!(!ok, "a broker on 0.0.0.0 started without a transport secret");
     assert!(err.contains("can be reached from other hosts") && err.contains("secret_file"), "{err}");
 }
+
+/// `[transport] rdma_poll` takes "runtime" or "thread"; anything else stops the process at
+/// start with the choices named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_rdma_poll_mode_is_refused_at_start_with_the_choices() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let brokers = [format!("127.0.0.1:{}", free_port())];
+    let e = proxy_refused(dir.path(), "busy-poll-proxy", &brokers, "[transport]\nrdma_poll = \"busy\"\n").await;
+    assert!(e.contains("rdma_poll") && e.contains("\"runtime\" or \"thread\""), "{e}");
+}

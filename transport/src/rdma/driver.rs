@@ -1,21 +1,28 @@
-//! The poller: one thread per connection, pinned to its core, that owns the endpoint. It polls
-//! the completion queue, delivers frames, reposts released receives, returns credits and ring
-//! space, and takes frames from the outbound channel while it has credits. When nothing happens
-//! for `busy_poll_spins` rounds it arms the CQ and sleeps in poll(2) on the completion channel,
-//! the doorbell (frame releases, shutdown, outbound frames through a waker) and the bootstrap
-//! socket (EOF there means the peer is gone).
+//! The poller: it owns the endpoint of one connection. It polls the completion queue, delivers
+//! frames, reposts released receives, returns credits and ring space, and takes frames from the
+//! outbound channel while it has credits. When nothing happens for `busy_poll_spins` rounds it
+//! arms the CQ and parks until the completion channel, the doorbell (frame releases, shutdown)
+//! or the bootstrap socket (EOF there means the peer is gone) is readable, or a frame arrives on
+//! the outbound channel.
+//!
+//! It runs in one of two places (`RdmaPollMode`): as a task on the runtime whose tasks use the
+//! link (`run_async`: the broker shard's glommio executor, the proxy's tokio runtime), so a
+//! frame goes from the completion queue to its handler, and a reply back onto the wire, with no
+//! thread hand-off; or on a thread of its own (`run_thread`), pinned to its core.
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::Read;
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+
+use futures::FutureExt as _;
 
 use super::credit::{ReturnLedger, SendWindow};
 use super::doorbell::Doorbell;
@@ -107,8 +114,11 @@ pub(crate) struct Driver {
     limits: LinkLimits,
     busy_poll_spins: u32,
     liveness_probe: Duration,
-    /// Last time a completion arrived or a probe went out.
+    /// Last time a completion arrived or a probe went out, as of the last park.
     last_activity: Instant,
+    /// A completion arrived since the last park. The clock is read only when parking: a busy
+    /// link would otherwise read it on every round.
+    active_since_park: bool,
     releases: flume::Receiver<Release>,
     doorbell: Arc<Doorbell>,
     outbound: Outbound,
@@ -128,6 +138,32 @@ pub(crate) struct Driver {
     outbound_closed: bool,
     completions: Vec<Completion>,
     released: Vec<Release>,
+    /// Rounds so far; the bootstrap socket is looked at every `BOOTSTRAP_CHECK_ROUNDS`.
+    rounds: u64,
+}
+
+/// How many fds a parked poller waits on (`Driver::park_fds`).
+pub(crate) const PARK_FDS: usize = 3;
+
+/// Whether the poller may park.
+enum Park {
+    /// Something happened while arming: run another round.
+    Resume,
+    /// Park until a park fd is readable, a frame arrives on the outbound channel (only if
+    /// `take_outbound`: out of credits, frames must stay there), or `timeout_ms` passes.
+    Wait { timeout_ms: i32, take_outbound: bool },
+}
+
+/// What the async poller needs from its runtime (`runtimes.rs`).
+pub(crate) trait ParkRuntime {
+    /// Lets the runtime's other tasks run, and its I/O be polled, before the next round.
+    fn pause(&mut self) -> impl Future<Output = ()>;
+    /// Resolves when one of `fds` is readable (or hung up) or `timeout` has passed; says which.
+    fn wait(
+        &mut self,
+        fds: [RawFd; PARK_FDS],
+        timeout: Duration,
+    ) -> impl Future<Output = std::io::Result<[bool; PARK_FDS]>>;
 }
 
 impl Driver {
@@ -150,6 +186,7 @@ impl Driver {
             busy_poll_spins: parts.busy_poll_spins,
             liveness_probe: parts.liveness_probe,
             last_activity: Instant::now(),
+            active_since_park: false,
             releases: parts.releases,
             doorbell: parts.doorbell,
             outbound,
@@ -164,14 +201,29 @@ impl Driver {
             outbound_closed: false,
             completions: Vec::new(),
             released: Vec::new(),
+            rounds: 0,
         }
     }
 
-    /// Runs until the link ends, tears the endpoint down, then tells the sink (exactly once,
-    /// even if the loop or a sink callback panicked: that is a bug, but the layer above must
-    /// not wait forever for a link that is gone).
-    pub(crate) fn run(mut self) {
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
+    /// Runs on the calling thread until the link ends, then `finish`es.
+    pub(crate) fn run_thread(mut self) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.thread_loop()));
+        self.finish(outcome);
+    }
+
+    /// Runs as a task of `runtime` until the link ends, then `finish`es. Between rounds it lets
+    /// the runtime's other tasks (the link's callers and handlers) run.
+    pub(crate) async fn run_async<R: ParkRuntime>(mut self, mut runtime: R) {
+        let outcome = std::panic::AssertUnwindSafe(self.async_loop(&mut runtime)).catch_unwind().await;
+        // The runtime may have the endpoint's fds registered: let go of them before they close.
+        drop(runtime);
+        self.finish(outcome);
+    }
+
+    /// Tears the endpoint down, then tells the sink (exactly once, even if the loop or a sink
+    /// callback panicked: that is a bug, but the layer above must not wait forever for a link
+    /// that is gone).
+    fn finish(self, outcome: std::thread::Result<Result<Infallible, TransportError>>) {
         let error = match outcome {
             Ok(Err(error)) => error,
             Ok(Ok(never)) => match never {},
@@ -194,29 +246,10 @@ impl Driver {
         sink.closed(error);
     }
 
-    fn run_loop(&mut self) -> Result<Infallible, TransportError> {
+    fn thread_loop(&mut self) -> Result<Infallible, TransportError> {
         let mut idle_rounds = 0u32;
-        let mut rounds = 0u64;
         loop {
-            if self.stop.load(Ordering::Acquire) {
-                return Err(TransportError::Closed {
-                    reason: "RDMA link shut down locally (RdmaDriver::shutdown or drop)".into(),
-                });
-            }
-            let mut progress = self.poll_completions()?;
-            progress |= self.apply_releases()?;
-            progress |= self.send_control()?;
-            progress |= self.send_data()?;
-            if self.finished() {
-                return Err(TransportError::Closed {
-                    reason: "the outbound channel was closed (every sender dropped); RDMA link shut down".into(),
-                });
-            }
-            rounds += 1;
-            if rounds.is_multiple_of(BOOTSTRAP_CHECK_ROUNDS) {
-                self.check_bootstrap()?;
-            }
-            if progress {
+            if self.turn()? {
                 idle_rounds = 0;
                 continue;
             }
@@ -225,9 +258,68 @@ impl Driver {
                 std::hint::spin_loop();
                 continue;
             }
-            self.sleep()?;
             idle_rounds = 0;
+            self.sleep_thread()?;
         }
+    }
+
+    async fn async_loop<R: ParkRuntime>(&mut self, runtime: &mut R) -> Result<Infallible, TransportError> {
+        let mut idle_rounds = 0u32;
+        loop {
+            if self.turn()? {
+                idle_rounds = 0;
+                runtime.pause().await;
+                continue;
+            }
+            idle_rounds += 1;
+            if idle_rounds < self.busy_poll_spins {
+                runtime.pause().await;
+                continue;
+            }
+            idle_rounds = 0;
+            let Park::Wait { timeout_ms, take_outbound } = self.prepare_park()? else { continue };
+            let outbound = self.outbound.clone();
+            let next = async move {
+                match take_outbound {
+                    true => outbound.recv_async().await,
+                    false => std::future::pending().await,
+                }
+            };
+            let timeout = Duration::from_millis(u64::try_from(timeout_ms).unwrap_or(1));
+            let wait = runtime.wait(self.park_fds(), timeout);
+            match futures::future::select(std::pin::pin!(next), std::pin::pin!(wait)).await {
+                futures::future::Either::Left((frame, _)) => {
+                    self.on_outbound_poll(Poll::Ready(frame));
+                }
+                futures::future::Either::Right((ready, _)) => {
+                    let ready = ready.map_err(|e| TransportError::io("waiting for the RDMA completion channel", e))?;
+                    self.on_woken(ready)?;
+                }
+            }
+        }
+    }
+
+    /// One round: completions, releases, control, data. True if anything moved.
+    fn turn(&mut self) -> Result<bool, TransportError> {
+        if self.stop.load(Ordering::Acquire) {
+            return Err(TransportError::Closed {
+                reason: "RDMA link shut down locally (RdmaDriver::shutdown or drop)".into(),
+            });
+        }
+        let mut progress = self.poll_completions()?;
+        progress |= self.apply_releases()?;
+        progress |= self.send_control()?;
+        progress |= self.send_data()?;
+        if self.finished() {
+            return Err(TransportError::Closed {
+                reason: "the outbound channel was closed (every sender dropped); RDMA link shut down".into(),
+            });
+        }
+        self.rounds += 1;
+        if self.rounds.is_multiple_of(BOOTSTRAP_CHECK_ROUNDS) {
+            self.check_bootstrap()?;
+        }
+        Ok(progress)
     }
 
     fn finished(&self) -> bool {
@@ -254,7 +346,7 @@ impl Driver {
                 break;
             }
             metrics::counter!(crate::metrics::RDMA_COMPLETIONS).increment(n as u64);
-            self.last_activity = Instant::now();
+            self.active_since_park = true;
             any = true;
         }
         Ok(any)
@@ -465,42 +557,59 @@ impl Driver {
 
     // ---- sleeping and the bootstrap socket ----
 
-    fn sleep(&mut self) -> Result<(), TransportError> {
+    /// Arms the CQ and decides whether the poller may park, and for how long.
+    fn prepare_park(&mut self) -> Result<Park, TransportError> {
         self.endpoint.arm()?;
         // A completion that landed before the arm raises no event: look once more.
         if self.poll_completions()? {
-            return Ok(());
+            return Ok(Park::Resume);
         }
         self.doorbell.clear();
         if !self.releases.is_empty() || self.stop.load(Ordering::Acquire) {
-            return Ok(());
+            return Ok(Park::Resume);
         }
-        let can_take =
+        let take_outbound =
             self.pending.is_none() && self.large.is_none() && self.window.available() > 0 && !self.outbound_closed;
-        if !can_take && self.outbound.is_disconnected() && self.outbound.is_empty() {
+        if !take_outbound && self.outbound.is_disconnected() && self.outbound.is_empty() {
             self.outbound_closed = true;
-            return Ok(());
+            return Ok(Park::Resume);
         }
-        let waker = Waker::from(self.doorbell.clone());
-        let mut cx = Context::from_waker(&waker);
-        let outbound = self.outbound.clone();
-        let mut next = can_take.then(|| outbound.recv_async());
-        if let Some(fut) = next.as_mut() {
-            if self.on_outbound_poll(Pin::new(fut).poll(&mut cx)) {
-                return Ok(());
-            }
-        }
-        let timeout_ms = if can_take || self.outbound_closed { IDLE_WAKE_MS } else { STALLED_WAKE_MS };
+        let timeout_ms = if take_outbound || self.outbound_closed { IDLE_WAKE_MS } else { STALLED_WAKE_MS };
         let timeout_ms = timeout_ms.min(self.probe_if_quiet()?);
-        let fds = [self.endpoint.event_fd(), self.doorbell.fd(), self.tcp.as_raw_fd()];
-        let [event, _bell, bootstrap] =
-            wait_fds(fds, timeout_ms).map_err(|e| TransportError::io("poll(2) in the RDMA poller", e))?;
+        Ok(Park::Wait { timeout_ms, take_outbound })
+    }
+
+    /// What a parked poller waits on: the completion channel, the doorbell, the bootstrap socket.
+    fn park_fds(&self) -> [RawFd; PARK_FDS] {
+        [self.endpoint.event_fd(), self.doorbell.fd(), self.tcp.as_raw_fd()]
+    }
+
+    /// After a park: takes the completion events and looks at the bootstrap socket if they woke it.
+    fn on_woken(&mut self, [event, _bell, bootstrap]: [bool; PARK_FDS]) -> Result<(), TransportError> {
         if event {
             self.endpoint.take_events();
         }
         if bootstrap {
             self.check_bootstrap()?;
         }
+        Ok(())
+    }
+
+    /// Parks the poller thread in poll(2); the outbound channel wakes it through the doorbell.
+    fn sleep_thread(&mut self) -> Result<(), TransportError> {
+        let Park::Wait { timeout_ms, take_outbound } = self.prepare_park()? else { return Ok(()) };
+        let waker = Waker::from(self.doorbell.clone());
+        let mut cx = Context::from_waker(&waker);
+        let outbound = self.outbound.clone();
+        let mut next = take_outbound.then(|| outbound.recv_async());
+        if let Some(fut) = next.as_mut() {
+            if self.on_outbound_poll(Pin::new(fut).poll(&mut cx)) {
+                return Ok(());
+            }
+        }
+        let ready =
+            wait_fds(self.park_fds(), timeout_ms).map_err(|e| TransportError::io("poll(2) in the RDMA poller", e))?;
+        self.on_woken(ready)?;
         if let Some(fut) = next.as_mut() {
             self.on_outbound_poll(Pin::new(fut).poll(&mut cx));
         }
@@ -511,14 +620,18 @@ impl Driver {
     /// retries already watch the peer): post a probe. Returns how long the poller may sleep
     /// before the next check.
     fn probe_if_quiet(&mut self) -> Result<i32, TransportError> {
-        let quiet = self.last_activity.elapsed();
+        let now = Instant::now();
+        if std::mem::take(&mut self.active_since_park) {
+            self.last_activity = now;
+        }
+        let quiet = now.saturating_duration_since(self.last_activity);
         if quiet < self.liveness_probe {
             return Ok((self.liveness_probe - quiet).as_millis().clamp(1, i32::MAX as u128) as i32);
         }
         if self.endpoint.sends_outstanding() == 0 && self.endpoint.post_probe()? {
             bump(&self.stats.liveness_probes, 1);
         }
-        self.last_activity = Instant::now();
+        self.last_activity = now;
         Ok(self.liveness_probe.as_millis().clamp(1, i32::MAX as u128) as i32)
     }
 

@@ -11,11 +11,15 @@
 //! - Flow control: `credits` data frames in flight; credits come back in the immediate data of
 //!   frames going the other way or in control messages the sink never sees (`credit`). Out of
 //!   credits, the driver stops taking from the outbound channel, which pushes back on callers.
-//! - One poller thread per link, pinned to `pin_core`: bounded busy-poll, then sleep in poll(2)
-//!   on the completion channel, a doorbell and the bootstrap socket.
+//! - One poller per link: bounded busy-poll, then park on the completion channel, a doorbell and
+//!   the bootstrap socket. By default (`RdmaPollMode::Runtime`) it is a task on the runtime the
+//!   link serves (`spawn_on_glommio` for a broker shard, `spawn_on_tokio` for the proxy), so
+//!   completions are polled where the work runs; `RdmaPollMode::Thread` (`start`) gives it a
+//!   thread of its own, pinned to `pin_core`.
 //!
 //! Module map: `verbs` (the only unsafe code: libibverbs objects, registered memory, leases),
-//! `driver` (the poller), `setup` (handshake), and the pure, unit-tested logic: `wire`
+//! `driver` (the poller), `runtimes` (where an async poller parks), `setup` (handshake), and the
+//! pure, unit-tested logic: `wire`
 //! (immediate data, control messages), `credit`, `ring`, `pool`, `peer` (handshake checks, GID
 //! choice).
 
@@ -25,6 +29,7 @@ mod driver;
 mod peer;
 mod pool;
 mod ring;
+mod runtimes;
 mod setup;
 #[allow(unsafe_code)]
 mod verbs;
@@ -213,6 +218,60 @@ impl PendingRdma {
         self.tcp.try_clone().map_err(|e| TransportError::io("cloning the bootstrap socket", e))
     }
 
+    /// Starts the poller as a task on the current tokio runtime (`RdmaPollMode::Runtime` on
+    /// the client side). Otherwise as `start`. Fails outside a tokio runtime.
+    pub fn spawn_on_tokio(self, outbound: Outbound, sink: Arc<dyn FrameSink>) -> Result<RdmaDriver, TransportError> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|e| TransportError::Config {
+            reason: format!("RdmaPollMode::Runtime on the client needs a tokio runtime: {e}"),
+        })?;
+        let (driver, handle_parts) = self.into_driver(outbound, sink)?;
+        let done = handle_parts.done.clone();
+        handle.spawn(async move {
+            driver.run_async(runtimes::TokioPark::default()).await;
+            done.store(true, Ordering::Release);
+        });
+        Ok(handle_parts.into_task())
+    }
+
+    /// Starts the poller as a task on the current glommio executor (`RdmaPollMode::Runtime` on
+    /// a broker shard), with a waiter thread for when the link is parked. Otherwise as `start`.
+    /// Must be called on a glommio executor.
+    pub fn spawn_on_glommio(self, outbound: Outbound, sink: Arc<dyn FrameSink>) -> Result<RdmaDriver, TransportError> {
+        let park = runtimes::GlommioPark::new(format!("sluice-rdma-park-{}", self.peer_addr))
+            .map_err(|e| TransportError::io("spawning the RDMA park waiter thread", e))?;
+        let (driver, handle_parts) = self.into_driver(outbound, sink)?;
+        let done = handle_parts.done.clone();
+        glommio::spawn_local(async move {
+            driver.run_async(park).await;
+            done.store(true, Ordering::Release);
+        })
+        .detach();
+        Ok(handle_parts.into_task())
+    }
+
+    fn into_driver(
+        self,
+        outbound: Outbound,
+        sink: Arc<dyn FrameSink>,
+    ) -> Result<(driver::Driver, DriverHandleParts), TransportError> {
+        self.tcp.set_nonblocking(true).map_err(|e| TransportError::io("bootstrap socket", e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(driver::StatsCounters::default());
+        let doorbell = self.doorbell.clone();
+        let parts = driver::DriverParts {
+            endpoint: self.endpoint,
+            tcp: self.tcp,
+            limits: self.limits,
+            own_credits: self.own_credits,
+            busy_poll_spins: self.busy_poll_spins,
+            liveness_probe: self.liveness_probe,
+            releases: self.releases,
+            doorbell: self.doorbell,
+        };
+        let driver = driver::Driver::new(parts, outbound, sink, stop.clone(), stats.clone());
+        Ok((driver, DriverHandleParts { stop, doorbell, stats, done: Arc::new(AtomicBool::new(false)) }))
+    }
+
     /// Starts the poller thread (pinned to `pin_core` if given): it sends what arrives on
     /// `outbound` and delivers what arrives to `sink`, until `outbound` is disconnected, the link
     /// fails, or the driver is shut down; then it calls `sink.closed` once.
@@ -230,22 +289,8 @@ impl PendingRdma {
                 });
             }
         }
-        self.tcp.set_nonblocking(true).map_err(|e| TransportError::io("bootstrap socket", e))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(driver::StatsCounters::default());
-        let doorbell = self.doorbell.clone();
         let name = format!("sluice-rdma-{}", self.peer_addr);
-        let parts = driver::DriverParts {
-            endpoint: self.endpoint,
-            tcp: self.tcp,
-            limits: self.limits,
-            own_credits: self.own_credits,
-            busy_poll_spins: self.busy_poll_spins,
-            liveness_probe: self.liveness_probe,
-            releases: self.releases,
-            doorbell: self.doorbell,
-        };
-        let driver = driver::Driver::new(parts, outbound, sink, stop.clone(), stats.clone());
+        let (driver, parts) = self.into_driver(outbound, sink)?;
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
@@ -254,10 +299,36 @@ impl PendingRdma {
                         tracing::warn!(core, "could not pin the RDMA poller thread");
                     }
                 }
-                driver.run();
+                driver.run_thread();
             })
             .map_err(|e| TransportError::io("spawning the RDMA poller thread", e))?;
-        Ok(RdmaDriver { thread: Some(thread), stop, doorbell, stats })
+        Ok(RdmaDriver {
+            thread: Some(thread),
+            stop: parts.stop,
+            doorbell: parts.doorbell,
+            stats: parts.stats,
+            task_done: None,
+        })
+    }
+}
+
+/// A driver's shared state, before it is known where the driver runs.
+struct DriverHandleParts {
+    stop: Arc<AtomicBool>,
+    doorbell: Arc<doorbell::Doorbell>,
+    stats: Arc<driver::StatsCounters>,
+    done: Arc<AtomicBool>,
+}
+
+impl DriverHandleParts {
+    fn into_task(self) -> RdmaDriver {
+        RdmaDriver {
+            thread: None,
+            stop: self.stop,
+            doorbell: self.doorbell,
+            stats: self.stats,
+            task_done: Some(self.done),
+        }
     }
 }
 
@@ -281,10 +352,13 @@ pub struct RdmaStats {
     pub liveness_probes: u64,
 }
 
-/// A running link. `shutdown` (or drop) stops the poller, tears the link down and joins (except
-/// when dropped by the poller thread itself, from inside a sink callback: then it only stops).
+/// A running link. `shutdown` (or drop) stops the poller and tears the link down. A poller
+/// thread is joined (except when dropped by the poller thread itself, from inside a sink
+/// callback: then it only stops); a poller task is told to stop and finishes on its runtime.
 pub struct RdmaDriver {
     thread: Option<JoinHandle<()>>,
+    /// Set when a poller task (not thread) has finished.
+    task_done: Option<Arc<AtomicBool>>,
     stop: Arc<AtomicBool>,
     doorbell: Arc<doorbell::Doorbell>,
     stats: Arc<driver::StatsCounters>,
@@ -303,7 +377,10 @@ impl RdmaDriver {
 
     /// Whether the poller has stopped (the link ended).
     pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+        match &self.task_done {
+            Some(done) => done.load(Ordering::Acquire),
+            None => self.thread.as_ref().is_none_or(JoinHandle::is_finished),
+        }
     }
 
     pub fn shutdown(mut self) {

@@ -1191,6 +1191,18 @@ impl Endpoint {
     }
 }
 
+/// Registers a duplicate of `fd` (open, and kept open by its owner for this call) with the
+/// current tokio runtime's reactor, for readability. The registration owns the duplicate.
+pub(crate) fn register_with_tokio(fd: RawFd) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: the caller passes an fd its owner keeps open for the duration of this call; the
+    // borrow ends with the duplication.
+    let owned = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+    // SAFETY: the AsyncFd owns `owned`, so the fd stays open and names the same file
+    // description for the AsyncFd's whole lifetime, and nothing else can close or replace it.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into())
+}
+
 /// poll(2) on a few fds. Returns, per fd, whether it is readable or hung up.
 pub(crate) fn wait_fds<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> io::Result<[bool; N]> {
     let mut pollfds = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 });
