@@ -4,6 +4,7 @@
 #
 #   scripts/bench.sh [--short] [--durability sync|async|both] [--label TEXT] [--suite FILE]
 #                    [--metrics-overhead | --aa] [--rounds N]
+#   scripts/bench.sh --rdma-vm [--label TEXT]
 #
 # For each durability level it starts, in a scratch directory with free ports:
 #   a `sluice broker` and a `sluice proxy` (proxy→broker over RDMA when this host has a device,
@@ -26,14 +27,25 @@
 # --rounds N runs each level's suite N times, the even rounds with the targets in reverse
 #   order, so the order's own effect cancels in the medians (results/<level>-round<i>.json);
 #   the summary and report show the first round.
+# --rdma-vm builds here, then runs broker, proxies and sluice-bench inside the soft-RoCE guest
+#   (scripts/rdma-vm.sh): bench/suites/rdma-vm.toml, sync durability, every Sluice target over
+#   RDMA and its @tcp twin over TCP in the same guest, so the proxy→broker hop is measured both
+#   ways (and `transport = "auto"` must really pick RDMA: the proxy's log is checked). Data lives
+#   on the guest's 9p results share (its tmpfs has no O_DIRECT); the summary is printed and
+#   kept in results/rdma-vm.txt. Only the RDMA ÷ TCP ratios mean anything: the CPU is emulated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LIBCLANG_PATH="${LIBCLANG_PATH:-/usr/lib/llvm-14/lib}"
 
 short=""; levels=(sync async); metrics_overhead=false; twin_metrics=false; rounds=1; label="$(hostname) $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 suite=bench/suites/standard.toml
+rdma_vm=false; in_rdma_vm=false
+RDMA_VM_TIMEOUT_SECS=1800       # boot + the rdma-vm suite under software emulation
+RDMA_VM_SHARE=/run/sluice-out   # the guest's writable share (rdma-vm.sh's results share)
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --rdma-vm) rdma_vm=true; shift ;;
+    --in-rdma-vm) in_rdma_vm=true; shift ;;
     --short) short="--short"; shift ;;
     --durability) case "$2" in sync|async) levels=("$2") ;; both) levels=(sync async) ;;
                     *) echo "--durability is sync, async or both" >&2; exit 2 ;; esac; shift 2 ;;
@@ -49,6 +61,22 @@ while [[ $# -gt 0 ]]; do
 done
 
 if $twin_metrics; then label+=" · A/A: the @nometrics twin has metrics on"; fi
+if $rdma_vm; then
+  profile="${SLUICE_CARGO_PROFILE:-release}"
+  source scripts/build-once.sh
+  build_workspace "$profile"
+  mkdir -p results
+  # The guest sees this checkout read-only at the same path; it writes to its share only.
+  SLUICE_CARGO_PROFILE=$profile SLUICE_VM_PASS_ENV="SLUICE_CARGO_PROFILE RUST_LOG" \
+    bash scripts/rdma-vm.sh --timeout "$RDMA_VM_TIMEOUT_SECS" -- \
+    bash scripts/bench.sh --in-rdma-vm --label "$label · soft-RoCE guest" | tee results/rdma-vm.txt
+  exit "${PIPESTATUS[0]}"
+fi
+results=results
+if $in_rdma_vm; then
+  [[ -d /sys/class/infiniband ]] || { echo "bench: --in-rdma-vm runs inside scripts/rdma-vm.sh's guest" >&2; exit 2; }
+  suite=bench/suites/rdma-vm.toml; levels=(sync); results=$RDMA_VM_SHARE/results
+fi
 for tool in nats-server redis-server; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is missing; running scripts/setup.sh"; bash scripts/setup.sh; break; }
 done
@@ -56,11 +84,12 @@ done
 # compiling everything again for release.
 profile="${SLUICE_CARGO_PROFILE:-release}"
 source scripts/build-once.sh
-build_workspace "$profile"
+$in_rdma_vm || build_workspace "$profile"
 sluice=target/$profile/sluice
 bench=target/$profile/sluice-bench
 
-work="$(mktemp -d /tmp/sluice-bench.XXXXXX)"
+# In the guest: on the share, because the engine writes with O_DIRECT and tmpfs has none.
+work="$(mktemp -d "$($in_rdma_vm && echo "$RDMA_VM_SHARE" || echo /tmp)/sluice-bench.XXXXXX")"
 pids=()
 stop_all() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -68,14 +97,14 @@ stop_all() {
   pids=()
 }
 trap 'stop_all; rm -rf "$work"' EXIT
-mkdir -p results
+mkdir -p "$results"
 
 source scripts/ports.sh
 
-wait_port() {
-  local port=$1 name=$2 log=$3
+wait_port() { # port name log [host]
+  local port=$1 name=$2 log=$3 host=${4:-127.0.0.1}
   for _ in $(seq 1 300); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    if (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; then return 0; fi
     sleep 0.1
   done
   echo "bench: $name did not open port $port within 30 s; its log:" >&2
@@ -100,13 +129,14 @@ run_level() {
   mkdir -p "$dir"
   local broker_port grpc grpc_tcp redis_port nats_port flush_ms=1000
   broker_port=$(broker_port_span); grpc=$(free_port); redis_port=$(free_port); nats_port=$(free_port)
-  local rdma_line="" transport=tcp
+  local rdma_line="" transport=tcp host=127.0.0.1
   if $rdma; then
-    # auto: the client meets the broker over TCP and moves to RDMA when the broker offers it.
-    transport=auto
+    # auto: the client meets the broker over TCP and moves to RDMA when the broker offers it,
+    # at the address it reached the broker on: so the broker listens on the RDMA device's.
+    transport=auto host=$(rdma_addr)
     # rdma_listen is not loopback, and sluice-bench talks to the broker without the transport
     # secret: the benchmark's private network is trusted.
-    rdma_line="rdma_listen = \"$(rdma_addr):$(( broker_port + 100 ))\"
+    rdma_line="rdma_listen = \"$host:$(( broker_port + 100 ))\"
 allow_unauthenticated_peers = true"
   fi
   start_broker() { # name port metrics rdma_line
@@ -114,7 +144,7 @@ allow_unauthenticated_peers = true"
     cat >"$dir/$1.toml" <<TOML
 [broker]
 name = "$1"
-listen = "127.0.0.1:$2"
+listen = "$host:$2"
 $4
 data_dir = "$dir/$1-data"
 durability = "$level"
@@ -125,7 +155,7 @@ metrics_listen = "127.0.0.1:0"
 TOML
     "$sluice" broker --config "$dir/$1.toml" >"$dir/$1.log" 2>&1 &
     pids+=($!)
-    wait_port "$2" "sluice broker ($1)" "$dir/$1.log"
+    wait_port "$2" "sluice broker ($1)" "$dir/$1.log" "$host"
   }
   start_broker broker "$broker_port" true "$rdma_line"
   local broker_pid=${pids[-1]}
@@ -134,11 +164,13 @@ TOML
 [proxy]
 name = "$1"
 grpc = "127.0.0.1:$2"
-brokers = ["127.0.0.1:${4:-$broker_port}"]
+brokers = ["$host:${4:-$broker_port}"]
 transport = "$3"
 metrics = ${5:-true}
 TOML
-    "$sluice" proxy --config "$dir/$1.toml" >"$dir/$1.log" 2>&1 &
+    # The transport's choice (tcp or rdma, and why) is logged at info.
+    SLUICE_LOG="${SLUICE_LOG:-warn},sluice_transport::client=info" \
+      "$sluice" proxy --config "$dir/$1.toml" >"$dir/$1.log" 2>&1 &
     pids+=($!)
     wait_port "$2" "sluice proxy ($3)" "$dir/$1.log"
   }
@@ -164,8 +196,8 @@ TOML
 
   local targets=(
     --target raw-tcp
-    --target "transport=$transport://127.0.0.1:$broker_port"
-    --target "sluice-broker=$transport://127.0.0.1:$broker_port"
+    --target "transport=$transport://$host:$broker_port"
+    --target "sluice-broker=$transport://$host:$broker_port"
     --target "sluice-grpc=127.0.0.1:$grpc"
     --target "nats=nats://127.0.0.1:$nats_port"
     --target "redis=redis://127.0.0.1:$redis_port"
@@ -177,8 +209,8 @@ TOML
     grpc_tcp=$(free_port)
     start_proxy proxy-tcp "$grpc_tcp" tcp
     targets+=(--target "sluice-grpc@tcp=127.0.0.1:$grpc_tcp"
-              --target "sluice-broker@tcp=tcp://127.0.0.1:$broker_port"
-              --target "transport@tcp=tcp://127.0.0.1:$broker_port")
+              --target "sluice-broker@tcp=tcp://$host:$broker_port"
+              --target "transport@tcp=tcp://$host:$broker_port")
   fi
   if $metrics_overhead; then
     local bare_broker_port bare_grpc
@@ -192,15 +224,15 @@ allow_unauthenticated_peers = true"; fi
     cpu+=(--pid "proxy@nometrics=${pids[-1]}")
     # First, so the targets with metrics run later in each workload (the other order of
     # the standard run's): compare both to see the run order's own effect.
-    targets=(--target "sluice-broker@nometrics=$transport://127.0.0.1:$bare_broker_port"
+    targets=(--target "sluice-broker@nometrics=$transport://$host:$bare_broker_port"
              --target "sluice-grpc@nometrics=127.0.0.1:$bare_grpc" "${targets[@]}")
   fi
   echo "== bench: $level durability · sluice $level (async flushes every ${flush_ms} ms) · redis appendfsync $fsync · nats-server $nats_version =="
   local round out order
   for (( round = 1; round <= rounds; round++ )); do
-    out="results/$level.json"; order=("${targets[@]}")
+    out="$results/$level.json"; order=("${targets[@]}")
     if (( round > 1 )); then
-      out="results/$level-round$round.json"
+      out="$results/$level-round$round.json"
       echo "== round $round of $rounds =="
     fi
     if (( round % 2 == 0 )); then
@@ -212,7 +244,14 @@ allow_unauthenticated_peers = true"; fi
     round_files+=("$out")
   done
   if [[ -n $short ]]; then
-    "$bench" check "results/$level.json" --suite "$suite" --kinds "$kinds"
+    "$bench" check "$results/$level.json" --suite "$suite" --kinds "$kinds"
+  fi
+  if $rdma; then
+    # transport = "auto" must have moved the proxy onto RDMA, or the table compares TCP with TCP.
+    local chose
+    chose=$(grep -m1 -o 'transport: chose [a-z]* ([^)]*)' "$dir/proxy.log" || echo "no transport choice logged")
+    echo "bench: proxy→broker with transport = \"auto\": $chose"
+    [[ $chose == "transport: chose rdma"* ]] || { echo "bench: the proxy did not move to RDMA; its log:" >&2; tail -n 40 "$dir/proxy.log" >&2; exit 1; }
   fi
   stop_all
 }
@@ -220,11 +259,11 @@ allow_unauthenticated_peers = true"; fi
 files=(); round_files=()
 for level in "${levels[@]}"; do
   run_level "$level"
-  files+=("results/$level.json")
+  files+=("$results/$level.json")
 done
-"$bench" report "${files[@]}" --out results/report.html
+"$bench" report "${files[@]}" --out "$results/report.html"
 echo
-echo "== summary (results/: ${files[*]}, report.html) =="
+echo "== summary ($results/: ${files[*]}, report.html) =="
 "$bench" summary "${files[@]}"
 if $metrics_overhead; then
   echo

@@ -6,6 +6,7 @@
 #   - with --rdma-vm: inside the soft-RoCE QEMU guest, the transport's RDMA path against
 #     ibv_rc_pingpong (ratio of mean round trips only: the guest is emulated).
 #   scripts/transport-bench.sh [--rdma-vm] [extra transport-latency flags, e.g. --iterations 5000]
+# SLUICE_CARGO_PROFILE picks the build profile (default release; `ci` reuses the test build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LIBCLANG_PATH="${LIBCLANG_PATH:-/usr/lib/llvm-14/lib}"
@@ -14,8 +15,11 @@ if [[ "${1:-}" == "--rdma-vm" ]]; then
   rdma_vm=1
   shift
 fi
-cargo build --release --locked -p sluice-bench --bin transport-latency
-bin=target/release/transport-latency
+profile="${SLUICE_CARGO_PROFILE:-release}"
+# The whole workspace, as the main job builds it: a `-p` selection would compile RocksDB again.
+source scripts/build-once.sh
+build_workspace "$profile"
+bin=target/$profile/transport-latency
 mkdir -p results
 echo "== TCP on this host: transport vs raw TCP ping-pong =="
 "$bin" --transport tcp --json results/transport-tcp.json "$@"

@@ -198,7 +198,17 @@ impl SegmentStore for DmaSegmentStore {
             let file =
                 OpenOptions::new().read(true).write(true).create_new(true).dma_open(&temporary).await.map_err(to_io)?;
             let prepared = async {
-                file.pre_allocate(size_bytes, false).await.map_err(to_io)?;
+                match file.pre_allocate(size_bytes, false).await.map_err(to_io) {
+                    Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                        // Some filesystems (9p, some network ones) cannot preallocate. A sparse
+                        // file of the full size reads the same to recovery (zeros past the end of
+                        // the log); its blocks are taken as records land, so a full disk fails a
+                        // write (which stops the shard) rather than the segment's creation.
+                        tracing::warn!(path = %temporary.display(), "the filesystem cannot preallocate segments (fallocate unsupported); creating a sparse one");
+                        std::fs::OpenOptions::new().write(true).open(&temporary)?.set_len(size_bytes)?;
+                    }
+                    other => other?,
+                }
                 file.fdatasync().await.map_err(to_io)
             };
             if let Err(e) = prepared.await {

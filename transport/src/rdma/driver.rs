@@ -157,7 +157,9 @@ enum Park {
 /// What the async poller needs from its runtime (`runtimes.rs`).
 pub(crate) trait ParkRuntime {
     /// Lets the runtime's other tasks run, and its I/O be polled, before the next round.
-    fn pause(&mut self) -> impl Future<Output = ()>;
+    /// `progress`: the round moved something, so the link's callers or handlers likely have
+    /// work now.
+    fn pause(&mut self, progress: bool) -> impl Future<Output = ()>;
     /// Resolves when one of `fds` is readable (or hung up) or `timeout` has passed; says which.
     fn wait(
         &mut self,
@@ -268,12 +270,12 @@ impl Driver {
         loop {
             if self.turn()? {
                 idle_rounds = 0;
-                runtime.pause().await;
+                runtime.pause(true).await;
                 continue;
             }
             idle_rounds += 1;
             if idle_rounds < self.busy_poll_spins {
-                runtime.pause().await;
+                runtime.pause(false).await;
                 continue;
             }
             idle_rounds = 0;

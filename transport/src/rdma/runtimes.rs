@@ -40,7 +40,7 @@ impl TokioPark {
 }
 
 impl ParkRuntime for TokioPark {
-    async fn pause(&mut self) {
+    async fn pause(&mut self, _progress: bool) {
         // Not `tokio::task::yield_now`, which defers the task until the reactor was polled: a
         // syscall per round. A task that wakes itself is queued behind the ready tasks (the
         // link's callers), and tokio still polls its reactor every `event_interval` ticks.
@@ -73,14 +73,18 @@ pub(crate) struct GlommioPark {
     requests: std::sync::mpsc::Sender<WaitRequest>,
     answers: flume::Receiver<WaitAnswer>,
     next_wait: u64,
-    /// Pauses so far; every `GLOMMIO_IO_ROUNDS`th goes through the reactor.
-    pauses: u64,
 }
 
 /// A self-woken task keeps glommio's task queue busy, and the executor polls its io_uring (the
 /// shard's disk I/O, its timers) only when the queues run dry or the preemption timer fires.
-/// So every this many pauses the poller waits on a timer instead, which lets the executor poll.
-const GLOMMIO_IO_ROUNDS: u64 = 8;
+/// So the pollers of one executor, together, yield that way at most this many times in a row;
+/// then one waits on a timer, which empties the queue of pollers and lets the executor poll.
+const GLOMMIO_YIELDS_BETWEEN_POLLS: u32 = 8;
+
+thread_local! {
+    /// Self-wakes by this executor's pollers since one of them last came back from a timer.
+    static GLOMMIO_YIELDS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
 
 /// Wakes itself and yields once: the task goes to the back of its runtime's ready queue.
 struct YieldOnce(bool);
@@ -126,17 +130,22 @@ impl GlommioPark {
                 }
             }
         })?;
-        Ok(GlommioPark { requests, answers, next_wait: 0, pauses: 0 })
+        Ok(GlommioPark { requests, answers, next_wait: 0 })
     }
 }
 
 impl ParkRuntime for GlommioPark {
-    async fn pause(&mut self) {
-        self.pauses += 1;
-        if self.pauses.is_multiple_of(GLOMMIO_IO_ROUNDS) {
-            glommio::timer::sleep(Duration::from_micros(1)).await;
-        } else {
+    async fn pause(&mut self, progress: bool) {
+        // After progress the link's handlers have work: let them run and come straight back for
+        // their replies. An idle round goes through the reactor, so idle pollers never keep the
+        // executor from its I/O.
+        let yields = GLOMMIO_YIELDS.with(std::cell::Cell::get);
+        if progress && yields < GLOMMIO_YIELDS_BETWEEN_POLLS {
+            GLOMMIO_YIELDS.with(|n| n.set(yields + 1));
             YieldOnce(false).await;
+        } else {
+            glommio::timer::sleep(Duration::from_micros(1)).await;
+            GLOMMIO_YIELDS.with(|n| n.set(0));
         }
     }
 
