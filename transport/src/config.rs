@@ -309,11 +309,6 @@ mod tests {
             assert_eq!(err.code(), 2109, "{err}");
         }
     }
-}
-
-#[cfg(test)]
-mod rdma_poll_mode_tests {
-    use super::RdmaPollMode;
 
     #[test]
     fn poll_modes_parse_from_their_config_words_only() {

@@ -15,27 +15,21 @@ use std::time::Duration;
 use super::driver::{ParkRuntime, PARK_FDS};
 use super::verbs::{register_with_tokio, wait_fds};
 
-/// Parks on the current tokio runtime. Registers duplicates of the fds on first use, so the
-/// registrations stay valid whatever closes first.
+/// Parks on the current tokio runtime. Registers duplicates of the park fds on first use (a
+/// driver's fds never change), so the registrations stay valid whatever closes first.
 #[derive(Default)]
 pub(crate) struct TokioPark {
-    /// Which fds the registrations are duplicates of, and the registrations.
-    fds: Option<[RawFd; PARK_FDS]>,
-    registered: Vec<tokio::io::unix::AsyncFd<OwnedFd>>,
+    registered: Option<[tokio::io::unix::AsyncFd<OwnedFd>; PARK_FDS]>,
 }
 
 impl TokioPark {
-    fn register(&mut self, fds: [RawFd; PARK_FDS]) -> io::Result<()> {
-        if self.fds == Some(fds) {
-            return Ok(());
+    fn registered(&mut self, fds: [RawFd; PARK_FDS]) -> io::Result<&[tokio::io::unix::AsyncFd<OwnedFd>; PARK_FDS]> {
+        if self.registered.is_none() {
+            let [event, bell, bootstrap] = fds;
+            self.registered =
+                Some([register_with_tokio(event)?, register_with_tokio(bell)?, register_with_tokio(bootstrap)?]);
         }
-        self.fds = None;
-        self.registered.clear();
-        for fd in fds {
-            self.registered.push(register_with_tokio(fd)?);
-        }
-        self.fds = Some(fds);
-        Ok(())
+        Ok(self.registered.as_ref().expect("registered above"))
     }
 }
 
@@ -48,8 +42,7 @@ impl ParkRuntime for TokioPark {
     }
 
     async fn wait(&mut self, fds: [RawFd; PARK_FDS], timeout: Duration) -> io::Result<[bool; PARK_FDS]> {
-        self.register(fds)?;
-        let [event, bell, bootstrap] = &self.registered[..] else { unreachable!("PARK_FDS fds registered") };
+        let [event, bell, bootstrap] = self.registered(fds)?;
         // Readiness is cleared as soon as it is seen: the driver then drains the fd, and a later
         // edge sets it again.
         let ready = |which: usize| {
