@@ -2,7 +2,8 @@
 //! Run with `cargo test --release -p sluice-hw-tests -- --ignored --nocapture --test-threads=1`
 //! or `scripts/hw-tests.sh`. Sizes and counts can be raised on real hardware:
 //! `SLUICE_HW_BULK_MIB` (default 256), `SLUICE_HW_LATENCY_ROUND_TRIPS` (default 20000);
-//! `SLUICE_HW_BUSY_POLL_SPINS` overrides `rdma.busy_poll_spins` for the latency probe.
+//! `SLUICE_HW_BUSY_POLL_US` and `SLUICE_HW_BUSY_POLL_MAX_US` override `rdma.busy_poll_us` and
+//! `rdma.busy_poll_max_us` for the latency probe.
 
 use std::time::{Duration, Instant};
 
@@ -112,8 +113,9 @@ fn rdma_latency_probe_reports_percentiles() {
     let round_trips = env_or("SLUICE_HW_LATENCY_ROUND_TRIPS", 20_000) as usize;
     let warmup = 1_000;
     let mut config = TransportConfig::default();
-    config.rdma.busy_poll_spins = env_or("SLUICE_HW_BUSY_POLL_SPINS", config.rdma.busy_poll_spins.into()) as u32;
-    println!("poller busy-poll rounds before sleeping: {}", config.rdma.busy_poll_spins);
+    config.rdma.busy_poll_us = env_or("SLUICE_HW_BUSY_POLL_US", config.rdma.busy_poll_us.into()) as u32;
+    config.rdma.busy_poll_max_us = env_or("SLUICE_HW_BUSY_POLL_MAX_US", config.rdma.busy_poll_max_us.into()) as u32;
+    println!("poller busy-polls {}..{} µs before sleeping", config.rdma.busy_poll_us, config.rdma.busy_poll_max_us);
     let (client, server) = link(&config);
     let echo = spawn_echo(server, &config);
     let mut id = 0;

@@ -56,8 +56,12 @@ pub struct RdmaConfig {
     /// Registered ring each side exposes for RDMA WRITE WITH IMMEDIATE; at least max_frame_bytes + header,
     /// rounded up to `RDMA_RING_ALIGN_BYTES`, and a multiple of it.
     pub ring_bytes: u64,
-    /// Completion-queue polls before the poller sleeps on the completion channel.
-    pub busy_poll_spins: u32,
+    /// How long an idle poller busy-polls before it parks on the completion channel, at least
+    /// (µs). Every spinning poller holds a CPU.
+    pub busy_poll_us: u32,
+    /// The most it busy-polls: the budget adapts up to this to cover the gaps between a link's
+    /// events when they are shorter (`rdma/spin.rs`). Equal to `busy_poll_us`: a fixed budget.
+    pub busy_poll_max_us: u32,
     /// Where each link's poller runs: on the runtime that serves the link (default), or on a
     /// thread of its own.
     pub poll_mode: RdmaPollMode,
@@ -119,6 +123,8 @@ pub const RDMA_MAX_RECV_SLOTS: u32 = 1 << 20;
 pub const RDMA_RING_ALIGN_BYTES: u64 = 64;
 /// Largest ring the 30-bit immediate offset (in 64-byte units) can address.
 pub const RDMA_RING_MAX_BYTES: u64 = RDMA_RING_ALIGN_BYTES << 30;
+/// Ceiling of `rdma.busy_poll_max_us`: past it, a parked poller's wake-up is the cheaper wait.
+pub const RDMA_BUSY_POLL_MAX_US: u32 = 100_000;
 
 pub const MIN_FRAME_BYTES: u64 = 4096;
 pub const MAX_CREDITS: u32 = 65_536;
@@ -154,7 +160,8 @@ impl Default for RdmaConfig {
             slot_bytes: 8192,
             recv_slots: 1024 + 64,
             ring_bytes: (64 << 20) + (1 << 20),
-            busy_poll_spins: 2_000,
+            busy_poll_us: 50,
+            busy_poll_max_us: 1_000,
             poll_mode: RdmaPollMode::Runtime,
             device: None,
             gid_index: None,
@@ -257,6 +264,13 @@ impl RdmaConfig {
         if self.write_chunks == 0 || self.write_chunks > 64 {
             return bad(format!("rdma.write_chunks = {} must be within 1..=64", self.write_chunks));
         }
+        if self.busy_poll_us > self.busy_poll_max_us || self.busy_poll_max_us > RDMA_BUSY_POLL_MAX_US {
+            return bad(format!(
+                "rdma.busy_poll_us = {} and rdma.busy_poll_max_us = {} must satisfy busy_poll_us <= \
+                 busy_poll_max_us <= {RDMA_BUSY_POLL_MAX_US}",
+                self.busy_poll_us, self.busy_poll_max_us
+            ));
+        }
         if !(10..=600_000).contains(&self.liveness_probe_ms) {
             return bad(format!("rdma.liveness_probe_ms = {} must be within 10..=600000", self.liveness_probe_ms));
         }
@@ -282,7 +296,7 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_each_limit_is_checked() {
         TransportConfig::default().validate().unwrap();
-        let cases: [fn(&mut TransportConfig); 18] = [
+        let cases: [fn(&mut TransportConfig); 20] = [
             |c| c.max_frame_bytes = 10,
             |c| c.credits = 0,
             |c| c.max_inflight_bytes = c.max_frame_bytes - 1,
@@ -299,6 +313,8 @@ mod tests {
             |c| c.rdma.write_chunks = 0,
             |c| c.rdma.device = Some(String::new()),
             |c| c.rdma.liveness_probe_ms = 0,
+            |c| c.rdma.busy_poll_us = c.rdma.busy_poll_max_us + 1,
+            |c| c.rdma.busy_poll_max_us = RDMA_BUSY_POLL_MAX_US + 1,
             |c| c.silence_probe_ms = 0,
             |c| c.dead_link_timeout_ms = MAX_TIMEOUT_MS + 1,
         ];

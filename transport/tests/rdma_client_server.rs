@@ -82,8 +82,9 @@ async fn runtime_pollers_wake_from_parking_and_a_dropped_client_ends_the_servers
         return;
     }
     let mut config = config_polling(RdmaPollMode::Runtime);
-    // Park after a few idle rounds, so the pauses below are spent parked.
-    config.rdma.busy_poll_spins = 8;
+    // Park after a few idle microseconds, so the pauses below are spent parked.
+    config.rdma.busy_poll_us = 10;
+    config.rdma.busy_poll_max_us = 10;
     let server = server_with(ListenOn { tcp: None, rdma: Some(server_addr()) }, config.clone());
     let addr: SocketAddr = server.rdma_addr.expect("RDMA address");
     let client = Client::connect(&format!("rdma://{addr}"), config, "t").await.expect("connect");

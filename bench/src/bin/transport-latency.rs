@@ -40,6 +40,12 @@ struct Args {
     /// on the client's tokio runtime) or thread (a thread per link and side).
     #[arg(long, default_value = "runtime")]
     rdma_poll: sluice_transport::RdmaPollMode,
+    /// An idle RDMA poller's busy-poll budget, least and most, in µs (`rdma.busy_poll_us`,
+    /// `rdma.busy_poll_max_us`); default: the transport's defaults.
+    #[arg(long)]
+    rdma_busy_poll_us: Option<u32>,
+    #[arg(long)]
+    rdma_busy_poll_max_us: Option<u32>,
     /// Address the server binds (port 0 picks one).
     #[arg(long, default_value = "127.0.0.1:0")]
     server: SocketAddr,
@@ -73,6 +79,12 @@ fn main() {
     let mut rows: Vec<Row> = Vec::new();
     let mut config = TransportConfig::default();
     config.rdma.poll_mode = args.rdma_poll;
+    config.rdma.busy_poll_us = args.rdma_busy_poll_us.unwrap_or(config.rdma.busy_poll_us);
+    config.rdma.busy_poll_max_us = args.rdma_busy_poll_max_us.unwrap_or(config.rdma.busy_poll_max_us);
+    if let Err(e) = config.validate() {
+        eprintln!("transport-latency: {e}");
+        std::process::exit(2);
+    }
     match args.transport.as_str() {
         "tcp" => {
             let raw = RawEchoServer::spawn(args.server, server_core).expect("raw echo server");

@@ -35,9 +35,11 @@ pub struct TransportSection {
     /// Where each RDMA link's poller runs: "runtime" (default: a task on the broker shard's
     /// executor and on the proxy's runtime) or "thread" (a thread per link).
     pub rdma_poll: Option<String>,
-    /// Idle rounds an RDMA poller busy-polls before it parks (default 2000). Lower it where
-    /// cores are shared: every spinning poller holds a CPU.
-    pub rdma_busy_poll_spins: Option<u32>,
+    /// How long an idle RDMA poller busy-polls before it parks, at least (µs, default 50).
+    pub rdma_busy_poll_us: Option<u32>,
+    /// The most it busy-polls (µs, default 1000): the budget adapts up to this to spin through
+    /// a link's short gaps. Where cores are shared, lower both: every spinning poller holds a CPU.
+    pub rdma_busy_poll_max_us: Option<u32>,
     /// The cluster's shared secret (16 bytes or more): brokers refuse peers that cannot prove
     /// it, proxies prove it. The same file on every broker and proxy.
     pub secret_file: Option<PathBuf>,
@@ -63,8 +65,11 @@ impl TransportSection {
         if let Some(c) = self.credits {
             t.credits = c;
         }
-        if let Some(spins) = self.rdma_busy_poll_spins {
-            t.rdma.busy_poll_spins = spins;
+        if let Some(us) = self.rdma_busy_poll_us {
+            t.rdma.busy_poll_us = us;
+        }
+        if let Some(us) = self.rdma_busy_poll_max_us {
+            t.rdma.busy_poll_max_us = us;
         }
         if let Some(mode) = &self.rdma_poll {
             t.rdma.poll_mode = mode.parse().map_err(|e| format!("[transport] rdma_poll: {e}"))?;

@@ -96,3 +96,13 @@ async fn an_unknown_rdma_poll_mode_is_refused_at_start_with_the_choices() {
     let e = proxy_refused(dir.path(), "busy-poll-proxy", &brokers, "[transport]\nrdma_poll = \"busy\"\n").await;
     assert!(e.contains("rdma_poll") && e.contains("\"runtime\" or \"thread\""), "{e}");
 }
+
+/// The RDMA busy-poll budget is checked at start: its base may not exceed its ceiling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_poll_budget_above_its_ceiling_is_refused_at_start_with_the_rule() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let brokers = [format!("127.0.0.1:{}", free_port())];
+    let settings = "[transport]\nrdma_busy_poll_us = 500\nrdma_busy_poll_max_us = 100\n";
+    let e = proxy_refused(dir.path(), "spin-proxy", &brokers, settings).await;
+    assert!(e.contains("busy_poll_us <= busy_poll_max_us"), "{e}");
+}

@@ -1,7 +1,7 @@
 //! The poller: it owns the endpoint of one connection. It polls the completion queue, delivers
 //! frames, reposts released receives, returns credits and ring space, and takes frames from the
-//! outbound channel while it has credits. When nothing happens for `busy_poll_spins` rounds it
-//! arms the CQ and parks until the completion channel, the doorbell (frame releases, shutdown)
+//! outbound channel while it has credits. When nothing has happened for its spin budget
+//! (`spin.rs`) it arms the CQ and parks until the completion channel, the doorbell (frame releases, shutdown)
 //! or the bootstrap socket (EOF there means the peer is gone) is readable, or a frame arrives on
 //! the outbound channel.
 //!
@@ -28,6 +28,7 @@ use super::credit::{ReturnLedger, SendWindow};
 use super::doorbell::Doorbell;
 use super::peer::LinkLimits;
 use super::ring::{RingReader, RingWriter};
+use super::spin::SpinBudget;
 use super::verbs::{wait_fds, Completion, Endpoint, Release};
 use super::wire::{ControlBody, Imm, CONTROL_CREDITS_MAX, SEND_CREDITS_MAX};
 use super::RdmaStats;
@@ -102,7 +103,8 @@ pub(crate) struct DriverParts {
     pub tcp: TcpStream,
     pub limits: LinkLimits,
     pub own_credits: u32,
-    pub busy_poll_spins: u32,
+    pub busy_poll: Duration,
+    pub busy_poll_max: Duration,
     pub liveness_probe: Duration,
     pub releases: flume::Receiver<Release>,
     pub doorbell: Arc<Doorbell>,
@@ -112,7 +114,7 @@ pub(crate) struct Driver {
     endpoint: Endpoint,
     tcp: TcpStream,
     limits: LinkLimits,
-    busy_poll_spins: u32,
+    spin: SpinBudget,
     liveness_probe: Duration,
     /// Last time a completion arrived or a probe went out, as of the last park.
     last_activity: Instant,
@@ -185,7 +187,7 @@ impl Driver {
             endpoint: parts.endpoint,
             tcp: parts.tcp,
             limits: parts.limits,
-            busy_poll_spins: parts.busy_poll_spins,
+            spin: SpinBudget::new(parts.busy_poll, parts.busy_poll_max),
             liveness_probe: parts.liveness_probe,
             last_activity: Instant::now(),
             active_since_park: false,
@@ -249,36 +251,30 @@ impl Driver {
     }
 
     fn thread_loop(&mut self) -> Result<Infallible, TransportError> {
-        let mut idle_rounds = 0u32;
         loop {
             if self.turn()? {
-                idle_rounds = 0;
+                self.spin.on_progress();
                 continue;
             }
-            idle_rounds += 1;
-            if idle_rounds < self.busy_poll_spins {
+            if self.spin.keep_spinning() {
                 std::hint::spin_loop();
                 continue;
             }
-            idle_rounds = 0;
             self.sleep_thread()?;
         }
     }
 
     async fn async_loop<R: ParkRuntime>(&mut self, runtime: &mut R) -> Result<Infallible, TransportError> {
-        let mut idle_rounds = 0u32;
         loop {
             if self.turn()? {
-                idle_rounds = 0;
+                self.spin.on_progress();
                 runtime.pause(true).await;
                 continue;
             }
-            idle_rounds += 1;
-            if idle_rounds < self.busy_poll_spins {
+            if self.spin.keep_spinning() {
                 runtime.pause(false).await;
                 continue;
             }
-            idle_rounds = 0;
             let Park::Wait { timeout_ms, take_outbound } = self.prepare_park()? else { continue };
             let outbound = self.outbound.clone();
             let next = async move {

@@ -31,6 +31,7 @@ mod pool;
 mod ring;
 mod runtimes;
 mod setup;
+mod spin;
 #[allow(unsafe_code)]
 mod verbs;
 mod wire;
@@ -182,7 +183,8 @@ pub struct PendingRdma {
     tcp: TcpStream,
     limits: peer::LinkLimits,
     own_credits: u32,
-    busy_poll_spins: u32,
+    busy_poll: std::time::Duration,
+    busy_poll_max: std::time::Duration,
     liveness_probe: std::time::Duration,
     releases: flume::Receiver<verbs::Release>,
     doorbell: Arc<doorbell::Doorbell>,
@@ -263,7 +265,8 @@ impl PendingRdma {
             tcp: self.tcp,
             limits: self.limits,
             own_credits: self.own_credits,
-            busy_poll_spins: self.busy_poll_spins,
+            busy_poll: self.busy_poll,
+            busy_poll_max: self.busy_poll_max,
             liveness_probe: self.liveness_probe,
             releases: self.releases,
             doorbell: self.doorbell,
