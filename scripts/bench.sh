@@ -33,6 +33,9 @@
 #   ways (and `transport = "auto"` must really pick RDMA: the proxy's log is checked). Data lives
 #   on the guest's 9p results share (its tmpfs has no O_DIRECT); the summary is printed and
 #   kept in results/rdma-vm.txt. Only the RDMA ÷ TCP ratios mean anything: the CPU is emulated.
+# SLUICE_RDMA_BUSY_POLL_US / SLUICE_RDMA_BUSY_POLL_MAX_US, when set, are the RDMA pollers'
+#   busy-poll budget for the broker, the proxies and sluice-bench's transport clients
+#   ([transport] rdma_busy_poll_us / rdma_busy_poll_max_us).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LIBCLANG_PATH="${LIBCLANG_PATH:-/usr/lib/llvm-14/lib}"
@@ -67,7 +70,11 @@ if $rdma_vm; then
   build_workspace "$profile"
   mkdir -p results
   # The guest sees this checkout read-only at the same path; it writes to its share only.
-  SLUICE_CARGO_PROFILE=$profile SLUICE_VM_PASS_ENV="SLUICE_CARGO_PROFILE RUST_LOG" \
+  if [[ -n ${SLUICE_RDMA_BUSY_POLL_US:-}${SLUICE_RDMA_BUSY_POLL_MAX_US:-} ]]; then
+    label+=" · RDMA busy-poll ${SLUICE_RDMA_BUSY_POLL_US:-default}..${SLUICE_RDMA_BUSY_POLL_MAX_US:-default} µs"
+  fi
+  SLUICE_CARGO_PROFILE=$profile \
+    SLUICE_VM_PASS_ENV="SLUICE_CARGO_PROFILE RUST_LOG SLUICE_RDMA_BUSY_POLL_US SLUICE_RDMA_BUSY_POLL_MAX_US" \
     bash scripts/rdma-vm.sh --timeout "$RDMA_VM_TIMEOUT_SECS" -- \
     bash scripts/bench.sh --in-rdma-vm --label "$label · soft-RoCE guest" | tee results/rdma-vm.txt
   exit "${PIPESTATUS[0]}"
@@ -112,6 +119,20 @@ wait_port() { # port name log [host]
   exit 1
 }
 
+# The RDMA pollers' busy-poll budget, where asked for: the servers' [transport] and sluice-bench's.
+transport_section=""; busy_poll_flags=()
+if [[ -n ${SLUICE_RDMA_BUSY_POLL_US:-} || -n ${SLUICE_RDMA_BUSY_POLL_MAX_US:-} ]]; then
+  transport_section="[transport]"
+  if [[ -n ${SLUICE_RDMA_BUSY_POLL_US:-} ]]; then
+    transport_section+=$'\n'"rdma_busy_poll_us = $SLUICE_RDMA_BUSY_POLL_US"
+    busy_poll_flags+=(--rdma-busy-poll-us "$SLUICE_RDMA_BUSY_POLL_US")
+  fi
+  if [[ -n ${SLUICE_RDMA_BUSY_POLL_MAX_US:-} ]]; then
+    transport_section+=$'\n'"rdma_busy_poll_max_us = $SLUICE_RDMA_BUSY_POLL_MAX_US"
+    busy_poll_flags+=(--rdma-busy-poll-max-us "$SLUICE_RDMA_BUSY_POLL_MAX_US")
+  fi
+fi
+
 rdma=false
 if compgen -G "/sys/class/infiniband/*" >/dev/null; then rdma=true; fi
 # The IPv4 address of the first RDMA device's network interface (or $SLUICE_RDMA_ADDR).
@@ -152,6 +173,7 @@ flush_interval_ms = $flush_ms
 segment_size_bytes = 268435456
 metrics = $3
 metrics_listen = "127.0.0.1:0"
+$transport_section
 TOML
     "$sluice" broker --config "$dir/$1.toml" >"$dir/$1.log" 2>&1 &
     pids+=($!)
@@ -167,6 +189,7 @@ grpc = "127.0.0.1:$2"
 brokers = ["$host:${4:-$broker_port}"]
 transport = "$3"
 metrics = ${5:-true}
+$transport_section
 TOML
     # The transport's choice (tcp or rdma, and why) is logged at info.
     SLUICE_LOG="${SLUICE_LOG:-warn},sluice_transport::client=info" \
@@ -208,6 +231,7 @@ TOML
     # RDMA against TCP for the proxy→broker hop, in the same run.
     grpc_tcp=$(free_port)
     start_proxy proxy-tcp "$grpc_tcp" tcp
+    cpu+=(--pid "proxy@tcp=${pids[-1]}")
     targets+=(--target "sluice-grpc@tcp=127.0.0.1:$grpc_tcp"
               --target "sluice-broker@tcp=tcp://$host:$broker_port"
               --target "transport@tcp=tcp://$host:$broker_port")
@@ -239,7 +263,7 @@ allow_unauthenticated_peers = true"; fi
       order=()
       for (( i = ${#targets[@]} - 2; i >= 0; i -= 2 )); do order+=("${targets[i]}" "${targets[i+1]}"); done
     fi
-    "$bench" suite "$suite" "${order[@]}" "${cpu[@]}" --durability "$level" $short \
+    "$bench" suite "$suite" "${order[@]}" "${cpu[@]}" "${busy_poll_flags[@]}" --durability "$level" $short \
       --label "$label" --out "$out"
     round_files+=("$out")
   done

@@ -131,6 +131,12 @@ struct RunFlags {
     label: String,
     #[arg(long, default_value = "results/sluice-bench.json")]
     out: PathBuf,
+    /// The RDMA busy-poll budget of sluice-bench's own transport clients (transport and
+    /// sluice-broker targets), least and most, in µs; default: the transport's defaults.
+    #[arg(long)]
+    rdma_busy_poll_us: Option<u32>,
+    #[arg(long)]
+    rdma_busy_poll_max_us: Option<u32>,
 }
 
 fn now_unix_ms() -> u64 {
@@ -138,6 +144,11 @@ fn now_unix_ms() -> u64 {
 }
 
 async fn run_suite(suite: Suite, flags: RunFlags) -> Result<ResultsFile, BenchError> {
+    let mut transport = sluice_transport::TransportConfig::default();
+    transport.rdma.busy_poll_us = flags.rdma_busy_poll_us.unwrap_or(transport.rdma.busy_poll_us);
+    transport.rdma.busy_poll_max_us = flags.rdma_busy_poll_max_us.unwrap_or(transport.rdma.busy_poll_max_us);
+    transport.validate().map_err(|e| BenchError::Target { target: "transport clients".into(), why: e.to_string() })?;
+    sluice_bench::targets::set_client_transport(transport);
     let mut file = ResultsFile {
         schema: SCHEMA.into(),
         label: flags.label.clone(),

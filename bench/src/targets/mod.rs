@@ -245,6 +245,18 @@ fn durability_mismatch(spec: &TargetSpec, requested: DurabilityLevel, actual: &s
     }
 }
 
+/// The transport settings of sluice-bench's own transport clients, set once from the command line.
+static CLIENT_TRANSPORT: std::sync::OnceLock<sluice_transport::TransportConfig> = std::sync::OnceLock::new();
+
+/// Sets the transport clients' settings (before any target opens); later calls are ignored.
+pub fn set_client_transport(config: sluice_transport::TransportConfig) {
+    let _ = CLIENT_TRANSPORT.set(config);
+}
+
+fn client_transport() -> sluice_transport::TransportConfig {
+    CLIENT_TRANSPORT.get().cloned().unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{AsyncReadExt, AsyncWriteExt};
 use sluice_transport::messages::{Echo, EchoReply};
-use sluice_transport::{Client, TransportConfig};
+use sluice_transport::Client;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::oneshot;
 
@@ -193,7 +193,7 @@ pub async fn open_transport(spec: &TargetSpec, workload: &Workload) -> Result<Se
     let mut producers: Vec<Arc<dyn Producer>> = Vec::new();
     let mut kind = None;
     for _ in 0..workload.producers {
-        let client = Client::connect(&url, TransportConfig::default(), "sluice-bench")
+        let client = Client::connect(&url, super::client_transport(), "sluice-bench")
             .await
             .map_err(|e| connect_error(spec, e))?;
         kind = Some(client.transport());

@@ -11,7 +11,7 @@ use sluice_transport::messages::{
     EntryAttributes, FilterSpec, GroupPolicy, PopRequest, PopResponse, StatsRequest, StatsResponse,
 };
 use sluice_transport::model::{message_type, RecordView};
-use sluice_transport::{Client, TransportConfig};
+use sluice_transport::Client;
 
 use super::{
     connect_error, durability_mismatch, Consumer, Delivered, DurabilityInfo, Producer, RunNames, Session, TargetSpec,
@@ -57,7 +57,7 @@ pub(super) async fn pool(spec: &TargetSpec) -> Result<Arc<BrokerPool>, BenchErro
     let pool = BrokerPool::connect(
         vec![BrokerAddress::Base(address.to_string())],
         scheme,
-        TransportConfig::default(),
+        super::client_transport(),
         "sluice-bench",
     )
     .await
@@ -155,7 +155,7 @@ pub async fn open(
 async fn transport_name(spec: &TargetSpec) -> Result<String, BenchError> {
     let url = super::pingpong::transport_url(&spec.endpoint);
     let probe =
-        Client::connect(&url, TransportConfig::default(), "sluice-bench").await.map_err(|e| connect_error(spec, e))?;
+        Client::connect(&url, super::client_transport(), "sluice-bench").await.map_err(|e| connect_error(spec, e))?;
     Ok(format!("{:?}", probe.transport()).to_uppercase())
 }
 
