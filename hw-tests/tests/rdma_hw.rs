@@ -113,8 +113,10 @@ fn rdma_latency_probe_reports_percentiles() {
     let round_trips = env_or("SLUICE_HW_LATENCY_ROUND_TRIPS", 20_000) as usize;
     let warmup = 1_000;
     let mut config = TransportConfig::default();
-    config.rdma.busy_poll_us = env_or("SLUICE_HW_BUSY_POLL_US", config.rdma.busy_poll_us.into()) as u32;
-    config.rdma.busy_poll_max_us = env_or("SLUICE_HW_BUSY_POLL_MAX_US", config.rdma.busy_poll_max_us.into()) as u32;
+    // Out of range stays out of range, for the transport's own check to refuse.
+    let micros = |name, default: u32| u32::try_from(env_or(name, default.into())).unwrap_or(u32::MAX);
+    config.rdma.busy_poll_us = micros("SLUICE_HW_BUSY_POLL_US", config.rdma.busy_poll_us);
+    config.rdma.busy_poll_max_us = micros("SLUICE_HW_BUSY_POLL_MAX_US", config.rdma.busy_poll_max_us);
     println!("poller busy-polls {}..{} µs before sleeping", config.rdma.busy_poll_us, config.rdma.busy_poll_max_us);
     let (client, server) = link(&config);
     let echo = spawn_echo(server, &config);

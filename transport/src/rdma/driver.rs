@@ -1,9 +1,9 @@
 //! The poller: it owns the endpoint of one connection. It polls the completion queue, delivers
 //! frames, reposts released receives, returns credits and ring space, and takes frames from the
 //! outbound channel while it has credits. When nothing has happened for its spin budget
-//! (`spin.rs`) it arms the CQ and parks until the completion channel, the doorbell (frame releases, shutdown)
-//! or the bootstrap socket (EOF there means the peer is gone) is readable, or a frame arrives on
-//! the outbound channel.
+//! (`spin.rs`) it arms the CQ and parks until the completion channel, the doorbell (frame
+//! releases, shutdown) or the bootstrap socket (EOF there means the peer is gone) is readable,
+//! or a frame arrives on the outbound channel.
 //!
 //! It runs in one of two places (`RdmaPollMode`): as a task on the runtime whose tasks use the
 //! link (`run_async`: the broker shard's glommio executor, the proxy's tokio runtime), so a
