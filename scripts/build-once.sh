@@ -1,5 +1,6 @@
 # Sourced by the scripts that build the broker (test.sh, bench.sh, dashboard-snapshot.sh,
 # lite-bench.sh): `build_workspace PROFILE` builds so that nothing is compiled twice.
+# engine-bench.sh uses only its RocksDB part (`rocksdb_once_link`/`_keep` around `cargo bench`).
 #   - One package selection per profile. `ci` (the test command) builds the whole workspace with
 #     every test target; other profiles build the whole workspace's libraries and binaries, as a plain
 #     `cargo build --release` does. A `-p` selection resolves dependencies' features differently
@@ -50,7 +51,10 @@ rocksdb_once_keep() {
   version=${version%-*}
   # The newest one this profile compiled from this version's sources (its build script's output
   # names them).
-  for lib in "$root/$profile"/build/librocksdb-sys-*/out/librocksdb.a; do
+  # cargo's built-in profiles keep their output under other names (bench in release/).
+  local out=$profile
+  case $profile in bench) out=release ;; dev | test) out=debug ;; esac
+  for lib in "$root/$out"/build/librocksdb-sys-*/out/librocksdb.a; do
     [[ -f $lib ]] || continue
     grep -F "cargo_manifest_dir=" "${lib%/out/librocksdb.a}/output" 2>/dev/null |
       grep -qF "librocksdb-sys-$version" || continue

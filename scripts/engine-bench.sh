@@ -7,8 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SLUICE_BENCH_DIR="${SLUICE_BENCH_DIR:-$PWD/target/bench-data}"
+# RocksDB's C++ compiled once per checkout: link the copy an earlier build kept (scripts/build-once.sh).
+source scripts/build-once.sh
+rocksdb_once_link bench
 cargo bench -p sluice-engine --bench append -- --noplot
 cargo bench -p sluice-engine --bench index -- --noplot
+rocksdb_once_keep bench
 python3 - <<'PY'
 # Summarise: MB/s = 10^6 bytes/s, from the same run's engine and raw_odirect estimates.
 import json, pathlib
