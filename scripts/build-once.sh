@@ -51,10 +51,7 @@ rocksdb_once_keep() {
   version=${version%-*}
   # The newest one this profile compiled from this version's sources (its build script's output
   # names them).
-  # cargo's built-in profiles keep their output under other names (bench in release/).
-  local out=$profile
-  case $profile in bench) out=release ;; dev | test) out=debug ;; esac
-  for lib in "$root/$out"/build/librocksdb-sys-*/out/librocksdb.a; do
+  for lib in "$root/$profile"/build/librocksdb-sys-*/out/librocksdb.a; do
     [[ -f $lib ]] || continue
     grep -F "cargo_manifest_dir=" "${lib%/out/librocksdb.a}/output" 2>/dev/null |
       grep -qF "librocksdb-sys-$version" || continue

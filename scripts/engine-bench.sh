@@ -7,12 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SLUICE_BENCH_DIR="${SLUICE_BENCH_DIR:-$PWD/target/bench-data}"
-# RocksDB's C++ compiled once per checkout: link the copy an earlier build kept (scripts/build-once.sh).
+# RocksDB's C++ compiled once per checkout (scripts/build-once.sh). `cargo bench` builds into
+# release/ with the release profile's settings, sharing the release build's artifacts, so it
+# counts as the release build here.
 source scripts/build-once.sh
-rocksdb_once_link bench
+rocksdb_once_link release
 cargo bench -p sluice-engine --bench append -- --noplot
 cargo bench -p sluice-engine --bench index -- --noplot
-rocksdb_once_keep bench
+rocksdb_once_keep release
 python3 - <<'PY'
 # Summarise: MB/s = 10^6 bytes/s, from the same run's engine and raw_odirect estimates.
 import json, pathlib

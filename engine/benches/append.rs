@@ -1,8 +1,9 @@
 //! Append throughput of one shard under policy `sync` (every ack after fdatasync), for 1 KiB and
 //! 64 KiB records in append calls of 1, 16 and 256 records, from 16 appender tasks on the shard's
-//! executor (as the broker's request handlers run) so group commit can batch. Beside each, `raw_odirect` writes the same bytes with a plain sequential
-//! O_DIRECT write to the same disk in the same run: the floor. `scripts/engine-bench.sh` turns the
-//! two into the ratio engine MB/s ÷ raw MB/s.
+//! executor (as the broker's request handlers run) so group commit can batch. Beside each,
+//! `raw_odirect` writes the same bytes with a plain sequential O_DIRECT write to the same disk in
+//! the same run: the floor. `scripts/engine-bench.sh` turns the two into the ratio engine MB/s ÷
+//! raw MB/s.
 //!
 //! `append_latency_1KiB` is the moderate-load case instead: one appender, one 1 KiB record per
 //! call, each waiting for its fdatasync, on two engines in the same run: with the log zeroed
