@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::doorbell::Doorbell;
 use super::peer::{check_peer_info, LinkLimits};
+use super::spin::SpinBudget;
 use super::verbs::{Endpoint, EndpointSpec};
 use super::PendingRdma;
 use crate::blocking::{read_frame, write_frame};
@@ -161,8 +162,10 @@ fn pending(
         tcp: stream,
         limits: LinkLimits::new(own, peer),
         own_credits: own.credits,
-        busy_poll: Duration::from_micros(config.rdma.busy_poll_us.into()),
-        busy_poll_max: Duration::from_micros(config.rdma.busy_poll_max_us.into()),
+        spin: SpinBudget::new(
+            Duration::from_micros(config.rdma.busy_poll_us.into()),
+            Duration::from_micros(config.rdma.busy_poll_max_us.into()),
+        ),
         liveness_probe: Duration::from_millis(config.rdma.liveness_probe_ms),
         releases,
         doorbell,
