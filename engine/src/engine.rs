@@ -14,7 +14,7 @@ use futures::channel::oneshot;
 use futures::future::LocalBoxFuture;
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 
-use crate::config::EngineConfig;
+use crate::config::{Durability, EngineConfig};
 use crate::error::{EngineError, Result};
 use crate::index::StateTable;
 use crate::queue::shard_for_queue;
@@ -327,7 +327,8 @@ fn run_shard(
         let opened = async {
             let store = DmaSegmentStore::new(config.shard_dir(id).join("log"))
                 .await
-                .map_err(|e| EngineError::io("creating log directory", config.shard_dir(id).display(), e))?;
+                .map_err(|e| EngineError::io("creating log directory", config.shard_dir(id).display(), e))?
+                .with_durable_writes(config.durability == Durability::Sync);
             Shard::open(config, id, Rc::new(store)).await
         }
         .await;

@@ -93,7 +93,11 @@ pub fn describe() {
     describe_gauge!(STORAGE_SIZE, Unit::Bytes, "Bytes of CommitLog the broker keeps");
     describe_gauge!(STORAGE_FLUSH_BEHIND, Unit::Bytes, "Bytes written to the CommitLog and not yet fdatasync'd");
     describe_histogram!(GROUP_COMMIT_RECORDS, "Records made durable by one group commit");
-    describe_histogram!(FDATASYNC, Unit::Seconds, "Duration of each CommitLog segment fdatasync");
+    describe_histogram!(
+        FDATASYNC,
+        Unit::Seconds,
+        "Duration of each CommitLog segment fdatasync (async durability; under sync, O_DSYNC writes carry their own)"
+    );
     describe_histogram!(INDEX_WRITE, Unit::Seconds, "Duration of each RocksDB index write batch (one per commit)");
     describe_counter!(SCHEDULER_WAKEUPS, "Times an append woke a waiting consumer group or lite consumer");
     describe_gauge!(DISK_FREE, Unit::Bytes, "Free bytes on the file system of a shard's data, by shard");

@@ -13,8 +13,9 @@ use futures::future::LocalBoxFuture;
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
 
 /// The fault suite's injected fdatasync failure (`scripts/faults.sh`, case `sync-failure`): with
-/// this variable naming a file, every fdatasync of the real store fails with EIO while that file
-/// exists. Read once; unset, a sync pays one `OnceLock` read for it.
+/// this variable naming a file, every fdatasync of the real store (and, with durable writes,
+/// every write, whose fdatasync the kernel runs) fails with EIO while that file exists. Read
+/// once; unset, a sync pays one `OnceLock` read for it.
 pub const SYNC_FAULT_ENV: &str = "SLUICE_FAULT_SYNC_FAILS_WHILE";
 static SYNC_FAULT_FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
 
@@ -32,6 +33,11 @@ pub trait SegmentFile {
     fn write_at(&self, buf: Rc<DmaBuffer>, offset: u64) -> LocalBoxFuture<'_, io::Result<()>>;
     /// Makes every completed write durable (fdatasync).
     fn sync(&self) -> LocalBoxFuture<'_, io::Result<()>>;
+    /// Whether a write is durable once it completes (the file is O_DSYNC), so `sync` has
+    /// nothing left to do.
+    fn writes_durable(&self) -> bool {
+        false
+    }
     /// Reads `len` bytes at `offset` (any alignment) without copying out of the DMA buffer.
     fn read_at(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, io::Result<ReadResult>>;
 }
@@ -58,6 +64,7 @@ pub fn segment_file_name(base: u64) -> String {
 /// The real store: a directory of O_DIRECT files.
 pub struct DmaSegmentStore {
     dir: PathBuf,
+    durable_writes: bool,
 }
 
 impl DmaSegmentStore {
@@ -66,7 +73,23 @@ impl DmaSegmentStore {
         std::fs::create_dir_all(&dir)?;
         remove_unfinished_segments(&dir)?;
         calibrate_iopoll_probe(&dir).await?;
-        Ok(DmaSegmentStore { dir })
+        Ok(DmaSegmentStore { dir, durable_writes: false })
+    }
+
+    /// Opens segments O_DSYNC: each write returns once it is durable, the kernel flushing it
+    /// as an fdatasync would, so a group commit is one I/O and one completion instead of a
+    /// write, a wake-up, then an fdatasync (which io_uring runs on a worker thread). For `sync`
+    /// durability, where every write is followed by a sync anyway.
+    pub fn with_durable_writes(self, durable_writes: bool) -> Self {
+        DmaSegmentStore { durable_writes, ..self }
+    }
+
+    fn open_flags(&self) -> i32 {
+        if self.durable_writes {
+            rustix::fs::OFlags::DSYNC.bits() as i32
+        } else {
+            0
+        }
     }
 
     fn path(&self, base: u64) -> PathBuf {
@@ -124,6 +147,8 @@ fn to_io(err: glommio::GlommioError<()>) -> io::Error {
 
 struct DmaSegment {
     file: DmaFile,
+    /// Opened O_DSYNC (`DmaSegmentStore::with_durable_writes`).
+    durable_writes: bool,
 }
 
 impl SegmentFile for DmaSegment {
@@ -133,6 +158,11 @@ impl SegmentFile for DmaSegment {
 
     fn write_at(&self, buf: Rc<DmaBuffer>, offset: u64) -> LocalBoxFuture<'_, io::Result<()>> {
         Box::pin(async move {
+            if self.durable_writes {
+                if let Some(injected) = injected_sync_failure() {
+                    return Err(injected);
+                }
+            }
             let len = buf.len();
             let written = self.file.write_rc_at(buf, offset).await.map_err(to_io)?;
             if written != len {
@@ -147,8 +177,15 @@ impl SegmentFile for DmaSegment {
             if let Some(injected) = injected_sync_failure() {
                 return Err(injected);
             }
+            if self.durable_writes {
+                return Ok(());
+            }
             self.file.fdatasync().await.map_err(to_io)
         })
+    }
+
+    fn writes_durable(&self) -> bool {
+        self.durable_writes
     }
 
     fn read_at(&self, offset: u64, len: usize) -> LocalBoxFuture<'_, io::Result<ReadResult>> {
@@ -183,8 +220,14 @@ impl SegmentStore for DmaSegmentStore {
 
     fn open(&self, base: u64) -> LocalBoxFuture<'_, io::Result<Rc<dyn SegmentFile>>> {
         Box::pin(async move {
-            let file = OpenOptions::new().read(true).write(true).dma_open(self.path(base)).await.map_err(to_io)?;
-            Ok(Rc::new(DmaSegment { file }) as Rc<dyn SegmentFile>)
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(self.open_flags())
+                .dma_open(self.path(base))
+                .await
+                .map_err(to_io)?;
+            Ok(Rc::new(DmaSegment { file, durable_writes: self.durable_writes }) as Rc<dyn SegmentFile>)
         })
     }
 
@@ -195,8 +238,14 @@ impl SegmentStore for DmaSegmentStore {
             let path = self.path(base);
             let temporary = path.with_extension(TEMPORARY_EXTENSION);
             let _ = std::fs::remove_file(&temporary);
-            let file =
-                OpenOptions::new().read(true).write(true).create_new(true).dma_open(&temporary).await.map_err(to_io)?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .custom_flags(self.open_flags())
+                .dma_open(&temporary)
+                .await
+                .map_err(to_io)?;
             let prepared = async {
                 match file.pre_allocate(size_bytes, false).await.map_err(to_io) {
                     Err(e) if e.kind() == io::ErrorKind::Unsupported => {
@@ -219,7 +268,7 @@ impl SegmentStore for DmaSegmentStore {
             file.rename(&path).await.map_err(to_io)?;
             // The new directory entry must survive a crash before any record in it is acked.
             std::fs::File::open(&self.dir)?.sync_all()?;
-            Ok(Rc::new(DmaSegment { file }) as Rc<dyn SegmentFile>)
+            Ok(Rc::new(DmaSegment { file, durable_writes: self.durable_writes }) as Rc<dyn SegmentFile>)
         })
     }
 
