@@ -17,7 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use sluice_bench::cpu::NamedPid;
 use sluice_bench::driver;
 use sluice_bench::error::BenchError;
-use sluice_bench::results::{check, summary_table, Failure, Host, ResultsFile, RunResult, SCHEMA};
+use sluice_bench::results::{check, peer_losses, summary_table, Failure, Host, ResultsFile, RunResult, SCHEMA};
 use sluice_bench::saturation;
 use sluice_bench::targets::{TargetKind, TargetSpec, TARGET_KINDS};
 use sluice_bench::workload::{DurabilityLevel, Suite, TopicKind, Workload};
@@ -272,6 +272,9 @@ async fn main_async(cli: Cli) -> Result<bool, BenchError> {
             let problems = check(&results, &suite, &kinds);
             for p in &problems {
                 eprintln!("check {}: {p}", file.display());
+            }
+            for loss in peer_losses(&results) {
+                eprintln!("check {}: note, a peer's result (not a failure): {loss}", file.display());
             }
             if problems.is_empty() {
                 println!(
