@@ -356,6 +356,49 @@ fn async_durability_round_trip_and_restart() {
     assert_eq!(records[99].view().body, &body(0, 199, 900)[..]);
 }
 
+/// The open flags of this process's descriptors for the segments in the log directory `dir`
+/// (RocksDB's write-ahead logs, elsewhere, end in `.log` too), read from /proc/self/fdinfo.
+fn segment_open_flags(dir: &std::path::Path) -> Vec<u32> {
+    let mut flags = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let fd = entry.unwrap().file_name();
+        let Ok(target) = std::fs::read_link(std::path::Path::new("/proc/self/fd").join(&fd)) else { continue };
+        if target.parent() != Some(dir) || target.extension().is_none_or(|e| e != "log") {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(std::path::Path::new("/proc/self/fdinfo").join(&fd)) else { continue };
+        let octal = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
+        flags.push(u32::from_str_radix(octal, 8).unwrap());
+    }
+    flags
+}
+
+/// Under `sync` durability the log's segments are open O_DSYNC (a write returns once durable,
+/// and no fdatasync follows); under `async` they are not (writes are flushed every interval).
+#[test]
+fn sync_durability_opens_segments_o_dsync_and_async_does_not() {
+    let o_dsync = rustix::fs::OFlags::DSYNC.bits();
+    for (durability, want_dsync) in
+        [(sluice_engine::Durability::Sync, true), (sluice_engine::Durability::Async { flush_interval_ms: 5 }, false)]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = small_config(dir.path(), 1);
+        config.durability = durability;
+        let engine = open(&config);
+        // Enough to roll a segment: the new one is opened the same way.
+        for i in 0..80u64 {
+            block_on(engine.append(vec![record("flags#0", i, 8000)])).unwrap();
+        }
+        assert!(segment_files(&config, 0).len() > 1, "segments rolled");
+        let flags = segment_open_flags(&config.shard_dir(0).join("log").canonicalize().unwrap());
+        assert!(!flags.is_empty(), "the engine holds its segments open");
+        for f in flags {
+            assert_eq!(f & o_dsync != 0, want_dsync, "{durability:?}: flags {f:o}");
+        }
+        engine.close().unwrap();
+    }
+}
+
 #[test]
 fn retention_by_age_deletes_sealed_segments_only() {
     let dir = tempfile::tempdir().unwrap();
