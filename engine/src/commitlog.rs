@@ -24,8 +24,9 @@ use crate::segment::{SegmentFile, SegmentStore};
 const SECTOR_BYTES: usize = 512;
 /// Smallest all-zero piece of a sector taken as evidence that the sector was never written.
 const UNWRITTEN_PIECE_MIN_BYTES: usize = 64;
-/// Smallest batch buffer. Buffers are otherwise sized from the append call and grow by doubling,
-/// never past `group_commit_max_bytes` unless one record needs more.
+/// Smallest batch buffer. Buffers are otherwise sized from the append call or the previous batch,
+/// whichever is bigger, and grow by doubling, never past `group_commit_max_bytes` unless one
+/// record needs more.
 const BATCH_INITIAL_CAPACITY_BYTES: usize = 64 << 10;
 /// Read-ahead window used while scanning during recovery.
 const SCAN_WINDOW_BYTES: usize = 4 << 20;
@@ -119,6 +120,9 @@ struct LogState {
     poisoned: Option<String>,
     /// Blocks of the active segment below this position are written (data or zeros) and synced.
     zeroed_end: u64,
+    /// Bytes the last sealed batch's buffer used. Under steady load the next batch is as big,
+    /// so it starts at that size instead of growing (and copying) its way there.
+    last_batch_bytes: usize,
 }
 
 pub struct CommitLog {
@@ -208,6 +212,7 @@ impl CommitLog {
             last_written_base: None,
             poisoned: None,
             zeroed_end: 0,
+            last_batch_bytes: 0,
         };
         let log = CommitLog {
             store,
@@ -445,8 +450,8 @@ impl CommitLog {
         }
         let prefix_len = ((position - segment_base) % self.alignment as u64) as usize;
         assert_eq!(prefix_len, state.tail.len(), "tail bytes must cover the block up to the batch");
-        let wanted =
-            align_up(prefix_len + BATCH_HEADER_BYTES + coming_bytes.max(BATCH_INITIAL_CAPACITY_BYTES), self.alignment);
+        let coming = coming_bytes.max(BATCH_INITIAL_CAPACITY_BYTES).max(state.last_batch_bytes);
+        let wanted = align_up(prefix_len + BATCH_HEADER_BYTES + coming, self.alignment);
         let needed = align_up(prefix_len + BATCH_HEADER_BYTES + record_len, self.alignment);
         // A record bigger than a group commit gets a buffer of its own size.
         let capacity = wanted.min(self.limits.group_commit_max_bytes).max(needed);
@@ -474,6 +479,7 @@ impl CommitLog {
             synced_before: state.durable_end,
         };
         let end = open.prefix_len + open.len;
+        state.last_batch_bytes = end;
         let aligned_end = align_up(end, self.alignment);
         let bytes = open.buf.as_bytes_mut();
         record::encode_batch_header(&mut bytes[open.prefix_len..], header);
