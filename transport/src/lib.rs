@@ -12,7 +12,7 @@
 //! - `peer_auth`: proxies and brokers prove a shared secret at the handshake.
 //! - `relay`: a TCP relay that cuts and heals the network, for fault tests.
 //!
-//! `unsafe` is denied everywhere except the RDMA verbs module.
+//! `unsafe` is denied everywhere except the RDMA verbs module and an RDMA link's park io_uring.
 #![deny(unsafe_code)]
 
 pub mod blocking;

@@ -17,8 +17,9 @@
 //!   completions are polled where the work runs; `RdmaPollMode::Thread` (`start`) gives it a
 //!   thread of its own, pinned to `pin_core`.
 //!
-//! Module map: `verbs` (the only unsafe code: libibverbs objects, registered memory, leases),
-//! `driver` (the poller), `runtimes` (where an async poller parks), `setup` (handshake), and the
+//! Module map: `verbs` (unsafe: libibverbs objects, registered memory, leases), `driver` (the
+//! poller), `runtimes` (where an async poller parks), `park_ring` (unsafe: the io_uring a
+//! glommio poller parks in), `setup` (handshake), and the
 //! pure, unit-tested logic: `wire`
 //! (immediate data, control messages), `credit`, `ring`, `pool`, `peer` (handshake checks, GID
 //! choice).
@@ -26,6 +27,8 @@
 mod credit;
 mod doorbell;
 mod driver;
+#[allow(unsafe_code)]
+mod park_ring;
 mod peer;
 mod pool;
 mod ring;
@@ -235,11 +238,11 @@ impl PendingRdma {
     }
 
     /// Starts the poller as a task on the current glommio executor (`RdmaPollMode::Runtime` on
-    /// a broker shard), with a waiter thread for when the link is parked. Otherwise as `start`.
+    /// a broker shard), parking in an io_uring of its own (`park_ring`). Otherwise as `start`.
     /// Must be called on a glommio executor.
     pub fn spawn_on_glommio(self, outbound: Outbound, sink: Arc<dyn FrameSink>) -> Result<RdmaDriver, TransportError> {
-        let park = runtimes::GlommioPark::new(format!("sluice-rdma-park-{}", self.peer_addr))
-            .map_err(|e| TransportError::io("spawning the RDMA park waiter thread", e))?;
+        let park =
+            runtimes::GlommioPark::new().map_err(|e| TransportError::io("setting up the RDMA link's park ring", e))?;
         let (driver, handle_parts) = self.into_driver(outbound, sink)?;
         let done = handle_parts.done.clone();
         glommio::spawn_local(async move {

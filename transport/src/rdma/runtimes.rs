@@ -2,10 +2,9 @@
 //!
 //! - tokio (the proxy's client side): the park fds are registered with the runtime's reactor
 //!   (`AsyncFd`), so a parked link costs no thread and wakes on the runtime's own epoll.
-//! - glommio (the broker's shard executor): glommio cannot wait on an arbitrary fd (its
-//!   readiness waits are socket reads), so a parked link hands its fds to a waiter thread that
-//!   sleeps in poll(2) and wakes the task. The waiter only runs while the link is parked; a busy
-//!   link is polled by the executor alone.
+//! - glommio (the broker's shard executor): glommio cannot wait on an arbitrary fd, so the
+//!   link polls its fds in an io_uring of its own whose completions bump an eventfd that the
+//!   executor reads (`park_ring`): a parked link wakes the shard directly, with no thread.
 #![forbid(unsafe_code)]
 
 use std::io;
@@ -13,7 +12,8 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::time::Duration;
 
 use super::driver::{ParkRuntime, PARK_FDS};
-use super::verbs::{register_with_tokio, wait_fds};
+use super::park_ring::ParkRing;
+use super::verbs::register_with_tokio;
 
 /// Parks on the current tokio runtime. Registers duplicates of the park fds on first use (a
 /// driver's fds never change), so the registrations stay valid whatever closes first.
@@ -59,13 +59,10 @@ impl ParkRuntime for TokioPark {
     }
 }
 
-/// Parks a task on a glommio executor through a waiter thread (one per link, idle unless the
-/// link is parked). Every wait is numbered; an answer to an earlier wait (one the task stopped
-/// waiting for because a frame arrived on the outbound channel) is skipped.
+/// Parks a task on a glommio executor: the executor itself waits, through the link's
+/// `ParkRing` (no thread of its own).
 pub(crate) struct GlommioPark {
-    requests: std::sync::mpsc::Sender<WaitRequest>,
-    answers: flume::Receiver<WaitAnswer>,
-    next_wait: u64,
+    ring: ParkRing<PARK_FDS>,
 }
 
 /// A self-woken task keeps glommio's task queue busy, and the executor polls its io_uring (the
@@ -95,35 +92,10 @@ impl std::future::Future for YieldOnce {
     }
 }
 
-struct WaitRequest {
-    wait: u64,
-    fds: [RawFd; PARK_FDS],
-    timeout_ms: i32,
-}
-
-struct WaitAnswer {
-    wait: u64,
-    ready: io::Result<[bool; PARK_FDS]>,
-}
-
-/// The longest single poll(2) of the waiter: the driver's own bounds are shorter.
-const WAITER_TIMEOUT_MAX_MS: i32 = 60_000;
-
 impl GlommioPark {
-    /// Starts the waiter thread. It ends when this is dropped (after its current poll(2), which
-    /// the driver bounds by its idle wake-up).
-    pub(crate) fn new(name: String) -> io::Result<GlommioPark> {
-        let (requests, incoming) = std::sync::mpsc::channel::<WaitRequest>();
-        let (answer, answers) = flume::unbounded();
-        std::thread::Builder::new().name(name).spawn(move || {
-            while let Ok(request) = incoming.recv() {
-                let ready = wait_fds(request.fds, request.timeout_ms);
-                if answer.send(WaitAnswer { wait: request.wait, ready }).is_err() {
-                    return;
-                }
-            }
-        })?;
-        Ok(GlommioPark { requests, answers, next_wait: 0 })
+    /// Must be called on the glommio executor that will run the link's poller.
+    pub(crate) fn new() -> io::Result<GlommioPark> {
+        Ok(GlommioPark { ring: ParkRing::new()? })
     }
 }
 
@@ -143,16 +115,6 @@ impl ParkRuntime for GlommioPark {
     }
 
     async fn wait(&mut self, fds: [RawFd; PARK_FDS], timeout: Duration) -> io::Result<[bool; PARK_FDS]> {
-        self.next_wait += 1;
-        let wait = self.next_wait;
-        let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX).clamp(0, WAITER_TIMEOUT_MAX_MS);
-        let gone = || io::Error::other("the RDMA park waiter thread is gone");
-        self.requests.send(WaitRequest { wait, fds, timeout_ms }).map_err(|_| gone())?;
-        loop {
-            let answer = self.answers.recv_async().await.map_err(|_| gone())?;
-            if answer.wait == wait {
-                return answer.ready;
-            }
-        }
+        self.ring.wait(fds, timeout).await
     }
 }
