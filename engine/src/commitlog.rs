@@ -24,9 +24,9 @@ use crate::segment::{SegmentFile, SegmentStore};
 const SECTOR_BYTES: usize = 512;
 /// Smallest all-zero piece of a sector taken as evidence that the sector was never written.
 const UNWRITTEN_PIECE_MIN_BYTES: usize = 64;
-/// Smallest batch buffer. Buffers are otherwise sized from the append call or the previous batch,
-/// whichever is bigger, and grow by doubling, never past `group_commit_max_bytes` unless one
-/// record needs more.
+/// Smallest batch buffer. Buffers are otherwise sized from the append call or the last two
+/// batches, whichever is bigger (`batch_capacity`), and grow by doubling, never past
+/// `group_commit_max_bytes` unless one record needs more.
 const BATCH_INITIAL_CAPACITY_BYTES: usize = 64 << 10;
 /// Read-ahead window used while scanning during recovery.
 const SCAN_WINDOW_BYTES: usize = 4 << 20;
@@ -120,9 +120,8 @@ struct LogState {
     poisoned: Option<String>,
     /// Blocks of the active segment below this position are written (data or zeros) and synced.
     zeroed_end: u64,
-    /// Bytes the last sealed batch's buffer used. Under steady load the next batch is as big,
-    /// so it starts at that size instead of growing (and copying) its way there.
-    last_batch_bytes: usize,
+    /// Bytes the last two sealed batches' buffers used (`batch_capacity`).
+    recent_batch_bytes: [usize; 2],
 }
 
 pub struct CommitLog {
@@ -212,7 +211,7 @@ impl CommitLog {
             last_written_base: None,
             poisoned: None,
             zeroed_end: 0,
-            last_batch_bytes: 0,
+            recent_batch_bytes: [0; 2],
         };
         let log = CommitLog {
             store,
@@ -450,11 +449,14 @@ impl CommitLog {
         }
         let prefix_len = ((position - segment_base) % self.alignment as u64) as usize;
         assert_eq!(prefix_len, state.tail.len(), "tail bytes must cover the block up to the batch");
-        let coming = coming_bytes.max(BATCH_INITIAL_CAPACITY_BYTES).max(state.last_batch_bytes);
-        let wanted = align_up(prefix_len + BATCH_HEADER_BYTES + coming, self.alignment);
-        let needed = align_up(prefix_len + BATCH_HEADER_BYTES + record_len, self.alignment);
-        // A record bigger than a group commit gets a buffer of its own size.
-        let capacity = wanted.min(self.limits.group_commit_max_bytes).max(needed);
+        let recent_max = state.recent_batch_bytes[0].max(state.recent_batch_bytes[1]);
+        let capacity = batch_capacity(
+            prefix_len + BATCH_HEADER_BYTES,
+            record_len,
+            coming_bytes.max(recent_max),
+            self.alignment,
+            self.limits.group_commit_max_bytes,
+        );
         let mut buf = glommio::allocate_dma_buffer(capacity);
         buf.as_bytes_mut()[..prefix_len].copy_from_slice(&state.tail);
         state.open = Some(OpenBatch {
@@ -479,7 +481,7 @@ impl CommitLog {
             synced_before: state.durable_end,
         };
         let end = open.prefix_len + open.len;
-        state.last_batch_bytes = end;
+        state.recent_batch_bytes = [state.recent_batch_bytes[1], end];
         let aligned_end = align_up(end, self.alignment);
         let bytes = open.buf.as_bytes_mut();
         record::encode_batch_header(&mut bytes[open.prefix_len..], header);
@@ -822,6 +824,25 @@ fn is_out_of_space(e: &std::io::Error) -> bool {
 /// The most `zero_ahead` writes at once: small, so an append arriving meanwhile waits little.
 const ZERO_CHUNK_BYTES: u64 = 256 << 10;
 
+/// Buffer bytes for a new batch that starts with `head_bytes` (the tail of the block before it
+/// and the batch header) and the first record, `record_len`, of an append bringing
+/// `coming_bytes` (or as much as a recent batch held, whichever is more). Sized from the last
+/// two batches, not the last one: under steady load a round that fills the group commit leaves
+/// a small remainder batch behind it, and a round sized from that remainder grew, copying
+/// itself at every doubling. Rounded up to a power of two, the block glommio's buddy arena
+/// hands out anyway. Never above `group_commit_max_bytes` unless one record needs more.
+fn batch_capacity(
+    head_bytes: usize,
+    record_len: usize,
+    coming_bytes: usize,
+    alignment: usize,
+    group_commit_max_bytes: usize,
+) -> usize {
+    let wanted = align_up(head_bytes + coming_bytes.max(BATCH_INITIAL_CAPACITY_BYTES), alignment);
+    let needed = align_up(head_bytes + record_len, alignment);
+    wanted.next_power_of_two().min(group_commit_max_bytes).max(needed)
+}
+
 fn align_up(value: usize, alignment: usize) -> usize {
     value.div_ceil(alignment) * alignment
 }
@@ -1097,5 +1118,24 @@ mod tests {
         // A whole zero sector inside a batch is.
         data[512..1024].fill(0);
         assert!(has_unwritten_sector(&data, 0));
+    }
+
+    #[test]
+    fn a_batch_starts_big_enough_for_the_recent_rounds() {
+        const MIB: usize = 1 << 20;
+        let (head, record, align, max) = (4096 + BATCH_HEADER_BYTES, 1100, 4096, 4 * MIB);
+        // After a 4 MiB round and its 272 KiB remainder, the next round starts at 4 MiB.
+        let recent = (4 * MIB - 3000).max(272 << 10);
+        assert_eq!(batch_capacity(head, record, recent, align, max), 4 * MIB);
+        // A light load keeps small buffers: the initial size, rounded to its arena block.
+        assert_eq!(batch_capacity(head, record, 1100, align, max), 128 << 10);
+        assert_eq!(batch_capacity(0, record, 1100, align, max), BATCH_INITIAL_CAPACITY_BYTES);
+        // Whatever was recent, a buffer never passes the group-commit limit...
+        assert_eq!(batch_capacity(head, record, 9 * MIB, align, max), max);
+        // ...unless one record needs more, and then it gets exactly its aligned size.
+        let huge = 5 * MIB + 1;
+        assert_eq!(batch_capacity(head, huge, huge, align, max), align_up(head + huge, align));
+        // Not a power of two as configured: the limit still holds.
+        assert_eq!(batch_capacity(head, record, 3 * MIB, align, 3 * MIB), 3 * MIB);
     }
 }
